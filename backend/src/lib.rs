@@ -1,0 +1,1 @@
+//! Demo backend library: config, handlers and server, started by `main.rs`.
