@@ -14,7 +14,7 @@
 //! client sends: bad input becomes a 400 with a reason.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -43,6 +43,9 @@ pub struct App {
     /// Cleared once shutdown begins, so `/readyz` tells Kubernetes (and the load
     /// balancer) to stop sending new work before the port closes.
     ready: Arc<AtomicBool>,
+    /// Requests being answered right now, so shutdown can report what it waits for
+    /// (and tests can tell that a request has really reached the server).
+    in_flight: Arc<AtomicUsize>,
     /// How long `server::serve` keeps accepting after shutdown begins; see
     /// [`App::with_shutdown_delay`].
     shutdown_delay: Duration,
@@ -54,6 +57,7 @@ impl App {
         Self {
             identity: Arc::new(identity),
             ready: Arc::new(AtomicBool::new(true)),
+            in_flight: Arc::new(AtomicUsize::new(0)),
             shutdown_delay: Duration::ZERO,
         }
     }
@@ -84,6 +88,11 @@ impl App {
         self.ready.store(false, Ordering::Release);
     }
 
+    /// How many requests are being answered at this moment.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
     /// The delay set by [`App::with_shutdown_delay`].
     pub fn shutdown_delay(&self) -> Duration {
         self.shutdown_delay
@@ -91,6 +100,7 @@ impl App {
 
     /// Answers one request. The request body is never read: no route takes one.
     pub async fn handle<B>(&self, request: Request<B>) -> Response<Body> {
+        let _in_flight = InFlight::enter(&self.in_flight);
         let route = Route::of(request.uri().path());
         let Some(route) = route else {
             return error(StatusCode::NOT_FOUND, "no such path");
@@ -141,6 +151,23 @@ impl App {
                 timestamp,
             },
         )
+    }
+}
+
+/// Counts one request as in flight from creation until drop, so the count stays right
+/// even when a client disconnects and hyper drops the request's future half-way.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

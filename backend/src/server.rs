@@ -115,6 +115,7 @@ pub async fn serve(
     drop(listener);
     info!(
         connections = connections.count(),
+        in_flight = app.in_flight(),
         "listener closed, finishing in-flight requests"
     );
     connections.shutdown().await;
@@ -128,6 +129,11 @@ async fn respond(app: &App, request: Request<Incoming>) -> Response<Body> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let request_id = request.headers().get(REQUEST_ID).cloned();
+    let id = request_id
+        .as_ref()
+        .and_then(|id| id.to_str().ok())
+        .unwrap_or("-");
+    debug!(%method, %path, request_id = %id, "request started");
 
     let mut response = app.handle(request).await;
 
@@ -148,7 +154,7 @@ async fn respond(app: &App, request: Request<Incoming>) -> Response<Body> {
         // Whole microseconds, shown as milliseconds: enough precision, no float noise.
         latency_ms = start.elapsed().as_micros() as f64 / 1000.0,
         pod = %app.identity().pod_name,
-        request_id = %request_id.as_ref().and_then(|id| id.to_str().ok()).unwrap_or("-"),
+        request_id = %id,
         "request"
     );
     response
