@@ -376,3 +376,5 @@ pub(crate) fn run_binary(configure: impl FnOnce(&mut Command)) -> (Option<i32>, 
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+pub(crate) mod dockerfile;
