@@ -10,7 +10,8 @@
 //! 2. for the app's shutdown delay the server keeps accepting and answering, marking
 //!    responses `Connection: close`, while endpoint watchers drop the pod;
 //! 3. the listener closes, every connection is asked to finish its current request
-//!    and close, and `serve` returns once the last one has.
+//!    and close (idle keep-alive connections, and ones that have not sent a request
+//!    yet, close at once), and `serve` returns once the last one has.
 //!
 //! One access-log line is written per request, with the `x-request-id` the load
 //! balancer sends, so a request can be followed across both programs' logs.
