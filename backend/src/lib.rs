@@ -1,1 +1,18 @@
-//! Demo backend library: config, handlers and server, started by `main.rs`.
+//! The demo backend: an HTTP service that answers with the identity of the pod it
+//! runs in, so that a load balancer in front of several replicas can be watched at
+//! work.
+//!
+//! A request flows through the modules in this order: [`server`] accepts the
+//! connection and hands each request to [`handlers::App`], which answers from the
+//! [`identity::Identity`] worked out at start-up. [`config`] and [`logging`] run once
+//! before that; [`shutdown`] produces the signal that ends it.
+//!
+//! To run a backend in-process (as the load balancer's tests do), bind a listener and
+//! call [`server::serve`] with an [`handlers::App`]; see its docs for an example.
+
+pub mod config;
+pub mod handlers;
+pub mod identity;
+pub mod logging;
+pub mod server;
+pub mod shutdown;

@@ -1,1 +1,53 @@
-fn main() {}
+//! The backend binary: reads the config, starts logging, works out the pod identity
+//! and serves until SIGTERM or Ctrl-C. Everything with logic in it lives in the
+//! library; this file only wires it together.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use backend::handlers::App;
+use backend::identity::Identity;
+use backend::{config, logging, server, shutdown};
+use clap::Parser;
+
+/// Demo backend: answers with its pod identity as JSON.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Path of the JSON config file.
+    #[arg(long, env = "CONFIG_PATH", default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // `{:#}` prints the whole context chain on one line, which is what a
+            // person reading `kubectl logs` of a crash-looping pod needs.
+            eprintln!("backend: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let config = config::load(&args.config)?;
+    logging::init(config.log_level, config.log_format)
+        .map_err(|error| anyhow::anyhow!(error).context("starting logging"))?;
+    let app = App::new(Identity::from_environment(&config.service_name))
+        .with_shutdown_delay(config.shutdown_delay);
+
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, config.port))
+            .await
+            .with_context(|| format!("listening on port {}", config.port))?;
+        server::serve(listener, app, shutdown::signal())
+            .await
+            .context("serving")
+    })
+}

@@ -1,0 +1,30 @@
+# Thin wrappers: each target calls cargo, docker or a script and nothing more, so
+# what `make X` does is always one short read away.
+
+# Image names; the Kubernetes manifests under k8s/ use the same tags.
+BACKEND_IMAGE ?= backend:0.1.0
+
+.PHONY: help demo test run-backend fmt lint image-backend
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+demo: ## local demo with no cluster: backends plus the load balancer
+	bash scripts/demo.sh
+
+test: ## every test in the workspace
+	cargo test --workspace --locked
+
+run-backend: ## one backend on :8080 with backend/config.json (Ctrl-C stops it)
+	cargo run -p backend -- --config backend/config.json
+
+fmt: ## format all code
+	cargo fmt --all
+
+lint: ## what CI checks besides the tests
+	cargo fmt --all --check
+	cargo clippy --all-targets --locked -- -D warnings
+
+# Without Docker: /work/shared/tools/container-check build Dockerfile.backend
+image-backend: ## build the backend image $(BACKEND_IMAGE)
+	docker build -f Dockerfile.backend -t $(BACKEND_IMAGE) .

@@ -1,0 +1,320 @@
+//! Routing: turns one HTTP request into one response. This is the backend's whole
+//! application; `server` feeds it requests and writes its answers back.
+//!
+//! | route                                | answer                                        |
+//! |--------------------------------------|-----------------------------------------------|
+//! | `GET /`                              | 200, identity JSON with a timestamp           |
+//! | `GET /healthz`                       | 200 while the process is alive                |
+//! | `GET /readyz`                        | 200, or 503 once shutdown has begun           |
+//! | `GET /work?cpu_ms=&sleep_ms=&status=` | burns CPU, sleeps, then answers `status` with the identity JSON |
+//!
+//! Unknown paths get a 404 and other methods a 405, both as JSON, so that a client
+//! behind the load balancer can always parse what comes back. `HEAD` is accepted
+//! wherever `GET` is (hyper leaves the body out). Nothing here panics on anything a
+//! client sends: bad input becomes a 400 with a reason.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use serde::Serialize;
+
+use crate::identity::Identity;
+
+/// The body type of every response: small JSON documents, built whole.
+pub type Body = Full<Bytes>;
+
+/// Upper bound for `/work?cpu_ms=`: enough to load a core, short enough that a typo
+/// cannot pin one for an hour.
+pub const MAX_CPU_MS: u64 = 10_000;
+/// Upper bound for `/work?sleep_ms=`: longer than any sane proxy timeout, so timeouts
+/// can be provoked, but bounded.
+pub const MAX_SLEEP_MS: u64 = 60_000;
+
+/// The application state shared by every connection. Cloning is cheap.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// Reported in identity answers; fixed for the life of the process.
+    identity: Arc<Identity>,
+    /// Cleared once shutdown begins, so `/readyz` tells Kubernetes (and the load
+    /// balancer) to stop sending new work before the port closes.
+    ready: Arc<AtomicBool>,
+    /// Requests being answered right now, so shutdown can report what it waits for
+    /// (and tests can tell that a request has really reached the server).
+    in_flight: Arc<AtomicUsize>,
+    /// How long `server::serve` keeps accepting after shutdown begins; see
+    /// [`App::with_shutdown_delay`].
+    shutdown_delay: Duration,
+}
+
+impl App {
+    /// A ready application answering as `identity`, with no shutdown delay.
+    pub fn new(identity: Identity) -> Self {
+        Self {
+            identity: Arc::new(identity),
+            ready: Arc::new(AtomicBool::new(true)),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            shutdown_delay: Duration::ZERO,
+        }
+    }
+
+    /// Keeps the server accepting (and `/readyz` answering 503) for `delay` after the
+    /// shutdown signal, before the listener closes. In Kubernetes this covers the time
+    /// endpoint watchers need to drop the pod; without it, a request routed here in
+    /// that window finds a closed port.
+    pub fn with_shutdown_delay(mut self, delay: Duration) -> Self {
+        self.shutdown_delay = delay;
+        self
+    }
+
+    /// The identity this application answers with.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Whether `/readyz` currently answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Marks the application as shutting down: `/readyz` answers 503 from now on.
+    /// `server::serve` calls this when its shutdown future completes; tests can call
+    /// it directly to simulate a backend leaving rotation.
+    pub fn begin_shutdown(&self) {
+        self.ready.store(false, Ordering::Release);
+    }
+
+    /// How many requests are being answered at this moment.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// The delay set by [`App::with_shutdown_delay`].
+    pub fn shutdown_delay(&self) -> Duration {
+        self.shutdown_delay
+    }
+
+    /// Answers one request. The request body is never read: no route takes one.
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<Body> {
+        let _in_flight = InFlight::enter(&self.in_flight);
+        let route = Route::of(request.uri().path());
+        let Some(route) = route else {
+            return error(StatusCode::NOT_FOUND, "no such path");
+        };
+        if !matches!(*request.method(), Method::GET | Method::HEAD) {
+            let mut response = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return response;
+        }
+        match route {
+            Route::Identity => self.identity_response(StatusCode::OK),
+            Route::Healthz => json(StatusCode::OK, &Status { status: "ok" }),
+            Route::Readyz if self.is_ready() => json(StatusCode::OK, &Status { status: "ready" }),
+            Route::Readyz => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &Status {
+                    status: "shutting down",
+                },
+            ),
+            Route::Work => match Work::from_query(request.uri().query()) {
+                Ok(work) => self.work(work).await,
+                Err(reason) => error(StatusCode::BAD_REQUEST, &reason),
+            },
+        }
+    }
+
+    async fn work(&self, work: Work) -> Response<Body> {
+        if !work.cpu.is_zero() {
+            // Burning CPU on an async worker thread would stall every other connection
+            // that thread serves; spawn_blocking moves it to a thread meant for that.
+            let burned = tokio::task::spawn_blocking(move || burn_cpu(work.cpu)).await;
+            if burned.is_err() {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, "cpu work failed");
+            }
+        }
+        tokio::time::sleep(work.sleep).await;
+        self.identity_response(work.status)
+    }
+
+    fn identity_response(&self, status: StatusCode) -> Response<Body> {
+        let timestamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        json(
+            status,
+            &IdentityAnswer {
+                identity: &self.identity,
+                timestamp,
+            },
+        )
+    }
+}
+
+/// Counts one request as in flight from creation until drop, so the count stays right
+/// even when a client disconnects and hyper drops the request's future half-way.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The paths the backend serves.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    Identity,
+    Healthz,
+    Readyz,
+    Work,
+}
+
+impl Route {
+    fn of(path: &str) -> Option<Self> {
+        match path {
+            "/" => Some(Self::Identity),
+            "/healthz" => Some(Self::Healthz),
+            "/readyz" => Some(Self::Readyz),
+            "/work" => Some(Self::Work),
+            _ => None,
+        }
+    }
+}
+
+/// What one `/work` request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Work {
+    cpu: Duration,
+    sleep: Duration,
+    status: StatusCode,
+}
+
+impl Work {
+    /// Parses `cpu_ms`, `sleep_ms` and `status`; all optional, anything else rejected
+    /// so that a misspelt parameter does not silently do nothing.
+    fn from_query(query: Option<&str>) -> Result<Self, String> {
+        let mut work = Self {
+            cpu: Duration::ZERO,
+            sleep: Duration::ZERO,
+            status: StatusCode::OK,
+        };
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "cpu_ms" => work.cpu = Duration::from_millis(bounded(key, value, 0, MAX_CPU_MS)?),
+                "sleep_ms" => {
+                    work.sleep = Duration::from_millis(bounded(key, value, 0, MAX_SLEEP_MS)?);
+                }
+                "status" => {
+                    let code = bounded(key, value, 200, 599)?;
+                    work.status = u16::try_from(code)
+                        .ok()
+                        .and_then(|c| StatusCode::from_u16(c).ok())
+                        .ok_or_else(|| format!("status: {code} is not a status code"))?;
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown parameter `{key}` (expected cpu_ms, sleep_ms, status)"
+                    ));
+                }
+            }
+        }
+        Ok(work)
+    }
+}
+
+/// Parses a whole number and checks it lies in `min..=max`.
+fn bounded(key: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {
+    let n: u64 = value
+        .parse()
+        .map_err(|_| format!("{key}: `{value}` is not a whole number"))?;
+    if (min..=max).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{key}: {n} is outside {min}..={max}"))
+    }
+}
+
+/// Keeps one core busy for `duration` of wall-clock time.
+fn burn_cpu(duration: Duration) {
+    let start = Instant::now();
+    let mut x: u64 = 1;
+    while start.elapsed() < duration {
+        for _ in 0..10_000 {
+            // black_box stops the optimizer from deleting a loop whose result is unused.
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct IdentityAnswer<'a> {
+    #[serde(flatten)]
+    identity: &'a Identity,
+    timestamp: String,
+}
+
+#[derive(Serialize)]
+struct Status {
+    status: &'static str,
+}
+
+#[derive(Serialize)]
+struct ErrorAnswer<'a> {
+    error: &'a str,
+}
+
+fn error(status: StatusCode, reason: &str) -> Response<Body> {
+    json(status, &ErrorAnswer { error: reason })
+}
+
+fn json(status: StatusCode, body: &impl Serialize) -> Response<Body> {
+    // Our answer types have string keys and no maps, so serializing cannot fail; the
+    // fallback keeps the request path panic-free all the same.
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| br#"{"error":"internal"}"#.to_vec());
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_without_parameters_does_nothing_and_answers_200() {
+        let work = Work::from_query(None).expect("no query is valid");
+        assert_eq!(work.cpu, Duration::ZERO);
+        assert_eq!(work.sleep, Duration::ZERO);
+        assert_eq!(work.status, StatusCode::OK);
+    }
+
+    #[test]
+    fn work_accepts_the_bounds_themselves() {
+        let work = Work::from_query(Some("cpu_ms=10000&sleep_ms=60000&status=599"))
+            .expect("the limits are inclusive");
+        assert_eq!(work.cpu, Duration::from_millis(MAX_CPU_MS));
+        assert_eq!(work.sleep, Duration::from_millis(MAX_SLEEP_MS));
+        assert_eq!(work.status.as_u16(), 599);
+    }
+
+    #[test]
+    fn work_rejects_unknown_parameters() {
+        let err = Work::from_query(Some("sleep=5")).expect_err("sleep is not a parameter");
+        assert!(err.contains("unknown parameter `sleep`"), "{err}");
+    }
+}
