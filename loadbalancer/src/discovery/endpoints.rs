@@ -188,16 +188,16 @@ mod tests {
         }
     }
 
+    fn ipv4(endpoints: Vec<Endpoint>) -> EndpointSlice {
+        slice("IPv4", None, endpoints)
+    }
+
     #[test]
     fn absent_conditions_count_as_ready() {
-        let s = slice(
-            "IPv4",
-            None,
-            vec![
-                endpoint("10.0.0.1", None),
-                endpoint("10.0.0.2", conditions(None, None, None)),
-            ],
-        );
+        let s = ipv4(vec![
+            endpoint("10.0.0.1", None),
+            endpoint("10.0.0.2", conditions(None, None, None)),
+        ]);
         assert_eq!(
             slice_endpoints(&s, 8080).ready,
             vec![addr("10.0.0.1:8080"), addr("10.0.0.2:8080")]
@@ -206,17 +206,13 @@ mod tests {
 
     #[test]
     fn not_ready_endpoints_are_left_out() {
-        let s = slice(
-            "IPv4",
-            None,
-            vec![
-                endpoint("10.0.0.1", conditions(Some(true), None, None)),
-                endpoint(
-                    "10.0.0.2",
-                    conditions(Some(false), Some(false), Some(false)),
-                ),
-            ],
-        );
+        let s = ipv4(vec![
+            endpoint("10.0.0.1", conditions(Some(true), None, None)),
+            endpoint(
+                "10.0.0.2",
+                conditions(Some(false), Some(false), Some(false)),
+            ),
+        ]);
         assert_eq!(
             slice_endpoints(&s, 8080),
             SliceEndpoints {
@@ -228,15 +224,11 @@ mod tests {
 
     #[test]
     fn serving_terminating_endpoints_are_kept_apart_from_ready_ones() {
-        let s = slice(
-            "IPv4",
-            None,
-            vec![
-                endpoint("10.0.0.1", conditions(Some(false), Some(true), Some(true))),
-                endpoint("10.0.0.2", conditions(Some(false), None, Some(true))),
-                endpoint("10.0.0.3", conditions(Some(false), Some(false), Some(true))),
-            ],
-        );
+        let s = ipv4(vec![
+            endpoint("10.0.0.1", conditions(Some(false), Some(true), Some(true))),
+            endpoint("10.0.0.2", conditions(Some(false), None, Some(true))),
+            endpoint("10.0.0.3", conditions(Some(false), Some(false), Some(true))),
+        ]);
         let endpoints = slice_endpoints(&s, 80);
         assert!(endpoints.ready.is_empty());
         assert_eq!(
@@ -247,14 +239,10 @@ mod tests {
 
     #[test]
     fn not_ready_endpoints_that_are_not_terminating_are_never_used() {
-        let s = slice(
-            "IPv4",
-            None,
-            vec![endpoint(
-                "10.0.0.1",
-                conditions(Some(false), Some(true), None),
-            )],
-        );
+        let s = ipv4(vec![endpoint(
+            "10.0.0.1",
+            conditions(Some(false), Some(true), None),
+        )]);
         assert_eq!(slice_endpoints(&s, 80), SliceEndpoints::default());
     }
 
@@ -262,7 +250,7 @@ mod tests {
     fn only_the_first_address_of_an_endpoint_is_used() {
         let mut e = endpoint("10.0.0.1", None);
         e.addresses.push("10.0.0.9".to_owned());
-        let s = slice("IPv4", None, vec![e]);
+        let s = ipv4(vec![e]);
         assert_eq!(slice_endpoints(&s, 80).ready, vec![addr("10.0.0.1:80")]);
     }
 
@@ -283,11 +271,10 @@ mod tests {
 
     #[test]
     fn unparsable_addresses_are_skipped() {
-        let s = slice(
-            "IPv4",
-            None,
-            vec![endpoint("not-an-ip", None), endpoint("10.0.0.1", None)],
-        );
+        let s = ipv4(vec![
+            endpoint("not-an-ip", None),
+            endpoint("10.0.0.1", None),
+        ]);
         assert_eq!(slice_endpoints(&s, 80).ready, vec![addr("10.0.0.1:80")]);
     }
 
@@ -305,7 +292,7 @@ mod tests {
 
     #[test]
     fn a_port_list_without_the_backend_port_is_detected() {
-        assert!(lists_port(&slice("IPv4", None, vec![]), 8080));
+        assert!(lists_port(&ipv4(vec![]), 8080));
         assert!(lists_port(
             &slice("IPv4", Some(vec![9090, 8080]), vec![]),
             8080
@@ -313,59 +300,44 @@ mod tests {
         assert!(!lists_port(&slice("IPv4", Some(vec![9090]), vec![]), 8080));
     }
 
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|s| addr(s)).collect()
+    }
+
+    /// A slice's endpoints: `ready` ones and `terminating` (serving) ones.
+    fn endpoints(ready: &[&str], terminating: &[&str]) -> SliceEndpoints {
+        SliceEndpoints {
+            ready: addrs(ready),
+            serving_terminating: addrs(terminating),
+        }
+    }
+
     #[test]
     fn merge_sorts_and_deduplicates_across_slices() {
-        let a = SliceEndpoints {
-            ready: vec![addr("10.0.0.3:80"), addr("10.0.0.1:80")],
-            ..SliceEndpoints::default()
-        };
-        let b = SliceEndpoints {
-            ready: vec![addr("10.0.0.2:80"), addr("10.0.0.1:80")],
-            ..SliceEndpoints::default()
-        };
+        let a = endpoints(&["10.0.0.3:80", "10.0.0.1:80"], &[]);
+        let b = endpoints(&["10.0.0.2:80", "10.0.0.1:80"], &[]);
+        let merged = merge([&a, &b]);
         assert_eq!(
-            merge([&a, &b]),
-            Merged {
-                addrs: vec![
-                    addr("10.0.0.1:80"),
-                    addr("10.0.0.2:80"),
-                    addr("10.0.0.3:80")
-                ],
-                terminating_fallback: false,
-            }
+            merged.addrs,
+            addrs(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"])
         );
+        assert!(!merged.terminating_fallback);
     }
 
     #[test]
     fn merge_ignores_terminating_endpoints_while_any_endpoint_is_ready() {
-        let old = SliceEndpoints {
-            serving_terminating: vec![addr("10.0.0.1:80")],
-            ..SliceEndpoints::default()
-        };
-        let new = SliceEndpoints {
-            ready: vec![addr("10.0.0.2:80")],
-            ..SliceEndpoints::default()
-        };
-        assert_eq!(merge([&old, &new]).addrs, vec![addr("10.0.0.2:80")]);
+        let old = endpoints(&[], &["10.0.0.1:80"]);
+        let new = endpoints(&["10.0.0.2:80"], &[]);
+        assert_eq!(merge([&old, &new]).addrs, addrs(&["10.0.0.2:80"]));
     }
 
     #[test]
     fn merge_falls_back_to_serving_terminating_endpoints_when_none_is_ready() {
-        let a = SliceEndpoints {
-            serving_terminating: vec![addr("10.0.0.2:80")],
-            ..SliceEndpoints::default()
-        };
-        let b = SliceEndpoints {
-            serving_terminating: vec![addr("10.0.0.1:80")],
-            ..SliceEndpoints::default()
-        };
-        assert_eq!(
-            merge([&a, &b]),
-            Merged {
-                addrs: vec![addr("10.0.0.1:80"), addr("10.0.0.2:80")],
-                terminating_fallback: true,
-            }
-        );
+        let a = endpoints(&[], &["10.0.0.2:80"]);
+        let b = endpoints(&[], &["10.0.0.1:80", "10.0.0.2:80"]);
+        let merged = merge([&a, &b]);
+        assert_eq!(merged.addrs, addrs(&["10.0.0.1:80", "10.0.0.2:80"]));
+        assert!(merged.terminating_fallback);
     }
 
     #[test]

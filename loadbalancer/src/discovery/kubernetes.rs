@@ -58,8 +58,10 @@ pub async fn watch_endpoint_slices(
     // The selector goes to the API server, so slices of other Services never reach us.
     let selector = format!("{SERVICE_NAME_LABEL}={service}");
     let config = watcher::Config::default().labels(&selector);
-    tracing::info!(namespace = %namespace, service, port = source.port, "watching EndpointSlices");
+    tracing::info!(namespace = %namespace, service = %service, port = source.port, "watching EndpointSlices");
 
+    // `default_backoff` sleeps between retries after an error; the stream holds that
+    // timer, so it is pinned (on the stack: it lives exactly as long as this loop).
     let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
     let mut store = SliceStore::new(source.port);
     let mut publisher = Publisher::new(service, backends);
@@ -71,7 +73,7 @@ pub async fn watch_endpoint_slices(
                 }
             }
             Err(err) => tracing::warn!(
-                service,
+                service = %service,
                 error = %err,
                 cause = %root_cause(&err),
                 "EndpointSlice watch failed; keeping the last known backends and retrying with backoff"
@@ -166,6 +168,7 @@ impl SliceStore {
 struct Publisher {
     /// The Service name, for the logs.
     service: String,
+    /// The shared list the balancer reads; this task is its only writer.
     backends: Backends,
     /// Whether the last published list came from the terminating fallback, so the
     /// switch into and out of it is logged once rather than on every event.
@@ -188,12 +191,12 @@ impl Publisher {
             self.terminating_fallback = merged.terminating_fallback;
             if merged.terminating_fallback {
                 tracing::warn!(
-                    service,
+                    service = %service,
                     "no endpoint is ready; using serving endpoints that are terminating"
                 );
             } else {
                 tracing::info!(
-                    service,
+                    service = %service,
                     "ready endpoints are back; terminating endpoints no longer used"
                 );
             }
@@ -202,7 +205,7 @@ impl Publisher {
         if self.backends.replace(merged.addrs.clone()) {
             let (added, removed) = diff(&old, &merged.addrs);
             tracing::info!(
-                service,
+                service = %service,
                 added = ?added,
                 removed = ?removed,
                 backends = merged.addrs.len(),
@@ -210,7 +213,7 @@ impl Publisher {
             );
         }
         if complete && !self.backends.is_synced() {
-            tracing::info!(service, backends = ?merged.addrs, "first complete EndpointSlice list received");
+            tracing::info!(service = %service, backends = ?merged.addrs, "first complete EndpointSlice list received");
             self.backends.mark_synced();
         }
     }
