@@ -117,7 +117,7 @@ async fn initial_list_is_published_and_marks_the_list_synced() {
 #[tokio::test]
 async fn not_synced_until_the_first_complete_list_arrives() {
     let mut server = FakeApiServer::start().await;
-    server.stop();
+    server.stop().await;
     let discovery = discover(&server).await;
 
     // Give the watcher time to fail against the refused port; whatever it did meanwhile,
@@ -277,7 +277,7 @@ async fn a_relist_drops_a_slice_deleted_while_the_watch_was_down() {
 
     // While the client cannot watch, web-2 goes and the history of that is compacted
     // away: the DELETED event can never be delivered, only a re-list can tell.
-    server.stop();
+    server.stop().await;
     server.delete("web-2");
     server.compact();
     server.restart().await;
@@ -296,7 +296,7 @@ async fn the_last_list_keeps_serving_while_the_api_server_is_gone() {
     server.apply(web("web-1", &[("10.0.0.1", Ready), ("10.0.0.2", Ready)]));
     let discovery = watching(&server, &["10.0.0.1", "10.0.0.2"]).await;
 
-    server.stop();
+    server.stop().await;
     // Let the watcher run into the refused port a few times; no error may empty or
     // change the list, and readiness stays.
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -313,9 +313,12 @@ impl FakeApiServer {
 
     /// Takes the server down: the port refuses connections and every open
     /// connection breaks. The objects and their history are kept for [`Self::restart`].
-    pub fn stop(&mut self) {
+    pub async fn stop(&mut self) {
         if let Some(serving) = self.serving.take() {
             serving.abort();
+            // `abort` only asks; awaiting the handle returns once the task (and with it
+            // the listener and every connection) has really been dropped.
+            let _ = serving.await;
         }
         self.store().watches.clear();
     }
@@ -323,8 +326,8 @@ impl FakeApiServer {
     /// Brings a stopped server back on the same address.
     pub async fn restart(&mut self) {
         assert!(self.serving.is_none(), "restart() needs a stopped server");
-        // Another process may hold the port for a moment after we released it
-        // (TIME_WAIT is harmless with SO_REUSEADDR, which tokio sets); retry briefly.
+        // Another process may have taken the port meanwhile (TIME_WAIT is no obstacle:
+        // tokio sets SO_REUSEADDR on listeners); retry briefly before giving up.
         let mut attempts = 0;
         let listener = loop {
             match TcpListener::bind(self.addr).await {
@@ -347,7 +350,9 @@ impl FakeApiServer {
 
 impl Drop for FakeApiServer {
     fn drop(&mut self) {
-        self.stop();
+        if let Some(serving) = self.serving.take() {
+            serving.abort();
+        }
         // Best effort: a leftover file in the temp dir harms nobody.
         let _ = std::fs::remove_file(&self.kubeconfig_path);
     }
