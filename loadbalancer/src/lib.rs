@@ -7,3 +7,4 @@
 //! wires these together.
 
 pub mod backends;
+pub mod discovery;

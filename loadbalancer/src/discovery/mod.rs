@@ -1,0 +1,90 @@
+//! Discovery: where the backend addresses come from.
+//!
+//! Discovery is the first stage after config in the request path: it fills the
+//! shared [`Backends`] list that the balancer reads on every request. It runs as one
+//! long-lived task and is the only writer of that list.
+//!
+//! There are two sources. [`Source::Static`] publishes a fixed list once, for local
+//! runs and tests without a cluster. [`Source::Kubernetes`] watches the
+//! `discovery.k8s.io/v1` EndpointSlices of one Service and republishes the list of
+//! ready endpoints after every change (see [`kubernetes`]). Either way the list is
+//! marked synced once the first complete list is in, which is what `/readyz` waits for.
+
+mod endpoints;
+pub mod kubernetes;
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+
+use crate::backends::Backends;
+
+/// Where the load balancer learns its backend addresses.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A fixed list (from config or a flag): no cluster needed.
+    Static(Vec<SocketAddr>),
+    /// The ready endpoints of a Kubernetes Service, kept current by a watch.
+    Kubernetes(KubernetesSource),
+}
+
+/// The Service whose EndpointSlices name the backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesSource {
+    /// The namespace to watch. `None` means the client's default: the kubeconfig
+    /// context's namespace, or the pod's own namespace in-cluster, else `default`.
+    /// main passes the `NAMESPACE` env var (Downward API) here when it is set.
+    pub namespace: Option<String>,
+    /// The Service name; EndpointSlices carry it in the
+    /// `kubernetes.io/service-name` label, which is what the watch selects on.
+    pub service_name: String,
+    /// The port the backends listen on. Every published address uses it; see
+    /// [`endpoints`] for how the slices' own port lists are checked against it.
+    pub port: u16,
+}
+
+/// Fills `backends` from `source`.
+///
+/// Static: publishes the list, marks it synced and returns `Ok` at once.
+/// Kubernetes: builds a client with [`kube::Client::try_default`] (the kubeconfig from
+/// `KUBECONFIG` or `~/.kube/config` if there is one, else the in-cluster service
+/// account), then watches forever; it only returns if the watch stream ends, which
+/// the watcher's retry-forever backoff should never let happen.
+pub async fn run(source: Source, backends: Backends) -> anyhow::Result<()> {
+    match source {
+        Source::Static(addrs) => {
+            tracing::info!(backends = ?addrs, "using a static backend list");
+            backends.replace(addrs);
+            backends.mark_synced();
+            Ok(())
+        }
+        Source::Kubernetes(source) => {
+            let client = kube::Client::try_default().await.context(
+                "no Kubernetes client configuration: neither a kubeconfig \
+                 (KUBECONFIG, ~/.kube/config) nor an in-cluster service account was found",
+            )?;
+            kubernetes::watch_endpoint_slices(client, &source, backends)
+                .await
+                .with_context(|| format!("discovery of Service {:?}", source.service_name))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn static_source_publishes_its_list_and_marks_it_synced() {
+        let backends = Backends::default();
+        let addrs: Vec<SocketAddr> = vec![
+            "127.0.0.1:9002".parse().expect("literal address parses"),
+            "127.0.0.1:9001".parse().expect("literal address parses"),
+        ];
+        run(Source::Static(addrs.clone()), backends.clone())
+            .await
+            .expect("a static source cannot fail");
+        assert!(backends.is_synced());
+        assert_eq!(backends.snapshot(), vec![addrs[1], addrs[0]]);
+    }
+}
