@@ -8,10 +8,18 @@
 //! The lock is a `std::sync::RwLock`, not tokio's: it is held for nanoseconds and
 //! never across an `.await`, which is exactly the case where a blocking lock is the
 //! right (and faster) choice.
+//!
+//! Beside the list sits one [`BackendState`] per address (counters, health,
+//! ejection). `replace` keeps the two in step: states for new addresses exist
+//! before the list that names them is published, and states of removed addresses
+//! are dropped after.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::backend_state::BackendState;
 
 /// A cheaply clonable handle to the current backend addresses.
 #[derive(Debug, Clone, Default)]
@@ -21,6 +29,9 @@ pub struct Backends {
     /// Set once discovery has delivered its first complete list, so `/readyz` can
     /// keep the load balancer out of rotation until it knows where to send traffic.
     synced: Arc<AtomicBool>,
+    /// The runtime state of each address in `addrs`, shared with the proxy (counters),
+    /// health checks and the admin endpoints.
+    states: Arc<RwLock<HashMap<SocketAddr, Arc<BackendState>>>>,
 }
 
 impl Backends {
@@ -36,17 +47,47 @@ impl Backends {
     pub fn replace(&self, mut addrs: Vec<SocketAddr>) -> bool {
         addrs.sort_unstable();
         addrs.dedup();
-        let mut current = self.write_lock();
-        if *current == addrs {
+        if *read(&self.addrs) == addrs {
             return false;
         }
-        *current = addrs;
+        // Only discovery writes, from one task, so nothing can slip in between these
+        // steps; the order only matters to readers: a published address always has
+        // its state already.
+        {
+            let mut states = write(&self.states);
+            for addr in &addrs {
+                states.entry(*addr).or_default();
+            }
+        }
+        *write(&self.addrs) = addrs;
+        let addrs = read(&self.addrs);
+        write(&self.states).retain(|addr, _| addrs.binary_search(addr).is_ok());
         true
+    }
+
+    /// The runtime state of `addr`. An address that was just removed from the list
+    /// (a request racing a discovery update) gets a fresh state, which the next
+    /// `replace` drops again, so the caller never has to handle a missing one.
+    pub fn state(&self, addr: SocketAddr) -> Arc<BackendState> {
+        if let Some(state) = read(&self.states).get(&addr) {
+            return Arc::clone(state);
+        }
+        Arc::clone(write(&self.states).entry(addr).or_default())
+    }
+
+    /// Every current address with its state, in list order: for health checks and
+    /// the admin endpoints.
+    pub fn states(&self) -> Vec<(SocketAddr, Arc<BackendState>)> {
+        let addrs = self.snapshot();
+        addrs
+            .into_iter()
+            .map(|addr| (addr, self.state(addr)))
+            .collect()
     }
 
     /// A copy of the current list, for logging, admin pages and tests.
     pub fn snapshot(&self) -> Vec<SocketAddr> {
-        self.read_lock().clone()
+        read(&self.addrs).clone()
     }
 
     /// Runs `f` on the current list under the read lock, without copying it.
@@ -54,7 +95,7 @@ impl Backends {
     /// `f` is a plain closure, not a future, so the guard cannot be held across an
     /// `.await` by construction.
     pub fn with<R>(&self, f: impl FnOnce(&[SocketAddr]) -> R) -> R {
-        f(&self.read_lock())
+        f(&read(&self.addrs))
     }
 
     /// Records that discovery has delivered a complete list at least once.
@@ -66,20 +107,17 @@ impl Backends {
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Acquire)
     }
+}
 
-    fn read_lock(&self) -> RwLockReadGuard<'_, Vec<SocketAddr>> {
-        // A poisoned lock means a writer panicked mid-update; the list it guards is
-        // still a valid Vec (replace() swaps it whole), so keep serving it.
-        self.addrs
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
+// A poisoned lock means a writer panicked mid-update; what it guards is still valid
+// (lists are swapped whole, states are inserted or removed whole), so keep serving it.
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
-    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, Vec<SocketAddr>> {
-        self.addrs
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -121,5 +159,30 @@ mod tests {
         writer.mark_synced();
         assert_eq!(reader.snapshot(), vec![addr("[::1]:8080")]);
         assert!(reader.is_synced());
+    }
+
+    #[test]
+    fn states_follow_the_list_and_survive_unchanged_addresses() {
+        let backends = Backends::new(vec![addr("10.0.0.1:80"), addr("10.0.0.2:80")]);
+        let kept = backends.state(addr("10.0.0.1:80"));
+        kept.start_request();
+        backends.replace(vec![addr("10.0.0.1:80"), addr("10.0.0.3:80")]);
+        let states = backends.states();
+        let listed: Vec<SocketAddr> = states.iter().map(|(addr, _)| *addr).collect();
+        assert_eq!(listed, vec![addr("10.0.0.1:80"), addr("10.0.0.3:80")]);
+        assert!(
+            Arc::ptr_eq(&states[0].1, &kept),
+            "a kept address keeps its state"
+        );
+        assert_eq!(states[1].1.requests(), 0);
+    }
+
+    #[test]
+    fn a_removed_address_loses_its_state() {
+        let backends = Backends::new(vec![addr("10.0.0.1:80")]);
+        backends.state(addr("10.0.0.1:80")).start_request();
+        backends.replace(Vec::new());
+        backends.replace(vec![addr("10.0.0.1:80")]);
+        assert_eq!(backends.state(addr("10.0.0.1:80")).requests(), 0);
     }
 }

@@ -6,5 +6,6 @@
 //! `server` accepts client connections and shuts down gracefully. `main.rs` only
 //! wires these together.
 
+pub mod backend_state;
 pub mod backends;
 pub mod discovery;

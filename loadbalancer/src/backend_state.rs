@@ -1,0 +1,202 @@
+//! Per-backend runtime state: how each backend is doing, and whether it may take traffic.
+//!
+//! [`Backends`](crate::backends::Backends) says *which* addresses exist; this module
+//! says *how each one is doing*. One [`BackendState`] lives beside each address in the
+//! shared list, created when discovery first publishes the address and dropped when
+//! discovery removes it, so nothing leaks as pods come and go.
+//!
+//! Everything here is an atomic: the proxy updates counters on every request from
+//! many tasks at once, health checks and outlier detection flip the availability
+//! flags, and the admin endpoints read it all, with no lock and no `.await` anywhere.
+//! Each writer owns its own fields (the proxy the counters, active health checks
+//! `healthy`, outlier detection `ejected_until`), so no update ever overwrites
+//! another's.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// What the load balancer knows about one backend right now.
+#[derive(Debug)]
+pub struct BackendState {
+    /// The time base for `ejected_until_ms`; an `Instant` cannot live in an atomic,
+    /// an offset from it can.
+    epoch: Instant,
+    /// Requests sent to this backend whose response has not yet finished. The
+    /// least-request balancer compares it; the status page shows it.
+    in_flight: AtomicU64,
+    /// Requests this backend was picked for, whatever their outcome.
+    requests: AtomicU64,
+    /// Requests that failed at this backend (connect error, reset, timeout, 5xx).
+    failures: AtomicU64,
+    /// Latency of the most recent response head, in microseconds.
+    last_latency_micros: AtomicU64,
+    /// The active health checks' verdict. Starts `true`: discovery only publishes
+    /// endpoints Kubernetes already reports ready, so a new pod takes traffic at once
+    /// instead of waiting for a probe interval.
+    healthy: AtomicBool,
+    /// Outlier detection's verdict: ejected until this many milliseconds after
+    /// `epoch`; 0 means not ejected.
+    ejected_until_ms: AtomicU64,
+}
+
+/// Counts a request as in flight for as long as it lives.
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a BackendState);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Default for BackendState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BackendState {
+    /// A backend with no history: healthy, not ejected, all counters zero.
+    pub fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            in_flight: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            last_latency_micros: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+            ejected_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a new request; it stays in flight until the returned guard is dropped,
+    /// so an early return or a client hanging up can never leave the count too high.
+    pub fn start_request(&self) -> InFlight<'_> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self)
+    }
+
+    /// Records how a request ended: its latency, and whether it failed.
+    pub fn record(&self, latency: Duration, failed: bool) {
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.last_latency_micros.store(micros, Ordering::Relaxed);
+        if failed {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests in flight right now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests this backend was picked for.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests that failed at this backend.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// The latency of the most recent response, if there was one.
+    pub fn last_latency(&self) -> Option<Duration> {
+        match self.last_latency_micros.load(Ordering::Relaxed) {
+            0 => None,
+            micros => Some(Duration::from_micros(micros)),
+        }
+    }
+
+    /// The active health checks' verdict.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Sets the active health checks' verdict; returns the previous one.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::Relaxed)
+    }
+
+    /// Ejects the backend until `until` (outlier detection).
+    pub fn eject_until(&self, until: Instant) {
+        let ms = until.saturating_duration_since(self.epoch).as_millis();
+        // Never store 0, which means "not ejected".
+        let ms = u64::try_from(ms).unwrap_or(u64::MAX).max(1);
+        self.ejected_until_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Lifts an ejection early (a successful trial request).
+    pub fn clear_ejection(&self) {
+        self.ejected_until_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// When the current ejection ends, if the backend is ejected at `now`.
+    pub fn ejected_until(&self, now: Instant) -> Option<Instant> {
+        match self.ejected_until_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.epoch + Duration::from_millis(ms)).filter(|until| *until > now),
+        }
+    }
+
+    /// Whether the balancer may pick this backend at `now`: healthy and not ejected.
+    pub fn is_available(&self, now: Instant) -> bool {
+        self.is_healthy() && self.ejected_until(now).is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_backend_is_available_with_zero_counters() {
+        let state = BackendState::new();
+        assert!(state.is_available(Instant::now()));
+        assert_eq!(
+            (state.requests(), state.failures(), state.in_flight()),
+            (0, 0, 0)
+        );
+        assert_eq!(state.last_latency(), None);
+    }
+
+    #[test]
+    fn in_flight_counts_until_the_guard_drops() {
+        let state = BackendState::new();
+        let first = state.start_request();
+        let second = state.start_request();
+        assert_eq!(state.in_flight(), 2);
+        drop(first);
+        assert_eq!(state.in_flight(), 1);
+        drop(second);
+        assert_eq!((state.in_flight(), state.requests()), (0, 2));
+    }
+
+    #[test]
+    fn record_counts_failures_and_keeps_the_last_latency() {
+        let state = BackendState::new();
+        state.record(Duration::from_millis(3), false);
+        state.record(Duration::from_millis(7), true);
+        assert_eq!(state.failures(), 1);
+        assert_eq!(state.last_latency(), Some(Duration::from_millis(7)));
+    }
+
+    #[test]
+    fn an_unhealthy_backend_is_not_available() {
+        let state = BackendState::new();
+        assert!(state.set_healthy(false));
+        assert!(!state.is_available(Instant::now()));
+    }
+
+    #[test]
+    fn an_ejection_lasts_until_its_deadline() {
+        let state = BackendState::new();
+        let now = Instant::now();
+        state.eject_until(now + Duration::from_secs(10));
+        assert!(!state.is_available(now));
+        assert!(state.is_available(now + Duration::from_secs(11)));
+        state.clear_ejection();
+        assert_eq!(state.ejected_until(now), None);
+    }
+}
