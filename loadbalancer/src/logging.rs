@@ -6,6 +6,8 @@
 //! The format is `text` for people or `json`, one object per line with the event's
 //! fields at the top level, for log pipelines.
 
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::EnvFilter;
@@ -19,7 +21,10 @@ pub fn init(level: LogLevel, format: LogFormat) -> anyhow::Result<()> {
         .with_default_directive(LevelFilter::from(level).into())
         .from_env()
         .context("invalid RUST_LOG")?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        // Colour codes help on a terminal and garble `kubectl logs` and files.
+        .with_ansi(std::io::stdout().is_terminal());
     let installed = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder
