@@ -9,8 +9,9 @@ BACKEND_IMAGE ?= backend:0.1.0
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-demo: ## local demo with no cluster: backends plus the load balancer
-	bash scripts/demo.sh
+# `make demo REQUESTS=90`, `make demo PROFILE=release`
+demo: ## local demo with no cluster: three backends, the load balancer, the distribution
+	REQUESTS=$(or $(REQUESTS),30) PROFILE=$(or $(PROFILE),debug) bash scripts/demo.sh
 
 test: ## every test in the workspace
 	cargo test --workspace --locked

@@ -20,7 +20,7 @@ use anyhow::Context;
 use crate::backends::Backends;
 
 /// Where the load balancer learns its backend addresses.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// A fixed list (from config or a flag): no cluster needed.
     Static(Vec<SocketAddr>),

@@ -1,21 +1,42 @@
-//! Helpers shared by the integration tests: each test file says `mod support;` and
-//! uses what it needs, so nothing here is copied between files.
+//! Shared helpers for the integration tests: real servers on 127.0.0.1:0, a client
+//! to talk to them, a fake Kubernetes API server, and a way to wait for "eventually"
+//! conditions. Each test file says `mod support;` and compiles this module on its
+//! own, using a different subset, hence the `dead_code` allowance.
 //!
+//! * [`upstream`]: a configurable test backend (slow, echoing, chunked, ...).
 //! * [`fake_apiserver`]: a fake Kubernetes API server for discovery tests.
-//! * [`wait_for`]: wait for an "eventually" condition with a generous deadline,
-//!   instead of sleeping a fixed time and hoping.
-
-// Each test file compiles this module on its own and uses only part of it.
+//! * [`wait_for`]: poll a condition with a generous deadline instead of sleeping.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod fake_apiserver;
+pub(crate) mod upstream;
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
+use std::net::SocketAddr;
 use std::time::Duration;
 
-/// How long an "eventually" condition may take. Generous on purpose: machines are
-/// shared and noisy, and a passing test returns as soon as the condition holds.
-pub const PATIENCE: Duration = Duration::from_secs(30);
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use loadbalancer::admin::{self, Admin};
+use loadbalancer::backends::Backends;
+use loadbalancer::balancer::RoundRobin;
+use loadbalancer::discovery::{self, Source};
+use loadbalancer::proxy::{Proxy, ProxySettings};
+use loadbalancer::server;
+use loadbalancer::shutdown::Shutdown;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub(crate) use upstream::Upstream;
+
+/// Generous bound for anything a test waits on; the machine is shared and slow
+/// at times, and no assertion depends on how fast things are.
+pub(crate) const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Polls `probe` until `done` accepts its value and returns that value; panics with
 /// the last value seen after [`PATIENCE`].
@@ -35,4 +56,198 @@ pub async fn wait_for<T: Debug>(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Starts one backend that answers `GET /` with `{"podName": pod_name}`.
+///
+/// The distribution tests reach backends only through this function, so moving
+/// them to the real `backend` crate is a change to this one line.
+pub(crate) async fn start_backend(pod_name: &str) -> Upstream {
+    Upstream::start(pod_name).await
+}
+
+/// Starts `n` backends named `backend-1` .. `backend-n`.
+pub(crate) async fn start_backends(n: usize) -> Vec<Upstream> {
+    let mut backends = Vec::with_capacity(n);
+    for i in 1..=n {
+        backends.push(start_backend(&format!("backend-{i}")).await);
+    }
+    backends
+}
+
+/// The proxy and admin servers, in-process, with static discovery.
+#[derive(Debug)]
+pub(crate) struct TestLb {
+    pub(crate) addr: SocketAddr,
+    pub(crate) admin_addr: SocketAddr,
+    pub(crate) backends: Backends,
+    pub(crate) shutdown: Shutdown,
+    servers: Vec<JoinHandle<()>>,
+}
+
+impl TestLb {
+    /// Settings used unless a test needs others: timeouts far above anything a
+    /// healthy loopback exchange takes.
+    pub(crate) const SETTINGS: ProxySettings = ProxySettings {
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(20),
+    };
+
+    /// A load balancer over `upstreams`.
+    pub(crate) async fn start(upstreams: &[Upstream]) -> Self {
+        let addrs = upstreams.iter().map(|u| u.addr).collect();
+        Self::start_with(addrs, Self::SETTINGS).await
+    }
+
+    /// A load balancer over `addrs` with `settings`.
+    pub(crate) async fn start_with(addrs: Vec<SocketAddr>, settings: ProxySettings) -> Self {
+        let backends = Backends::default();
+        discovery::run(Source::Static(addrs), backends.clone())
+            .await
+            .expect("static discovery cannot fail");
+        Self::start_unsynced(backends, settings).await
+    }
+
+    /// A load balancer over a list that discovery has not filled yet.
+    pub(crate) async fn start_unsynced(backends: Backends, settings: ProxySettings) -> Self {
+        let shutdown = Shutdown::new();
+        let listener = bind().await;
+        let admin_listener = bind().await;
+        let addr = listener.local_addr().expect("bound socket has an address");
+        let admin_addr = admin_listener
+            .local_addr()
+            .expect("bound socket has an address");
+        let proxy = Proxy::new(backends.clone(), RoundRobin::new(), settings);
+        let admin = Admin::new(backends.clone(), shutdown.clone());
+        let servers = vec![
+            tokio::spawn(server::serve_proxy(listener, proxy, shutdown.clone())),
+            tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone())),
+        ];
+        Self {
+            addr,
+            admin_addr,
+            backends,
+            shutdown,
+            servers,
+        }
+    }
+
+    /// `http://<proxy>/<path>`.
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `http://<admin>/<path>`.
+    pub(crate) fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr)
+    }
+
+    /// Begins shutdown and waits until both servers have finished.
+    pub(crate) async fn stop(self) {
+        self.shutdown.begin_draining();
+        self.shutdown.stop();
+        for server in self.servers {
+            tokio::time::timeout(PATIENCE, server)
+                .await
+                .expect("servers stop within PATIENCE")
+                .expect("server task does not panic");
+        }
+    }
+}
+
+async fn bind() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port")
+}
+
+/// A complete response, body collected.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+}
+
+impl Reply {
+    pub(crate) fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("response body is JSON")
+    }
+
+    /// The `podName` of a backend's answer.
+    pub(crate) fn pod_name(&self) -> String {
+        self.json()["podName"]
+            .as_str()
+            .expect("answer has a podName")
+            .to_owned()
+    }
+}
+
+/// A pooled keep-alive client, like the ones real clients use.
+pub(crate) fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends `req` and collects the whole response, within [`PATIENCE`].
+pub(crate) async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Reply {
+    let exchange = async {
+        let response = client
+            .request(req)
+            .await
+            .expect("the load balancer answers");
+        let (parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .expect("the body arrives whole")
+            .to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    };
+    tokio::time::timeout(PATIENCE, exchange)
+        .await
+        .expect("exchange completes within PATIENCE")
+}
+
+/// `GET url` with a fresh client.
+pub(crate) async fn get(url: &str) -> Reply {
+    let req = Request::get(url)
+        .body(Full::default())
+        .expect("valid request");
+    send(&client(), req).await
+}
+
+/// A `GET` running in the background, e.g. a slow request that shutdown must
+/// let finish.
+#[derive(Debug)]
+pub(crate) struct InFlight(JoinHandle<Reply>);
+
+impl InFlight {
+    /// Starts `GET url` on its own task.
+    pub(crate) fn start(url: String) -> Self {
+        Self(tokio::spawn(async move { get(&url).await }))
+    }
+
+    /// Waits for the response, within [`PATIENCE`].
+    pub(crate) async fn finish(self) -> Reply {
+        tokio::time::timeout(PATIENCE, self.0)
+            .await
+            .expect("in-flight request completes within PATIENCE")
+            .expect("request task does not panic")
+    }
+}
+
+/// How many times each string occurs.
+pub(crate) fn tally(items: impl IntoIterator<Item = String>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for item in items {
+        *counts.entry(item).or_default() += 1;
+    }
+    counts
 }

@@ -1,0 +1,499 @@
+//! Configuration: read once at start-up, before anything serves traffic.
+//!
+//! The file is JSON with camelCase keys, as in the Go guide, mounted from a
+//! ConfigMap at [`DEFAULT_PATH`] (overridable with `--config` or `CONFIG_PATH`).
+//! The guide's keys (`port`, `backendServiceName`, `backendPort`) are required;
+//! every other key is optional and its default is documented on its field. A typo
+//! must never be silently ignored, so unknown keys are rejected, and every error
+//! names the file, the field and the reason.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use tracing::level_filters::LevelFilter;
+
+use crate::discovery::{KubernetesSource, Source};
+
+/// Where the ConfigMap is mounted inside the pod.
+pub const DEFAULT_PATH: &str = "/etc/config/config.json";
+
+/// The load balancer's settings, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Port the proxy listens on for client traffic. `0` picks a free port, which
+    /// the startup log line reports (tests use this to avoid port clashes).
+    pub port: u16,
+    /// Name of the Kubernetes Service whose ready endpoints receive the traffic.
+    pub backend_service_name: String,
+    /// Port on the backend pods that requests are sent to.
+    pub backend_port: u16,
+    /// Port of the admin listener (`/healthz`, `/readyz`), kept apart from client
+    /// traffic so that probes are never queued behind it. Default 9090.
+    #[serde(default = "default_admin_port")]
+    pub admin_port: u16,
+    /// Where backend addresses come from. Default `kubernetes`.
+    #[serde(default)]
+    pub discovery: DiscoveryMode,
+    /// The backends for `static` discovery, as `IP:port` strings. Default empty;
+    /// required when `discovery` is `static`.
+    #[serde(default, deserialize_with = "deserialize_addrs")]
+    pub static_backends: Vec<SocketAddr>,
+    /// How long to wait for a TCP connection to a backend. Default 1000.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// How long a backend may take to answer, from sending the request until the
+    /// response headers arrive; past it the client gets a 504. Default 30000.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Least severe log level written; `RUST_LOG` overrides it. Default `info`.
+    #[serde(default)]
+    pub log_level: LogLevel,
+    /// `text` for people, `json` for log pipelines. Default `text`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// Where backend addresses come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryMode {
+    /// Watch the EndpointSlices of `backendServiceName`.
+    #[default]
+    Kubernetes,
+    /// Use `staticBackends` (or the `--backends` flag): local runs and tests.
+    Static,
+}
+
+/// Log verbosity, from most to least detailed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    #[default]
+    Info,
+    Warn,
+    Error,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines with `key=value` fields.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl From<LogLevel> for LevelFilter {
+    fn from(level: LogLevel) -> Self {
+        match level {
+            LogLevel::Trace => LevelFilter::TRACE,
+            LogLevel::Debug => LevelFilter::DEBUG,
+            LogLevel::Info => LevelFilter::INFO,
+            LogLevel::Warn => LevelFilter::WARN,
+            LogLevel::Error => LevelFilter::ERROR,
+        }
+    }
+}
+
+/// Why the config could not be used. Each variant's message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {reason}", path.display())]
+    Read {
+        path: PathBuf,
+        reason: std::io::Error,
+    },
+    #[error("config file {} is not valid JSON: {reason}", path.display())]
+    Syntax {
+        path: PathBuf,
+        reason: serde_json::Error,
+    },
+    /// A key is unknown, missing, of the wrong type or has a bad value.
+    #[error("config file {}: {field}: {reason}", path.display())]
+    Field {
+        path: PathBuf,
+        /// The offending key, or `(top level)` for unknown and missing keys,
+        /// whose reason names the key itself.
+        field: String,
+        reason: String,
+    },
+}
+
+/// A backend address that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddrError {
+    #[error("no backend addresses given")]
+    Empty,
+    #[error("{0:?} is not a backend address (expected IP:port, e.g. 127.0.0.1:8081)")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
+            path: path.to_owned(),
+            reason,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut json = serde_json::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(&mut json).map_err(|error| {
+            let field = error.path().to_string();
+            let reason = error.into_inner();
+            if reason.is_data() {
+                ConfigError::Field {
+                    path: path.to_owned(),
+                    field: if field == "." {
+                        "(top level)".to_owned()
+                    } else {
+                        field
+                    },
+                    reason: reason.to_string(),
+                }
+            } else {
+                ConfigError::Syntax {
+                    path: path.to_owned(),
+                    reason,
+                }
+            }
+        })?;
+        config
+            .validate()
+            .map_err(|(field, reason)| ConfigError::Field {
+                path: path.to_owned(),
+                field: field.to_owned(),
+                reason,
+            })?;
+        Ok(config)
+    }
+
+    /// Switches to static discovery over `addrs`: what the `--backends` flag does.
+    pub fn with_static_backends(mut self, addrs: Vec<SocketAddr>) -> Self {
+        self.discovery = DiscoveryMode::Static;
+        self.static_backends = addrs;
+        self
+    }
+
+    /// What discovery should watch. `namespace` is the pod's own (the Downward
+    /// API's `NAMESPACE`), if known.
+    pub fn discovery_source(&self, namespace: Option<String>) -> Source {
+        match self.discovery {
+            DiscoveryMode::Static => Source::Static(self.static_backends.clone()),
+            DiscoveryMode::Kubernetes => Source::Kubernetes(KubernetesSource {
+                namespace,
+                service_name: self.backend_service_name.clone(),
+                port: self.backend_port,
+            }),
+        }
+    }
+
+    /// [`Config::connect_timeout_ms`] as a `Duration`.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// [`Config::request_timeout_ms`] as a `Duration`.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// Checks the rules that types alone cannot express.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let fail = |field, reason: &str| Err((field, reason.to_owned()));
+        if self.backend_service_name.trim().is_empty() {
+            return fail("backendServiceName", "must not be empty");
+        }
+        if self.backend_port == 0 {
+            return fail("backendPort", "must be between 1 and 65535");
+        }
+        if self.connect_timeout_ms == 0 {
+            return fail("connectTimeoutMs", "must be greater than 0");
+        }
+        if self.request_timeout_ms == 0 {
+            return fail("requestTimeoutMs", "must be greater than 0");
+        }
+        if self.discovery == DiscoveryMode::Static && self.static_backends.is_empty() {
+            return fail(
+                "staticBackends",
+                "must list at least one address when discovery is \"static\"",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Parses one backend address. Host names are not resolved: endpoints in
+/// Kubernetes are IPs, and a name that resolves differently over time would make
+/// "static" a lie.
+pub fn parse_backend_addr(text: &str) -> Result<SocketAddr, AddrError> {
+    let text = text.trim();
+    text.parse()
+        .map_err(|_| AddrError::Invalid(text.to_owned()))
+}
+
+/// Parses the `--backends` flag: comma-separated `IP:port` addresses.
+pub fn parse_backend_list(list: &str) -> Result<Vec<SocketAddr>, AddrError> {
+    let addrs = list
+        .split(',')
+        .filter(|item| !item.trim().is_empty())
+        .map(parse_backend_addr)
+        .collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() {
+        return Err(AddrError::Empty);
+    }
+    Ok(addrs)
+}
+
+fn deserialize_addrs<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<SocketAddr>, D::Error> {
+    Vec::<String>::deserialize(de)?
+        .iter()
+        .map(|text| parse_backend_addr(text).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+fn default_admin_port() -> u16 {
+    9090
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    1000
+}
+
+fn default_request_timeout_ms() -> u64 {
+    30_000
+}
+
+impl fmt::Display for DiscoveryMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DiscoveryMode::Kubernetes => "kubernetes",
+            DiscoveryMode::Static => "static",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GUIDE_KEYS: &str =
+        r#""port": 8080, "backendServiceName": "backend-service", "backendPort": 8080"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/test/config.json"))
+    }
+
+    fn with_guide_keys(extra: &str) -> String {
+        if extra.is_empty() {
+            format!("{{{GUIDE_KEYS}}}")
+        } else {
+            format!("{{{GUIDE_KEYS}, {extra}}}")
+        }
+    }
+
+    /// Asserts that parsing fails and the message names the file and every needle.
+    fn assert_error_mentions(text: &str, needles: &[&str]) {
+        let message = parse(text)
+            .expect_err("config must be rejected")
+            .to_string();
+        assert!(message.contains("/test/config.json"), "{message}");
+        for needle in needles {
+            assert!(
+                message.contains(needle),
+                "{needle:?} missing in {message:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn guide_keys_alone_get_documented_defaults() {
+        let config = parse(&with_guide_keys("")).expect("guide config parses");
+        assert_eq!(config.port, 8080);
+        assert_eq!(config.backend_service_name, "backend-service");
+        assert_eq!(config.backend_port, 8080);
+        assert_eq!(config.admin_port, 9090);
+        assert_eq!(config.discovery, DiscoveryMode::Kubernetes);
+        assert!(config.static_backends.is_empty());
+        assert_eq!(config.connect_timeout(), Duration::from_millis(1000));
+        assert_eq!(config.request_timeout(), Duration::from_millis(30_000));
+        assert_eq!(config.log_level, LogLevel::Info);
+        assert_eq!(config.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn every_optional_key_is_read() {
+        let config = parse(&with_guide_keys(
+            r#""adminPort": 9191, "discovery": "static",
+               "staticBackends": ["127.0.0.1:8081", "[::1]:8082"],
+               "connectTimeoutMs": 250, "requestTimeoutMs": 5000,
+               "logLevel": "debug", "logFormat": "json""#,
+        ))
+        .expect("full config parses");
+        assert_eq!(config.admin_port, 9191);
+        assert_eq!(config.discovery, DiscoveryMode::Static);
+        assert_eq!(
+            config.static_backends,
+            vec![
+                "127.0.0.1:8081".parse().expect("valid"),
+                "[::1]:8082".parse().expect("valid")
+            ]
+        );
+        assert_eq!(config.connect_timeout_ms, 250);
+        assert_eq!(config.request_timeout_ms, 5000);
+        assert_eq!(config.log_level, LogLevel::Debug);
+        assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn shipped_local_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.json");
+        let config = Config::load(&path).expect("loadbalancer/config.json is valid");
+        assert_eq!(config.discovery, DiscoveryMode::Static);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        assert_error_mentions(&with_guide_keys(r#""adminPrt": 1"#), &["adminPrt"]);
+    }
+
+    #[test]
+    fn missing_guide_key_is_named() {
+        assert_error_mentions(
+            r#"{"port": 8080, "backendPort": 80}"#,
+            &["backendServiceName"],
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        assert_error_mentions(
+            r#"{"port": "http", "backendServiceName": "b", "backendPort": 80}"#,
+            &["port", "invalid type"],
+        );
+    }
+
+    #[test]
+    fn out_of_range_port_names_the_field() {
+        assert_error_mentions(
+            r#"{"port": 8080, "backendServiceName": "b", "backendPort": 70000}"#,
+            &["backendPort", "70000"],
+        );
+    }
+
+    #[test]
+    fn bad_static_backend_names_the_field_and_the_address() {
+        assert_error_mentions(
+            &with_guide_keys(
+                r#""discovery": "static", "staticBackends": ["127.0.0.1:8081", "backend-2"]"#,
+            ),
+            &["staticBackends", "\"backend-2\"", "IP:port"],
+        );
+    }
+
+    #[test]
+    fn unknown_enum_values_are_named() {
+        assert_error_mentions(
+            &with_guide_keys(r#""discovery": "dns""#),
+            &["discovery", "dns"],
+        );
+        assert_error_mentions(
+            &with_guide_keys(r#""logLevel": "loud""#),
+            &["logLevel", "loud"],
+        );
+        assert_error_mentions(
+            &with_guide_keys(r#""logFormat": "xml""#),
+            &["logFormat", "xml"],
+        );
+    }
+
+    #[test]
+    fn semantic_rules_name_the_field() {
+        let cases = [
+            (
+                r#"{"port": 1, "backendServiceName": " ", "backendPort": 80}"#.to_owned(),
+                "backendServiceName",
+            ),
+            (
+                r#"{"port": 1, "backendServiceName": "b", "backendPort": 0}"#.to_owned(),
+                "backendPort",
+            ),
+            (
+                with_guide_keys(r#""connectTimeoutMs": 0"#),
+                "connectTimeoutMs",
+            ),
+            (
+                with_guide_keys(r#""requestTimeoutMs": 0"#),
+                "requestTimeoutMs",
+            ),
+            (
+                with_guide_keys(r#""discovery": "static""#),
+                "staticBackends",
+            ),
+        ];
+        for (text, field) in cases {
+            assert_error_mentions(&text, &[field]);
+        }
+    }
+
+    #[test]
+    fn invalid_json_is_a_syntax_error_with_a_position() {
+        let error = parse(r#"{"port": 8080,"#).expect_err("truncated JSON is rejected");
+        assert!(matches!(error, ConfigError::Syntax { .. }), "{error:?}");
+        assert!(error.to_string().contains("line 1"), "{error}");
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let path = Path::new("/nonexistent/loadbalancer/config.json");
+        let error = Config::load(path).expect_err("missing file is an error");
+        assert!(matches!(error, ConfigError::Read { .. }), "{error:?}");
+        assert!(error.to_string().contains(&path.display().to_string()));
+    }
+
+    #[test]
+    fn backends_flag_switches_to_static_discovery() {
+        let addrs = parse_backend_list("127.0.0.1:8081, 127.0.0.1:8082,").expect("valid list");
+        let config = parse(&with_guide_keys(""))
+            .expect("guide config parses")
+            .with_static_backends(addrs.clone());
+        assert_eq!(config.discovery_source(None), Source::Static(addrs));
+    }
+
+    #[test]
+    fn kubernetes_source_carries_service_port_and_namespace() {
+        let config = parse(&with_guide_keys("")).expect("guide config parses");
+        assert_eq!(
+            config.discovery_source(Some("demo".to_owned())),
+            Source::Kubernetes(KubernetesSource {
+                namespace: Some("demo".to_owned()),
+                service_name: "backend-service".to_owned(),
+                port: 8080,
+            })
+        );
+    }
+
+    #[test]
+    fn backend_list_errors_name_the_bad_entry() {
+        assert_eq!(parse_backend_list(" , "), Err(AddrError::Empty));
+        assert_eq!(
+            parse_backend_list("127.0.0.1:8081,localhost:8082"),
+            Err(AddrError::Invalid("localhost:8082".to_owned()))
+        );
+        assert_eq!(
+            parse_backend_list("127.0.0.1"),
+            Err(AddrError::Invalid("127.0.0.1".to_owned()))
+        );
+    }
+}

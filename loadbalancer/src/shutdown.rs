@@ -1,0 +1,156 @@
+//! Graceful shutdown: one signal, seen by every listener and every connection.
+//!
+//! Stopping a load balancer well is a sequence, not an event. When SIGTERM or
+//! Ctrl-C arrives, readiness turns false first (so Kubernetes stops sending new
+//! traffic here), then the listeners stop accepting, each open connection finishes
+//! the request it is serving and closes, and only then does the process exit.
+//! [`Shutdown`] carries that sequence as a [`Phase`] in a `tokio::sync::watch`
+//! channel: the admin endpoint reads the current phase for `/readyz`, the accept
+//! loops and connection tasks wait for [`Phase::Stopping`].
+
+use tokio::sync::watch;
+
+/// Where the process is in its shutdown sequence. Phases only move forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Normal operation.
+    Serving,
+    /// Readiness is false, but requests are still accepted and served, so that
+    /// clients that have not yet seen the endpoint removal are not refused.
+    Draining,
+    /// Listeners stop accepting; open connections finish their request and close.
+    Stopping,
+}
+
+/// A clonable handle on the shutdown phase, shared by `main`, the servers and admin.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    /// A watch channel rather than a broadcast: late subscribers (a connection
+    /// accepted a moment before the signal) still see the current phase, and
+    /// nobody can miss a message.
+    phase: watch::Sender<Phase>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    /// A handle in [`Phase::Serving`].
+    pub fn new() -> Self {
+        Self {
+            phase: watch::Sender::new(Phase::Serving),
+        }
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// Turns readiness false while traffic is still served.
+    pub fn begin_draining(&self) {
+        self.advance_to(Phase::Draining);
+    }
+
+    /// Tells every listener to stop accepting and every connection to close once
+    /// its current request is answered.
+    pub fn stop(&self) {
+        self.advance_to(Phase::Stopping);
+    }
+
+    /// Resolves once [`Shutdown::stop`] has been called (at once if it already was).
+    pub async fn stopped(&self) {
+        let mut phase = self.phase.subscribe();
+        // `wait_for` only fails when the sender is gone, and `self` holds one.
+        let _ = phase.wait_for(|phase| *phase == Phase::Stopping).await;
+    }
+
+    fn advance_to(&self, next: Phase) {
+        self.phase.send_if_modified(|phase| {
+            let moved = next > *phase;
+            if moved {
+                *phase = next;
+            }
+            moved
+        });
+    }
+}
+
+/// The process signals that start a shutdown: SIGTERM (how Kubernetes stops a
+/// pod) and Ctrl-C (SIGINT, how a person stops a local run).
+///
+/// Handlers are installed by [`Signals::install`], before the listeners announce
+/// themselves, so a signal that arrives right after start-up is caught rather
+/// than killing the process with the default action.
+#[derive(Debug)]
+pub struct Signals {
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers.
+    pub fn install() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                terminate: signal(SignalKind::terminate())?,
+                interrupt: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Self {})
+        }
+    }
+
+    /// Resolves when one of the signals arrives.
+    pub async fn recv(&mut self) -> std::io::Result<()> {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.terminate.recv() => {}
+                _ = self.interrupt.recv() => {}
+            }
+            Ok(())
+        }
+        #[cfg(not(unix))]
+        {
+            tokio::signal::ctrl_c().await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_only_move_forward() {
+        let shutdown = Shutdown::new();
+        assert_eq!(shutdown.phase(), Phase::Serving);
+        shutdown.stop();
+        shutdown.begin_draining();
+        assert_eq!(shutdown.phase(), Phase::Stopping);
+    }
+
+    #[tokio::test]
+    async fn stopped_resolves_for_waiters_subscribed_before_and_after_stop() {
+        let shutdown = Shutdown::new();
+        let early = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { shutdown.stopped().await }
+        });
+        shutdown.begin_draining();
+        shutdown.stop();
+        early.await.expect("early waiter finishes");
+        // A waiter that subscribes after the fact must not hang.
+        shutdown.stopped().await;
+    }
+}

@@ -1,0 +1,185 @@
+//! A configurable test upstream: a small hyper server on 127.0.0.1:0 whose routes
+//! exercise each thing the proxy must carry through.
+//!
+//! | route                  | answer                                                    |
+//! |------------------------|-----------------------------------------------------------|
+//! | `/slow?ms=N`           | waits N ms, then answers like `/`                         |
+//! | `/echo-headers`        | the request headers as JSON `{name: [values..]}`          |
+//! | `/echo-body`           | streams the request body back as it arrives               |
+//! | `/chunked?bytes=N`     | N bytes of [`pattern`], chunked, with no Content-Length   |
+//! | `/hop-headers`         | `/` plus hop-by-hop response headers and `x-end-to-end`   |
+//! | anything else          | `{"podName": <name>, "path": <path>}`                     |
+//!
+//! It counts the requests it has received, so a test can wait until a request is
+//! known to be in flight, and it can be stopped abruptly (every connection torn
+//! down, the port closed) to play a crashed backend.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+const CHUNK: usize = 64 * 1024;
+
+/// A running test upstream.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    pub(crate) addr: SocketAddr,
+    pub(crate) pod_name: String,
+    /// Number of requests received so far (counted when the head arrives).
+    received: watch::Receiver<usize>,
+    /// The accept loop; it owns every connection task, so aborting it tears all down.
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Starts an upstream that calls itself `pod_name`.
+    pub(crate) async fn start(pod_name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr = listener.local_addr().expect("bound socket has an address");
+        let (count_tx, received) = watch::channel(0usize);
+        let name = pod_name.to_owned();
+        let task = tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                while connections.try_join_next().is_some() {}
+                let (name, count_tx) = (name.clone(), count_tx.clone());
+                connections.spawn(async move {
+                    let service = service_fn(move |req| {
+                        count_tx.send_modify(|n| *n += 1);
+                        respond(name.clone(), req)
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            pod_name: pod_name.to_owned(),
+            received,
+            task,
+        }
+    }
+
+    /// Stops abruptly: open connections are dropped and the port refuses
+    /// connections from now on.
+    pub(crate) async fn stop(&mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+
+    /// Waits until at least `n` requests have arrived.
+    pub(crate) async fn wait_for_requests(&self, n: usize) {
+        let mut received = self.received.clone();
+        tokio::time::timeout(Duration::from_secs(30), received.wait_for(|&got| got >= n))
+            .await
+            .expect("requests reach the upstream within 30 s")
+            .expect("upstream is running");
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The deterministic content of `/chunked`: byte `i` is `i mod 251` (a prime, so
+/// the pattern does not line up with chunk boundaries).
+pub(crate) fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+async fn respond(name: String, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let query_number = |key: &str| -> u64 {
+        req.uri()
+            .query()
+            .and_then(|q| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let identity = || json!({ "podName": name, "path": req.uri().path() });
+    let response = match req.uri().path() {
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(query_number("ms"))).await;
+            json_response(&identity())
+        }
+        "/echo-headers" => {
+            let mut headers = serde_json::Map::new();
+            for name in req.headers().keys() {
+                let values = req
+                    .headers()
+                    .get_all(name)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .collect::<Vec<_>>();
+                headers.insert(name.to_string(), json!(values));
+            }
+            json_response(&serde_json::Value::Object(headers))
+        }
+        "/echo-body" => Response::new(req.into_body().boxed()),
+        "/chunked" => {
+            let data = Bytes::from(pattern(usize::try_from(query_number("bytes")).unwrap_or(0)));
+            let chunks = (0..data.len()).step_by(CHUNK).map(move |start| {
+                Ok::<_, hyper::Error>(Frame::data(
+                    data.slice(start..(start + CHUNK).min(data.len())),
+                ))
+            });
+            Response::new(BodyExt::boxed(StreamBody::new(futures::stream::iter(
+                chunks,
+            ))))
+        }
+        "/hop-headers" => {
+            let mut response = json_response(&identity());
+            let headers = response.headers_mut();
+            for (name, value) in [
+                ("connection", "x-hop-response"),
+                ("x-hop-response", "1"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-authenticate", "Basic realm=\"test\""),
+                ("trailer", "x-checksum"),
+                ("x-end-to-end", "kept"),
+            ] {
+                headers.insert(name, HeaderValue::from_static(value));
+            }
+            response
+        }
+        _ => json_response(&identity()),
+    };
+    Ok(response)
+}
+
+fn json_response(value: &serde_json::Value) -> Response<Body> {
+    let body = Full::new(Bytes::from(value.to_string()))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut response = Response::new(body);
+    response
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    response
+}
