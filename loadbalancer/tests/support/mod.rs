@@ -5,10 +5,12 @@
 //!
 //! * [`upstream`]: a configurable test backend (slow, echoing, chunked, ...).
 //! * [`fake_apiserver`]: a fake Kubernetes API server for discovery tests.
+//! * [`process`]: the `loadbalancer` binary as a child process.
 //! * [`wait_for`]: poll a condition with a generous deadline instead of sleeping.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod fake_apiserver;
+pub(crate) mod process;
 pub(crate) mod upstream;
 
 use std::collections::BTreeMap;
