@@ -3,8 +3,9 @@
 //! A request travels config → discovery → balancer → proxy → server:
 //! `config` is read once at start-up, `discovery` keeps the shared
 //! [`backends::Backends`] list current, `balancer` picks the next address from it,
-//! `proxy` forwards the request there, and `server` accepts client connections and
-//! shuts down gracefully when `shutdown` says so. `admin` answers the probes on a
+//! `proxy` forwards the request there, and `server` accepts client connections
+//! (with `connection` keeping each one's idle and header-read timeouts) and shuts
+//! down gracefully when `shutdown` says so. `admin` answers the probes on a
 //! port of its own, and `logging` sets up the structured logs. `main.rs` only wires
 //! these together.
 
@@ -13,6 +14,7 @@ pub mod backend_state;
 pub mod backends;
 pub mod balancer;
 pub mod config;
+mod connection;
 pub mod discovery;
 pub mod logging;
 pub mod proxy;

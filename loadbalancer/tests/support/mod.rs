@@ -27,7 +27,7 @@ use loadbalancer::backends::Backends;
 use loadbalancer::balancer::RoundRobin;
 use loadbalancer::discovery::{self, Source};
 use loadbalancer::proxy::{Proxy, ProxySettings};
-use loadbalancer::server;
+use loadbalancer::server::{self, ServerLimits};
 use loadbalancer::shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -110,6 +110,23 @@ impl TestLb {
 
     /// A load balancer over a list that discovery has not filled yet.
     pub(crate) async fn start_unsynced(backends: Backends, settings: ProxySettings) -> Self {
+        Self::start_limited(backends, settings, ServerLimits::DEFAULT).await
+    }
+
+    /// A load balancer over `addrs` whose proxy listener has `limits`.
+    pub(crate) async fn start_with_limits(addrs: Vec<SocketAddr>, limits: ServerLimits) -> Self {
+        let backends = Backends::default();
+        discovery::run(Source::Static(addrs), backends.clone())
+            .await
+            .expect("static discovery cannot fail");
+        Self::start_limited(backends, Self::SETTINGS, limits).await
+    }
+
+    async fn start_limited(
+        backends: Backends,
+        settings: ProxySettings,
+        limits: ServerLimits,
+    ) -> Self {
         let shutdown = Shutdown::new();
         let listener = bind().await;
         let admin_listener = bind().await;
@@ -120,7 +137,12 @@ impl TestLb {
         let proxy = Proxy::new(backends.clone(), RoundRobin::new(), settings);
         let admin = Admin::new(backends.clone(), shutdown.clone());
         let servers = vec![
-            tokio::spawn(server::serve_proxy(listener, proxy, shutdown.clone())),
+            tokio::spawn(server::serve_proxy(
+                listener,
+                proxy,
+                shutdown.clone(),
+                limits,
+            )),
             tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone())),
         ];
         Self {
@@ -146,6 +168,11 @@ impl TestLb {
     pub(crate) async fn stop(self) {
         self.shutdown.begin_draining();
         self.shutdown.stop();
+        self.stopped().await;
+    }
+
+    /// Waits until both servers have finished, after `shutdown.stop()`.
+    pub(crate) async fn stopped(self) {
         for server in self.servers {
             tokio::time::timeout(PATIENCE, server)
                 .await
