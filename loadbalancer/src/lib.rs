@@ -4,7 +4,7 @@
 //! `config` is read once at start-up, `discovery` keeps the shared
 //! [`backends::Backends`] list current, `balancer` picks the next address from it,
 //! `proxy` forwards the request there, and `server` accepts client connections
-//! (with `connection` keeping each one's idle and header-read timeouts) and shuts
+//! (through `listener`, the hardened accept loop the backend shares) and shuts
 //! down gracefully when `shutdown` says so. `admin` answers the probes on a
 //! port of its own, and `logging` sets up the structured logs. `main.rs` only wires
 //! these together.
@@ -14,8 +14,8 @@ pub mod backend_state;
 pub mod backends;
 pub mod balancer;
 pub mod config;
-mod connection;
 pub mod discovery;
+mod listener;
 pub mod logging;
 pub mod proxy;
 mod response;

@@ -5,10 +5,15 @@
 //!
 //! * [`upstream`]: a configurable test backend (slow, echoing, chunked, ...).
 //! * [`fake_apiserver`]: a fake Kubernetes API server for discovery tests.
+//! * [`process`]: the `loadbalancer` binary as a child process.
+//! * [`raw`]: a raw TCP client, for requests no HTTP library would send.
+//! * [`start_real_backend`]: the real `backend` crate's server, in-process.
 //! * [`wait_for`]: poll a condition with a generous deadline instead of sleeping.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod fake_apiserver;
+pub(crate) mod process;
+pub(crate) mod raw;
 pub(crate) mod upstream;
 
 use std::collections::BTreeMap;
@@ -73,6 +78,46 @@ pub(crate) async fn start_backends(n: usize) -> Vec<Upstream> {
         backends.push(start_backend(&format!("backend-{i}")).await);
     }
     backends
+}
+
+/// A real `backend` crate server in-process, stopped (abruptly) on drop.
+#[derive(Debug)]
+pub(crate) struct RealBackend {
+    pub(crate) addr: SocketAddr,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Drop for RealBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the real backend, answering as `pod_name`, under `limits`.
+pub(crate) async fn start_real_backend(pod_name: &str, limits: ServerLimits) -> RealBackend {
+    let listener = bind().await;
+    let addr = listener.local_addr().expect("bound socket has an address");
+    let app = backend::handlers::App::new(backend::identity::Identity {
+        pod_name: pod_name.to_owned(),
+        pod_ip: addr.ip().to_string(),
+        service_name: "backend".to_owned(),
+    });
+    // The backend compiles the same listener module, so its limits are the same
+    // shape under another crate's name.
+    let limits = backend::server::ServerLimits {
+        header_read_timeout: limits.header_read_timeout,
+        idle_timeout: limits.idle_timeout,
+        max_connections: limits.max_connections,
+        max_header_bytes: limits.max_header_bytes,
+        shutdown_timeout: limits.shutdown_timeout,
+    };
+    let task = tokio::spawn(backend::server::serve_with(
+        listener,
+        app,
+        std::future::pending(),
+        limits,
+    ));
+    RealBackend { addr, task }
 }
 
 /// The proxy and admin servers, in-process, with static discovery.

@@ -1,4 +1,4 @@
-//! Connection watchdog: the idle timeout and the header-read timeout of one client
+//! Watchdog: the idle timeout and the header-read timeout of one client
 //! connection, which hyper cannot tell apart on its own.
 //!
 //! hyper's `header_read_timeout` starts whenever it waits for a request head,
@@ -17,7 +17,7 @@
 //!   not been dropped yet. No limit here: the proxy's `requestTimeoutMs` bounds the
 //!   wait for a backend, and a streaming body may legitimately take long.
 //!
-//! [`TrackedIo`] sees every byte read, the service wrapper in `server` marks
+//! [`TrackedIo`] sees every byte read, the service wrapper in `listener` marks
 //! requests in and out through [`Activity::request_started`] and the
 //! [`TrackedBody`] guard, and [`Activity::expired`] is a future that resolves when
 //! the current state has outlived its limit.
