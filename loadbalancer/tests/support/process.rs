@@ -31,11 +31,12 @@ impl TempConfig {
         Self { dir, path }
     }
 
-    /// Ports 0: the process picks free ports and reports them when listening.
+    /// Ports 0: the process picks free ports and reports them when listening. A
+    /// one-second drain keeps SIGTERM tests short.
     pub(crate) fn local() -> Self {
         Self::new(
             r#"{"port": 0, "adminPort": 0, "backendServiceName": "backend-service",
-                "backendPort": 8080, "logFormat": "json"}"#,
+                "backendPort": 8080, "logFormat": "json", "drainSeconds": 1}"#,
         )
     }
 }
