@@ -13,12 +13,19 @@
 //! | `serviceName`   | yes      |         | name reported in every identity answer         |
 //! | `logLevel`      | no       | `info`  | `trace`, `debug`, `info`, `warn`, `error`, `off` |
 //! | `logFormat`     | no       | `text`  | `text` for people, `json` for log pipelines    |
-//! | `shutdownDelay` | no       | `0s`    | how long to keep serving, not ready, after a shutdown signal |
+//! | `shutdownDelay` | no       | `0s`    | how long to keep serving, not ready, after a shutdown signal (the load balancer's `drainSeconds`) |
+//! | `shutdownTimeoutSeconds` | no | `20` | after the delay, how long requests in flight may take before they are cut |
+//! | `headerReadTimeoutMs` | no | `10000` | a request head must be complete this long after its first byte |
+//! | `idleTimeoutMs` | no | `120000` | a connection with no request in progress is closed after this long |
+//! | `maxConnections` | no | `10000` | open connections at most; more wait in the listen backlog |
+//! | `maxHeaderBytes` | no | `16384` | largest request head; larger ones get 431 |
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
+
+use crate::server::{DEFAULT_LIMITS, ServerLimits};
 use serde_json::{Map, Value};
 use tracing::level_filters::LevelFilter;
 
@@ -26,13 +33,22 @@ use tracing::level_filters::LevelFilter;
 pub const DEFAULT_PATH: &str = "/etc/config/config.json";
 
 /// Every key the file may contain; anything else is rejected as a likely typo.
-const KNOWN_KEYS: [&str; 5] = [
+const KNOWN_KEYS: [&str; 10] = [
     "port",
     "serviceName",
     "logLevel",
     "logFormat",
     "shutdownDelay",
+    "shutdownTimeoutSeconds",
+    "headerReadTimeoutMs",
+    "idleTimeoutMs",
+    "maxConnections",
+    "maxHeaderBytes",
 ];
+
+/// Upper bound of the limits' timeouts: catches a unit mix-up (seconds written
+/// into a milliseconds key) as much as an absurd value.
+const HOUR_S: u64 = 3600;
 
 /// Settings the backend runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +66,8 @@ pub struct Config {
     /// How long to keep accepting (while `/readyz` says 503) after a shutdown signal,
     /// so load balancers and kube-proxy see the pod leave before its port closes.
     pub shutdown_delay: Duration,
+    /// Client connection limits and the shutdown timeout, see [`ServerLimits`].
+    pub limits: ServerLimits,
 }
 
 /// How log lines are written to stdout.
@@ -198,12 +216,43 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         })?,
     };
 
+    let defaults = DEFAULT_LIMITS;
+    let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let limits = ServerLimits {
+        shutdown_timeout: Duration::from_secs(fields.bounded(
+            "shutdownTimeoutSeconds",
+            defaults.shutdown_timeout.as_secs(),
+            1..=HOUR_S,
+        )?),
+        header_read_timeout: Duration::from_millis(fields.bounded(
+            "headerReadTimeoutMs",
+            millis(defaults.header_read_timeout),
+            1..=HOUR_S * 1000,
+        )?),
+        idle_timeout: Duration::from_millis(fields.bounded(
+            "idleTimeoutMs",
+            millis(defaults.idle_timeout),
+            1..=HOUR_S * 1000,
+        )?),
+        max_connections: fields.bounded(
+            "maxConnections",
+            defaults.max_connections,
+            1..=1_000_000,
+        )?,
+        max_header_bytes: fields.bounded(
+            "maxHeaderBytes",
+            defaults.max_header_bytes,
+            1024..=1024 * 1024,
+        )?,
+    };
+
     Ok(Config {
         port,
         service_name,
         log_level,
         log_format,
         shutdown_delay,
+        limits,
     })
 }
 
@@ -226,6 +275,31 @@ impl Fields<'_> {
             path: self.path.into(),
             key,
         })
+    }
+
+    /// An optional number within `range`, or `default` when the key is absent.
+    fn bounded<T>(
+        &self,
+        key: &'static str,
+        default: T,
+        range: std::ops::RangeInclusive<T>,
+    ) -> Result<T, ConfigError>
+    where
+        T: DeserializeOwned + PartialOrd + std::fmt::Display,
+    {
+        let value = self.optional(key)?.unwrap_or(default);
+        if range.contains(&value) {
+            Ok(value)
+        } else {
+            Err(self.invalid(
+                key,
+                format!(
+                    "must be between {} and {}, not {value}",
+                    range.start(),
+                    range.end()
+                ),
+            ))
+        }
     }
 
     fn invalid(&self, key: &'static str, reason: impl Into<String>) -> ConfigError {

@@ -13,6 +13,11 @@
 pub mod config;
 pub mod handlers;
 pub mod identity;
+// The hardened accept loop is shared with the load balancer: one file, compiled
+// into both crates, since the workspace deliberately has no third crate. It names
+// nothing outside itself, so it builds the same here.
+#[path = "../../loadbalancer/src/listener/mod.rs"]
+mod listener;
 pub mod logging;
 pub mod server;
 pub mod shutdown;

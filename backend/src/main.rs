@@ -46,7 +46,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, config.port))
             .await
             .with_context(|| format!("listening on port {}", config.port))?;
-        server::serve(listener, app, shutdown::signal())
+        server::serve_with(listener, app, shutdown::signal(), config.limits)
             .await
             .context("serving")
     })

@@ -11,37 +11,47 @@
 //!    responses `Connection: close`, while endpoint watchers drop the pod;
 //! 3. the listener closes, every connection is asked to finish its current request
 //!    and close (idle keep-alive connections, and ones that have not sent a request
-//!    yet, close at once), and `serve` returns once the last one has.
+//!    yet, close at once), and `serve` returns once the last one has, or once
+//!    `shutdownTimeoutSeconds` has passed and the rest have been closed by force.
+//!
+//! The accept loop, its limits (connection cap, header and idle timeouts, header
+//! size, request framing) and the stop itself are the load balancer's `listener`
+//! module, compiled into this crate too (see `lib.rs`), so both servers treat bad
+//! input and floods the same way. This module supplies the service and the signal.
 //!
 //! One access-log line is written per request, with the `x-request-id` the load
 //! balancer sends, so a request can be followed across both programs' logs.
 
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use http::header::{CONNECTION, HeaderName, HeaderValue};
+use http::header::HeaderName;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, info};
 
 use crate::handlers::{App, Body};
+pub use crate::listener::ServerLimits;
+use crate::listener::{self, Lifecycle};
 
 /// The header that carries a request's id across the load balancer and the backend.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// How long `accept` errors (such as running out of file descriptors) are retried,
-/// with a doubling pause, before `serve` gives up and returns the error.
-const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(64);
+/// The backend's default limits: the shared defaults, except that idle client
+/// connections are kept for 120 s. The backend's main client is the load
+/// balancer's connection pool, which drops idle connections after 90 s; closing
+/// them here first would race with a request the pool is just sending.
+pub const DEFAULT_LIMITS: ServerLimits = ServerLimits {
+    idle_timeout: Duration::from_secs(120),
+    ..ServerLimits::DEFAULT
+};
 
-/// Serves `app` on `listener` until `shutdown` completes, then shuts down gracefully
-/// (see the module docs) and returns.
+/// Serves `app` on `listener` under [`DEFAULT_LIMITS`] until `shutdown` completes,
+/// then shuts down gracefully (see the module docs) and returns.
 ///
 /// The caller binds the listener, so tests and the load balancer's tests can bind
 /// `127.0.0.1:0` and read the port back:
@@ -68,60 +78,75 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(64);
 /// # }
 /// ```
 ///
-/// Returns an error only if accepting keeps failing for longer than the backoff allows.
+/// Failed `accept`s are retried, never returned; the error is only for a listener
+/// without a local address.
 pub async fn serve(
     listener: TcpListener,
     app: App,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    serve_with(listener, app, shutdown, DEFAULT_LIMITS).await
+}
+
+/// [`serve`] with the given limits.
+pub async fn serve_with(
+    listener: TcpListener,
+    app: App,
+    shutdown: impl Future<Output = ()>,
+    limits: ServerLimits,
+) -> io::Result<()> {
     info!(addr = %listener.local_addr()?, pod = %app.identity().pod_name, "listening");
 
-    let mut http = http1::Builder::new();
-    // The timer enables hyper's header read timeout (30 s by default), which stops a
-    // client that opens a connection and never finishes its request from holding it.
-    http.timer(TokioTimer::new());
-    // Each connection registers here; `shutdown()` tells them all to finish and
-    // waits until the last one has dropped its watcher.
-    let connections = GracefulShutdown::new();
-
-    let mut stop_accepting = std::pin::pin!(async {
+    let (stop, stopped) = watch::channel(false);
+    let lifecycle = Stage {
+        app: app.clone(),
+        stopped,
+    };
+    let make_service = |_peer| {
+        let app = app.clone();
+        service_fn(move |request| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(respond(&app, request).await) }
+        })
+    };
+    let serving = listener::serve_connections(listener, make_service, lifecycle, limits);
+    let stopping = async {
         shutdown.await;
         app.begin_shutdown();
         info!(delay = ?app.shutdown_delay(), "shutdown begun, readiness is now 503");
         tokio::time::sleep(app.shutdown_delay()).await;
-    });
-
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = accept(&listener) => accepted?,
-            () = &mut stop_accepting => break,
-        };
-        let app = app.clone();
-        let service = service_fn(move |request| {
-            let app = app.clone();
-            async move { Ok::<_, Infallible>(respond(&app, request).await) }
-        });
-        let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
-        // A task per connection: the accept loop goes straight back to accepting,
-        // and a slow client only ever slows itself down.
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                debug!(%peer, %error, "connection ended with an error");
-            }
-        });
-    }
-
-    // Closing the listener first makes new connection attempts fail fast instead of
-    // waiting in the kernel's backlog for an accept that will never come.
-    drop(listener);
-    info!(
-        connections = connections.count(),
-        in_flight = app.in_flight(),
-        "listener closed, finishing in-flight requests"
-    );
-    connections.shutdown().await;
+        info!(in_flight = app.in_flight(), "closing the listener");
+        stop.send_replace(true);
+    };
+    // Both halves run on this task: `serving` returns only after `stopping` has
+    // told it to, and once every connection is done.
+    tokio::join!(serving, stopping);
     info!("all connections closed");
     Ok(())
+}
+
+/// Where a backend is in its shutdown, for the shared accept loop.
+#[derive(Debug, Clone)]
+struct Stage {
+    /// Not ready means shutdown has begun: responses close their connection.
+    app: App,
+    /// Turns true when the delay is over and the listener must close.
+    stopped: watch::Receiver<bool>,
+}
+
+impl Lifecycle for Stage {
+    fn stopped(&self) -> impl Future<Output = ()> + Send {
+        let mut stopped = self.stopped.clone();
+        async move {
+            // An error means the sender is gone, which only happens once `serve`
+            // is over: stopped either way.
+            let _ = stopped.wait_for(|&stopped| stopped).await;
+        }
+    }
+
+    fn draining(&self) -> bool {
+        !self.app.is_ready()
+    }
 }
 
 /// Answers one request through the app, echoes its request id and logs it.
@@ -141,13 +166,9 @@ async fn respond(app: &App, request: Request<Incoming>) -> Response<Body> {
     if let Some(id) = &request_id {
         response.headers_mut().insert(REQUEST_ID, id.clone());
     }
-    if !app.is_ready() {
-        // A keep-alive client (the load balancer's connection pool) would otherwise
-        // keep reusing this connection until the port closes under it.
-        response
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-    }
+    // Once readiness is off, the listener adds `Connection: close`: a keep-alive
+    // client (the load balancer's pool) would otherwise keep reusing this
+    // connection until the port closes under it.
     info!(
         %method,
         %path,
@@ -159,24 +180,4 @@ async fn respond(app: &App, request: Request<Incoming>) -> Response<Body> {
         "request"
     );
     response
-}
-
-/// Accepts one connection, retrying failures with a doubling pause.
-///
-/// Most accept errors are temporary (a connection reset before it was accepted, a
-/// full file descriptor table that frees up); exiting on the first one would turn a
-/// brief overload into a crash loop.
-async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match listener.accept().await {
-            Ok(accepted) => return Ok(accepted),
-            Err(error) if backoff > MAX_ACCEPT_BACKOFF => return Err(error),
-            Err(error) => {
-                warn!(%error, retry_in = ?backoff, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
-            }
-        }
-    }
 }

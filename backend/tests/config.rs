@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use backend::config::{self, Config, ConfigError, LogFormat};
+use backend::server::{DEFAULT_LIMITS, ServerLimits};
 use support::TempDir;
 use tracing::level_filters::LevelFilter;
 
@@ -39,6 +40,7 @@ fn required_keys_alone_get_the_documented_defaults() {
             log_level: LevelFilter::INFO,
             log_format: LogFormat::Text,
             shutdown_delay: Duration::ZERO,
+            limits: DEFAULT_LIMITS,
         }
     );
 }
@@ -53,6 +55,48 @@ fn every_optional_key_is_read() {
     assert_eq!(config.log_level, LevelFilter::DEBUG);
     assert_eq!(config.log_format, LogFormat::Json);
     assert_eq!(config.shutdown_delay, Duration::from_millis(1500));
+}
+
+#[test]
+fn limits_keys_are_read() {
+    let config = load_text(
+        r#"{"port": 1, "serviceName": "s", "shutdownTimeoutSeconds": 3,
+            "headerReadTimeoutMs": 500, "idleTimeoutMs": 700, "maxConnections": 2,
+            "maxHeaderBytes": 8192}"#,
+    )
+    .expect("valid");
+    assert_eq!(
+        config.limits,
+        ServerLimits {
+            header_read_timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_millis(700),
+            max_connections: 2,
+            max_header_bytes: 8192,
+            shutdown_timeout: Duration::from_secs(3),
+        }
+    );
+}
+
+#[test]
+fn default_delay_window_and_shutdown_timeout_fit_a_30_second_grace_period() {
+    // With a shutdownDelay of up to 5 s, as the load balancer's drain.
+    assert!(Duration::from_secs(5) + DEFAULT_LIMITS.shutdown_timeout < Duration::from_secs(30));
+}
+
+#[test]
+fn out_of_range_limits_name_the_key_and_the_range() {
+    for (extra, key) in [
+        (r#""shutdownTimeoutSeconds": 0"#, "shutdownTimeoutSeconds"),
+        (r#""headerReadTimeoutMs": 0"#, "headerReadTimeoutMs"),
+        (r#""idleTimeoutMs": 3600001"#, "idleTimeoutMs"),
+        (r#""maxConnections": 0"#, "maxConnections"),
+        (r#""maxHeaderBytes": 512"#, "maxHeaderBytes"),
+    ] {
+        let text = format!(r#"{{"port": 1, "serviceName": "s", {extra}}}"#);
+        let message = load_error(&text).to_string();
+        assert!(message.contains(key), "{key} missing in {message}");
+        assert!(message.contains("must be between"), "{message}");
+    }
 }
 
 #[test]

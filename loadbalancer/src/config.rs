@@ -16,6 +16,7 @@ use serde::{Deserialize, Deserializer};
 use tracing::level_filters::LevelFilter;
 
 use crate::discovery::{KubernetesSource, Source};
+use crate::server::ServerLimits;
 
 /// Where the ConfigMap is mounted inside the pod.
 pub const DEFAULT_PATH: &str = "/etc/config/config.json";
@@ -55,6 +56,34 @@ pub struct Config {
     /// `text` for people, `json` for log pipelines. Default `text`.
     #[serde(default)]
     pub log_format: LogFormat,
+
+    // Client-side limits and shutdown (see `server::ServerLimits` and the README's
+    // "Limits and shutdown"). The defaults fit a `terminationGracePeriodSeconds`
+    // of 30: drain 5 + shutdown timeout 20 leaves 5 s before Kubernetes kills.
+    /// After SIGTERM, how long to keep serving with `/readyz` at 503, so that
+    /// endpoint removal reaches every client before the port closes. Default 5.
+    #[serde(default = "default_drain_seconds")]
+    pub drain_seconds: u64,
+    /// After the drain, how long requests in flight may take before their
+    /// connections are closed by force. Default 20.
+    #[serde(default = "default_shutdown_timeout_seconds")]
+    pub shutdown_timeout_seconds: u64,
+    /// A request head must be complete this long after its first byte (cuts off
+    /// slowloris clients). Default 10000.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// A client connection with no request in progress is closed after this long.
+    /// Default 60000.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Open client connections at most; more wait in the listen backlog.
+    /// Default 10000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Largest request head (request line and headers) in bytes; larger ones get
+    /// 431. Default 16384.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
 }
 
 /// Where backend addresses come from.
@@ -209,6 +238,11 @@ impl Config {
         Duration::from_millis(self.request_timeout_ms)
     }
 
+    /// [`Config::drain_seconds`] as a `Duration`.
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs(self.drain_seconds)
+    }
+
     /// Checks the rules that types alone cannot express.
     fn validate(&self) -> Result<(), (&'static str, String)> {
         let fail = |field, reason: &str| Err((field, reason.to_owned()));
@@ -224,6 +258,9 @@ impl Config {
         if self.request_timeout_ms == 0 {
             return fail("requestTimeoutMs", "must be greater than 0");
         }
+        if let Some((field, reason)) = self.limits_error() {
+            return fail(field, reason);
+        }
         if self.discovery == DiscoveryMode::Static && self.static_backends.is_empty() {
             return fail(
                 "staticBackends",
@@ -231,6 +268,51 @@ impl Config {
             );
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The limits block's rules. Upper bounds catch unit mix-ups (seconds
+    /// written into a milliseconds key) as much as absurd values.
+    fn limits_error(&self) -> Option<(&'static str, &'static str)> {
+        const HOUR_S: u64 = 3600;
+        const HOUR_MS: u64 = HOUR_S * 1000;
+        let checks = [
+            (
+                "drainSeconds",
+                self.drain_seconds > HOUR_S,
+                "must be at most 3600",
+            ),
+            (
+                "shutdownTimeoutSeconds",
+                !(1..=HOUR_S).contains(&self.shutdown_timeout_seconds),
+                "must be between 1 and 3600",
+            ),
+            (
+                "headerReadTimeoutMs",
+                !(1..=HOUR_MS).contains(&self.header_read_timeout_ms),
+                "must be between 1 and 3600000",
+            ),
+            (
+                "idleTimeoutMs",
+                !(1..=HOUR_MS).contains(&self.idle_timeout_ms),
+                "must be between 1 and 3600000",
+            ),
+            (
+                "maxConnections",
+                !(1..=1_000_000).contains(&self.max_connections),
+                "must be between 1 and 1000000",
+            ),
+            (
+                "maxHeaderBytes",
+                !(1024..=1024 * 1024).contains(&self.max_header_bytes),
+                "must be between 1024 and 1048576",
+            ),
+        ];
+        checks
+            .into_iter()
+            .find(|&(_, bad, _)| bad)
+            .map(|(field, _, reason)| (field, reason))
     }
 }
 
@@ -273,6 +355,34 @@ fn default_connect_timeout_ms() -> u64 {
 
 fn default_request_timeout_ms() -> u64 {
     30_000
+}
+
+fn default_drain_seconds() -> u64 {
+    5
+}
+
+fn default_shutdown_timeout_seconds() -> u64 {
+    ServerLimits::DEFAULT.shutdown_timeout.as_secs()
+}
+
+fn default_header_read_timeout_ms() -> u64 {
+    duration_ms(ServerLimits::DEFAULT.header_read_timeout)
+}
+
+fn default_idle_timeout_ms() -> u64 {
+    duration_ms(ServerLimits::DEFAULT.idle_timeout)
+}
+
+fn default_max_connections() -> usize {
+    ServerLimits::DEFAULT.max_connections
+}
+
+fn default_max_header_bytes() -> usize {
+    ServerLimits::DEFAULT.max_header_bytes
+}
+
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl fmt::Display for DiscoveryMode {
@@ -330,6 +440,53 @@ mod tests {
         assert_eq!(config.request_timeout(), Duration::from_millis(30_000));
         assert_eq!(config.log_level, LogLevel::Info);
         assert_eq!(config.log_format, LogFormat::Text);
+        assert_eq!(config.drain(), Duration::from_secs(5));
+        assert_eq!(ServerLimits::from(&config), ServerLimits::DEFAULT);
+    }
+
+    #[test]
+    fn default_drain_and_shutdown_timeout_fit_a_30_second_grace_period() {
+        let config = parse(&with_guide_keys("")).expect("guide config parses");
+        let limits = ServerLimits::from(&config);
+        assert!(config.drain() + limits.shutdown_timeout < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn limits_keys_are_read() {
+        let config = parse(&with_guide_keys(
+            r#""drainSeconds": 0, "shutdownTimeoutSeconds": 3, "headerReadTimeoutMs": 500,
+               "idleTimeoutMs": 700, "maxConnections": 2, "maxHeaderBytes": 8192"#,
+        ))
+        .expect("limits parse");
+        assert_eq!(config.drain(), Duration::ZERO);
+        assert_eq!(
+            ServerLimits::from(&config),
+            ServerLimits {
+                header_read_timeout: Duration::from_millis(500),
+                idle_timeout: Duration::from_millis(700),
+                max_connections: 2,
+                max_header_bytes: 8192,
+                shutdown_timeout: Duration::from_secs(3),
+            }
+        );
+    }
+
+    #[test]
+    fn out_of_range_limits_name_the_field() {
+        for (extra, field) in [
+            (r#""drainSeconds": 3601"#, "drainSeconds"),
+            (r#""shutdownTimeoutSeconds": 0"#, "shutdownTimeoutSeconds"),
+            (r#""headerReadTimeoutMs": 0"#, "headerReadTimeoutMs"),
+            (r#""idleTimeoutMs": 0"#, "idleTimeoutMs"),
+            (r#""maxConnections": 0"#, "maxConnections"),
+            (r#""maxHeaderBytes": 100"#, "maxHeaderBytes"),
+        ] {
+            assert_error_mentions(&with_guide_keys(extra), &[field]);
+        }
+        assert_error_mentions(
+            &with_guide_keys(r#""maxConnections": -1"#),
+            &["maxConnections", "invalid value"],
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use loadbalancer::backends::Backends;
 use loadbalancer::balancer::RoundRobin;
 use loadbalancer::config::{self, Config};
 use loadbalancer::proxy::{Proxy, ProxySettings};
+use loadbalancer::server::ServerLimits;
 use loadbalancer::shutdown::{Shutdown, Signals};
 use loadbalancer::{discovery, logging, server};
 use tokio::net::TcpListener;
@@ -75,7 +76,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "listening"
     );
 
-    let proxy_task = tokio::spawn(server::serve_proxy(proxy_listener, proxy, shutdown.clone()));
+    let proxy_task = tokio::spawn(server::serve_proxy(
+        proxy_listener,
+        proxy,
+        shutdown.clone(),
+        ServerLimits::from(&config),
+    ));
     let admin = Admin::new(backends.clone(), shutdown.clone());
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone()));
     let namespace = std::env::var("NAMESPACE").ok().filter(|ns| !ns.is_empty());
@@ -85,9 +91,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         received = signals.recv() => received.context("waiting for shutdown signals"),
         failed = until_failure(discovery) => failed.context("discovery failed"),
     };
-    info!("shutting down: readiness off, finishing in-flight requests");
-    shutdown.begin_draining();
-    shutdown.stop();
+    shutdown.drain_then_stop(config.drain()).await;
     proxy_task.await.context("proxy server task")?;
     admin_task.await.context("admin server task")?;
     info!("stopped");

@@ -2,13 +2,19 @@
 //!
 //! Stopping a load balancer well is a sequence, not an event. When SIGTERM or
 //! Ctrl-C arrives, readiness turns false first (so Kubernetes stops sending new
-//! traffic here), then the listeners stop accepting, each open connection finishes
-//! the request it is serving and closes, and only then does the process exit.
+//! traffic here) while requests are still served for `drainSeconds`, because
+//! endpoint removal takes a while to reach every kube-proxy and client; then the
+//! listeners stop accepting, each open connection finishes the request it is
+//! serving and closes (by force after `shutdownTimeoutSeconds`), and only then
+//! does the process exit. [`Shutdown::drain_then_stop`] runs that sequence.
 //! [`Shutdown`] carries that sequence as a [`Phase`] in a `tokio::sync::watch`
 //! channel: the admin endpoint reads the current phase for `/readyz`, the accept
 //! loops and connection tasks wait for [`Phase::Stopping`].
 
+use std::time::Duration;
+
 use tokio::sync::watch;
+use tracing::info;
 
 /// Where the process is in its shutdown sequence. Phases only move forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -59,6 +65,21 @@ impl Shutdown {
     /// its current request is answered.
     pub fn stop(&self) {
         self.advance_to(Phase::Stopping);
+    }
+
+    /// The whole sequence after a shutdown signal: readiness off at once, keep
+    /// serving for `drain` (responses now carry `Connection: close`, so clients
+    /// reconnect, most likely elsewhere), then stop. The servers then finish what
+    /// is in flight; await them after this returns.
+    pub async fn drain_then_stop(&self, drain: Duration) {
+        self.begin_draining();
+        info!(
+            drain_ms = drain.as_millis(),
+            "shutdown begun: readiness off, draining"
+        );
+        tokio::time::sleep(drain).await;
+        info!("drain over: closing listeners, finishing in-flight requests");
+        self.stop();
     }
 
     /// Resolves once [`Shutdown::stop`] has been called (at once if it already was).
@@ -137,6 +158,22 @@ mod tests {
         assert_eq!(shutdown.phase(), Phase::Serving);
         shutdown.stop();
         shutdown.begin_draining();
+        assert_eq!(shutdown.phase(), Phase::Stopping);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_then_stop_is_draining_for_the_whole_drain_then_stopping() {
+        let shutdown = Shutdown::new();
+        let drain = Duration::from_secs(5);
+        let sequence = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { shutdown.drain_then_stop(drain).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(shutdown.phase(), Phase::Draining);
+        tokio::time::sleep(drain - Duration::from_millis(1)).await;
+        assert_eq!(shutdown.phase(), Phase::Draining);
+        sequence.await.expect("sequence finishes");
         assert_eq!(shutdown.phase(), Phase::Stopping);
     }
 

@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::process::{Command, ExitStatus};
+use std::process::ExitStatus;
 
 use http::StatusCode;
 use support::process::{Process, TempConfig, listening, run_to_exit};
@@ -56,23 +56,16 @@ async fn sigterm_during_a_slow_request_lets_it_finish_and_exits_0() {
         &backends,
     ]);
     let lines = process.stdout_lines();
-    let port = listening(&lines).await.proxy.port();
+    let proxy = listening(&lines).await.proxy;
 
-    let in_flight = InFlight::start(format!("http://127.0.0.1:{port}/slow?ms=1500"));
+    let in_flight = InFlight::start(format!("http://{proxy}/slow?ms=1500"));
     upstream.wait_for_requests(1).await;
 
-    let pid = process.0.id().to_string();
-    let kill = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("run kill");
-    assert!(kill.success());
+    process.terminate();
 
     let reply = in_flight.finish().await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.pod_name(), "backend-1");
-    let status = tokio::task::spawn_blocking(move || process.wait())
-        .await
-        .expect("waiter does not panic");
+    let status = process.exited().await;
     assert!(status.success(), "exit status {status}");
 }

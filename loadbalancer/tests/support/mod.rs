@@ -6,11 +6,14 @@
 //! * [`upstream`]: a configurable test backend (slow, echoing, chunked, ...).
 //! * [`fake_apiserver`]: a fake Kubernetes API server for discovery tests.
 //! * [`process`]: the `loadbalancer` binary as a child process.
+//! * [`raw`]: a raw TCP client, for requests no HTTP library would send.
+//! * [`start_real_backend`]: the real `backend` crate's server, in-process.
 //! * [`wait_for`]: poll a condition with a generous deadline instead of sleeping.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod fake_apiserver;
 pub(crate) mod process;
+pub(crate) mod raw;
 pub(crate) mod upstream;
 
 use std::collections::BTreeMap;
@@ -29,7 +32,7 @@ use loadbalancer::backends::Backends;
 use loadbalancer::balancer::RoundRobin;
 use loadbalancer::discovery::{self, Source};
 use loadbalancer::proxy::{Proxy, ProxySettings};
-use loadbalancer::server;
+use loadbalancer::server::{self, ServerLimits};
 use loadbalancer::shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -77,6 +80,46 @@ pub(crate) async fn start_backends(n: usize) -> Vec<Upstream> {
     backends
 }
 
+/// A real `backend` crate server in-process, stopped (abruptly) on drop.
+#[derive(Debug)]
+pub(crate) struct RealBackend {
+    pub(crate) addr: SocketAddr,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Drop for RealBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the real backend, answering as `pod_name`, under `limits`.
+pub(crate) async fn start_real_backend(pod_name: &str, limits: ServerLimits) -> RealBackend {
+    let listener = bind().await;
+    let addr = listener.local_addr().expect("bound socket has an address");
+    let app = backend::handlers::App::new(backend::identity::Identity {
+        pod_name: pod_name.to_owned(),
+        pod_ip: addr.ip().to_string(),
+        service_name: "backend".to_owned(),
+    });
+    // The backend compiles the same listener module, so its limits are the same
+    // shape under another crate's name.
+    let limits = backend::server::ServerLimits {
+        header_read_timeout: limits.header_read_timeout,
+        idle_timeout: limits.idle_timeout,
+        max_connections: limits.max_connections,
+        max_header_bytes: limits.max_header_bytes,
+        shutdown_timeout: limits.shutdown_timeout,
+    };
+    let task = tokio::spawn(backend::server::serve_with(
+        listener,
+        app,
+        std::future::pending(),
+        limits,
+    ));
+    RealBackend { addr, task }
+}
+
 /// The proxy and admin servers, in-process, with static discovery.
 #[derive(Debug)]
 pub(crate) struct TestLb {
@@ -112,6 +155,23 @@ impl TestLb {
 
     /// A load balancer over a list that discovery has not filled yet.
     pub(crate) async fn start_unsynced(backends: Backends, settings: ProxySettings) -> Self {
+        Self::start_limited(backends, settings, ServerLimits::DEFAULT).await
+    }
+
+    /// A load balancer over `addrs` whose proxy listener has `limits`.
+    pub(crate) async fn start_with_limits(addrs: Vec<SocketAddr>, limits: ServerLimits) -> Self {
+        let backends = Backends::default();
+        discovery::run(Source::Static(addrs), backends.clone())
+            .await
+            .expect("static discovery cannot fail");
+        Self::start_limited(backends, Self::SETTINGS, limits).await
+    }
+
+    async fn start_limited(
+        backends: Backends,
+        settings: ProxySettings,
+        limits: ServerLimits,
+    ) -> Self {
         let shutdown = Shutdown::new();
         let listener = bind().await;
         let admin_listener = bind().await;
@@ -122,7 +182,12 @@ impl TestLb {
         let proxy = Proxy::new(backends.clone(), RoundRobin::new(), settings);
         let admin = Admin::new(backends.clone(), shutdown.clone());
         let servers = vec![
-            tokio::spawn(server::serve_proxy(listener, proxy, shutdown.clone())),
+            tokio::spawn(server::serve_proxy(
+                listener,
+                proxy,
+                shutdown.clone(),
+                limits,
+            )),
             tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone())),
         ];
         Self {
@@ -148,6 +213,11 @@ impl TestLb {
     pub(crate) async fn stop(self) {
         self.shutdown.begin_draining();
         self.shutdown.stop();
+        self.stopped().await;
+    }
+
+    /// Waits until both servers have finished, after `shutdown.stop()`.
+    pub(crate) async fn stopped(self) {
         for server in self.servers {
             tokio::time::timeout(PATIENCE, server)
                 .await

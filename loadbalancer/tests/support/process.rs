@@ -36,11 +36,12 @@ impl TempConfig {
         Self { dir, path }
     }
 
-    /// Ports 0: the process picks free ports and reports them when listening.
+    /// Ports 0: the process picks free ports and reports them when listening. A
+    /// one-second drain keeps SIGTERM tests short.
     pub(crate) fn local() -> Self {
         Self::new(
             r#"{"port": 0, "adminPort": 0, "backendServiceName": "backend-service",
-                "backendPort": 8080, "logFormat": "json"}"#,
+                "backendPort": 8080, "logFormat": "json", "drainSeconds": 1}"#,
         )
     }
 
@@ -105,20 +106,34 @@ impl Process {
         text
     }
 
-    /// Streams stdout lines into a channel, from a thread, so the pipe never fills.
-    /// Keep the receiver for as long as the process runs.
+    /// Streams stdout lines into a channel, from a thread that reads to the end
+    /// even when nobody listens any more, so the pipe never fills up.
     pub(crate) fn stdout_lines(&mut self) -> mpsc::Receiver<String> {
         let stdout = self.0.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
+                let _ = tx.send(line);
             }
         });
         rx
+    }
+
+    /// Sends SIGTERM, as Kubernetes does to a pod it stops.
+    pub(crate) fn terminate(&self) {
+        let kill = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(kill.success(), "kill -TERM failed");
+    }
+
+    /// Waits, off the async runtime, for the process to exit.
+    pub(crate) async fn exited(mut self) -> ExitStatus {
+        tokio::task::spawn_blocking(move || self.wait())
+            .await
+            .expect("waiter does not panic")
     }
 }
 

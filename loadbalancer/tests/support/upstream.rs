@@ -11,11 +11,13 @@
 //! | anything else          | `{"podName": <name>, "path": <path>}`                     |
 //!
 //! It counts the requests it has received, so a test can wait until a request is
-//! known to be in flight, and it can be stopped abruptly (every connection torn
+//! known to be in flight, records each one's method and path (the smuggling tests
+//! check that no hidden second request ever arrives), and it can be stopped abruptly (every connection torn
 //! down, the port closed) to play a crashed backend.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,6 +44,8 @@ pub(crate) struct Upstream {
     pub(crate) pod_name: String,
     /// Number of requests received so far (counted when the head arrives).
     received: watch::Receiver<usize>,
+    /// `METHOD path` of every request received, in arrival order.
+    log: Arc<Mutex<Vec<String>>>,
     /// The accept loop; it owns every connection task, so aborting it tears all down.
     task: JoinHandle<()>,
 }
@@ -54,7 +58,9 @@ impl Upstream {
             .expect("bind a loopback port");
         let addr = listener.local_addr().expect("bound socket has an address");
         let (count_tx, received) = watch::channel(0usize);
+        let log = Arc::new(Mutex::new(Vec::new()));
         let name = pod_name.to_owned();
+        let task_log = Arc::clone(&log);
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             loop {
@@ -63,8 +69,12 @@ impl Upstream {
                 };
                 while connections.try_join_next().is_some() {}
                 let (name, count_tx) = (name.clone(), count_tx.clone());
+                let log = Arc::clone(&task_log);
                 connections.spawn(async move {
-                    let service = service_fn(move |req| {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        log.lock()
+                            .expect("log lock is never poisoned")
+                            .push(format!("{} {}", req.method(), req.uri().path()));
                         count_tx.send_modify(|n| *n += 1);
                         respond(name.clone(), req)
                     });
@@ -78,8 +88,14 @@ impl Upstream {
             addr,
             pod_name: pod_name.to_owned(),
             received,
+            log,
             task,
         }
+    }
+
+    /// `METHOD path` of every request received so far, in arrival order.
+    pub(crate) fn requests(&self) -> Vec<String> {
+        self.log.lock().expect("log lock is never poisoned").clone()
     }
 
     /// Stops abruptly: open connections are dropped and the port refuses

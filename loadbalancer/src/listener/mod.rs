@@ -1,0 +1,382 @@
+//! Listener: the hardened accept loop that both servers share, the load balancer's
+//! (proxy and admin) and the backend's, so that both answer bad input and floods
+//! alike. The backend crate compiles this same file (`#[path]` in its `lib.rs`):
+//! the workspace deliberately has just the two crates, and one copy of the rules
+//! beats two that drift. Nothing here may name either crate's other modules.
+//!
+//! The shape follows mini-redis's listener and hyper's graceful_shutdown example.
+//! One task is spawned per connection, so a slow client never holds up the others.
+//! Each connection task races hyper's connection future against the shutdown
+//! signal; when the signal wins, `graceful_shutdown()` lets the request in progress
+//! finish and closes the connection instead of dropping it mid-response (an idle
+//! keep-alive connection closes at once). The tasks live in a `JoinSet`, so
+//! [`serve_connections`] can wait for the last one and, if they outlast the
+//! shutdown timeout, close the rest by force.
+//!
+//! Around that skeleton sit the limits a server facing the network needs
+//! ([`ServerLimits`]):
+//!
+//! * at most `maxConnections` open connections: a semaphore permit is taken
+//!   *before* `accept`, as in mini-redis, so at the cap new connections wait in the
+//!   kernel's listen backlog (and are refused by the kernel once that is full)
+//!   instead of costing memory and file descriptors here;
+//! * failed `accept`s (EMFILE: out of file descriptors) are retried with a growing
+//!   pause rather than ending the server;
+//! * `maxHeaderBytes`: hyper answers a larger request head with 431 and closes;
+//!   a malformed request line or header gets hyper's automatic 400;
+//! * idle and header-read timeouts, kept by the [`watchdog`];
+//! * request framing that could smuggle a request through is refused with 400
+//!   ([`framing_error`] lists what hyper already refuses and what is left to us);
+//! * while the server drains, every response carries `Connection: close`, so
+//!   clients finish their current request here and reconnect, most likely to a
+//!   replica that is not going away.
+
+mod watchdog;
+
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue, TRANSFER_ENCODING};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::{Body, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::{Service, service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use watchdog::{Activity, Expired, TrackedBody, TrackedIo};
+
+/// First and longest pause after a failed `accept`. Retrying at once would spin;
+/// giving up would turn a transient shortage into an outage.
+const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// What one listener allows its clients. The defaults are the config defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// A request head must be complete this long after its first byte arrived
+    /// (`headerReadTimeoutMs`): cuts off clients that trickle headers (slowloris).
+    pub header_read_timeout: Duration,
+    /// A connection with no request in progress and nothing arriving is closed
+    /// after this long (`idleTimeoutMs`); a fresh connection counts as idle.
+    pub idle_timeout: Duration,
+    /// Open client connections at most (`maxConnections`); bounds memory and
+    /// file descriptors under a flood.
+    pub max_connections: usize,
+    /// Largest request head, request line included (`maxHeaderBytes`); larger
+    /// heads get 431.
+    pub max_header_bytes: usize,
+    /// After the listener has stopped, how long open requests may take before
+    /// their connections are closed by force (`shutdownTimeoutSeconds`).
+    pub shutdown_timeout: Duration,
+}
+
+impl ServerLimits {
+    /// The documented defaults. Drain 5 s + shutdown timeout 20 s fit inside
+    /// Kubernetes' `terminationGracePeriodSeconds` of 30.
+    pub const DEFAULT: Self = Self {
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        max_connections: 10_000,
+        max_header_bytes: 16 * 1024,
+        shutdown_timeout: Duration::from_secs(20),
+    };
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Where the owning server is in its shutdown, as the accept loop needs to know.
+pub(crate) trait Lifecycle: Clone + Send + Sync + 'static {
+    /// Resolves once the listener must stop accepting (at once if it already
+    /// must).
+    fn stopped(&self) -> impl Future<Output = ()> + Send;
+    /// Whether shutdown has begun, so responses should close their connection.
+    fn draining(&self) -> bool;
+}
+
+/// Accepts connections on `listener` and serves each with the service that
+/// `make_service` builds for its peer address. Returns once `lifecycle` has
+/// stopped the listener and every connection has finished its last request, or
+/// been closed by force after `limits.shutdown_timeout`.
+pub(crate) async fn serve_connections<M, S, B, L>(
+    listener: TcpListener,
+    make_service: M,
+    lifecycle: L,
+    limits: ServerLimits,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    L: Lifecycle,
+{
+    let mut http = http1::Builder::new();
+    http.keep_alive(true)
+        .max_header_size(limits.max_header_bytes)
+        // hyper's own timer would also count the wait between keep-alive
+        // requests as header time; the watchdog keeps both clocks instead.
+        .header_read_timeout(None);
+    let http = Arc::new(http);
+    // One permit per open connection; the task serving it holds the permit.
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut connections = JoinSet::new();
+    let mut backoff = ACCEPT_BACKOFF_START;
+    let mut at_cap = false;
+
+    loop {
+        let permit = match Arc::clone(&permits).try_acquire_owned() {
+            Ok(permit) => {
+                at_cap = false;
+                permit
+            }
+            Err(_) => {
+                if !at_cap {
+                    at_cap = true;
+                    warn!(
+                        max_connections = limits.max_connections,
+                        "connection limit reached; new connections wait in the listen backlog"
+                    );
+                }
+                tokio::select! {
+                    permit = Arc::clone(&permits).acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        // Only a closed semaphore fails, and this one is never closed.
+                        Err(_) => break,
+                    },
+                    () = lifecycle.stopped() => break,
+                }
+            }
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = lifecycle.stopped() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => {
+                backoff = ACCEPT_BACKOFF_START;
+                accepted
+            }
+            Err(error) => {
+                warn!(%error, retry_in_ms = backoff.as_millis(), "accept failed");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = lifecycle.stopped() => break,
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let service = make_service(peer);
+        let (http, lifecycle) = (Arc::clone(&http), lifecycle.clone());
+        connections.spawn(async move {
+            serve_connection(&http, stream, peer, service, &lifecycle, &limits).await;
+            // Frees the slot for the next connection waiting in the backlog.
+            drop(permit);
+        });
+        // Reap finished tasks as we go, so the set only holds open connections.
+        while connections.try_join_next().is_some() {}
+    }
+
+    // Closing the listener makes the kernel refuse new connections from here on.
+    drop(listener);
+    if !connections.is_empty() {
+        info!(
+            connections = connections.len(),
+            "listener closed, finishing in-flight requests"
+        );
+    }
+    let finished = tokio::time::timeout(limits.shutdown_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        warn!(
+            cut = connections.len(),
+            timeout_ms = limits.shutdown_timeout.as_millis(),
+            "shutdown timeout reached, closing connections with requests in flight"
+        );
+        // Aborting a task drops its connection, which closes the socket.
+        connections.shutdown().await;
+    }
+}
+
+async fn serve_connection<S, B, L>(
+    http: &http1::Builder,
+    stream: TcpStream,
+    peer: SocketAddr,
+    service: S,
+    lifecycle: &L,
+    limits: &ServerLimits,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: Body<Data = Bytes> + Unpin + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    L: Lifecycle,
+{
+    // Responses are written in one go; don't let Nagle delay the last segment.
+    if let Err(error) = stream.set_nodelay(true) {
+        debug!(%error, "cannot set TCP_NODELAY");
+    }
+    let activity = Activity::new();
+    let io = TokioIo::new(TrackedIo::new(stream, Arc::clone(&activity)));
+    let service = guarded(service, Arc::clone(&activity), lifecycle.clone());
+    let connection = http.serve_connection(io, service);
+    let mut connection = std::pin::pin!(connection);
+    let mut stopping = false;
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            () = lifecycle.stopped(), if !stopping => {
+                stopping = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            expired = activity.expired(limits.idle_timeout, limits.header_read_timeout) => {
+                // Nothing is in flight in either case, so dropping the connection
+                // (closing the socket) loses no response.
+                match expired {
+                    Expired::Idle => debug!(%peer, "closing idle connection"),
+                    Expired::HeaderRead => info!(%peer, "request head too slow, closing connection"),
+                }
+                return;
+            }
+        }
+    };
+    // Clients hanging up, malformed requests and the like are routine for a server.
+    if let Err(error) = result {
+        debug!(%peer, %error, "connection ended with an error");
+    }
+}
+
+/// Wraps a connection's service with what every request gets, whatever the
+/// service: the framing check, request tracking for the watchdog, and
+/// `Connection: close` once shutdown has begun.
+fn guarded<S, B, L>(
+    service: S,
+    activity: Arc<Activity>,
+    lifecycle: L,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<TrackedBody<Either<B, Full<Bytes>>>>,
+    Error = S::Error,
+    Future = impl Future + Send + 'static,
+>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: Body<Data = Bytes> + Unpin + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    L: Lifecycle,
+{
+    service_fn(move |req: Request<Incoming>| {
+        let request = activity.request_started();
+        let answer = match framing_error(req.headers()) {
+            Some(reason) => Err(reason),
+            None => Ok(service.call(req)),
+        };
+        let lifecycle = lifecycle.clone();
+        async move {
+            let mut response = match answer {
+                Ok(future) => future.await?.map(Either::Left),
+                Err(reason) => {
+                    debug!(reason, "refused request framing");
+                    bad_request(reason).map(Either::Right)
+                }
+            };
+            if lifecycle.draining() {
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok(response.map(|body| TrackedBody::new(body, request)))
+        }
+    })
+}
+
+/// Why a request's framing is refused, if it is.
+///
+/// hyper (1.x, `proto/h1/role.rs`) already answers 400 for an invalid or
+/// conflicting `Content-Length`, a `Transfer-Encoding` whose last coding is not
+/// `chunked` (an unknown coding included), and `Transfer-Encoding` in HTTP/1.0.
+/// When `Transfer-Encoding: chunked` and `Content-Length` arrive together it does
+/// what RFC 9112 section 6.3 asks: it frames the body by chunked alone, drops
+/// `Content-Length`, and closes the connection after the response, so bytes after
+/// the chunked body are never read as a second request. What is left for us is a
+/// coding before `chunked` (`gzip, chunked`, or `chunked` twice): we do not decode
+/// transfer codings, and `Transfer-Encoding` is hop-by-hop, so a proxy would hand
+/// the backend a body in a coding it was never told about.
+pub(crate) fn framing_error(headers: &HeaderMap) -> Option<&'static str> {
+    let mut codings = headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    match (codings.next(), codings.next()) {
+        (None, _) => None,
+        (Some(coding), None) if coding.eq_ignore_ascii_case(b"chunked") => None,
+        _ => Some("unsupported transfer coding: only a single \"chunked\" is accepted"),
+    }
+}
+
+/// The 400 for refused framing. The body was not read, so the connection cannot
+/// carry another request: `Connection: close`.
+fn bad_request(reason: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": "bad request", "message": reason });
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = StatusCode::BAD_REQUEST;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(te: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for value in te {
+            headers.append(
+                TRANSFER_ENCODING,
+                HeaderValue::from_str(value).expect("valid"),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn plain_chunked_and_no_coding_are_accepted() {
+        assert_eq!(framing_error(&headers(&[])), None);
+        assert_eq!(framing_error(&headers(&["chunked"])), None);
+        assert_eq!(framing_error(&headers(&[" Chunked "])), None);
+    }
+
+    #[test]
+    fn any_other_coding_list_is_refused() {
+        for te in [
+            &["gzip, chunked"][..],
+            &["chunked, chunked"],
+            &["gzip", "chunked"],
+            &["chunked", "chunked"],
+        ] {
+            assert!(framing_error(&headers(te)).is_some(), "{te:?} accepted");
+        }
+    }
+}
