@@ -15,6 +15,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::outlier::OutlierState;
+
 /// What the load balancer knows about one backend right now.
 #[derive(Debug)]
 pub struct BackendState {
@@ -37,6 +39,9 @@ pub struct BackendState {
     /// Outlier detection's verdict: ejected until this many milliseconds after
     /// `epoch`; 0 means not ejected.
     ejected_until_ms: AtomicU64,
+    /// Outlier detection's counters (failures in a row, ejections so far), kept
+    /// here so they live and die with the endpoint.
+    outlier: OutlierState,
 }
 
 /// Counts a request as in flight for as long as it lives.
@@ -66,6 +71,7 @@ impl BackendState {
             last_latency_micros: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             ejected_until_ms: AtomicU64::new(0),
+            outlier: OutlierState::default(),
         }
     }
 
@@ -138,6 +144,11 @@ impl BackendState {
             0 => None,
             ms => Some(self.epoch + Duration::from_millis(ms)).filter(|until| *until > now),
         }
+    }
+
+    /// Outlier detection's counters for this backend.
+    pub fn outlier(&self) -> &OutlierState {
+        &self.outlier
     }
 
     /// Whether the balancer may pick this backend at `now`: healthy and not ejected.
