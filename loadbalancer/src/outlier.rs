@@ -9,13 +9,18 @@
 //! The ejection time is `baseEjectionMs` doubled for each ejection since the
 //! backend last succeeded, capped at `maxEjectionMs`, so a backend that is down
 //! for good is tried rarely while one that hiccuped once is back soon. When an
-//! ejection runs out the circuit is *half-open*: the backend takes traffic again,
-//! and the first outcome decides. A success closes the circuit (counters reset);
-//! a single failure ejects it again, for twice as long.
+//! ejection runs out the circuit is *half-open*: the proxy asks
+//! [`OutlierDetector::admit`] before each attempt, and exactly one request, the
+//! trial, is let through while the backend stays out of rotation (its ejection is
+//! extended by the trial's own time bound, so a trial that hangs holds up no other
+//! request). The trial decides: a success closes the circuit (counters reset), a
+//! failure ejects the backend again, for twice as long. A trial that never reports
+//! (its client hung up) simply lets the next one through when its bound runs out.
 //!
-//! Outcomes that arrive while the backend is ejected (requests that were already
-//! on their way when it was ejected) are ignored: they say nothing new, and
-//! counting them would stretch the next ejection for no reason.
+//! Outcomes of ordinary requests that arrive while the backend is ejected
+//! (requests already on their way when it was ejected, or sent while every
+//! backend is out and the balancer uses them all) are ignored: they say nothing
+//! new, and counting them would stretch the next ejection for no reason.
 //!
 //! Availability is published through [`BackendState::eject_until`], so the
 //! balancer and the admin pages see it; the counters that lead there live in an
@@ -62,6 +67,15 @@ impl From<&crate::config::OutlierConfig> for OutlierSettings {
     }
 }
 
+/// What kind of attempt the detector let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// An ordinary request.
+    Normal,
+    /// The one request that decides a half-open circuit.
+    Trial,
+}
+
 /// How one attempt at a backend ended, as far as its health is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -90,15 +104,36 @@ impl OutlierState {
 }
 
 /// Applies [`OutlierSettings`] to the outcomes the proxy reports.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct OutlierDetector {
     settings: OutlierSettings,
+    /// The longest a trial request can take (the proxy's connect plus request
+    /// timeouts): how long the backend stays out of rotation while it runs.
+    trial_bound: Duration,
 }
 
 impl OutlierDetector {
-    /// A detector with `settings`.
-    pub fn new(settings: OutlierSettings) -> Self {
-        Self { settings }
+    /// A detector with `settings` for a proxy whose attempts end within
+    /// `trial_bound`.
+    pub fn new(settings: OutlierSettings, trial_bound: Duration) -> Self {
+        Self {
+            settings,
+            trial_bound,
+        }
+    }
+
+    /// Asks whether an attempt may go to a backend the balancer picked. `None`
+    /// means another request is already the half-open trial: pick another
+    /// backend. An ejected backend is admitted as [`Admission::Normal`]: the
+    /// balancer only picks one when no backend is available at all.
+    pub fn admit(&self, state: &BackendState, now: Instant) -> Option<Admission> {
+        let half_open = state.outlier().ejections() > 0 && state.ejected_until(now).is_none();
+        if !half_open {
+            return Some(Admission::Normal);
+        }
+        state
+            .extend_expired_ejection(now, now + self.trial_bound)
+            .then_some(Admission::Trial)
     }
 
     /// Takes the outcome of one attempt at `backend` into account. Returns the
@@ -107,52 +142,52 @@ impl OutlierDetector {
         &self,
         backend: SocketAddr,
         state: &BackendState,
+        admission: Admission,
         outcome: Outcome,
         now: Instant,
     ) -> Option<Instant> {
-        if state.ejected_until(now).is_some() {
-            return None;
-        }
         let counters = state.outlier();
-        match outcome {
-            Outcome::Success => {
+        match (admission, outcome) {
+            (Admission::Trial, Outcome::Success) => {
                 counters.consecutive_failures.store(0, Ordering::Relaxed);
-                if counters.ejections.swap(0, Ordering::Relaxed) > 0 {
-                    state.clear_ejection();
-                    info!(backend = %backend, "trial request succeeded, backend restored");
-                }
+                counters.ejections.store(0, Ordering::Relaxed);
+                state.clear_ejection();
+                info!(backend = %backend, "trial request succeeded, backend restored");
                 None
             }
-            Outcome::Failure => {
-                let ejections = counters.ejections.load(Ordering::Relaxed);
-                // Half-open: one failed trial is enough.
-                let threshold = if ejections > 0 {
-                    1
-                } else {
-                    self.settings.consecutive_failures.max(1)
-                };
+            (Admission::Trial, Outcome::Failure) => Some(self.eject(backend, state, now)),
+            (Admission::Normal, _) if state.ejected_until(now).is_some() => None,
+            (Admission::Normal, Outcome::Success) => {
+                counters.consecutive_failures.store(0, Ordering::Relaxed);
+                None
+            }
+            (Admission::Normal, Outcome::Failure) => {
                 let failures = counters
                     .consecutive_failures
                     .fetch_add(1, Ordering::Relaxed)
                     + 1;
                 // `==`, not `>=`: of several failures racing past the threshold,
                 // exactly one ejects.
-                if failures != threshold {
-                    return None;
-                }
-                counters.consecutive_failures.store(0, Ordering::Relaxed);
-                let ejections = counters.ejections.fetch_add(1, Ordering::Relaxed);
-                let duration = self.ejection_time(ejections);
-                let until = now + duration;
-                state.eject_until(until);
-                warn!(
-                    backend = %backend, consecutive_failures = failures, ejections = ejections + 1,
-                    ejected_ms = duration.as_millis(), "backend ejected"
-                );
-                // Metrics: `metrics.record_ejection(backend)` belongs here.
-                Some(until)
+                (failures == self.settings.consecutive_failures.max(1))
+                    .then(|| self.eject(backend, state, now))
             }
         }
+    }
+
+    /// Ejects `backend` for the next backoff in its series.
+    fn eject(&self, backend: SocketAddr, state: &BackendState, now: Instant) -> Instant {
+        let counters = state.outlier();
+        counters.consecutive_failures.store(0, Ordering::Relaxed);
+        let previous = counters.ejections.fetch_add(1, Ordering::Relaxed);
+        let duration = self.ejection_time(previous);
+        let until = now + duration;
+        state.eject_until(until);
+        warn!(
+            backend = %backend, ejections = previous + 1, ejected_ms = duration.as_millis(),
+            "backend ejected"
+        );
+        // Metrics: `metrics.record_ejection(backend)` belongs here.
+        until
     }
 
     /// `base × 2^previous`, capped at the maximum.
@@ -171,13 +206,28 @@ mod tests {
 
     const BACKEND: SocketAddr =
         SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
+    const TRIAL_BOUND: Duration = Duration::from_millis(100);
 
     fn detector() -> OutlierDetector {
-        OutlierDetector::new(OutlierSettings {
-            consecutive_failures: 3,
-            base_ejection: Duration::from_secs(1),
-            max_ejection: Duration::from_secs(3),
-        })
+        OutlierDetector::new(
+            OutlierSettings {
+                consecutive_failures: 3,
+                base_ejection: Duration::from_secs(1),
+                max_ejection: Duration::from_secs(3),
+            },
+            TRIAL_BOUND,
+        )
+    }
+
+    /// One ordinary attempt with `outcome`.
+    fn report(
+        detector: &OutlierDetector,
+        state: &BackendState,
+        outcome: Outcome,
+        now: Instant,
+    ) -> Option<Instant> {
+        let admission = detector.admit(state, now).expect("no trial is running");
+        detector.report(BACKEND, state, admission, outcome, now)
     }
 
     fn fail_n(
@@ -187,7 +237,7 @@ mod tests {
         now: Instant,
     ) -> Vec<Option<Instant>> {
         (0..n)
-            .map(|_| detector.report(BACKEND, state, Outcome::Failure, now))
+            .map(|_| report(detector, state, Outcome::Failure, now))
             .collect()
     }
 
@@ -205,7 +255,7 @@ mod tests {
     fn a_success_resets_the_run_of_failures() {
         let (detector, state, now) = (detector(), BackendState::new(), Instant::now());
         fail_n(&detector, &state, 2, now);
-        detector.report(BACKEND, &state, Outcome::Success, now);
+        report(&detector, &state, Outcome::Success, now);
         assert_eq!(fail_n(&detector, &state, 2, now), [None, None]);
         assert!(state.is_available(now));
     }
@@ -216,11 +266,28 @@ mod tests {
         fail_n(&detector, &state, 3, now);
         let later = now + Duration::from_millis(500);
         assert_eq!(fail_n(&detector, &state, 10, later), [None; 10]);
-        detector.report(BACKEND, &state, Outcome::Success, later);
+        report(&detector, &state, Outcome::Success, later);
         // Still ejected, and for no longer than the first ejection.
         assert!(!state.is_available(later));
         assert!(state.is_available(now + Duration::from_millis(1001)));
         assert_eq!(state.outlier().ejections(), 1);
+    }
+
+    #[test]
+    fn only_one_trial_runs_when_an_ejection_ends() {
+        let (detector, state, now) = (detector(), BackendState::new(), Instant::now());
+        fail_n(&detector, &state, 3, now);
+        let expired = now + Duration::from_secs(2);
+        assert_eq!(detector.admit(&state, expired), Some(Admission::Trial));
+        assert!(
+            !state.is_available(expired),
+            "the trial keeps it out of rotation"
+        );
+        // Picked anyway (every backend is out): an ordinary request, not a trial.
+        assert_eq!(detector.admit(&state, expired), Some(Admission::Normal));
+        // A trial that never reports: the next one goes through after its bound.
+        let abandoned = expired + TRIAL_BOUND + Duration::from_millis(1);
+        assert_eq!(detector.admit(&state, abandoned), Some(Admission::Trial));
     }
 
     #[test]
@@ -229,8 +296,9 @@ mod tests {
         let mut now = Instant::now();
         fail_n(&detector, &state, 3, now);
         for expected in [2, 3, 3] {
-            now = state.ejected_until(now).expect("ejected");
-            let until = detector.report(BACKEND, &state, Outcome::Failure, now);
+            now += Duration::from_secs(5);
+            assert_eq!(detector.admit(&state, now), Some(Admission::Trial));
+            let until = detector.report(BACKEND, &state, Admission::Trial, Outcome::Failure, now);
             assert_eq!(until, Some(now + Duration::from_secs(expected)));
         }
     }
@@ -239,12 +307,14 @@ mod tests {
     fn a_successful_trial_closes_the_circuit() {
         let (detector, state, now) = (detector(), BackendState::new(), Instant::now());
         fail_n(&detector, &state, 3, now);
-        let expired = now + Duration::from_secs(1);
-        detector.report(BACKEND, &state, Outcome::Success, expired);
+        let expired = now + Duration::from_secs(2);
+        assert_eq!(detector.admit(&state, expired), Some(Admission::Trial));
+        detector.report(BACKEND, &state, Admission::Trial, Outcome::Success, expired);
         assert_eq!(state.outlier().ejections(), 0);
+        assert!(state.is_available(expired));
         // Closed again: it takes the full run of failures to eject, for the base time.
         assert_eq!(fail_n(&detector, &state, 2, expired), [None, None]);
-        let until = detector.report(BACKEND, &state, Outcome::Failure, expired);
+        let until = report(&detector, &state, Outcome::Failure, expired);
         assert_eq!(until, Some(expired + Duration::from_secs(1)));
     }
 }

@@ -39,9 +39,10 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::backend_state::BackendState;
 use crate::backends::Backends;
 use crate::balancer::{self, Balancer, NoBackend};
-use crate::outlier::{Outcome, OutlierDetector, OutlierSettings};
+use crate::outlier::{Admission, Outcome, OutlierDetector, OutlierSettings};
 use crate::response;
 use crate::retry::body::{AttemptBody, RetryBody};
 use crate::retry::{RetryPolicy, RetryReason, RetrySettings};
@@ -114,6 +115,16 @@ pub enum ProxyError {
         backend: SocketAddr,
         error: hyper_util::client::legacy::Error,
     },
+    /// Every attempt failed to connect and no backend is left to try: the
+    /// service is down as a whole, 503.
+    #[error(
+        "no backend could be reached; the last, {backend}: {}",
+        ErrorChain(error)
+    )]
+    Unreachable {
+        backend: SocketAddr,
+        error: hyper_util::client::legacy::Error,
+    },
     /// No response head within `requestTimeoutMs`: 504.
     #[error("backend {backend} did not answer within {} ms", timeout.as_millis())]
     Timeout {
@@ -136,7 +147,9 @@ impl ProxyError {
     /// The status code the client receives.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoBackend | ProxyError::Unreachable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadTarget(_) => StatusCode::BAD_REQUEST,
@@ -147,9 +160,18 @@ impl ProxyError {
     pub fn backend(&self) -> Option<SocketAddr> {
         match self {
             ProxyError::Connect { backend, .. }
+            | ProxyError::Unreachable { backend, .. }
             | ProxyError::Upstream { backend, .. }
             | ProxyError::Timeout { backend, .. } => Some(*backend),
             ProxyError::NoBackend | ProxyError::BadTarget(_) => None,
+        }
+    }
+
+    /// A connect failure becomes [`ProxyError::Unreachable`]; others stay.
+    fn into_unreachable(self) -> Self {
+        match self {
+            ProxyError::Connect { backend, error } => ProxyError::Unreachable { backend, error },
+            other => other,
         }
     }
 
@@ -159,6 +181,7 @@ impl ProxyError {
         match self {
             ProxyError::NoBackend => "no backend is ready".to_owned(),
             ProxyError::Connect { .. } => "the backend could not be reached".to_owned(),
+            ProxyError::Unreachable { .. } => "no backend could be reached".to_owned(),
             ProxyError::Upstream { .. } => "the backend failed to answer".to_owned(),
             ProxyError::Timeout { timeout, .. } => {
                 format!(
@@ -271,7 +294,11 @@ impl Proxy {
                 retry: resilience
                     .retries
                     .map_or_else(RetryPolicy::disabled, RetryPolicy::new),
-                outlier: resilience.outlier.map(OutlierDetector::new),
+                // A trial attempt ends within a connect and a request timeout.
+                outlier: resilience.outlier.map(|outlier| {
+                    let trial_bound = settings.connect_timeout + settings.request_timeout;
+                    OutlierDetector::new(outlier, trial_bound)
+                }),
             }),
         }
     }
@@ -334,33 +361,30 @@ impl Proxy {
         let mut tried = Vec::new();
         let mut next_body = body.attempt();
         let mut last = Err(ProxyError::NoBackend);
+        let mut only_connect_failures = true;
         while let Some(attempt_body) = next_body.take() {
-            // The read locks are held only inside this closure: the pick copies an
-            // address out, and the guards are gone before the first `.await` below.
-            let picked = shared
-                .backends
-                .with_availability(Instant::now(), |list, available| {
-                    balancer::pick_for_attempt(&*shared.balancer, list, available, &tried)
-                });
-            let Ok(backend) = picked else {
+            let Ok(chosen) = self.choose(&tried) else {
                 // An empty list: `last` is still `NoBackend` on a first attempt, and
                 // for a retry (racing discovery emptying the list) the previous
                 // attempt's answer is the best there is.
                 break;
             };
+            let backend = chosen.backend;
             tried.push(backend);
-            let result = self.attempt(backend, &parts, attempt_body).await;
+            let result = self.attempt(chosen, &parts, attempt_body).await;
+            only_connect_failures &= matches!(result, Err(ProxyError::Connect { .. }));
             let reason = retry_reason(&result);
-            let made = tried.len() as u32;
+            let made = attempt_count(&tried);
             if reason.is_some_and(|r| r.allows(&parts.method))
                 && body.is_replayable()
                 && shared.retry.should_retry(made)
             {
                 next_body = body.attempt();
                 if let Some(reason) = reason.filter(|_| next_body.is_some()) {
+                    let request_id = parts.headers.get(X_REQUEST_ID);
                     info!(
                         backend = %backend, reason = reason.as_str(), attempt = made,
-                        request_id = parts.headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default(),
+                        request_id = request_id.and_then(|v| v.to_str().ok()).unwrap_or_default(),
                         "retrying on another backend"
                     );
                     // Metrics: `metrics.record_retry()` belongs here.
@@ -368,21 +392,76 @@ impl Proxy {
             }
             last = result.map(|response| (backend, response));
         }
+        if only_connect_failures && self.none_left_to_try(&tried) {
+            last = last.map_err(ProxyError::into_unreachable);
+        }
         Forwarded {
-            attempts: tried.len() as u32,
+            attempts: attempt_count(&tried),
             result: last,
         }
     }
 
-    /// One attempt at `backend`: sends the request, waits for the response head,
-    /// and tells outlier detection how it went.
+    /// Picks the backend for the next attempt and has outlier detection admit it.
+    fn choose(&self, tried: &[SocketAddr]) -> Result<Chosen, NoBackend> {
+        let shared = &*self.shared;
+        // The read locks are held only inside this closure: the pick copies an
+        // address out, and the guards are gone before any `.await`.
+        let pick = |skip: &[SocketAddr]| {
+            shared
+                .backends
+                .with_availability(Instant::now(), |list, available| {
+                    balancer::pick_for_attempt(&*shared.balancer, list, available, skip)
+                })
+        };
+        let backend = pick(tried)?;
+        let Some(outlier) = &shared.outlier else {
+            return Ok(Chosen {
+                backend,
+                outlier: None,
+            });
+        };
+        let state = shared.backends.state(backend);
+        if let Some(admission) = outlier.admit(&state, Instant::now()) {
+            return Ok(Chosen {
+                backend,
+                outlier: Some((state, admission)),
+            });
+        }
+        // Another request just became this backend's half-open trial; choose
+        // again without it (a rare race, so the allocation does not matter).
+        let skip: Vec<SocketAddr> = tried.iter().copied().chain([backend]).collect();
+        let backend = pick(&skip)?;
+        let state = shared.backends.state(backend);
+        let admission = outlier
+            .admit(&state, Instant::now())
+            .unwrap_or(Admission::Normal);
+        Ok(Chosen {
+            backend,
+            outlier: Some((state, admission)),
+        })
+    }
+
+    /// Whether every backend was tried or is out of rotation: the service as a
+    /// whole is down, not one backend.
+    fn none_left_to_try(&self, tried: &[SocketAddr]) -> bool {
+        self.shared
+            .backends
+            .with_availability(Instant::now(), |list, available| {
+                list.iter()
+                    .all(|addr| tried.contains(addr) || !available(*addr))
+            })
+    }
+
+    /// One attempt at the chosen backend: sends the request, waits for the
+    /// response head, and tells outlier detection how it went.
     async fn attempt(
         &self,
-        backend: SocketAddr,
+        chosen: Chosen,
         parts: &Parts,
         body: AttemptBody<Incoming>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let shared = &*self.shared;
+        let backend = chosen.backend;
         let mut req = Request::from_parts(parts.clone(), body);
         *req.uri_mut() = upstream_uri(backend, &parts.uri)?;
 
@@ -399,7 +478,7 @@ impl Proxy {
                 timeout: shared.request_timeout,
             }),
         };
-        if let Some(outlier) = &shared.outlier {
+        if let (Some(outlier), Some((state, admission))) = (&shared.outlier, chosen.outlier) {
             let failed = match &result {
                 Ok(response) => response.status().is_server_error(),
                 Err(_) => true,
@@ -409,11 +488,28 @@ impl Proxy {
             } else {
                 Outcome::Success
             };
-            let state = shared.backends.state(backend);
-            outlier.report(backend, &state, outcome, Instant::now());
+            outlier.report(backend, &state, admission, outcome, Instant::now());
         }
         result
     }
+
+    /// Retries granted since start (see [`RetryPolicy::retries`]).
+    pub fn retries(&self) -> u64 {
+        self.shared.retry.retries()
+    }
+}
+
+/// The backend for one attempt, with what outlier detection needs to hear back.
+struct Chosen {
+    backend: SocketAddr,
+    /// The backend's state and how it was admitted; `None` when outlier
+    /// detection is off.
+    outlier: Option<(Arc<BackendState>, Admission)>,
+}
+
+/// Attempts made so far; bounded by `retries.attempts` (at most 10).
+fn attempt_count(tried: &[SocketAddr]) -> u32 {
+    u32::try_from(tried.len()).unwrap_or(u32::MAX)
 }
 
 /// Why an attempt's result may be worth a retry, before looking at the method.

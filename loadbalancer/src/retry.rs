@@ -19,6 +19,7 @@
 pub mod body;
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
@@ -105,6 +106,8 @@ pub struct RetryPolicy {
     attempts: u32,
     /// Shared by all requests: the budget is global, not per request.
     budget: RetryBudget,
+    /// Retries granted since start, for tests and the status page.
+    retries: AtomicU64,
 }
 
 impl RetryPolicy {
@@ -113,6 +116,7 @@ impl RetryPolicy {
         Self {
             attempts: settings.attempts.max(1),
             budget: RetryBudget::new(settings.budget_percent, Instant::now()),
+            retries: AtomicU64::new(0),
         }
     }
 
@@ -140,7 +144,16 @@ impl RetryPolicy {
     /// Whether attempt number `made + 1` may happen: under the attempt bound and
     /// within the budget (which this spends if it says yes).
     pub fn should_retry(&self, made: u32) -> bool {
-        made < self.attempts && self.budget.withdraw(Instant::now())
+        let granted = made < self.attempts && self.budget.withdraw(Instant::now());
+        if granted {
+            self.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        granted
+    }
+
+    /// Retries granted since start.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
     }
 }
 

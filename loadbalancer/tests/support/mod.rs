@@ -5,10 +5,15 @@
 //!
 //! * [`upstream`]: a configurable test backend (slow, echoing, chunked, ...).
 //! * [`fake_apiserver`]: a fake Kubernetes API server for discovery tests.
+//! * [`load`]: a bounded load generator that tallies what came back (chaos tests).
+//! * [`faults`]: backends that fail in other ways: one that never answers, and
+//!   real `backend` servers on chosen loopback addresses (chaos tests).
 //! * [`wait_for`]: poll a condition with a generous deadline instead of sleeping.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod fake_apiserver;
+pub(crate) mod faults;
+pub(crate) mod load;
 pub(crate) mod upstream;
 
 use std::collections::BTreeMap;
@@ -26,7 +31,7 @@ use loadbalancer::admin::{self, Admin};
 use loadbalancer::backends::Backends;
 use loadbalancer::balancer::RoundRobin;
 use loadbalancer::discovery::{self, Source};
-use loadbalancer::proxy::{Proxy, ProxySettings};
+use loadbalancer::proxy::{Proxy, ProxySettings, Resilience};
 use loadbalancer::server;
 use loadbalancer::shutdown::Shutdown;
 use tokio::net::TcpListener;
@@ -82,6 +87,8 @@ pub(crate) struct TestLb {
     pub(crate) admin_addr: SocketAddr,
     pub(crate) backends: Backends,
     pub(crate) shutdown: Shutdown,
+    /// A handle on the proxy being served, for its counters.
+    pub(crate) proxy: Proxy,
     servers: Vec<JoinHandle<()>>,
 }
 
@@ -101,15 +108,33 @@ impl TestLb {
 
     /// A load balancer over `addrs` with `settings`.
     pub(crate) async fn start_with(addrs: Vec<SocketAddr>, settings: ProxySettings) -> Self {
+        Self::start_resilient(addrs, settings, Resilience::default()).await
+    }
+
+    /// A load balancer over `addrs` that retries and ejects as `resilience` says.
+    pub(crate) async fn start_resilient(
+        addrs: Vec<SocketAddr>,
+        settings: ProxySettings,
+        resilience: Resilience,
+    ) -> Self {
         let backends = Backends::default();
         discovery::run(Source::Static(addrs), backends.clone())
             .await
             .expect("static discovery cannot fail");
-        Self::start_unsynced(backends, settings).await
+        Self::start_unsynced_with(backends, settings, resilience).await
     }
 
     /// A load balancer over a list that discovery has not filled yet.
     pub(crate) async fn start_unsynced(backends: Backends, settings: ProxySettings) -> Self {
+        Self::start_unsynced_with(backends, settings, Resilience::default()).await
+    }
+
+    /// Like [`TestLb::start_unsynced`], with `resilience`.
+    pub(crate) async fn start_unsynced_with(
+        backends: Backends,
+        settings: ProxySettings,
+        resilience: Resilience,
+    ) -> Self {
         let shutdown = Shutdown::new();
         let listener = bind().await;
         let admin_listener = bind().await;
@@ -117,10 +142,15 @@ impl TestLb {
         let admin_addr = admin_listener
             .local_addr()
             .expect("bound socket has an address");
-        let proxy = Proxy::new(backends.clone(), RoundRobin::new(), settings);
+        let proxy =
+            Proxy::with_resilience(backends.clone(), RoundRobin::new(), settings, resilience);
         let admin = Admin::new(backends.clone(), shutdown.clone());
         let servers = vec![
-            tokio::spawn(server::serve_proxy(listener, proxy, shutdown.clone())),
+            tokio::spawn(server::serve_proxy(
+                listener,
+                proxy.clone(),
+                shutdown.clone(),
+            )),
             tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone())),
         ];
         Self {
@@ -128,6 +158,7 @@ impl TestLb {
             admin_addr,
             backends,
             shutdown,
+            proxy,
             servers,
         }
     }
