@@ -140,7 +140,10 @@ impl HealthChecker {
             path = %self.settings.path, interval_ms = self.settings.interval.as_millis(),
             timeout_ms = self.settings.timeout.as_millis(), "active health checks started"
         );
-        let mut interval = tokio::time::interval(self.settings.interval);
+        // The first round comes one interval after start, not at once: every
+        // backend starts healthy, so an immediate probe could only confirm that.
+        let start = tokio::time::Instant::now() + self.settings.interval;
+        let mut interval = tokio::time::interval_at(start, self.settings.interval);
         // A round that overran (many slow backends) delays the next one instead
         // of triggering a burst of catch-up rounds.
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);

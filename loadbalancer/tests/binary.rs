@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use support::{InFlight, PATIENCE, start_backend};
+use support::{InFlight, PATIENCE, get, start_backend};
 
 /// A config file in a fresh temporary directory, removed on drop.
 struct TempConfig {
@@ -167,7 +167,7 @@ async fn sigterm_during_a_slow_request_lets_it_finish_and_exits_0() {
         &backends,
     ]);
     let lines = process.stdout_lines();
-    let port = tokio::task::spawn_blocking(move || {
+    let (port, admin_port) = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + PATIENCE;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -177,13 +177,25 @@ async fn sigterm_during_a_slow_request_lets_it_finish_and_exits_0() {
             };
             if event["message"] == "listening" {
                 let proxy = event["proxy"].as_str().expect("proxy address field");
-                let addr: std::net::SocketAddr = proxy.parse().expect("socket address");
-                return addr.port();
+                let admin = event["admin"].as_str().expect("admin address field");
+                let port = |addr: &str| {
+                    let addr: std::net::SocketAddr = addr.parse().expect("socket address");
+                    addr.port()
+                };
+                return (port(proxy), port(admin));
             }
         }
     })
     .await
     .expect("log reader does not panic");
+    // Discovery publishes the backends just after the servers start listening;
+    // until then the proxy answers 503, so wait for readiness as Kubernetes does.
+    let readyz = format!("http://127.0.0.1:{admin_port}/readyz");
+    let deadline = Instant::now() + PATIENCE;
+    while get(&readyz).await.status != StatusCode::OK {
+        assert!(Instant::now() < deadline, "not ready within PATIENCE");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let in_flight = InFlight::start(format!("http://127.0.0.1:{port}/slow?ms=1500"));
     upstream.wait_for_requests(1).await;

@@ -11,6 +11,9 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
 use loadbalancer::backends::Backends;
 use loadbalancer::discovery::KubernetesSource;
 use loadbalancer::discovery::kubernetes::watch_endpoint_slices;
@@ -18,12 +21,12 @@ use loadbalancer::health::{HealthCheckSettings, HealthChecker};
 use loadbalancer::outlier::OutlierSettings;
 use loadbalancer::proxy::{ProxySettings, Resilience};
 use loadbalancer::retry::RetrySettings;
-use support::fake_apiserver::EndpointState::{Ready, Terminating};
+use support::fake_apiserver::EndpointState::{self, Ready, Terminating};
 use support::fake_apiserver::{FakeApiServer, slice};
 use support::faults::{BlackHole, RealBackend, bind_same_port};
 use support::load::Load;
 use support::upstream::Fault;
-use support::{TestLb, get, start_backends, tally, wait_for};
+use support::{TestLb, get, send, start_backends, tally, wait_for};
 
 /// Outlier detection as the tests use it: three failures in a row eject, and the
 /// ejection outlasts every test, so no half-open trial muddies the counts.
@@ -163,6 +166,63 @@ async fn with_every_backend_down_requests_fail_fast_with_503() {
     lb.stop().await;
 }
 
+/// Two POSTs, one per backend (round-robin over two), each echoing `payload`.
+async fn post_twice(lb: &TestLb) -> Vec<(StatusCode, Bytes)> {
+    let client = support::client();
+    let mut replies = Vec::new();
+    for _ in 0..2 {
+        let req = Request::post(lb.url("/echo-body"))
+            .body(Full::new(Bytes::from_static(b"payload")))
+            .expect("valid request");
+        let reply = send(&client, req).await;
+        replies.push((reply.status, reply.body));
+    }
+    replies
+}
+
+#[tokio::test]
+async fn a_post_whose_connection_failed_is_retried_with_its_body() {
+    let mut upstreams = start_backends(2).await;
+    upstreams[0].stop().await;
+    let addrs = upstreams.iter().map(|u| u.addr).collect();
+    let lb = TestLb::start_resilient(addrs, TestLb::SETTINGS, resilience()).await;
+    let replies = post_twice(&lb).await;
+    println!(
+        "chaos post-connect-failure: replies={replies:?} retried={}",
+        lb.proxy.retries()
+    );
+    for (status, body) in replies {
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            body,
+            Bytes::from_static(b"payload"),
+            "the body arrives whole"
+        );
+    }
+    assert!(
+        lb.proxy.retries() >= 1,
+        "the dead backend's turn was retried"
+    );
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn a_post_answered_503_is_not_retried() {
+    let upstreams = start_backends(2).await;
+    upstreams[0].set_fault(Fault::Unavailable);
+    let addrs = upstreams.iter().map(|u| u.addr).collect();
+    let lb = TestLb::start_resilient(addrs, TestLb::SETTINGS, resilience()).await;
+    let mut statuses: Vec<_> = post_twice(&lb).await.into_iter().map(|(s, _)| s).collect();
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE]);
+    assert_eq!(
+        lb.proxy.retries(),
+        0,
+        "a POST may have had effects: never repeated"
+    );
+    lb.stop().await;
+}
+
 fn fast_health_checks() -> HealthCheckSettings {
     HealthCheckSettings {
         path: "/healthz".parse().expect("valid path"),
@@ -244,108 +304,105 @@ async fn health_checks_stop_probing_a_removed_backend() {
     lb.stop().await;
 }
 
+/// The Service's one EndpointSlice as the rolling-update test changes it, and
+/// the wait for discovery to publish each change.
+struct Slice<'a> {
+    server: &'a FakeApiServer,
+    backends: &'a Backends,
+    port: u16,
+    /// `(IP, condition)` per endpoint, in slice order.
+    endpoints: Vec<(String, EndpointState)>,
+}
+
+impl Slice<'_> {
+    /// Publishes the endpoints and waits until the load balancer's list holds
+    /// exactly the ready ones (what discovery uses while any endpoint is ready).
+    async fn publish(&self) {
+        let endpoints: Vec<(&str, EndpointState)> = self
+            .endpoints
+            .iter()
+            .map(|(ip, state)| (ip.as_str(), *state))
+            .collect();
+        self.server
+            .apply(slice("web-1", SERVICE, &endpoints, self.port));
+        let mut ready: Vec<SocketAddr> = endpoints
+            .iter()
+            .filter(|(_, state)| *state == Ready)
+            .map(|(ip, _)| SocketAddr::new(ip.parse().expect("test IP parses"), self.port))
+            .collect();
+        ready.sort();
+        wait_for(
+            &format!("backends {ready:?}"),
+            || self.backends.snapshot(),
+            |now| *now == ready,
+        )
+        .await;
+    }
+}
+
+const SERVICE: &str = "web";
+
 /// A rolling update as Kubernetes runs one, driven through the fake API server
 /// and the real discovery watch: for each old pod, a new one starts and turns
 /// ready, the old one turns terminating (readiness off), leaves the slice, and
 /// its process stops (gracefully, as on SIGTERM). Clients see nothing of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_replacement_through_discovery_fails_no_client_request() {
-    const SERVICE: &str = "web";
     // 127.0.0.2-4 are the old pods, 127.0.0.5-7 their replacements.
     let hosts = [2, 3, 4, 5, 6, 7];
     let (port, listeners) = bind_same_port(&hosts).await;
-    let mut listeners = listeners.into_iter();
-    let mut pods: Vec<(String, RealBackend)> = Vec::new();
-    for host in &hosts[..3] {
-        let listener = listeners.next().expect("one listener per host");
-        pods.push((
-            format!("127.0.0.{host}"),
-            RealBackend::start(listener, &format!("old-{host}")),
-        ));
-    }
-    let publish =
-        |server: &FakeApiServer, endpoints: &[(String, support::fake_apiserver::EndpointState)]| {
-            let endpoints: Vec<(&str, _)> =
-                endpoints.iter().map(|(ip, s)| (ip.as_str(), *s)).collect();
-            server.apply(slice("web-1", SERVICE, &endpoints, port));
-        };
-    let server = FakeApiServer::start().await;
-    publish(
-        &server,
-        &pods
-            .iter()
-            .map(|(ip, _)| (ip.clone(), Ready))
-            .collect::<Vec<_>>(),
-    );
+    let mut pods: Vec<RealBackend> = listeners
+        .into_iter()
+        .zip(hosts)
+        .map(|(listener, host)| RealBackend::start(listener, &format!("pod-{host}")))
+        .collect();
+    let replacements = pods.split_off(3);
 
+    let server = FakeApiServer::start().await;
     let backends = Backends::default();
+    let mut slice = Slice {
+        server: &server,
+        backends: &backends,
+        port,
+        endpoints: pods
+            .iter()
+            .map(|pod| (pod.addr.ip().to_string(), Ready))
+            .collect(),
+    };
     let source = KubernetesSource {
         namespace: None,
         service_name: SERVICE.to_owned(),
         port,
     };
-    let client = server.client().await;
-    let writer = backends.clone();
+    let (client, writer) = (server.client().await, backends.clone());
     let discovery =
         tokio::spawn(async move { watch_endpoint_slices(client, &source, writer).await });
     let lb = TestLb::start_unsynced_with(backends.clone(), TestLb::SETTINGS, resilience()).await;
-    let listed = |ips: &[&String]| {
-        let mut addrs: Vec<SocketAddr> = ips
-            .iter()
-            .map(|ip| SocketAddr::new(ip.parse().expect("test IP parses"), port))
-            .collect();
-        addrs.sort();
-        addrs
-    };
-    let current: Vec<&String> = pods.iter().map(|(ip, _)| ip).collect();
-    let expected = listed(&current);
-    wait_for(
-        "the first three pods",
-        || backends.snapshot(),
-        |now| *now == expected,
-    )
-    .await;
+    slice.publish().await;
 
     let load = Load::start(lb.url("/"), 8, 5_000);
     load.wait_for_more(100).await;
-    for host in &hosts[3..] {
-        let (old_ip, old) = pods.remove(0);
-        let new_ip = format!("127.0.0.{host}");
-        let listener = listeners.next().expect("one listener per host");
-        pods.push((
-            new_ip.clone(),
-            RealBackend::start(listener, &format!("new-{host}")),
-        ));
-
-        // The new pod is ready.
-        let mut endpoints: Vec<_> = pods.iter().map(|(ip, _)| (ip.clone(), Ready)).collect();
-        endpoints.push((old_ip.clone(), Ready));
-        publish(&server, &endpoints);
-        let with_new = listed(&endpoints.iter().map(|(ip, _)| ip).collect::<Vec<_>>());
-        wait_for(
-            "the new pod in the list",
-            || backends.snapshot(),
-            |now| *now == with_new,
-        )
-        .await;
+    for new in replacements {
+        let old = pods.remove(0);
+        let old_ip = old.addr.ip().to_string();
+        // The new pod (serving since the start, as a pod that passed its
+        // readiness probe) joins the slice ready.
+        slice.endpoints.push((new.addr.ip().to_string(), Ready));
+        pods.push(new);
+        slice.publish().await;
         load.wait_for_more(100).await;
 
         // The old pod is terminating: readiness off, still serving.
         old.app.begin_shutdown();
-        endpoints.last_mut().expect("the old pod is listed").1 = Terminating;
-        publish(&server, &endpoints);
-        let without_old = listed(&pods.iter().map(|(ip, _)| ip).collect::<Vec<_>>());
-        wait_for(
-            "the old pod out of the list",
-            || backends.snapshot(),
-            |now| *now == without_old,
-        )
-        .await;
+        for endpoint in slice.endpoints.iter_mut().filter(|(ip, _)| *ip == old_ip) {
+            endpoint.1 = Terminating;
+        }
+        slice.publish().await;
         load.wait_for_more(100).await;
 
         // It leaves the slice, then its process stops.
-        endpoints.pop();
-        publish(&server, &endpoints);
+        slice.endpoints.retain(|(ip, _)| *ip != old_ip);
+        slice.publish().await;
         old.stop().await;
         load.wait_for_more(100).await;
     }
@@ -356,7 +413,7 @@ async fn rolling_replacement_through_discovery_fails_no_client_request() {
     assert_eq!(report.succeeded, report.sent);
     discovery.abort();
     lb.stop().await;
-    for (_, pod) in pods {
+    for pod in pods {
         pod.stop().await;
     }
 }
