@@ -15,6 +15,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::outlier::OutlierState;
+
 /// What the load balancer knows about one backend right now.
 #[derive(Debug)]
 pub struct BackendState {
@@ -37,6 +39,9 @@ pub struct BackendState {
     /// Outlier detection's verdict: ejected until this many milliseconds after
     /// `epoch`; 0 means not ejected.
     ejected_until_ms: AtomicU64,
+    /// Outlier detection's counters (failures in a row, ejections so far), kept
+    /// here so they live and die with the endpoint.
+    outlier: OutlierState,
 }
 
 /// Counts a request as in flight for as long as it lives.
@@ -66,6 +71,7 @@ impl BackendState {
             last_latency_micros: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             ejected_until_ms: AtomicU64::new(0),
+            outlier: OutlierState::default(),
         }
     }
 
@@ -121,10 +127,33 @@ impl BackendState {
 
     /// Ejects the backend until `until` (outlier detection).
     pub fn eject_until(&self, until: Instant) {
+        self.ejected_until_ms
+            .store(self.ejection_ms(until), Ordering::Relaxed);
+    }
+
+    /// Extends an ejection that has run out at `now` until `until`, unless another
+    /// caller did so first; returns whether this call did. Outlier detection uses
+    /// it to let exactly one trial request through when an ejection ends.
+    pub fn extend_expired_ejection(&self, now: Instant, until: Instant) -> bool {
+        let current = self.ejected_until_ms.load(Ordering::Relaxed);
+        if current == 0 || self.epoch + Duration::from_millis(current) > now {
+            return false;
+        }
+        self.ejected_until_ms
+            .compare_exchange(
+                current,
+                self.ejection_ms(until),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    }
+
+    /// `until` as stored in `ejected_until_ms`.
+    fn ejection_ms(&self, until: Instant) -> u64 {
         let ms = until.saturating_duration_since(self.epoch).as_millis();
         // Never store 0, which means "not ejected".
-        let ms = u64::try_from(ms).unwrap_or(u64::MAX).max(1);
-        self.ejected_until_ms.store(ms, Ordering::Relaxed);
+        u64::try_from(ms).unwrap_or(u64::MAX).max(1)
     }
 
     /// Lifts an ejection early (a successful trial request).
@@ -138,6 +167,11 @@ impl BackendState {
             0 => None,
             ms => Some(self.epoch + Duration::from_millis(ms)).filter(|until| *until > now),
         }
+    }
+
+    /// Outlier detection's counters for this backend.
+    pub fn outlier(&self) -> &OutlierState {
+        &self.outlier
     }
 
     /// Whether the balancer may pick this backend at `now`: healthy and not ejected.
@@ -198,5 +232,25 @@ mod tests {
         assert!(state.is_available(now + Duration::from_secs(11)));
         state.clear_ejection();
         assert_eq!(state.ejected_until(now), None);
+    }
+
+    #[test]
+    fn only_one_caller_extends_an_expired_ejection() {
+        let state = BackendState::new();
+        let now = Instant::now();
+        let later = now + Duration::from_secs(2);
+        assert!(!state.extend_expired_ejection(now, later), "never ejected");
+        state.eject_until(now + Duration::from_secs(1));
+        assert!(
+            !state.extend_expired_ejection(now, later),
+            "not expired yet"
+        );
+        let expired = now + Duration::from_millis(1500);
+        assert!(state.extend_expired_ejection(expired, later + Duration::from_secs(1)));
+        assert!(
+            !state.extend_expired_ejection(expired, later),
+            "already taken"
+        );
+        assert!(!state.is_available(later));
     }
 }

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
 
 use crate::backend_state::BackendState;
 
@@ -96,6 +97,25 @@ impl Backends {
     /// `.await` by construction.
     pub fn with<R>(&self, f: impl FnOnce(&[SocketAddr]) -> R) -> R {
         f(&read(&self.addrs))
+    }
+
+    /// Like [`Backends::with`], and `f` also gets whether each address is
+    /// available at `now` ([`BackendState::is_available`]): what the balancer
+    /// needs to skip unhealthy and ejected backends without copying anything.
+    ///
+    /// Lock order is list, then states; nothing takes the list while holding the
+    /// states, so the two cannot deadlock.
+    pub fn with_availability<R>(
+        &self,
+        now: Instant,
+        f: impl FnOnce(&[SocketAddr], &dyn Fn(SocketAddr) -> bool) -> R,
+    ) -> R {
+        let addrs = read(&self.addrs);
+        let states = read(&self.states);
+        // An address without a state is one `replace` is adding right now: new
+        // endpoints are available.
+        let available = |addr| states.get(&addr).is_none_or(|s| s.is_available(now));
+        f(&addrs, &available)
     }
 
     /// Records that discovery has delivered a complete list at least once.

@@ -7,7 +7,13 @@
 //! instant, which may be shorter or longer than the one the previous pick saw.
 //!
 //! Algorithms sit behind one small trait so that later ones (weighted,
-//! least-request, skipping ejected backends) slot in without touching the proxy.
+//! least-request) slot in without touching the proxy. An algorithm picks among the
+//! *eligible* members of the list; [`pick_for_attempt`] decides which those are:
+//! the backends that active health checks and outlier detection consider available,
+//! minus those a retry already tried. If no backend is available, it picks among
+//! all of them: health state is a hint, and acting on it must never turn a
+//! degraded service into a dead one. (Envoy's "panic threshold" does the same when
+//! too few hosts are healthy; here the threshold is zero healthy hosts.)
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -20,17 +26,48 @@ pub struct NoBackend;
 
 /// A load-balancing algorithm.
 pub trait Balancer: Send + Sync + fmt::Debug {
+    /// Picks one of the `backends` for which `eligible` is true; `Err(NoBackend)`
+    /// if there is none.
+    fn pick_among(
+        &self,
+        backends: &[SocketAddr],
+        eligible: &dyn Fn(SocketAddr) -> bool,
+    ) -> Result<SocketAddr, NoBackend>;
+
     /// Picks one of `backends` for the next request.
-    fn pick(&self, backends: &[SocketAddr]) -> Result<SocketAddr, NoBackend>;
+    fn pick(&self, backends: &[SocketAddr]) -> Result<SocketAddr, NoBackend> {
+        self.pick_among(backends, &|_| true)
+    }
+}
+
+/// Picks the backend for one attempt of a request: an available one that this
+/// request has not tried yet; failing that, any untried one (no backend is
+/// available: use them all rather than fail); failing that, any one at all (every
+/// backend was tried already, or there is only one).
+///
+/// Each tier that has no candidate costs a scan but no round-robin turn, so the
+/// rotation stays exact over whichever set is in use.
+pub fn pick_for_attempt(
+    balancer: &dyn Balancer,
+    backends: &[SocketAddr],
+    available: &dyn Fn(SocketAddr) -> bool,
+    tried: &[SocketAddr],
+) -> Result<SocketAddr, NoBackend> {
+    let untried = |addr: SocketAddr| !tried.contains(&addr);
+    balancer
+        .pick_among(backends, &|addr| untried(addr) && available(addr))
+        .or_else(|NoBackend| balancer.pick_among(backends, &untried))
+        .or_else(|NoBackend| balancer.pick(backends))
 }
 
 /// Round-robin: each pick takes the next ticket from an atomic counter and uses
-/// the ticket modulo the current list length.
+/// the ticket modulo the number of eligible backends in the current list.
 ///
 /// Every ticket is handed out exactly once, even under contention, so `k × N`
-/// picks over `N` backends give each exactly `k`, from any number of threads.
-/// Taking the modulo of the *current* length means a list that shrank between two
-/// picks can never be indexed out of bounds.
+/// picks over `N` eligible backends give each exactly `k`, from any number of
+/// threads. Taking the modulo of the *current* count means a list that shrank
+/// between two picks can never be indexed out of bounds. Finding the ticket's
+/// backend is two scans of the list (count, then find), with no allocation.
 #[derive(Debug, Default)]
 pub struct RoundRobin {
     /// The next ticket. `fetch_add` wraps around at `usize::MAX`; the rotation
@@ -46,14 +83,27 @@ impl RoundRobin {
 }
 
 impl Balancer for RoundRobin {
-    fn pick(&self, backends: &[SocketAddr]) -> Result<SocketAddr, NoBackend> {
-        if backends.is_empty() {
+    fn pick_among(
+        &self,
+        backends: &[SocketAddr],
+        eligible: &dyn Fn(SocketAddr) -> bool,
+    ) -> Result<SocketAddr, NoBackend> {
+        let count = backends.iter().filter(|&&addr| eligible(addr)).count();
+        if count == 0 {
             return Err(NoBackend);
         }
         // Relaxed is enough: the counter orders nothing but itself, and each
         // fetch_add still returns a distinct ticket.
         let ticket = self.next.fetch_add(1, Ordering::Relaxed);
-        Ok(backends[ticket % backends.len()])
+        backends
+            .iter()
+            .copied()
+            .filter(|&addr| eligible(addr))
+            .nth(ticket % count)
+            // Eligibility is read from atomics that may flip between the two
+            // scans; then any member of the list is an acceptable answer.
+            .or_else(|| backends.get(ticket % backends.len()).copied())
+            .ok_or(NoBackend)
     }
 }
 
@@ -140,6 +190,72 @@ mod tests {
         // An empty list does not consume a turn.
         let backends = addrs(2);
         assert_eq!(balancer.pick(&backends), Ok(backends[0]));
+    }
+
+    /// Bound asserted: exact. With backend 1 of 4 ineligible, 30 picks give
+    /// the other three 10 each, as if the list had only them.
+    #[test]
+    fn round_robin_is_exact_over_the_eligible_backends() {
+        let backends = addrs(4);
+        let skipped = backends[1];
+        let balancer = RoundRobin::new();
+        let picks = (0..30).map(|_| {
+            balancer
+                .pick_among(&backends, &|addr| addr != skipped)
+                .expect("three are eligible")
+        });
+        let counts = count(picks);
+        assert_eq!(counts.get(&skipped), None);
+        assert!(counts.values().all(|&c| c == 10), "{counts:?}");
+    }
+
+    #[test]
+    fn unavailable_backends_are_skipped_while_any_is_available() {
+        let backends = addrs(3);
+        let balancer = RoundRobin::new();
+        let available = |addr: SocketAddr| addr == backends[2];
+        for _ in 0..5 {
+            let pick = pick_for_attempt(&balancer, &backends, &available, &[]);
+            assert_eq!(pick, Ok(backends[2]));
+        }
+    }
+
+    #[test]
+    fn with_none_available_all_are_used() {
+        let backends = addrs(3);
+        let balancer = RoundRobin::new();
+        let picks = (0..6).map(|_| {
+            pick_for_attempt(&balancer, &backends, &|_| false, &[]).expect("panic mode picks")
+        });
+        assert!(count(picks).values().all(|&c| c == 2));
+    }
+
+    #[test]
+    fn a_retry_avoids_the_backends_it_already_tried() {
+        let backends = addrs(3);
+        let balancer = RoundRobin::new();
+        for _ in 0..6 {
+            let pick = pick_for_attempt(&balancer, &backends, &|_| true, &backends[..2]);
+            assert_eq!(pick, Ok(backends[2]));
+        }
+        // An untried but unavailable backend beats an available tried one.
+        let pick = pick_for_attempt(
+            &balancer,
+            &backends,
+            &|addr| addr != backends[2],
+            &backends[..2],
+        );
+        assert_eq!(pick, Ok(backends[2]));
+        // Everything tried: any backend rather than none.
+        let only = &backends[..1];
+        assert_eq!(
+            pick_for_attempt(&balancer, only, &|_| true, only),
+            Ok(backends[0])
+        );
+        assert_eq!(
+            pick_for_attempt(&balancer, &[], &|_| true, &[]),
+            Err(NoBackend)
+        );
     }
 
     #[test]

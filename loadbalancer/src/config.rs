@@ -84,6 +84,153 @@ pub struct Config {
     /// 431. Default 16384.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
+    /// Active health checks; see [`HealthCheckConfig`]. Every key has a default.
+    #[serde(default)]
+    pub health_check: HealthCheckConfig,
+    /// Passive health checks (outlier ejection); see [`OutlierConfig`].
+    #[serde(default)]
+    pub outlier: OutlierConfig,
+    /// Retries on another backend; see [`RetriesConfig`].
+    #[serde(default)]
+    pub retries: RetriesConfig,
+}
+
+// ---- Resilience: health checks, outlier ejection, retries (issue 7) ----
+
+/// `healthCheck`: every backend is probed with `GET <path>` every `intervalMs`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    /// The path probed; any 2xx answer is a success. Default `/healthz`, the
+    /// backend's liveness endpoint.
+    pub path: String,
+    /// Time between probe rounds. Default 5000.
+    pub interval_ms: u64,
+    /// How long one probe may take before it counts as failed. Default 1000.
+    pub timeout_ms: u64,
+    /// Failed probes in a row that take a backend out of rotation. Default 3.
+    pub unhealthy_threshold: u32,
+    /// Successful probes in a row that put it back. Default 2.
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            path: "/healthz".to_owned(),
+            interval_ms: 5000,
+            timeout_ms: 1000,
+            unhealthy_threshold: 3,
+            healthy_threshold: 2,
+        }
+    }
+}
+
+/// `outlier`: ejects a backend whose requests keep failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    /// Failures in a row (connect error, reset, timeout, 5xx) that eject a
+    /// backend. Default 5.
+    pub consecutive_failures: u32,
+    /// First ejection time; it doubles with each ejection until the backend
+    /// succeeds again. Default 5000.
+    pub base_ejection_ms: u64,
+    /// Cap on the ejection time. Default 60000.
+    pub max_ejection_ms: u64,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection_ms: 5000,
+            max_ejection_ms: 60_000,
+        }
+    }
+}
+
+/// `retries`: failed attempts repeated on another backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RetriesConfig {
+    /// Attempts per request, the first included; 1 turns retries off. Default 3,
+    /// at most 10.
+    pub attempts: u32,
+    /// Retries allowed as a percentage of the requests of the last 10 s (plus 3
+    /// per second whatever the traffic), 0 to 100. Default 20.
+    pub budget_percent: u32,
+}
+
+impl Default for RetriesConfig {
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            budget_percent: 20,
+        }
+    }
+}
+
+/// Upper bound for `retries.attempts`: more would only multiply load.
+const MAX_ATTEMPTS: u32 = 10;
+
+impl HealthCheckConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let fail = |field, reason: &str| Err((field, reason.to_owned()));
+        if !self.path.starts_with('/') || self.path.parse::<http::uri::PathAndQuery>().is_err() {
+            return fail("healthCheck.path", "must be a path starting with /");
+        }
+        if self.interval_ms == 0 {
+            return fail("healthCheck.intervalMs", "must be greater than 0");
+        }
+        if self.timeout_ms == 0 {
+            return fail("healthCheck.timeoutMs", "must be greater than 0");
+        }
+        if self.unhealthy_threshold == 0 {
+            return fail("healthCheck.unhealthyThreshold", "must be at least 1");
+        }
+        if self.healthy_threshold == 0 {
+            return fail("healthCheck.healthyThreshold", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+impl OutlierConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let fail = |field, reason: &str| Err((field, reason.to_owned()));
+        if self.consecutive_failures == 0 {
+            return fail("outlier.consecutiveFailures", "must be at least 1");
+        }
+        if self.base_ejection_ms == 0 {
+            return fail("outlier.baseEjectionMs", "must be greater than 0");
+        }
+        if self.max_ejection_ms < self.base_ejection_ms {
+            return fail(
+                "outlier.maxEjectionMs",
+                "must be at least outlier.baseEjectionMs",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl RetriesConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(1..=MAX_ATTEMPTS).contains(&self.attempts) {
+            return Err((
+                "retries.attempts",
+                format!("must be between 1 and {MAX_ATTEMPTS}"),
+            ));
+        }
+        if self.budget_percent > 100 {
+            return Err((
+                "retries.budgetPercent",
+                "must be between 0 and 100".to_owned(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Where backend addresses come from.
@@ -267,6 +414,9 @@ impl Config {
                 "must list at least one address when discovery is \"static\"",
             );
         }
+        self.health_check.validate()?;
+        self.outlier.validate()?;
+        self.retries.validate()?;
         Ok(())
     }
 }
@@ -601,6 +751,99 @@ mod tests {
         ];
         for (text, field) in cases {
             assert_error_mentions(&text, &[field]);
+        }
+    }
+
+    #[test]
+    fn resilience_blocks_default_when_absent() {
+        let config = parse(&with_guide_keys("")).expect("guide config parses");
+        assert_eq!(config.health_check, HealthCheckConfig::default());
+        assert_eq!(config.health_check.path, "/healthz");
+        assert_eq!(config.health_check.interval_ms, 5000);
+        assert_eq!(config.outlier.consecutive_failures, 5);
+        assert_eq!(config.retries, RetriesConfig::default());
+        assert_eq!(config.retries.attempts, 3);
+        assert_eq!(config.retries.budget_percent, 20);
+    }
+
+    #[test]
+    fn resilience_keys_are_read_and_missing_ones_default() {
+        let config = parse(&with_guide_keys(
+            r#""healthCheck": {"path": "/readyz", "intervalMs": 100, "timeoutMs": 50,
+                               "unhealthyThreshold": 1, "healthyThreshold": 4},
+               "outlier": {"consecutiveFailures": 2, "baseEjectionMs": 10},
+               "retries": {"attempts": 1}"#,
+        ))
+        .expect("resilience config parses");
+        assert_eq!(
+            config.health_check,
+            HealthCheckConfig {
+                path: "/readyz".to_owned(),
+                interval_ms: 100,
+                timeout_ms: 50,
+                unhealthy_threshold: 1,
+                healthy_threshold: 4,
+            }
+        );
+        assert_eq!(
+            config.outlier,
+            OutlierConfig {
+                consecutive_failures: 2,
+                base_ejection_ms: 10,
+                max_ejection_ms: 60_000,
+            }
+        );
+        assert_eq!(config.retries.attempts, 1);
+        assert_eq!(config.retries.budget_percent, 20);
+    }
+
+    #[test]
+    fn bad_resilience_values_name_the_nested_field() {
+        let cases = [
+            (r#""healthCheck": {"path": "healthz"}"#, "healthCheck.path"),
+            (
+                r#""healthCheck": {"intervalMs": 0}"#,
+                "healthCheck.intervalMs",
+            ),
+            (
+                r#""healthCheck": {"timeoutMs": 0}"#,
+                "healthCheck.timeoutMs",
+            ),
+            (
+                r#""healthCheck": {"unhealthyThreshold": 0}"#,
+                "healthCheck.unhealthyThreshold",
+            ),
+            (
+                r#""healthCheck": {"healthyThreshold": 0}"#,
+                "healthCheck.healthyThreshold",
+            ),
+            (
+                r#""outlier": {"consecutiveFailures": 0}"#,
+                "outlier.consecutiveFailures",
+            ),
+            (
+                r#""outlier": {"baseEjectionMs": 0}"#,
+                "outlier.baseEjectionMs",
+            ),
+            (
+                r#""outlier": {"baseEjectionMs": 5000, "maxEjectionMs": 10}"#,
+                "outlier.maxEjectionMs",
+            ),
+            (r#""retries": {"attempts": 0}"#, "retries.attempts"),
+            (r#""retries": {"attempts": 11}"#, "retries.attempts"),
+            (
+                r#""retries": {"budgetPercent": 101}"#,
+                "retries.budgetPercent",
+            ),
+            // Unknown and mistyped nested keys are named by their path.
+            (r#""retries": {"attempt": 2}"#, "attempt"),
+            (
+                r#""outlier": {"maxEjectionMs": "1s"}"#,
+                "outlier.maxEjectionMs",
+            ),
+        ];
+        for (extra, field) in cases {
+            assert_error_mentions(&with_guide_keys(extra), &[field]);
         }
     }
 

@@ -8,6 +8,11 @@
 //! down gracefully when `shutdown` says so. `admin` answers the probes on a
 //! port of its own, and `logging` sets up the structured logs. `main.rs` only wires
 //! these together.
+//!
+//! Resilience sits beside that path: `health` probes every backend in the
+//! background, `outlier` ejects backends whose requests keep failing (both mark
+//! each backend's [`backend_state::BackendState`], which the balancer reads), and
+//! `retry` decides when the proxy repeats a failed attempt on another backend.
 
 pub mod admin;
 pub mod backend_state;
@@ -15,9 +20,12 @@ pub mod backends;
 pub mod balancer;
 pub mod config;
 pub mod discovery;
+pub mod health;
 mod listener;
 pub mod logging;
+pub mod outlier;
 pub mod proxy;
 mod response;
+pub mod retry;
 pub mod server;
 pub mod shutdown;

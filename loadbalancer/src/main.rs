@@ -12,7 +12,8 @@ use loadbalancer::admin::{self, Admin};
 use loadbalancer::backends::Backends;
 use loadbalancer::balancer::RoundRobin;
 use loadbalancer::config::{self, Config};
-use loadbalancer::proxy::{Proxy, ProxySettings};
+use loadbalancer::health::{HealthCheckSettings, HealthChecker};
+use loadbalancer::proxy::{Proxy, ProxySettings, Resilience};
 use loadbalancer::server::ServerLimits;
 use loadbalancer::shutdown::{Shutdown, Signals};
 use loadbalancer::{discovery, logging, server};
@@ -60,10 +61,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let backends = Backends::default();
     let shutdown = Shutdown::new();
-    let proxy = Proxy::new(
+    let proxy = Proxy::with_resilience(
         backends.clone(),
         RoundRobin::new(),
         ProxySettings::from(&config),
+        Resilience::from(&config),
     );
     let proxy_listener = bind(config.port).await.context("binding the proxy port")?;
     let admin_listener = bind(config.admin_port)
@@ -84,6 +86,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ));
     let admin = Admin::new(backends.clone(), shutdown.clone());
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone()));
+    let health_checks = HealthChecker::new(
+        backends.clone(),
+        HealthCheckSettings::from(&config.health_check),
+    );
+    let health_task = tokio::spawn(health_checks.run());
     let namespace = std::env::var("NAMESPACE").ok().filter(|ns| !ns.is_empty());
     let discovery = discovery::run(config.discovery_source(namespace), backends);
 
@@ -92,6 +99,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         failed = until_failure(discovery) => failed.context("discovery failed"),
     };
     shutdown.drain_then_stop(config.drain()).await;
+    health_task.abort();
     proxy_task.await.context("proxy server task")?;
     admin_task.await.context("admin server task")?;
     info!("stopped");

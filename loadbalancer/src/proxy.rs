@@ -11,7 +11,10 @@
 //!   response body, so memory stays flat whatever the size;
 //! * header hygiene ([`headers`]) and a request id ([`request_id`]);
 //! * a typed [`ProxyError`] per failure, answered as JSON 503/502/504;
-//! * one access log line per request.
+//! * resilience ([`Resilience`]): the balancer skips unavailable backends, every
+//!   attempt's outcome feeds [`outlier`](crate::outlier) detection, and a failed
+//!   attempt is repeated on another backend when [`retry`](crate::retry) allows it;
+//! * one access log line per request, with the number of attempts it took.
 //!
 //! The access line and the latency are taken when the response *head* is ready;
 //! the body then streams on without the proxy in the way.
@@ -25,6 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
@@ -35,9 +39,13 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::backend_state::BackendState;
 use crate::backends::Backends;
-use crate::balancer::{Balancer, NoBackend};
+use crate::balancer::{self, Balancer, NoBackend};
+use crate::outlier::{Admission, Outcome, OutlierDetector, OutlierSettings};
 use crate::response;
+use crate::retry::body::{AttemptBody, RetryBody};
+use crate::retry::{RetryPolicy, RetryReason, RetrySettings};
 use headers::X_REQUEST_ID;
 use request_id::RequestIds;
 
@@ -68,6 +76,26 @@ impl From<&crate::config::Config> for ProxySettings {
     }
 }
 
+/// What the proxy does about failing backends. The default is none of it: every
+/// request is tried once and no backend is ever ejected (the plain proxy that the
+/// data-path tests describe); `main` turns both on from the config.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resilience {
+    /// Retries on another backend; `None` tries each request once.
+    pub retries: Option<RetrySettings>,
+    /// Passive health checks; `None` never ejects a backend.
+    pub outlier: Option<OutlierSettings>,
+}
+
+impl From<&crate::config::Config> for Resilience {
+    fn from(config: &crate::config::Config) -> Self {
+        Self {
+            retries: Some(RetrySettings::from(&config.retries)),
+            outlier: Some(OutlierSettings::from(&config.outlier)),
+        }
+    }
+}
+
 /// Why a request could not be proxied. Each case maps to one status code.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -84,6 +112,16 @@ pub enum ProxyError {
     /// The connection broke or the backend answered something that is not HTTP: 502.
     #[error("backend {backend} failed: {}", ErrorChain(error))]
     Upstream {
+        backend: SocketAddr,
+        error: hyper_util::client::legacy::Error,
+    },
+    /// Every attempt failed to connect and no backend is left to try: the
+    /// service is down as a whole, 503.
+    #[error(
+        "no backend could be reached; the last, {backend}: {}",
+        ErrorChain(error)
+    )]
+    Unreachable {
         backend: SocketAddr,
         error: hyper_util::client::legacy::Error,
     },
@@ -109,7 +147,9 @@ impl ProxyError {
     /// The status code the client receives.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoBackend | ProxyError::Unreachable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadTarget(_) => StatusCode::BAD_REQUEST,
@@ -120,9 +160,18 @@ impl ProxyError {
     pub fn backend(&self) -> Option<SocketAddr> {
         match self {
             ProxyError::Connect { backend, .. }
+            | ProxyError::Unreachable { backend, .. }
             | ProxyError::Upstream { backend, .. }
             | ProxyError::Timeout { backend, .. } => Some(*backend),
             ProxyError::NoBackend | ProxyError::BadTarget(_) => None,
+        }
+    }
+
+    /// A connect failure becomes [`ProxyError::Unreachable`]; others stay.
+    fn into_unreachable(self) -> Self {
+        match self {
+            ProxyError::Connect { backend, error } => ProxyError::Unreachable { backend, error },
+            other => other,
         }
     }
 
@@ -132,6 +181,7 @@ impl ProxyError {
         match self {
             ProxyError::NoBackend => "no backend is ready".to_owned(),
             ProxyError::Connect { .. } => "the backend could not be reached".to_owned(),
+            ProxyError::Unreachable { .. } => "no backend could be reached".to_owned(),
             ProxyError::Upstream { .. } => "the backend failed to answer".to_owned(),
             ProxyError::Timeout { timeout, .. } => {
                 format!(
@@ -188,20 +238,42 @@ struct Shared {
     /// Chooses among `backends`; boxed so algorithms can be swapped at start-up.
     balancer: Box<dyn Balancer>,
     /// One pooled client for all backends: keep-alive connections are per
-    /// backend address inside it.
-    client: Client<HttpConnector, Incoming>,
+    /// backend address inside it. Its body type lets a retry take the client's
+    /// body back when the first attempt never sent it.
+    client: Client<HttpConnector, AttemptBody<Incoming>>,
     /// See [`ProxySettings::request_timeout`].
     request_timeout: Duration,
     /// Source of ids for requests that arrive without one.
     request_ids: RequestIds,
+    /// The attempt bound and the retry budget shared by all requests.
+    retry: RetryPolicy,
+    /// Ejects backends whose attempts keep failing; `None` when turned off.
+    outlier: Option<OutlierDetector>,
+}
+
+/// How forwarding ended: the last attempt's result and how many attempts it took.
+struct Forwarded {
+    attempts: u32,
+    result: Result<(SocketAddr, Response<Incoming>), ProxyError>,
 }
 
 impl Proxy {
-    /// A proxy over `backends`, choosing with `balancer`.
+    /// A proxy over `backends`, choosing with `balancer`; each request is tried
+    /// once and no backend is ever ejected.
     pub fn new(
         backends: Backends,
         balancer: impl Balancer + 'static,
         settings: ProxySettings,
+    ) -> Self {
+        Self::with_resilience(backends, balancer, settings, Resilience::default())
+    }
+
+    /// A proxy that also retries and ejects failing backends as `resilience` says.
+    pub fn with_resilience(
+        backends: Backends,
+        balancer: impl Balancer + 'static,
+        settings: ProxySettings,
+        resilience: Resilience,
     ) -> Self {
         let mut connector = HttpConnector::new();
         // Requests and responses are small writes; Nagle's algorithm would hold
@@ -219,6 +291,14 @@ impl Proxy {
                 client,
                 request_timeout: settings.request_timeout,
                 request_ids: RequestIds::default(),
+                retry: resilience
+                    .retries
+                    .map_or_else(RetryPolicy::disabled, RetryPolicy::new),
+                // A trial attempt ends within a connect and a request timeout.
+                outlier: resilience.outlier.map(|outlier| {
+                    let trial_bound = settings.connect_timeout + settings.request_timeout;
+                    OutlierDetector::new(outlier, trial_bound)
+                }),
             }),
         }
     }
@@ -240,16 +320,16 @@ impl Proxy {
         let method = req.method().clone();
         let uri = req.uri().clone();
 
-        let outcome = self.forward(req, client).await;
+        let Forwarded { attempts, result } = self.forward(req, client).await;
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         let id = request_id.to_str().unwrap_or_default();
-        let mut response = match outcome {
+        let mut response = match result {
             Ok((backend, response)) => {
                 info!(
                     target: "loadbalancer::access",
                     method = %method, path = uri.path(), backend = %backend,
-                    status = response.status().as_u16(), latency_ms, request_id = id,
-                    "request"
+                    status = response.status().as_u16(), latency_ms, attempts,
+                    request_id = id, "request"
                 );
                 response.map(Either::Left)
             }
@@ -257,8 +337,8 @@ impl Proxy {
                 warn!(
                     target: "loadbalancer::access",
                     method = %method, path = uri.path(), backend = %MaybeAddr(error.backend()),
-                    status = error.status().as_u16(), latency_ms, request_id = id,
-                    error = %error, "request failed"
+                    status = error.status().as_u16(), latency_ms, attempts,
+                    request_id = id, error = %error, "request failed"
                 );
                 error.to_response(&request_id).map(Either::Right)
             }
@@ -267,37 +347,178 @@ impl Proxy {
         response
     }
 
-    /// Picks a backend and exchanges the request with it.
-    async fn forward(
-        &self,
-        mut req: Request<Incoming>,
-        client: &ClientConn,
-    ) -> Result<(SocketAddr, Response<Incoming>), ProxyError> {
+    /// Sends the request to a backend, and to others while a failure is worth a
+    /// retry (see [`crate::retry`]) and the policy allows one more.
+    async fn forward(&self, req: Request<Incoming>, client: &ClientConn) -> Forwarded {
         let shared = &*self.shared;
-        // The read lock is held only inside this closure: the pick copies an
-        // address out, and the guard is gone before the first `.await` below.
-        let backend = shared.backends.with(|list| shared.balancer.pick(list))?;
+        let (mut parts, body) = req.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        headers::add_forwarding(&mut parts.headers, &client.ip);
+        let body = RetryBody::new(body);
+        shared.retry.start_request();
 
-        headers::remove_hop_by_hop(req.headers_mut());
-        headers::add_forwarding(req.headers_mut(), &client.ip);
-        *req.uri_mut() = upstream_uri(backend, req.uri())?;
+        // Allocates only when a request is retried.
+        let mut tried = Vec::new();
+        let mut next_body = body.attempt();
+        let mut last = Err(ProxyError::NoBackend);
+        let mut only_connect_failures = true;
+        while let Some(attempt_body) = next_body.take() {
+            let Ok(chosen) = self.choose(&tried) else {
+                // An empty list: `last` is still `NoBackend` on a first attempt, and
+                // for a retry (racing discovery emptying the list) the previous
+                // attempt's answer is the best there is.
+                break;
+            };
+            let backend = chosen.backend;
+            tried.push(backend);
+            let result = self.attempt(chosen, &parts, attempt_body).await;
+            only_connect_failures &= matches!(result, Err(ProxyError::Connect { .. }));
+            let reason = retry_reason(&result);
+            let made = attempt_count(&tried);
+            if reason.is_some_and(|r| r.allows(&parts.method))
+                && body.is_replayable()
+                && shared.retry.should_retry(made)
+            {
+                next_body = body.attempt();
+                if let Some(reason) = reason.filter(|_| next_body.is_some()) {
+                    let request_id = parts.headers.get(X_REQUEST_ID);
+                    info!(
+                        backend = %backend, reason = reason.as_str(), attempt = made,
+                        request_id = request_id.and_then(|v| v.to_str().ok()).unwrap_or_default(),
+                        "retrying on another backend"
+                    );
+                    // Metrics: `metrics.record_retry()` belongs here.
+                }
+            }
+            last = result.map(|response| (backend, response));
+        }
+        if only_connect_failures && self.none_left_to_try(&tried) {
+            last = last.map_err(ProxyError::into_unreachable);
+        }
+        Forwarded {
+            attempts: attempt_count(&tried),
+            result: last,
+        }
+    }
+
+    /// Picks the backend for the next attempt and has outlier detection admit it.
+    fn choose(&self, tried: &[SocketAddr]) -> Result<Chosen, NoBackend> {
+        let shared = &*self.shared;
+        // The read locks are held only inside this closure: the pick copies an
+        // address out, and the guards are gone before any `.await`.
+        let pick = |skip: &[SocketAddr]| {
+            shared
+                .backends
+                .with_availability(Instant::now(), |list, available| {
+                    balancer::pick_for_attempt(&*shared.balancer, list, available, skip)
+                })
+        };
+        let backend = pick(tried)?;
+        let Some(outlier) = &shared.outlier else {
+            return Ok(Chosen {
+                backend,
+                outlier: None,
+            });
+        };
+        let state = shared.backends.state(backend);
+        if let Some(admission) = outlier.admit(&state, Instant::now()) {
+            return Ok(Chosen {
+                backend,
+                outlier: Some((state, admission)),
+            });
+        }
+        // Another request just became this backend's half-open trial; choose
+        // again without it (a rare race, so the allocation does not matter).
+        let skip: Vec<SocketAddr> = tried.iter().copied().chain([backend]).collect();
+        let backend = pick(&skip)?;
+        let state = shared.backends.state(backend);
+        let admission = outlier
+            .admit(&state, Instant::now())
+            .unwrap_or(Admission::Normal);
+        Ok(Chosen {
+            backend,
+            outlier: Some((state, admission)),
+        })
+    }
+
+    /// Whether every backend was tried or is out of rotation: the service as a
+    /// whole is down, not one backend.
+    fn none_left_to_try(&self, tried: &[SocketAddr]) -> bool {
+        self.shared
+            .backends
+            .with_availability(Instant::now(), |list, available| {
+                list.iter()
+                    .all(|addr| tried.contains(addr) || !available(*addr))
+            })
+    }
+
+    /// One attempt at the chosen backend: sends the request, waits for the
+    /// response head, and tells outlier detection how it went.
+    async fn attempt(
+        &self,
+        chosen: Chosen,
+        parts: &Parts,
+        body: AttemptBody<Incoming>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let shared = &*self.shared;
+        let backend = chosen.backend;
+        let mut req = Request::from_parts(parts.clone(), body);
+        *req.uri_mut() = upstream_uri(backend, &parts.uri)?;
 
         let exchange = shared.client.request(req);
-        let mut response = match tokio::time::timeout(shared.request_timeout, exchange).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) if error.is_connect() => {
-                return Err(ProxyError::Connect { backend, error });
+        let result = match tokio::time::timeout(shared.request_timeout, exchange).await {
+            Ok(Ok(mut response)) => {
+                headers::remove_hop_by_hop(response.headers_mut());
+                Ok(response)
             }
-            Ok(Err(error)) => return Err(ProxyError::Upstream { backend, error }),
-            Err(_elapsed) => {
-                return Err(ProxyError::Timeout {
-                    backend,
-                    timeout: shared.request_timeout,
-                });
-            }
+            Ok(Err(error)) if error.is_connect() => Err(ProxyError::Connect { backend, error }),
+            Ok(Err(error)) => Err(ProxyError::Upstream { backend, error }),
+            Err(_elapsed) => Err(ProxyError::Timeout {
+                backend,
+                timeout: shared.request_timeout,
+            }),
         };
-        headers::remove_hop_by_hop(response.headers_mut());
-        Ok((backend, response))
+        if let (Some(outlier), Some((state, admission))) = (&shared.outlier, chosen.outlier) {
+            let failed = match &result {
+                Ok(response) => response.status().is_server_error(),
+                Err(_) => true,
+            };
+            let outcome = if failed {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            };
+            outlier.report(backend, &state, admission, outcome, Instant::now());
+        }
+        result
+    }
+
+    /// Retries granted since start (see [`RetryPolicy::retries`]).
+    pub fn retries(&self) -> u64 {
+        self.shared.retry.retries()
+    }
+}
+
+/// The backend for one attempt, with what outlier detection needs to hear back.
+struct Chosen {
+    backend: SocketAddr,
+    /// The backend's state and how it was admitted; `None` when outlier
+    /// detection is off.
+    outlier: Option<(Arc<BackendState>, Admission)>,
+}
+
+/// Attempts made so far; bounded by `retries.attempts` (at most 10).
+fn attempt_count(tried: &[SocketAddr]) -> u32 {
+    u32::try_from(tried.len()).unwrap_or(u32::MAX)
+}
+
+/// Why an attempt's result may be worth a retry, before looking at the method.
+fn retry_reason(result: &Result<Response<Incoming>, ProxyError>) -> Option<RetryReason> {
+    match result {
+        Ok(response) => RetryReason::from_status(response.status()),
+        Err(ProxyError::Connect { .. }) => Some(RetryReason::Connect),
+        Err(ProxyError::Upstream { .. }) => Some(RetryReason::Reset),
+        Err(_) => None,
     }
 }
 

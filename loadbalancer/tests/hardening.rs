@@ -17,9 +17,10 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use loadbalancer::server::ServerLimits;
+use support::faults::{RealBackend, start_real_backend};
 use support::process::{Listening, Process, TempConfig, listening};
 use support::raw::RawConn;
-use support::{PATIENCE, TestLb, Upstream, get, start_backend, start_real_backend, wait_for};
+use support::{PATIENCE, TestLb, Upstream, get, start_backend, wait_for, wait_for_readyz};
 
 const GOOD: &[u8] = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n";
 
@@ -30,7 +31,7 @@ const NEVER: Duration = Duration::from_secs(3600);
 #[derive(Debug)]
 enum Target {
     Lb(TestLb, Upstream),
-    Backend(support::RealBackend),
+    Backend(RealBackend),
 }
 
 impl Target {
@@ -493,22 +494,4 @@ async fn sigterm_under_load_finishes_every_accepted_request_and_exits_0() {
         succeeded > done_at_sigterm,
         "no request finished after SIGTERM"
     );
-}
-
-/// Polls `/readyz` until it answers `status`. (The admin port stays open while
-/// the proxy drains.)
-async fn wait_for_readyz(admin: SocketAddr, status: StatusCode) -> support::Reply {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let reply = get(&format!("http://{admin}/readyz")).await;
-        if reply.status == status {
-            return reply;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "readyz still {} after PATIENCE",
-            reply.status
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

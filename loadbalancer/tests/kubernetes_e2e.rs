@@ -14,64 +14,20 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use backend::handlers::App;
-use backend::identity::Identity;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use support::fake_apiserver::EndpointState::{self, NotReady, Ready};
 use support::fake_apiserver::{self, FakeApiServer, slice};
+use support::faults::{RealBackend, bind_same_port};
 use support::process::{Process, TempConfig, listening};
 use support::{PATIENCE, client, get, send};
-use tokio::net::TcpListener;
 
 const SERVICE: &str = "backend-service";
 const SLICE: &str = "backend-service-x7k2p";
 
 /// The backends' IPs; backend `i` (1-based) is `backend-i` at `IPS[i - 1]`.
 const IPS: [&str; 3] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
-
-/// Binds one listener per IP in [`IPS`], all on the same port, which the kernel
-/// picks for the first; retried if another process holds it on a later IP.
-async fn bind_same_port() -> (u16, Vec<TcpListener>) {
-    for _ in 0..50 {
-        let first = TcpListener::bind((IPS[0], 0))
-            .await
-            .expect("binding 127.0.0.1:0 always works");
-        let port = first
-            .local_addr()
-            .expect("a bound listener has an address")
-            .port();
-        let mut listeners = vec![first];
-        for ip in &IPS[1..] {
-            match TcpListener::bind((*ip, port)).await {
-                Ok(listener) => listeners.push(listener),
-                Err(_) => break,
-            }
-        }
-        if listeners.len() == IPS.len() {
-            return (port, listeners);
-        }
-    }
-    panic!("no port free on all of {IPS:?}");
-}
-
-/// Starts `backend-1..3` with the real backend server, one per listener. They run
-/// until the test's runtime ends.
-fn start_backends(listeners: Vec<TcpListener>) {
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let app = App::new(Identity {
-            pod_name: format!("backend-{}", i + 1),
-            pod_ip: IPS[i].to_owned(),
-            service_name: SERVICE.to_owned(),
-        });
-        tokio::spawn(backend::server::serve(
-            listener,
-            app,
-            std::future::pending(),
-        ));
-    }
-}
 
 /// The Service's one EndpointSlice with backend `i` in state `state`, for each pair.
 fn endpoints(port: u16, backends: &[(usize, EndpointState)]) -> EndpointSlice {
@@ -115,8 +71,13 @@ async fn wait_for_pods(proxy: SocketAddr, expected: &[&str]) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_follow_the_endpoints_from_one_to_three_to_two_backends() {
-    let (port, listeners) = bind_same_port().await;
-    start_backends(listeners);
+    let (port, listeners) = bind_same_port(&[1, 2, 3]).await;
+    // Kept until the end of the test: dropping a backend stops it.
+    let _pods: Vec<RealBackend> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, listener)| RealBackend::start(listener, &format!("backend-{}", i + 1)))
+        .collect();
     let server = FakeApiServer::start().await;
     server.apply(endpoints(port, &[(1, Ready)]));
 

@@ -7,11 +7,15 @@
 //! * [`fake_apiserver`]: a fake Kubernetes API server for discovery tests.
 //! * [`process`]: the `loadbalancer` binary as a child process.
 //! * [`raw`]: a raw TCP client, for requests no HTTP library would send.
-//! * [`start_real_backend`]: the real `backend` crate's server, in-process.
+//! * [`load`]: a bounded load generator that tallies what came back (chaos tests).
+//! * [`faults`]: backends that fail in other ways (one that never answers), and
+//!   the real `backend` crate's server in-process, on a chosen address.
 //! * [`wait_for`]: poll a condition with a generous deadline instead of sleeping.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod fake_apiserver;
+pub(crate) mod faults;
+pub(crate) mod load;
 pub(crate) mod process;
 pub(crate) mod raw;
 pub(crate) mod upstream;
@@ -31,7 +35,7 @@ use loadbalancer::admin::{self, Admin};
 use loadbalancer::backends::Backends;
 use loadbalancer::balancer::RoundRobin;
 use loadbalancer::discovery::{self, Source};
-use loadbalancer::proxy::{Proxy, ProxySettings};
+use loadbalancer::proxy::{Proxy, ProxySettings, Resilience};
 use loadbalancer::server::{self, ServerLimits};
 use loadbalancer::shutdown::Shutdown;
 use tokio::net::TcpListener;
@@ -80,46 +84,6 @@ pub(crate) async fn start_backends(n: usize) -> Vec<Upstream> {
     backends
 }
 
-/// A real `backend` crate server in-process, stopped (abruptly) on drop.
-#[derive(Debug)]
-pub(crate) struct RealBackend {
-    pub(crate) addr: SocketAddr,
-    task: JoinHandle<std::io::Result<()>>,
-}
-
-impl Drop for RealBackend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Starts the real backend, answering as `pod_name`, under `limits`.
-pub(crate) async fn start_real_backend(pod_name: &str, limits: ServerLimits) -> RealBackend {
-    let listener = bind().await;
-    let addr = listener.local_addr().expect("bound socket has an address");
-    let app = backend::handlers::App::new(backend::identity::Identity {
-        pod_name: pod_name.to_owned(),
-        pod_ip: addr.ip().to_string(),
-        service_name: "backend".to_owned(),
-    });
-    // The backend compiles the same listener module, so its limits are the same
-    // shape under another crate's name.
-    let limits = backend::server::ServerLimits {
-        header_read_timeout: limits.header_read_timeout,
-        idle_timeout: limits.idle_timeout,
-        max_connections: limits.max_connections,
-        max_header_bytes: limits.max_header_bytes,
-        shutdown_timeout: limits.shutdown_timeout,
-    };
-    let task = tokio::spawn(backend::server::serve_with(
-        listener,
-        app,
-        std::future::pending(),
-        limits,
-    ));
-    RealBackend { addr, task }
-}
-
 /// The proxy and admin servers, in-process, with static discovery.
 #[derive(Debug)]
 pub(crate) struct TestLb {
@@ -127,6 +91,8 @@ pub(crate) struct TestLb {
     pub(crate) admin_addr: SocketAddr,
     pub(crate) backends: Backends,
     pub(crate) shutdown: Shutdown,
+    /// A handle on the proxy being served, for its counters.
+    pub(crate) proxy: Proxy,
     servers: Vec<JoinHandle<()>>,
 }
 
@@ -146,30 +112,43 @@ impl TestLb {
 
     /// A load balancer over `addrs` with `settings`.
     pub(crate) async fn start_with(addrs: Vec<SocketAddr>, settings: ProxySettings) -> Self {
-        let backends = Backends::default();
-        discovery::run(Source::Static(addrs), backends.clone())
-            .await
-            .expect("static discovery cannot fail");
-        Self::start_unsynced(backends, settings).await
+        Self::start_resilient(addrs, settings, Resilience::default()).await
     }
 
-    /// A load balancer over a list that discovery has not filled yet.
-    pub(crate) async fn start_unsynced(backends: Backends, settings: ProxySettings) -> Self {
-        Self::start_limited(backends, settings, ServerLimits::DEFAULT).await
+    /// A load balancer over `addrs` that retries and ejects as `resilience` says.
+    pub(crate) async fn start_resilient(
+        addrs: Vec<SocketAddr>,
+        settings: ProxySettings,
+        resilience: Resilience,
+    ) -> Self {
+        let backends = static_backends(addrs).await;
+        Self::launch(backends, settings, resilience, ServerLimits::DEFAULT).await
     }
 
     /// A load balancer over `addrs` whose proxy listener has `limits`.
     pub(crate) async fn start_with_limits(addrs: Vec<SocketAddr>, limits: ServerLimits) -> Self {
-        let backends = Backends::default();
-        discovery::run(Source::Static(addrs), backends.clone())
-            .await
-            .expect("static discovery cannot fail");
-        Self::start_limited(backends, Self::SETTINGS, limits).await
+        let backends = static_backends(addrs).await;
+        Self::launch(backends, Self::SETTINGS, Resilience::default(), limits).await
     }
 
-    async fn start_limited(
+    /// A load balancer over a list that discovery has not filled yet.
+    pub(crate) async fn start_unsynced(backends: Backends, settings: ProxySettings) -> Self {
+        Self::start_unsynced_with(backends, settings, Resilience::default()).await
+    }
+
+    /// Like [`TestLb::start_unsynced`], with `resilience`.
+    pub(crate) async fn start_unsynced_with(
         backends: Backends,
         settings: ProxySettings,
+        resilience: Resilience,
+    ) -> Self {
+        Self::launch(backends, settings, resilience, ServerLimits::DEFAULT).await
+    }
+
+    async fn launch(
+        backends: Backends,
+        settings: ProxySettings,
+        resilience: Resilience,
         limits: ServerLimits,
     ) -> Self {
         let shutdown = Shutdown::new();
@@ -179,12 +158,13 @@ impl TestLb {
         let admin_addr = admin_listener
             .local_addr()
             .expect("bound socket has an address");
-        let proxy = Proxy::new(backends.clone(), RoundRobin::new(), settings);
+        let proxy =
+            Proxy::with_resilience(backends.clone(), RoundRobin::new(), settings, resilience);
         let admin = Admin::new(backends.clone(), shutdown.clone());
         let servers = vec![
             tokio::spawn(server::serve_proxy(
                 listener,
-                proxy,
+                proxy.clone(),
                 shutdown.clone(),
                 limits,
             )),
@@ -195,6 +175,7 @@ impl TestLb {
             admin_addr,
             backends,
             shutdown,
+            proxy,
             servers,
         }
     }
@@ -224,6 +205,32 @@ impl TestLb {
                 .expect("servers stop within PATIENCE")
                 .expect("server task does not panic");
         }
+    }
+}
+
+/// A backend list filled by static discovery, as `--backends` would.
+async fn static_backends(addrs: Vec<SocketAddr>) -> Backends {
+    let backends = Backends::default();
+    discovery::run(Source::Static(addrs), backends.clone())
+        .await
+        .expect("static discovery cannot fail");
+    backends
+}
+
+/// Polls the admin `/readyz` until it answers `status`, as a kubelet would.
+pub(crate) async fn wait_for_readyz(admin: SocketAddr, status: StatusCode) -> Reply {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let reply = get(&format!("http://{admin}/readyz")).await;
+        if reply.status == status {
+            return reply;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz still {} after PATIENCE",
+            reply.status
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -12,16 +12,18 @@
 //!
 //! It counts the requests it has received, so a test can wait until a request is
 //! known to be in flight, records each one's method and path (the smuggling tests
-//! check that no hidden second request ever arrives), and it can be stopped abruptly (every connection torn
-//! down, the port closed) to play a crashed backend.
+//! check that no hidden second request ever arrives), and it can be stopped
+//! abruptly (every connection torn down, the port closed) to play a crashed backend. [`Upstream::set_fault`] makes
+//! it play a sick one (503 to everything, or a failing `/healthz`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -37,6 +39,19 @@ type Body = BoxBody<Bytes, hyper::Error>;
 
 const CHUNK: usize = 64 * 1024;
 
+/// A failure the upstream can be told to play.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Fault {
+    /// Answers normally.
+    None,
+    /// Answers every request with a 503.
+    Unavailable,
+    /// Answers `/healthz` with a 503 and everything else normally: what an
+    /// active health check sees of a backend whose dependency broke.
+    FailHealthz,
+}
+
 /// A running test upstream.
 #[derive(Debug)]
 pub(crate) struct Upstream {
@@ -46,6 +61,8 @@ pub(crate) struct Upstream {
     received: watch::Receiver<usize>,
     /// `METHOD path` of every request received, in arrival order.
     log: Arc<Mutex<Vec<String>>>,
+    /// The [`Fault`] being played, as its `u8`; read on every request.
+    fault: Arc<AtomicU8>,
     /// The accept loop; it owns every connection task, so aborting it tears all down.
     task: JoinHandle<()>,
 }
@@ -59,8 +76,10 @@ impl Upstream {
         let addr = listener.local_addr().expect("bound socket has an address");
         let (count_tx, received) = watch::channel(0usize);
         let log = Arc::new(Mutex::new(Vec::new()));
-        let name = pod_name.to_owned();
         let task_log = Arc::clone(&log);
+        let name = pod_name.to_owned();
+        let fault = Arc::new(AtomicU8::new(Fault::None as u8));
+        let fault_reader = Arc::clone(&fault);
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             loop {
@@ -69,6 +88,7 @@ impl Upstream {
                 };
                 while connections.try_join_next().is_some() {}
                 let (name, count_tx) = (name.clone(), count_tx.clone());
+                let fault = Arc::clone(&fault_reader);
                 let log = Arc::clone(&task_log);
                 connections.spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
@@ -76,7 +96,8 @@ impl Upstream {
                             .expect("log lock is never poisoned")
                             .push(format!("{} {}", req.method(), req.uri().path()));
                         count_tx.send_modify(|n| *n += 1);
-                        respond(name.clone(), req)
+                        let fault = fault.load(Ordering::Relaxed);
+                        respond(name.clone(), req, fault)
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -89,6 +110,7 @@ impl Upstream {
             pod_name: pod_name.to_owned(),
             received,
             log,
+            fault,
             task,
         }
     }
@@ -96,6 +118,16 @@ impl Upstream {
     /// `METHOD path` of every request received so far, in arrival order.
     pub(crate) fn requests(&self) -> Vec<String> {
         self.log.lock().expect("log lock is never poisoned").clone()
+    }
+
+    /// Plays `fault` from the next request on.
+    pub(crate) fn set_fault(&self, fault: Fault) {
+        self.fault.store(fault as u8, Ordering::Relaxed);
+    }
+
+    /// Requests received so far.
+    pub(crate) fn received(&self) -> usize {
+        *self.received.borrow()
     }
 
     /// Stops abruptly: open connections are dropped and the port refuses
@@ -127,7 +159,18 @@ pub(crate) fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8).collect()
 }
 
-async fn respond(name: String, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn respond(
+    name: String,
+    req: Request<Incoming>,
+    fault: u8,
+) -> Result<Response<Body>, Infallible> {
+    let unavailable = fault == Fault::Unavailable as u8
+        || (fault == Fault::FailHealthz as u8 && req.uri().path() == "/healthz");
+    if unavailable {
+        let mut response = json_response(&json!({ "podName": name, "status": 503 }));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        return Ok(response);
+    }
     let query_number = |key: &str| -> u64 {
         req.uri()
             .query()

@@ -1,0 +1,330 @@
+//! Active health checks: one background task that probes every backend.
+//!
+//! Kubernetes already keeps pods that fail their readiness probe out of the
+//! EndpointSlice, but only as fast as the kubelet probes and the update reaches
+//! us, and only for failures the kubelet can see from the node. This task asks
+//! each backend itself, from where the load balancer stands: every `intervalMs` it
+//! sends `GET <path>` to each current backend with a `timeoutMs` bound. After
+//! `unhealthyThreshold` failed probes in a row it marks the backend unhealthy in its
+//! [`BackendState`], and the balancer skips it; after `healthyThreshold` successes
+//! in a row it marks it healthy again.
+//!
+//! New endpoints start healthy ([`BackendState::new`]): discovery only publishes
+//! endpoints that Kubernetes reports ready, so waiting for probes before using
+//! them would only slow down scale-ups and rolling updates.
+//!
+//! The task reads the current list at the start of every round, so it never probes
+//! an endpoint that discovery removed, and its per-backend streaks are pruned to
+//! that list. Probes of one round run concurrently (at most
+//! [`MAX_CONCURRENT_PROBES`] at a time) on a small client of their own, so a slow
+//! backend delays only its own verdict and probes never queue behind (or hold)
+//! the proxy's pooled connections. Nothing here is on the request path: the proxy
+//! only reads the `healthy` flag this task sets.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::uri::PathAndQuery;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::MissedTickBehavior;
+use tracing::{debug, info, warn};
+
+use crate::backend_state::BackendState;
+use crate::backends::Backends;
+use crate::config::HealthCheckConfig;
+
+/// Probes in flight at once, whatever the number of backends: enough for
+/// hundreds of endpoints per interval, few enough not to look like a flood.
+pub const MAX_CONCURRENT_PROBES: usize = 32;
+
+/// What to probe and when to change a verdict (config block `healthCheck`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckSettings {
+    /// Path (and query) of the probe request.
+    pub path: PathAndQuery,
+    /// Time between the starts of two rounds.
+    pub interval: Duration,
+    /// Bound on one probe, connect included.
+    pub timeout: Duration,
+    /// Failed probes in a row that mark a backend unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Successful probes in a row that mark it healthy again.
+    pub healthy_threshold: u32,
+}
+
+impl From<&HealthCheckConfig> for HealthCheckSettings {
+    fn from(config: &HealthCheckConfig) -> Self {
+        Self {
+            // Config validation already parsed it; `/` is a safe stand-in anyway.
+            path: config
+                .path
+                .parse()
+                .unwrap_or_else(|_| PathAndQuery::from_static("/")),
+            interval: Duration::from_millis(config.interval_ms),
+            timeout: Duration::from_millis(config.timeout_ms),
+            unhealthy_threshold: config.unhealthy_threshold,
+            healthy_threshold: config.healthy_threshold,
+        }
+    }
+}
+
+/// Why a probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The backend answered, but not with a 2xx.
+    #[error("answered {0}")]
+    Status(StatusCode),
+    /// No connection, or the connection broke.
+    #[error("request failed: {0}")]
+    Request(#[from] hyper_util::client::legacy::Error),
+    /// No complete answer within the timeout.
+    #[error("no answer within {} ms", .0.as_millis())]
+    Timeout(Duration),
+}
+
+/// The health-check task's state.
+#[derive(Debug)]
+pub struct HealthChecker {
+    /// The list to probe (read each round) and where verdicts go.
+    backends: Backends,
+    settings: HealthCheckSettings,
+    /// Probes' own client: never the proxy's pool (see the module docs).
+    client: Client<HttpConnector, Empty<Bytes>>,
+    /// Consecutive results per backend, pruned to the current list every round.
+    streaks: HashMap<SocketAddr, Streak>,
+}
+
+/// A backend's current run of probe results.
+#[derive(Debug)]
+struct Streak {
+    /// The state these results belong to. An address that was removed and added
+    /// again gets a new state, and its old streak must not carry over.
+    state: Arc<BackendState>,
+    /// Successes in a row (0 after a failure).
+    successes: u32,
+    /// Failures in a row (0 after a success).
+    failures: u32,
+}
+
+impl HealthChecker {
+    /// A checker over `backends`.
+    pub fn new(backends: Backends, settings: HealthCheckSettings) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(settings.timeout));
+        let client = Client::builder(TokioExecutor::new())
+            // One kept-alive connection per backend is all a probe every few
+            // seconds needs.
+            .pool_max_idle_per_host(1)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Self {
+            backends,
+            settings,
+            client,
+            streaks: HashMap::new(),
+        }
+    }
+
+    /// Probes every backend each interval, forever; spawn it on its own task.
+    pub async fn run(mut self) {
+        info!(
+            path = %self.settings.path, interval_ms = self.settings.interval.as_millis(),
+            timeout_ms = self.settings.timeout.as_millis(), "active health checks started"
+        );
+        // The first round comes one interval after start, not at once: every
+        // backend starts healthy, so an immediate probe could only confirm that.
+        let start = tokio::time::Instant::now() + self.settings.interval;
+        let mut interval = tokio::time::interval_at(start, self.settings.interval);
+        // A round that overran (many slow backends) delays the next one instead
+        // of triggering a burst of catch-up rounds.
+        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            self.round().await;
+        }
+    }
+
+    /// One round: probes each current backend once and applies the verdicts.
+    pub async fn round(&mut self) {
+        let current = self.backends.states();
+        let results: Vec<_> = futures::stream::iter(current.iter().cloned())
+            .map(|(addr, state)| {
+                let probe = self.probe(addr);
+                async move { (addr, state, probe.await) }
+            })
+            .buffer_unordered(MAX_CONCURRENT_PROBES)
+            .collect()
+            .await;
+        // `current` is in list order, which is sorted.
+        self.streaks
+            .retain(|addr, _| current.binary_search_by_key(addr, |(a, _)| *a).is_ok());
+        for (addr, state, result) in results {
+            self.apply(addr, state, result);
+        }
+    }
+
+    /// `GET <path>` on `addr`; the body is read to the end so the connection can
+    /// be reused for the next probe.
+    fn probe(&self, addr: SocketAddr) -> impl Future<Output = Result<(), ProbeError>> + use<> {
+        let (client, timeout) = (self.client.clone(), self.settings.timeout);
+        let uri = format!("http://{addr}{}", self.settings.path);
+        async move {
+            let request = Request::get(uri)
+                .header(http::header::USER_AGENT, "loadbalancer-health-check")
+                .body(Empty::new());
+            // The address and a validated path always make a valid URI; if not,
+            // the probe fails like any other and the logs say why.
+            let Ok(request) = request else {
+                return Err(ProbeError::Status(StatusCode::BAD_REQUEST));
+            };
+            let exchange = async {
+                let response = client.request(request).await?;
+                let status = response.status();
+                // A body that breaks off does not change the verdict; the status
+                // is the answer.
+                let _ = response.into_body().collect().await;
+                if status.is_success() {
+                    Ok(())
+                } else {
+                    Err(ProbeError::Status(status))
+                }
+            };
+            tokio::time::timeout(timeout, exchange)
+                .await
+                .unwrap_or(Err(ProbeError::Timeout(timeout)))
+        }
+    }
+
+    /// Counts one probe result and flips the verdict at a threshold.
+    fn apply(
+        &mut self,
+        addr: SocketAddr,
+        state: Arc<BackendState>,
+        result: Result<(), ProbeError>,
+    ) {
+        let streak = self
+            .streaks
+            .entry(addr)
+            .and_modify(|streak| {
+                if !Arc::ptr_eq(&streak.state, &state) {
+                    *streak = Streak::new(Arc::clone(&state));
+                }
+            })
+            .or_insert_with(|| Streak::new(Arc::clone(&state)));
+        match result {
+            Ok(()) => {
+                streak.successes = streak.successes.saturating_add(1);
+                streak.failures = 0;
+                if !state.is_healthy() && streak.successes >= self.settings.healthy_threshold {
+                    state.set_healthy(true);
+                    info!(backend = %addr, successes = streak.successes, "backend healthy again");
+                }
+            }
+            Err(error) => {
+                streak.failures = streak.failures.saturating_add(1);
+                streak.successes = 0;
+                if state.is_healthy() && streak.failures >= self.settings.unhealthy_threshold {
+                    state.set_healthy(false);
+                    warn!(
+                        backend = %addr, failures = streak.failures, error = %error,
+                        "backend unhealthy, skipped until its health checks pass"
+                    );
+                } else {
+                    debug!(backend = %addr, failures = streak.failures, error = %error, "health check failed");
+                }
+            }
+        }
+    }
+}
+
+impl Streak {
+    fn new(state: Arc<BackendState>) -> Self {
+        Self {
+            state,
+            successes: 0,
+            failures: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> HealthCheckSettings {
+        HealthCheckSettings {
+            path: PathAndQuery::from_static("/healthz"),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            unhealthy_threshold: 2,
+            healthy_threshold: 3,
+        }
+    }
+
+    fn addr() -> SocketAddr {
+        "127.0.0.1:9".parse().expect("literal address parses")
+    }
+
+    fn fail() -> Result<(), ProbeError> {
+        Err(ProbeError::Status(StatusCode::SERVICE_UNAVAILABLE))
+    }
+
+    #[tokio::test]
+    async fn thresholds_decide_when_the_verdict_flips() {
+        let backends = Backends::new(vec![addr()]);
+        let state = backends.state(addr());
+        let mut checker = HealthChecker::new(backends, settings());
+        checker.apply(addr(), Arc::clone(&state), fail());
+        assert!(state.is_healthy(), "one failure is below the threshold");
+        checker.apply(addr(), Arc::clone(&state), fail());
+        assert!(!state.is_healthy());
+        for _ in 0..2 {
+            checker.apply(addr(), Arc::clone(&state), Ok(()));
+            assert!(!state.is_healthy(), "two successes are below the threshold");
+        }
+        checker.apply(addr(), Arc::clone(&state), Ok(()));
+        assert!(state.is_healthy());
+    }
+
+    #[tokio::test]
+    async fn a_success_breaks_a_run_of_failures() {
+        let backends = Backends::new(vec![addr()]);
+        let state = backends.state(addr());
+        let mut checker = HealthChecker::new(backends, settings());
+        for result in [fail(), Ok(()), fail()] {
+            checker.apply(addr(), Arc::clone(&state), result);
+        }
+        assert!(state.is_healthy());
+    }
+
+    #[tokio::test]
+    async fn a_re_added_address_starts_a_new_streak() {
+        let backends = Backends::new(vec![addr()]);
+        let mut checker = HealthChecker::new(backends.clone(), settings());
+        checker.apply(addr(), backends.state(addr()), fail());
+        backends.replace(Vec::new());
+        backends.replace(vec![addr()]);
+        let fresh = backends.state(addr());
+        checker.apply(addr(), Arc::clone(&fresh), fail());
+        assert!(fresh.is_healthy(), "the old state's failure does not count");
+    }
+
+    #[tokio::test]
+    async fn a_round_probes_nothing_and_forgets_streaks_when_the_list_is_empty() {
+        let backends = Backends::new(vec![addr()]);
+        let mut checker = HealthChecker::new(backends.clone(), settings());
+        checker.apply(addr(), backends.state(addr()), fail());
+        backends.replace(Vec::new());
+        checker.round().await;
+        assert!(checker.streaks.is_empty());
+    }
+}

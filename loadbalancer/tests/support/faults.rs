@@ -1,0 +1,165 @@
+//! Backends for the chaos tests beyond what [`super::Upstream`] plays:
+//!
+//! * [`BlackHole`]: accepts connections and never answers (a hung process, or a
+//!   pod whose network is gone), the case only timeouts and ejection can handle;
+//! * [`RealBackend`]: the real `backend` crate served in-process on a chosen
+//!   address, with its graceful shutdown, for the rolling-update test. Every
+//!   endpoint of a Service shares one port, so [`bind_same_port`] binds one port
+//!   on several loopback addresses (127.0.0.2, 127.0.0.3, ...: all of 127/8 is
+//!   loopback on Linux).
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use backend::handlers::App;
+use backend::identity::Identity;
+use backend::server::ServerLimits;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::PATIENCE;
+
+/// A server that accepts connections, reads nothing and answers nothing.
+#[derive(Debug)]
+pub(crate) struct BlackHole {
+    pub(crate) addr: SocketAddr,
+    /// Owns the listener and every accepted socket; aborting it closes them all.
+    task: JoinHandle<()>,
+}
+
+impl BlackHole {
+    pub(crate) async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr = listener.local_addr().expect("bound socket has an address");
+        let task = tokio::spawn(async move {
+            // Held, never read: the peer's request sits in our receive buffer.
+            let mut held: Vec<TcpStream> = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Binds one port on `127.0.0.<host>` for each of `hosts`; returns the port and
+/// the listeners in the same order. Retries with another port if one of the
+/// addresses already has it taken.
+pub(crate) async fn bind_same_port(hosts: &[u8]) -> (u16, Vec<TcpListener>) {
+    for _ in 0..20 {
+        let first = TcpListener::bind((Ipv4Addr::new(127, 0, 0, hosts[0]), 0))
+            .await
+            .expect("bind a loopback port");
+        let port = first
+            .local_addr()
+            .expect("bound socket has an address")
+            .port();
+        let mut listeners = vec![first];
+        for &host in &hosts[1..] {
+            match TcpListener::bind((Ipv4Addr::new(127, 0, 0, host), port)).await {
+                Ok(listener) => listeners.push(listener),
+                Err(_) => break,
+            }
+        }
+        if listeners.len() == hosts.len() {
+            return (port, listeners);
+        }
+    }
+    panic!("no port was free on all of 127.0.0.{hosts:?}");
+}
+
+/// The real backend, serving on a listener the test bound. Dropping it stops it
+/// abruptly (a crashed pod); [`RealBackend::stop`] stops it gracefully.
+#[derive(Debug)]
+pub(crate) struct RealBackend {
+    pub(crate) addr: SocketAddr,
+    /// The running app, to turn readiness off as the kubelet would see it.
+    pub(crate) app: App,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl RealBackend {
+    /// Serves `backend::handlers::App` as `pod_name` on `listener`.
+    pub(crate) fn start(listener: TcpListener, pod_name: &str) -> Self {
+        Self::start_with_limits(listener, pod_name, ServerLimits::DEFAULT)
+    }
+
+    /// Like [`RealBackend::start`], with the backend's connection `limits`.
+    pub(crate) fn start_with_limits(
+        listener: TcpListener,
+        pod_name: &str,
+        limits: ServerLimits,
+    ) -> Self {
+        let addr = listener.local_addr().expect("bound socket has an address");
+        let app = App::new(Identity {
+            pod_name: pod_name.to_owned(),
+            pod_ip: addr.ip().to_string(),
+            service_name: "web".to_owned(),
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        let server = tokio::spawn(backend::server::serve_with(
+            listener,
+            app.clone(),
+            shutdown,
+            limits,
+        ));
+        Self {
+            addr,
+            app,
+            stop: Some(stop),
+            server,
+        }
+    }
+
+    /// Shuts down as on SIGTERM: readiness off, listener closed, in-flight
+    /// requests finished; returns once the server has.
+    pub(crate) async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(PATIENCE, &mut self.server)
+            .await
+            .expect("backend stops within PATIENCE")
+            .expect("backend task does not panic")
+            .expect("backend serves without error");
+    }
+}
+
+impl Drop for RealBackend {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// Starts the real backend on a free loopback port, answering as `pod_name`, with
+/// the same connection limits as a load balancer listener.
+pub(crate) async fn start_real_backend(
+    pod_name: &str,
+    limits: loadbalancer::server::ServerLimits,
+) -> RealBackend {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    // The backend compiles the same listener module, so its limits are the same
+    // shape under another crate's name.
+    let limits = ServerLimits {
+        header_read_timeout: limits.header_read_timeout,
+        idle_timeout: limits.idle_timeout,
+        max_connections: limits.max_connections,
+        max_header_bytes: limits.max_header_bytes,
+        shutdown_timeout: limits.shutdown_timeout,
+    };
+    RealBackend::start_with_limits(listener, pod_name, limits)
+}
