@@ -15,6 +15,7 @@ pub mod balancer;
 pub mod config;
 pub mod discovery;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 mod response;
 pub mod server;

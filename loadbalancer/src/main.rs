@@ -5,6 +5,7 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
@@ -12,6 +13,7 @@ use loadbalancer::admin::{self, Admin};
 use loadbalancer::backends::Backends;
 use loadbalancer::balancer::RoundRobin;
 use loadbalancer::config::{self, Config};
+use loadbalancer::metrics::Metrics;
 use loadbalancer::proxy::{Proxy, ProxySettings};
 use loadbalancer::shutdown::{Shutdown, Signals};
 use loadbalancer::{discovery, logging, server};
@@ -59,10 +61,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let backends = Backends::default();
     let shutdown = Shutdown::new();
+    let metrics = Arc::new(Metrics::new(backends.clone()));
     let proxy = Proxy::new(
         backends.clone(),
         RoundRobin::new(),
         ProxySettings::from(&config),
+        Arc::clone(&metrics),
     );
     let proxy_listener = bind(config.port).await.context("binding the proxy port")?;
     let admin_listener = bind(config.admin_port)
@@ -76,7 +80,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let proxy_task = tokio::spawn(server::serve_proxy(proxy_listener, proxy, shutdown.clone()));
-    let admin = Admin::new(backends.clone(), shutdown.clone());
+    let admin = Admin::new(backends.clone(), shutdown.clone(), metrics);
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone()));
     let namespace = std::env::var("NAMESPACE").ok().filter(|ns| !ns.is_empty());
     let discovery = discovery::run(config.discovery_source(namespace), backends);

@@ -11,11 +11,14 @@
 //!   response body, so memory stays flat whatever the size;
 //! * header hygiene ([`headers`]) and a request id ([`request_id`]);
 //! * a typed [`ProxyError`] per failure, answered as JSON 503/502/504;
-//! * one access log line per request.
+//! * one access log line per request, and the same outcome recorded once in the
+//!   [`Metrics`] and the chosen backend's [`BackendState`](crate::backend_state::BackendState).
 //!
 //! The access line and the latency are taken when the response *head* is ready;
-//! the body then streams on without the proxy in the way.
+//! the body then streams on without the proxy in the way, carrying the in-flight
+//! guards ([`body`]) until its last byte.
 
+mod body;
 mod headers;
 mod request_id;
 
@@ -35,16 +38,19 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::backend_state::OwnedInFlight;
 use crate::backends::Backends;
 use crate::balancer::{Balancer, NoBackend};
+use crate::metrics::Metrics;
 use crate::response;
+pub use body::InFlightBody;
 use headers::X_REQUEST_ID;
 use request_id::RequestIds;
 
 /// The body of a proxied response: the backend's body streamed through, or a
 /// small JSON error the proxy wrote itself. An enum, not a boxed trait object,
 /// so no allocation per response.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<InFlightBody, Full<Bytes>>;
 
 /// How long idle pooled connections to a backend are kept open.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -194,14 +200,24 @@ struct Shared {
     request_timeout: Duration,
     /// Source of ids for requests that arrive without one.
     request_ids: RequestIds,
+    /// Where every request's outcome is counted, shared with the admin listener.
+    metrics: Arc<Metrics>,
+}
+
+/// A backend's response head, and the guard counting the request in flight there.
+struct Upstream {
+    backend: SocketAddr,
+    in_flight: OwnedInFlight,
+    response: Response<Incoming>,
 }
 
 impl Proxy {
-    /// A proxy over `backends`, choosing with `balancer`.
+    /// A proxy over `backends`, choosing with `balancer`, counting in `metrics`.
     pub fn new(
         backends: Backends,
         balancer: impl Balancer + 'static,
         settings: ProxySettings,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let mut connector = HttpConnector::new();
         // Requests and responses are small writes; Nagle's algorithm would hold
@@ -219,6 +235,7 @@ impl Proxy {
                 client,
                 request_timeout: settings.request_timeout,
                 request_ids: RequestIds::default(),
+                metrics,
             }),
         }
     }
@@ -231,6 +248,7 @@ impl Proxy {
         client: &ClientConn,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
+        let request_in_flight = self.shared.metrics.request_started();
         let request_id = self
             .shared
             .request_ids
@@ -241,17 +259,28 @@ impl Proxy {
         let uri = req.uri().clone();
 
         let outcome = self.forward(req, client).await;
-        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        // One clock reading serves the log line, the histogram and the backend state.
+        let latency = started.elapsed();
+        let latency_ms = latency.as_secs_f64() * 1000.0;
         let id = request_id.to_str().unwrap_or_default();
+        let metrics = &self.shared.metrics;
         let mut response = match outcome {
-            Ok((backend, response)) => {
+            Ok(Upstream {
+                backend,
+                in_flight,
+                response,
+            }) => {
+                let status = response.status();
                 info!(
                     target: "loadbalancer::access",
                     method = %method, path = uri.path(), backend = %backend,
-                    status = response.status().as_u16(), latency_ms, request_id = id,
+                    status = status.as_u16(), latency_ms, request_id = id,
                     "request"
                 );
-                response.map(Either::Left)
+                in_flight.state().record(latency, status.is_server_error());
+                metrics.record_request(Some(backend), &method, status, latency);
+                response
+                    .map(|body| Either::Left(InFlightBody::new(body, request_in_flight, in_flight)))
             }
             Err(error) => {
                 warn!(
@@ -260,6 +289,10 @@ impl Proxy {
                     status = error.status().as_u16(), latency_ms, request_id = id,
                     error = %error, "request failed"
                 );
+                if let Some(backend) = error.backend() {
+                    self.shared.backends.state(backend).record(latency, true);
+                }
+                metrics.record_request(error.backend(), &method, error.status(), latency);
                 error.to_response(&request_id).map(Either::Right)
             }
         };
@@ -272,7 +305,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         client: &ClientConn,
-    ) -> Result<(SocketAddr, Response<Incoming>), ProxyError> {
+    ) -> Result<Upstream, ProxyError> {
         let shared = &*self.shared;
         // The read lock is held only inside this closure: the pick copies an
         // address out, and the guard is gone before the first `.await` below.
@@ -281,6 +314,9 @@ impl Proxy {
         headers::remove_hop_by_hop(req.headers_mut());
         headers::add_forwarding(req.headers_mut(), &client.ip);
         *req.uri_mut() = upstream_uri(backend, req.uri())?;
+        // Counted at the backend from here until the response body ends; on an
+        // error below the guard drops at once.
+        let in_flight = shared.backends.state(backend).start_owned_request();
 
         let exchange = shared.client.request(req);
         let mut response = match tokio::time::timeout(shared.request_timeout, exchange).await {
@@ -297,7 +333,11 @@ impl Proxy {
             }
         };
         headers::remove_hop_by_hop(response.headers_mut());
-        Ok((backend, response))
+        Ok(Upstream {
+            backend,
+            in_flight,
+            response,
+        })
     }
 }
 

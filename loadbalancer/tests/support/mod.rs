@@ -14,6 +14,7 @@ pub(crate) mod upstream;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,6 +27,7 @@ use loadbalancer::admin::{self, Admin};
 use loadbalancer::backends::Backends;
 use loadbalancer::balancer::RoundRobin;
 use loadbalancer::discovery::{self, Source};
+use loadbalancer::metrics::Metrics;
 use loadbalancer::proxy::{Proxy, ProxySettings};
 use loadbalancer::server;
 use loadbalancer::shutdown::Shutdown;
@@ -82,6 +84,8 @@ pub(crate) struct TestLb {
     pub(crate) admin_addr: SocketAddr,
     pub(crate) backends: Backends,
     pub(crate) shutdown: Shutdown,
+    /// The instance both servers share, for tests that record into it directly.
+    pub(crate) metrics: Arc<Metrics>,
     servers: Vec<JoinHandle<()>>,
 }
 
@@ -117,8 +121,14 @@ impl TestLb {
         let admin_addr = admin_listener
             .local_addr()
             .expect("bound socket has an address");
-        let proxy = Proxy::new(backends.clone(), RoundRobin::new(), settings);
-        let admin = Admin::new(backends.clone(), shutdown.clone());
+        let metrics = Arc::new(Metrics::new(backends.clone()));
+        let proxy = Proxy::new(
+            backends.clone(),
+            RoundRobin::new(),
+            settings,
+            Arc::clone(&metrics),
+        );
+        let admin = Admin::new(backends.clone(), shutdown.clone(), Arc::clone(&metrics));
         let servers = vec![
             tokio::spawn(server::serve_proxy(listener, proxy, shutdown.clone())),
             tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone())),
@@ -128,6 +138,7 @@ impl TestLb {
             admin_addr,
             backends,
             shutdown,
+            metrics,
             servers,
         }
     }
