@@ -14,7 +14,8 @@
 //!    yet, close at once), and `serve` returns once the last one has.
 //!
 //! One access-log line is written per request, with the `x-request-id` the load
-//! balancer sends, so a request can be followed across both programs' logs.
+//! balancer sends, so a request can be followed across both programs' logs; the
+//! same outcome and latency are counted in the app's metrics.
 
 use std::convert::Infallible;
 use std::io;
@@ -31,7 +32,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use crate::handlers::{App, Body};
+use crate::handlers::{self, App, Body};
 
 /// The header that carries a request's id across the load balancer and the backend.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -148,12 +149,15 @@ async fn respond(app: &App, request: Request<Incoming>) -> Response<Body> {
             .headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
+    let latency = start.elapsed();
+    app.metrics()
+        .record(handlers::route_label(&path), response.status(), latency);
     info!(
         %method,
         %path,
         status = response.status().as_u16(),
         // Whole microseconds, shown as milliseconds: enough precision, no float noise.
-        latency_ms = start.elapsed().as_micros() as f64 / 1000.0,
+        latency_ms = latency.as_micros() as f64 / 1000.0,
         pod = %app.identity().pod_name,
         request_id = %id,
         "request"
