@@ -3,115 +3,11 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus};
 
 use http::StatusCode;
-use support::{InFlight, PATIENCE, start_backend};
-
-/// A config file in a fresh temporary directory, removed on drop.
-struct TempConfig {
-    dir: PathBuf,
-    path: PathBuf,
-}
-
-impl TempConfig {
-    fn new(json: &str) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "loadbalancer-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        let path = dir.join("config.json");
-        std::fs::write(&path, json).expect("write temp config");
-        Self { dir, path }
-    }
-
-    /// Ports 0: the process picks free ports and reports them when listening.
-    fn local() -> Self {
-        Self::new(
-            r#"{"port": 0, "adminPort": 0, "backendServiceName": "backend-service",
-                "backendPort": 8080, "logFormat": "json"}"#,
-        )
-    }
-}
-
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The binary, killed if a test fails before it exits.
-struct Process(Child);
-
-impl Process {
-    fn spawn(args: &[&str]) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_loadbalancer"))
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env_remove("CONFIG_PATH")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the loadbalancer binary");
-        Self(child)
-    }
-
-    /// Polls for exit for up to [`PATIENCE`].
-    fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("query child status") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit within PATIENCE"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stderr(&mut self) -> String {
-        let mut text = String::new();
-        let stderr = self.0.stderr.take().expect("stderr is piped");
-        for line in BufReader::new(stderr).lines() {
-            text.push_str(&line.expect("stderr is UTF-8"));
-            text.push('\n');
-        }
-        text
-    }
-
-    /// Streams stdout lines into a channel, from a thread, so the pipe never fills.
-    fn stdout_lines(&mut self) -> mpsc::Receiver<String> {
-        let stdout = self.0.stdout.take().expect("stdout is piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        rx
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::process::{Listening, Process, TempConfig};
+use support::{InFlight, start_backend};
 
 /// Runs the binary to completion and returns its status and stderr.
 fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
@@ -166,26 +62,9 @@ async fn sigterm_during_a_slow_request_lets_it_finish_and_exits_0() {
         "--backends",
         &backends,
     ]);
-    let lines = process.stdout_lines();
-    let port = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = lines.recv_timeout(left).expect("a 'listening' log line");
-            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if event["message"] == "listening" {
-                let proxy = event["proxy"].as_str().expect("proxy address field");
-                let addr: std::net::SocketAddr = proxy.parse().expect("socket address");
-                return addr.port();
-            }
-        }
-    })
-    .await
-    .expect("log reader does not panic");
+    let (listening, _lines) = Listening::ready(process.stdout_lines()).await;
 
-    let in_flight = InFlight::start(format!("http://127.0.0.1:{port}/slow?ms=1500"));
+    let in_flight = InFlight::start(format!("http://{}/slow?ms=1500", listening.proxy));
     upstream.wait_for_requests(1).await;
 
     let pid = process.0.id().to_string();

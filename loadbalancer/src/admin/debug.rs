@@ -127,4 +127,20 @@ mod tests {
         assert!(backend["ejected_until"].is_string(), "{backend}");
         assert_eq!(json["discovery"]["source"], serde_json::Value::Null);
     }
+
+    #[test]
+    fn discovery_shows_its_source_and_last_error() {
+        let backends = Backends::default();
+        let status = backends.discovery_status();
+        status.set_source(SourceKind::Kubernetes);
+        status.record_error(&std::io::Error::other("connection refused"));
+        let json = serde_json::to_value(Snapshot::of(&backends)).expect("serializes");
+        let discovery = &json["discovery"];
+        assert_eq!(discovery["source"], "kubernetes");
+        assert_eq!(discovery["synced"], false);
+        assert_eq!(discovery["last_sync"], serde_json::Value::Null);
+        assert_eq!(discovery["last_error"]["message"], "connection refused");
+        assert!(discovery["last_error"]["at"].is_string());
+        assert_eq!(json["backends"], serde_json::json!([]));
+    }
 }

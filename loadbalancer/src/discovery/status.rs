@@ -42,10 +42,10 @@ pub struct DiscoveryStatus {
     /// Published lists that differed from the previous one: how often the backend
     /// set changed, for `loadbalancer_discovery_updates_total`.
     updates: AtomicU64,
-    /// Wall-clock time (milliseconds since the Unix epoch) of the last list the
+    /// Wall-clock time (microseconds since the Unix epoch) of the last list the
     /// source delivered, changed or not; 0 means never. A stale value while the
     /// watch keeps failing is what tells an operator the list may be out of date.
-    last_sync_unix_ms: AtomicU64,
+    last_sync_unix_micros: AtomicU64,
     /// The last watch error. A mutex, not an atomic: it is a string, written only on
     /// failures and read only by the admin endpoints.
     last_error: Mutex<Option<DiscoveryError>>,
@@ -69,12 +69,12 @@ impl DiscoveryStatus {
         if changed {
             self.updates.fetch_add(1, Ordering::Relaxed);
         }
-        let now_ms = SystemTime::now()
+        let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |since| {
-                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+                u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
             });
-        self.last_sync_unix_ms.store(now_ms, Ordering::Relaxed);
+        self.last_sync_unix_micros.store(now, Ordering::Relaxed);
     }
 
     /// Records a failed watch or list call (the watcher retries on its own).
@@ -103,9 +103,9 @@ impl DiscoveryStatus {
 
     /// When the source last delivered a list, if it ever has.
     pub fn last_sync(&self) -> Option<SystemTime> {
-        match self.last_sync_unix_ms.load(Ordering::Relaxed) {
+        match self.last_sync_unix_micros.load(Ordering::Relaxed) {
             0 => None,
-            ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
+            micros => Some(UNIX_EPOCH + Duration::from_micros(micros)),
         }
     }
 

@@ -4,11 +4,17 @@
 //! own, using a different subset, hence the `dead_code` allowance.
 //!
 //! * [`upstream`]: a configurable test backend (slow, echoing, chunked, ...).
+//! * [`backend_server`]: the real `backend` crate, in-process.
+//! * [`chromium`]: a headless browser for the status page.
 //! * [`fake_apiserver`]: a fake Kubernetes API server for discovery tests.
+//! * [`process`]: the built binaries as child processes, with temporary configs.
 //! * [`wait_for`]: poll a condition with a generous deadline instead of sleeping.
 #![allow(dead_code, unreachable_pub)]
 
+pub(crate) mod backend_server;
+pub(crate) mod chromium;
 pub mod fake_apiserver;
+pub(crate) mod process;
 pub(crate) mod upstream;
 
 use std::collections::BTreeMap;
@@ -261,4 +267,12 @@ pub(crate) fn tally(items: impl IntoIterator<Item = String>) -> BTreeMap<String,
         *counts.entry(item).or_default() += 1;
     }
     counts
+}
+
+/// The value of the sample `series` (metric name and labels exactly as exposed,
+/// e.g. `loadbalancer_requests_in_flight` or `x_total{code="200"}`) in an
+/// OpenMetrics text, if present.
+pub(crate) fn metric_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
