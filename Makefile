@@ -3,8 +3,9 @@
 
 # Image names; the Kubernetes manifests under k8s/ use the same tags.
 BACKEND_IMAGE ?= backend:0.1.0
+LOADBALANCER_IMAGE ?= loadbalancer:0.1.0
 
-.PHONY: help demo test run-backend fmt lint image-backend
+.PHONY: help demo test run-backend fmt lint image-backend image-loadbalancer images kind-up kind-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -29,3 +30,19 @@ lint: ## what CI checks besides the tests
 # Without Docker: /work/shared/tools/container-check build Dockerfile.backend
 image-backend: ## build the backend image $(BACKEND_IMAGE)
 	docker build -f Dockerfile.backend -t $(BACKEND_IMAGE) .
+
+# Without Docker: /work/shared/tools/container-check build Dockerfile.loadbalancer
+image-loadbalancer: ## build the load balancer image $(LOADBALANCER_IMAGE)
+	docker build -f Dockerfile.loadbalancer -t $(LOADBALANCER_IMAGE) .
+
+images: ## build both images, after checking that docker is installed
+	@SCRIPT="make images" bash -c 'source scripts/kind-lib.sh && require docker'
+	@$(MAKE) --no-print-directory image-backend image-loadbalancer
+
+# The kind cluster `loadbalancer-learning` with both images and everything in k8s/.
+# Each script checks for docker, kind and kubectl first and names what is missing.
+kind-up: ## create the kind cluster, load the images, deploy k8s/, smoke-test localhost:8080
+	BACKEND_IMAGE=$(BACKEND_IMAGE) LOADBALANCER_IMAGE=$(LOADBALANCER_IMAGE) bash scripts/kind-up.sh
+
+kind-down: ## delete the kind cluster
+	bash scripts/kind-down.sh

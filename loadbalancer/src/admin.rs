@@ -1,5 +1,5 @@
 //! Admin endpoints, on their own port (`adminPort`) so probes never queue behind
-//! client traffic and are never exposed through the load-balanced Service.
+//! client traffic and are never reached through the proxied port.
 //!
 //! `/healthz` (liveness) answers 200 while the process can serve HTTP at all.
 //! `/readyz` (readiness) answers 200 only once discovery has delivered a first

@@ -6,15 +6,8 @@ mod support;
 use std::process::{Command, ExitStatus};
 
 use http::StatusCode;
-use support::process::{Listening, Process, TempConfig};
+use support::process::{Process, TempConfig, ready, run_to_exit};
 use support::{InFlight, start_backend};
-
-/// Runs the binary to completion and returns its status and stderr.
-fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
-    let mut process = Process::spawn(args);
-    let status = process.wait();
-    (status, process.stderr())
-}
 
 fn assert_one_line_failure(status: ExitStatus, stderr: &str, needles: &[&str]) {
     assert!(!status.success(), "exit status {status}");
@@ -62,9 +55,10 @@ async fn sigterm_during_a_slow_request_lets_it_finish_and_exits_0() {
         "--backends",
         &backends,
     ]);
-    let (listening, _lines) = Listening::ready(process.stdout_lines()).await;
+    let lines = process.stdout_lines();
+    let proxy = ready(&lines).await.proxy;
 
-    let in_flight = InFlight::start(format!("http://{}/slow?ms=1500", listening.proxy));
+    let in_flight = InFlight::start(format!("http://{proxy}/slow?ms=1500"));
     upstream.wait_for_requests(1).await;
 
     let pid = process.0.id().to_string();

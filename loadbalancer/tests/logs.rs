@@ -4,12 +4,10 @@
 
 mod support;
 
-use std::process::Command;
-
 use http::StatusCode;
 use serde_json::Value;
 use support::get;
-use support::process::{Listening, Process, TempConfig, backend_binary, json_line};
+use support::process::{Process, TempConfig, json_line, ready};
 
 /// The fields every access line carries at the top level (the event's fields are
 /// flattened, so a log pipeline can filter on them directly).
@@ -48,25 +46,18 @@ async fn one_request_id_joins_the_json_lines_of_both_programs() {
     let backend_config = TempConfig::new(&format!(
         r#"{{"port": {port}, "serviceName": "backend-service", "logFormat": "json"}}"#
     ));
-    let mut command = Command::new(backend_binary());
-    command
-        .args(["--config", backend_config.arg()])
-        .env("POD_NAME", "backend-logs-0");
-    let mut backend = Process::start(command);
+    let mut backend = Process::spawn_backend(&backend_config, "backend-logs-0");
     let backend_lines = backend.stdout_lines();
-    let backend_lines = tokio::task::spawn_blocking(move || {
-        json_line(&backend_lines, "'listening' from the backend", |e| {
-            e["message"] == "listening"
-        });
-        backend_lines
+    json_line(&backend_lines, "'listening' from the backend", |e| {
+        e["message"] == "listening"
     })
-    .await
-    .expect("log reader does not panic");
+    .await;
 
     let config = TempConfig::local();
     let backends = format!("127.0.0.1:{port}");
-    let mut lb = Process::spawn(&["--config", config.arg(), "--backends", &backends]);
-    let (listening, lb_lines) = Listening::ready(lb.stdout_lines()).await;
+    let mut lb = Process::spawn(&["--config", config.path_str(), "--backends", &backends]);
+    let lb_lines = lb.stdout_lines();
+    let listening = ready(&lb_lines).await;
 
     let reply = get(&format!("http://{}/work?sleep_ms=1", listening.proxy)).await;
     assert_eq!(reply.status, StatusCode::OK);
@@ -75,16 +66,9 @@ async fn one_request_id_joins_the_json_lines_of_both_programs() {
         .expect("an ASCII request id")
         .to_owned();
 
-    let id = request_id.clone();
-    let (lb_line, backend_line) = tokio::task::spawn_blocking(move || {
-        let wanted = |e: &Value| e["request_id"] == id.as_str() && e["message"] == "request";
-        (
-            json_line(&lb_lines, "for the request from the load balancer", wanted),
-            json_line(&backend_lines, "for the request from the backend", wanted),
-        )
-    })
-    .await
-    .expect("log readers do not panic");
+    let wanted = |e: &Value| e["request_id"] == request_id.as_str() && e["message"] == "request";
+    let lb_line = json_line(&lb_lines, "for the request from the load balancer", wanted).await;
+    let backend_line = json_line(&backend_lines, "for the request from the backend", wanted).await;
 
     assert_access_line(&lb_line, &request_id, "load balancer");
     assert_eq!(lb_line["backend"], backends, "{lb_line}");

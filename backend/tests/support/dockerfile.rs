@@ -1,5 +1,18 @@
 //! Reads a Dockerfile's build stage and rebuilds its build context on disk, so a
-//! test can prove that the files the Dockerfile copies are all its build needs.
+//! test can prove that the files the Dockerfile copies are all its build needs:
+//! [`check_build_context`] copies what the `COPY` lines take (minus `.dockerignore`)
+//! into a fresh directory and runs the Dockerfile's own cargo command there.
+//!
+//! Both crates' Dockerfile tests use this one file: the backend's through its
+//! `support` module, the load balancer's with `#[path]` (see
+//! `loadbalancer/tests/dockerfile.rs`), so it depends on nothing but std.
+//!
+//! The command runs as `cargo check` instead of `cargo build`: resolving the
+//! workspace, finding every source file and type-checking all of it is what the
+//! context can make fail, and check does all of that without the slow release code
+//! generation and LTO. `--offline` proves nothing is fetched from outside the
+//! context beyond the locked registry crates. The real build is exercised by
+//! building the image (`make images`).
 //!
 //! Only the Dockerfile features our Dockerfiles use are understood (`FROM`,
 //! `WORKDIR`, `COPY` without `--from`, `RUN` with line continuations, and
@@ -13,7 +26,7 @@ use std::process::Command;
 pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("the backend crate sits inside the workspace")
+        .expect("every crate sits directly below the workspace root")
         .to_path_buf()
 }
 
@@ -81,6 +94,20 @@ impl BuildStage {
             "the build stage runs no `cargo build`"
         );
         Self { copies, cargo_args }
+    }
+
+    /// The Dockerfile's own cargo arguments, with `build` turned into `check` and
+    /// `--offline` added (see the module docs for why).
+    pub(crate) fn check_args(&self) -> Vec<String> {
+        assert_eq!(self.cargo_args[0], "build", "{:?}", self.cargo_args);
+        assert!(
+            self.cargo_args.iter().any(|a| a == "--locked"),
+            "the image must build from the committed Cargo.lock"
+        );
+        let mut args = vec!["check".to_owned()];
+        args.extend(self.cargo_args[1..].iter().cloned());
+        args.push("--offline".to_owned());
+        args
     }
 
     /// Copies what the build stage's `COPY` lines take from `context` into `into`,
@@ -244,4 +271,30 @@ pub(crate) fn cargo(dir: &Path, args: &[String], target_dir: &Path) -> (bool, St
         output.status.success(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// Rebuilds the build context that `dockerfile` (a file name in the workspace root)
+/// copies, leaving out the sources in `skip`, in a fresh directory named after
+/// `label`, and runs the Dockerfile's cargo command there (see the module docs).
+/// Returns whether cargo succeeded, and its stderr.
+///
+/// The directory is left in place afterwards for a look at what the image would
+/// get; the next run with the same label starts it afresh.
+pub(crate) fn check_build_context(dockerfile: &str, label: &str, skip: &[&str]) -> (bool, String) {
+    let root = workspace_root();
+    let stage = BuildStage::parse(&root.join(dockerfile));
+    let context = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("docker-context")
+        .join(label);
+    let _ = std::fs::remove_dir_all(&context);
+    std::fs::create_dir_all(&context).expect("the target dir is writable");
+    stage.copy_context(&root, &context, skip);
+    assert!(
+        !context.join("target").exists(),
+        ".dockerignore keeps build output out"
+    );
+    // Compiled dependencies are kept here across runs (and shared by every context),
+    // so only the workspace's own crates are checked again each time.
+    let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dockerfile-context");
+    cargo(&context, &stage.check_args(), &target_dir)
 }

@@ -72,10 +72,15 @@ pub async fn run(source: Source, backends: Backends) -> anyhow::Result<()> {
             Ok(())
         }
         Source::Kubernetes(source) => {
-            let client = kube::Client::try_default().await.context(
-                "no Kubernetes client configuration: neither a kubeconfig \
-                 (KUBECONFIG, ~/.kube/config) nor an in-cluster service account was found",
-            )?;
+            // kube's config error already spells out every cause in its own message
+            // (in-cluster: ..., kubeconfig: ...); keeping it as the source as well would
+            // make `{:#}` print the whole chain two more times.
+            let client = kube::Client::try_default().await.map_err(|error| {
+                anyhow::anyhow!(
+                    "no Kubernetes client configuration (neither a kubeconfig from \
+                     KUBECONFIG or ~/.kube/config nor an in-cluster service account): {error}"
+                )
+            })?;
             kubernetes::watch_endpoint_slices(client, &source, backends)
                 .await
                 .with_context(|| format!("discovery of Service {:?}", source.service_name))

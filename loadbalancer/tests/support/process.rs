@@ -1,9 +1,14 @@
-//! The built binaries as child processes: the load balancer (`CARGO_BIN_EXE_`) and
-//! the demo backend (built on demand, see [`backend_binary`]), with temporary config
-//! files and their JSON log lines read from stdout.
+//! The built binaries as child processes, for tests that run them the way an
+//! operator or a pod does: a config file on disk, flags and environment, the exit
+//! status and stderr, JSON log lines, and the addresses the load balancer reports
+//! in its `listening` log line. The `loadbalancer` binary comes from Cargo
+//! (`CARGO_BIN_EXE_`); the demo backend's is built on demand ([`backend_binary`]).
+//!
+//! Every wait is bounded by [`PATIENCE`], and a process still running when its
+//! [`Process`] is dropped is killed, so a failing test leaves nothing behind.
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,6 +20,7 @@ use http::StatusCode;
 use super::{PATIENCE, get};
 
 /// A config file in a fresh temporary directory, removed on drop.
+#[derive(Debug)]
 pub(crate) struct TempConfig {
     dir: PathBuf,
     pub(crate) path: PathBuf,
@@ -42,8 +48,8 @@ impl TempConfig {
         )
     }
 
-    /// The path as a command-line argument.
-    pub(crate) fn arg(&self) -> &str {
+    /// The path as a flag value.
+    pub(crate) fn path_str(&self) -> &str {
         self.path.to_str().expect("UTF-8 temp path")
     }
 }
@@ -54,27 +60,50 @@ impl Drop for TempConfig {
     }
 }
 
-/// A child process, killed if a test fails before it exits.
+/// The binary, killed if a test fails before it exits.
+#[derive(Debug)]
 pub(crate) struct Process(pub(crate) Child);
 
 impl Process {
-    /// The load balancer binary with `args`.
+    /// Starts the binary with `args` and a clean environment for its own settings.
     pub(crate) fn spawn(args: &[&str]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_loadbalancer"));
-        command.args(args).env_remove("CONFIG_PATH");
-        Self::start(command)
+        Self::spawn_with(args, |_| {})
     }
 
-    /// `command` with stdout and stderr piped and no `RUST_LOG` from the test's
-    /// environment, so the config file alone decides the log level.
-    pub(crate) fn start(mut command: Command) -> Self {
-        let child = command
+    /// Like [`Process::spawn`], after `configure` has added environment.
+    pub(crate) fn spawn_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Self {
+        Self::start(
+            Path::new(env!("CARGO_BIN_EXE_loadbalancer")),
+            args,
+            configure,
+        )
+    }
+
+    /// The demo backend's binary with `config`, calling itself `pod_name` (what the
+    /// Downward API's `POD_NAME` does in a pod).
+    pub(crate) fn spawn_backend(config: &TempConfig, pod_name: &str) -> Self {
+        Self::start(
+            backend_binary(),
+            &["--config", config.path_str()],
+            |command| {
+                command.env("POD_NAME", pod_name);
+            },
+        )
+    }
+
+    fn start(program: &Path, args: &[&str], configure: impl FnOnce(&mut Command)) -> Self {
+        let mut command = Command::new(program);
+        command
+            .args(args)
             .env_remove("RUST_LOG")
+            .env_remove("CONFIG_PATH")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        configure(&mut command);
+        let child = command
             .spawn()
-            .expect("start the binary");
+            .unwrap_or_else(|error| panic!("start {}: {error}", program.display()));
         Self(child)
     }
 
@@ -104,6 +133,7 @@ impl Process {
     }
 
     /// Streams stdout lines into a channel, from a thread, so the pipe never fills.
+    /// Keep the receiver for as long as the process runs.
     pub(crate) fn stdout_lines(&mut self) -> mpsc::Receiver<String> {
         let stdout = self.0.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::channel();
@@ -126,67 +156,77 @@ impl Drop for Process {
     }
 }
 
-/// Blocks (up to [`PATIENCE`]) until a line of `lines` parses as a JSON object for
-/// which `wanted` holds, skipping the others, and returns it. Blocking: call it
-/// from `spawn_blocking` in async tests.
-pub(crate) fn json_line(
-    lines: &mpsc::Receiver<String>,
-    what: &str,
-    wanted: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines
-            .recv_timeout(left)
-            .unwrap_or_else(|error| panic!("no log line {what} ({error})"));
-        if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
-            && wanted(&event)
-        {
-            return event;
-        }
-    }
+/// Runs the binary to completion and returns its status and stderr.
+pub(crate) fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
+    let mut process = Process::spawn(args);
+    let status = process.wait();
+    (status, process.stderr())
 }
 
-/// Where a load balancer process listens, from its JSON `listening` log line.
+/// Where a started load balancer listens, on loopback.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Listening {
     pub(crate) proxy: SocketAddr,
     pub(crate) admin: SocketAddr,
 }
 
-impl Listening {
-    /// Waits for the `listening` line, then for `/readyz` to answer 200: discovery
-    /// runs after the listeners are up, so a request sent on "listening" alone can
-    /// find no backend yet, just as Kubernetes would not send it before readiness.
-    pub(crate) async fn ready(lines: mpsc::Receiver<String>) -> (Self, mpsc::Receiver<String>) {
-        let (event, lines) = tokio::task::spawn_blocking(move || {
-            let event = json_line(&lines, "'listening'", |e| e["message"] == "listening");
-            (event, lines)
-        })
-        .await
-        .expect("log reader does not panic");
-        let port = |field: &str| {
-            let addr: SocketAddr = event[field]
-                .as_str()
-                .and_then(|addr| addr.parse().ok())
-                .unwrap_or_else(|| panic!("{field} address in {event}"));
-            SocketAddr::from(([127, 0, 0, 1], addr.port()))
-        };
-        let listening = Self {
-            proxy: port("proxy"),
-            admin: port("admin"),
-        };
-        let deadline = Instant::now() + PATIENCE;
-        while get(&format!("http://{}/readyz", listening.admin))
-            .await
-            .status
-            != StatusCode::OK
-        {
-            assert!(Instant::now() < deadline, "not ready within {PATIENCE:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+/// Waits (for up to [`PATIENCE`]) for the JSON `listening` log line among `lines`,
+/// skipping the lines before it, and returns the ports it reports on 127.0.0.1 (the
+/// process binds all interfaces; tests only use loopback).
+pub(crate) async fn listening(lines: &mpsc::Receiver<String>) -> Listening {
+    let event = json_line(lines, "'listening'", |e| e["message"] == "listening").await;
+    let loopback = |field: &str| {
+        let addr: SocketAddr = event[field]
+            .as_str()
+            .and_then(|text| text.parse().ok())
+            .unwrap_or_else(|| panic!("the listening line has a `{field}` address: {event}"));
+        SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+    };
+    Listening {
+        proxy: loopback("proxy"),
+        admin: loopback("admin"),
+    }
+}
+
+/// [`listening`], then waits for `/readyz` to answer 200. Discovery runs after the
+/// listeners are up, so a request sent on "listening" alone can find no backend
+/// yet (a 503); Kubernetes, too, sends nothing before readiness.
+pub(crate) async fn ready(lines: &mpsc::Receiver<String>) -> Listening {
+    let listening = listening(lines).await;
+    let readyz = format!("http://{}/readyz", listening.admin);
+    let deadline = Instant::now() + PATIENCE;
+    while get(&readyz).await.status != StatusCode::OK {
+        assert!(Instant::now() < deadline, "not ready within {PATIENCE:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    listening
+}
+
+/// Waits (for up to [`PATIENCE`]) for a line among `lines` that parses as a JSON
+/// object for which `wanted` holds, skipping the others, and returns it.
+pub(crate) async fn json_line(
+    lines: &mpsc::Receiver<String>,
+    what: &str,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match lines.try_recv() {
+            Ok(line) => {
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
+                    && wanted(&event)
+                {
+                    return event;
+                }
+            }
+            Err(mpsc::TryRecvError::Empty) => {
+                assert!(Instant::now() < deadline, "no log line {what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(mpsc::TryRecvError::Disconnected) => {
+                panic!("stdout closed before the log line {what}")
+            }
         }
-        (listening, lines)
     }
 }
 

@@ -1,0 +1,167 @@
+//! End to end in Kubernetes mode, with nothing faked but the API server: the real
+//! `loadbalancer` binary finds its backends through the fake API server's
+//! EndpointSlices (reached with a generated kubeconfig, as `kubectl` would be) and
+//! proxies to three real backend servers. As the endpoints change, the pods that
+//! answer change with them.
+//!
+//! Like pods in a cluster, the backends share one port and differ by IP: 127.0.0.1,
+//! 127.0.0.2 and 127.0.0.3 (all loopback on Linux), because an EndpointSlice lists
+//! addresses and the load balancer connects to each on the one `backendPort`.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use backend::handlers::App;
+use backend::identity::Identity;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use support::fake_apiserver::EndpointState::{self, NotReady, Ready};
+use support::fake_apiserver::{self, FakeApiServer, slice};
+use support::process::{Process, TempConfig, listening};
+use support::{PATIENCE, client, get, send};
+use tokio::net::TcpListener;
+
+const SERVICE: &str = "backend-service";
+const SLICE: &str = "backend-service-x7k2p";
+
+/// The backends' IPs; backend `i` (1-based) is `backend-i` at `IPS[i - 1]`.
+const IPS: [&str; 3] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
+
+/// Binds one listener per IP in [`IPS`], all on the same port, which the kernel
+/// picks for the first; retried if another process holds it on a later IP.
+async fn bind_same_port() -> (u16, Vec<TcpListener>) {
+    for _ in 0..50 {
+        let first = TcpListener::bind((IPS[0], 0))
+            .await
+            .expect("binding 127.0.0.1:0 always works");
+        let port = first
+            .local_addr()
+            .expect("a bound listener has an address")
+            .port();
+        let mut listeners = vec![first];
+        for ip in &IPS[1..] {
+            match TcpListener::bind((*ip, port)).await {
+                Ok(listener) => listeners.push(listener),
+                Err(_) => break,
+            }
+        }
+        if listeners.len() == IPS.len() {
+            return (port, listeners);
+        }
+    }
+    panic!("no port free on all of {IPS:?}");
+}
+
+/// Starts `backend-1..3` with the real backend server, one per listener. They run
+/// until the test's runtime ends.
+fn start_backends(listeners: Vec<TcpListener>) {
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let app = App::new(Identity {
+            pod_name: format!("backend-{}", i + 1),
+            pod_ip: IPS[i].to_owned(),
+            service_name: SERVICE.to_owned(),
+        });
+        tokio::spawn(backend::server::serve(
+            listener,
+            app,
+            std::future::pending(),
+        ));
+    }
+}
+
+/// The Service's one EndpointSlice with backend `i` in state `state`, for each pair.
+fn endpoints(port: u16, backends: &[(usize, EndpointState)]) -> EndpointSlice {
+    let listed: Vec<(&str, EndpointState)> = backends
+        .iter()
+        .map(|&(i, state)| (IPS[i - 1], state))
+        .collect();
+    slice(SLICE, SERVICE, &listed, port)
+}
+
+/// Sends rounds of requests until one round is answered by exactly the pods in
+/// `expected`, and returns how long that took. Every request must succeed: all three
+/// backends stay up, so a change of endpoints must never cost a client request.
+async fn wait_for_pods(proxy: SocketAddr, expected: &[&str]) -> Duration {
+    let expected: BTreeSet<String> = expected.iter().map(|&pod| pod.to_owned()).collect();
+    // Round-robin reaches each of n backends in any n consecutive requests; twice
+    // that leaves room for whatever else advances the shared counter (retries).
+    let round = 2 * IPS.len();
+    let client = client();
+    let started = Instant::now();
+    loop {
+        let mut seen = BTreeSet::new();
+        for _ in 0..round {
+            let request = Request::get(format!("http://{proxy}/"))
+                .body(Full::default())
+                .expect("a valid request");
+            let reply = send(&client, request).await;
+            assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+            seen.insert(reply.pod_name());
+        }
+        if seen == expected {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "pods answering are still {seen:?}, want {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_follow_the_endpoints_from_one_to_three_to_two_backends() {
+    let (port, listeners) = bind_same_port().await;
+    start_backends(listeners);
+    let server = FakeApiServer::start().await;
+    server.apply(endpoints(port, &[(1, Ready)]));
+
+    let config = TempConfig::new(&format!(
+        r#"{{"port": 0, "adminPort": 0, "backendServiceName": "{SERVICE}",
+            "backendPort": {port}, "discovery": "kubernetes", "logFormat": "json"}}"#
+    ));
+    let mut process = Process::spawn_with(&["--config", config.path_str()], |command| {
+        command
+            .env("KUBECONFIG", server.kubeconfig_path())
+            // What the Downward API gives a pod: its own namespace.
+            .env("NAMESPACE", fake_apiserver::NAMESPACE)
+            // Only the kubeconfig may decide where the client connects: never a
+            // proxy, never an in-cluster API server.
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy");
+    });
+    let lines = process.stdout_lines();
+    let lb = listening(&lines).await;
+
+    // Ready only once the first list has arrived.
+    let readyz = format!("http://{}/readyz", lb.admin);
+    let deadline = Instant::now() + PATIENCE;
+    while get(&readyz).await.status != StatusCode::OK {
+        assert!(Instant::now() < deadline, "/readyz never answered 200");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = wait_for_pods(lb.proxy, &["backend-1"]).await;
+    println!("1 backend: answered by exactly backend-1 after {took:?}");
+
+    server.apply(endpoints(port, &[(1, Ready), (2, Ready), (3, Ready)]));
+    let took = wait_for_pods(lb.proxy, &["backend-1", "backend-2", "backend-3"]).await;
+    println!("1 -> 3 backends: followed after {took:?}");
+
+    // backend-2 fails its readiness probe: it still answers, so any request the load
+    // balancer sent it would show.
+    server.apply(endpoints(port, &[(1, Ready), (2, NotReady), (3, Ready)]));
+    let took = wait_for_pods(lb.proxy, &["backend-1", "backend-3"]).await;
+    println!("3 -> 2 backends: followed after {took:?}");
+
+    let watches = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.is_watch())
+        .count();
+    assert!(watches >= 1, "the load balancer watched rather than polled");
+}
