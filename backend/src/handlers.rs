@@ -7,6 +7,7 @@
 //! | `GET /healthz`                       | 200 while the process is alive                |
 //! | `GET /readyz`                        | 200, or 503 once shutdown has begun           |
 //! | `GET /work?cpu_ms=&sleep_ms=&status=` | burns CPU, sleeps, then answers `status` with the identity JSON |
+//! | `GET /metrics`                       | 200, request counts and durations (OpenMetrics text) |
 //!
 //! Unknown paths get a 404 and other methods a 405, both as JSON, so that a client
 //! behind the load balancer can always parse what comes back. `HEAD` is accepted
@@ -24,6 +25,7 @@ use http_body_util::Full;
 use serde::Serialize;
 
 use crate::identity::Identity;
+use crate::metrics::{self, Metrics};
 
 /// The body type of every response: small JSON documents, built whole.
 pub type Body = Full<Bytes>;
@@ -49,6 +51,8 @@ pub struct App {
     /// How long `server::serve` keeps accepting after shutdown begins; see
     /// [`App::with_shutdown_delay`].
     shutdown_delay: Duration,
+    /// Every answered request is counted here (by `server`) and served on `/metrics`.
+    metrics: Arc<Metrics>,
 }
 
 impl App {
@@ -59,6 +63,7 @@ impl App {
             ready: Arc::new(AtomicBool::new(true)),
             in_flight: Arc::new(AtomicUsize::new(0)),
             shutdown_delay: Duration::ZERO,
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
@@ -91,6 +96,11 @@ impl App {
     /// How many requests are being answered at this moment.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// The metrics this application serves on `/metrics`.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The delay set by [`App::with_shutdown_delay`].
@@ -126,6 +136,14 @@ impl App {
                 Ok(work) => self.work(work).await,
                 Err(reason) => error(StatusCode::BAD_REQUEST, &reason),
             },
+            Route::Metrics => {
+                let mut response = Response::new(Full::new(Bytes::from(self.metrics.encode())));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static(metrics::CONTENT_TYPE),
+                );
+                response
+            }
         }
     }
 
@@ -178,18 +196,33 @@ enum Route {
     Healthz,
     Readyz,
     Work,
+    Metrics,
 }
 
 impl Route {
+    const ALL: [(&'static str, Route); 5] = [
+        ("/", Self::Identity),
+        ("/healthz", Self::Healthz),
+        ("/readyz", Self::Readyz),
+        ("/work", Self::Work),
+        ("/metrics", Self::Metrics),
+    ];
+
     fn of(path: &str) -> Option<Self> {
-        match path {
-            "/" => Some(Self::Identity),
-            "/healthz" => Some(Self::Healthz),
-            "/readyz" => Some(Self::Readyz),
-            "/work" => Some(Self::Work),
-            _ => None,
-        }
+        Self::ALL
+            .iter()
+            .find(|(known, _)| *known == path)
+            .map(|(_, route)| *route)
     }
+}
+
+/// The route `path` belongs to, as a metric label: the path itself for the routes
+/// above, `other` for anything else, so label values stay a small fixed set.
+pub fn route_label(path: &str) -> &'static str {
+    Route::ALL
+        .iter()
+        .find(|(known, _)| *known == path)
+        .map_or("other", |(known, _)| known)
 }
 
 /// What one `/work` request asks for.
@@ -310,6 +343,13 @@ mod tests {
         assert_eq!(work.cpu, Duration::from_millis(MAX_CPU_MS));
         assert_eq!(work.sleep, Duration::from_millis(MAX_SLEEP_MS));
         assert_eq!(work.status.as_u16(), 599);
+    }
+
+    #[test]
+    fn route_labels_are_the_known_paths_or_other() {
+        assert_eq!(route_label("/work"), "/work");
+        assert_eq!(route_label("/"), "/");
+        assert_eq!(route_label("/wp-admin.php"), "other");
     }
 
     #[test]

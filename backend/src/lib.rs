@@ -4,8 +4,9 @@
 //!
 //! A request flows through the modules in this order: [`server`] accepts the
 //! connection and hands each request to [`handlers::App`], which answers from the
-//! [`identity::Identity`] worked out at start-up. [`config`] and [`logging`] run once
-//! before that; [`shutdown`] produces the signal that ends it.
+//! [`identity::Identity`] worked out at start-up, and counts it in [`metrics`].
+//! [`config`] and [`logging`] run once before that; [`shutdown`] produces the
+//! signal that ends it.
 //!
 //! To run a backend in-process (as the load balancer's tests do), bind a listener and
 //! call [`server::serve`] with an [`handlers::App`]; see its docs for an example.
@@ -19,5 +20,6 @@ pub mod identity;
 #[path = "../../loadbalancer/src/listener/mod.rs"]
 mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod server;
 pub mod shutdown;

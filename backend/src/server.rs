@@ -20,7 +20,8 @@
 //! input and floods the same way. This module supplies the service and the signal.
 //!
 //! One access-log line is written per request, with the `x-request-id` the load
-//! balancer sends, so a request can be followed across both programs' logs.
+//! balancer sends, so a request can be followed across both programs' logs; the
+//! same outcome and latency are counted in the app's metrics.
 
 use std::convert::Infallible;
 use std::io;
@@ -34,7 +35,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info};
 
-use crate::handlers::{App, Body};
+use crate::handlers::{self, App, Body};
 pub use crate::listener::ServerLimits;
 use crate::listener::{self, Lifecycle};
 
@@ -169,12 +170,15 @@ async fn respond(app: &App, request: Request<Incoming>) -> Response<Body> {
     // Once readiness is off, the listener adds `Connection: close`: a keep-alive
     // client (the load balancer's pool) would otherwise keep reusing this
     // connection until the port closes under it.
+    let latency = start.elapsed();
+    app.metrics()
+        .record(handlers::route_label(&path), response.status(), latency);
     info!(
         %method,
         %path,
         status = response.status().as_u16(),
         // Whole microseconds, shown as milliseconds: enough precision, no float noise.
-        latency_ms = start.elapsed().as_micros() as f64 / 1000.0,
+        latency_ms = latency.as_micros() as f64 / 1000.0,
         pod = %app.identity().pod_name,
         request_id = %id,
         "request"

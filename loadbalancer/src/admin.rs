@@ -4,10 +4,18 @@
 //! `/healthz` (liveness) answers 200 while the process can serve HTTP at all.
 //! `/readyz` (readiness) answers 200 only once discovery has delivered a first
 //! complete backend list and shutdown has not begun: that is when Kubernetes may
-//! send traffic here. Further endpoints (metrics, a status page) are routed in
-//! [`Admin::respond`].
+//! send traffic here.
+//!
+//! The rest is for operators: `/metrics` for Prometheus (OpenMetrics text),
+//! `/debug/backends` (JSON, see [`debug`]) for people and scripts, and `/status`,
+//! a self-contained HTML page embedded in the binary that polls `/debug/backends`
+//! and draws each backend's share of the traffic, so it works offline and through
+//! `kubectl port-forward`.
+
+mod debug;
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -17,6 +25,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::backends::Backends;
+use crate::metrics::{self, Metrics};
 use crate::response;
 use crate::server;
 use crate::shutdown::{Phase, Shutdown};
@@ -28,12 +37,21 @@ pub struct Admin {
     backends: Backends,
     /// Readiness turns false as soon as shutdown begins.
     shutdown: Shutdown,
+    /// What `/metrics` serves; the proxy records into the same instance.
+    metrics: Arc<Metrics>,
 }
 
+/// The status page: HTML with inline CSS and JavaScript, no external assets.
+const STATUS_PAGE: &str = include_str!("admin/status.html");
+
 impl Admin {
-    /// Admin endpoints over the shared backend list and shutdown state.
-    pub fn new(backends: Backends, shutdown: Shutdown) -> Self {
-        Self { backends, shutdown }
+    /// Admin endpoints over the shared backend list, shutdown state and metrics.
+    pub fn new(backends: Backends, shutdown: Shutdown, metrics: Arc<Metrics>) -> Self {
+        Self {
+            backends,
+            shutdown,
+            metrics,
+        }
     }
 
     /// Routes one admin request.
@@ -48,9 +66,35 @@ impl Admin {
         match path {
             "/healthz" => response::json(StatusCode::OK, &json!({ "status": "ok" })),
             "/readyz" => self.readiness(),
+            "/metrics" => {
+                response::typed(StatusCode::OK, metrics::CONTENT_TYPE, self.metrics.encode())
+            }
+            "/debug/backends" => self.debug_backends(),
+            "/status" => response::typed(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE),
             _ => response::json(
                 StatusCode::NOT_FOUND,
                 &json!({ "error": "not found", "path": path }),
+            ),
+        }
+    }
+
+    fn debug_backends(&self) -> Response<Full<Bytes>> {
+        let snapshot = debug::Snapshot::of(&self.backends);
+        match serde_json::to_vec(&snapshot) {
+            Ok(body) => {
+                let mut response = response::typed(StatusCode::OK, "application/json", body);
+                // The status page polls this; a cached copy would freeze it.
+                response.headers_mut().insert(
+                    http::header::CACHE_CONTROL,
+                    http::HeaderValue::from_static("no-store"),
+                );
+                response
+            }
+            // Only string-keyed structs are serialized, which cannot fail; answer
+            // rather than panic all the same.
+            Err(error) => response::json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &json!({ "error": error.to_string() }),
             ),
         }
     }

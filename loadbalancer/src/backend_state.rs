@@ -12,6 +12,7 @@
 //! `healthy`, outlier detection `ejected_until`), so no update ever overwrites
 //! another's.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,25 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// [`InFlight`] for a request whose response body outlives the code that picked
+/// the backend: the proxy moves it into the streamed body, so the request counts as
+/// in flight until the last byte has gone to the client, not just the head.
+#[derive(Debug)]
+pub struct OwnedInFlight(Arc<BackendState>);
+
+impl OwnedInFlight {
+    /// The state this request is counted in, e.g. to `record` its outcome.
+    pub fn state(&self) -> &BackendState {
+        &self.0
+    }
+}
+
+impl Drop for OwnedInFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Default for BackendState {
     fn default() -> Self {
         Self::new()
@@ -78,9 +98,19 @@ impl BackendState {
     /// Counts a new request; it stays in flight until the returned guard is dropped,
     /// so an early return or a client hanging up can never leave the count too high.
     pub fn start_request(&self) -> InFlight<'_> {
+        self.enter();
+        InFlight(self)
+    }
+
+    /// Like [`start_request`](Self::start_request), with a guard that owns the state.
+    pub fn start_owned_request(self: Arc<Self>) -> OwnedInFlight {
+        self.enter();
+        OwnedInFlight(self)
+    }
+
+    fn enter(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self)
     }
 
     /// Records how a request ended: its latency, and whether it failed.
@@ -205,6 +235,15 @@ mod tests {
         assert_eq!(state.in_flight(), 1);
         drop(second);
         assert_eq!((state.in_flight(), state.requests()), (0, 2));
+    }
+
+    #[test]
+    fn an_owned_guard_counts_like_a_borrowed_one() {
+        let state = Arc::new(BackendState::new());
+        let guard = Arc::clone(&state).start_owned_request();
+        assert_eq!((state.in_flight(), guard.state().requests()), (1, 1));
+        drop(guard);
+        assert_eq!(state.in_flight(), 0);
     }
 
     #[test]

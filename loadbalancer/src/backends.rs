@@ -13,6 +13,10 @@
 //! ejection). `replace` keeps the two in step: states for new addresses exist
 //! before the list that names them is published, and states of removed addresses
 //! are dropped after.
+//!
+//! Every list discovery publishes also stamps the [`DiscoveryStatus`] carried here,
+//! so the admin endpoints and metrics can tell how fresh the list is without
+//! discovery having to report to them separately.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,6 +25,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use crate::backend_state::BackendState;
+use crate::discovery::DiscoveryStatus;
 
 /// A cheaply clonable handle to the current backend addresses.
 #[derive(Debug, Clone, Default)]
@@ -33,6 +38,9 @@ pub struct Backends {
     /// The runtime state of each address in `addrs`, shared with the proxy (counters),
     /// health checks and the admin endpoints.
     states: Arc<RwLock<HashMap<SocketAddr, Arc<BackendState>>>>,
+    /// How discovery is doing: stamped by `replace` and `mark_synced`, read by the
+    /// admin endpoints and metrics.
+    discovery: Arc<DiscoveryStatus>,
 }
 
 impl Backends {
@@ -48,7 +56,9 @@ impl Backends {
     pub fn replace(&self, mut addrs: Vec<SocketAddr>) -> bool {
         addrs.sort_unstable();
         addrs.dedup();
-        if *read(&self.addrs) == addrs {
+        let changed = *read(&self.addrs) != addrs;
+        self.discovery.record_sync(changed);
+        if !changed {
             return false;
         }
         // Only discovery writes, from one task, so nothing can slip in between these
@@ -120,12 +130,18 @@ impl Backends {
 
     /// Records that discovery has delivered a complete list at least once.
     pub fn mark_synced(&self) {
+        self.discovery.record_sync(false);
         self.synced.store(true, Ordering::Release);
     }
 
     /// Whether discovery has delivered a complete list at least once.
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Acquire)
+    }
+
+    /// What discovery has done lately (source, updates, last sync, last error).
+    pub fn discovery_status(&self) -> &DiscoveryStatus {
+        &self.discovery
     }
 }
 

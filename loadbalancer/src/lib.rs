@@ -23,6 +23,7 @@ pub mod discovery;
 pub mod health;
 mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod outlier;
 pub mod proxy;
 mod response;

@@ -5,6 +5,7 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
@@ -13,6 +14,7 @@ use loadbalancer::backends::Backends;
 use loadbalancer::balancer::RoundRobin;
 use loadbalancer::config::{self, Config};
 use loadbalancer::health::{HealthCheckSettings, HealthChecker};
+use loadbalancer::metrics::Metrics;
 use loadbalancer::proxy::{Proxy, ProxySettings, Resilience};
 use loadbalancer::server::ServerLimits;
 use loadbalancer::shutdown::{Shutdown, Signals};
@@ -61,11 +63,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let backends = Backends::default();
     let shutdown = Shutdown::new();
+    let metrics = Arc::new(Metrics::new(backends.clone()));
     let proxy = Proxy::with_resilience(
         backends.clone(),
         RoundRobin::new(),
         ProxySettings::from(&config),
         Resilience::from(&config),
+        Arc::clone(&metrics),
     );
     let proxy_listener = bind(config.port).await.context("binding the proxy port")?;
     let admin_listener = bind(config.admin_port)
@@ -84,7 +88,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         shutdown.clone(),
         ServerLimits::from(&config),
     ));
-    let admin = Admin::new(backends.clone(), shutdown.clone());
+    let admin = Admin::new(backends.clone(), shutdown.clone(), metrics);
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone()));
     let health_checks = HealthChecker::new(
         backends.clone(),

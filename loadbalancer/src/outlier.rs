@@ -186,7 +186,6 @@ impl OutlierDetector {
             backend = %backend, ejections = previous + 1, ejected_ms = duration.as_millis(),
             "backend ejected"
         );
-        // Metrics: `metrics.record_ejection(backend)` belongs here.
         until
     }
 

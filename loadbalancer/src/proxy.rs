@@ -14,11 +14,15 @@
 //! * resilience ([`Resilience`]): the balancer skips unavailable backends, every
 //!   attempt's outcome feeds [`outlier`](crate::outlier) detection, and a failed
 //!   attempt is repeated on another backend when [`retry`](crate::retry) allows it;
-//! * one access log line per request, with the number of attempts it took.
+//! * one access log line per request, with the number of attempts it took, and
+//!   the same outcome recorded once in the [`Metrics`]; every attempt is also
+//!   counted in its backend's [`BackendState`].
 //!
 //! The access line and the latency are taken when the response *head* is ready;
-//! the body then streams on without the proxy in the way.
+//! the body then streams on without the proxy in the way, carrying the in-flight
+//! guards ([`body`]) until its last byte.
 
+mod body;
 mod headers;
 mod request_id;
 
@@ -39,20 +43,22 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::backend_state::BackendState;
+use crate::backend_state::{BackendState, OwnedInFlight};
 use crate::backends::Backends;
 use crate::balancer::{self, Balancer, NoBackend};
+use crate::metrics::Metrics;
 use crate::outlier::{Admission, Outcome, OutlierDetector, OutlierSettings};
 use crate::response;
 use crate::retry::body::{AttemptBody, RetryBody};
 use crate::retry::{RetryPolicy, RetryReason, RetrySettings};
+pub use body::InFlightBody;
 use headers::X_REQUEST_ID;
 use request_id::RequestIds;
 
 /// The body of a proxied response: the backend's body streamed through, or a
 /// small JSON error the proxy wrote itself. An enum, not a boxed trait object,
 /// so no allocation per response.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<InFlightBody, Full<Bytes>>;
 
 /// How long idle pooled connections to a backend are kept open.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -249,12 +255,21 @@ struct Shared {
     retry: RetryPolicy,
     /// Ejects backends whose attempts keep failing; `None` when turned off.
     outlier: Option<OutlierDetector>,
+    /// Where every request's outcome is counted, shared with the admin listener.
+    metrics: Arc<Metrics>,
 }
 
 /// How forwarding ended: the last attempt's result and how many attempts it took.
 struct Forwarded {
     attempts: u32,
-    result: Result<(SocketAddr, Response<Incoming>), ProxyError>,
+    result: Result<Upstream, ProxyError>,
+}
+
+/// A backend's response head, and the guard counting the request in flight there.
+struct Upstream {
+    backend: SocketAddr,
+    in_flight: OwnedInFlight,
+    response: Response<Incoming>,
 }
 
 impl Proxy {
@@ -264,8 +279,9 @@ impl Proxy {
         backends: Backends,
         balancer: impl Balancer + 'static,
         settings: ProxySettings,
+        metrics: Arc<Metrics>,
     ) -> Self {
-        Self::with_resilience(backends, balancer, settings, Resilience::default())
+        Self::with_resilience(backends, balancer, settings, Resilience::default(), metrics)
     }
 
     /// A proxy that also retries and ejects failing backends as `resilience` says.
@@ -274,6 +290,7 @@ impl Proxy {
         balancer: impl Balancer + 'static,
         settings: ProxySettings,
         resilience: Resilience,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let mut connector = HttpConnector::new();
         // Requests and responses are small writes; Nagle's algorithm would hold
@@ -299,6 +316,7 @@ impl Proxy {
                     let trial_bound = settings.connect_timeout + settings.request_timeout;
                     OutlierDetector::new(outlier, trial_bound)
                 }),
+                metrics,
             }),
         }
     }
@@ -311,6 +329,7 @@ impl Proxy {
         client: &ClientConn,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
+        let request_in_flight = self.shared.metrics.request_started();
         let request_id = self
             .shared
             .request_ids
@@ -321,17 +340,27 @@ impl Proxy {
         let uri = req.uri().clone();
 
         let Forwarded { attempts, result } = self.forward(req, client).await;
-        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        // One clock reading serves the log line and the histogram.
+        let latency = started.elapsed();
+        let latency_ms = latency.as_secs_f64() * 1000.0;
         let id = request_id.to_str().unwrap_or_default();
+        let metrics = &self.shared.metrics;
         let mut response = match result {
-            Ok((backend, response)) => {
+            Ok(Upstream {
+                backend,
+                in_flight,
+                response,
+            }) => {
+                let status = response.status();
                 info!(
                     target: "loadbalancer::access",
                     method = %method, path = uri.path(), backend = %backend,
-                    status = response.status().as_u16(), latency_ms, attempts,
+                    status = status.as_u16(), latency_ms, attempts,
                     request_id = id, "request"
                 );
-                response.map(Either::Left)
+                metrics.record_request(Some(backend), &method, status, latency);
+                response
+                    .map(|body| Either::Left(InFlightBody::new(body, request_in_flight, in_flight)))
             }
             Err(error) => {
                 warn!(
@@ -340,6 +369,7 @@ impl Proxy {
                     status = error.status().as_u16(), latency_ms, attempts,
                     request_id = id, error = %error, "request failed"
                 );
+                metrics.record_request(error.backend(), &method, error.status(), latency);
                 error.to_response(&request_id).map(Either::Right)
             }
         };
@@ -371,7 +401,14 @@ impl Proxy {
             };
             let backend = chosen.backend;
             tried.push(backend);
+            // Counted at the backend from here until the response body ends; a
+            // failed attempt's guard drops when its result is replaced.
+            let in_flight = shared.backends.state(backend).start_owned_request();
+            let attempt_started = Instant::now();
             let result = self.attempt(chosen, &parts, attempt_body).await;
+            in_flight
+                .state()
+                .record(attempt_started.elapsed(), attempt_failed(&result));
             only_connect_failures &= matches!(result, Err(ProxyError::Connect { .. }));
             let reason = retry_reason(&result);
             let made = attempt_count(&tried);
@@ -387,10 +424,14 @@ impl Proxy {
                         request_id = request_id.and_then(|v| v.to_str().ok()).unwrap_or_default(),
                         "retrying on another backend"
                     );
-                    // Metrics: `metrics.record_retry()` belongs here.
+                    shared.metrics.record_retry();
                 }
             }
-            last = result.map(|response| (backend, response));
+            last = result.map(|response| Upstream {
+                backend,
+                in_flight,
+                response,
+            });
         }
         if only_connect_failures && self.none_left_to_try(&tried) {
             last = last.map_err(ProxyError::into_unreachable);
@@ -479,16 +520,17 @@ impl Proxy {
             }),
         };
         if let (Some(outlier), Some((state, admission))) = (&shared.outlier, chosen.outlier) {
-            let failed = match &result {
-                Ok(response) => response.status().is_server_error(),
-                Err(_) => true,
-            };
-            let outcome = if failed {
+            let outcome = if attempt_failed(&result) {
                 Outcome::Failure
             } else {
                 Outcome::Success
             };
-            outlier.report(backend, &state, admission, outcome, Instant::now());
+            if outlier
+                .report(backend, &state, admission, outcome, Instant::now())
+                .is_some()
+            {
+                shared.metrics.record_ejection(backend);
+            }
         }
         result
     }
@@ -510,6 +552,15 @@ struct Chosen {
 /// Attempts made so far; bounded by `retries.attempts` (at most 10).
 fn attempt_count(tried: &[SocketAddr]) -> u32 {
     u32::try_from(tried.len()).unwrap_or(u32::MAX)
+}
+
+/// Whether an attempt counts against its backend: it failed to answer, or
+/// answered with a server error.
+fn attempt_failed(result: &Result<Response<Incoming>, ProxyError>) -> bool {
+    match result {
+        Ok(response) => response.status().is_server_error(),
+        Err(_) => true,
+    }
 }
 
 /// Why an attempt's result may be worth a retry, before looking at the method.

@@ -6,8 +6,8 @@ mod support;
 use std::process::ExitStatus;
 
 use http::StatusCode;
-use support::process::{Listening, Process, TempConfig, listening, run_to_exit};
-use support::{InFlight, start_backend, wait_for_readyz};
+use support::process::{Process, TempConfig, ready, run_to_exit};
+use support::{InFlight, start_backend};
 
 fn assert_one_line_failure(status: ExitStatus, stderr: &str, needles: &[&str]) {
     assert!(!status.success(), "exit status {status}");
@@ -56,10 +56,7 @@ async fn sigterm_during_a_slow_request_lets_it_finish_and_exits_0() {
         &backends,
     ]);
     let lines = process.stdout_lines();
-    let Listening { proxy, admin } = listening(&lines).await;
-    // Discovery publishes the backends just after the servers start listening;
-    // until then the proxy answers 503, so wait for readiness as Kubernetes does.
-    wait_for_readyz(admin, StatusCode::OK).await;
+    let proxy = ready(&lines).await.proxy;
 
     let in_flight = InFlight::start(format!("http://{proxy}/slow?ms=1500"));
     upstream.wait_for_requests(1).await;

@@ -317,6 +317,36 @@ async fn the_last_list_keeps_serving_while_the_api_server_is_gone() {
 }
 
 #[tokio::test]
+async fn a_watch_error_is_recorded_and_later_syncs_are_stamped() {
+    let mut server = FakeApiServer::start().await;
+    server.apply(web("web-1", &[("10.0.0.1", Ready)]));
+    let discovery = watching(&server, &["10.0.0.1"]).await;
+    let status = discovery.backends.discovery_status();
+    assert_eq!(status.last_error(), None);
+    assert_eq!(status.updates(), 1);
+    let first_sync = status.last_sync().expect("the first list stamps a sync");
+
+    server.stop().await;
+    let error = wait_for(
+        "a recorded watch error",
+        || status.last_error(),
+        Option::is_some,
+    )
+    .await
+    .expect("checked by wait_for");
+    assert!(!error.message.is_empty());
+    assert!(error.at >= first_sync);
+
+    // The error stays on record (with its time); the next list is a newer sync.
+    server.apply(web("web-1", &[("10.0.0.1", Ready), ("10.0.0.2", Ready)]));
+    server.restart().await;
+    discovery.wait_for_backends(&["10.0.0.1", "10.0.0.2"]).await;
+    assert_eq!(status.updates(), 2);
+    assert!(status.last_sync().expect("synced") >= error.at);
+    assert_eq!(status.last_error(), Some(error));
+}
+
+#[tokio::test]
 async fn a_bookmark_lets_a_resumed_watch_skip_the_relist() {
     let server = FakeApiServer::start().await;
     server.apply(web("web-1", &[("10.0.0.1", Ready)]));

@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use backend::handlers::App;
 use backend::identity::Identity;
@@ -29,6 +30,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::{Metadata, Resource};
 use loadbalancer::admin::Admin;
 use loadbalancer::backends::Backends;
+use loadbalancer::metrics::Metrics;
 use loadbalancer::shutdown::Shutdown;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -536,7 +538,8 @@ fn loadbalancer_probes_ask_the_admin_port_for_paths_it_answers() {
     );
 
     let backends = Backends::default();
-    let admin = Admin::new(backends.clone(), Shutdown::new());
+    let metrics = Arc::new(Metrics::new(backends.clone()));
+    let admin = Admin::new(backends.clone(), Shutdown::new(), metrics);
     // Before discovery's first complete list the pod must not get traffic.
     assert_eq!(admin_status(&admin, &live), StatusCode::OK, "{live}");
     assert_eq!(

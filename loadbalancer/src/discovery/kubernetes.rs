@@ -64,6 +64,7 @@ pub async fn watch_endpoint_slices(
     // timer, so it is pinned (on the stack: it lives exactly as long as this loop).
     let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
     let mut store = SliceStore::new(source.port);
+    let status = backends.clone();
     let mut publisher = Publisher::new(service, backends);
     while let Some(event) = events.next().await {
         match event {
@@ -72,12 +73,15 @@ pub async fn watch_endpoint_slices(
                     publisher.publish(update);
                 }
             }
-            Err(err) => tracing::warn!(
-                service = %service,
-                error = %err,
-                cause = %root_cause(&err),
-                "EndpointSlice watch failed; keeping the last known backends and retrying with backoff"
-            ),
+            Err(err) => {
+                tracing::warn!(
+                    service = %service,
+                    error = %err,
+                    cause = %root_cause(&err),
+                    "EndpointSlice watch failed; keeping the last known backends and retrying with backoff"
+                );
+                status.discovery_status().record_error(&err);
+            }
         }
     }
     Err(WatchEnded)

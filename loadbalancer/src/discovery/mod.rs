@@ -12,12 +12,14 @@
 
 mod endpoints;
 pub mod kubernetes;
+mod status;
 
 use std::net::SocketAddr;
 
 use anyhow::Context;
 
 use crate::backends::Backends;
+pub use status::{DiscoveryError, DiscoveryStatus, SourceKind};
 
 /// Where the load balancer learns its backend addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +28,16 @@ pub enum Source {
     Static(Vec<SocketAddr>),
     /// The ready endpoints of a Kubernetes Service, kept current by a watch.
     Kubernetes(KubernetesSource),
+}
+
+impl Source {
+    /// Which kind of source this is, for the admin endpoints.
+    pub fn kind(&self) -> SourceKind {
+        match self {
+            Source::Static(_) => SourceKind::Static,
+            Source::Kubernetes(_) => SourceKind::Kubernetes,
+        }
+    }
 }
 
 /// The Service whose EndpointSlices name the backends.
@@ -51,6 +63,7 @@ pub struct KubernetesSource {
 /// account), then watches forever; it only returns if the watch stream ends, which
 /// the watcher's retry-forever backoff should never let happen.
 pub async fn run(source: Source, backends: Backends) -> anyhow::Result<()> {
+    backends.discovery_status().set_source(source.kind());
     match source {
         Source::Static(addrs) => {
             tracing::info!(backends = ?addrs, "using a static backend list");

@@ -4,6 +4,7 @@
 //! own, using a different subset, hence the `dead_code` allowance.
 //!
 //! * [`upstream`]: a configurable test backend (slow, echoing, chunked, ...).
+//! * [`chromium`]: a headless browser for the status page.
 //! * [`fake_apiserver`]: a fake Kubernetes API server for discovery tests.
 //! * [`process`]: the `loadbalancer` binary as a child process.
 //! * [`raw`]: a raw TCP client, for requests no HTTP library would send.
@@ -13,6 +14,7 @@
 //! * [`wait_for`]: poll a condition with a generous deadline instead of sleeping.
 #![allow(dead_code, unreachable_pub)]
 
+pub(crate) mod chromium;
 pub mod fake_apiserver;
 pub(crate) mod faults;
 pub(crate) mod load;
@@ -23,6 +25,7 @@ pub(crate) mod upstream;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,6 +38,7 @@ use loadbalancer::admin::{self, Admin};
 use loadbalancer::backends::Backends;
 use loadbalancer::balancer::RoundRobin;
 use loadbalancer::discovery::{self, Source};
+use loadbalancer::metrics::Metrics;
 use loadbalancer::proxy::{Proxy, ProxySettings, Resilience};
 use loadbalancer::server::{self, ServerLimits};
 use loadbalancer::shutdown::Shutdown;
@@ -93,6 +97,8 @@ pub(crate) struct TestLb {
     pub(crate) shutdown: Shutdown,
     /// A handle on the proxy being served, for its counters.
     pub(crate) proxy: Proxy,
+    /// The instance both servers share, for tests that record into it directly.
+    pub(crate) metrics: Arc<Metrics>,
     servers: Vec<JoinHandle<()>>,
 }
 
@@ -158,9 +164,15 @@ impl TestLb {
         let admin_addr = admin_listener
             .local_addr()
             .expect("bound socket has an address");
-        let proxy =
-            Proxy::with_resilience(backends.clone(), RoundRobin::new(), settings, resilience);
-        let admin = Admin::new(backends.clone(), shutdown.clone());
+        let metrics = Arc::new(Metrics::new(backends.clone()));
+        let proxy = Proxy::with_resilience(
+            backends.clone(),
+            RoundRobin::new(),
+            settings,
+            resilience,
+            Arc::clone(&metrics),
+        );
+        let admin = Admin::new(backends.clone(), shutdown.clone(), Arc::clone(&metrics));
         let servers = vec![
             tokio::spawn(server::serve_proxy(
                 listener,
@@ -176,6 +188,7 @@ impl TestLb {
             backends,
             shutdown,
             proxy,
+            metrics,
             servers,
         }
     }
@@ -329,4 +342,12 @@ pub(crate) fn tally(items: impl IntoIterator<Item = String>) -> BTreeMap<String,
         *counts.entry(item).or_default() += 1;
     }
     counts
+}
+
+/// The value of the sample `series` (metric name and labels exactly as exposed,
+/// e.g. `loadbalancer_requests_in_flight` or `x_total{code="200"}`) in an
+/// OpenMetrics text, if present.
+pub(crate) fn metric_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }

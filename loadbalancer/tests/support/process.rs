@@ -1,19 +1,23 @@
-//! The `loadbalancer` binary as a child process, for tests that run it the way an
+//! The built binaries as child processes, for tests that run them the way an
 //! operator or a pod does: a config file on disk, flags and environment, the exit
-//! status and stderr, and the addresses it reports in its `listening` log line.
+//! status and stderr, JSON log lines, and the addresses the load balancer reports
+//! in its `listening` log line. The `loadbalancer` binary comes from Cargo
+//! (`CARGO_BIN_EXE_`); the demo backend's is built on demand ([`backend_binary`]).
 //!
 //! Every wait is bounded by [`PATIENCE`], and a process still running when its
 //! [`Process`] is dropped is killed, so a failing test leaves nothing behind.
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::{OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
-use super::PATIENCE;
+use http::StatusCode;
+
+use super::{PATIENCE, wait_for_readyz};
 
 /// A config file in a fresh temporary directory, removed on drop.
 #[derive(Debug)]
@@ -69,7 +73,27 @@ impl Process {
 
     /// Like [`Process::spawn`], after `configure` has added environment.
     pub(crate) fn spawn_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_loadbalancer"));
+        Self::start(
+            Path::new(env!("CARGO_BIN_EXE_loadbalancer")),
+            args,
+            configure,
+        )
+    }
+
+    /// The demo backend's binary with `config`, calling itself `pod_name` (what the
+    /// Downward API's `POD_NAME` does in a pod).
+    pub(crate) fn spawn_backend(config: &TempConfig, pod_name: &str) -> Self {
+        Self::start(
+            backend_binary(),
+            &["--config", config.path_str()],
+            |command| {
+                command.env("POD_NAME", pod_name);
+            },
+        )
+    }
+
+    fn start(program: &Path, args: &[&str], configure: impl FnOnce(&mut Command)) -> Self {
+        let mut command = Command::new(program);
         command
             .args(args)
             .env_remove("RUST_LOG")
@@ -78,7 +102,10 @@ impl Process {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         configure(&mut command);
-        Self(command.spawn().expect("start the loadbalancer binary"))
+        let child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {}: {error}", program.display()));
+        Self(child)
     }
 
     /// Polls for exit for up to [`PATIENCE`].
@@ -162,34 +189,97 @@ pub(crate) struct Listening {
 /// skipping the lines before it, and returns the ports it reports on 127.0.0.1 (the
 /// process binds all interfaces; tests only use loopback).
 pub(crate) async fn listening(lines: &mpsc::Receiver<String>) -> Listening {
-    let deadline = Instant::now() + PATIENCE;
-    let loopback = |event: &serde_json::Value, field: &str| {
+    let event = json_line(lines, "'listening'", |e| e["message"] == "listening").await;
+    let loopback = |field: &str| {
         let addr: SocketAddr = event[field]
             .as_str()
             .and_then(|text| text.parse().ok())
             .unwrap_or_else(|| panic!("the listening line has a `{field}` address: {event}"));
         SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
     };
+    Listening {
+        proxy: loopback("proxy"),
+        admin: loopback("admin"),
+    }
+}
+
+/// [`listening`], then waits for `/readyz` to answer 200. Discovery runs after the
+/// listeners are up, so a request sent on "listening" alone can find no backend
+/// yet (a 503); Kubernetes, too, sends nothing before readiness.
+pub(crate) async fn ready(lines: &mpsc::Receiver<String>) -> Listening {
+    let listening = listening(lines).await;
+    wait_for_readyz(listening.admin, StatusCode::OK).await;
+    listening
+}
+
+/// Waits (for up to [`PATIENCE`]) for a line among `lines` that parses as a JSON
+/// object for which `wanted` holds, skipping the others, and returns it.
+pub(crate) async fn json_line(
+    lines: &mpsc::Receiver<String>,
+    what: &str,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + PATIENCE;
     loop {
         match lines.try_recv() {
             Ok(line) => {
-                let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
-                    continue;
-                };
-                if event["message"] == "listening" {
-                    return Listening {
-                        proxy: loopback(&event, "proxy"),
-                        admin: loopback(&event, "admin"),
-                    };
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
+                    && wanted(&event)
+                {
+                    return event;
                 }
             }
             Err(mpsc::TryRecvError::Empty) => {
-                assert!(Instant::now() < deadline, "no 'listening' log line");
+                assert!(Instant::now() < deadline, "no log line {what}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(mpsc::TryRecvError::Disconnected) => {
-                panic!("stdout closed before the 'listening' log line")
+                panic!("stdout closed before the log line {what}")
             }
         }
     }
+}
+
+/// The demo backend's binary, built (or found up to date) with cargo in this
+/// workspace's target directory.
+///
+/// Cargo only provides `CARGO_BIN_EXE_<name>` for the tested crate's own binaries.
+/// `cargo test --workspace` has built the backend already, so this is a quick
+/// no-op there; running only the load balancer's tests builds it once. Building
+/// rather than just looking for the file makes sure a stale binary is never used.
+/// The build names every workspace target, as `cargo test --workspace` does, so
+/// dependencies resolve to the same features and nothing is compiled twice (a
+/// plain `-p backend` build would rebuild tokio and hyper without the test
+/// features, taking most of a minute).
+pub(crate) fn backend_binary() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut command = Command::new(cargo);
+        command
+            .args(["build", "--quiet", "--workspace", "--all-targets"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        // Cargo sets these for the test process; build scripts (ring's) that watch
+        // them would see a change and rebuild half the dependency tree.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if [
+                "CARGO_MANIFEST_",
+                "CARGO_PKG_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
+            {
+                command.env_remove(key.as_ref());
+            }
+        }
+        let status = command.status().expect("run cargo build");
+        assert!(status.success(), "cargo build failed: {status}");
+        let path = Path::new(env!("CARGO_BIN_EXE_loadbalancer")).with_file_name("backend");
+        assert!(path.exists(), "{} not found after building", path.display());
+        path
+    })
 }

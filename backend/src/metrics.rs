@@ -1,0 +1,132 @@
+//! Metrics: the backend's own view of the requests it answered, served on
+//! `GET /metrics` in Prometheus's OpenMetrics text format.
+//!
+//! `server` records every request once, after the answer is built, with the same
+//! latency it logs. Set beside the load balancer's per-backend counters, these show
+//! what each replica actually received. The `path` label is the route (`/`, `/work`,
+//! ...), never the raw path, so a client probing random URLs cannot create new time
+//! series: everything unknown is `other`.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+/// The `Content-Type` of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Upper bounds of the duration buckets, in seconds: from sub-millisecond identity
+/// answers to the longest `/work?sleep_ms=` (60 s).
+const DURATION_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 15.0, 60.0,
+];
+
+/// The backend's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Both families below, under the `backend` prefix.
+    registry: Registry,
+    /// `backend_requests_total{path,code}`.
+    requests: Family<RequestLabels, Counter>,
+    /// `backend_request_duration_seconds{path}`.
+    duration: Family<PathLabels, Histogram>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    path: &'static str,
+    code: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PathLabels {
+    path: &'static str,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers the request counter and the duration histogram.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("backend");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route and status code",
+            requests.clone(),
+        );
+        let duration =
+            Family::<PathLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> _);
+        registry.register_with_unit(
+            "request_duration",
+            "Time to answer a request, by route",
+            Unit::Seconds,
+            duration.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            duration,
+        }
+    }
+
+    /// Records one answered request on route `path` (a bounded label, see the
+    /// module docs).
+    pub fn record(&self, path: &'static str, status: StatusCode, latency: Duration) {
+        let labels = RequestLabels {
+            path,
+            code: status.as_u16(),
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.duration
+            .get_or_create(&PathLabels { path })
+            .observe(latency.as_secs_f64());
+    }
+
+    /// Every metric in the OpenMetrics text format (see [`CONTENT_TYPE`]).
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail; an error would be an encoder bug, and a
+        // scrape is no reason to panic.
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(%error, "cannot encode metrics");
+        }
+        text
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_counted_by_route_and_code() {
+        let metrics = Metrics::new();
+        metrics.record("/", StatusCode::OK, Duration::from_millis(1));
+        metrics.record("/", StatusCode::OK, Duration::from_millis(1));
+        metrics.record("/work", StatusCode::INTERNAL_SERVER_ERROR, Duration::ZERO);
+        let text = metrics.encode();
+        for line in [
+            r#"backend_requests_total{path="/",code="200"} 2"#,
+            r#"backend_requests_total{path="/work",code="500"} 1"#,
+            r#"backend_request_duration_seconds_count{path="/"} 2"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! Metrics: what the load balancer counts, in Prometheus's OpenMetrics text format.
+//!
+//! One [`Metrics`] is built in `main`, shared as an `Arc` by the proxy (which
+//! records every request), the resilience layer (retries, ejections) and the admin
+//! listener (which serves `/metrics`). Names follow Prometheus conventions: a
+//! `loadbalancer_` prefix, base units (seconds), `_total` on counters.
+//!
+//! Two kinds of numbers live here:
+//!
+//! * counted as things happen, on the request path: requests, their duration,
+//!   requests in flight, retries, ejections. Recording one request is two hash-map
+//!   lookups under a read lock with label sets that are plain `Copy` values (an
+//!   address, a method enum, a status code), so the request path never allocates a
+//!   label string; the text is only produced when Prometheus scrapes.
+//! * read at scrape time from state that exists anyway: backends by state come from
+//!   [`Backends::states`], discovery updates and last sync from its
+//!   [`DiscoveryStatus`](crate::discovery::DiscoveryStatus). Nothing has to keep a
+//!   gauge in step with that state, so nothing can drift.
+
+use std::fmt::{self, Write as _};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use http::{Method, StatusCode};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::backends::Backends;
+
+/// The `Content-Type` of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Upper bounds of the request duration buckets, in seconds: from half a
+/// millisecond (a loopback hop) to the 30 s default request timeout, roughly
+/// ×2.5 apart, so both a fast cluster and a struggling backend land in useful buckets.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0,
+];
+
+/// The load balancer's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Everything below, registered under the `loadbalancer` prefix, plus the
+    /// scrape-time collector and the build info.
+    registry: Registry,
+    /// `loadbalancer_requests_total{backend,method,code}`.
+    requests: Family<RequestLabels, Counter>,
+    /// `loadbalancer_request_duration_seconds{backend}`: until the response head.
+    request_duration: Family<BackendLabels, Histogram>,
+    /// `loadbalancer_requests_in_flight`: from arrival until the response body ends.
+    in_flight: Gauge,
+    /// `loadbalancer_retries_total`: extra attempts made for client requests.
+    retries: Counter,
+    /// `loadbalancer_ejections_total{backend}`: outlier detection ejections.
+    ejections: Family<BackendLabels, Counter>,
+}
+
+impl Metrics {
+    /// Registers every metric; the backend and discovery gauges read `backends`
+    /// at each scrape.
+    pub fn new(backends: Backends) -> Self {
+        let mut registry = Registry::with_prefix("loadbalancer");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by backend (\"none\" when the load balancer answered \
+             itself), method and status code",
+            requests.clone(),
+        );
+        let request_duration = Family::<BackendLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> _,
+        );
+        registry.register_with_unit(
+            "request_duration",
+            "Time from receiving a request until the response head was ready, by backend",
+            Unit::Seconds,
+            request_duration.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests received whose response has not finished streaming",
+            in_flight.clone(),
+        );
+        let retries = Counter::default();
+        registry.register(
+            "retries",
+            "Extra attempts sent to another backend after a failed one",
+            retries.clone(),
+        );
+        let ejections = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "ejections",
+            "Times outlier detection ejected a backend",
+            ejections.clone(),
+        );
+        registry.register(
+            "build",
+            "The running version",
+            Info::new([("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        registry.register_collector(Box::new(ScrapeTime { backends }));
+        Self {
+            registry,
+            requests,
+            request_duration,
+            in_flight,
+            retries,
+            ejections,
+        }
+    }
+
+    /// Counts a request as in flight until the returned guard is dropped.
+    pub fn request_started(&self) -> RequestInFlight {
+        self.in_flight.inc();
+        RequestInFlight(self.in_flight.clone())
+    }
+
+    /// Records one answered request. `backend` is `None` when no backend was
+    /// involved (no backend ready, a target that cannot be forwarded).
+    pub fn record_request(
+        &self,
+        backend: Option<SocketAddr>,
+        method: &Method,
+        status: StatusCode,
+        latency: Duration,
+    ) {
+        let backend = BackendLabel(backend);
+        let labels = RequestLabels {
+            backend,
+            method: MethodLabel::from(method),
+            code: status.as_u16(),
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.request_duration
+            .get_or_create(&BackendLabels { backend })
+            .observe(latency.as_secs_f64());
+    }
+
+    /// Counts one retry: a request sent again to another backend.
+    pub fn record_retry(&self) {
+        self.retries.inc();
+    }
+
+    /// Counts one ejection of `backend` by outlier detection.
+    pub fn record_ejection(&self, backend: SocketAddr) {
+        let labels = BackendLabels {
+            backend: BackendLabel(Some(backend)),
+        };
+        self.ejections.get_or_create(&labels).inc();
+    }
+
+    /// Every metric in the OpenMetrics text format (see [`CONTENT_TYPE`]).
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail, and our label values are well-formed;
+        // an error here would be a bug in an encoder, not something a scrape can cause.
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(%error, "cannot encode metrics");
+        }
+        text
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+/// Keeps `loadbalancer_requests_in_flight` raised while it lives.
+#[derive(Debug)]
+pub struct RequestInFlight(Gauge);
+
+impl Drop for RequestInFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    backend: BackendLabel,
+    method: MethodLabel,
+    code: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BackendLabels {
+    backend: BackendLabel,
+}
+
+/// A backend address, or `none` for answers the load balancer wrote itself.
+/// Formatted only at scrape time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct BackendLabel(Option<SocketAddr>);
+
+impl EncodeLabelValue for BackendLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        match self.0 {
+            Some(addr) => write!(encoder, "{addr}"),
+            None => encoder.write_str("none"),
+        }
+    }
+}
+
+/// The request method, with anything non-standard folded into `other`: a client
+/// must not be able to mint new time series by inventing methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum MethodLabel {
+    Get,
+    Head,
+    Post,
+    Put,
+    Delete,
+    Patch,
+    Options,
+    Connect,
+    Trace,
+    Other,
+}
+
+impl From<&Method> for MethodLabel {
+    fn from(method: &Method) -> Self {
+        const KNOWN: [(Method, MethodLabel); 9] = [
+            (Method::GET, MethodLabel::Get),
+            (Method::HEAD, MethodLabel::Head),
+            (Method::POST, MethodLabel::Post),
+            (Method::PUT, MethodLabel::Put),
+            (Method::DELETE, MethodLabel::Delete),
+            (Method::PATCH, MethodLabel::Patch),
+            (Method::OPTIONS, MethodLabel::Options),
+            (Method::CONNECT, MethodLabel::Connect),
+            (Method::TRACE, MethodLabel::Trace),
+        ];
+        KNOWN
+            .iter()
+            .find(|(known, _)| known == method)
+            .map_or(MethodLabel::Other, |(_, label)| *label)
+    }
+}
+
+impl EncodeLabelValue for MethodLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        encoder.write_str(match self {
+            MethodLabel::Get => "GET",
+            MethodLabel::Head => "HEAD",
+            MethodLabel::Post => "POST",
+            MethodLabel::Put => "PUT",
+            MethodLabel::Delete => "DELETE",
+            MethodLabel::Patch => "PATCH",
+            MethodLabel::Options => "OPTIONS",
+            MethodLabel::Connect => "CONNECT",
+            MethodLabel::Trace => "TRACE",
+            MethodLabel::Other => "other",
+        })
+    }
+}
+
+/// The metrics computed from shared state at each scrape.
+#[derive(Debug)]
+struct ScrapeTime {
+    /// The list and per-backend states, and discovery's status beside them.
+    backends: Backends,
+}
+
+impl Collector for ScrapeTime {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let now = Instant::now();
+        let (mut known, mut ready, mut ejected) = (0i64, 0i64, 0i64);
+        for (_, state) in self.backends.states() {
+            known += 1;
+            ready += i64::from(state.is_available(now));
+            ejected += i64::from(state.ejected_until(now).is_some());
+        }
+        let mut family = encoder.encode_descriptor(
+            "backends",
+            "Backends by state: known (discovered), ready (healthy and not ejected, \
+             so the balancer may pick them), ejected (by outlier detection).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, count) in [("known", known), ("ready", ready), ("ejected", ejected)] {
+            ConstGauge::new(count).encode(family.encode_family(&[("state", state)])?)?;
+        }
+
+        let discovery = self.backends.discovery_status();
+        ConstCounter::new(discovery.updates()).encode(encoder.encode_descriptor(
+            "discovery_updates",
+            "Backend lists published by discovery that differed from the previous one.",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let last_sync = discovery.last_sync().map_or(0.0, |at| {
+            at.duration_since(UNIX_EPOCH)
+                .map_or(0.0, |since| since.as_secs_f64())
+        });
+        ConstGauge::new(last_sync).encode(encoder.encode_descriptor(
+            "discovery_last_sync_timestamp",
+            "Unix time when discovery last delivered a backend list (0: never).",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("test address parses")
+    }
+
+    fn has_line(text: &str, line: &str) -> bool {
+        text.lines().any(|l| l == line)
+    }
+
+    #[test]
+    fn requests_are_counted_by_backend_method_and_code() {
+        let metrics = Metrics::new(Backends::default());
+        let backend = Some(addr("10.0.0.1:8080"));
+        let latency = Duration::from_millis(3);
+        metrics.record_request(backend, &Method::GET, StatusCode::OK, latency);
+        metrics.record_request(backend, &Method::GET, StatusCode::OK, latency);
+        metrics.record_request(
+            None,
+            &Method::POST,
+            StatusCode::SERVICE_UNAVAILABLE,
+            latency,
+        );
+        let text = metrics.encode();
+        assert!(has_line(
+            &text,
+            r#"loadbalancer_requests_total{backend="10.0.0.1:8080",method="GET",code="200"} 2"#
+        ));
+        assert!(has_line(
+            &text,
+            r#"loadbalancer_requests_total{backend="none",method="POST",code="503"} 1"#
+        ));
+        assert!(has_line(
+            &text,
+            r#"loadbalancer_request_duration_seconds_bucket{le="0.005",backend="10.0.0.1:8080"} 2"#
+        ));
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn invented_methods_share_one_label() {
+        let custom = Method::from_bytes(b"BREW").expect("a valid token");
+        assert_eq!(MethodLabel::from(&custom), MethodLabel::Other);
+        assert_eq!(MethodLabel::from(&Method::DELETE), MethodLabel::Delete);
+    }
+
+    #[test]
+    fn in_flight_follows_the_guard() {
+        let metrics = Metrics::new(Backends::default());
+        let guard = metrics.request_started();
+        assert!(has_line(
+            &metrics.encode(),
+            "loadbalancer_requests_in_flight 1"
+        ));
+        drop(guard);
+        assert!(has_line(
+            &metrics.encode(),
+            "loadbalancer_requests_in_flight 0"
+        ));
+    }
+
+    #[test]
+    fn retries_and_ejections_are_counted() {
+        let metrics = Metrics::new(Backends::default());
+        metrics.record_retry();
+        metrics.record_retry();
+        metrics.record_ejection(addr("10.0.0.2:80"));
+        let text = metrics.encode();
+        assert!(has_line(&text, "loadbalancer_retries_total 2"), "{text}");
+        assert!(has_line(
+            &text,
+            r#"loadbalancer_ejections_total{backend="10.0.0.2:80"} 1"#
+        ));
+    }
+
+    #[test]
+    fn backend_gauges_are_read_from_the_states_at_scrape_time() {
+        let backends = Backends::new(vec![
+            addr("10.0.0.1:80"),
+            addr("10.0.0.2:80"),
+            addr("10.0.0.3:80"),
+        ]);
+        let metrics = Metrics::new(backends.clone());
+        backends.state(addr("10.0.0.1:80")).set_healthy(false);
+        backends
+            .state(addr("10.0.0.2:80"))
+            .eject_until(Instant::now() + Duration::from_secs(60));
+        let text = metrics.encode();
+        for line in [
+            r#"loadbalancer_backends{state="known"} 3"#,
+            r#"loadbalancer_backends{state="ready"} 1"#,
+            r#"loadbalancer_backends{state="ejected"} 1"#,
+            "loadbalancer_discovery_updates_total 1",
+            r#"loadbalancer_build_info{version="0.1.0"} 1"#,
+        ] {
+            assert!(has_line(&text, line), "{line:?} missing in\n{text}");
+        }
+    }
+}
