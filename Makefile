@@ -4,7 +4,7 @@
 # Image names; the Kubernetes manifests under k8s/ use the same tags.
 BACKEND_IMAGE ?= backend:0.1.0
 
-.PHONY: help demo test run-backend fmt lint image-backend
+.PHONY: help demo test run-backend fmt lint image-backend bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -29,3 +29,8 @@ lint: ## what CI checks besides the tests
 # Without Docker: /work/shared/tools/container-check build Dockerfile.backend
 image-backend: ## build the backend image $(BACKEND_IMAGE)
 	docker build -f Dockerfile.backend -t $(BACKEND_IMAGE) .
+
+# `make bench`, `make bench SCENARIO=soak`, `make bench DURATION=10 ROUNDS=5`: make
+# exports command-line variables, and scripts/bench.sh reads them (see its header).
+bench: ## benchmark against nginx and HAProxy (about 2 minutes); writes bench/results.md
+	bash scripts/bench.sh
