@@ -24,6 +24,14 @@ pub trait Balancer: Send + Sync + fmt::Debug {
     fn pick(&self, backends: &[SocketAddr]) -> Result<SocketAddr, NoBackend>;
 }
 
+/// A balancer shared by several proxies (one per worker thread) is still one
+/// balancer: they all draw from the same state, so the rotation stays exact.
+impl<B: Balancer + ?Sized> Balancer for std::sync::Arc<B> {
+    fn pick(&self, backends: &[SocketAddr]) -> Result<SocketAddr, NoBackend> {
+        (**self).pick(backends)
+    }
+}
+
 /// Round-robin: each pick takes the next ticket from an atomic counter and uses
 /// the ticket modulo the current list length.
 ///

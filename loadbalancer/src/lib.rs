@@ -19,3 +19,4 @@ pub mod proxy;
 mod response;
 pub mod server;
 pub mod shutdown;
+pub mod workers;

@@ -2,9 +2,10 @@
 //! builds the parts and serves until SIGTERM or Ctrl-C. Everything it wires
 //! lives in the library, where it is tested.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
@@ -14,7 +15,8 @@ use loadbalancer::balancer::RoundRobin;
 use loadbalancer::config::{self, Config};
 use loadbalancer::proxy::{Proxy, ProxySettings};
 use loadbalancer::shutdown::{Shutdown, Signals};
-use loadbalancer::{discovery, logging, server};
+use loadbalancer::workers::{self, Workers};
+use loadbalancer::{discovery, logging};
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -31,7 +33,9 @@ struct Args {
     backends: Option<String>,
 }
 
-#[tokio::main]
+// The proxy runs on its own worker threads (see `workers`); this runtime only
+// carries discovery, the admin endpoints and signal handling, so one thread is plenty.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     match run(Args::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -59,23 +63,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let backends = Backends::default();
     let shutdown = Shutdown::new();
-    let proxy = Proxy::new(
-        backends.clone(),
-        RoundRobin::new(),
-        ProxySettings::from(&config),
-    );
-    let proxy_listener = bind(config.port).await.context("binding the proxy port")?;
+    let balancer = Arc::new(RoundRobin::new());
+    let settings = ProxySettings::from(&config);
+    let worker_count = workers::default_count();
+    let proxy_workers = Workers::start(
+        worker_count,
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.port)),
+        || Proxy::new(backends.clone(), Arc::clone(&balancer), settings),
+        &shutdown,
+    )
+    .await
+    .context("binding the proxy port")?;
     let admin_listener = bind(config.admin_port)
         .await
         .context("binding the admin port")?;
     info!(
-        proxy = %proxy_listener.local_addr()?,
+        proxy = %proxy_workers.local_addr(),
+        workers = worker_count,
         admin = %admin_listener.local_addr()?,
         discovery = %config.discovery,
         "listening"
     );
 
-    let proxy_task = tokio::spawn(server::serve_proxy(proxy_listener, proxy, shutdown.clone()));
     let admin = Admin::new(backends.clone(), shutdown.clone());
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone()));
     let namespace = std::env::var("NAMESPACE").ok().filter(|ns| !ns.is_empty());
@@ -88,7 +97,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     info!("shutting down: readiness off, finishing in-flight requests");
     shutdown.begin_draining();
     shutdown.stop();
-    proxy_task.await.context("proxy server task")?;
+    proxy_workers.finished().await;
     admin_task.await.context("admin server task")?;
     info!("stopped");
     outcome
