@@ -16,6 +16,7 @@
 //! The access line and the latency are taken when the response *head* is ready;
 //! the body then streams on without the proxy in the way.
 
+mod authority;
 mod headers;
 mod request_id;
 
@@ -38,6 +39,7 @@ use tracing::{info, warn};
 use crate::backends::Backends;
 use crate::balancer::{Balancer, NoBackend};
 use crate::response;
+use authority::Authorities;
 use headers::X_REQUEST_ID;
 use request_id::RequestIds;
 
@@ -194,6 +196,8 @@ struct Shared {
     request_timeout: Duration,
     /// Source of ids for requests that arrive without one.
     request_ids: RequestIds,
+    /// Each backend's `host:port`, built once rather than per request.
+    authorities: Authorities,
 }
 
 impl Proxy {
@@ -219,6 +223,7 @@ impl Proxy {
                 client,
                 request_timeout: settings.request_timeout,
                 request_ids: RequestIds::default(),
+                authorities: Authorities::default(),
             }),
         }
     }
@@ -280,7 +285,8 @@ impl Proxy {
 
         headers::remove_hop_by_hop(req.headers_mut());
         headers::add_forwarding(req.headers_mut(), &client.ip);
-        *req.uri_mut() = upstream_uri(backend, req.uri())?;
+        let authority = shared.authorities.get(backend).map_err(http::Error::from)?;
+        *req.uri_mut() = upstream_uri(authority, req.uri())?;
 
         let exchange = shared.client.request(req);
         let mut response = match tokio::time::timeout(shared.request_timeout, exchange).await {
@@ -303,12 +309,11 @@ impl Proxy {
 
 /// `http://<backend><path?query>`: the absolute form the pooled client needs to
 /// know where to connect; it sends only the path and query on the wire.
-fn upstream_uri(backend: SocketAddr, original: &Uri) -> Result<Uri, http::Error> {
+fn upstream_uri(authority: Authority, original: &Uri) -> Result<Uri, http::Error> {
     let path_and_query = original
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let authority = Authority::from_maybe_shared(Bytes::from(backend.to_string()))?;
     Uri::builder()
         .scheme(Scheme::HTTP)
         .authority(authority)
@@ -350,8 +355,9 @@ mod tests {
 
     #[test]
     fn upstream_uri_keeps_path_and_query() {
-        let backend: SocketAddr = "[::1]:8081".parse().expect("valid");
-        let uri = upstream_uri(backend, &"/a/b?x=1&y=2".parse().expect("valid")).expect("valid");
+        let backend = Authority::from_static("[::1]:8081");
+        let uri =
+            upstream_uri(backend.clone(), &"/a/b?x=1&y=2".parse().expect("valid")).expect("valid");
         assert_eq!(uri, "http://[::1]:8081/a/b?x=1&y=2");
         let uri =
             upstream_uri(backend, &"example.test:443".parse().expect("valid")).expect("valid");
