@@ -5,7 +5,7 @@
 BACKEND_IMAGE ?= backend:0.1.0
 LOADBALANCER_IMAGE ?= loadbalancer:0.1.0
 
-.PHONY: help demo test run-backend fmt lint image-backend image-loadbalancer images kind-up kind-down
+.PHONY: help demo test run-backend fmt lint image-backend image-loadbalancer images kind-up kind-down bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -27,11 +27,11 @@ lint: ## what CI checks besides the tests
 	cargo fmt --all --check
 	cargo clippy --all-targets --locked -- -D warnings
 
-# Without Docker: /work/shared/tools/container-check build Dockerfile.backend
+# Without Docker: ../shared/tools/container-check build Dockerfile.backend
 image-backend: ## build the backend image $(BACKEND_IMAGE)
 	docker build -f Dockerfile.backend -t $(BACKEND_IMAGE) .
 
-# Without Docker: /work/shared/tools/container-check build Dockerfile.loadbalancer
+# Without Docker: ../shared/tools/container-check build Dockerfile.loadbalancer
 image-loadbalancer: ## build the load balancer image $(LOADBALANCER_IMAGE)
 	docker build -f Dockerfile.loadbalancer -t $(LOADBALANCER_IMAGE) .
 
@@ -46,3 +46,8 @@ kind-up: ## create the kind cluster, load the images, deploy k8s/, smoke-test lo
 
 kind-down: ## delete the kind cluster
 	bash scripts/kind-down.sh
+
+# `make bench`, `make bench SCENARIO=soak`, `make bench DURATION=10 ROUNDS=5`: make
+# exports command-line variables, and scripts/bench.sh reads them (see its header).
+bench: ## benchmark against nginx and HAProxy (about 2 minutes); writes bench/results.md
+	bash scripts/bench.sh

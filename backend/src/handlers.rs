@@ -8,14 +8,19 @@
 //! | `GET /readyz`                        | 200, or 503 once shutdown has begun           |
 //! | `GET /work?cpu_ms=&sleep_ms=&status=` | burns CPU, sleeps, then answers `status` with the identity JSON |
 //! | `GET /metrics`                       | 200, request counts and durations (OpenMetrics text) |
+//! | `GET /work?bytes=N`                  | the same, but the body is `N` bytes of filler (`application/octet-stream`) |
+//!
+//! `bytes` exists for benchmarks of streaming throughput through a proxy: the filler is
+//! one buffer allocated on first use and shared by every response, so the backend
+//! spends no time building large bodies.
 //!
 //! Unknown paths get a 404 and other methods a 405, both as JSON, so that a client
 //! behind the load balancer can always parse what comes back. `HEAD` is accepted
 //! wherever `GET` is (hyper leaves the body out). Nothing here panics on anything a
 //! client sends: bad input becomes a 400 with a reason.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -36,6 +41,9 @@ pub const MAX_CPU_MS: u64 = 10_000;
 /// Upper bound for `/work?sleep_ms=`: longer than any sane proxy timeout, so timeouts
 /// can be provoked, but bounded.
 pub const MAX_SLEEP_MS: u64 = 60_000;
+/// Upper bound for `/work?bytes=`: several times the 1 MiB bodies the benchmark uses,
+/// and the size of the filler buffer a backend keeps once a request asked for bytes.
+pub const MAX_BYTES: u64 = 8 * 1024 * 1024;
 
 /// The application state shared by every connection. Cloning is cheap.
 #[derive(Debug, Clone)]
@@ -157,7 +165,10 @@ impl App {
             }
         }
         tokio::time::sleep(work.sleep).await;
-        self.identity_response(work.status)
+        match work.bytes {
+            Some(len) => filler_response(work.status, len),
+            None => self.identity_response(work.status),
+        }
     }
 
     fn identity_response(&self, status: StatusCode) -> Response<Body> {
@@ -231,6 +242,8 @@ struct Work {
     cpu: Duration,
     sleep: Duration,
     status: StatusCode,
+    /// Answer with this many filler bytes instead of the identity JSON.
+    bytes: Option<usize>,
 }
 
 impl Work {
@@ -241,6 +254,7 @@ impl Work {
             cpu: Duration::ZERO,
             sleep: Duration::ZERO,
             status: StatusCode::OK,
+            bytes: None,
         };
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -256,9 +270,14 @@ impl Work {
                         .and_then(|c| StatusCode::from_u16(c).ok())
                         .ok_or_else(|| format!("status: {code} is not a status code"))?;
                 }
+                "bytes" => {
+                    let len = bounded(key, value, 0, MAX_BYTES)?;
+                    // MAX_BYTES fits in usize on every target Rust supports.
+                    work.bytes = Some(usize::try_from(len).unwrap_or(usize::MAX));
+                }
                 _ => {
                     return Err(format!(
-                        "unknown parameter `{key}` (expected cpu_ms, sleep_ms, status)"
+                        "unknown parameter `{key}` (expected cpu_ms, sleep_ms, status, bytes)"
                     ));
                 }
             }
@@ -289,6 +308,20 @@ fn burn_cpu(duration: Duration) {
             x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
         }
     }
+}
+
+/// A `status` response whose body is `len` bytes of `.`: a slice of one shared
+/// buffer, so neither allocation nor copying grows with the number of requests.
+fn filler_response(status: StatusCode, len: usize) -> Response<Body> {
+    static FILLER: OnceLock<Bytes> = OnceLock::new();
+    let filler = FILLER.get_or_init(|| Bytes::from(vec![b'.'; MAX_BYTES as usize]));
+    let mut response = Response::new(Full::new(filler.slice(..len.min(filler.len()))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    response
 }
 
 #[derive(Serialize)]
@@ -334,6 +367,7 @@ mod tests {
         assert_eq!(work.cpu, Duration::ZERO);
         assert_eq!(work.sleep, Duration::ZERO);
         assert_eq!(work.status, StatusCode::OK);
+        assert_eq!(work.bytes, None);
     }
 
     #[test]
@@ -350,6 +384,17 @@ mod tests {
         assert_eq!(route_label("/work"), "/work");
         assert_eq!(route_label("/"), "/");
         assert_eq!(route_label("/wp-admin.php"), "other");
+    }
+
+    #[test]
+    fn work_bytes_is_bounded() {
+        let work = Work::from_query(Some("bytes=8388608")).expect("the limit is inclusive");
+        assert_eq!(work.bytes, Some(8 * 1024 * 1024));
+        let err = Work::from_query(Some("bytes=8388609")).expect_err("past the limit");
+        assert!(
+            err.contains("bytes: 8388609 is outside 0..=8388608"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -120,6 +120,27 @@ async fn work_sleeps_and_burns_at_least_as_long_as_asked() {
 }
 
 #[tokio::test]
+async fn work_bytes_answers_with_exactly_that_many_filler_bytes() {
+    let server = TestServer::start_default().await;
+    let mut conn = Conn::open(server.addr).await;
+    // Over one keep-alive connection: each body must end exactly where it should.
+    for len in [1_048_576_usize, 0, 1, 65_537] {
+        let reply = conn
+            .send(Method::GET, &format!("/work?bytes={len}&status=201"), &[])
+            .await;
+        assert_eq!(reply.status, StatusCode::CREATED, "bytes={len}");
+        assert_eq!(
+            reply.header("content-type"),
+            Some("application/octet-stream")
+        );
+        assert_eq!(reply.body.len(), len);
+        assert!(reply.body.iter().all(|&b| b == b'.'), "bytes={len}");
+    }
+    let too_many = get(server.addr, "/work?bytes=8388609").await;
+    assert_eq!(too_many.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
 async fn work_rejects_out_of_range_and_malformed_values_with_400_json() {
     let server = TestServer::start_default().await;
     let cases = [

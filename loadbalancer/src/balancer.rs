@@ -60,6 +60,18 @@ pub fn pick_for_attempt(
         .or_else(|NoBackend| balancer.pick(backends))
 }
 
+/// A balancer shared by several proxies (one per worker thread) is still one
+/// balancer: they all draw from the same state, so the rotation stays exact.
+impl<B: Balancer + ?Sized> Balancer for std::sync::Arc<B> {
+    fn pick_among(
+        &self,
+        backends: &[SocketAddr],
+        eligible: &dyn Fn(SocketAddr) -> bool,
+    ) -> Result<SocketAddr, NoBackend> {
+        (**self).pick_among(backends, eligible)
+    }
+}
+
 /// Round-robin: each pick takes the next ticket from an atomic counter and uses
 /// the ticket modulo the number of eligible backends in the current list.
 ///

@@ -30,3 +30,4 @@ mod response;
 pub mod retry;
 pub mod server;
 pub mod shutdown;
+pub mod workers;

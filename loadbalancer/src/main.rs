@@ -2,7 +2,7 @@
 //! builds the parts and serves until SIGTERM or Ctrl-C. Everything it wires
 //! lives in the library, where it is tested.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -18,7 +18,8 @@ use loadbalancer::metrics::Metrics;
 use loadbalancer::proxy::{Proxy, ProxySettings, Resilience};
 use loadbalancer::server::ServerLimits;
 use loadbalancer::shutdown::{Shutdown, Signals};
-use loadbalancer::{discovery, logging, server};
+use loadbalancer::workers::{self, Workers};
+use loadbalancer::{discovery, logging};
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -35,7 +36,9 @@ struct Args {
     backends: Option<String>,
 }
 
-#[tokio::main]
+// The proxy runs on its own worker threads (see `workers`); this runtime only
+// carries discovery, the admin endpoints and signal handling, so one thread is plenty.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     match run(Args::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -64,30 +67,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let backends = Backends::default();
     let shutdown = Shutdown::new();
     let metrics = Arc::new(Metrics::new(backends.clone()));
-    let proxy = Proxy::with_resilience(
-        backends.clone(),
-        RoundRobin::new(),
-        ProxySettings::from(&config),
-        Resilience::from(&config),
-        Arc::clone(&metrics),
-    );
-    let proxy_listener = bind(config.port).await.context("binding the proxy port")?;
+    // One balancer for all workers, so the rotation stays exact across them.
+    let balancer = Arc::new(RoundRobin::new());
+    let settings = ProxySettings::from(&config);
+    let resilience = Resilience::from(&config);
+    let worker_count = workers::default_count();
+    let proxy_workers = Workers::start(
+        worker_count,
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.port)),
+        || {
+            Proxy::with_resilience(
+                backends.clone(),
+                Arc::clone(&balancer),
+                settings,
+                resilience,
+                Arc::clone(&metrics),
+            )
+        },
+        ServerLimits::from(&config),
+        &shutdown,
+    )
+    .await
+    .context("binding the proxy port")?;
     let admin_listener = bind(config.admin_port)
         .await
         .context("binding the admin port")?;
     info!(
-        proxy = %proxy_listener.local_addr()?,
+        proxy = %proxy_workers.local_addr(),
+        workers = worker_count,
         admin = %admin_listener.local_addr()?,
         discovery = %config.discovery,
         "listening"
     );
 
-    let proxy_task = tokio::spawn(server::serve_proxy(
-        proxy_listener,
-        proxy,
-        shutdown.clone(),
-        ServerLimits::from(&config),
-    ));
     let admin = Admin::new(backends.clone(), shutdown.clone(), metrics);
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone()));
     let health_checks = HealthChecker::new(
@@ -104,7 +116,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     shutdown.drain_then_stop(config.drain()).await;
     health_task.abort();
-    proxy_task.await.context("proxy server task")?;
+    proxy_workers.finished().await;
     admin_task.await.context("admin server task")?;
     info!("stopped");
     outcome

@@ -22,6 +22,7 @@
 //! the body then streams on without the proxy in the way, carrying the in-flight
 //! guards ([`body`]) until its last byte.
 
+mod authority;
 mod body;
 mod headers;
 mod request_id;
@@ -51,6 +52,7 @@ use crate::outlier::{Admission, Outcome, OutlierDetector, OutlierSettings};
 use crate::response;
 use crate::retry::body::{AttemptBody, RetryBody};
 use crate::retry::{RetryPolicy, RetryReason, RetrySettings};
+use authority::Authorities;
 pub use body::InFlightBody;
 use headers::X_REQUEST_ID;
 use request_id::RequestIds;
@@ -257,6 +259,8 @@ struct Shared {
     outlier: Option<OutlierDetector>,
     /// Where every request's outcome is counted, shared with the admin listener.
     metrics: Arc<Metrics>,
+    /// Each backend's `host:port`, built once rather than per request.
+    authorities: Authorities,
 }
 
 /// How forwarding ended: the last attempt's result and how many attempts it took.
@@ -317,6 +321,7 @@ impl Proxy {
                     OutlierDetector::new(outlier, trial_bound)
                 }),
                 metrics,
+                authorities: Authorities::default(),
             }),
         }
     }
@@ -504,7 +509,8 @@ impl Proxy {
         let shared = &*self.shared;
         let backend = chosen.backend;
         let mut req = Request::from_parts(parts.clone(), body);
-        *req.uri_mut() = upstream_uri(backend, &parts.uri)?;
+        let authority = shared.authorities.get(backend).map_err(http::Error::from)?;
+        *req.uri_mut() = upstream_uri(authority, &parts.uri)?;
 
         let exchange = shared.client.request(req);
         let result = match tokio::time::timeout(shared.request_timeout, exchange).await {
@@ -575,12 +581,11 @@ fn retry_reason(result: &Result<Response<Incoming>, ProxyError>) -> Option<Retry
 
 /// `http://<backend><path?query>`: the absolute form the pooled client needs to
 /// know where to connect; it sends only the path and query on the wire.
-fn upstream_uri(backend: SocketAddr, original: &Uri) -> Result<Uri, http::Error> {
+fn upstream_uri(authority: Authority, original: &Uri) -> Result<Uri, http::Error> {
     let path_and_query = original
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let authority = Authority::from_maybe_shared(Bytes::from(backend.to_string()))?;
     Uri::builder()
         .scheme(Scheme::HTTP)
         .authority(authority)
@@ -622,8 +627,9 @@ mod tests {
 
     #[test]
     fn upstream_uri_keeps_path_and_query() {
-        let backend: SocketAddr = "[::1]:8081".parse().expect("valid");
-        let uri = upstream_uri(backend, &"/a/b?x=1&y=2".parse().expect("valid")).expect("valid");
+        let backend = Authority::from_static("[::1]:8081");
+        let uri =
+            upstream_uri(backend.clone(), &"/a/b?x=1&y=2".parse().expect("valid")).expect("valid");
         assert_eq!(uri, "http://[::1]:8081/a/b?x=1&y=2");
         let uri =
             upstream_uri(backend, &"example.test:443".parse().expect("valid")).expect("valid");

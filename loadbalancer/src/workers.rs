@@ -1,0 +1,152 @@
+//! Proxy workers: one single-threaded runtime per core, each with its own
+//! listening socket and its own upstream connection pool.
+//!
+//! A request crosses several tasks: the client connection's task, the pooled
+//! upstream connection's task, and back. On tokio's work-stealing runtime those
+//! tasks may sit on different threads, so every hand-off is a cross-thread
+//! wake-up (a futex call and cache lines bouncing between cores). Here each
+//! worker is an OS thread running a current-thread runtime, the way nginx runs
+//! one process per core: a connection accepted by a worker is served, proxied and
+//! answered on that thread, and all its wake-ups are local.
+//!
+//! The workers share one port through `SO_REUSEPORT`: each has its own listening
+//! socket and the kernel spreads incoming connections across them. Everything
+//! else a worker needs is cheap to share or to have per worker: the backend list
+//! (`Backends`, shared), the shutdown signal (shared), and a [`Proxy`] (one per
+//! worker, so each has its own pool of keep-alive upstream connections).
+
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::num::NonZeroUsize;
+use std::thread;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use crate::proxy::Proxy;
+use crate::server::{self, ServerLimits};
+use crate::shutdown::Shutdown;
+
+/// Pending connections the kernel queues per worker socket before refusing more.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Running proxy workers; see the module docs.
+#[derive(Debug)]
+pub struct Workers {
+    /// The address every worker listens on (the real port when 0 was asked for).
+    addr: SocketAddr,
+    /// One receiver per worker, completed when the worker's server has returned
+    /// (after shutdown, once its last connection has finished).
+    done: Vec<oneshot::Receiver<()>>,
+}
+
+impl Workers {
+    /// Binds `count` listening sockets to `addr` (port 0 picks one free port for
+    /// all of them) and starts one worker thread per socket, each serving the
+    /// proxy that `make_proxy` builds for it under `limits` until `shutdown` stops
+    /// it. `limits.max_connections` caps the process, so each worker gets its share.
+    ///
+    /// Everything that can fail for a reason an operator can fix (a port in use,
+    /// no permission) fails here, before the first worker starts, and is returned.
+    pub async fn start(
+        count: NonZeroUsize,
+        addr: SocketAddr,
+        make_proxy: impl Fn() -> Proxy,
+        limits: ServerLimits,
+        shutdown: &Shutdown,
+    ) -> io::Result<Self> {
+        let limits = ServerLimits {
+            max_connections: limits.max_connections.div_ceil(count.get()),
+            ..limits
+        };
+        let first = reuseport_listener(addr)?;
+        let addr = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..count.get() {
+            listeners.push(reuseport_listener(addr)?);
+        }
+
+        let mut started = Vec::with_capacity(listeners.len());
+        let mut done = Vec::with_capacity(listeners.len());
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let (proxy, shutdown) = (make_proxy(), shutdown.clone());
+            let (started_tx, started_rx) = oneshot::channel();
+            let (done_tx, done_rx) = oneshot::channel();
+            thread::Builder::new()
+                .name(format!("proxy-worker-{index}"))
+                .spawn(move || {
+                    // The runtime is built on the worker's own thread and dropped
+                    // there: a runtime must not be dropped inside another one.
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(error) => {
+                            let _ = started_tx.send(Err(error));
+                            return;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        // Registers the socket with this runtime's reactor.
+                        match TcpListener::from_std(listener) {
+                            Ok(listener) => {
+                                let _ = started_tx.send(Ok(()));
+                                server::serve_proxy(listener, proxy, shutdown, limits).await;
+                            }
+                            Err(error) => {
+                                let _ = started_tx.send(Err(error));
+                            }
+                        }
+                    });
+                    // The receiver is gone only if the caller stopped waiting.
+                    let _ = done_tx.send(());
+                })?;
+            started.push(started_rx);
+            done.push(done_rx);
+        }
+        for worker in started {
+            worker
+                .await
+                .map_err(|_| io::Error::other("a proxy worker died while starting"))??;
+        }
+        Ok(Self { addr, done })
+    }
+
+    /// The address the workers listen on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Resolves once every worker has finished, i.e. after shutdown has stopped
+    /// them and their last connections have closed.
+    pub async fn finished(self) {
+        for worker in self.done {
+            // An error means the worker thread ended without reporting, which
+            // only a panic does; either way, that worker is finished.
+            let _ = worker.await;
+        }
+    }
+}
+
+/// The number of workers that fits this machine: one per core the process may
+/// use (`available_parallelism` honours CPU affinity and cgroup quotas, so a pod
+/// limited to 2 CPUs gets 2 workers on a 64-core node).
+pub fn default_count() -> NonZeroUsize {
+    thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
+}
+
+/// A non-blocking listening socket on `addr` that other sockets may share.
+fn reuseport_listener(addr: SocketAddr) -> io::Result<StdTcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // SO_REUSEADDR lets a restarted process bind while old connections linger in
+    // TIME_WAIT; SO_REUSEPORT lets the workers' sockets share the port, with the
+    // kernel spreading new connections across them.
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}

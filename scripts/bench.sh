@@ -1,0 +1,420 @@
+#!/usr/bin/env bash
+# Benchmark: our load balancer against nginx and HAProxy on this machine, in one run.
+#
+# Starts three backends on loopback, then measures with wrk (keep-alive clients):
+#   direct   one backend, no proxy: the ceiling
+#   ours     our load balancer, static discovery over the three
+#   nginx    round-robin over the three, upstream keep-alive  (bench/nginx.conf)
+#   haproxy  round-robin over the three, http-reuse always    (bench/haproxy.cfg)
+# Targets run interleaved in rounds (direct ours nginx haproxy, direct ours ...)
+# so drift in the machine's load hits all of them alike. Prints one table per
+# scenario and writes the same to bench/results.md.
+#
+# Scenarios (--scenario a,b,...; env SCENARIO; default throughput,slow,bigbody):
+#   throughput  GET /, small JSON answers: proxy overhead per request
+#   slow        GET /work?sleep_ms=50 over 1000 connections: many requests in flight
+#   bigbody     GET /work?bytes=1048576: 1 MiB responses, streaming throughput
+#   soak        ours only, 60 s: VmRSS at start, middle and end (should stay flat)
+#
+# Usage: scripts/bench.sh [options]       (make bench passes the env variables)
+#   --scenario LIST     see above                               (env SCENARIO)
+#   --duration S        seconds per measured run (default 5)    (env DURATION)
+#   --rounds N          rounds of throughput runs (default 3; other scenarios 1)
+#                                                               (env ROUNDS)
+#   --connections N     wrk connections for throughput (default 64)
+#                       slow uses SLOW_CONNECTIONS (1000), bigbody BIG_CONNECTIONS
+#                       (16), soak SOAK_DURATION (60)           (env CONNECTIONS)
+#   --threads N         wrk threads (default 2)                 (env WRK_THREADS)
+#   --skip-build        use the release binaries already built  (env SKIP_BUILD=1)
+#   --no-write          print only; leave bench/results.md alone (env NO_WRITE=1)
+#
+# Aggregation: requests/s is the sum of requests over the sum of run time across
+# rounds; latency percentiles are the median of the rounds' percentiles; errors
+# and CPU ticks are summed. CPU is utime+stime from /proc/<pid>/stat of every
+# process of the target (nginx: master and workers), sampled before and after
+# each run. wrk shares the machine's cores with everything else, equally in every
+# target. Our access log is at `info`, so logLevel `warn` switches it off, like
+# `access_log off` in nginx and no `log` line in HAProxy.
+set -euo pipefail
+
+SCENARIO="${SCENARIO:-throughput,slow,bigbody}"
+DURATION="${DURATION:-5}"
+ROUNDS="${ROUNDS:-3}"
+CONNECTIONS="${CONNECTIONS:-64}"
+SLOW_CONNECTIONS="${SLOW_CONNECTIONS:-1000}"
+SLOW_SLEEP_MS="${SLOW_SLEEP_MS:-50}"
+BIG_CONNECTIONS="${BIG_CONNECTIONS:-16}"
+BIG_BYTES="${BIG_BYTES:-1048576}"
+SOAK_DURATION="${SOAK_DURATION:-60}"
+WRK_THREADS="${WRK_THREADS:-2}"
+SKIP_BUILD="${SKIP_BUILD:-0}"
+NO_WRITE="${NO_WRITE:-0}"
+
+usage() { sed -n '2,37s/^# \{0,1\}//p' "$0"; }
+die() { echo "bench: $*" >&2; exit 1; }
+say() { echo "==> $*" >&2; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --scenario) SCENARIO="${2:?--scenario needs a list}"; shift 2 ;;
+    --duration) DURATION="${2:?--duration needs seconds}"; shift 2 ;;
+    --rounds) ROUNDS="${2:?--rounds needs a number}"; shift 2 ;;
+    --connections) CONNECTIONS="${2:?--connections needs a number}"; shift 2 ;;
+    --threads) WRK_THREADS="${2:?--threads needs a number}"; shift 2 ;;
+    --skip-build) SKIP_BUILD=1; shift ;;
+    --no-write) NO_WRITE=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; die "unknown argument: $1" ;;
+  esac
+done
+for var in DURATION ROUNDS CONNECTIONS SLOW_CONNECTIONS SLOW_SLEEP_MS BIG_CONNECTIONS \
+  BIG_BYTES SOAK_DURATION WRK_THREADS; do
+  [[ "${!var}" =~ ^[1-9][0-9]*$ ]] || die "$var must be a positive whole number, got '${!var}'"
+done
+(( SOAK_DURATION >= 10 )) || die "SOAK_DURATION must be at least 10 (seconds)"
+IFS=, read -r -a SCENARIOS <<<"$SCENARIO"
+for s in "${SCENARIOS[@]}"; do
+  [[ "$s" =~ ^(throughput|slow|bigbody|soak)$ ]] || die "unknown scenario '$s'"
+done
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$PWD"
+PATH="$PATH:/usr/sbin:/sbin"
+COMMAND="SCENARIO=$SCENARIO DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=$CONNECTIONS"
+COMMAND+=" SLOW_CONNECTIONS=$SLOW_CONNECTIONS BIG_CONNECTIONS=$BIG_CONNECTIONS"
+COMMAND+=" WRK_THREADS=$WRK_THREADS scripts/bench.sh"
+
+# --- tools -------------------------------------------------------------------
+
+# ensure_tool COMMAND PACKAGE...: installs the first Debian package that works
+# if COMMAND is missing, and says so either way.
+ensure_tool() {
+  local tool="$1" package sudo=()
+  shift
+  if command -v "$tool" >/dev/null; then
+    say "$tool: found at $(command -v "$tool")"
+    return
+  fi
+  [[ "$(id -u)" -eq 0 ]] || sudo=(sudo)
+  command -v apt-get >/dev/null || die "$tool is missing and there is no apt-get; install $* by hand"
+  say "$tool: missing, installing from Debian ($*)"
+  "${sudo[@]}" apt-get update -qq
+  for package in "$@"; do
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" && break
+  done
+  command -v "$tool" >/dev/null || die "could not install $tool"
+}
+ensure_tool wrk wrk
+ensure_tool nginx nginx-light nginx
+ensure_tool haproxy haproxy
+command -v curl >/dev/null || die "curl is required"
+
+if [[ "$SKIP_BUILD" != 1 ]]; then
+  say "building release binaries (lto = fat, codegen-units = 1: the first build is slow)"
+  cargo build --release --locked -p backend -p loadbalancer
+fi
+BACKEND_BIN="$ROOT/target/release/backend"
+LB_BIN="$ROOT/target/release/loadbalancer"
+[[ -x "$BACKEND_BIN" && -x "$LB_BIN" ]] || die "release binaries missing; run without --skip-build"
+
+# 1000 client connections plus as many upstream ones per proxy need descriptors.
+NEED_FDS=$((4 * SLOW_CONNECTIONS + 1024))
+if (( $(ulimit -n) < NEED_FDS )); then
+  ulimit -n "$NEED_FDS" 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+fi
+(( $(ulimit -n) >= NEED_FDS )) || die "open-file limit $(ulimit -n) is below $NEED_FDS; raise it (ulimit -n)"
+say "open-file limit: $(ulimit -n)"
+# HAProxy wants two descriptors per connection and refuses to start without them.
+MAXCONN=$(( $(ulimit -n) / 2 - 64 ))
+(( MAXCONN <= 10000 )) || MAXCONN=10000
+
+CORES="$(nproc)"
+CLK_TCK="$(getconf CLK_TCK)"
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/lb-bench.XXXXXX")"
+# nginx workers may run as an unprivileged user and must reach their temp dirs.
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'echo; echo "bench: interrupted, stopping everything" >&2; exit 130' INT TERM
+
+# --- processes ---------------------------------------------------------------
+
+# Below the kernel's ephemeral range (32768 and up), so that no outgoing
+# connection, ours or another program's, can be holding the port we pick.
+NEXT_PORT=$((12000 + RANDOM % 18000))
+# port VAR: sets VAR to the next port from NEXT_PORT on with no listener on
+# 127.0.0.1. (Not `$(port)`: a subshell could not advance NEXT_PORT.)
+port() {
+  while (exec 3<>"/dev/tcp/127.0.0.1/$NEXT_PORT") 2>/dev/null; do
+    NEXT_PORT=$((NEXT_PORT + 1))
+  done
+  printf -v "$1" '%d' "$NEXT_PORT"
+  NEXT_PORT=$((NEXT_PORT + 1))
+}
+
+# await_200 URL PID LOG: up to 15 s for URL to answer 200 while PID lives.
+await_200() {
+  local url="$1" pid="$2" log="$3" _
+  for _ in $(seq 150); do
+    kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; die "process for $url exited (log above)"; }
+    [[ "$(curl -s -o /dev/null -w '%{http_code}' "$url" || true)" == 200 ]] && return
+    sleep 0.1
+  done
+  cat "$log" >&2
+  die "$url did not answer 200"
+}
+
+say "starting three backends (logLevel warn)"
+BACKEND_PORTS=()
+for i in 1 2 3; do
+  port p
+  printf '{"port": %d, "serviceName": "bench", "logLevel": "warn"}\n' "$p" >"$WORK/backend-$i.json"
+  POD_NAME="backend-$i" POD_IP=127.0.0.1 CONFIG_PATH="$WORK/backend-$i.json" \
+    "$BACKEND_BIN" >"$WORK/backend-$i.log" 2>&1 &
+  PIDS+=("$!")
+  await_200 "http://127.0.0.1:$p/" "$!" "$WORK/backend-$i.log"
+  BACKEND_PORTS+=("$p")
+done
+
+declare -A URL PID
+URL[direct]="http://127.0.0.1:${BACKEND_PORTS[0]}"
+PID[direct]="${PIDS[0]}"
+
+# fill TEMPLATE: the template with every @NAME@ replaced.
+fill() {
+  sed -e "s|@WORK@|$WORK|g" -e "s|@PORT@|$2|g" -e "s|@THREADS@|$CORES|g" -e "s|@MAXCONN@|$MAXCONN|g" \
+    -e "s|@B1@|${BACKEND_PORTS[0]}|g" -e "s|@B2@|${BACKEND_PORTS[1]}|g" \
+    -e "s|@B3@|${BACKEND_PORTS[2]}|g" "$1"
+}
+
+say "starting our load balancer (static discovery, logLevel warn, one runtime worker per core)"
+port p
+port admin
+cat >"$WORK/loadbalancer.json" <<JSON
+{
+  "port": $p,
+  "adminPort": $admin,
+  "backendServiceName": "bench",
+  "backendPort": ${BACKEND_PORTS[0]},
+  "discovery": "static",
+  "staticBackends": ["127.0.0.1:${BACKEND_PORTS[0]}", "127.0.0.1:${BACKEND_PORTS[1]}", "127.0.0.1:${BACKEND_PORTS[2]}"],
+  "logLevel": "warn"
+}
+JSON
+CONFIG_PATH="$WORK/loadbalancer.json" "$LB_BIN" >"$WORK/ours.log" 2>&1 &
+PIDS+=("$!")
+PID[ours]="$!"
+URL[ours]="http://127.0.0.1:$p"
+await_200 "http://127.0.0.1:$admin/readyz" "${PID[ours]}" "$WORK/ours.log"
+
+if [[ "${SCENARIOS[*]}" != soak ]]; then
+  say "starting nginx (worker_processes auto) and HAProxy (nbthread $CORES)"
+  port p
+  mkdir -p -m 777 "$WORK/nginx-tmp"
+  fill bench/nginx.conf "$p" >"$WORK/nginx.conf"
+  nginx -p "$WORK" -e "$WORK/nginx-error.log" -c "$WORK/nginx.conf" >"$WORK/nginx.log" 2>&1 &
+  PIDS+=("$!")
+  PID[nginx]="$!"
+  URL[nginx]="http://127.0.0.1:$p"
+  await_200 "${URL[nginx]}/" "${PID[nginx]}" "$WORK/nginx-error.log"
+
+  port p
+  fill bench/haproxy.cfg "$p" >"$WORK/haproxy.cfg"
+  haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+  PIDS+=("$!")
+  PID[haproxy]="$!"
+  URL[haproxy]="http://127.0.0.1:$p"
+  await_200 "${URL[haproxy]}/" "${PID[haproxy]}" "$WORK/haproxy.log"
+fi
+
+# --- measuring ---------------------------------------------------------------
+
+# cpu_ticks TARGET: utime+stime of the target's process and its children (nginx
+# workers), in clock ticks. /proc/<pid>/stat already sums all of a process's threads.
+cpu_ticks() {
+  local main="${PID[$1]}" pid total=0 fields
+  for pid in "$main" $(pgrep -P "$main" || true); do
+    # Field 2 (comm) may contain spaces: cut through its closing parenthesis;
+    # utime and stime are then the 12th and 13th fields.
+    fields="$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null)" || continue
+    total=$((total + $(awk '{ print $12 + $13 }' <<<"$fields")))
+  done
+  echo "$total"
+}
+
+# status_kib PID FIELD: a VmRSS / VmHWM line of /proc/PID/status, in KiB.
+status_kib() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"; }
+
+# measure SCENARIO TARGET ROUND CONNECTIONS SECONDS PATH: one wrk run; appends
+# "TARGET key=value ..." to $WORK/SCENARIO.raw. For ours, RSS and open descriptors
+# are also sampled half-way through, while the load is on.
+measure() {
+  local scenario="$1" target="$2" round="$3" conns="$4" secs="$5" path="$6"
+  local before after wrk_pid line mid=""
+  before="$(cpu_ticks "$target")"
+  wrk -t "$WRK_THREADS" -c "$conns" -d "${secs}s" --timeout 10s -s bench/report.lua \
+    "${URL[$target]}$path" >"$WORK/wrk.out" 2>&1 &
+  wrk_pid=$!
+  if [[ "$target" == ours ]]; then
+    sleep "$(awk -v s="$secs" 'BEGIN { print s / 2 }')"
+    mid="rss_mid_kib=$(status_kib "${PID[ours]}" VmRSS)"
+    mid+=" fds_mid=$(find "/proc/${PID[ours]}/fd" -mindepth 1 | wc -l)"
+  fi
+  wait "$wrk_pid" || { cat "$WORK/wrk.out" >&2; die "wrk failed against $target"; }
+  after="$(cpu_ticks "$target")"
+  line="$(grep '^BENCH ' "$WORK/wrk.out")" || { cat "$WORK/wrk.out" >&2; die "no wrk report"; }
+  echo "$target round=$round cpu_ticks=$((after - before)) ${line#BENCH } $mid" >>"$WORK/$scenario.raw"
+  printf '    round %d %-8s %s\n' "$round" "$target" \
+    "$(awk '{ for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+              printf "%.0f req/s, p99 %.2f ms", v["requests"] / (v["duration_us"] / 1e6), v["p99_us"] / 1000 }' \
+      <<<"${line#BENCH }")" >&2
+}
+
+# table SCENARIO: the markdown table for the scenario's raw lines.
+table() {
+  awk -v tck="$CLK_TCK" '
+    function median(list,    n, a, i, j, t) {
+      n = split(list, a, " ")
+      for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j] + 0 < a[j - 1] + 0; j--) {
+        t = a[j]; a[j] = a[j - 1]; a[j - 1] = t
+      }
+      return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    {
+      t = $1
+      if (!(t in seen)) { seen[t] = 1; order[++count] = t }
+      for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+      req[t] += v["requests"]; us[t] += v["duration_us"]; bytes[t] += v["bytes"]
+      err[t] += v["err_connect"] + v["err_read"] + v["err_write"] + v["err_status"] + v["err_timeout"]
+      ticks[t] += v["cpu_ticks"]
+      p50[t] = p50[t] " " v["p50_us"]; p99[t] = p99[t] " " v["p99_us"]; p999[t] = p999[t] " " v["p999_us"]
+    }
+    END {
+      for (k = 1; k <= count; k++) { t = order[k]; rps[t] = req[t] / (us[t] / 1e6) }
+      print "| target | requests/s | p50 ms | p99 ms | p99.9 ms | errors | vs direct | vs ours | CPU s / 100k req | MiB/s |"
+      print "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+      for (k = 1; k <= count; k++) {
+        t = order[k]
+        vd = ("direct" in rps) ? sprintf("%.2f", rps[t] / rps["direct"]) : "-"
+        vo = ("ours" in rps) ? sprintf("%.2f", rps[t] / rps["ours"]) : "-"
+        cpu = (t == "direct") ? "-" : sprintf("%.2f", ticks[t] / tck / req[t] * 1e5)
+        printf "| %s | %.0f | %.2f | %.2f | %.2f | %d | %s | %s | %s | %.1f |\n", t, rps[t],
+          median(p50[t]) / 1000, median(p99[t]) / 1000, median(p999[t]) / 1000, err[t],
+          vd, vo, cpu, bytes[t] / (us[t] / 1e6) / 1048576
+      }
+    }' "$WORK/$1.raw"
+}
+
+# ours_note SCENARIO: one line on our memory during the scenario.
+ours_note() {
+  local hwm
+  hwm="$(status_kib "${PID[ours]}" VmHWM)"
+  awk -v hwm="$hwm" -v s="$1" '$1 == "ours" {
+      for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+      if (v["rss_mid_kib"] > rss) { rss = v["rss_mid_kib"]; fds = v["fds_mid"] }
+    }
+    END {
+      printf "Ours: VmRSS %.1f MiB with %d open descriptors half-way through the %s run; ", rss / 1024, fds, s
+      printf "peak RSS (VmHWM) since start %.1f MiB.\n", hwm / 1024
+    }' "$WORK/$1.raw"
+}
+
+# run_scenario NAME CONNECTIONS ROUNDS PATH TARGETS...: warm up, then the rounds.
+run_scenario() {
+  local name="$1" conns="$2" rounds="$3" path="$4" target round
+  shift 4
+  say "scenario $name: GET $path, $conns connections, $rounds round(s) of ${DURATION}s per target"
+  for target in "$@"; do
+    # Opens the upstream pools and faults in the code paths; not recorded.
+    wrk -t "$WRK_THREADS" -c "$conns" -d 1s "${URL[$target]}$path" >/dev/null 2>&1 || true
+  done
+  for round in $(seq "$rounds"); do
+    for target in "$@"; do measure "$name" "$target" "$round" "$conns" "$DURATION" "$path"; done
+  done
+  {
+    echo "### $name: GET $path, $conns connections, $rounds × ${DURATION}s per target"
+    echo
+    table "$name"
+    echo
+    ours_note "$name"
+    echo
+  } >"$WORK/$name.md"
+}
+
+# soak: ours alone for SOAK_DURATION seconds; VmRSS at start, middle and end.
+run_soak() {
+  local wrk_pid line start mid end
+  say "scenario soak: ours alone, GET /, $CONNECTIONS connections, ${SOAK_DURATION}s"
+  wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "${SOAK_DURATION}s" --timeout 10s -s bench/report.lua \
+    "${URL[ours]}/" >"$WORK/wrk.out" 2>&1 &
+  wrk_pid=$!
+  sleep 2
+  start="$(status_kib "${PID[ours]}" VmRSS)"
+  sleep "$((SOAK_DURATION / 2 - 2))"
+  mid="$(status_kib "${PID[ours]}" VmRSS)"
+  sleep "$((SOAK_DURATION / 2 - 2))"
+  end="$(status_kib "${PID[ours]}" VmRSS)"
+  wait "$wrk_pid" || { cat "$WORK/wrk.out" >&2; die "wrk failed"; }
+  line="$(grep '^BENCH ' "$WORK/wrk.out")" || die "no wrk report"
+  echo "ours round=1 cpu_ticks=0 ${line#BENCH }" >"$WORK/soak.raw"
+  {
+    echo "### soak: ours alone, GET /, $CONNECTIONS connections, ${SOAK_DURATION}s"
+    echo
+    awk -v a="$start" -v b="$mid" -v c="$end" '{
+        for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+        e = v["err_connect"] + v["err_read"] + v["err_write"] + v["err_status"] + v["err_timeout"]
+        print "| requests/s | errors | VmRSS at 2 s | at middle | 2 s before end |"
+        print "|--:|--:|--:|--:|--:|"
+        printf "| %.0f | %d | %.1f MiB | %.1f MiB | %.1f MiB |\n", v["requests"] / (v["duration_us"] / 1e6), e, a / 1024, b / 1024, c / 1024
+      }' "$WORK/soak.raw"
+    echo
+  } >"$WORK/soak.md"
+}
+
+PROXIES=(direct ours nginx haproxy)
+for s in "${SCENARIOS[@]}"; do
+  case "$s" in
+    throughput) run_scenario throughput "$CONNECTIONS" "$ROUNDS" "/" "${PROXIES[@]}" ;;
+    slow) run_scenario slow "$SLOW_CONNECTIONS" 1 "/work?sleep_ms=$SLOW_SLEEP_MS" "${PROXIES[@]}" ;;
+    bigbody) run_scenario bigbody "$BIG_CONNECTIONS" 1 "/work?bytes=$BIG_BYTES" "${PROXIES[@]}" ;;
+    soak) run_soak ;;
+  esac
+done
+
+# --- report ------------------------------------------------------------------
+
+{
+  echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $CORES cores ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), Linux $(uname -r)."
+  echo "Load generator: $(wrk -v 2>&1 | head -n 1 | awk '{ print $1, $2 }'), $WRK_THREADS threads, keep-alive, on the same cores."
+  echo "Versions: $(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -n 1 | awk '{ print "HAProxy", $3 }'), $(rustc --version | awk '{ print $1, $2 }')."
+  echo
+  echo "Command: \`$COMMAND\`"
+  echo
+  for s in "${SCENARIOS[@]}"; do cat "$WORK/$s.md"; done
+} >"$WORK/report.md"
+echo
+cat "$WORK/report.md"
+
+# The run replaces only its own block of bench/results.md (between the markers),
+# so the hand-written notes around it survive.
+if [[ "$NO_WRITE" != 1 ]]; then
+  block=run
+  [[ "${SCENARIOS[*]}" == soak ]] && block=soak
+  results=bench/results.md
+  [[ -f "$results" ]] || printf '# Benchmark results\n' >"$results"
+  grep -qx "<!-- bench:$block -->" "$results" ||
+    printf '\n<!-- bench:%s -->\n<!-- /bench:%s -->\n' "$block" "$block" >>"$results"
+  awk -v begin="<!-- bench:$block -->" -v end="<!-- /bench:$block -->" -v file="$WORK/report.md" '
+    $0 == begin { print; while ((getline line < file) > 0) print line; skip = 1; next }
+    $0 == end { skip = 0 }
+    !skip { print }' "$results" >"$WORK/results.md"
+  cp "$WORK/results.md" "$results"
+  say "written to $results"
+fi
