@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use loadbalancer::admin::{self, Admin};
 use loadbalancer::backends::Backends;
-use loadbalancer::balancer::RoundRobin;
+use loadbalancer::balancer;
 use loadbalancer::config::{self, Config};
 use loadbalancer::health::{HealthCheckSettings, HealthChecker};
 use loadbalancer::metrics::Metrics;
@@ -66,7 +66,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(backends.clone()));
     let proxy = Proxy::with_resilience(
         backends.clone(),
-        RoundRobin::new(),
+        balancer::from_config(config.algorithm, &config.weights),
         ProxySettings::from(&config),
         Resilience::from(&config),
         Arc::clone(&metrics),
@@ -79,6 +79,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         proxy = %proxy_listener.local_addr()?,
         admin = %admin_listener.local_addr()?,
         discovery = %config.discovery,
+        algorithm = %config.algorithm,
         "listening"
     );
 

@@ -450,8 +450,8 @@ impl Proxy {
         let pick = |skip: &[SocketAddr]| {
             shared
                 .backends
-                .with_availability(Instant::now(), |list, available| {
-                    balancer::pick_for_attempt(&*shared.balancer, list, available, skip)
+                .with_load(Instant::now(), |list, available, in_flight| {
+                    balancer::pick_for_attempt(&*shared.balancer, list, available, in_flight, skip)
                 })
         };
         let backend = pick(tried)?;
