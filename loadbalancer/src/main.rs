@@ -16,6 +16,7 @@ use loadbalancer::config::{self, Config};
 use loadbalancer::health::{HealthCheckSettings, HealthChecker};
 use loadbalancer::metrics::Metrics;
 use loadbalancer::proxy::{Proxy, ProxySettings, Resilience};
+use loadbalancer::reload::{self, Live, Reloader};
 use loadbalancer::server::ServerLimits;
 use loadbalancer::shutdown::{Shutdown, Signals};
 use loadbalancer::{discovery, logging, server};
@@ -55,10 +56,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .transpose()
         .context("--backends")?;
     let mut config = Config::load(&args.config)?;
-    if let Some(addrs) = flag_backends {
+    if let Some(addrs) = flag_backends.clone() {
         config = config.with_static_backends(addrs);
     }
-    logging::init(config.log_level, config.log_format)?;
+    let log = logging::init(config.log_level, config.log_format)?;
     let mut signals = Signals::install().context("installing signal handlers")?;
 
     let backends = Backends::default();
@@ -71,6 +72,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Resilience::from(&config),
         Arc::clone(&metrics),
     );
+    let live = Live {
+        proxy: proxy.clone(),
+        backends: backends.clone(),
+        log: Some(log),
+        metrics: Arc::clone(&metrics),
+    };
     let proxy_listener = bind(config.port).await.context("binding the proxy port")?;
     let admin_listener = bind(config.admin_port)
         .await
@@ -96,6 +103,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         HealthCheckSettings::from(&config.health_check),
     );
     let health_task = tokio::spawn(health_checks.run());
+    let reloader = Reloader::new(args.config, flag_backends, config.clone(), live);
+    let reload_task = tokio::spawn(reloader.run(reload::POLL_INTERVAL));
     let namespace = std::env::var("NAMESPACE").ok().filter(|ns| !ns.is_empty());
     let discovery = discovery::run(config.discovery_source(namespace), backends);
 
@@ -105,6 +114,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     shutdown.drain_then_stop(config.drain()).await;
     health_task.abort();
+    reload_task.abort();
     proxy_task.await.context("proxy server task")?;
     admin_task.await.context("admin server task")?;
     info!("stopped");

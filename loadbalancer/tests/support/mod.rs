@@ -5,6 +5,7 @@
 //!
 //! * [`upstream`]: a configurable test backend (slow, echoing, chunked, ...).
 //! * [`chromium`]: a headless browser for the status page.
+//! * [`configmap`]: a config file mounted like a ConfigMap, updated by symlink swap.
 //! * [`fake_apiserver`]: a fake Kubernetes API server for discovery tests.
 //! * [`process`]: the `loadbalancer` binary as a child process.
 //! * [`raw`]: a raw TCP client, for requests no HTTP library would send.
@@ -15,6 +16,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub(crate) mod chromium;
+pub(crate) mod configmap;
 pub mod fake_apiserver;
 pub(crate) mod faults;
 pub(crate) mod load;

@@ -1,0 +1,288 @@
+//! Live reload: watches the config file and applies a valid change without a
+//! restart and without dropping a request.
+//!
+//! Kubernetes updates a mounted ConfigMap by writing a new timestamped directory,
+//! pointing a `..data_tmp` symlink at it and renaming that over `..data`; the
+//! file we were given (`config.json`) is a symlink to `..data/config.json`. The
+//! swap is atomic, but it replaces the *directory*, so an inotify watch on the
+//! old file sees nothing useful. We therefore poll (every [`POLL_INTERVAL`]),
+//! re-resolving the path each time, and compare a fingerprint: the resolved
+//! target, its modification time and a hash of its content. Only a changed
+//! fingerprint is parsed, with the same loader as at start-up.
+//!
+//! A valid new config is applied piece by piece where the running parts allow
+//! it: the log level (through [`LogHandle`]), the algorithm and weights (a new
+//! balancer swapped into the [`Proxy`]), and the static backend list (one
+//! [`Backends::replace`], like any discovery update). Settings baked into
+//! listeners, clients and background tasks at start-up need a restart; a change
+//! to one of them is named in a warning, so nobody believes it took effect. An
+//! invalid file is rejected with an error line giving the reason, and the old
+//! config stays in force. Every reload is counted in the [`Metrics`].
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tracing::{error, info, warn};
+
+use crate::backends::Backends;
+use crate::balancer;
+use crate::config::{Config, DiscoveryMode};
+use crate::logging::LogHandle;
+use crate::metrics::{Metrics, ReloadResult};
+use crate::proxy::Proxy;
+
+/// How often the file is checked: a change is live within about this long,
+/// and a check (a `stat` and, on a change only, one small read) costs nothing.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The running parts a reload can change.
+#[derive(Debug, Clone)]
+pub struct Live {
+    /// Gets a new balancer when `algorithm` or `weights` change.
+    pub proxy: Proxy,
+    /// Gets the new list when `staticBackends` change under static discovery.
+    pub backends: Backends,
+    /// Changes the log level; `None` when logging was set up elsewhere (tests).
+    pub log: Option<LogHandle>,
+    /// Where reloads are counted.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Watches one config file and applies its changes to [`Live`].
+#[derive(Debug)]
+pub struct Reloader {
+    /// The path as given (`--config`), re-resolved on every check because the
+    /// symlinks behind it are swapped.
+    path: PathBuf,
+    /// Backends from the `--backends` flag, which override the file's on every
+    /// reload as they did at start-up.
+    flag_backends: Option<Vec<SocketAddr>>,
+    /// The config in force.
+    config: Config,
+    /// The file as last seen, so an unchanged file is not parsed again and an
+    /// invalid one is reported once, not every poll.
+    seen: Option<Fingerprint>,
+    /// What to apply changes to.
+    live: Live,
+}
+
+/// What identifies one version of the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    /// Where the path resolves to now: a ConfigMap update changes it.
+    target: PathBuf,
+    /// The target's modification time: an in-place edit changes it.
+    modified: Option<SystemTime>,
+    /// The content's hash: decides whether anything really changed (a swap to
+    /// identical content, or a `touch`, is not a reload).
+    hash: u64,
+}
+
+impl Reloader {
+    /// A reloader for the file at `path`, whose current content `config` (with
+    /// `flag_backends` applied) is already in force.
+    pub fn new(
+        path: PathBuf,
+        flag_backends: Option<Vec<SocketAddr>>,
+        config: Config,
+        live: Live,
+    ) -> Self {
+        let mut reloader = Self {
+            path,
+            flag_backends,
+            config,
+            seen: None,
+            live,
+        };
+        // The file as it is now is the config in force (or near enough: a change
+        // between loading and here is picked up at the next one).
+        reloader.seen = reloader
+            .read_if_changed()
+            .ok()
+            .flatten()
+            .map(|(fingerprint, _)| fingerprint);
+        reloader
+    }
+
+    /// Checks the file every `interval`, forever; meant to be spawned, and
+    /// aborted at shutdown.
+    pub async fn run(mut self, interval: Duration) {
+        let mut ticks = tokio::time::interval(interval);
+        // After a stall, one check is enough; there is no backlog to catch up on.
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            self.check();
+        }
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Checks the file once and applies a change. Returns how a reload ended,
+    /// or `None` when the file had not changed.
+    pub fn check(&mut self) -> Option<ReloadResult> {
+        let (fingerprint, text) = match self.read_if_changed() {
+            Ok(Some(found)) => found,
+            Ok(None) => return None,
+            Err(error) => {
+                // Missing or unreadable: keep serving with what we have. Reported
+                // once, by forgetting the fingerprint so a reappearing file counts.
+                if self.seen.take().is_some() {
+                    error!(
+                        path = %self.path.display(), %error,
+                        "config reload failed: cannot read the file; keeping the current config"
+                    );
+                    self.live
+                        .metrics
+                        .record_config_reload(ReloadResult::Failure);
+                    return Some(ReloadResult::Failure);
+                }
+                return None;
+            }
+        };
+        let content_changed = self
+            .seen
+            .as_ref()
+            .is_none_or(|s| s.hash != fingerprint.hash);
+        self.seen = Some(fingerprint);
+        if !content_changed {
+            return None;
+        }
+        let result = match Config::parse(&text, &self.path) {
+            Ok(config) => {
+                let config = match &self.flag_backends {
+                    Some(addrs) => config.with_static_backends(addrs.clone()),
+                    None => config,
+                };
+                self.apply(config);
+                ReloadResult::Success
+            }
+            Err(error) => {
+                error!(%error, "config reload failed; keeping the current config");
+                ReloadResult::Failure
+            }
+        };
+        self.live.metrics.record_config_reload(result);
+        Some(result)
+    }
+
+    /// Applies what can change live and names what cannot.
+    fn apply(&mut self, new: Config) {
+        let old = &self.config;
+        let mut applied = Vec::new();
+        if new.log_level != old.log_level
+            && let Some(log) = &self.live.log
+        {
+            match log.set_level(new.log_level) {
+                Ok(()) => applied.push("logLevel"),
+                Err(error) => warn!(error = %format!("{error:#}"), "log level unchanged"),
+            }
+        }
+        if new.algorithm != old.algorithm || new.weights != old.weights {
+            let chosen = balancer::from_config(new.algorithm, &new.weights);
+            self.live.proxy.set_balancer(chosen);
+            applied.extend(["algorithm", "weights"]);
+        }
+        if new.discovery == DiscoveryMode::Static
+            && old.discovery == DiscoveryMode::Static
+            && new.static_backends != old.static_backends
+        {
+            self.live.backends.replace(new.static_backends.clone());
+            applied.push("staticBackends");
+        }
+        let restart = needs_restart(old, &new);
+        info!(
+            path = %self.path.display(), applied = ?applied, algorithm = %new.algorithm,
+            log_level = ?new.log_level, "config reloaded"
+        );
+        if !restart.is_empty() {
+            warn!(fields = ?restart, "config changes that take effect only after a restart");
+        }
+        self.config = new;
+    }
+}
+
+/// The keys whose new value the running process cannot apply: they are read
+/// once at start-up into listeners, clients, discovery and background tasks.
+fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let static_list_mode = old.discovery == DiscoveryMode::Static;
+    [
+        ("port", old.port != new.port),
+        ("adminPort", old.admin_port != new.admin_port),
+        ("discovery", old.discovery != new.discovery),
+        (
+            "backendServiceName",
+            old.backend_service_name != new.backend_service_name,
+        ),
+        ("backendPort", old.backend_port != new.backend_port),
+        (
+            "staticBackends",
+            !static_list_mode && old.static_backends != new.static_backends,
+        ),
+        ("logFormat", old.log_format != new.log_format),
+        (
+            "connectTimeoutMs",
+            old.connect_timeout_ms != new.connect_timeout_ms,
+        ),
+        (
+            "requestTimeoutMs",
+            old.request_timeout_ms != new.request_timeout_ms,
+        ),
+        ("drainSeconds", old.drain_seconds != new.drain_seconds),
+        (
+            "shutdownTimeoutSeconds",
+            old.shutdown_timeout_seconds != new.shutdown_timeout_seconds,
+        ),
+        (
+            "headerReadTimeoutMs",
+            old.header_read_timeout_ms != new.header_read_timeout_ms,
+        ),
+        ("idleTimeoutMs", old.idle_timeout_ms != new.idle_timeout_ms),
+        ("maxConnections", old.max_connections != new.max_connections),
+        (
+            "maxHeaderBytes",
+            old.max_header_bytes != new.max_header_bytes,
+        ),
+        ("healthCheck", old.health_check != new.health_check),
+        ("outlier", old.outlier != new.outlier),
+        ("retries", old.retries != new.retries),
+    ]
+    .into_iter()
+    .filter(|&(_, changed)| changed)
+    .map(|(field, _)| field)
+    .collect()
+}
+
+impl Reloader {
+    /// Resolves the path through every symlink and reads the file it ends at,
+    /// unless target and modification time are those already seen.
+    fn read_if_changed(&self) -> std::io::Result<Option<(Fingerprint, String)>> {
+        let target = std::fs::canonicalize(&self.path)?;
+        let modified = std::fs::metadata(&target)?.modified().ok();
+        if self
+            .seen
+            .as_ref()
+            .is_some_and(|seen| seen.target == target && seen.modified == modified)
+        {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&target)?;
+        let mut hasher = DefaultHasher::new();
+        text.hash(&mut hasher);
+        let hash = hasher.finish();
+        Ok(Some((
+            Fingerprint {
+                target,
+                modified,
+                hash,
+            },
+            text,
+        )))
+    }
+}
