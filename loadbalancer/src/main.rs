@@ -13,10 +13,10 @@ use loadbalancer::admin::{self, Admin};
 use loadbalancer::backends::Backends;
 use loadbalancer::balancer;
 use loadbalancer::config::{self, Config};
-use loadbalancer::health::{HealthCheckSettings, HealthChecker};
+use loadbalancer::health::HealthCheckSettings;
 use loadbalancer::metrics::Metrics;
 use loadbalancer::proxy::{Proxy, ProxySettings, Resilience};
-use loadbalancer::reload::{self, Live, Reloader};
+use loadbalancer::reload::{self, HealthTask, Live, Reloader};
 use loadbalancer::server::ServerLimits;
 use loadbalancer::shutdown::{Shutdown, Signals};
 use loadbalancer::{discovery, logging, server};
@@ -98,12 +98,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ));
     let admin = Admin::new(backends.clone(), shutdown.clone(), metrics);
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone()));
-    let health_checks = HealthChecker::new(
+    let health = HealthTask::spawn(
         backends.clone(),
         HealthCheckSettings::from(&config.health_check),
     );
-    let health_task = tokio::spawn(health_checks.run());
-    let reloader = Reloader::new(args.config, flag_backends, config.clone(), live);
+    let reloader =
+        Reloader::new(args.config, flag_backends, config.clone(), live).with_health(health);
     let reload_task = tokio::spawn(reloader.run(reload::POLL_INTERVAL));
     let namespace = std::env::var("NAMESPACE").ok().filter(|ns| !ns.is_empty());
     let discovery = discovery::run(config.discovery_source(namespace), backends);
@@ -113,7 +113,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         failed = until_failure(discovery) => failed.context("discovery failed"),
     };
     shutdown.drain_then_stop(config.drain()).await;
-    health_task.abort();
+    // The reloader owns the health checker: aborting it stops both.
     reload_task.abort();
     proxy_task.await.context("proxy server task")?;
     admin_task.await.context("admin server task")?;

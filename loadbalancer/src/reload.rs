@@ -12,8 +12,10 @@
 //!
 //! A valid new config is applied piece by piece where the running parts allow
 //! it: the log level (through [`LogHandle`]), the algorithm and weights (a new
-//! balancer swapped into the [`Proxy`]), and the static backend list (one
-//! [`Backends::replace`], like any discovery update). Settings baked into
+//! balancer swapped into the [`Proxy`]), the static backend list (one
+//! [`Backends::replace`], like any discovery update) and the health-check
+//! settings (the checker task is restarted; verdicts live in each backend's
+//! state and carry over). Settings baked into
 //! listeners, clients and background tasks at start-up need a restart; a change
 //! to one of them is named in a warning, so nobody believes it took effect. An
 //! invalid file is rejected with an error line giving the reason, and the old
@@ -25,11 +27,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::backends::Backends;
 use crate::balancer;
 use crate::config::{Config, DiscoveryMode};
+use crate::health::{HealthCheckSettings, HealthChecker};
 use crate::logging::LogHandle;
 use crate::metrics::{Metrics, ReloadResult};
 use crate::proxy::Proxy;
@@ -51,6 +55,37 @@ pub struct Live {
     pub metrics: Arc<Metrics>,
 }
 
+/// The active health checker's task, which a reload restarts with new settings.
+/// Dropping it stops the checker, so it ends with the reloader that owns it.
+#[derive(Debug)]
+pub struct HealthTask {
+    /// The list the checker probes, handed to each new checker.
+    backends: Backends,
+    /// The running checker.
+    task: JoinHandle<()>,
+}
+
+impl HealthTask {
+    /// Starts a checker over `backends`.
+    pub fn spawn(backends: Backends, settings: HealthCheckSettings) -> Self {
+        let task = tokio::spawn(HealthChecker::new(backends.clone(), settings).run());
+        Self { backends, task }
+    }
+
+    /// Replaces the checker with one using `settings`. Its first round comes one
+    /// interval later; until then the verdicts in force stay.
+    fn restart(&mut self, settings: HealthCheckSettings) {
+        self.task.abort();
+        self.task = tokio::spawn(HealthChecker::new(self.backends.clone(), settings).run());
+    }
+}
+
+impl Drop for HealthTask {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Watches one config file and applies its changes to [`Live`].
 #[derive(Debug)]
 pub struct Reloader {
@@ -67,6 +102,9 @@ pub struct Reloader {
     seen: Option<Fingerprint>,
     /// What to apply changes to.
     live: Live,
+    /// The health checker to restart when `healthCheck` changes; `None` when
+    /// none runs.
+    health: Option<HealthTask>,
 }
 
 /// What identifies one version of the file.
@@ -96,6 +134,7 @@ impl Reloader {
             config,
             seen: None,
             live,
+            health: None,
         };
         // The file as it is now is the config in force (or near enough: a change
         // between loading and here is picked up at the next one).
@@ -105,6 +144,13 @@ impl Reloader {
             .flatten()
             .map(|(fingerprint, _)| fingerprint);
         reloader
+    }
+
+    /// Owns `health` from now on: restarts it when `healthCheck` changes, and
+    /// stops it when the reloader ends.
+    pub fn with_health(mut self, health: HealthTask) -> Self {
+        self.health = Some(health);
+        self
     }
 
     /// Checks the file every `interval`, forever; meant to be spawned, and
@@ -196,7 +242,13 @@ impl Reloader {
             self.live.backends.replace(new.static_backends.clone());
             applied.push("staticBackends");
         }
-        let restart = needs_restart(old, &new);
+        if new.health_check != old.health_check
+            && let Some(health) = &mut self.health
+        {
+            health.restart(HealthCheckSettings::from(&new.health_check));
+            applied.push("healthCheck");
+        }
+        let restart = needs_restart(old, &new, self.health.is_some());
         info!(
             path = %self.path.display(), applied = ?applied, algorithm = %new.algorithm,
             log_level = ?new.log_level, "config reloaded"
@@ -210,7 +262,7 @@ impl Reloader {
 
 /// The keys whose new value the running process cannot apply: they are read
 /// once at start-up into listeners, clients, discovery and background tasks.
-fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+fn needs_restart(old: &Config, new: &Config, health_is_live: bool) -> Vec<&'static str> {
     let static_list_mode = old.discovery == DiscoveryMode::Static;
     [
         ("port", old.port != new.port),
@@ -249,7 +301,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
             "maxHeaderBytes",
             old.max_header_bytes != new.max_header_bytes,
         ),
-        ("healthCheck", old.health_check != new.health_check),
+        (
+            "healthCheck",
+            !health_is_live && old.health_check != new.health_check,
+        ),
         ("outlier", old.outlier != new.outlier),
         ("retries", old.retries != new.retries),
     ]
@@ -284,5 +339,129 @@ impl Reloader {
             },
             text,
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::balancer::RoundRobin;
+    use crate::proxy::ProxySettings;
+
+    const A: &str = "127.0.0.1:8001";
+    const B: &str = "127.0.0.1:8002";
+
+    fn json(backend: &str, extra: &str) -> String {
+        format!(
+            r#"{{"port": 8080, "backendServiceName": "s", "backendPort": 8080,
+                "discovery": "static", "staticBackends": ["{backend}"] {extra}}}"#
+        )
+    }
+
+    /// A reloader over a temporary file holding `json(A, "")`, already in force.
+    fn reloader(dir: &Path) -> (Reloader, Backends, Arc<Metrics>) {
+        let path = dir.join("config.json");
+        std::fs::write(&path, json(A, "")).expect("write config");
+        let config = Config::load(&path).expect("valid config");
+        let backends = Backends::new(config.static_backends.clone());
+        let metrics = Arc::new(Metrics::new(backends.clone()));
+        let settings = ProxySettings::from(&config);
+        let proxy = Proxy::new(
+            backends.clone(),
+            RoundRobin::new(),
+            settings,
+            Arc::clone(&metrics),
+        );
+        let live = Live {
+            proxy,
+            backends: backends.clone(),
+            log: None,
+            metrics: Arc::clone(&metrics),
+        };
+        (Reloader::new(path, None, config, live), backends, metrics)
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("reload-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        dir
+    }
+
+    fn rewrite(dir: &Path, text: &str) {
+        std::fs::write(dir.join("config.json"), text).expect("rewrite the config");
+    }
+
+    /// Whether exactly one reload ended with `result`.
+    fn counted_once(metrics: &Metrics, result: &str) -> bool {
+        let series = format!("loadbalancer_config_reloads_total{{result=\"{result}\"}} 1\n");
+        metrics.encode().contains(&series)
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("valid address")
+    }
+
+    #[test]
+    fn an_unchanged_or_merely_rewritten_file_is_not_a_reload() {
+        let dir = temp_dir("unchanged");
+        let (mut reloader, _, metrics) = reloader(&dir);
+        assert_eq!(reloader.check(), None);
+        // Same content, new modification time: checked, not applied.
+        rewrite(&dir, &json(A, ""));
+        assert_eq!(reloader.check(), None);
+        assert!(!metrics.encode().contains("config_reloads_total{"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_valid_change_applies_the_static_backends_and_the_new_config() {
+        let dir = temp_dir("valid");
+        let (mut reloader, backends, metrics) = reloader(&dir);
+        rewrite(&dir, &json(B, r#", "algorithm": "least_request""#));
+        assert_eq!(reloader.check(), Some(ReloadResult::Success));
+        assert_eq!(backends.snapshot(), vec![addr(B)]);
+        assert_eq!(
+            reloader.config().algorithm,
+            crate::config::Algorithm::LeastRequest
+        );
+        assert!(counted_once(&metrics, "success"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_invalid_file_is_rejected_once_and_changes_nothing() {
+        let dir = temp_dir("invalid");
+        let (mut reloader, backends, metrics) = reloader(&dir);
+        rewrite(&dir, &json(B, r#", "retries": {"attempts": 0}"#));
+        assert_eq!(reloader.check(), Some(ReloadResult::Failure));
+        // Reported once, not at every poll while the file stays bad.
+        assert_eq!(reloader.check(), None);
+        assert_eq!(backends.snapshot(), vec![addr(A)]);
+        assert_eq!(reloader.config().static_backends, vec![addr(A)]);
+        assert!(counted_once(&metrics, "failure"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn restart_only_fields_are_named() {
+        let dir = temp_dir("restart");
+        let (reloader, _, _) = reloader(&dir);
+        let old = reloader.config().clone();
+        let mut new = old.clone();
+        new.port = 9999;
+        new.request_timeout_ms = 5;
+        new.log_level = crate::config::LogLevel::Debug;
+        new.health_check.interval_ms = 1;
+        assert_eq!(
+            needs_restart(&old, &new, true),
+            ["port", "requestTimeoutMs"]
+        );
+        assert_eq!(
+            needs_restart(&old, &new, false),
+            ["port", "requestTimeoutMs", "healthCheck"]
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
