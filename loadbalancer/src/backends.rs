@@ -120,12 +120,24 @@ impl Backends {
         now: Instant,
         f: impl FnOnce(&[SocketAddr], &dyn Fn(SocketAddr) -> bool) -> R,
     ) -> R {
+        self.with_load(now, |addrs, available, _| f(addrs, available))
+    }
+
+    /// Like [`Backends::with_availability`], and `f` also gets each address's
+    /// requests in flight ([`BackendState::in_flight`]), read under the same
+    /// locks: what load-aware balancing needs, with no copy and no allocation.
+    pub fn with_load<R>(
+        &self,
+        now: Instant,
+        f: impl FnOnce(&[SocketAddr], &dyn Fn(SocketAddr) -> bool, &dyn Fn(SocketAddr) -> u64) -> R,
+    ) -> R {
         let addrs = read(&self.addrs);
         let states = read(&self.states);
         // An address without a state is one `replace` is adding right now: new
-        // endpoints are available.
+        // endpoints are available, and idle.
         let available = |addr| states.get(&addr).is_none_or(|s| s.is_available(now));
-        f(&addrs, &available)
+        let in_flight = |addr| states.get(&addr).map_or(0, |s| s.in_flight());
+        f(&addrs, &available, &in_flight)
     }
 
     /// Records that discovery has delivered a complete list at least once.

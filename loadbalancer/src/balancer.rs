@@ -6,8 +6,10 @@
 //! holds a lock across an `.await`, and works on whatever list is current at that
 //! instant, which may be shorter or longer than the one the previous pick saw.
 //!
-//! Algorithms sit behind one small trait so that later ones (weighted,
-//! least-request) slot in without touching the proxy. An algorithm picks among the
+//! Algorithms sit behind one small trait, so the proxy never knows which one it
+//! uses: [`RoundRobin`] (here), [`LeastRequest`] (power of two random choices
+//! over requests in flight) and [`WeightedRoundRobin`] (nginx's smooth weighted
+//! round-robin); [`from_config`] builds the configured one. An algorithm picks among the
 //! *eligible* members of the list; [`pick_for_attempt`] decides which those are:
 //! the backends that active health checks and outlier detection consider available,
 //! minus those a retry already tried. If no backend is available, it picks among
@@ -15,9 +17,18 @@
 //! degraded service into a dead one. (Envoy's "panic threshold" does the same when
 //! too few hosts are healthy; here the threshold is zero healthy hosts.)
 
+mod least_request;
+mod weighted;
+
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub use least_request::LeastRequest;
+pub use weighted::{WeightError, WeightedRoundRobin, Weights};
+
+use crate::config::Algorithm;
 
 /// The list was empty: no backend can take the request (the proxy answers 503).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -27,16 +38,42 @@ pub struct NoBackend;
 /// A load-balancing algorithm.
 pub trait Balancer: Send + Sync + fmt::Debug {
     /// Picks one of the `backends` for which `eligible` is true; `Err(NoBackend)`
-    /// if there is none.
+    /// if there is none. `in_flight` tells how many requests each backend is
+    /// serving right now, for the algorithms that weigh load.
     fn pick_among(
         &self,
         backends: &[SocketAddr],
         eligible: &dyn Fn(SocketAddr) -> bool,
+        in_flight: &dyn Fn(SocketAddr) -> u64,
     ) -> Result<SocketAddr, NoBackend>;
 
-    /// Picks one of `backends` for the next request.
+    /// Picks one of `backends` for the next request, as if all were idle.
     fn pick(&self, backends: &[SocketAddr]) -> Result<SocketAddr, NoBackend> {
-        self.pick_among(backends, &|_| true)
+        self.pick_among(backends, &|_| true, &|_| 0)
+    }
+}
+
+/// A shared balancer is still one balancer: the proxies of all worker threads draw
+/// from the same `Arc` (the one [`from_config`] returns), so the rotation stays
+/// exact across them.
+impl<B: Balancer + ?Sized> Balancer for Arc<B> {
+    fn pick_among(
+        &self,
+        backends: &[SocketAddr],
+        eligible: &dyn Fn(SocketAddr) -> bool,
+        in_flight: &dyn Fn(SocketAddr) -> u64,
+    ) -> Result<SocketAddr, NoBackend> {
+        (**self).pick_among(backends, eligible, in_flight)
+    }
+}
+
+/// The balancer the config asks for (`algorithm`, and `weights` for the
+/// weighted one), ready to share between worker threads.
+pub fn from_config(algorithm: Algorithm, weights: &Weights) -> Arc<dyn Balancer> {
+    match algorithm {
+        Algorithm::RoundRobin => Arc::new(RoundRobin::new()),
+        Algorithm::LeastRequest => Arc::new(LeastRequest::new()),
+        Algorithm::WeightedRoundRobin => Arc::new(WeightedRoundRobin::new(weights.clone())),
     }
 }
 
@@ -51,25 +88,18 @@ pub fn pick_for_attempt(
     balancer: &dyn Balancer,
     backends: &[SocketAddr],
     available: &dyn Fn(SocketAddr) -> bool,
+    in_flight: &dyn Fn(SocketAddr) -> u64,
     tried: &[SocketAddr],
 ) -> Result<SocketAddr, NoBackend> {
     let untried = |addr: SocketAddr| !tried.contains(&addr);
     balancer
-        .pick_among(backends, &|addr| untried(addr) && available(addr))
-        .or_else(|NoBackend| balancer.pick_among(backends, &untried))
-        .or_else(|NoBackend| balancer.pick(backends))
-}
-
-/// A balancer shared by several proxies (one per worker thread) is still one
-/// balancer: they all draw from the same state, so the rotation stays exact.
-impl<B: Balancer + ?Sized> Balancer for std::sync::Arc<B> {
-    fn pick_among(
-        &self,
-        backends: &[SocketAddr],
-        eligible: &dyn Fn(SocketAddr) -> bool,
-    ) -> Result<SocketAddr, NoBackend> {
-        (**self).pick_among(backends, eligible)
-    }
+        .pick_among(
+            backends,
+            &|addr| untried(addr) && available(addr),
+            in_flight,
+        )
+        .or_else(|NoBackend| balancer.pick_among(backends, &untried, in_flight))
+        .or_else(|NoBackend| balancer.pick_among(backends, &|_| true, in_flight))
 }
 
 /// Round-robin: each pick takes the next ticket from an atomic counter and uses
@@ -99,6 +129,7 @@ impl Balancer for RoundRobin {
         &self,
         backends: &[SocketAddr],
         eligible: &dyn Fn(SocketAddr) -> bool,
+        _in_flight: &dyn Fn(SocketAddr) -> u64,
     ) -> Result<SocketAddr, NoBackend> {
         let count = backends.iter().filter(|&&addr| eligible(addr)).count();
         if count == 0 {
@@ -127,10 +158,17 @@ mod tests {
     use super::*;
     use crate::backends::Backends;
 
-    fn addrs(n: u16) -> Vec<SocketAddr> {
+    /// `n` distinct addresses, sorted as discovery would publish them; shared
+    /// with the algorithms' own tests.
+    pub(super) fn addrs(n: u16) -> Vec<SocketAddr> {
         (0..n)
             .map(|i| SocketAddr::from(([10, 0, 0, 1], 8000 + i)))
             .collect()
+    }
+
+    /// Every backend idle: round-robin ignores load anyway.
+    fn idle(_: SocketAddr) -> u64 {
+        0
     }
 
     fn count(picks: impl IntoIterator<Item = SocketAddr>) -> HashMap<SocketAddr, usize> {
@@ -213,7 +251,7 @@ mod tests {
         let balancer = RoundRobin::new();
         let picks = (0..30).map(|_| {
             balancer
-                .pick_among(&backends, &|addr| addr != skipped)
+                .pick_among(&backends, &|addr| addr != skipped, &|_| 0)
                 .expect("three are eligible")
         });
         let counts = count(picks);
@@ -227,7 +265,7 @@ mod tests {
         let balancer = RoundRobin::new();
         let available = |addr: SocketAddr| addr == backends[2];
         for _ in 0..5 {
-            let pick = pick_for_attempt(&balancer, &backends, &available, &[]);
+            let pick = pick_for_attempt(&balancer, &backends, &available, &idle, &[]);
             assert_eq!(pick, Ok(backends[2]));
         }
     }
@@ -237,7 +275,8 @@ mod tests {
         let backends = addrs(3);
         let balancer = RoundRobin::new();
         let picks = (0..6).map(|_| {
-            pick_for_attempt(&balancer, &backends, &|_| false, &[]).expect("panic mode picks")
+            pick_for_attempt(&balancer, &backends, &|_| false, &idle, &[])
+                .expect("panic mode picks")
         });
         assert!(count(picks).values().all(|&c| c == 2));
     }
@@ -247,7 +286,7 @@ mod tests {
         let backends = addrs(3);
         let balancer = RoundRobin::new();
         for _ in 0..6 {
-            let pick = pick_for_attempt(&balancer, &backends, &|_| true, &backends[..2]);
+            let pick = pick_for_attempt(&balancer, &backends, &|_| true, &idle, &backends[..2]);
             assert_eq!(pick, Ok(backends[2]));
         }
         // An untried but unavailable backend beats an available tried one.
@@ -255,17 +294,18 @@ mod tests {
             &balancer,
             &backends,
             &|addr| addr != backends[2],
+            &idle,
             &backends[..2],
         );
         assert_eq!(pick, Ok(backends[2]));
         // Everything tried: any backend rather than none.
         let only = &backends[..1];
         assert_eq!(
-            pick_for_attempt(&balancer, only, &|_| true, only),
+            pick_for_attempt(&balancer, only, &|_| true, &idle, only),
             Ok(backends[0])
         );
         assert_eq!(
-            pick_for_attempt(&balancer, &[], &|_| true, &[]),
+            pick_for_attempt(&balancer, &[], &|_| true, &idle, &[]),
             Err(NoBackend)
         );
     }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use tracing::level_filters::LevelFilter;
 
+use crate::balancer::Weights;
 use crate::discovery::{KubernetesSource, Source};
 use crate::server::ServerLimits;
 
@@ -93,6 +94,38 @@ pub struct Config {
     /// Retries on another backend; see [`RetriesConfig`].
     #[serde(default)]
     pub retries: RetriesConfig,
+
+    // Balancing (issue 10; see `balancer` and the README's "Choosing an algorithm").
+    /// How the next backend is chosen. Default `round_robin`.
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// Weights for `weighted_round_robin`, keyed by `IP:port` or by IP (every
+    /// port of that host); each at least 1. Unlisted backends weigh 1. Default empty.
+    #[serde(default)]
+    pub weights: Weights,
+}
+
+/// `algorithm`: how the balancer chooses among the available backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Each backend in turn.
+    #[default]
+    RoundRobin,
+    /// The less busy of two random backends (requests in flight).
+    LeastRequest,
+    /// Smooth weighted round-robin over `weights`.
+    WeightedRoundRobin,
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Algorithm::RoundRobin => "round_robin",
+            Algorithm::LeastRequest => "least_request",
+            Algorithm::WeightedRoundRobin => "weighted_round_robin",
+        })
+    }
 }
 
 // ---- Resilience: health checks, outlier ejection, retries (issue 7) ----
@@ -592,6 +625,45 @@ mod tests {
         assert_eq!(config.log_format, LogFormat::Text);
         assert_eq!(config.drain(), Duration::from_secs(5));
         assert_eq!(ServerLimits::from(&config), ServerLimits::DEFAULT);
+    }
+
+    #[test]
+    fn algorithm_defaults_to_round_robin_and_reads_weights() {
+        let config = parse(&with_guide_keys("")).expect("guide config parses");
+        assert_eq!(config.algorithm, Algorithm::RoundRobin);
+        assert_eq!(config.weights, Weights::default());
+        let config = parse(&with_guide_keys(
+            r#""algorithm": "weighted_round_robin", "weights": {"10.0.0.1:80": 5, "10.0.0.2": 2}"#,
+        ))
+        .expect("weighted config parses");
+        assert_eq!(config.algorithm, Algorithm::WeightedRoundRobin);
+        let at = |s: &str| s.parse::<SocketAddr>().expect("valid address");
+        assert_eq!(config.weights.of(at("10.0.0.1:80")), 5);
+        assert_eq!(config.weights.of(at("10.0.0.2:9000")), 2);
+        assert_eq!(config.weights.of(at("10.0.0.3:80")), 1);
+        let config = parse(&with_guide_keys(r#""algorithm": "least_request""#))
+            .expect("least_request parses");
+        assert_eq!(config.algorithm, Algorithm::LeastRequest);
+    }
+
+    #[test]
+    fn bad_algorithm_and_weights_are_rejected_naming_the_key() {
+        assert_error_mentions(
+            &with_guide_keys(r#""algorithm": "random""#),
+            &["algorithm", "random"],
+        );
+        assert_error_mentions(
+            &with_guide_keys(r#""weights": {"backend-1:80": 2}"#),
+            &["weights", "backend-1:80", "not an IP"],
+        );
+        assert_error_mentions(
+            &with_guide_keys(r#""weights": {"10.0.0.1": 0}"#),
+            &["weights", "10.0.0.1", "at least 1"],
+        );
+        assert_error_mentions(
+            &with_guide_keys(r#""weights": {"10.0.0.1": -3}"#),
+            &["weights"],
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! background, `outlier` ejects backends whose requests keep failing (both mark
 //! each backend's [`backend_state::BackendState`], which the balancer reads), and
 //! `retry` decides when the proxy repeats a failed attempt on another backend.
+//! `reload` watches the config file and applies a valid change while serving.
 
 pub mod admin;
 pub mod backend_state;
@@ -26,6 +27,7 @@ pub mod logging;
 pub mod metrics;
 pub mod outlier;
 pub mod proxy;
+pub mod reload;
 mod response;
 pub mod retry;
 pub mod server;

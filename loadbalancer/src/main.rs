@@ -2,6 +2,7 @@
 //! builds the parts and serves until SIGTERM or Ctrl-C. Everything it wires
 //! lives in the library, where it is tested.
 
+use std::cell::RefCell;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,11 +12,12 @@ use anyhow::Context;
 use clap::Parser;
 use loadbalancer::admin::{self, Admin};
 use loadbalancer::backends::Backends;
-use loadbalancer::balancer::RoundRobin;
+use loadbalancer::balancer;
 use loadbalancer::config::{self, Config};
-use loadbalancer::health::{HealthCheckSettings, HealthChecker};
+use loadbalancer::health::HealthCheckSettings;
 use loadbalancer::metrics::Metrics;
 use loadbalancer::proxy::{Proxy, ProxySettings, Resilience};
+use loadbalancer::reload::{self, HealthTask, Live, Reloader};
 use loadbalancer::server::ServerLimits;
 use loadbalancer::shutdown::{Shutdown, Signals};
 use loadbalancer::workers::{self, Workers};
@@ -58,37 +60,47 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .transpose()
         .context("--backends")?;
     let mut config = Config::load(&args.config)?;
-    if let Some(addrs) = flag_backends {
+    if let Some(addrs) = flag_backends.clone() {
         config = config.with_static_backends(addrs);
     }
-    logging::init(config.log_level, config.log_format)?;
+    let log = logging::init(config.log_level, config.log_format)?;
     let mut signals = Signals::install().context("installing signal handlers")?;
 
     let backends = Backends::default();
     let shutdown = Shutdown::new();
     let metrics = Arc::new(Metrics::new(backends.clone()));
-    // One balancer for all workers, so the rotation stays exact across them.
-    let balancer = Arc::new(RoundRobin::new());
+    // One balancer for all workers, so the rotation stays exact across them; a
+    // reload hands every worker's proxy the same new one.
+    let balancer = balancer::from_config(config.algorithm, &config.weights);
     let settings = ProxySettings::from(&config);
     let resilience = Resilience::from(&config);
     let worker_count = workers::default_count();
+    let proxies = RefCell::new(Vec::with_capacity(worker_count.get()));
     let proxy_workers = Workers::start(
         worker_count,
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.port)),
         || {
-            Proxy::with_resilience(
+            let proxy = Proxy::with_resilience(
                 backends.clone(),
                 Arc::clone(&balancer),
                 settings,
                 resilience,
                 Arc::clone(&metrics),
-            )
+            );
+            proxies.borrow_mut().push(proxy.clone());
+            proxy
         },
         ServerLimits::from(&config),
         &shutdown,
     )
     .await
     .context("binding the proxy port")?;
+    let live = Live {
+        proxies: proxies.into_inner(),
+        backends: backends.clone(),
+        log: Some(log),
+        metrics: Arc::clone(&metrics),
+    };
     let admin_listener = bind(config.admin_port)
         .await
         .context("binding the admin port")?;
@@ -97,16 +109,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         workers = worker_count,
         admin = %admin_listener.local_addr()?,
         discovery = %config.discovery,
+        algorithm = %config.algorithm,
         "listening"
     );
 
     let admin = Admin::new(backends.clone(), shutdown.clone(), metrics);
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone()));
-    let health_checks = HealthChecker::new(
+    let health = HealthTask::spawn(
         backends.clone(),
         HealthCheckSettings::from(&config.health_check),
     );
-    let health_task = tokio::spawn(health_checks.run());
+    let reloader =
+        Reloader::new(args.config, flag_backends, config.clone(), live).with_health(health);
+    let reload_task = tokio::spawn(reloader.run(reload::POLL_INTERVAL));
     let namespace = std::env::var("NAMESPACE").ok().filter(|ns| !ns.is_empty());
     let discovery = discovery::run(config.discovery_source(namespace), backends);
 
@@ -115,7 +130,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         failed = until_failure(discovery) => failed.context("discovery failed"),
     };
     shutdown.drain_then_stop(config.drain()).await;
-    health_task.abort();
+    // The reloader owns the health checker: aborting it stops both.
+    reload_task.abort();
     proxy_workers.finished().await;
     admin_task.await.context("admin server task")?;
     info!("stopped");

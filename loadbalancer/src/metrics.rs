@@ -62,6 +62,32 @@ pub struct Metrics {
     retries: Counter,
     /// `loadbalancer_ejections_total{backend}`: outlier detection ejections.
     ejections: Family<BackendLabels, Counter>,
+    /// `loadbalancer_config_reloads_total{result}`: config file changes seen.
+    config_reloads: Family<ReloadLabels, Counter>,
+}
+
+/// How a config reload ended, the `result` label of
+/// `loadbalancer_config_reloads_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReloadResult {
+    /// The new config is in force.
+    Success,
+    /// The new file was rejected; the previous config stays in force.
+    Failure,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReloadLabels {
+    result: ReloadResult,
+}
+
+impl EncodeLabelValue for ReloadResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        encoder.write_str(match self {
+            ReloadResult::Success => "success",
+            ReloadResult::Failure => "failure",
+        })
+    }
 }
 
 impl Metrics {
@@ -103,6 +129,12 @@ impl Metrics {
             "Times outlier detection ejected a backend",
             ejections.clone(),
         );
+        let config_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Changes of the config file applied (success) or rejected (failure)",
+            config_reloads.clone(),
+        );
         registry.register(
             "build",
             "The running version",
@@ -116,6 +148,7 @@ impl Metrics {
             in_flight,
             retries,
             ejections,
+            config_reloads,
         }
     }
 
@@ -157,6 +190,13 @@ impl Metrics {
             backend: BackendLabel(Some(backend)),
         };
         self.ejections.get_or_create(&labels).inc();
+    }
+
+    /// Counts one config reload that ended with `result`.
+    pub fn record_config_reload(&self, result: ReloadResult) {
+        self.config_reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
     }
 
     /// Every metric in the OpenMetrics text format (see [`CONTENT_TYPE`]).

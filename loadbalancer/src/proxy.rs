@@ -29,7 +29,7 @@ mod request_id;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -243,8 +243,11 @@ pub struct Proxy {
 struct Shared {
     /// The list discovery keeps current; read once per request.
     backends: Backends,
-    /// Chooses among `backends`; boxed so algorithms can be swapped at start-up.
-    balancer: Box<dyn Balancer>,
+    /// Chooses among `backends`; boxed so the algorithm is chosen from the
+    /// config, and behind a lock so a config reload can swap it. Read-locked
+    /// only for the pick itself, never across an `.await`; the write lock is
+    /// taken once per reload.
+    balancer: RwLock<Box<dyn Balancer>>,
     /// One pooled client for all backends: keep-alive connections are per
     /// backend address inside it. Its body type lets a retry take the client's
     /// body back when the first attempt never sent it.
@@ -308,7 +311,7 @@ impl Proxy {
         Self {
             shared: Arc::new(Shared {
                 backends,
-                balancer: Box::new(balancer),
+                balancer: RwLock::new(Box::new(balancer)),
                 client,
                 request_timeout: settings.request_timeout,
                 request_ids: RequestIds::default(),
@@ -453,10 +456,12 @@ impl Proxy {
         // The read locks are held only inside this closure: the pick copies an
         // address out, and the guards are gone before any `.await`.
         let pick = |skip: &[SocketAddr]| {
+            // A poisoned lock still holds a whole balancer (a swap is one store).
+            let current = shared.balancer.read().unwrap_or_else(|p| p.into_inner());
             shared
                 .backends
-                .with_availability(Instant::now(), |list, available| {
-                    balancer::pick_for_attempt(&*shared.balancer, list, available, skip)
+                .with_load(Instant::now(), |list, available, in_flight| {
+                    balancer::pick_for_attempt(&**current, list, available, in_flight, skip)
                 })
         };
         let backend = pick(tried)?;
@@ -539,6 +544,18 @@ impl Proxy {
             }
         }
         result
+    }
+
+    /// Chooses with `balancer` from the next pick on: what a config reload
+    /// does when `algorithm` or `weights` change. Requests in flight keep the
+    /// backend they already have.
+    pub fn set_balancer(&self, balancer: impl Balancer + 'static) {
+        let mut current = self
+            .shared
+            .balancer
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        *current = Box::new(balancer);
     }
 
     /// Retries granted since start (see [`RetryPolicy::retries`]).

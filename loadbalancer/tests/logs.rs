@@ -7,7 +7,7 @@ mod support;
 use http::StatusCode;
 use serde_json::Value;
 use support::get;
-use support::process::{Process, TempConfig, json_line, ready};
+use support::process::{Process, TempConfig, free_port, json_line, ready};
 
 /// The fields every access line carries at the top level (the event's fields are
 /// flattened, so a log pipeline can filter on them directly).
@@ -39,10 +39,7 @@ fn assert_access_line(line: &Value, request_id: &str, who: &str) {
 async fn one_request_id_joins_the_json_lines_of_both_programs() {
     // The backend's config needs a fixed port (0 is refused, as a Service needs a
     // known one): take a free one from the kernel.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|probe| probe.local_addr())
-        .expect("a free loopback port")
-        .port();
+    let port = free_port();
     let backend_config = TempConfig::new(&format!(
         r#"{{"port": {port}, "serviceName": "backend-service", "logFormat": "json"}}"#
     ));

@@ -5,6 +5,7 @@
 //!
 //! * [`upstream`]: a configurable test backend (slow, echoing, chunked, ...).
 //! * [`chromium`]: a headless browser for the status page.
+//! * [`configmap`]: a config file mounted like a ConfigMap, updated by symlink swap.
 //! * [`fake_apiserver`]: a fake Kubernetes API server for discovery tests.
 //! * [`process`]: the `loadbalancer` binary as a child process.
 //! * [`raw`]: a raw TCP client, for requests no HTTP library would send.
@@ -15,6 +16,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub(crate) mod chromium;
+pub(crate) mod configmap;
 pub mod fake_apiserver;
 pub(crate) mod faults;
 pub(crate) mod load;
@@ -36,7 +38,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use loadbalancer::admin::{self, Admin};
 use loadbalancer::backends::Backends;
-use loadbalancer::balancer::RoundRobin;
+use loadbalancer::balancer::{Balancer, RoundRobin};
 use loadbalancer::discovery::{self, Source};
 use loadbalancer::metrics::Metrics;
 use loadbalancer::proxy::{Proxy, ProxySettings, Resilience};
@@ -116,6 +118,24 @@ impl TestLb {
         Self::start_with(addrs, Self::SETTINGS).await
     }
 
+    /// A load balancer over `upstreams` that chooses with `balancer`.
+    pub(crate) async fn start_balanced(
+        upstreams: &[Upstream],
+        balancer: impl Balancer + 'static,
+    ) -> Self {
+        let addrs = upstreams.iter().map(|u| u.addr).collect();
+        let backends = static_backends(addrs).await;
+        let (settings, resilience) = (Self::SETTINGS, Resilience::default());
+        Self::launch(
+            backends,
+            balancer,
+            settings,
+            resilience,
+            ServerLimits::DEFAULT,
+        )
+        .await
+    }
+
     /// A load balancer over `addrs` with `settings`.
     pub(crate) async fn start_with(addrs: Vec<SocketAddr>, settings: ProxySettings) -> Self {
         Self::start_resilient(addrs, settings, Resilience::default()).await
@@ -128,13 +148,20 @@ impl TestLb {
         resilience: Resilience,
     ) -> Self {
         let backends = static_backends(addrs).await;
-        Self::launch(backends, settings, resilience, ServerLimits::DEFAULT).await
+        Self::start_unsynced_with(backends, settings, resilience).await
     }
 
     /// A load balancer over `addrs` whose proxy listener has `limits`.
     pub(crate) async fn start_with_limits(addrs: Vec<SocketAddr>, limits: ServerLimits) -> Self {
         let backends = static_backends(addrs).await;
-        Self::launch(backends, Self::SETTINGS, Resilience::default(), limits).await
+        Self::launch(
+            backends,
+            RoundRobin::new(),
+            Self::SETTINGS,
+            Resilience::default(),
+            limits,
+        )
+        .await
     }
 
     /// A load balancer over a list that discovery has not filled yet.
@@ -148,11 +175,19 @@ impl TestLb {
         settings: ProxySettings,
         resilience: Resilience,
     ) -> Self {
-        Self::launch(backends, settings, resilience, ServerLimits::DEFAULT).await
+        Self::launch(
+            backends,
+            RoundRobin::new(),
+            settings,
+            resilience,
+            ServerLimits::DEFAULT,
+        )
+        .await
     }
 
     async fn launch(
         backends: Backends,
+        balancer: impl Balancer + 'static,
         settings: ProxySettings,
         resilience: Resilience,
         limits: ServerLimits,
@@ -167,7 +202,7 @@ impl TestLb {
         let metrics = Arc::new(Metrics::new(backends.clone()));
         let proxy = Proxy::with_resilience(
             backends.clone(),
-            RoundRobin::new(),
+            balancer,
             settings,
             resilience,
             Arc::clone(&metrics),

@@ -28,13 +28,7 @@ pub(crate) struct TempConfig {
 
 impl TempConfig {
     pub(crate) fn new(json: &str) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "loadbalancer-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
+        let dir = temp_dir();
         let path = dir.join("config.json");
         std::fs::write(&path, json).expect("write temp config");
         Self { dir, path }
@@ -53,6 +47,27 @@ impl TempConfig {
     pub(crate) fn path_str(&self) -> &str {
         self.path.to_str().expect("UTF-8 temp path")
     }
+}
+
+/// A fresh, empty directory under the system's temporary one.
+pub(crate) fn temp_dir() -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "loadbalancer-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// A loopback port that was free a moment ago, for configs that need a fixed
+/// one (the kernel does not hand the same port out again right away).
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|probe| probe.local_addr())
+        .expect("a free loopback port")
+        .port()
 }
 
 impl Drop for TempConfig {

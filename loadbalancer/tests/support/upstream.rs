@@ -14,7 +14,7 @@
 //! known to be in flight, records each one's method and path (the smuggling tests
 //! check that no hidden second request ever arrives), and it can be stopped
 //! abruptly (every connection torn down, the port closed) to play a crashed backend. [`Upstream::set_fault`] makes
-//! it play a sick one (503 to everything, or a failing `/healthz`).
+//! it play a sick one (503 to everything, a failing `/healthz`, or slow answers).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -50,7 +50,13 @@ pub(crate) enum Fault {
     /// Answers `/healthz` with a 503 and everything else normally: what an
     /// active health check sees of a backend whose dependency broke.
     FailHealthz,
+    /// Answers every request normally, [`SLOW_FAULT_DELAY`] late: a backend on
+    /// an overloaded node, for the load-aware balancing tests.
+    Slow,
 }
+
+/// How late a [`Fault::Slow`] upstream answers.
+pub(crate) const SLOW_FAULT_DELAY: Duration = Duration::from_millis(100);
 
 /// A running test upstream.
 #[derive(Debug)]
@@ -170,6 +176,9 @@ async fn respond(
         let mut response = json_response(&json!({ "podName": name, "status": 503 }));
         *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         return Ok(response);
+    }
+    if fault == Fault::Slow as u8 {
+        tokio::time::sleep(SLOW_FAULT_DELAY).await;
     }
     let query_number = |key: &str| -> u64 {
         req.uri()
