@@ -15,6 +15,8 @@
 #   slow        GET /work?sleep_ms=50 over 1000 connections: many requests in flight
 #   bigbody     GET /work?bytes=1048576: 1 MiB responses, streaming throughput
 #   soak        ours only, 60 s: VmRSS at start, middle and end (should stay flat)
+#   algorithms  ours with round_robin against ours with least_request, over two
+#               backends and one that answers SLOW_BACKEND_MS (20) late: p99
 #
 # Usage: scripts/bench.sh [options]       (make bench passes the env variables)
 #   --scenario LIST     see above                               (env SCENARIO)
@@ -46,6 +48,7 @@ SLOW_SLEEP_MS="${SLOW_SLEEP_MS:-50}"
 BIG_CONNECTIONS="${BIG_CONNECTIONS:-16}"
 BIG_BYTES="${BIG_BYTES:-1048576}"
 SOAK_DURATION="${SOAK_DURATION:-60}"
+SLOW_BACKEND_MS="${SLOW_BACKEND_MS:-20}"
 WRK_THREADS="${WRK_THREADS:-2}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 NO_WRITE="${NO_WRITE:-0}"
@@ -74,7 +77,7 @@ done
 (( SOAK_DURATION >= 10 )) || die "SOAK_DURATION must be at least 10 (seconds)"
 IFS=, read -r -a SCENARIOS <<<"$SCENARIO"
 for s in "${SCENARIOS[@]}"; do
-  [[ "$s" =~ ^(throughput|slow|bigbody|soak)$ ]] || die "unknown scenario '$s'"
+  [[ "$s" =~ ^(throughput|slow|bigbody|soak|algorithms)$ ]] || die "unknown scenario '$s'"
 done
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -378,6 +381,38 @@ run_soak() {
   } >"$WORK/soak.md"
 }
 
+# algorithms: our load balancer twice more, over two normal backends and one slow
+# one (responseDelayMs), once with round_robin and once with least_request.
+run_algorithms() {
+  local algorithm p admin slow
+  port slow
+  printf '{"port": %d, "serviceName": "bench", "logLevel": "warn", "responseDelayMs": %d}\n' \
+    "$slow" "$SLOW_BACKEND_MS" >"$WORK/backend-slow.json"
+  POD_NAME="backend-slow" POD_IP=127.0.0.1 CONFIG_PATH="$WORK/backend-slow.json" \
+    "$BACKEND_BIN" >"$WORK/backend-slow.log" 2>&1 &
+  PIDS+=("$!")
+  await_200 "http://127.0.0.1:$slow/" "$!" "$WORK/backend-slow.log"
+  for algorithm in round_robin least_request; do
+    port p
+    port admin
+    cat >"$WORK/$algorithm.json" <<JSON
+{
+  "port": $p, "adminPort": $admin, "backendServiceName": "bench", "backendPort": $slow,
+  "discovery": "static", "logLevel": "warn", "algorithm": "$algorithm",
+  "staticBackends": ["127.0.0.1:${BACKEND_PORTS[0]}", "127.0.0.1:${BACKEND_PORTS[1]}", "127.0.0.1:$slow"]
+}
+JSON
+    CONFIG_PATH="$WORK/$algorithm.json" "$LB_BIN" >"$WORK/$algorithm.log" 2>&1 &
+    PIDS+=("$!")
+    PID[$algorithm]="$!"
+    URL[$algorithm]="http://127.0.0.1:$p"
+    await_200 "http://127.0.0.1:$admin/readyz" "${PID[$algorithm]}" "$WORK/$algorithm.log"
+  done
+  run_scenario algorithms "$CONNECTIONS" "$ROUNDS" "/" round_robin least_request
+  sed -i "s|^### algorithms: |### algorithms (one of three backends answers ${SLOW_BACKEND_MS} ms late): |" \
+    "$WORK/algorithms.md"
+}
+
 PROXIES=(direct ours nginx haproxy)
 for s in "${SCENARIOS[@]}"; do
   case "$s" in
@@ -385,6 +420,7 @@ for s in "${SCENARIOS[@]}"; do
     slow) run_scenario slow "$SLOW_CONNECTIONS" 1 "/work?sleep_ms=$SLOW_SLEEP_MS" "${PROXIES[@]}" ;;
     bigbody) run_scenario bigbody "$BIG_CONNECTIONS" 1 "/work?bytes=$BIG_BYTES" "${PROXIES[@]}" ;;
     soak) run_soak ;;
+    algorithms) run_algorithms ;;
   esac
 done
 

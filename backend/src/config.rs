@@ -33,12 +33,13 @@ use tracing::level_filters::LevelFilter;
 pub const DEFAULT_PATH: &str = "/etc/config/config.json";
 
 /// Every key the file may contain; anything else is rejected as a likely typo.
-const KNOWN_KEYS: [&str; 10] = [
+const KNOWN_KEYS: [&str; 11] = [
     "port",
     "serviceName",
     "logLevel",
     "logFormat",
     "shutdownDelay",
+    "responseDelayMs",
     "shutdownTimeoutSeconds",
     "headerReadTimeoutMs",
     "idleTimeoutMs",
@@ -66,6 +67,9 @@ pub struct Config {
     /// How long to keep accepting (while `/readyz` says 503) after a shutdown signal,
     /// so load balancers and kube-proxy see the pod leave before its port closes.
     pub shutdown_delay: Duration,
+    /// How long every `/` and `/work` answer waits first (`responseDelayMs`, default
+    /// 0): a deliberately slow pod for load-balancing experiments.
+    pub response_delay: Duration,
     /// Client connection limits and the shutdown timeout, see [`ServerLimits`].
     pub limits: ServerLimits,
 }
@@ -216,6 +220,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         })?,
     };
 
+    let response_delay = Duration::from_millis(fields.bounded("responseDelayMs", 0, 0..=60_000)?);
+
     let defaults = DEFAULT_LIMITS;
     let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let limits = ServerLimits {
@@ -252,6 +258,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         log_level,
         log_format,
         shutdown_delay,
+        response_delay,
         limits,
     })
 }

@@ -59,6 +59,9 @@ pub struct App {
     /// How long `server::serve` keeps accepting after shutdown begins; see
     /// [`App::with_shutdown_delay`].
     shutdown_delay: Duration,
+    /// How long every `/` and `/work` answer waits before it starts; see
+    /// [`App::with_response_delay`].
+    response_delay: Duration,
     /// Every answered request is counted here (by `server`) and served on `/metrics`.
     metrics: Arc<Metrics>,
 }
@@ -71,6 +74,7 @@ impl App {
             ready: Arc::new(AtomicBool::new(true)),
             in_flight: Arc::new(AtomicUsize::new(0)),
             shutdown_delay: Duration::ZERO,
+            response_delay: Duration::ZERO,
             metrics: Arc::new(Metrics::new()),
         }
     }
@@ -81,6 +85,14 @@ impl App {
     /// that window finds a closed port.
     pub fn with_shutdown_delay(mut self, delay: Duration) -> Self {
         self.shutdown_delay = delay;
+        self
+    }
+
+    /// Makes every `/` and `/work` answer wait `delay` first: a slow pod, for
+    /// watching a load-aware balancer send it less traffic. Probes stay fast, so
+    /// the pod still looks healthy, as a slow-but-alive pod does.
+    pub fn with_response_delay(mut self, delay: Duration) -> Self {
+        self.response_delay = delay;
         self
     }
 
@@ -129,6 +141,9 @@ impl App {
                 .headers_mut()
                 .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
             return response;
+        }
+        if matches!(route, Route::Identity | Route::Work) && !self.response_delay.is_zero() {
+            tokio::time::sleep(self.response_delay).await;
         }
         match route {
             Route::Identity => self.identity_response(StatusCode::OK),

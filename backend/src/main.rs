@@ -39,7 +39,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     logging::init(config.log_level, config.log_format)
         .map_err(|error| anyhow::anyhow!(error).context("starting logging"))?;
     let app = App::new(Identity::from_environment(&config.service_name))
-        .with_shutdown_delay(config.shutdown_delay);
+        .with_shutdown_delay(config.shutdown_delay)
+        .with_response_delay(config.response_delay);
 
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {

@@ -40,6 +40,7 @@ fn required_keys_alone_get_the_documented_defaults() {
             log_level: LevelFilter::INFO,
             log_format: LogFormat::Text,
             shutdown_delay: Duration::ZERO,
+            response_delay: Duration::ZERO,
             limits: DEFAULT_LIMITS,
         }
     );
@@ -49,12 +50,13 @@ fn required_keys_alone_get_the_documented_defaults() {
 fn every_optional_key_is_read() {
     let config = load_text(
         r#"{"port": 1, "serviceName": "s", "logLevel": "debug", "logFormat": "json",
-            "shutdownDelay": "1500ms"}"#,
+            "shutdownDelay": "1500ms", "responseDelayMs": 25}"#,
     )
     .expect("valid");
     assert_eq!(config.log_level, LevelFilter::DEBUG);
     assert_eq!(config.log_format, LogFormat::Json);
     assert_eq!(config.shutdown_delay, Duration::from_millis(1500));
+    assert_eq!(config.response_delay, Duration::from_millis(25));
 }
 
 #[test]
@@ -91,6 +93,7 @@ fn out_of_range_limits_name_the_key_and_the_range() {
         (r#""idleTimeoutMs": 3600001"#, "idleTimeoutMs"),
         (r#""maxConnections": 0"#, "maxConnections"),
         (r#""maxHeaderBytes": 512"#, "maxHeaderBytes"),
+        (r#""responseDelayMs": 60001"#, "responseDelayMs"),
     ] {
         let text = format!(r#"{{"port": 1, "serviceName": "s", {extra}}}"#);
         let message = load_error(&text).to_string();

@@ -120,6 +120,32 @@ async fn work_sleeps_and_burns_at_least_as_long_as_asked() {
 }
 
 #[tokio::test]
+async fn a_response_delay_slows_answers_but_not_probes() {
+    let delay = Duration::from_millis(300);
+    let app = backend::handlers::App::new(test_identity()).with_response_delay(delay);
+    let server = TestServer::start(app).await;
+    // Lower bounds only for the delayed routes; the probe must come back without
+    // the delay, which a loaded machine cannot make happen by accident.
+    for path in ["/", "/work"] {
+        let start = Instant::now();
+        assert_eq!(
+            get(server.addr, path).await.status,
+            StatusCode::OK,
+            "{path}"
+        );
+        assert!(
+            start.elapsed() >= delay,
+            "{path} answered after {:?}",
+            start.elapsed()
+        );
+    }
+    let probe = tokio::time::timeout(delay, get(server.addr, "/healthz"))
+        .await
+        .expect("/healthz does not wait for the response delay");
+    assert_eq!(probe.status, StatusCode::OK);
+}
+
+#[tokio::test]
 async fn work_bytes_answers_with_exactly_that_many_filler_bytes() {
     let server = TestServer::start_default().await;
     let mut conn = Conn::open(server.addr).await;
