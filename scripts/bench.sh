@@ -346,8 +346,10 @@ run_scenario() {
     echo
     table "$name"
     echo
-    ours_note "$name"
-    echo
+    if [[ " $* " == *" ours "* ]]; then
+      ours_note "$name"
+      echo
+    fi
   } >"$WORK/$name.md"
 }
 
