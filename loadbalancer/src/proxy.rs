@@ -366,7 +366,13 @@ impl Proxy {
                     status = status.as_u16(), latency_ms, attempts,
                     request_id = id, "request"
                 );
-                metrics.record_request(Some(backend), &method, status, latency);
+                metrics.record_backend_request(
+                    backend,
+                    in_flight.state().metrics(),
+                    &method,
+                    status,
+                    latency,
+                );
                 response
                     .map(|body| Either::Left(InFlightBody::new(body, request_in_flight, in_flight)))
             }
