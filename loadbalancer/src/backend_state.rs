@@ -12,10 +12,11 @@
 //! `healthy`, outlier detection `ejected_until`), so no update ever overwrites
 //! another's.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::metrics::BackendMetrics;
 use crate::outlier::OutlierState;
 
 /// What the load balancer knows about one backend right now.
@@ -43,6 +44,10 @@ pub struct BackendState {
     /// Outlier detection's counters (failures in a row, ejections so far), kept
     /// here so they live and die with the endpoint.
     outlier: OutlierState,
+    /// This backend's metric handles, resolved on its first answered request so
+    /// that recording later ones needs no label lookup (see
+    /// [`Metrics::record_backend_request`](crate::metrics::Metrics::record_backend_request)).
+    metrics: OnceLock<BackendMetrics>,
 }
 
 /// Counts a request as in flight for as long as it lives.
@@ -92,6 +97,7 @@ impl BackendState {
             healthy: AtomicBool::new(true),
             ejected_until_ms: AtomicU64::new(0),
             outlier: OutlierState::default(),
+            metrics: OnceLock::new(),
         }
     }
 
@@ -197,6 +203,12 @@ impl BackendState {
             0 => None,
             ms => Some(self.epoch + Duration::from_millis(ms)).filter(|until| *until > now),
         }
+    }
+
+    /// The cache for this backend's metric handles, for
+    /// [`Metrics::record_backend_request`](crate::metrics::Metrics::record_backend_request).
+    pub fn metrics(&self) -> &OnceLock<BackendMetrics> {
+        &self.metrics
     }
 
     /// Outlier detection's counters for this backend.

@@ -18,7 +18,6 @@
 //! so the admin endpoints and metrics can tell how fresh the list is without
 //! discovery having to report to them separately.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -36,8 +35,11 @@ pub struct Backends {
     /// keep the load balancer out of rotation until it knows where to send traffic.
     synced: Arc<AtomicBool>,
     /// The runtime state of each address in `addrs`, shared with the proxy (counters),
-    /// health checks and the admin endpoints.
-    states: Arc<RwLock<HashMap<SocketAddr, Arc<BackendState>>>>,
+    /// health checks and the admin endpoints. Sorted by address: the balancer looks
+    /// a state up for every candidate of every pick, and a binary search over a
+    /// handful of entries costs a few comparisons where a `HashMap` would SipHash
+    /// the whole address each time.
+    states: Arc<RwLock<StateTable>>,
     /// How discovery is doing: stamped by `replace` and `mark_synced`, read by the
     /// admin endpoints and metrics.
     discovery: Arc<DiscoveryStatus>,
@@ -67,12 +69,12 @@ impl Backends {
         {
             let mut states = write(&self.states);
             for addr in &addrs {
-                states.entry(*addr).or_default();
+                states.get_or_insert(*addr);
             }
         }
         *write(&self.addrs) = addrs;
         let addrs = read(&self.addrs);
-        write(&self.states).retain(|addr, _| addrs.binary_search(addr).is_ok());
+        write(&self.states).retain(|addr| addrs.binary_search(addr).is_ok());
         true
     }
 
@@ -80,10 +82,10 @@ impl Backends {
     /// (a request racing a discovery update) gets a fresh state, which the next
     /// `replace` drops again, so the caller never has to handle a missing one.
     pub fn state(&self, addr: SocketAddr) -> Arc<BackendState> {
-        if let Some(state) = read(&self.states).get(&addr) {
+        if let Some(state) = read(&self.states).get(addr) {
             return Arc::clone(state);
         }
-        Arc::clone(write(&self.states).entry(addr).or_default())
+        Arc::clone(write(&self.states).get_or_insert(addr))
     }
 
     /// Every current address with its state, in list order: for health checks and
@@ -131,13 +133,51 @@ impl Backends {
         now: Instant,
         f: impl FnOnce(&[SocketAddr], &dyn Fn(SocketAddr) -> bool, &dyn Fn(SocketAddr) -> u64) -> R,
     ) -> R {
+        self.with_load_states(now, |addrs, available, in_flight, _| {
+            f(addrs, available, in_flight)
+        })
+    }
+
+    /// Like [`Backends::with_load`], for a pick: `f` chooses an address, and it
+    /// comes back with its state, found under the same locks. The proxy needs
+    /// that state for outlier admission and the in-flight count of the attempt,
+    /// and this saves it taking the locks again for it.
+    pub fn pick_with_state<E>(
+        &self,
+        now: Instant,
+        f: impl FnOnce(
+            &[SocketAddr],
+            &dyn Fn(SocketAddr) -> bool,
+            &dyn Fn(SocketAddr) -> u64,
+        ) -> Result<SocketAddr, E>,
+    ) -> Result<(SocketAddr, Arc<BackendState>), E> {
+        let (addr, state) = self.with_load_states(now, |addrs, available, in_flight, states| {
+            f(addrs, available, in_flight).map(|addr| (addr, states.get(addr).cloned()))
+        })?;
+        // No state yet: `replace` is adding the address right now (or a racing
+        // update just removed it); `state` handles both, off the read locks.
+        Ok((addr, state.unwrap_or_else(|| self.state(addr))))
+    }
+
+    /// Takes the list and state locks (in that order) and runs `f` with the
+    /// availability and in-flight lookups that [`Backends::with_load`] promises.
+    fn with_load_states<R>(
+        &self,
+        now: Instant,
+        f: impl FnOnce(
+            &[SocketAddr],
+            &dyn Fn(SocketAddr) -> bool,
+            &dyn Fn(SocketAddr) -> u64,
+            &StateTable,
+        ) -> R,
+    ) -> R {
         let addrs = read(&self.addrs);
         let states = read(&self.states);
         // An address without a state is one `replace` is adding right now: new
         // endpoints are available, and idle.
-        let available = |addr| states.get(&addr).is_none_or(|s| s.is_available(now));
-        let in_flight = |addr| states.get(&addr).map_or(0, |s| s.in_flight());
-        f(&addrs, &available, &in_flight)
+        let available = |addr| states.get(addr).is_none_or(|s| s.is_available(now));
+        let in_flight = |addr| states.get(addr).map_or(0, |s| s.in_flight());
+        f(&addrs, &available, &in_flight, &states)
     }
 
     /// Records that discovery has delivered a complete list at least once.
@@ -154,6 +194,32 @@ impl Backends {
     /// What discovery has done lately (source, updates, last sync, last error).
     pub fn discovery_status(&self) -> &DiscoveryStatus {
         &self.discovery
+    }
+}
+
+/// Each address's state, sorted by address (see the `states` field of [`Backends`]).
+#[derive(Debug, Default)]
+struct StateTable(Vec<(SocketAddr, Arc<BackendState>)>);
+
+impl StateTable {
+    fn get(&self, addr: SocketAddr) -> Option<&Arc<BackendState>> {
+        let index = self.0.binary_search_by_key(&addr, |(a, _)| *a).ok()?;
+        self.0.get(index).map(|(_, state)| state)
+    }
+
+    fn get_or_insert(&mut self, addr: SocketAddr) -> &Arc<BackendState> {
+        let index = match self.0.binary_search_by_key(&addr, |(a, _)| *a) {
+            Ok(index) => index,
+            Err(index) => {
+                self.0.insert(index, (addr, Arc::default()));
+                index
+            }
+        };
+        &self.0[index].1
+    }
+
+    fn retain(&mut self, keep: impl Fn(&SocketAddr) -> bool) {
+        self.0.retain(|(addr, _)| keep(addr));
     }
 }
 

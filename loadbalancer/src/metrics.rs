@@ -8,10 +8,12 @@
 //! Two kinds of numbers live here:
 //!
 //! * counted as things happen, on the request path: requests, their duration,
-//!   requests in flight, retries, ejections. Recording one request is two hash-map
-//!   lookups under a read lock with label sets that are plain `Copy` values (an
+//!   requests in flight, retries, ejections. Label sets are plain `Copy` values (an
 //!   address, a method enum, a status code), so the request path never allocates a
-//!   label string; the text is only produced when Prometheus scrapes.
+//!   label string; the text is only produced when Prometheus scrapes. A request a
+//!   backend answered does not even look its series up: each backend keeps its
+//!   handles ([`BackendMetrics`], beside its
+//!   [`BackendState`](crate::backend_state::BackendState)), resolved on first use.
 //! * read at scrape time from state that exists anyway: backends by state come from
 //!   [`Backends::states`], discovery updates and last sync from its
 //!   [`DiscoveryStatus`](crate::discovery::DiscoveryStatus). Nothing has to keep a
@@ -19,6 +21,8 @@
 
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use http::{Method, StatusCode};
@@ -49,6 +53,9 @@ const DURATION_BUCKETS: [f64; 14] = [
 /// The load balancer's metrics.
 #[derive(Debug)]
 pub struct Metrics {
+    /// Tells this instance's cached [`BackendMetrics`] from another's (tests run
+    /// several load balancers in one process, and could share a backend list).
+    id: u64,
     /// Everything below, registered under the `loadbalancer` prefix, plus the
     /// scrape-time collector and the build info.
     registry: Registry,
@@ -141,7 +148,9 @@ impl Metrics {
             Info::new([("version", env!("CARGO_PKG_VERSION"))]),
         );
         registry.register_collector(Box::new(ScrapeTime { backends }));
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             registry,
             requests,
             request_duration,
@@ -179,6 +188,44 @@ impl Metrics {
             .observe(latency.as_secs_f64());
     }
 
+    /// Records one request that `backend` answered, like
+    /// [`record_request`](Self::record_request), through the handles cached in
+    /// `cache` (the backend's own, see [`BackendState`](crate::backend_state::BackendState)):
+    /// no label-set hashing and no family lock per request once they are resolved.
+    pub fn record_backend_request(
+        &self,
+        backend: SocketAddr,
+        cache: &OnceLock<BackendMetrics>,
+        method: &Method,
+        status: StatusCode,
+        latency: Duration,
+    ) {
+        let handles = cache.get_or_init(|| BackendMetrics {
+            owner: self.id,
+            duration: self.request_duration.get_or_create_owned(&BackendLabels {
+                backend: BackendLabel(Some(backend)),
+            }),
+            ok: Default::default(),
+        });
+        if handles.owner != self.id {
+            return self.record_request(Some(backend), method, status, latency);
+        }
+        let method = MethodLabel::from(method);
+        let labels = RequestLabels {
+            backend: BackendLabel(Some(backend)),
+            method,
+            code: status.as_u16(),
+        };
+        if status == StatusCode::OK {
+            handles.ok[method as usize]
+                .get_or_init(|| self.requests.get_or_create_owned(&labels))
+                .inc();
+        } else {
+            self.requests.get_or_create(&labels).inc();
+        }
+        handles.duration.observe(latency.as_secs_f64());
+    }
+
     /// Counts one retry: a request sent again to another backend.
     pub fn record_retry(&self) {
         self.retries.inc();
@@ -214,6 +261,24 @@ impl Metrics {
 fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
 }
+
+/// One backend's request metric handles, resolved on its first answered request
+/// and kept beside its state, so that later requests skip the label-set hashing
+/// and the family's lock.
+#[derive(Debug)]
+pub struct BackendMetrics {
+    /// The [`Metrics`] these handles belong to (its `id`).
+    owner: u64,
+    /// `request_duration_seconds{backend}`.
+    duration: Histogram,
+    /// `requests_total{backend,method,code="200"}` by [`MethodLabel`], the
+    /// series nearly every request lands in; created on first use, so a method
+    /// never seen gets no empty series. Other codes go through the family.
+    ok: [OnceLock<Counter>; METHOD_LABELS],
+}
+
+/// How many [`MethodLabel`]s there are.
+const METHOD_LABELS: usize = 10;
 
 /// Keeps `loadbalancer_requests_in_flight` raised while it lives.
 #[derive(Debug)]
@@ -253,6 +318,7 @@ impl EncodeLabelValue for BackendLabel {
 
 /// The request method, with anything non-standard folded into `other`: a client
 /// must not be able to mint new time series by inventing methods.
+/// Its discriminant indexes [`BackendMetrics`]'s counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum MethodLabel {
     Get,
@@ -390,6 +456,34 @@ mod tests {
             r#"loadbalancer_request_duration_seconds_bucket{le="0.005",backend="10.0.0.1:8080"} 2"#
         ));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn cached_backend_handles_count_in_the_same_series() {
+        let metrics = Metrics::new(Backends::default());
+        let other = Metrics::new(Backends::default());
+        let backend = addr("10.0.0.1:8080");
+        let cache = OnceLock::new();
+        let latency = Duration::from_millis(3);
+        metrics.record_request(Some(backend), &Method::GET, StatusCode::OK, latency);
+        for status in [StatusCode::OK, StatusCode::OK, StatusCode::NOT_FOUND] {
+            metrics.record_backend_request(backend, &cache, &Method::GET, status, latency);
+        }
+        // Handles cached by one `Metrics` are not used by another.
+        other.record_backend_request(backend, &cache, &Method::POST, StatusCode::OK, latency);
+        let text = metrics.encode();
+        for line in [
+            r#"loadbalancer_requests_total{backend="10.0.0.1:8080",method="GET",code="200"} 3"#,
+            r#"loadbalancer_requests_total{backend="10.0.0.1:8080",method="GET",code="404"} 1"#,
+            r#"loadbalancer_request_duration_seconds_count{backend="10.0.0.1:8080"} 4"#,
+        ] {
+            assert!(has_line(&text, line), "{line:?} missing in\n{text}");
+        }
+        assert!(!text.contains("POST"), "{text}");
+        assert!(has_line(
+            &other.encode(),
+            r#"loadbalancer_requests_total{backend="10.0.0.1:8080",method="POST",code="200"} 1"#
+        ));
     }
 
     #[test]

@@ -347,7 +347,7 @@ impl Proxy {
         let method = req.method().clone();
         let uri = req.uri().clone();
 
-        let Forwarded { attempts, result } = self.forward(req, client).await;
+        let Forwarded { attempts, result } = self.forward(req, client, started).await;
         // One clock reading serves the log line and the histogram.
         let latency = started.elapsed();
         let latency_ms = latency.as_secs_f64() * 1000.0;
@@ -366,7 +366,13 @@ impl Proxy {
                     status = status.as_u16(), latency_ms, attempts,
                     request_id = id, "request"
                 );
-                metrics.record_request(Some(backend), &method, status, latency);
+                metrics.record_backend_request(
+                    backend,
+                    in_flight.state().metrics(),
+                    &method,
+                    status,
+                    latency,
+                );
                 response
                     .map(|body| Either::Left(InFlightBody::new(body, request_in_flight, in_flight)))
             }
@@ -387,13 +393,20 @@ impl Proxy {
 
     /// Sends the request to a backend, and to others while a failure is worth a
     /// retry (see [`crate::retry`]) and the policy allows one more.
-    async fn forward(&self, req: Request<Incoming>, client: &ClientConn) -> Forwarded {
+    /// `started` is when the request arrived; it also dates its deposit into the
+    /// retry budget, which saves a clock reading.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        client: &ClientConn,
+        started: Instant,
+    ) -> Forwarded {
         let shared = &*self.shared;
         let (mut parts, body) = req.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
         headers::add_forwarding(&mut parts.headers, &client.ip);
         let body = RetryBody::new(body);
-        shared.retry.start_request();
+        shared.retry.start_request_at(started);
 
         // Allocates only when a request is retried.
         let mut tried = Vec::new();
@@ -401,22 +414,31 @@ impl Proxy {
         let mut last = Err(ProxyError::NoBackend);
         let mut only_connect_failures = true;
         while let Some(attempt_body) = next_body.take() {
-            let Ok(chosen) = self.choose(&tried) else {
+            // One clock reading serves the pick, outlier admission and the
+            // attempt's latency.
+            let attempt_started = Instant::now();
+            let Ok(chosen) = self.choose(&tried, attempt_started) else {
                 // An empty list: `last` is still `NoBackend` on a first attempt, and
                 // for a retry (racing discovery emptying the list) the previous
                 // attempt's answer is the best there is.
                 break;
             };
-            let backend = chosen.backend;
+            let Chosen {
+                backend,
+                state,
+                admission,
+            } = chosen;
             tried.push(backend);
             // Counted at the backend from here until the response body ends; a
             // failed attempt's guard drops when its result is replaced.
-            let in_flight = shared.backends.state(backend).start_owned_request();
-            let attempt_started = Instant::now();
-            let result = self.attempt(chosen, &parts, attempt_body).await;
-            in_flight
-                .state()
-                .record(attempt_started.elapsed(), attempt_failed(&result));
+            let in_flight = state.start_owned_request();
+            let (result, finished) = self
+                .attempt(backend, in_flight.state(), admission, &parts, attempt_body)
+                .await;
+            in_flight.state().record(
+                finished.saturating_duration_since(attempt_started),
+                attempt_failed(&result),
+            );
             only_connect_failures &= matches!(result, Err(ProxyError::Connect { .. }));
             let reason = retry_reason(&result);
             let made = attempt_count(&tried);
@@ -450,45 +472,45 @@ impl Proxy {
         }
     }
 
-    /// Picks the backend for the next attempt and has outlier detection admit it.
-    fn choose(&self, tried: &[SocketAddr]) -> Result<Chosen, NoBackend> {
+    /// Picks the backend for the next attempt at `now` and has outlier
+    /// detection admit it.
+    fn choose(&self, tried: &[SocketAddr], now: Instant) -> Result<Chosen, NoBackend> {
         let shared = &*self.shared;
         // The read locks are held only inside this closure: the pick copies an
-        // address out, and the guards are gone before any `.await`.
+        // address and its state out, and the guards are gone before any `.await`.
         let pick = |skip: &[SocketAddr]| {
             // A poisoned lock still holds a whole balancer (a swap is one store).
             let current = shared.balancer.read().unwrap_or_else(|p| p.into_inner());
             shared
                 .backends
-                .with_load(Instant::now(), |list, available, in_flight| {
+                .pick_with_state(now, |list, available, in_flight| {
                     balancer::pick_for_attempt(&**current, list, available, in_flight, skip)
                 })
         };
-        let backend = pick(tried)?;
+        let (backend, state) = pick(tried)?;
         let Some(outlier) = &shared.outlier else {
             return Ok(Chosen {
                 backend,
-                outlier: None,
+                state,
+                admission: None,
             });
         };
-        let state = shared.backends.state(backend);
-        if let Some(admission) = outlier.admit(&state, Instant::now()) {
+        if let Some(admission) = outlier.admit(&state, now) {
             return Ok(Chosen {
                 backend,
-                outlier: Some((state, admission)),
+                state,
+                admission: Some(admission),
             });
         }
         // Another request just became this backend's half-open trial; choose
         // again without it (a rare race, so the allocation does not matter).
         let skip: Vec<SocketAddr> = tried.iter().copied().chain([backend]).collect();
-        let backend = pick(&skip)?;
-        let state = shared.backends.state(backend);
-        let admission = outlier
-            .admit(&state, Instant::now())
-            .unwrap_or(Admission::Normal);
+        let (backend, state) = pick(&skip)?;
+        let admission = outlier.admit(&state, now).unwrap_or(Admission::Normal);
         Ok(Chosen {
             backend,
-            outlier: Some((state, admission)),
+            state,
+            admission: Some(admission),
         })
     }
 
@@ -504,18 +526,27 @@ impl Proxy {
     }
 
     /// One attempt at the chosen backend: sends the request, waits for the
-    /// response head, and tells outlier detection how it went.
+    /// response head, and tells outlier detection how it went. Returns the
+    /// result and when it came (the one clock reading after the exchange).
     async fn attempt(
         &self,
-        chosen: Chosen,
+        backend: SocketAddr,
+        state: &BackendState,
+        admission: Option<Admission>,
         parts: &Parts,
         body: AttemptBody<Incoming>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> (Result<Response<Incoming>, ProxyError>, Instant) {
         let shared = &*self.shared;
-        let backend = chosen.backend;
         let mut req = Request::from_parts(parts.clone(), body);
-        let authority = shared.authorities.get(backend).map_err(http::Error::from)?;
-        *req.uri_mut() = upstream_uri(authority, &parts.uri)?;
+        let uri = shared
+            .authorities
+            .get(backend)
+            .map_err(http::Error::from)
+            .and_then(|authority| upstream_uri(authority, &parts.uri));
+        match uri {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(error) => return (Err(error.into()), Instant::now()),
+        }
 
         let exchange = shared.client.request(req);
         let result = match tokio::time::timeout(shared.request_timeout, exchange).await {
@@ -530,20 +561,21 @@ impl Proxy {
                 timeout: shared.request_timeout,
             }),
         };
-        if let (Some(outlier), Some((state, admission))) = (&shared.outlier, chosen.outlier) {
+        let finished = Instant::now();
+        if let (Some(outlier), Some(admission)) = (&shared.outlier, admission) {
             let outcome = if attempt_failed(&result) {
                 Outcome::Failure
             } else {
                 Outcome::Success
             };
             if outlier
-                .report(backend, &state, admission, outcome, Instant::now())
+                .report(backend, state, admission, outcome, finished)
                 .is_some()
             {
                 shared.metrics.record_ejection(backend);
             }
         }
-        result
+        (result, finished)
     }
 
     /// Chooses with `balancer` from the next pick on: what a config reload
@@ -567,9 +599,11 @@ impl Proxy {
 /// The backend for one attempt, with what outlier detection needs to hear back.
 struct Chosen {
     backend: SocketAddr,
-    /// The backend's state and how it was admitted; `None` when outlier
-    /// detection is off.
-    outlier: Option<(Arc<BackendState>, Admission)>,
+    /// The backend's state, looked up once with the pick: the attempt counts
+    /// itself in it and outlier detection reads and updates it.
+    state: Arc<BackendState>,
+    /// How outlier detection admitted the backend; `None` when it is off.
+    admission: Option<Admission>,
 }
 
 /// Attempts made so far; bounded by `retries.attempts` (at most 10).

@@ -136,8 +136,14 @@ impl RetryPolicy {
 
     /// Counts a new client request into the budget.
     pub fn start_request(&self) {
+        self.start_request_at(Instant::now());
+    }
+
+    /// Like [`start_request`](Self::start_request), for a request that arrived
+    /// at `now`: the proxy has read the clock already.
+    pub fn start_request_at(&self, now: Instant) {
         if self.enabled() {
-            self.budget.deposit(Instant::now());
+            self.budget.deposit(now);
         }
     }
 
