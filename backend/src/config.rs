@@ -1,5 +1,7 @@
 //! The backend's configuration: the JSON file a Kubernetes ConfigMap mounts at
-//! `/etc/config/config.json`, read once at start-up before anything else runs.
+//! `/etc/config/config.json`, read at start-up before anything else runs. While the
+//! backend runs, [`crate::reload`] rereads it and applies a new `logLevel`; every
+//! other key needs a restart.
 //!
 //! The file is checked strictly. A typo in a key (`servicename`) is an error rather
 //! than a silently ignored line, because a ConfigMap that half-applies is much harder

@@ -5,7 +5,8 @@
 //! A request flows through the modules in this order: [`server`] accepts the
 //! connection and hands each request to [`handlers::App`], which answers from the
 //! [`identity::Identity`] worked out at start-up, and counts it in [`metrics`].
-//! [`config`] and [`logging`] run once before that; [`shutdown`] produces the
+//! [`config`] and [`logging`] run once before that, and [`reload`] applies a new
+//! log level from the config file while it runs; [`shutdown`] produces the
 //! signal that ends it.
 //!
 //! To run a backend in-process (as the load balancer's tests do), bind a listener and
@@ -21,5 +22,6 @@ pub mod identity;
 mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod reload;
 pub mod server;
 pub mod shutdown;

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use backend::handlers::App;
 use backend::identity::Identity;
+use backend::reload::{self, Reloader};
 use backend::{config, logging, server, shutdown};
 use clap::Parser;
 
@@ -36,7 +37,7 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let config = config::load(&args.config)?;
-    logging::init(config.log_level, config.log_format)
+    let log = logging::init(config.log_level, config.log_format)
         .map_err(|error| anyhow::anyhow!(error).context("starting logging"))?;
     let app = App::new(Identity::from_environment(&config.service_name))
         .with_shutdown_delay(config.shutdown_delay)
@@ -47,8 +48,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, config.port))
             .await
             .with_context(|| format!("listening on port {}", config.port))?;
-        server::serve_with(listener, app, shutdown::signal(), config.limits)
+        let limits = config.limits;
+        let reloader =
+            tokio::spawn(Reloader::new(args.config, config, log).run(reload::POLL_INTERVAL));
+        let served = server::serve_with(listener, app, shutdown::signal(), limits)
             .await
-            .context("serving")
+            .context("serving");
+        reloader.abort();
+        served
     })
 }

@@ -14,14 +14,15 @@ use loadbalancer::admin::{self, Admin};
 use loadbalancer::backends::Backends;
 use loadbalancer::balancer;
 use loadbalancer::config::{self, Config};
+use loadbalancer::discovery::DiscoveryTask;
 use loadbalancer::health::HealthCheckSettings;
+use loadbalancer::logging;
 use loadbalancer::metrics::Metrics;
 use loadbalancer::proxy::{Proxy, ProxySettings, Resilience};
 use loadbalancer::reload::{self, HealthTask, Live, Reloader};
 use loadbalancer::server::ServerLimits;
 use loadbalancer::shutdown::{Shutdown, Signals};
 use loadbalancer::workers::{self, Workers};
-use loadbalancer::{discovery, logging};
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -119,30 +120,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
         backends.clone(),
         HealthCheckSettings::from(&config.health_check),
     );
-    let reloader =
-        Reloader::new(args.config, flag_backends, config.clone(), live).with_health(health);
-    let reload_task = tokio::spawn(reloader.run(reload::POLL_INTERVAL));
     let namespace = std::env::var("NAMESPACE").ok().filter(|ns| !ns.is_empty());
-    let discovery = discovery::run(config.discovery_source(namespace), backends);
+    let (discovery, mut discovery_failures) = DiscoveryTask::spawn(
+        config.discovery_source(namespace.clone()),
+        namespace,
+        backends,
+    );
+    let reloader = Reloader::new(args.config, flag_backends, config.clone(), live)
+        .with_health(health)
+        .with_discovery(discovery);
+    let reload_task = tokio::spawn(reloader.run(reload::POLL_INTERVAL));
 
     let outcome = tokio::select! {
         received = signals.recv() => received.context("waiting for shutdown signals"),
-        failed = until_failure(discovery) => failed.context("discovery failed"),
+        // Static discovery publishes and ends without a word: only an error arrives.
+        Some(error) = discovery_failures.recv() => Err(error.context("discovery failed")),
     };
     shutdown.drain_then_stop(config.drain()).await;
-    // The reloader owns the health checker: aborting it stops both.
+    // The reloader owns the health checker and discovery: aborting it stops all three.
     reload_task.abort();
     proxy_workers.finished().await;
     admin_task.await.context("admin server task")?;
     info!("stopped");
     outcome
-}
-
-/// Static discovery returns once it has published its list; that is success,
-/// so only an error ends the wait.
-async fn until_failure(discovery: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    discovery.await?;
-    std::future::pending().await
 }
 
 async fn bind(port: u16) -> std::io::Result<TcpListener> {

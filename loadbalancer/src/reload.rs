@@ -15,7 +15,9 @@
 //! balancer swapped into the [`Proxy`]), the static backend list (one
 //! [`Backends::replace`], like any discovery update) and the health-check
 //! settings (the checker task is restarted; verdicts live in each backend's
-//! state and carry over). Settings baked into
+//! state and carry over) and, in Kubernetes mode, `backendServiceName` and
+//! `backendPort` (the [`DiscoveryTask`] is restarted with the new Service; the
+//! old list serves until the new watch's first complete list). Settings baked into
 //! listeners, clients and background tasks at start-up need a restart; a change
 //! to one of them is named in a warning, so nobody believes it took effect. An
 //! invalid file is rejected with an error line giving the reason, and the old
@@ -33,6 +35,7 @@ use tracing::{error, info, warn};
 use crate::backends::Backends;
 use crate::balancer;
 use crate::config::{Config, DiscoveryMode};
+use crate::discovery::DiscoveryTask;
 use crate::health::{HealthCheckSettings, HealthChecker};
 use crate::logging::LogHandle;
 use crate::metrics::{Metrics, ReloadResult};
@@ -106,6 +109,9 @@ pub struct Reloader {
     /// The health checker to restart when `healthCheck` changes; `None` when
     /// none runs.
     health: Option<HealthTask>,
+    /// Discovery, restarted when the watched Service changes; `None` when it runs
+    /// elsewhere (tests).
+    discovery: Option<DiscoveryTask>,
 }
 
 /// What identifies one version of the file.
@@ -136,6 +142,7 @@ impl Reloader {
             seen: None,
             live,
             health: None,
+            discovery: None,
         };
         // The file as it is now is the config in force (or near enough: a change
         // between loading and here is picked up at the next one).
@@ -151,6 +158,13 @@ impl Reloader {
     /// stops it when the reloader ends.
     pub fn with_health(mut self, health: HealthTask) -> Self {
         self.health = Some(health);
+        self
+    }
+
+    /// Owns `discovery` from now on: restarts it when the watched Service
+    /// changes, and stops it when the reloader ends.
+    pub fn with_discovery(mut self, discovery: DiscoveryTask) -> Self {
+        self.discovery = Some(discovery);
         self
     }
 
@@ -254,7 +268,22 @@ impl Reloader {
             health.restart(HealthCheckSettings::from(&new.health_check));
             applied.push("healthCheck");
         }
-        let restart = needs_restart(old, &new, self.health.is_some());
+        let watching = old.discovery == DiscoveryMode::Kubernetes
+            && new.discovery == DiscoveryMode::Kubernetes;
+        let discovery_is_live = watching && self.discovery.is_some();
+        if discovery_is_live
+            && (new.backend_service_name != old.backend_service_name
+                || new.backend_port != old.backend_port)
+            && let Some(discovery) = &mut self.discovery
+        {
+            discovery.restart(new.discovery_source(discovery.namespace.clone()));
+            applied.extend(["backendServiceName", "backendPort"]);
+        }
+        let live_parts = LiveParts {
+            health: self.health.is_some(),
+            discovery: discovery_is_live,
+        };
+        let restart = needs_restart(old, &new, live_parts);
         info!(
             path = %self.path.display(), applied = ?applied, algorithm = %new.algorithm,
             log_level = ?new.log_level, "config reloaded"
@@ -266,9 +295,18 @@ impl Reloader {
     }
 }
 
+/// Which restartable tasks this reloader owns, so their settings apply live.
+#[derive(Debug, Clone, Copy)]
+struct LiveParts {
+    /// The health checker (`healthCheck`).
+    health: bool,
+    /// The EndpointSlice watch (`backendServiceName`, `backendPort`).
+    discovery: bool,
+}
+
 /// The keys whose new value the running process cannot apply: they are read
 /// once at start-up into listeners, clients, discovery and background tasks.
-fn needs_restart(old: &Config, new: &Config, health_is_live: bool) -> Vec<&'static str> {
+fn needs_restart(old: &Config, new: &Config, live: LiveParts) -> Vec<&'static str> {
     let static_list_mode = old.discovery == DiscoveryMode::Static;
     [
         ("port", old.port != new.port),
@@ -276,9 +314,12 @@ fn needs_restart(old: &Config, new: &Config, health_is_live: bool) -> Vec<&'stat
         ("discovery", old.discovery != new.discovery),
         (
             "backendServiceName",
-            old.backend_service_name != new.backend_service_name,
+            !live.discovery && old.backend_service_name != new.backend_service_name,
         ),
-        ("backendPort", old.backend_port != new.backend_port),
+        (
+            "backendPort",
+            !live.discovery && old.backend_port != new.backend_port,
+        ),
         (
             "staticBackends",
             !static_list_mode && old.static_backends != new.static_backends,
@@ -309,7 +350,7 @@ fn needs_restart(old: &Config, new: &Config, health_is_live: bool) -> Vec<&'stat
         ),
         (
             "healthCheck",
-            !health_is_live && old.health_check != new.health_check,
+            !live.health && old.health_check != new.health_check,
         ),
         ("outlier", old.outlier != new.outlier),
         ("retries", old.retries != new.retries),
@@ -460,13 +501,20 @@ mod tests {
         new.request_timeout_ms = 5;
         new.log_level = crate::config::LogLevel::Debug;
         new.health_check.interval_ms = 1;
+        new.backend_service_name = "other".to_owned();
+        let live = |health, discovery| LiveParts { health, discovery };
         assert_eq!(
-            needs_restart(&old, &new, true),
+            needs_restart(&old, &new, live(true, true)),
             ["port", "requestTimeoutMs"]
         );
         assert_eq!(
-            needs_restart(&old, &new, false),
-            ["port", "requestTimeoutMs", "healthCheck"]
+            needs_restart(&old, &new, live(false, false)),
+            [
+                "port",
+                "backendServiceName",
+                "requestTimeoutMs",
+                "healthCheck"
+            ]
         );
         let _ = std::fs::remove_dir_all(dir);
     }

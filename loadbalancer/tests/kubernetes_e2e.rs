@@ -18,7 +18,7 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use support::fake_apiserver::EndpointState::{self, NotReady, Ready};
-use support::fake_apiserver::{self, FakeApiServer, slice};
+use support::fake_apiserver::{FakeApiServer, slice};
 use support::faults::{RealBackend, bind_same_port};
 use support::process::{Process, TempConfig, listening};
 use support::{PATIENCE, client, get, send};
@@ -86,15 +86,7 @@ async fn requests_follow_the_endpoints_from_one_to_three_to_two_backends() {
             "backendPort": {port}, "discovery": "kubernetes", "logFormat": "json"}}"#
     ));
     let mut process = Process::spawn_with(&["--config", config.path_str()], |command| {
-        command
-            .env("KUBECONFIG", server.kubeconfig_path())
-            // What the Downward API gives a pod: its own namespace.
-            .env("NAMESPACE", fake_apiserver::NAMESPACE)
-            // Only the kubeconfig may decide where the client connects: never a
-            // proxy, never an in-cluster API server.
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy");
+        server.configure_pod(command);
     });
     let lines = process.stdout_lines();
     let lb = listening(&lines).await;

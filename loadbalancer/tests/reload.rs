@@ -1,7 +1,9 @@
 //! Live config reload, end to end: the binary runs with its config mounted like
 //! a ConfigMap, the file is rewritten the way the kubelet does it (new directory,
 //! symlink swap) while clients keep sending requests, and the test asserts on
-//! what comes back, what the logs say and what the metrics count.
+//! what comes back, what the logs say and what the metrics count. In Kubernetes
+//! mode the API server is the fake one, and a new `backendServiceName` moves the
+//! traffic to the other Service's pods.
 
 mod support;
 
@@ -10,6 +12,9 @@ use std::time::Duration;
 
 use http::StatusCode;
 use support::configmap::ConfigMapDir;
+use support::fake_apiserver::EndpointState::Ready;
+use support::fake_apiserver::{FakeApiServer, slice};
+use support::faults::{RealBackend, bind_same_port};
 use support::load::Load;
 use support::process::{Process, free_port, json_line};
 use support::{Upstream, get, metric_sample, start_backends, tally, wait_for, wait_for_readyz};
@@ -34,7 +39,16 @@ fn config(ports: (u16, u16), log_level: &str, backends: &[&Upstream], extra: &st
 
 /// The load balancer binary over `mount`, once `/readyz` answers 200.
 async fn start(mount: &ConfigMapDir, ports: (u16, u16)) -> (Process, SocketAddr, SocketAddr) {
-    let lb = Process::spawn(&["--config", &mount.path_string()]);
+    start_with(mount, ports, |_| {}).await
+}
+
+/// [`start`], with the child's command set up by `configure` first.
+async fn start_with(
+    mount: &ConfigMapDir,
+    ports: (u16, u16),
+    configure: impl FnOnce(&mut std::process::Command),
+) -> (Process, SocketAddr, SocketAddr) {
+    let lb = Process::spawn_with(&["--config", &mount.path_string()], configure);
     let proxy = SocketAddr::from(([127, 0, 0, 1], ports.0));
     let admin = SocketAddr::from(([127, 0, 0, 1], ports.1));
     // At `warn` there is no `listening` line to wait for: wait for the port.
@@ -162,4 +176,75 @@ async fn an_invalid_config_is_rejected_with_its_reason_and_the_old_one_stays_in_
     wait_for_reloads(admin, SUCCESSES, 1.0).await;
     let pods = sequential_pods(proxy, 10).await;
     assert!(pods.iter().all(|p| *p == b.pod_name), "{pods:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_backend_service_name_moves_traffic_to_that_service_without_a_failed_request() {
+    // Two Services, one pod each, on one port as in a cluster (pods differ by IP).
+    let (port, listeners) = bind_same_port(&[1, 2]).await;
+    let _pods: Vec<RealBackend> = listeners
+        .into_iter()
+        .zip(["old-pod", "new-pod"])
+        .map(|(listener, pod)| RealBackend::start(listener, pod))
+        .collect();
+    let server = FakeApiServer::start().await;
+    server.apply(slice(
+        "old-svc-a1b2c",
+        "old-svc",
+        &[("127.0.0.1", Ready)],
+        port,
+    ));
+    server.apply(slice(
+        "new-svc-d3e4f",
+        "new-svc",
+        &[("127.0.0.2", Ready)],
+        port,
+    ));
+    let ports = (free_port(), free_port());
+    let watching = |service: &str| {
+        format!(
+            r#"{{"port": {}, "adminPort": {}, "backendServiceName": "{service}",
+                "backendPort": {port}, "discovery": "kubernetes", "logFormat": "json",
+                "drainSeconds": 1}}"#,
+            ports.0, ports.1
+        )
+    };
+    let mut mount = ConfigMapDir::new(&watching("old-svc"));
+    let (mut lb, proxy, admin) = start_with(&mount, ports, |c| server.configure_pod(c)).await;
+    // Read, so a full stdout pipe never blocks the process's logging.
+    let _lines = lb.stdout_lines();
+    let pods = sequential_pods(proxy, 4).await;
+    assert!(pods.iter().all(|p| p == "old-pod"), "{pods:?}");
+
+    let load = Load::start(format!("http://{proxy}/"), 4, 2_000);
+    load.wait_for_more(50).await;
+    mount.update(&watching("new-svc"));
+    // The old Service's pod serves until the new watch has its first list; then
+    // only the new Service's pod answers.
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    loop {
+        let pods = sequential_pods(proxy, 4).await;
+        if pods.iter().all(|p| p == "new-pod") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still answered by {pods:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    load.wait_for_more(50).await;
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert_eq!(metric(admin, SUCCESSES).await, 1.0);
+    let watched: Vec<String> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.is_watch())
+        .filter_map(|r| r.param("labelSelector").map(str::to_owned))
+        .collect();
+    assert!(
+        watched.iter().any(|s| s.ends_with("=new-svc")),
+        "the new Service was watched: {watched:?}"
+    );
 }

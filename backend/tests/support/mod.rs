@@ -208,15 +208,9 @@ pub(crate) struct TempDir {
 impl TempDir {
     /// Creates a new, empty directory whose name contains `label`.
     pub(crate) fn new(label: &str) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "backend-test-{label}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("the temp dir is writable");
-        Self { path }
+        Self {
+            path: fresh_dir(label),
+        }
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -229,6 +223,19 @@ impl TempDir {
         std::fs::write(&path, contents).expect("the temp dir is writable");
         path
     }
+}
+
+/// Creates a new, empty directory whose name contains `label`; the caller removes it.
+fn fresh_dir(label: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "backend-test-{label}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::create_dir_all(&path).expect("the temp dir is writable");
+    path
 }
 
 impl Drop for TempDir {
@@ -246,8 +253,9 @@ pub(crate) struct BackendProcess {
     pub(crate) addr: SocketAddr,
     /// Its stdout log lines, parsed from JSON, as a reader thread receives them.
     logs: mpsc::Receiver<serde_json::Value>,
-    /// Holds the config file for as long as the process runs.
-    _dir: TempDir,
+    /// Holds the config file for as long as the process runs, when the process
+    /// owns it (the caller holds it otherwise).
+    _dir: Option<TempDir>,
 }
 
 impl BackendProcess {
@@ -259,16 +267,25 @@ impl BackendProcess {
     pub(crate) async fn start() -> Self {
         let port = free_port();
         let dir = TempDir::new("process");
-        let config = dir.write(
-            "config.json",
-            &format!(
-                r#"{{"port": {port}, "serviceName": "backend-process",
-                    "logLevel": "debug", "logFormat": "json"}}"#
-            ),
-        );
+        let config = dir.write("config.json", &Self::config(port, "debug", ""));
+        Self::start_with(&config, port, Some(dir)).await
+    }
+
+    /// A config for `port` with JSON logs at `level`, plus the `extra` keys
+    /// (each starting with a comma).
+    pub(crate) fn config(port: u16, level: &str, extra: &str) -> String {
+        format!(
+            r#"{{"port": {port}, "serviceName": "backend-process",
+                "logLevel": "{level}", "logFormat": "json" {extra}}}"#
+        )
+    }
+
+    /// Starts the binary with the config file at `config`, which names `port`, and
+    /// waits until it accepts connections.
+    pub(crate) async fn start_with(config: &Path, port: u16, dir: Option<TempDir>) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_backend"))
             .arg("--config")
-            .arg(&config)
+            .arg(config)
             .env("POD_NAME", Self::POD_NAME)
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
@@ -377,4 +394,17 @@ pub(crate) fn run_binary(configure: impl FnOnce(&mut Command)) -> (Option<i32>, 
     )
 }
 
+/// A config file mounted like a ConfigMap volume (`..data` symlink swaps), for the
+/// reload test: the load balancer tests' own module, compiled in here too so both
+/// crates meet the same kubelet behaviour (one file, like the shared listener).
+#[path = "../../../loadbalancer/tests/support/configmap.rs"]
+pub(crate) mod configmap;
 pub(crate) mod dockerfile;
+
+/// What [`configmap`] uses from its home crate's `process` module.
+mod process {
+    /// A new directory the [`super::configmap::ConfigMapDir`] owns and removes.
+    pub(crate) fn temp_dir() -> std::path::PathBuf {
+        super::fresh_dir("configmap")
+    }
+}

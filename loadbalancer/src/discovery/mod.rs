@@ -9,6 +9,10 @@
 //! `discovery.k8s.io/v1` EndpointSlices of one Service and republishes the list of
 //! ready endpoints after every change (see [`kubernetes`]). Either way the list is
 //! marked synced once the first complete list is in, which is what `/readyz` waits for.
+//!
+//! [`DiscoveryTask`] runs that task so a config reload can replace it: a new
+//! `backendServiceName` or `backendPort` starts a new watch, and the old list keeps
+//! serving until the new watch's first complete list replaces it.
 
 mod endpoints;
 pub mod kubernetes;
@@ -17,6 +21,8 @@ mod status;
 use std::net::SocketAddr;
 
 use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::backends::Backends;
 pub use status::{DiscoveryError, DiscoveryStatus, SourceKind};
@@ -85,6 +91,68 @@ pub async fn run(source: Source, backends: Backends) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("discovery of Service {:?}", source.service_name))
         }
+    }
+}
+
+/// Discovery running as a task, restartable with a new source.
+///
+/// Dropping it stops discovery, so it ends with the reloader that owns it.
+#[derive(Debug)]
+pub struct DiscoveryTask {
+    /// The list every discovery task writes, handed to each new one.
+    backends: Backends,
+    /// The namespace a source built from a new config watches (main's `NAMESPACE`).
+    pub namespace: Option<String>,
+    /// Where a task that fails sends its error, so main can end the process as it
+    /// did before discovery became restartable.
+    failures: mpsc::UnboundedSender<anyhow::Error>,
+    /// The running discovery.
+    task: JoinHandle<()>,
+}
+
+impl DiscoveryTask {
+    /// Starts discovery from `source`; the receiver gets the error of any discovery
+    /// task (this one or a restarted one) that fails.
+    pub fn spawn(
+        source: Source,
+        namespace: Option<String>,
+        backends: Backends,
+    ) -> (Self, mpsc::UnboundedReceiver<anyhow::Error>) {
+        let (failures, failed) = mpsc::unbounded_channel();
+        let task = Self::start(source, backends.clone(), failures.clone());
+        let discovery = Self {
+            backends,
+            namespace,
+            failures,
+            task,
+        };
+        (discovery, failed)
+    }
+
+    /// Replaces the running discovery with one from `source`. The list in force
+    /// stays until the new source publishes its first complete list.
+    pub fn restart(&mut self, source: Source) {
+        self.task.abort();
+        self.task = Self::start(source, self.backends.clone(), self.failures.clone());
+    }
+
+    fn start(
+        source: Source,
+        backends: Backends,
+        failures: mpsc::UnboundedSender<anyhow::Error>,
+    ) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            if let Err(error) = run(source, backends).await {
+                // Nobody listening means the process is already stopping.
+                let _ = failures.send(error);
+            }
+        })
+    }
+}
+
+impl Drop for DiscoveryTask {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

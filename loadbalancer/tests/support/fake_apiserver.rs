@@ -242,6 +242,19 @@ impl FakeApiServer {
         &self.kubeconfig_path
     }
 
+    /// Sets up a child process the way a pod in [`NAMESPACE`] talking to this
+    /// server would be: its kubeconfig and the Downward API's namespace.
+    pub fn configure_pod(&self, command: &mut std::process::Command) {
+        command
+            .env("KUBECONFIG", self.kubeconfig_path())
+            .env("NAMESPACE", NAMESPACE)
+            // Only the kubeconfig may decide where the client connects: never a
+            // proxy, never an in-cluster API server.
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy");
+    }
+
     /// A real kube client configured from [`Self::kubeconfig`], as
     /// `Client::try_default()` would build it from the file.
     pub async fn client(&self) -> kube::Client {
