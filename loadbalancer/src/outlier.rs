@@ -166,10 +166,16 @@ impl OutlierDetector {
                     .consecutive_failures
                     .fetch_add(1, Ordering::Relaxed)
                     + 1;
-                // `==`, not `>=`: of several failures racing past the threshold,
-                // exactly one ejects.
-                (failures == self.settings.consecutive_failures.max(1))
-                    .then(|| self.eject(backend, state, now))
+                // `>=`, so a threshold that a reload lowered below the count
+                // already reached still ejects. Of several failures racing past
+                // it, only the one whose count is still current claims the
+                // ejection (by resetting the count), so exactly one ejects.
+                let claimed = failures >= self.settings.consecutive_failures.max(1)
+                    && counters
+                        .consecutive_failures
+                        .compare_exchange(failures, 0, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok();
+                claimed.then(|| self.eject(backend, state, now))
             }
         }
     }
@@ -248,6 +254,41 @@ mod tests {
         assert_eq!(results[2], Some(now + Duration::from_secs(1)));
         assert!(!state.is_available(now));
         assert!(state.is_available(now + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_threshold_lowered_below_the_run_so_far_ejects_at_the_next_failure() {
+        let (state, now) = (BackendState::new(), Instant::now());
+        let lenient = OutlierDetector::new(
+            OutlierSettings {
+                consecutive_failures: 100,
+                ..OutlierSettings::default()
+            },
+            TRIAL_BOUND,
+        );
+        assert_eq!(fail_n(&lenient, &state, 5, now), [None; 5]);
+        // What a config reload does: a new detector over the same counters.
+        let strict = detector();
+        assert!(report(&strict, &state, Outcome::Failure, now).is_some());
+        assert_eq!(state.outlier().ejections(), 1);
+    }
+
+    #[test]
+    fn racing_failures_past_the_threshold_eject_once() {
+        let (detector, state, now) = (detector(), BackendState::new(), Instant::now());
+        let ejections = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| fail_n(&detector, &state, 100, now)))
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("no panic"))
+                .filter(Option::is_some)
+                .count()
+        });
+        // The first ejection makes every later report one "during an ejection".
+        assert_eq!(ejections, 1);
+        assert_eq!(state.outlier().ejections(), 1);
     }
 
     #[test]
