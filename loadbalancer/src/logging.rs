@@ -6,55 +6,71 @@
 //! The format is `text` for people or `json`, one object per line with the event's
 //! fields at the top level, for log pipelines.
 //!
-//! The level filter sits in a `reload` layer, so a live config reload
-//! ([`crate::reload`]) can change it through the [`LogHandle`] without a restart.
-//! The format is baked into the subscriber's type and needs a restart.
+//! Both can change while the process runs ([`crate::reload`] goes through the
+//! [`LogHandle`]): the level filter sits in a `reload` layer, and the one output
+//! layer formats each event with whichever format a flag names ([`LiveFormat`]).
+//! Swapping whole output layers instead would leave spans opened under one format
+//! to be closed under the other; with one layer, span bookkeeping never changes.
 
 use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use tracing::level_filters::LevelFilter;
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::{self, Format, Full, Json, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::config::{LogFormat, LogLevel};
 
-/// Changes the installed subscriber's level.
+/// Changes the installed subscriber's level and format.
 #[derive(Debug, Clone)]
-pub struct LogHandle(reload::Handle<EnvFilter, Registry>);
+pub struct LogHandle {
+    /// The level filter's reload handle.
+    filter: reload::Handle<EnvFilter, Registry>,
+    /// Shared with the output layer's [`LiveFormat`]: `true` writes JSON.
+    json: Arc<AtomicBool>,
+}
 
 impl LogHandle {
     /// Logs at `level` from now on (still overridden by `RUST_LOG`).
     pub fn set_level(&self, level: LogLevel) -> anyhow::Result<()> {
-        self.0
+        self.filter
             .reload(filter(level)?)
             .context("cannot change the log level")
+    }
+
+    /// Writes every event from now on in `format`.
+    pub fn set_format(&self, format: LogFormat) {
+        self.json
+            .store(format == LogFormat::Json, Ordering::Relaxed);
     }
 }
 
 /// Installs the global subscriber. Fails on an invalid `RUST_LOG` or if a
 /// subscriber is already installed.
 pub fn init(level: LogLevel, format: LogFormat) -> anyhow::Result<LogHandle> {
-    let (filter, handle) = reload::Layer::new(filter(level)?);
-    let layer = tracing_subscriber::fmt::layer()
+    let (filter, filter_handle) = reload::Layer::new(filter(level)?);
+    let live_format = LiveFormat::new(format);
+    let json = Arc::clone(&live_format.json);
+    let output = tracing_subscriber::fmt::layer()
         // Colour codes help on a terminal and garble `kubectl logs` and files.
-        .with_ansi(std::io::stdout().is_terminal());
-    let registry = tracing_subscriber::registry().with(filter);
-    let installed = match format {
-        LogFormat::Text => registry.with(layer).try_init(),
-        LogFormat::Json => registry
-            .with(
-                layer
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_span_list(false),
-            )
-            .try_init(),
-    };
-    installed.map_err(|error| anyhow::anyhow!("cannot install the logger: {error}"))?;
-    Ok(LogHandle(handle))
+        .with_ansi(std::io::stdout().is_terminal())
+        .event_format(live_format);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .try_init()
+        .map_err(|error| anyhow::anyhow!("cannot install the logger: {error}"))?;
+    Ok(LogHandle {
+        filter: filter_handle,
+        json,
+    })
 }
 
 fn filter(level: LogLevel) -> anyhow::Result<EnvFilter> {
@@ -62,4 +78,50 @@ fn filter(level: LogLevel) -> anyhow::Result<EnvFilter> {
         .with_default_directive(LevelFilter::from(level).into())
         .from_env()
         .context("invalid RUST_LOG")
+}
+
+/// Formats each event as text or JSON, as the shared flag says at that moment:
+/// one relaxed load per event.
+#[derive(Debug)]
+struct LiveFormat {
+    /// `true` writes JSON; see [`LogHandle::set_format`].
+    json: Arc<AtomicBool>,
+    text_format: Format<Full>,
+    /// Event fields flattened to top-level keys, which log pipelines join on
+    /// (`request_id`), and no span fields: JSON lines then never depend on how
+    /// a span's fields were recorded, which is what makes switching safe.
+    json_format: Format<Json>,
+}
+
+impl LiveFormat {
+    fn new(initial: LogFormat) -> Self {
+        Self {
+            json: Arc::new(AtomicBool::new(initial == LogFormat::Json)),
+            text_format: format::format(),
+            json_format: format::format()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false),
+        }
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for LiveFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'w> FormatFields<'w> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        if self.json.load(Ordering::Relaxed) {
+            self.json_format.format_event(ctx, writer, event)
+        } else {
+            self.text_format.format_event(ctx, writer, event)
+        }
+    }
 }
