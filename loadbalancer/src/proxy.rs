@@ -95,6 +95,13 @@ pub struct Resilience {
     pub outlier: Option<OutlierSettings>,
 }
 
+impl Resilience {
+    /// The retry limits in force: with retries off, one attempt per request.
+    fn retry_settings(&self) -> RetrySettings {
+        self.retries.unwrap_or(RetrySettings::OFF)
+    }
+}
+
 impl From<&crate::config::Config> for Resilience {
     fn from(config: &crate::config::Config) -> Self {
         Self {
@@ -252,18 +259,38 @@ struct Shared {
     /// backend address inside it. Its body type lets a retry take the client's
     /// body back when the first attempt never sent it.
     client: Client<HttpConnector, AttemptBody<Incoming>>,
-    /// See [`ProxySettings::request_timeout`].
-    request_timeout: Duration,
+    /// The timeouts and the outlier detector in force. Behind a lock so a
+    /// config reload can replace them ([`Proxy::reconfigure`]); each attempt
+    /// copies them out once and never holds the guard across an `.await`.
+    tuning: RwLock<Tuning>,
     /// Source of ids for requests that arrive without one.
     request_ids: RequestIds,
     /// The attempt bound and the retry budget shared by all requests.
     retry: RetryPolicy,
-    /// Ejects backends whose attempts keep failing; `None` when turned off.
-    outlier: Option<OutlierDetector>,
     /// Where every request's outcome is counted, shared with the admin listener.
     metrics: Arc<Metrics>,
     /// Each backend's `host:port`, built once rather than per request.
     authorities: Authorities,
+}
+
+/// What a config reload can change in a running proxy, copied out per attempt.
+#[derive(Debug, Clone, Copy)]
+struct Tuning {
+    /// The upstream timeouts.
+    settings: ProxySettings,
+    /// Ejects backends whose attempts keep failing; `None` when turned off.
+    outlier: Option<OutlierDetector>,
+}
+
+impl Tuning {
+    fn new(settings: ProxySettings, outlier: Option<OutlierSettings>) -> Self {
+        // A trial attempt ends within a connect and a request timeout.
+        let trial_bound = settings.connect_timeout + settings.request_timeout;
+        Self {
+            settings,
+            outlier: outlier.map(|outlier| OutlierDetector::new(outlier, trial_bound)),
+        }
+    }
 }
 
 /// How forwarding ended: the last attempt's result and how many attempts it took.
@@ -313,16 +340,9 @@ impl Proxy {
                 backends,
                 balancer: RwLock::new(Box::new(balancer)),
                 client,
-                request_timeout: settings.request_timeout,
+                tuning: RwLock::new(Tuning::new(settings, resilience.outlier)),
                 request_ids: RequestIds::default(),
-                retry: resilience
-                    .retries
-                    .map_or_else(RetryPolicy::disabled, RetryPolicy::new),
-                // A trial attempt ends within a connect and a request timeout.
-                outlier: resilience.outlier.map(|outlier| {
-                    let trial_bound = settings.connect_timeout + settings.request_timeout;
-                    OutlierDetector::new(outlier, trial_bound)
-                }),
+                retry: RetryPolicy::new(resilience.retry_settings()),
                 metrics,
                 authorities: Authorities::default(),
             }),
@@ -417,7 +437,9 @@ impl Proxy {
             // One clock reading serves the pick, outlier admission and the
             // attempt's latency.
             let attempt_started = Instant::now();
-            let Ok(chosen) = self.choose(&tried, attempt_started) else {
+            // Read once per attempt: a reload in between applies to the next one.
+            let tuning = self.tuning();
+            let Ok(chosen) = self.choose(&tuning, &tried, attempt_started) else {
                 // An empty list: `last` is still `NoBackend` on a first attempt, and
                 // for a retry (racing discovery emptying the list) the previous
                 // attempt's answer is the best there is.
@@ -433,7 +455,14 @@ impl Proxy {
             // failed attempt's guard drops when its result is replaced.
             let in_flight = state.start_owned_request();
             let (result, finished) = self
-                .attempt(backend, in_flight.state(), admission, &parts, attempt_body)
+                .attempt(
+                    &tuning,
+                    backend,
+                    in_flight.state(),
+                    admission,
+                    &parts,
+                    attempt_body,
+                )
                 .await;
             in_flight.state().record(
                 finished.saturating_duration_since(attempt_started),
@@ -472,9 +501,20 @@ impl Proxy {
         }
     }
 
+    /// The settings in force, copied out of their lock.
+    fn tuning(&self) -> Tuning {
+        // A poisoned lock still holds a whole `Tuning` (a swap is one store).
+        *self.shared.tuning.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Picks the backend for the next attempt at `now` and has outlier
     /// detection admit it.
-    fn choose(&self, tried: &[SocketAddr], now: Instant) -> Result<Chosen, NoBackend> {
+    fn choose(
+        &self,
+        tuning: &Tuning,
+        tried: &[SocketAddr],
+        now: Instant,
+    ) -> Result<Chosen, NoBackend> {
         let shared = &*self.shared;
         // The read locks are held only inside this closure: the pick copies an
         // address and its state out, and the guards are gone before any `.await`.
@@ -488,7 +528,7 @@ impl Proxy {
                 })
         };
         let (backend, state) = pick(tried)?;
-        let Some(outlier) = &shared.outlier else {
+        let Some(outlier) = &tuning.outlier else {
             return Ok(Chosen {
                 backend,
                 state,
@@ -530,6 +570,7 @@ impl Proxy {
     /// result and when it came (the one clock reading after the exchange).
     async fn attempt(
         &self,
+        tuning: &Tuning,
         backend: SocketAddr,
         state: &BackendState,
         admission: Option<Admission>,
@@ -548,8 +589,9 @@ impl Proxy {
             Err(error) => return (Err(error.into()), Instant::now()),
         }
 
+        let request_timeout = tuning.settings.request_timeout;
         let exchange = shared.client.request(req);
-        let result = match tokio::time::timeout(shared.request_timeout, exchange).await {
+        let result = match tokio::time::timeout(request_timeout, exchange).await {
             Ok(Ok(mut response)) => {
                 headers::remove_hop_by_hop(response.headers_mut());
                 Ok(response)
@@ -558,11 +600,11 @@ impl Proxy {
             Ok(Err(error)) => Err(ProxyError::Upstream { backend, error }),
             Err(_elapsed) => Err(ProxyError::Timeout {
                 backend,
-                timeout: shared.request_timeout,
+                timeout: request_timeout,
             }),
         };
         let finished = Instant::now();
-        if let (Some(outlier), Some(admission)) = (&shared.outlier, admission) {
+        if let (Some(outlier), Some(admission)) = (&tuning.outlier, admission) {
             let outcome = if attempt_failed(&result) {
                 Outcome::Failure
             } else {
@@ -588,6 +630,17 @@ impl Proxy {
             .write()
             .unwrap_or_else(|p| p.into_inner());
         *current = Box::new(balancer);
+    }
+
+    /// Applies new upstream timeouts, retry limits and outlier settings from
+    /// the next attempt on: what a config reload does when they change. Attempts
+    /// under way finish with the settings they started with; the retry budget's
+    /// window and each backend's outlier counters and ejections carry over.
+    pub fn reconfigure(&self, settings: ProxySettings, resilience: Resilience) {
+        let shared = &*self.shared;
+        shared.retry.reconfigure(resilience.retry_settings());
+        let mut tuning = shared.tuning.write().unwrap_or_else(|p| p.into_inner());
+        *tuning = Tuning::new(settings, resilience.outlier);
     }
 
     /// Retries granted since start (see [`RetryPolicy::retries`]).

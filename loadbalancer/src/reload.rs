@@ -10,17 +10,24 @@
 //! target, its modification time and a hash of its content. Only a changed
 //! fingerprint is parsed, with the same loader as at start-up.
 //!
-//! A valid new config is applied piece by piece where the running parts allow
-//! it: the log level (through [`LogHandle`]), the algorithm and weights (a new
-//! balancer swapped into the [`Proxy`]), the static backend list (one
-//! [`Backends::replace`], like any discovery update) and the health-check
-//! settings (the checker task is restarted; verdicts live in each backend's
-//! state and carry over) and, in Kubernetes mode, `backendServiceName` and
-//! `backendPort` (the [`DiscoveryTask`] is restarted with the new Service; the
-//! old list serves until the new watch's first complete list). Settings baked into
-//! listeners, clients and background tasks at start-up need a restart; a change
-//! to one of them is named in a warning, so nobody believes it took effect. An
-//! invalid file is rejected with an error line giving the reason, and the old
+//! A valid new config is applied piece by piece, each where it lives:
+//!
+//! * log level and format: through the [`LogHandle`];
+//! * algorithm and weights: a new balancer swapped into every [`Proxy`];
+//! * upstream timeouts, retries and outlier settings: [`Proxy::reconfigure`],
+//!   from each proxy's next attempt on (the retry budget and each backend's
+//!   outlier counters carry over);
+//! * the static backend list: one [`Backends::replace`], like any discovery update;
+//! * health-check settings: the checker task is restarted (verdicts live in each
+//!   backend's state and carry over);
+//! * in Kubernetes mode, `backendServiceName` and `backendPort`: the
+//!   [`DiscoveryTask`] is restarted with the new Service, and the old list serves
+//!   until the new watch's first complete list.
+//!
+//! What is baked into listening sockets and server settings at start-up (ports,
+//! connection limits, server timeouts, the discovery mode) needs a restart; a
+//! change to one of them is named in a warning, so nobody believes it took effect.
+//! An invalid file is rejected with an error line giving the reason, and the old
 //! config stays in force. Every reload is counted in the [`Metrics`].
 
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -39,7 +46,7 @@ use crate::discovery::DiscoveryTask;
 use crate::health::{HealthCheckSettings, HealthChecker};
 use crate::logging::LogHandle;
 use crate::metrics::{Metrics, ReloadResult};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, ProxySettings, Resilience};
 
 /// How often the file is checked: a change is live within about this long,
 /// and a check (a `stat` and, on a change only, one small read) costs nothing.
@@ -248,12 +255,34 @@ impl Reloader {
                 Err(error) => warn!(error = %format!("{error:#}"), "log level unchanged"),
             }
         }
+        if new.log_format != old.log_format
+            && let Some(log) = &self.live.log
+        {
+            log.set_format(new.log_format);
+            applied.push("logFormat");
+        }
         if new.algorithm != old.algorithm || new.weights != old.weights {
             let chosen = balancer::from_config(new.algorithm, &new.weights);
             for proxy in &self.live.proxies {
                 proxy.set_balancer(Arc::clone(&chosen));
             }
             applied.extend(["algorithm", "weights"]);
+        }
+        let upstream: Vec<_> = changed([
+            (
+                "requestTimeoutMs",
+                old.request_timeout_ms != new.request_timeout_ms,
+            ),
+            ("retries", old.retries != new.retries),
+            ("outlier", old.outlier != new.outlier),
+        ])
+        .collect();
+        if !upstream.is_empty() {
+            let (settings, resilience) = (ProxySettings::from(&new), Resilience::from(&new));
+            for proxy in &self.live.proxies {
+                proxy.reconfigure(settings, resilience);
+            }
+            applied.extend(upstream);
         }
         if new.discovery == DiscoveryMode::Static
             && old.discovery == DiscoveryMode::Static
@@ -308,7 +337,7 @@ struct LiveParts {
 /// once at start-up into listeners, clients, discovery and background tasks.
 fn needs_restart(old: &Config, new: &Config, live: LiveParts) -> Vec<&'static str> {
     let static_list_mode = old.discovery == DiscoveryMode::Static;
-    [
+    changed([
         ("port", old.port != new.port),
         ("adminPort", old.admin_port != new.admin_port),
         ("discovery", old.discovery != new.discovery),
@@ -324,14 +353,10 @@ fn needs_restart(old: &Config, new: &Config, live: LiveParts) -> Vec<&'static st
             "staticBackends",
             !static_list_mode && old.static_backends != new.static_backends,
         ),
-        ("logFormat", old.log_format != new.log_format),
+        // The pooled client's connector holds it.
         (
             "connectTimeoutMs",
             old.connect_timeout_ms != new.connect_timeout_ms,
-        ),
-        (
-            "requestTimeoutMs",
-            old.request_timeout_ms != new.request_timeout_ms,
         ),
         ("drainSeconds", old.drain_seconds != new.drain_seconds),
         (
@@ -352,13 +377,18 @@ fn needs_restart(old: &Config, new: &Config, live: LiveParts) -> Vec<&'static st
             "healthCheck",
             !live.health && old.health_check != new.health_check,
         ),
-        ("outlier", old.outlier != new.outlier),
-        ("retries", old.retries != new.retries),
-    ]
-    .into_iter()
-    .filter(|&(_, changed)| changed)
-    .map(|(field, _)| field)
+    ])
     .collect()
+}
+
+/// The names of the fields marked changed.
+fn changed(
+    fields: impl IntoIterator<Item = (&'static str, bool)>,
+) -> impl Iterator<Item = &'static str> {
+    fields
+        .into_iter()
+        .filter(|&(_, changed)| changed)
+        .map(|(field, _)| field)
 }
 
 impl Reloader {
@@ -503,18 +533,16 @@ mod tests {
         new.health_check.interval_ms = 1;
         new.backend_service_name = "other".to_owned();
         let live = |health, discovery| LiveParts { health, discovery };
+        new.log_format = crate::config::LogFormat::Json;
+        new.retries.attempts = 1;
+        new.idle_timeout_ms = 1;
         assert_eq!(
             needs_restart(&old, &new, live(true, true)),
-            ["port", "requestTimeoutMs"]
+            ["port", "idleTimeoutMs"]
         );
         assert_eq!(
             needs_restart(&old, &new, live(false, false)),
-            [
-                "port",
-                "backendServiceName",
-                "requestTimeoutMs",
-                "healthCheck"
-            ]
+            ["port", "backendServiceName", "idleTimeoutMs", "healthCheck"]
         );
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -19,7 +19,7 @@
 pub mod body;
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
@@ -40,6 +40,14 @@ impl Default for RetrySettings {
             budget_percent: 20,
         }
     }
+}
+
+impl RetrySettings {
+    /// One attempt per request: retries off.
+    pub const OFF: Self = Self {
+        attempts: 1,
+        budget_percent: 0,
+    };
 }
 
 impl From<&crate::config::RetriesConfig> for RetrySettings {
@@ -102,8 +110,8 @@ pub fn is_idempotent(method: &Method) -> bool {
 /// The attempt bound and the budget, shared by every request.
 #[derive(Debug)]
 pub struct RetryPolicy {
-    /// See [`RetrySettings::attempts`].
-    attempts: u32,
+    /// See [`RetrySettings::attempts`]; atomic so a config reload can change it.
+    attempts: AtomicU32,
     /// Shared by all requests: the budget is global, not per request.
     budget: RetryBudget,
     /// Retries granted since start, for tests and the status page.
@@ -114,24 +122,29 @@ impl RetryPolicy {
     /// A policy with `settings`.
     pub fn new(settings: RetrySettings) -> Self {
         Self {
-            attempts: settings.attempts.max(1),
+            attempts: AtomicU32::new(settings.attempts.max(1)),
             budget: RetryBudget::new(settings.budget_percent, Instant::now()),
             retries: AtomicU64::new(0),
         }
     }
 
+    /// Applies new limits from the next request on. The budget's window keeps
+    /// its counts: a reload does not hand out a fresh allowance of retries.
+    pub fn reconfigure(&self, settings: RetrySettings) {
+        self.attempts
+            .store(settings.attempts.max(1), Ordering::Relaxed);
+        self.budget.set_percent(settings.budget_percent);
+    }
+
     /// A policy that never retries.
     pub fn disabled() -> Self {
-        Self::new(RetrySettings {
-            attempts: 1,
-            budget_percent: 0,
-        })
+        Self::new(RetrySettings::OFF)
     }
 
     /// Whether retries are on at all (the proxy then keeps what it needs to
     /// rebuild a request).
     pub fn enabled(&self) -> bool {
-        self.attempts > 1
+        self.attempts.load(Ordering::Relaxed) > 1
     }
 
     /// Counts a new client request into the budget.
@@ -150,7 +163,8 @@ impl RetryPolicy {
     /// Whether attempt number `made + 1` may happen: under the attempt bound and
     /// within the budget (which this spends if it says yes).
     pub fn should_retry(&self, made: u32) -> bool {
-        let granted = made < self.attempts && self.budget.withdraw(Instant::now());
+        let granted =
+            made < self.attempts.load(Ordering::Relaxed) && self.budget.withdraw(Instant::now());
         if granted {
             self.retries.fetch_add(1, Ordering::Relaxed);
         }
@@ -173,8 +187,9 @@ impl RetryPolicy {
 /// far below the cost of the request itself.
 #[derive(Debug)]
 pub struct RetryBudget {
-    /// Allowed retries as a percentage of requests in the window.
-    percent: u64,
+    /// Allowed retries as a percentage of requests in the window; atomic so a
+    /// config reload can change it.
+    percent: AtomicU64,
     /// When the bucket ring started; bucket `i` covers second `i` since then.
     epoch: Instant,
     /// The ring.
@@ -201,10 +216,19 @@ impl RetryBudget {
     /// A budget of `percent`% that starts empty at `now`.
     pub fn new(percent: u32, now: Instant) -> Self {
         Self {
-            percent: u64::from(percent.min(100)),
+            percent: AtomicU64::new(Self::clamp(percent)),
             epoch: now,
             buckets: Mutex::new(Buckets::default()),
         }
+    }
+
+    /// Allows `percent`% from now on, counting the window's traffic so far.
+    pub fn set_percent(&self, percent: u32) {
+        self.percent.store(Self::clamp(percent), Ordering::Relaxed);
+    }
+
+    fn clamp(percent: u32) -> u64 {
+        u64::from(percent.min(100))
     }
 
     /// Counts one request.
@@ -219,7 +243,8 @@ impl RetryBudget {
                 .slots
                 .iter()
                 .fold((0, 0), |(q, r), (bq, br)| (q + bq, r + br));
-            let allowed = Self::MIN_RETRIES + requests * self.percent / 100;
+            let percent = self.percent.load(Ordering::Relaxed);
+            let allowed = Self::MIN_RETRIES + requests * percent / 100;
             let ok = retries < allowed;
             if ok {
                 buckets.slots[slot].1 += 1;
@@ -305,6 +330,33 @@ mod tests {
         assert!(policy.should_retry(2));
         assert!(!policy.should_retry(3));
         assert!(!RetryPolicy::disabled().should_retry(1));
+    }
+
+    #[test]
+    fn reconfiguring_changes_the_bound_and_keeps_the_window() {
+        let policy = RetryPolicy::disabled();
+        policy.start_request();
+        assert!(!policy.should_retry(1));
+        policy.reconfigure(RetrySettings {
+            attempts: 2,
+            budget_percent: 100,
+        });
+        assert!(policy.enabled());
+        assert!(policy.should_retry(1));
+        assert!(!policy.should_retry(2));
+        policy.reconfigure(RetrySettings::OFF);
+        assert!(!policy.should_retry(1));
+    }
+
+    #[test]
+    fn a_new_percentage_applies_to_the_traffic_already_counted() {
+        let now = Instant::now();
+        let budget = RetryBudget::new(0, now);
+        for _ in 0..100 {
+            budget.deposit(now);
+        }
+        budget.set_percent(10);
+        assert_eq!(spend_all(&budget, now), RetryBudget::MIN_RETRIES + 10);
     }
 
     #[test]

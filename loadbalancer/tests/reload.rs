@@ -16,8 +16,10 @@ use support::fake_apiserver::EndpointState::Ready;
 use support::fake_apiserver::{FakeApiServer, slice};
 use support::faults::{RealBackend, bind_same_port};
 use support::load::Load;
-use support::process::{Process, free_port, json_line};
-use support::{Upstream, get, metric_sample, start_backends, tally, wait_for, wait_for_readyz};
+use support::process::{Process, free_port, json_line, line};
+use support::{
+    Upstream, get, metric_sample, start_backend, start_backends, tally, wait_for, wait_for_readyz,
+};
 
 const SUCCESSES: &str = r#"loadbalancer_config_reloads_total{result="success"}"#;
 const FAILURES: &str = r#"loadbalancer_config_reloads_total{result="failure"}"#;
@@ -247,4 +249,78 @@ async fn a_new_backend_service_name_moves_traffic_to_that_service_without_a_fail
         watched.iter().any(|s| s.ends_with("=new-svc")),
         "the new Service was watched: {watched:?}"
     );
+}
+
+/// Status codes of `n` sequential `GET path`s through `proxy`, sorted.
+async fn statuses(proxy: SocketAddr, path: &str, n: usize) -> Vec<u16> {
+    let mut codes = Vec::with_capacity(n);
+    for _ in 0..n {
+        codes.push(get(&format!("http://{proxy}{path}")).await.status.as_u16());
+    }
+    codes.sort_unstable();
+    codes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_retries_outlier_and_log_format_change_without_a_restart() {
+    let a = start_backend("pod-a").await;
+    // Stopped at once: every attempt at its port is a connect failure.
+    let mut dead = start_backend("dead").await;
+    dead.stop().await;
+    let ports = (free_port(), free_port());
+    // Health checks far apart, so only the settings under test move traffic.
+    let quiet_checks = r#", "healthCheck": {"intervalMs": 600000}"#;
+    let before = format!(
+        r#"{quiet_checks}, "requestTimeoutMs": 10000, "retries": {{"attempts": 1}},
+            "outlier": {{"consecutiveFailures": 1000}}"#
+    );
+    let mut mount = ConfigMapDir::new(&config(ports, "info", &[&a, &dead], &before));
+    let (mut lb, proxy, admin) = start(&mount, ports).await;
+    let lines = lb.stdout_lines();
+
+    // Round-robin over both, no retries, no ejection, a long timeout: the live
+    // backend answers a 600 ms request, and each request of the dead one's turn
+    // fails with a 502.
+    assert_eq!(statuses(proxy, "/slow?ms=600", 2).await, [200, 502]);
+
+    let after = format!(
+        r#"{quiet_checks}, "requestTimeoutMs": 300, "retries": {{"attempts": 2,
+            "budgetPercent": 100}}, "outlier": {{"consecutiveFailures": 1,
+            "baseEjectionMs": 60000, "maxEjectionMs": 60000}}"#
+    );
+    mount.update(&config(ports, "info", &[&a, &dead], &after));
+    let reloaded = json_line(&lines, "'config reloaded'", |e| {
+        e["message"] == "config reloaded"
+    })
+    .await;
+    let applied = reloaded["applied"].as_str().unwrap_or_default();
+    for field in ["requestTimeoutMs", "retries", "outlier"] {
+        assert!(applied.contains(field), "{reloaded}");
+    }
+    // Retries: a connect failure goes on to the live backend, and the dead one is
+    // ejected after its first failure (not its thousandth).
+    assert_eq!(statuses(proxy, "/", 10).await, [200; 10]);
+    let ejections = format!(r#"loadbalancer_ejections_total{{backend="{}"}}"#, dead.addr);
+    assert_eq!(metric(admin, &ejections).await, 1.0);
+    // The new timeout: the same 600 ms request now ends in a 504.
+    let timed_out = get(&format!("http://{proxy}/slow?ms=600")).await;
+    assert_eq!(timed_out.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        String::from_utf8_lossy(&timed_out.body).contains("300 ms"),
+        "{timed_out:?}"
+    );
+
+    // The log format: from JSON to text lines, from the reload's own line on.
+    mount.update(&config(ports, "info", &[&a, &dead], &after).replace(r#""json""#, r#""text""#));
+    let text = line(&lines, "a text 'config reloaded' line", |line| {
+        line.contains("config reloaded")
+    })
+    .await;
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&text).is_err(),
+        "{text}"
+    );
+    assert!(text.contains(r#"applied=["logFormat"]"#), "{text}");
+    assert_eq!(metric(admin, SUCCESSES).await, 2.0);
+    assert_eq!(metric(admin, FAILURES).await, 0.0);
 }

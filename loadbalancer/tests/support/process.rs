@@ -234,16 +234,32 @@ pub(crate) async fn json_line(
     what: &str,
     wanted: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
+    let mut event = serde_json::Value::Null;
+    line(lines, what, |line| {
+        serde_json::from_str::<serde_json::Value>(line).is_ok_and(|parsed| {
+            let found = wanted(&parsed);
+            if found {
+                event = parsed;
+            }
+            found
+        })
+    })
+    .await;
+    event
+}
+
+/// Waits for the first line of stdout for which `wanted` is true, whatever
+/// its format, skipping the lines before it.
+pub(crate) async fn line(
+    lines: &mpsc::Receiver<String>,
+    what: &str,
+    mut wanted: impl FnMut(&str) -> bool,
+) -> String {
     let deadline = Instant::now() + PATIENCE;
     loop {
         match lines.try_recv() {
-            Ok(line) => {
-                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
-                    && wanted(&event)
-                {
-                    return event;
-                }
-            }
+            Ok(line) if wanted(&line) => return line,
+            Ok(_) => {}
             Err(mpsc::TryRecvError::Empty) => {
                 assert!(Instant::now() < deadline, "no log line {what}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
