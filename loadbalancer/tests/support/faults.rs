@@ -2,6 +2,9 @@
 //!
 //! * [`BlackHole`]: accepts connections and never answers (a hung process, or a
 //!   pod whose network is gone), the case only timeouts and ejection can handle;
+//! * [`CloseAfterAnswer`]: answers one request per connection as if it kept the
+//!   connection alive, then closes it: a keep-alive idle timeout at its shortest,
+//!   the race every connection pool must survive;
 //! * [`RealBackend`]: the real `backend` crate served in-process on a chosen
 //!   address, with its graceful shutdown, for the rolling-update test. Every
 //!   endpoint of a Service shares one port, so [`bind_same_port`] binds one port
@@ -9,10 +12,13 @@
 //!   loopback on Linux).
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use backend::handlers::App;
 use backend::identity::Identity;
 use backend::server::ServerLimits;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -45,6 +51,69 @@ impl BlackHole {
 }
 
 impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A server that answers each connection's first request with a keep-alive
+/// `200` and then closes the connection, without `Connection: close`.
+#[derive(Debug)]
+pub(crate) struct CloseAfterAnswer {
+    pub(crate) addr: SocketAddr,
+    /// Connections accepted so far.
+    accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl CloseAfterAnswer {
+    /// The answer's body.
+    pub(crate) const BODY: &'static str = r#"{"podName":"closer"}"#;
+
+    pub(crate) async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr = listener.local_addr().expect("bound socket has an address");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    // The proxy's requests here are bodiless GETs: the head is all.
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{}",
+                        Self::BODY.len(),
+                        Self::BODY
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                    // Dropping the stream closes it: the "idle timeout".
+                });
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub(crate) fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CloseAfterAnswer {
     fn drop(&mut self) {
         self.task.abort();
     }
