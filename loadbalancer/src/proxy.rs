@@ -4,8 +4,9 @@
 //! the backend, hand it to a client, return what comes back. Around it sit the
 //! things a production proxy adds:
 //!
-//! * a pooled `hyper_util` client shared by every request, so connections to the
-//!   backends are kept alive and reused (TCP_NODELAY on, connect timeout bounded);
+//! * a pool of keep-alive connections to the backends ([`pool`]), one per proxy
+//!   worker, built on hyper's HTTP/1 client connections (TCP_NODELAY on, connect
+//!   timeout bounded);
 //! * bodies stream in both directions: the client's `Incoming` body is the
 //!   upstream request body, and the backend's `Incoming` body is the client's
 //!   response body, so memory stays flat whatever the size;
@@ -25,6 +26,7 @@
 mod authority;
 mod body;
 mod headers;
+mod pool;
 mod request_id;
 
 use std::fmt;
@@ -33,14 +35,12 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::header::HOST;
 use http::request::Parts;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -55,6 +55,8 @@ use crate::retry::{RetryPolicy, RetryReason, RetrySettings};
 use authority::Authorities;
 pub use body::InFlightBody;
 use headers::X_REQUEST_ID;
+pub use pool::{IDLE_TIMEOUT, MAX_IDLE_PER_BACKEND, UpstreamError};
+use pool::{PooledBody, UpstreamPool};
 use request_id::RequestIds;
 
 /// The body of a proxied response: the backend's body streamed through, or a
@@ -62,8 +64,9 @@ use request_id::RequestIds;
 /// so no allocation per response.
 pub type ProxyBody = Either<InFlightBody, Full<Bytes>>;
 
-/// How long idle pooled connections to a backend are kept open.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// A backend's response body, with the connection it came on riding along
+/// until the body ends (see [`pool`]).
+type UpstreamBody = PooledBody<AttemptBody<Incoming>>;
 
 /// Timeouts for the upstream side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,13 +125,13 @@ pub enum ProxyError {
     #[error("cannot connect to backend {backend}: {}", ErrorChain(error))]
     Connect {
         backend: SocketAddr,
-        error: hyper_util::client::legacy::Error,
+        error: UpstreamError,
     },
     /// The connection broke or the backend answered something that is not HTTP: 502.
     #[error("backend {backend} failed: {}", ErrorChain(error))]
     Upstream {
         backend: SocketAddr,
-        error: hyper_util::client::legacy::Error,
+        error: UpstreamError,
     },
     /// Every attempt failed to connect and no backend is left to try: the
     /// service is down as a whole, 503.
@@ -138,7 +141,7 @@ pub enum ProxyError {
     )]
     Unreachable {
         backend: SocketAddr,
-        error: hyper_util::client::legacy::Error,
+        error: UpstreamError,
     },
     /// No response head within `requestTimeoutMs`: 504.
     #[error("backend {backend} did not answer within {} ms", timeout.as_millis())]
@@ -255,13 +258,14 @@ struct Shared {
     /// only for the pick itself, never across an `.await`; the write lock is
     /// taken once per reload.
     balancer: RwLock<Box<dyn Balancer>>,
-    /// One pooled client for all backends: keep-alive connections are per
-    /// backend address inside it. Its body type lets a retry take the client's
-    /// body back when the first attempt never sent it.
-    client: Client<HttpConnector, AttemptBody<Incoming>>,
+    /// Keep-alive connections to the backends, by address. Its body type lets a
+    /// retry take the client's body back when the first attempt never sent it.
+    pool: UpstreamPool<AttemptBody<Incoming>>,
     /// The timeouts and the outlier detector in force. Behind a lock so a
     /// config reload can replace them ([`Proxy::reconfigure`]); each attempt
     /// copies them out once and never holds the guard across an `.await`.
+    /// The connect timeout is passed to every connect rather than built into
+    /// a connector for the same reason.
     tuning: RwLock<Tuning>,
     /// Source of ids for requests that arrive without one.
     request_ids: RequestIds,
@@ -303,7 +307,7 @@ struct Forwarded {
 struct Upstream {
     backend: SocketAddr,
     in_flight: OwnedInFlight,
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
 }
 
 impl Proxy {
@@ -326,20 +330,12 @@ impl Proxy {
         resilience: Resilience,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        // Requests and responses are small writes; Nagle's algorithm would hold
-        // them back waiting for ACKs.
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let http = hyper::client::conn::http1::Builder::new();
         Self {
             shared: Arc::new(Shared {
                 backends,
                 balancer: RwLock::new(Box::new(balancer)),
-                client,
+                pool: UpstreamPool::new(http),
                 tuning: RwLock::new(Tuning::new(settings, resilience.outlier)),
                 request_ids: RequestIds::default(),
                 retry: RetryPolicy::new(resilience.retry_settings()),
@@ -576,21 +572,31 @@ impl Proxy {
         admission: Option<Admission>,
         parts: &Parts,
         body: AttemptBody<Incoming>,
-    ) -> (Result<Response<Incoming>, ProxyError>, Instant) {
+    ) -> (Result<Response<UpstreamBody>, ProxyError>, Instant) {
         let shared = &*self.shared;
         let mut req = Request::from_parts(parts.clone(), body);
-        let uri = shared
-            .authorities
-            .get(backend)
-            .map_err(http::Error::from)
-            .and_then(|authority| upstream_uri(authority, &parts.uri));
-        match uri {
-            Ok(uri) => *req.uri_mut() = uri,
-            Err(error) => return (Err(error.into()), Instant::now()),
+        *req.uri_mut() = origin_form(&parts.uri);
+        // HTTP/1.0 clients may send no `Host`; the backend then gets its own
+        // address, as hyper-util's client did.
+        if !req.headers().contains_key(HOST) {
+            let host = shared
+                .authorities
+                .get(backend)
+                .map_err(http::Error::from)
+                .and_then(|authority| Ok(HeaderValue::from_str(authority.as_str())?));
+            match host {
+                Ok(host) => {
+                    req.headers_mut().insert(HOST, host);
+                }
+                Err(error) => return (Err(error.into()), Instant::now()),
+            }
         }
 
-        let request_timeout = tuning.settings.request_timeout;
-        let exchange = shared.client.request(req);
+        let ProxySettings {
+            connect_timeout,
+            request_timeout,
+        } = tuning.settings;
+        let exchange = shared.pool.send(backend, connect_timeout, req);
         let result = match tokio::time::timeout(request_timeout, exchange).await {
             Ok(Ok(mut response)) => {
                 headers::remove_hop_by_hop(response.headers_mut());
@@ -666,7 +672,7 @@ fn attempt_count(tried: &[SocketAddr]) -> u32 {
 
 /// Whether an attempt counts against its backend: it failed to answer, or
 /// answered with a server error.
-fn attempt_failed(result: &Result<Response<Incoming>, ProxyError>) -> bool {
+fn attempt_failed(result: &Result<Response<UpstreamBody>, ProxyError>) -> bool {
     match result {
         Ok(response) => response.status().is_server_error(),
         Err(_) => true,
@@ -674,7 +680,7 @@ fn attempt_failed(result: &Result<Response<Incoming>, ProxyError>) -> bool {
 }
 
 /// Why an attempt's result may be worth a retry, before looking at the method.
-fn retry_reason(result: &Result<Response<Incoming>, ProxyError>) -> Option<RetryReason> {
+fn retry_reason(result: &Result<Response<UpstreamBody>, ProxyError>) -> Option<RetryReason> {
     match result {
         Ok(response) => RetryReason::from_status(response.status()),
         Err(ProxyError::Connect { .. }) => Some(RetryReason::Connect),
@@ -683,18 +689,14 @@ fn retry_reason(result: &Result<Response<Incoming>, ProxyError>) -> Option<Retry
     }
 }
 
-/// `http://<backend><path?query>`: the absolute form the pooled client needs to
-/// know where to connect; it sends only the path and query on the wire.
-fn upstream_uri(authority: Authority, original: &Uri) -> Result<Uri, http::Error> {
+/// The request target as a backend wants it: `/path?query` (origin form),
+/// whatever form the client used. hyper writes the URI it is given as is.
+fn origin_form(original: &Uri) -> Uri {
     let path_and_query = original
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(authority)
-        .path_and_query(path_and_query)
-        .build()
+    Uri::from(path_and_query)
 }
 
 /// Displays an error with its sources, `outer: inner: root`, because hyper's
@@ -730,14 +732,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn upstream_uri_keeps_path_and_query() {
-        let backend = Authority::from_static("[::1]:8081");
-        let uri =
-            upstream_uri(backend.clone(), &"/a/b?x=1&y=2".parse().expect("valid")).expect("valid");
-        assert_eq!(uri, "http://[::1]:8081/a/b?x=1&y=2");
-        let uri =
-            upstream_uri(backend, &"example.test:443".parse().expect("valid")).expect("valid");
-        assert_eq!(uri, "http://[::1]:8081/");
+    fn origin_form_keeps_path_and_query_only() {
+        let uri = origin_form(&"/a/b?x=1&y=2".parse().expect("valid"));
+        assert_eq!(uri, "/a/b?x=1&y=2");
+        let uri = origin_form(&"http://example.test/a?b".parse().expect("valid"));
+        assert_eq!(uri, "/a?b");
+        let uri = origin_form(&"example.test:443".parse().expect("valid"));
+        assert_eq!(uri, "/");
     }
 
     #[test]

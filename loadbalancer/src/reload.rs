@@ -270,6 +270,10 @@ impl Reloader {
         }
         let upstream: Vec<_> = changed([
             (
+                "connectTimeoutMs",
+                old.connect_timeout_ms != new.connect_timeout_ms,
+            ),
+            (
                 "requestTimeoutMs",
                 old.request_timeout_ms != new.request_timeout_ms,
             ),
@@ -352,11 +356,6 @@ fn needs_restart(old: &Config, new: &Config, live: LiveParts) -> Vec<&'static st
         (
             "staticBackends",
             !static_list_mode && old.static_backends != new.static_backends,
-        ),
-        // The pooled client's connector holds it.
-        (
-            "connectTimeoutMs",
-            old.connect_timeout_ms != new.connect_timeout_ms,
         ),
         ("drainSeconds", old.drain_seconds != new.drain_seconds),
         (

@@ -20,7 +20,7 @@ async fn slow_share(upstreams: &[Upstream], balancer: impl Balancer + 'static) -
     let before: Vec<usize> = upstreams.iter().map(Upstream::received).collect();
     let lb = TestLb::start_balanced(upstreams, balancer).await;
     let load = Load::start(lb.url("/"), CLIENTS, PER_CLIENT);
-    load.wait_for_more(CLIENTS * PER_CLIENT).await;
+    load.wait_for_total(CLIENTS * PER_CLIENT).await;
     let report = load.stop().await;
     lb.stop().await;
     assert_eq!(report.succeeded, CLIENTS * PER_CLIENT, "{report:?}");

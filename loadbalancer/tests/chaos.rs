@@ -119,7 +119,9 @@ async fn a_backend_answering_503_is_retried_around_and_ejected() {
     let addrs = upstreams.iter().map(|u| u.addr).collect();
     let lb = TestLb::start_resilient(addrs, TestLb::SETTINGS, resilience()).await;
     let load = Load::start(lb.url("/"), 4, 100);
-    load.wait_for_more(400).await;
+    // All of them: the clients stop at 4 x 100, and some may have completed
+    // before this line, so "400 more" could never come.
+    load.wait_for_total(400).await;
     let report = load.stop().await;
     report.print("answers-503", lb.proxy.retries());
 

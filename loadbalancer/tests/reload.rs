@@ -14,7 +14,7 @@ use http::StatusCode;
 use support::configmap::ConfigMapDir;
 use support::fake_apiserver::EndpointState::Ready;
 use support::fake_apiserver::{FakeApiServer, slice};
-use support::faults::{RealBackend, bind_same_port};
+use support::faults::{RealBackend, Unconnectable, bind_same_port};
 use support::load::Load;
 use support::process::{Process, free_port, json_line, line};
 use support::{
@@ -323,4 +323,36 @@ async fn timeouts_retries_outlier_and_log_format_change_without_a_restart() {
     assert!(text.contains(r#"applied=["logFormat"]"#), "{text}");
     assert_eq!(metric(admin, SUCCESSES).await, 2.0);
     assert_eq!(metric(admin, FAILURES).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connect_timeout_applies_to_the_next_connect() {
+    // Its connects hang: only the connect timeout or the request timeout ends them.
+    let unconnectable = Unconnectable::start();
+    let ports = (free_port(), free_port());
+    let config = |connect_timeout_ms: u64| {
+        format!(
+            r#"{{"port": {}, "adminPort": {}, "backendServiceName": "backend-service",
+                "backendPort": 8080, "logFormat": "json", "drainSeconds": 1,
+                "discovery": "static", "staticBackends": ["{}"],
+                "healthCheck": {{"intervalMs": 600000}}, "retries": {{"attempts": 1}},
+                "connectTimeoutMs": {connect_timeout_ms}, "requestTimeoutMs": 1000}}"#,
+            ports.0, ports.1, unconnectable.addr
+        )
+    };
+    let mut mount = ConfigMapDir::new(&config(10_000));
+    let (mut lb, proxy, admin) = start(&mount, ports).await;
+    let _lines = lb.stdout_lines();
+
+    // The request timeout runs out first: 504.
+    let before = get(&format!("http://{proxy}/")).await;
+    assert_eq!(before.status, StatusCode::GATEWAY_TIMEOUT, "{before:?}");
+
+    mount.update(&config(100));
+    wait_for_reloads(admin, SUCCESSES, 1.0).await;
+    // Now the connect gives up first, and with the only backend unreachable the
+    // service as a whole is: 503.
+    let after = get(&format!("http://{proxy}/")).await;
+    assert_eq!(after.status, StatusCode::SERVICE_UNAVAILABLE, "{after:?}");
+    assert_eq!(after.json()["message"], "no backend could be reached");
 }

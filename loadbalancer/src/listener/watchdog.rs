@@ -30,7 +30,6 @@ use std::time::Duration;
 
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Which limit a connection has outlived.
@@ -53,10 +52,9 @@ enum State {
 #[derive(Debug)]
 pub(crate) struct Activity {
     /// A plain mutex: it is held for a few instructions and never across `.await`.
+    /// Changing the state wakes nobody: [`Activity::expired`] reads it when its
+    /// timer fires (see there why that is on time).
     state: Mutex<State>,
-    /// Wakes [`Activity::expired`] when the state changes, so it can pick the new
-    /// deadline. `notify_one` keeps a permit if nobody waits, so no change is missed.
-    changed: Notify,
 }
 
 impl Activity {
@@ -66,7 +64,6 @@ impl Activity {
             state: Mutex::new(State::Idle {
                 since: Instant::now(),
             }),
-            changed: Notify::new(),
         })
     }
 
@@ -85,7 +82,6 @@ impl Activity {
             *state = State::ReadingHead {
                 since: Instant::now(),
             };
-            self.changed.notify_one();
         }
     }
 
@@ -100,7 +96,6 @@ impl Activity {
             },
             State::Idle { .. } | State::ReadingHead { .. } => State::Busy { requests: 1 },
         };
-        self.changed.notify_one();
         RequestGuard(Arc::clone(self))
     }
 
@@ -114,28 +109,37 @@ impl Activity {
                 since: Instant::now(),
             },
         };
-        self.changed.notify_one();
     }
 
     /// Resolves once the connection has stayed idle for `idle`, or has spent
     /// `header_read` reading one request head. Never resolves while busy.
+    ///
+    /// The state changes three times per request. Waking this future on every
+    /// change (it runs in the connection's task, so every wake-up re-polls the
+    /// whole connection) is work the request does not need, so it is never
+    /// woken: it sleeps until the current state's deadline, and while idle or
+    /// busy at most `min(idle, header_read)`, then looks again. That is still on
+    /// time: a head that begins at `t` must end by `t + header_read`, and the
+    /// last look before `t` was at most `header_read` earlier, so the next look
+    /// comes before that deadline and arms the timer for exactly it.
     pub(crate) async fn expired(&self, idle: Duration, header_read: Duration) -> Expired {
+        let look_every = idle.min(header_read);
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
         loop {
-            let deadline = match *self.state() {
-                State::Idle { since } => Some((since + idle, Expired::Idle)),
-                State::ReadingHead { since } => Some((since + header_read, Expired::HeaderRead)),
-                State::Busy { .. } => None,
+            let now = Instant::now();
+            let next_look = match *self.state() {
+                State::Idle { since } if since + idle <= now => return Expired::Idle,
+                State::Idle { since } => (since + idle).min(now + look_every),
+                State::ReadingHead { since } if since + header_read <= now => {
+                    return Expired::HeaderRead;
+                }
+                State::ReadingHead { since } => since + header_read,
+                State::Busy { .. } => now + look_every,
             };
-            match deadline {
-                Some((at, expired)) if at <= Instant::now() => return expired,
-                // Either the deadline passes (then the loop confirms nothing
-                // changed meanwhile) or the state changes and the loop starts over.
-                Some((at, _)) => tokio::select! {
-                    () = tokio::time::sleep_until(at) => {}
-                    () = self.changed.notified() => {}
-                },
-                None => self.changed.notified().await,
-            }
+            // One timer, moved rather than made anew.
+            timer.as_mut().reset(next_look);
+            timer.as_mut().await;
         }
     }
 }

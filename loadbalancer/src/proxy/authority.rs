@@ -1,8 +1,8 @@
 //! Upstream authorities (`10.0.0.7:8080`) built once per backend, not once per
 //! request.
 //!
-//! The pooled client needs an absolute URI to know where to connect, so every
-//! forwarded request gets `http://<backend>` in front of its path. Formatting a
+//! A forwarded request that arrived without a `Host` header (HTTP/1.0) gets its
+//! backend's authority as `Host`, as hyper-util's client used to add. Formatting a
 //! `SocketAddr` and parsing the text back into an [`Authority`] costs an
 //! allocation, the formatting machinery and a parse; an `Authority` holds its
 //! text in a refcounted `Bytes`, so building it once per backend and cloning it

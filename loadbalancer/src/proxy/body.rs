@@ -12,22 +12,28 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 
+use super::UpstreamBody;
 use crate::backend_state::OwnedInFlight;
 use crate::metrics::RequestInFlight;
 
 /// A backend's response body with the guards that count its request in flight.
 #[derive(Debug)]
 pub struct InFlightBody {
-    /// The backend's body, streamed through untouched.
-    inner: Incoming,
+    /// The backend's body, streamed through untouched; it returns its
+    /// connection to the pool at its end.
+    inner: UpstreamBody,
     /// Dropped (set to `None`) when the stream ends; dropping the body drops them too.
     guards: Option<(RequestInFlight, OwnedInFlight)>,
 }
 
 impl InFlightBody {
-    pub(crate) fn new(inner: Incoming, request: RequestInFlight, backend: OwnedInFlight) -> Self {
+    pub(crate) fn new(
+        inner: UpstreamBody,
+        request: RequestInFlight,
+        backend: OwnedInFlight,
+    ) -> Self {
         Self {
             inner,
             guards: Some((request, backend)),

@@ -1,14 +1,15 @@
 //! A request body that can be sent again as long as nothing of it was sent.
 //!
-//! The proxy streams request bodies (no buffering, flat memory), and the pooled
-//! client consumes the request it is given, even when it fails to connect. So the
+//! The proxy streams request bodies (no buffering, flat memory), and the upstream
+//! pool consumes the request it is given, even when it fails to connect. So the
 //! body is never handed over itself: it waits in a shared slot, and each attempt
 //! gets an [`AttemptBody`] that takes it out of the slot on its first poll. The
 //! client polls the body only after it has a connection and has written the head,
 //! so after a connect failure the body is still in the slot and the next attempt
 //! can take it. Once an attempt has taken it, the bytes are on their way and the
-//! request can no longer be retried (hyper-util's `Error` does not return the
-//! request, so this is the only way back to the body).
+//! request can no longer be retried (the pool's error does not return the
+//! request, and neither did hyper-util's client before it, so this is the only
+//! way back to the body).
 //!
 //! A request without a body (most GETs) is trivially replayable: every attempt
 //! gets an empty body. Each attempt has a generation number, so a stale attempt

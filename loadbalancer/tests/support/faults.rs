@@ -2,6 +2,9 @@
 //!
 //! * [`BlackHole`]: accepts connections and never answers (a hung process, or a
 //!   pod whose network is gone), the case only timeouts and ejection can handle;
+//! * [`CloseAfterAnswer`]: answers one request per connection as if it kept the
+//!   connection alive, then closes it: a keep-alive idle timeout at its shortest,
+//!   the race every connection pool must survive;
 //! * [`RealBackend`]: the real `backend` crate served in-process on a chosen
 //!   address, with its graceful shutdown, for the rolling-update test. Every
 //!   endpoint of a Service shares one port, so [`bind_same_port`] binds one port
@@ -9,10 +12,13 @@
 //!   loopback on Linux).
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use backend::handlers::App;
 use backend::identity::Identity;
 use backend::server::ServerLimits;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -47,6 +53,107 @@ impl BlackHole {
 impl Drop for BlackHole {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A server that answers each connection's first request with a keep-alive
+/// `200` and then closes the connection, without `Connection: close`.
+#[derive(Debug)]
+pub(crate) struct CloseAfterAnswer {
+    pub(crate) addr: SocketAddr,
+    /// Connections accepted so far.
+    accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl CloseAfterAnswer {
+    /// The answer's body.
+    pub(crate) const BODY: &'static str = r#"{"podName":"closer"}"#;
+
+    pub(crate) async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr = listener.local_addr().expect("bound socket has an address");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    // The proxy's requests here are bodiless GETs: the head is all.
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{}",
+                        Self::BODY.len(),
+                        Self::BODY
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                    // Dropping the stream closes it: the "idle timeout".
+                });
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub(crate) fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CloseAfterAnswer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A port whose connections never complete: a listener that never accepts, with
+/// its accept queue filled by connections of its own. Linux then drops further
+/// SYNs, so a connect hangs until the connector gives up, which is how a backend
+/// behind a dead network path looks (on loopback nothing else does that).
+#[derive(Debug)]
+pub(crate) struct Unconnectable {
+    pub(crate) addr: SocketAddr,
+    /// Kept open: the listener, and the connections that fill its queue.
+    _listener: std::net::TcpListener,
+    _fillers: Vec<std::net::TcpStream>,
+}
+
+impl Unconnectable {
+    pub(crate) fn start() -> Self {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("create a socket");
+        socket
+            .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+            .expect("bind a loopback port");
+        socket.listen(0).expect("listen");
+        let listener = std::net::TcpListener::from(socket);
+        let addr = listener.local_addr().expect("bound socket has an address");
+        // However the kernel rounds the backlog, connect until one hangs.
+        let mut fillers = Vec::new();
+        while let Ok(filler) =
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(200))
+        {
+            fillers.push(filler);
+            assert!(fillers.len() < 64, "the accept queue never fills");
+        }
+        Self {
+            addr,
+            _listener: listener,
+            _fillers: fillers,
+        }
     }
 }
 

@@ -89,11 +89,16 @@ impl Load {
     /// Waits until `more` requests beyond those completed now have completed,
     /// so that what the test did last is known to have met traffic.
     pub(crate) async fn wait_for_more(&self, more: usize) {
-        let target = self.completed() + more;
+        self.wait_for_total(self.completed() + more).await;
+    }
+
+    /// Waits until `total` requests have completed since the start: for a load
+    /// whose clients stop at a bound, where "more than now" could exceed it.
+    pub(crate) async fn wait_for_total(&self, total: usize) {
         wait_for(
-            &format!("{target} completed requests"),
+            &format!("{total} completed requests"),
             || self.completed(),
-            |&n| n >= target,
+            |&n| n >= total,
         )
         .await;
     }

@@ -4,6 +4,7 @@
 //! | route                  | answer                                                    |
 //! |------------------------|-----------------------------------------------------------|
 //! | `/slow?ms=N`           | waits N ms, then answers like `/`                         |
+//! | `/hold`                | waits until [`Upstream::release_held`], then like `/`     |
 //! | `/echo-headers`        | the request headers as JSON `{name: [values..]}`          |
 //! | `/echo-body`           | streams the request body back as it arrives               |
 //! | `/chunked?bytes=N`     | N bytes of [`pattern`], chunked, with no Content-Length   |
@@ -11,14 +12,15 @@
 //! | anything else          | `{"podName": <name>, "path": <path>}`                     |
 //!
 //! It counts the requests it has received, so a test can wait until a request is
-//! known to be in flight, records each one's method and path (the smuggling tests
+//! known to be in flight, counts the connections it accepted and those still open
+//! (the connection pool tests), records each one's method and path (the smuggling tests
 //! check that no hidden second request ever arrives), and it can be stopped
 //! abruptly (every connection torn down, the port closed) to play a crashed backend. [`Upstream::set_fault`] makes
 //! it play a sick one (503 to everything, a failing `/healthz`, or slow answers).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,6 +71,10 @@ pub(crate) struct Upstream {
     log: Arc<Mutex<Vec<String>>>,
     /// The [`Fault`] being played, as its `u8`; read on every request.
     fault: Arc<AtomicU8>,
+    /// Connections accepted and still open.
+    connections: Arc<Connections>,
+    /// Set to `true` to let every `/hold` request (and later ones) answer.
+    release: watch::Sender<bool>,
     /// The accept loop; it owns every connection task, so aborting it tears all down.
     task: JoinHandle<()>,
 }
@@ -86,6 +92,9 @@ impl Upstream {
         let name = pod_name.to_owned();
         let fault = Arc::new(AtomicU8::new(Fault::None as u8));
         let fault_reader = Arc::clone(&fault);
+        let connections = Arc::new(Connections::default());
+        let counts = Arc::clone(&connections);
+        let (release, released) = watch::channel(false);
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             loop {
@@ -96,6 +105,10 @@ impl Upstream {
                 let (name, count_tx) = (name.clone(), count_tx.clone());
                 let fault = Arc::clone(&fault_reader);
                 let log = Arc::clone(&task_log);
+                let released = released.clone();
+                let counts = Arc::clone(&counts);
+                counts.accepted.fetch_add(1, Ordering::SeqCst);
+                counts.open.fetch_add(1, Ordering::SeqCst);
                 connections.spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         log.lock()
@@ -103,11 +116,12 @@ impl Upstream {
                             .push(format!("{} {}", req.method(), req.uri().path()));
                         count_tx.send_modify(|n| *n += 1);
                         let fault = fault.load(Ordering::Relaxed);
-                        respond(name.clone(), req, fault)
+                        respond(name.clone(), req, fault, released.clone())
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
+                    counts.open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -117,8 +131,25 @@ impl Upstream {
             received,
             log,
             fault,
+            connections,
+            release,
             task,
         }
+    }
+
+    /// Connections accepted so far.
+    pub(crate) fn accepted(&self) -> usize {
+        self.connections.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now (accepted and not yet closed by either side).
+    pub(crate) fn open_connections(&self) -> usize {
+        self.connections.open.load(Ordering::SeqCst)
+    }
+
+    /// Lets every `/hold` request answer, now and from now on.
+    pub(crate) fn release_held(&self) {
+        self.release.send_replace(true);
     }
 
     /// `METHOD path` of every request received so far, in arrival order.
@@ -153,6 +184,13 @@ impl Upstream {
     }
 }
 
+/// What [`Upstream`] counts of its connections.
+#[derive(Debug, Default)]
+struct Connections {
+    accepted: AtomicUsize,
+    open: AtomicUsize,
+}
+
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.task.abort();
@@ -169,6 +207,7 @@ async fn respond(
     name: String,
     req: Request<Incoming>,
     fault: u8,
+    mut released: watch::Receiver<bool>,
 ) -> Result<Response<Body>, Infallible> {
     let unavailable = fault == Fault::Unavailable as u8
         || (fault == Fault::FailHealthz as u8 && req.uri().path() == "/healthz");
@@ -194,6 +233,11 @@ async fn respond(
     let response = match req.uri().path() {
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(query_number("ms"))).await;
+            json_response(&identity())
+        }
+        "/hold" => {
+            // An error means the upstream is being torn down; answer anyway.
+            let _ = released.wait_for(|&released| released).await;
             json_response(&identity())
         }
         "/echo-headers" => {
