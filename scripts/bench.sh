@@ -34,7 +34,8 @@
 # rounds; latency percentiles are the median of the rounds' percentiles; errors
 # and CPU ticks are summed. CPU is utime+stime from /proc/<pid>/stat of every
 # process of the target (nginx: master and workers), sampled before and after
-# each run. wrk shares the machine's cores with everything else, equally in every
+# each run. RSS is each proxy's VmRSS (summed over its processes) half-way
+# through its run, the highest of the rounds. wrk shares the machine's cores with everything else, equally in every
 # target. Our access log is at `info`, so logLevel `warn` switches it off, like
 # `access_log off` in nginx and no `log` line in HAProxy.
 set -euo pipefail
@@ -255,9 +256,21 @@ cpu_ticks() {
 # status_kib PID FIELD: a VmRSS / VmHWM line of /proc/PID/status, in KiB.
 status_kib() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"; }
 
+# rss_kib TARGET: VmRSS of the target's process and its children (nginx workers)
+# summed, in KiB. Pages the processes share (nginx's code) count once per process,
+# so nginx's figure is an upper bound.
+rss_kib() {
+  local main="${PID[$1]}" pid total=0 kib
+  for pid in "$main" $(pgrep -P "$main" || true); do
+    kib="$(status_kib "$pid" VmRSS 2>/dev/null)" || continue
+    total=$((total + ${kib:-0}))
+  done
+  echo "$total"
+}
+
 # measure SCENARIO TARGET ROUND CONNECTIONS SECONDS PATH: one wrk run; appends
-# "TARGET key=value ..." to $WORK/SCENARIO.raw. For ours, RSS and open descriptors
-# are also sampled half-way through, while the load is on.
+# "TARGET key=value ..." to $WORK/SCENARIO.raw. Each proxy's RSS (and our open
+# descriptors) is also sampled half-way through, while the load is on.
 measure() {
   local scenario="$1" target="$2" round="$3" conns="$4" secs="$5" path="$6"
   local before after wrk_pid line mid=""
@@ -265,10 +278,10 @@ measure() {
   wrk -t "$WRK_THREADS" -c "$conns" -d "${secs}s" --timeout 10s -s bench/report.lua \
     "${URL[$target]}$path" >"$WORK/wrk.out" 2>&1 &
   wrk_pid=$!
-  if [[ "$target" == ours ]]; then
+  if [[ "$target" != direct ]]; then
     sleep "$(awk -v s="$secs" 'BEGIN { print s / 2 }')"
-    mid="rss_mid_kib=$(status_kib "${PID[ours]}" VmRSS)"
-    mid+=" fds_mid=$(find "/proc/${PID[ours]}/fd" -mindepth 1 | wc -l)"
+    mid="rss_mid_kib=$(rss_kib "$target")"
+    [[ "$target" == ours ]] && mid+=" fds_mid=$(find "/proc/${PID[ours]}/fd" -mindepth 1 | wc -l)"
   fi
   wait "$wrk_pid" || { cat "$WORK/wrk.out" >&2; die "wrk failed against $target"; }
   after="$(cpu_ticks "$target")"
@@ -297,20 +310,22 @@ table() {
       req[t] += v["requests"]; us[t] += v["duration_us"]; bytes[t] += v["bytes"]
       err[t] += v["err_connect"] + v["err_read"] + v["err_write"] + v["err_status"] + v["err_timeout"]
       ticks[t] += v["cpu_ticks"]
+      if (v["rss_mid_kib"] > rss[t]) rss[t] = v["rss_mid_kib"]
       p50[t] = p50[t] " " v["p50_us"]; p99[t] = p99[t] " " v["p99_us"]; p999[t] = p999[t] " " v["p999_us"]
     }
     END {
       for (k = 1; k <= count; k++) { t = order[k]; rps[t] = req[t] / (us[t] / 1e6) }
-      print "| target | requests/s | p50 ms | p99 ms | p99.9 ms | errors | vs direct | vs ours | CPU s / 100k req | MiB/s |"
-      print "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+      print "| target | requests/s | p50 ms | p99 ms | p99.9 ms | errors | vs direct | vs ours | CPU s / 100k req | MiB/s | RSS MiB |"
+      print "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
       for (k = 1; k <= count; k++) {
         t = order[k]
         vd = ("direct" in rps) ? sprintf("%.2f", rps[t] / rps["direct"]) : "-"
         vo = ("ours" in rps) ? sprintf("%.2f", rps[t] / rps["ours"]) : "-"
         cpu = (t == "direct") ? "-" : sprintf("%.2f", ticks[t] / tck / req[t] * 1e5)
-        printf "| %s | %.0f | %.2f | %.2f | %.2f | %d | %s | %s | %s | %.1f |\n", t, rps[t],
+        mem = (t == "direct") ? "-" : sprintf("%.1f", rss[t] / 1024)
+        printf "| %s | %.0f | %.2f | %.2f | %.2f | %d | %s | %s | %s | %.1f | %s |\n", t, rps[t],
           median(p50[t]) / 1000, median(p99[t]) / 1000, median(p999[t]) / 1000, err[t],
-          vd, vo, cpu, bytes[t] / (us[t] / 1e6) / 1048576
+          vd, vo, cpu, bytes[t] / (us[t] / 1e6) / 1048576, mem
       }
     }' "$WORK/$1.raw"
 }
