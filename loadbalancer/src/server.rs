@@ -11,19 +11,15 @@
 //! The same loop serves the proxy and the admin endpoints; only the service differs.
 
 use std::convert::Infallible;
-use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response};
-use hyper::body::{Body, Incoming};
-use hyper::service::{Service, service_fn};
+use hyper::service::service_fn;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-pub use crate::listener::ServerLimits;
 use crate::listener::{self, Lifecycle};
+pub use crate::listener::{ConnectionService, ResponseBody, ServerLimits};
 use crate::proxy::{ClientConn, Proxy};
 use crate::shutdown::{Phase, Shutdown};
 
@@ -72,11 +68,8 @@ pub async fn serve_proxy(
 pub async fn serve<M, S, B>(listener: TcpListener, make_service: M, shutdown: Shutdown)
 where
     M: Fn(SocketAddr) -> S,
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    S: ConnectionService<B> + Send + 'static,
+    B: ResponseBody + Send,
 {
     serve_with(listener, make_service, shutdown, ServerLimits::DEFAULT).await;
 }
@@ -92,11 +85,8 @@ pub async fn serve_with<M, S, B>(
     limits: ServerLimits,
 ) where
     M: Fn(SocketAddr) -> S,
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    S: ConnectionService<B> + Send + 'static,
+    B: ResponseBody + Send,
 {
     listener::serve_connections(listener, make_service, shutdown, limits).await;
 }

@@ -96,6 +96,45 @@ impl Default for ServerLimits {
     }
 }
 
+/// Errors a service or a body may end with: anything hyper can log.
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// A service the accept loop can serve: it answers each request of a connection
+/// with a `Response<B>`, and its futures may move between tasks. Implemented for
+/// every such service; it exists to name the bounds once instead of in every
+/// function on the way from `serve` to hyper.
+#[allow(
+    unreachable_pub,
+    reason = "the load balancer re-exports it; the backend, which compiles this file too, does not"
+)]
+pub trait ConnectionService<B>:
+    Service<Request<Incoming>, Response = Response<B>, Error: Into<BoxError>, Future: Send + 'static>
+{
+}
+
+impl<S, B> ConnectionService<B> for S
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+}
+
+/// A response body the accept loop can write: bytes, streamed, with errors
+/// hyper can log. Implemented for every such body, like [`ConnectionService`].
+#[allow(
+    unreachable_pub,
+    reason = "the load balancer re-exports it; the backend, which compiles this file too, does not"
+)]
+pub trait ResponseBody: Body<Data = Bytes, Error: Into<BoxError>> + Unpin + 'static {}
+
+impl<B> ResponseBody for B
+where
+    B: Body<Data = Bytes> + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+}
+
 /// Where the owning server is in its shutdown, as the accept loop needs to know.
 pub(crate) trait Lifecycle: Clone + Send + Sync + 'static {
     /// Resolves once the listener must stop accepting (at once if it already
@@ -116,11 +155,8 @@ pub(crate) async fn serve_connections<M, S, B, L>(
     limits: ServerLimits,
 ) where
     M: Fn(SocketAddr) -> S,
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    S: ConnectionService<B> + Send + 'static,
+    B: ResponseBody + Send,
     L: Lifecycle,
 {
     let mut http = http1::Builder::new();
@@ -221,11 +257,8 @@ async fn serve_connection<S, B, L>(
     lifecycle: &L,
     limits: &ServerLimits,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>>,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: Body<Data = Bytes> + Unpin + 'static,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
     L: Lifecycle,
 {
     // Responses are written in one go; don't let Nagle delay the last segment.
@@ -276,11 +309,8 @@ fn guarded<S, B, L>(
     Future = impl Future + Send + 'static,
 >
 where
-    S: Service<Request<Incoming>, Response = Response<B>>,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: Body<Data = Bytes> + Unpin + 'static,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
     L: Lifecycle,
 {
     service_fn(move |req: Request<Incoming>| {
