@@ -44,7 +44,7 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The backend's default limits: the shared defaults, except that idle client
 /// connections are kept for 120 s. The backend's main client is the load
-/// balancer's connection pool, which drops idle connections after 90 s; closing
+/// balancer's connection pool, which drops idle connections after at most 80 s; closing
 /// them here first would race with a request the pool is just sending.
 pub const DEFAULT_LIMITS: ServerLimits = ServerLimits {
     idle_timeout: Duration::from_secs(120),

@@ -6,9 +6,23 @@ mod support;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use loadbalancer::proxy::{MAX_IDLE_PER_BACKEND, ProxySettings};
+use loadbalancer::proxy::{IDLE_TIMEOUT, MAX_IDLE_PER_BACKEND, ProxySettings};
 use support::faults::CloseAfterAnswer;
 use support::{InFlight, PATIENCE, TestLb, Upstream, get, wait_for};
+
+/// An idle connection must be closed by the pool before the backend closes it,
+/// or a request sent just then meets a closing socket (the keep-alive race).
+#[test]
+fn the_pool_lets_idle_connections_go_before_the_backend_does() {
+    // The reaper looks every third of the timeout: a connection may stay that
+    // much longer.
+    let longest_pooled = IDLE_TIMEOUT + IDLE_TIMEOUT / 3;
+    let backend_keeps = backend::server::DEFAULT_LIMITS.idle_timeout;
+    assert!(
+        longest_pooled < backend_keeps,
+        "pooled for up to {longest_pooled:?}, the backend closes after {backend_keeps:?}"
+    );
+}
 
 #[tokio::test]
 async fn sequential_requests_reuse_one_upstream_connection() {

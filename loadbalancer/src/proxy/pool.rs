@@ -54,11 +54,16 @@ use tracing::debug;
 /// idle pool after a burst stays a few MiB.
 pub const MAX_IDLE_PER_BACKEND: usize = 128;
 
-/// How long an idle connection is kept (at least; at most a third longer).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long an idle connection is kept (at least; at most a third longer, 80 s).
+/// The pool must close an idle connection before the backend does, or a request
+/// sent just as the backend closes it is lost in the keep-alive race; our backend
+/// keeps idle connections for 120 s (`idleTimeoutMs`), most servers for 60 s or
+/// more. Short enough, too, that the connections opened for a burst are let go
+/// within about a minute after it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Reaper ticks per [`IDLE_TIMEOUT`]: a connection idle for more than this many
-/// ticks is closed, so it lived idle between 90 and 120 s.
+/// ticks is closed, so it lived idle between 60 and 80 s.
 const TICKS_PER_TIMEOUT: u32 = 3;
 
 /// How long a checked-out connection may take to become ready for its next
