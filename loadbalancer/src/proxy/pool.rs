@@ -28,7 +28,10 @@
 //! * a request that meets the keep-alive race (the backend closed an idle
 //!   connection just as we picked it, and hyper hands the unsent request back) is
 //!   sent once more on a fresh connection, as hyper-util's
-//!   `retry_canceled_requests` did.
+//!   `retry_canceled_requests` did. When the close arrives only after hyper has
+//!   written the request, the request is gone and the exchange fails; the proxy
+//!   treats that as a reset, which its retry policy repeats for idempotent
+//!   methods (a test plays this race deterministically).
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -469,6 +472,77 @@ mod tests {
         // ... and the next request takes it rather than a new one.
         let _response = send(&pool, addr, "/").await;
         assert_eq!(pool.idle_count(addr), 0);
+    }
+
+    /// Plays a backend that answers each request with `answers[i]` on
+    /// connection `i`, on a thread of its own so that it runs while the test's
+    /// single-threaded runtime does not. The first connection is closed when
+    /// `close_first` fires, as a backend's idle timeout would.
+    fn scripted_backend(
+        answers: [&'static str; 2],
+        close_first: std::sync::mpsc::Receiver<()>,
+    ) -> SocketAddr {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        let addr = listener.local_addr().expect("bound socket has an address");
+        std::thread::spawn(move || {
+            for (index, body) in answers.into_iter().enumerate() {
+                let (mut stream, _) = listener.accept().expect("accept");
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                    head.push(byte[0]);
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                stream.write_all(answer.as_bytes()).expect("answer");
+                if index == 0 {
+                    let _ = close_first.recv();
+                }
+            }
+        });
+        addr
+    }
+
+    async fn body_of(response: Response<PooledBody<Empty<Bytes>>>) -> Bytes {
+        response.collect().await.expect("body arrives").to_bytes()
+    }
+
+    /// The keep-alive race, made deterministic: the backend closes the pooled
+    /// connection, and the pool takes it out before its connection task has seen
+    /// the close (the task only runs when this test yields). hyper then writes
+    /// the request and finds the connection closed: the request is gone, so the
+    /// pool reports a failed exchange, not a connect error (the proxy retries it
+    /// only where repeating is safe: an idempotent method, another attempt), and
+    /// the next request goes on a new connection.
+    #[tokio::test]
+    async fn a_connection_the_backend_just_closed_fails_its_request_and_is_not_reused() {
+        let (close_first, closed) = std::sync::mpsc::channel();
+        let addr = scripted_backend(["first", "second"], closed);
+        let pool = UpstreamPool::new(http1::Builder::new());
+        assert_eq!(body_of(send(&pool, addr, "/").await).await, "first");
+        assert_eq!(pool.idle_count(addr), 1);
+
+        close_first.send(()).expect("the backend is waiting");
+        // Blocks the runtime on purpose, so the connection task cannot notice
+        // the close before the next checkout; the FIN arrives meanwhile.
+        std::thread::sleep(Duration::from_millis(100));
+        let req = Request::get("/")
+            .header(HOST, "test")
+            .body(Empty::new())
+            .expect("valid request");
+        let error = pool
+            .send(addr, Duration::from_secs(5), req)
+            .await
+            .expect_err("the connection was closed under the request");
+        assert!(
+            matches!(&error, UpstreamError::Exchange(e) if e.is_incomplete_message()),
+            "{error:?}"
+        );
+        assert_eq!(pool.idle_count(addr), 0);
+        assert_eq!(body_of(send(&pool, addr, "/").await).await, "second");
     }
 
     #[tokio::test]
