@@ -49,10 +49,6 @@ const KNOWN_KEYS: [&str; 11] = [
     "maxHeaderBytes",
 ];
 
-/// Upper bound of the limits' timeouts: catches a unit mix-up (seconds written
-/// into a milliseconds key) as much as an absurd value.
-const HOUR_S: u64 = 3600;
-
 /// Settings the backend runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -230,27 +226,27 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         shutdown_timeout: Duration::from_secs(fields.bounded(
             "shutdownTimeoutSeconds",
             defaults.shutdown_timeout.as_secs(),
-            1..=HOUR_S,
+            ServerLimits::SHUTDOWN_TIMEOUT_SECONDS,
         )?),
         header_read_timeout: Duration::from_millis(fields.bounded(
             "headerReadTimeoutMs",
             millis(defaults.header_read_timeout),
-            1..=HOUR_S * 1000,
+            ServerLimits::TIMEOUT_MS,
         )?),
         idle_timeout: Duration::from_millis(fields.bounded(
             "idleTimeoutMs",
             millis(defaults.idle_timeout),
-            1..=HOUR_S * 1000,
+            ServerLimits::TIMEOUT_MS,
         )?),
         max_connections: fields.bounded(
             "maxConnections",
             defaults.max_connections,
-            1..=1_000_000,
+            ServerLimits::MAX_CONNECTIONS,
         )?,
         max_header_bytes: fields.bounded(
             "maxHeaderBytes",
             defaults.max_header_bytes,
-            1024..=1024 * 1024,
+            ServerLimits::MAX_HEADER_BYTES,
         )?,
     };
 

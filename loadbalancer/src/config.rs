@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -438,8 +439,8 @@ impl Config {
         if self.request_timeout_ms == 0 {
             return fail("requestTimeoutMs", "must be greater than 0");
         }
-        if let Some((field, reason)) = self.limits_error() {
-            return fail(field, reason);
+        if let Some(error) = self.limits_error() {
+            return Err(error);
         }
         if self.discovery == DiscoveryMode::Static && self.static_backends.is_empty() {
             return fail(
@@ -455,48 +456,52 @@ impl Config {
 }
 
 impl Config {
-    /// The limits block's rules. Upper bounds catch unit mix-ups (seconds
-    /// written into a milliseconds key) as much as absurd values.
-    fn limits_error(&self) -> Option<(&'static str, &'static str)> {
-        const HOUR_S: u64 = 3600;
-        const HOUR_MS: u64 = HOUR_S * 1000;
-        let checks = [
-            (
+    /// The limits block's rules, with the ranges both programs accept (see
+    /// [`ServerLimits::TIMEOUT_MS`] and its neighbours).
+    fn limits_error(&self) -> Option<(&'static str, String)> {
+        if self.drain_seconds > MAX_DRAIN_SECONDS {
+            return Some((
                 "drainSeconds",
-                self.drain_seconds > HOUR_S,
-                "must be at most 3600",
-            ),
+                format!("must be at most {MAX_DRAIN_SECONDS}"),
+            ));
+        }
+        [
             (
                 "shutdownTimeoutSeconds",
-                !(1..=HOUR_S).contains(&self.shutdown_timeout_seconds),
-                "must be between 1 and 3600",
+                outside(
+                    self.shutdown_timeout_seconds,
+                    ServerLimits::SHUTDOWN_TIMEOUT_SECONDS,
+                ),
             ),
             (
                 "headerReadTimeoutMs",
-                !(1..=HOUR_MS).contains(&self.header_read_timeout_ms),
-                "must be between 1 and 3600000",
+                outside(self.header_read_timeout_ms, ServerLimits::TIMEOUT_MS),
             ),
             (
                 "idleTimeoutMs",
-                !(1..=HOUR_MS).contains(&self.idle_timeout_ms),
-                "must be between 1 and 3600000",
+                outside(self.idle_timeout_ms, ServerLimits::TIMEOUT_MS),
             ),
             (
                 "maxConnections",
-                !(1..=1_000_000).contains(&self.max_connections),
-                "must be between 1 and 1000000",
+                outside(self.max_connections, ServerLimits::MAX_CONNECTIONS),
             ),
             (
                 "maxHeaderBytes",
-                !(1024..=1024 * 1024).contains(&self.max_header_bytes),
-                "must be between 1024 and 1048576",
+                outside(self.max_header_bytes, ServerLimits::MAX_HEADER_BYTES),
             ),
-        ];
-        checks
-            .into_iter()
-            .find(|&(_, bad, _)| bad)
-            .map(|(field, _, reason)| (field, reason))
+        ]
+        .into_iter()
+        .find_map(|(field, reason)| Some((field, reason?)))
     }
+}
+
+/// Longest `drainSeconds`: an hour, like the shutdown timeout's bound.
+const MAX_DRAIN_SECONDS: u64 = 3600;
+
+/// Why `value` is not accepted, if it is outside `range`.
+fn outside<T: PartialOrd + fmt::Display>(value: T, range: RangeInclusive<T>) -> Option<String> {
+    (!range.contains(&value))
+        .then(|| format!("must be between {} and {}", range.start(), range.end()))
 }
 
 /// Parses one backend address. Host names are not resolved: endpoints in

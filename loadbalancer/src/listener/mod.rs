@@ -35,6 +35,7 @@ mod watchdog;
 
 use std::error::Error as StdError;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,6 +89,19 @@ impl ServerLimits {
         max_header_bytes: 16 * 1024,
         shutdown_timeout: Duration::from_secs(20),
     };
+}
+
+impl ServerLimits {
+    /// The accepted range of `shutdownTimeoutSeconds`, in both programs'
+    /// configs. These ranges' upper bounds catch unit mix-ups (seconds written
+    /// into a milliseconds key) as much as absurd values.
+    pub const SHUTDOWN_TIMEOUT_SECONDS: RangeInclusive<u64> = 1..=3600;
+    /// The accepted range of `headerReadTimeoutMs` and `idleTimeoutMs`: up to an hour.
+    pub const TIMEOUT_MS: RangeInclusive<u64> = 1..=3_600_000;
+    /// The accepted range of `maxConnections`.
+    pub const MAX_CONNECTIONS: RangeInclusive<usize> = 1..=1_000_000;
+    /// The accepted range of `maxHeaderBytes`.
+    pub const MAX_HEADER_BYTES: RangeInclusive<usize> = 1024..=1024 * 1024;
 }
 
 impl Default for ServerLimits {
