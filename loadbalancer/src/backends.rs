@@ -122,26 +122,15 @@ impl Backends {
         now: Instant,
         f: impl FnOnce(&[SocketAddr], &dyn Fn(SocketAddr) -> bool) -> R,
     ) -> R {
-        self.with_load(now, |addrs, available, _| f(addrs, available))
+        self.with_load_states(now, |addrs, available, _, _| f(addrs, available))
     }
 
-    /// Like [`Backends::with_availability`], and `f` also gets each address's
-    /// requests in flight ([`BackendState::in_flight`]), read under the same
-    /// locks: what load-aware balancing needs, with no copy and no allocation.
-    pub fn with_load<R>(
-        &self,
-        now: Instant,
-        f: impl FnOnce(&[SocketAddr], &dyn Fn(SocketAddr) -> bool, &dyn Fn(SocketAddr) -> u64) -> R,
-    ) -> R {
-        self.with_load_states(now, |addrs, available, in_flight, _| {
-            f(addrs, available, in_flight)
-        })
-    }
-
-    /// Like [`Backends::with_load`], for a pick: `f` chooses an address, and it
-    /// comes back with its state, found under the same locks. The proxy needs
-    /// that state for outlier admission and the in-flight count of the attempt,
-    /// and this saves it taking the locks again for it.
+    /// Like [`Backends::with_availability`], for a pick: `f` also gets each
+    /// address's requests in flight ([`BackendState::in_flight`]), what
+    /// load-aware balancing needs, with no copy and no allocation. `f` chooses an
+    /// address, and it comes back with its state, found under the same locks. The
+    /// proxy needs that state for outlier admission and the in-flight count of
+    /// the attempt, and this saves it taking the locks again for it.
     pub fn pick_with_state<E>(
         &self,
         now: Instant,
@@ -160,7 +149,8 @@ impl Backends {
     }
 
     /// Takes the list and state locks (in that order) and runs `f` with the
-    /// availability and in-flight lookups that [`Backends::with_load`] promises.
+    /// availability and in-flight lookups that [`Backends::pick_with_state`]
+    /// promises, and the state table.
     fn with_load_states<R>(
         &self,
         now: Instant,
