@@ -136,11 +136,6 @@ impl RetryPolicy {
         self.budget.set_percent(settings.budget_percent);
     }
 
-    /// A policy that never retries.
-    pub fn disabled() -> Self {
-        Self::new(RetrySettings::OFF)
-    }
-
     /// Whether retries are on at all (the proxy then keeps what it needs to
     /// rebuild a request).
     pub fn enabled(&self) -> bool {
@@ -329,12 +324,12 @@ mod tests {
         assert!(policy.should_retry(1));
         assert!(policy.should_retry(2));
         assert!(!policy.should_retry(3));
-        assert!(!RetryPolicy::disabled().should_retry(1));
+        assert!(!RetryPolicy::new(RetrySettings::OFF).should_retry(1));
     }
 
     #[test]
     fn reconfiguring_changes_the_bound_and_keeps_the_window() {
-        let policy = RetryPolicy::disabled();
+        let policy = RetryPolicy::new(RetrySettings::OFF);
         policy.start_request();
         assert!(!policy.should_retry(1));
         policy.reconfigure(RetrySettings {
