@@ -34,7 +34,6 @@
 //!   methods (a test plays this race deterministically).
 
 use std::collections::HashMap;
-use std::error::Error as StdError;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -51,6 +50,8 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
+
+use crate::listener::BoxError;
 
 /// Idle connections kept per backend (in each worker's pool). Enough for the
 /// concurrency one worker sees per backend under load, small enough that an
@@ -74,8 +75,6 @@ const TICKS_PER_TIMEOUT: u32 = 3;
 /// may be just before its connection task noticed; the task needs one turn of
 /// the runtime, not milliseconds. Past this, a fresh connection is opened.
 const READY_WAIT: Duration = Duration::from_millis(100);
-
-type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Why an upstream exchange failed: the proxy tells "nothing was sent"
 /// ([`UpstreamError::is_connect`]) from everything else.

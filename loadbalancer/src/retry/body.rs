@@ -15,14 +15,13 @@
 //! gets an empty body. Each attempt has a generation number, so a stale attempt
 //! that a connection task polls late can never steal the body from a newer one.
 
-use std::error::Error as StdError;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use hyper::body::{Body, Frame, SizeHint};
 
-type BoxError = Box<dyn StdError + Send + Sync>;
+use crate::listener::BoxError;
 
 /// The client's request body, kept for as many attempts as it allows.
 #[derive(Debug)]
