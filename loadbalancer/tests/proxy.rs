@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use loadbalancer::proxy::ProxySettings;
+use support::raw::RawConn;
 use support::{TestLb, get, send, start_backends, tally};
 
 fn expected(counts: &[(&str, usize)]) -> BTreeMap<String, usize> {
@@ -294,6 +295,23 @@ async fn method_path_and_query_reach_the_backend() {
         .expect("valid request");
     let reply = send(&support::client(), req).await;
     assert_eq!(reply.body, Bytes::from_static(b"payload"));
+    lb.stop().await;
+}
+
+/// HTTP/1.0 allows a request without `Host`; HTTP/1.1 backends expect one, so
+/// the proxy sends the backend's own address, as hyper-util's client did.
+#[tokio::test]
+async fn a_request_without_host_reaches_the_backend_with_its_address_as_host() {
+    let upstreams = start_backends(1).await;
+    let lb = TestLb::start(&upstreams).await;
+    let mut conn = RawConn::connect(lb.addr).await;
+    conn.send(b"GET /echo-headers HTTP/1.0\r\n\r\n").await;
+    let response = conn.response().await.expect("the proxy answers");
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(
+        response.json()["host"],
+        serde_json::json!([upstreams[0].addr.to_string()])
+    );
     lb.stop().await;
 }
 
