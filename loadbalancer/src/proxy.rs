@@ -23,7 +23,6 @@
 //! the body then streams on without the proxy in the way, carrying the in-flight
 //! guards ([`body`]) until its last byte.
 
-mod authority;
 mod body;
 mod headers;
 mod pool;
@@ -52,7 +51,6 @@ use crate::outlier::{Admission, Outcome, OutlierDetector, OutlierSettings};
 use crate::response;
 use crate::retry::body::{AttemptBody, RetryBody};
 use crate::retry::{RetryPolicy, RetryReason, RetrySettings};
-use authority::Authorities;
 pub use body::InFlightBody;
 use headers::X_REQUEST_ID;
 pub use pool::{IDLE_TIMEOUT, MAX_IDLE_PER_BACKEND, UpstreamError};
@@ -273,8 +271,6 @@ struct Shared {
     retry: RetryPolicy,
     /// Where every request's outcome is counted, shared with the admin listener.
     metrics: Arc<Metrics>,
-    /// Each backend's `host:port`, built once rather than per request.
-    authorities: Authorities,
 }
 
 /// What a config reload can change in a running proxy, copied out per attempt.
@@ -340,7 +336,6 @@ impl Proxy {
                 request_ids: RequestIds::default(),
                 retry: RetryPolicy::new(resilience.retry_settings()),
                 metrics,
-                authorities: Authorities::default(),
             }),
         }
     }
@@ -577,18 +572,13 @@ impl Proxy {
         let mut req = Request::from_parts(parts.clone(), body);
         *req.uri_mut() = origin_form(&parts.uri);
         // HTTP/1.0 clients may send no `Host`; the backend then gets its own
-        // address, as hyper-util's client did.
+        // address, as hyper-util's client did. Rare, so formatted on the spot.
         if !req.headers().contains_key(HOST) {
-            let host = shared
-                .authorities
-                .get(backend)
-                .map_err(http::Error::from)
-                .and_then(|authority| Ok(HeaderValue::from_str(authority.as_str())?));
-            match host {
+            match HeaderValue::try_from(backend.to_string()) {
                 Ok(host) => {
                     req.headers_mut().insert(HOST, host);
                 }
-                Err(error) => return (Err(error.into()), Instant::now()),
+                Err(error) => return (Err(http::Error::from(error).into()), Instant::now()),
             }
         }
 
