@@ -12,6 +12,8 @@
 //! * [`load`]: a bounded load generator that tallies what came back (chaos tests).
 //! * [`faults`]: backends that fail in other ways (one that never answers), and
 //!   the real `backend` crate's server in-process, on a chosen address.
+//! * [`scripted`]: a raw backend that answers with scripted bytes and records the
+//!   bytes it received, per connection (the upstream wire tests).
 //! * [`wait_for`]: poll a condition with a generous deadline instead of sleeping.
 #![allow(dead_code, unreachable_pub)]
 
@@ -22,6 +24,7 @@ pub(crate) mod faults;
 pub(crate) mod load;
 pub(crate) mod process;
 pub(crate) mod raw;
+pub(crate) mod scripted;
 pub(crate) mod upstream;
 
 use std::collections::BTreeMap;
