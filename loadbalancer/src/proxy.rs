@@ -1,15 +1,17 @@
 //! Proxy: forwards one client request to the backend the balancer picked.
 //!
-//! The skeleton is hyper's gateway example: take the request, point its URI at
-//! the backend, hand it to a client, return what comes back. Around it sit the
-//! things a production proxy adds:
+//! The skeleton is hyper's gateway example: take the request, send it to the
+//! backend, return what comes back. hyper serves the client; toward the
+//! backends the proxy speaks HTTP/1.1 itself ([`http1`]), because a proxy
+//! holds one upstream connection per request in flight and hyper's client
+//! connection costs about 35 KiB each. Around that sit the things a production
+//! proxy adds:
 //!
 //! * a pool of keep-alive connections to the backends ([`pool`]), one per proxy
-//!   worker, built on hyper's HTTP/1 client connections (TCP_NODELAY on, connect
-//!   timeout bounded);
-//! * bodies stream in both directions: the client's `Incoming` body is the
-//!   upstream request body, and the backend's `Incoming` body is the client's
-//!   response body, so memory stays flat whatever the size;
+//!   worker (TCP_NODELAY on, connect timeout bounded);
+//! * bodies stream in both directions: the client's `Incoming` body is written
+//!   to the backend as it arrives, and the backend's body is read as the client
+//!   takes it, so memory stays flat whatever the size;
 //! * header hygiene ([`headers`]) and a request id ([`request_id`]);
 //! * a typed [`ProxyError`] per failure, answered as JSON 503/502/504;
 //! * resilience ([`Resilience`]): the balancer skips unavailable backends, every
@@ -24,11 +26,8 @@
 //! guards ([`body`]) until its last byte.
 
 mod body;
-// Not wired yet: the proxy's own HTTP/1.1 exchange with the backends (issue 9)
-// will drive it; until then only its unit tests use it.
-#[allow(dead_code)]
-mod chunked;
 mod headers;
+mod http1;
 mod pool;
 mod request_id;
 
@@ -38,10 +37,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::HOST;
 use http::request::Parts;
-use http::uri::PathAndQuery;
-use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use serde_json::json;
@@ -56,7 +53,9 @@ use crate::response;
 use crate::retry::body::{AttemptBody, RetryBody};
 use crate::retry::{RetryPolicy, RetryReason, RetrySettings};
 pub use body::InFlightBody;
+
 use headers::X_REQUEST_ID;
+pub use http1::{ChunkedError, ExchangeError};
 pub use pool::{IDLE_TIMEOUT, MAX_IDLE_PER_BACKEND, UpstreamError};
 use pool::{PooledBody, UpstreamPool};
 use request_id::RequestIds;
@@ -260,9 +259,8 @@ struct Shared {
     /// only for the pick itself, never across an `.await`; the write lock is
     /// taken once per reload.
     balancer: RwLock<Box<dyn Balancer>>,
-    /// Keep-alive connections to the backends, by address. Its body type lets a
-    /// retry take the client's body back when the first attempt never sent it.
-    pool: UpstreamPool<AttemptBody<Incoming>>,
+    /// Keep-alive connections to the backends, by address.
+    pool: UpstreamPool,
     /// The timeouts and the outlier detector in force. Behind a lock so a
     /// config reload can replace them ([`Proxy::reconfigure`]); each attempt
     /// copies them out once and never holds the guard across an `.await`.
@@ -330,12 +328,11 @@ impl Proxy {
         resilience: Resilience,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let http = hyper::client::conn::http1::Builder::new();
         Self {
             shared: Arc::new(Shared {
                 backends,
                 balancer: RwLock::new(Box::new(balancer)),
-                pool: UpstreamPool::new(http),
+                pool: UpstreamPool::new(),
                 tuning: RwLock::new(Tuning::new(settings, resilience.outlier)),
                 request_ids: RequestIds::default(),
                 retry: RetryPolicy::new(resilience.retry_settings()),
@@ -573,24 +570,11 @@ impl Proxy {
         body: AttemptBody<Incoming>,
     ) -> (Result<Response<UpstreamBody>, ProxyError>, Instant) {
         let shared = &*self.shared;
-        let mut req = Request::from_parts(parts.clone(), body);
-        *req.uri_mut() = origin_form(&parts.uri);
-        // HTTP/1.0 clients may send no `Host`; the backend then gets its own
-        // address, as hyper-util's client did. Rare, so formatted on the spot.
-        if !req.headers().contains_key(HOST) {
-            match HeaderValue::try_from(backend.to_string()) {
-                Ok(host) => {
-                    req.headers_mut().insert(HOST, host);
-                }
-                Err(error) => return (Err(http::Error::from(error).into()), Instant::now()),
-            }
-        }
-
         let ProxySettings {
             connect_timeout,
             request_timeout,
         } = tuning.settings;
-        let exchange = shared.pool.send(backend, connect_timeout, req);
+        let exchange = shared.pool.send(backend, connect_timeout, parts, body);
         let result = match tokio::time::timeout(request_timeout, exchange).await {
             Ok(Ok(mut response)) => {
                 headers::remove_hop_by_hop(response.headers_mut());
@@ -683,16 +667,6 @@ fn retry_reason(result: &Result<Response<UpstreamBody>, ProxyError>) -> Option<R
     }
 }
 
-/// The request target as a backend wants it: `/path?query` (origin form),
-/// whatever form the client used. hyper writes the URI it is given as is.
-fn origin_form(original: &Uri) -> Uri {
-    let path_and_query = original
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    Uri::from(path_and_query)
-}
-
 /// Displays an error with its sources, `outer: inner: root`, because hyper's
 /// top-level messages ("client error (Connect)") hide the useful part.
 struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
@@ -724,16 +698,6 @@ impl fmt::Display for MaybeAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn origin_form_keeps_path_and_query_only() {
-        let uri = origin_form(&"/a/b?x=1&y=2".parse().expect("valid"));
-        assert_eq!(uri, "/a/b?x=1&y=2");
-        let uri = origin_form(&"http://example.test/a?b".parse().expect("valid"));
-        assert_eq!(uri, "/a?b");
-        let uri = origin_form(&"example.test:443".parse().expect("valid"));
-        assert_eq!(uri, "/");
-    }
 
     #[test]
     fn errors_map_to_their_status_codes() {

@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
-use super::UpstreamBody;
+use super::{ExchangeError, UpstreamBody};
 use crate::backend_state::OwnedInFlight;
 use crate::metrics::RequestInFlight;
 
@@ -43,12 +43,12 @@ impl InFlightBody {
 
 impl Body for InFlightBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ExchangeError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
         // Both fields are `Unpin`, so the wrapper is too and needs no pin projection.
         let this = self.get_mut();
         let frame = Pin::new(&mut this.inner).poll_frame(cx);

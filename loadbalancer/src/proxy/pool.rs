@@ -1,37 +1,29 @@
 //! The upstream connection pool: keep-alive HTTP/1.1 connections to the
 //! backends, one small pool per proxy worker.
 //!
-//! Why not hyper-util's legacy `Client`, which the proxy used before: it is built
-//! for a shared, multi-threaded, multi-protocol client, and a proxy worker paid
-//! for all of it on every request. Its checkout took a mutex and a hash lookup
-//! and made a `oneshot` and a `want` channel pair, and for HTTP/1 it *spawned a
-//! task per request* whose only job was to put the connection back once the
-//! response body had ended. Here a worker owns its pool (one current-thread
-//! runtime per core, see [`workers`](crate::workers)), so the lock is never
-//! contended, and the connection goes back from inside the response body itself,
-//! in the poll that sees its end ([`PooledBody`]), with no task and no channel.
-//! Measured against the legacy client (`bench/results.md`): 1.03x the requests/s
-//! and 5 % less CPU per request on small requests. Memory per connection barely
-//! moved: the connection's buffers and dispatch channel are hyper's, in both.
+//! A pooled connection is just its socket: the exchange on it
+//! ([`http1`](super::http1)) runs in the request's own task, and the buffer it
+//! reads into lives only as long as one response. So 1,000 idle connections
+//! cost 1,000 sockets, and 1,000 requests waiting on a slow backend cost their
+//! sockets and their futures (`bench/results.md` has the figures against
+//! hyper's client connections, which the pool held before).
 //!
 //! The shape:
 //!
-//! * per backend address, a stack of idle [`SendRequest`]s: last in, first out,
-//!   so the busy few connections stay warm and the rest age out; at most
+//! * per backend address, a stack of idle connections: last in, first out, so
+//!   the busy few stay warm and the rest age out; at most
 //!   [`MAX_IDLE_PER_BACKEND`] are kept, extra ones are closed on return;
-//! * a connection goes back only when its response body was read to the end.
-//!   A body dropped early (the client went away) would leave unread bytes on the
-//!   connection, and the next response read from it would be garbage, so the
-//!   connection is closed instead;
+//! * a connection goes back only when its response body was read to the end
+//!   and both sides ended their messages cleanly. A body dropped early (the
+//!   client went away) leaves unread bytes on the connection, so it is closed;
 //! * connections idle for [`IDLE_TIMEOUT`] (and those the backend closed) are
-//!   dropped by a reaper task, one per pool, ticking every third of it;
+//!   dropped by a reaper task, one per pool, ticking every third of it; a
+//!   checkout also skips connections the backend has closed meanwhile;
 //! * a request that meets the keep-alive race (the backend closed an idle
-//!   connection just as we picked it, and hyper hands the unsent request back) is
-//!   sent once more on a fresh connection, as hyper-util's
-//!   `retry_canceled_requests` did. When the close arrives only after hyper has
-//!   written the request, the request is gone and the exchange fails; the proxy
-//!   treats that as a reset, which its retry policy repeats for idempotent
-//!   methods (a test plays this race deterministically).
+//!   connection just as the request went out on it, and not a byte of an answer
+//!   came back) is sent once more on a fresh connection when that is safe: a
+//!   safe method (`GET`, `HEAD`, `OPTIONS`, `TRACE`) and no body, as Go's
+//!   `Transport` does. Anything else fails, and the proxy's retry policy decides.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -40,22 +32,22 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use http::Response;
+use http::request::Parts;
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use super::http1::{self, BodyReader, ExchangeError, Exchanged, RequestWriter, Step};
 use crate::listener::BoxError;
 
 /// Idle connections kept per backend (in each worker's pool). Enough for the
 /// concurrency one worker sees per backend under load, small enough that an
-/// idle pool after a burst stays a few MiB.
+/// idle pool after a burst stays a few hundred sockets.
 pub const MAX_IDLE_PER_BACKEND: usize = 128;
 
 /// How long an idle connection is kept (at least; at most a third longer, 80 s).
@@ -70,12 +62,6 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// ticks is closed, so it lived idle between 60 and 80 s.
 const TICKS_PER_TIMEOUT: u32 = 3;
 
-/// How long a checked-out connection may take to become ready for its next
-/// request. It went back to the pool in the poll that saw its body end, which
-/// may be just before its connection task noticed; the task needs one turn of
-/// the runtime, not milliseconds. Past this, a fresh connection is opened.
-const READY_WAIT: Duration = Duration::from_millis(100);
-
 /// Why an upstream exchange failed: the proxy tells "nothing was sent"
 /// ([`UpstreamError::is_connect`]) from everything else.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +74,7 @@ pub enum UpstreamError {
     ConnectTimeout(Duration),
     /// The connection broke, or the backend answered something that is not HTTP.
     #[error("upstream request failed")]
-    Exchange(#[source] hyper::Error),
+    Exchange(#[source] ExchangeError),
 }
 
 impl UpstreamError {
@@ -102,16 +88,14 @@ impl UpstreamError {
 }
 
 /// One worker's pool of keep-alive connections to the backends.
-pub(crate) struct UpstreamPool<B> {
-    inner: Arc<Inner<B>>,
+pub(crate) struct UpstreamPool {
+    inner: Arc<Inner>,
 }
 
-struct Inner<B> {
-    /// Idle senders by backend, newest last. A plain mutex: it is held for a
-    /// push or a pop, never across an `.await`, and each worker has its own pool.
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle<B>>>>,
-    /// Connection settings, cloned into every handshake.
-    http: http1::Builder,
+struct Inner {
+    /// Idle connections by backend, newest last. A plain mutex: it is held for
+    /// a push or a pop, never across an `.await`, and each worker has its own pool.
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     /// The reaper's clock: bumped every tick, stamped on every returned
     /// connection, so a return costs an atomic load rather than a clock reading.
     tick: AtomicU64,
@@ -120,93 +104,79 @@ struct Inner<B> {
     reaper_started: AtomicBool,
 }
 
-struct Idle<B> {
-    sender: SendRequest<B>,
+struct Idle {
+    stream: TcpStream,
     /// [`Inner::tick`] when it went idle.
     since: u64,
 }
 
-impl<B> UpstreamPool<B>
-where
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    /// An empty pool whose connections use `http`'s settings.
-    pub(crate) fn new(http: http1::Builder) -> Self {
+impl UpstreamPool {
+    /// An empty pool.
+    pub(crate) fn new() -> Self {
         Self {
             inner: Arc::new(Inner {
                 idle: Mutex::new(HashMap::new()),
-                http,
                 tick: AtomicU64::new(0),
                 reaper_started: AtomicBool::new(false),
             }),
         }
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) to `backend` on an idle
-    /// connection, or on a new one opened within `connect_timeout`, and returns
-    /// the response head. The connection rides in the response body and goes
-    /// back to the pool when that body has been read to its end.
-    pub(crate) async fn send(
+    /// Sends the request (`head` with hop-by-hop headers removed, and `body`)
+    /// to `backend` on an idle connection, or on a new one opened within
+    /// `connect_timeout`, and returns the response head. The connection rides
+    /// in the response body and goes back to the pool when that body has been
+    /// read to its end.
+    pub(crate) async fn send<B>(
         &self,
         backend: SocketAddr,
         connect_timeout: Duration,
-        req: Request<B>,
-    ) -> Result<Response<PooledBody<B>>, UpstreamError> {
-        let mut req = req;
-        if let Some(mut sender) = self.checkout(backend).await {
-            match sender.try_send_request(req).await {
-                Ok(response) => return Ok(self.lease(backend, sender, response)),
-                Err(mut error) => match error.take_message() {
-                    // The keep-alive race: the connection closed before the
-                    // request was written, and hyper handed it back untouched.
-                    Some(unsent) => {
-                        debug!(backend = %backend, error = %error.error(), "idle connection was closed, sending on a new one");
-                        req = unsent;
-                    }
-                    None => return Err(UpstreamError::Exchange(error.into_error())),
-                },
+        head: &Parts,
+        body: B,
+    ) -> Result<Response<PooledBody<B>>, UpstreamError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        // A bodiless request can be sent twice; one with a body cannot, as
+        // its bytes are gone once sent.
+        let mut body = Some(body).filter(|body| !body.is_end_stream());
+        if let Some(stream) = self.checkout(backend) {
+            let resendable = head.method.is_safe() && body.is_none();
+            match http1::exchange(&stream, backend, head, body.take()).await {
+                Ok(exchanged) => return Ok(self.lease(backend, stream, exchanged)),
+                // The keep-alive race, on a request safe to send again.
+                Err(ExchangeError::NoResponse(error)) if resendable => {
+                    debug!(backend = %backend, %error, "idle connection was closed, sending on a new one");
+                }
+                Err(error) => return Err(UpstreamError::Exchange(error)),
             }
         }
-        let mut sender = self.connect(backend, connect_timeout).await?;
-        let response = sender
-            .send_request(req)
+        let stream = self.connect(backend, connect_timeout).await?;
+        let exchanged = http1::exchange(&stream, backend, head, body)
             .await
             .map_err(UpstreamError::Exchange)?;
-        Ok(self.lease(backend, sender, response))
+        Ok(self.lease(backend, stream, exchanged))
     }
 
-    /// The newest idle connection to `backend` that is still open, ready for a
-    /// request.
-    async fn checkout(&self, backend: SocketAddr) -> Option<SendRequest<B>> {
-        let mut sender = {
-            let mut idle = lock(&self.inner.idle);
-            let stack = idle.get_mut(&backend)?;
-            loop {
-                let candidate = stack.pop()?.sender;
-                if !candidate.is_closed() {
-                    break candidate;
-                }
-            }
-        };
-        if !sender.is_ready() {
-            match tokio::time::timeout(READY_WAIT, sender.ready()).await {
-                Ok(Ok(())) => {}
-                // Closed meanwhile, or stuck: a fresh connection it is.
-                Ok(Err(_)) | Err(_) => return None,
+    /// The newest idle connection to `backend` that is still open.
+    fn checkout(&self, backend: SocketAddr) -> Option<TcpStream> {
+        let mut idle = lock(&self.inner.idle);
+        let stack = idle.get_mut(&backend)?;
+        while let Some(candidate) = stack.pop() {
+            if is_open(&candidate.stream) {
+                return Some(candidate.stream);
             }
         }
-        Some(sender)
+        None
     }
 
-    /// Opens a connection to `backend` and starts its connection task on the
-    /// current runtime.
+    /// Opens a connection to `backend`.
     async fn connect(
         &self,
         backend: SocketAddr,
         connect_timeout: Duration,
-    ) -> Result<SendRequest<B>, UpstreamError> {
+    ) -> Result<TcpStream, UpstreamError> {
         let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(backend))
             .await
             .map_err(|_elapsed| UpstreamError::ConnectTimeout(connect_timeout))?
@@ -214,48 +184,42 @@ where
         // Requests are small writes; Nagle's algorithm would hold them back
         // waiting for ACKs.
         stream.set_nodelay(true).map_err(UpstreamError::Connect)?;
-        // The HTTP/1 handshake does no I/O: it only sets up the state machine.
-        let (sender, connection) = self
-            .inner
-            .http
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(UpstreamError::Exchange)?;
-        // The connection task reads and writes the socket; the sender hands it
-        // requests. It ends when the sender is dropped and the connection idle,
-        // or when the socket closes.
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                debug!(backend = %backend, %error, "upstream connection ended with an error");
-            }
-        });
         self.start_reaper();
-        Ok(sender)
+        Ok(stream)
     }
 
-    /// Wraps the response body so that it returns `sender` at its end; a
-    /// response with no body at all returns it at once.
-    fn lease(
+    /// Puts `stream` in the response body, which gives it back at its end; a
+    /// response with no body at all gives it back at once.
+    fn lease<B>(
         &self,
         backend: SocketAddr,
-        sender: SendRequest<B>,
-        response: Response<Incoming>,
-    ) -> Response<PooledBody<B>> {
+        stream: TcpStream,
+        exchanged: Exchanged<B>,
+    ) -> Response<PooledBody<B>>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let Exchanged {
+            response,
+            reader,
+            unsent,
+            reusable,
+        } = exchanged;
         let lease = Lease {
             pool: Arc::clone(&self.inner),
             backend,
-            sender,
+            stream,
+            reusable,
         };
-        response.map(|body| {
-            let lease = if body.is_end_stream() {
-                // HEAD, 204, 304, `Content-Length: 0`: hyper may never poll it.
-                lease.give_back();
-                None
-            } else {
-                Some(lease)
-            };
-            PooledBody { inner: body, lease }
-        })
+        let mut body = PooledBody {
+            reader,
+            unsent,
+            lease: Some(lease),
+        };
+        // HEAD, 204, 304, `Content-Length: 0`: hyper may never poll the body.
+        body.end_if_done();
+        response.map(|()| body)
     }
 
     fn start_reaper(&self) {
@@ -273,7 +237,7 @@ where
     }
 }
 
-impl<B> fmt::Debug for UpstreamPool<B> {
+impl fmt::Debug for UpstreamPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let idle = lock(&self.inner.idle);
         f.debug_struct("UpstreamPool")
@@ -283,10 +247,26 @@ impl<B> fmt::Debug for UpstreamPool<B> {
     }
 }
 
+/// Whether an idle connection is still open and quiet. Reads the readiness the
+/// runtime already has, so a quiet connection costs no system call; one marked
+/// readable is either closed by the backend, or holds bytes no request asked
+/// for, or (stale readiness) neither, which one non-blocking read tells.
+fn is_open(stream: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        Poll::Ready(Ok(())) => {
+            let mut byte = [0u8; 1];
+            matches!(stream.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        }
+    }
+}
+
 /// Closes the pool's connections idle for longer than [`IDLE_TIMEOUT`], and
 /// those the backend closed, until the pool is gone. Holds only a weak
 /// reference, so it never keeps a pool alive.
-async fn reap<B>(pool: Weak<Inner<B>>) {
+async fn reap(pool: Weak<Inner>) {
     let mut ticks = tokio::time::interval(IDLE_TIMEOUT / TICKS_PER_TIMEOUT);
     // The first tick completes at once; start counting from the next.
     ticks.tick().await;
@@ -297,7 +277,7 @@ async fn reap<B>(pool: Weak<Inner<B>>) {
         let mut idle = lock(&pool.idle);
         idle.retain(|_, stack| {
             stack.retain(|entry| {
-                now - entry.since <= u64::from(TICKS_PER_TIMEOUT) && !entry.sender.is_closed()
+                now - entry.since <= u64::from(TICKS_PER_TIMEOUT) && is_open(&entry.stream)
             });
             // Backends that left the list take their entry with them.
             !stack.is_empty()
@@ -307,86 +287,154 @@ async fn reap<B>(pool: Weak<Inner<B>>) {
 
 /// A connection lent out with its response: goes back to the pool when
 /// [`give_back`](Lease::give_back) is called, and is closed when dropped.
-struct Lease<B> {
-    pool: Arc<Inner<B>>,
+struct Lease {
+    pool: Arc<Inner>,
     backend: SocketAddr,
-    sender: SendRequest<B>,
+    stream: TcpStream,
+    /// Whether the exchange left the connection fit for another request.
+    reusable: bool,
 }
 
-impl<B> Lease<B> {
+impl Lease {
     fn give_back(self) {
         let since = self.pool.tick.load(Ordering::Relaxed);
         let mut idle = lock(&self.pool.idle);
         let stack = idle.entry(self.backend).or_default();
         if stack.len() < MAX_IDLE_PER_BACKEND {
             stack.push(Idle {
-                sender: self.sender,
+                stream: self.stream,
                 since,
             });
         }
-        // Past the cap the sender is dropped here, which ends its connection.
+        // Past the cap the stream is dropped here, which closes it.
     }
 }
 
-/// A backend's response body that returns its connection to the pool in the
-/// poll that sees its end.
+/// A backend's response body, read off its connection as the client takes it;
+/// returns the connection to the pool in the poll that sees its end.
 pub(crate) struct PooledBody<B> {
-    /// The backend's body, streamed through untouched.
-    inner: Incoming,
-    /// The connection it arrives on; `None` once given back or given up.
-    lease: Option<Lease<B>>,
+    reader: BodyReader,
+    /// The rest of a request the backend answered before taking all of it,
+    /// written as the response streams.
+    unsent: Option<RequestWriter<B>>,
+    /// The connection the body arrives on; `None` once the body has ended
+    /// (given back, or closed).
+    lease: Option<Lease>,
 }
 
-impl<B> PooledBody<B> {
-    /// Returns the connection to the pool if this frame ended the body, and
-    /// closes it if the body broke.
-    fn after(&mut self, frame: &Poll<Option<Result<Frame<Bytes>, hyper::Error>>>) {
-        let ended = match frame {
-            Poll::Ready(None) => true,
-            // hyper's server stops polling a body that says it has ended after
-            // its last frame (a `Content-Length` body), so the end is checked
-            // after every frame, not only at `None`.
-            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
-            // A broken body leaves the connection broken: close it.
-            Poll::Ready(Some(Err(_))) => {
-                self.lease = None;
-                false
-            }
-            Poll::Pending => false,
-        };
-        if let Some(lease) = self.lease.take_if(|_| ended) {
+impl<B> PooledBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Ends the body if its last byte has been handed out: hyper's server
+    /// stops polling a body whose size says it has ended, so this is checked
+    /// after every frame, not only when a poll finds nothing more.
+    fn end_if_done(&mut self) {
+        if self.reader.is_end()
+            && let Ok(Step::End { clean }) = self.reader.step()
+        {
+            self.end(clean);
+        }
+    }
+
+    /// Gives the connection back if it is clean and reusable, and the request
+    /// was written whole; closes it otherwise.
+    fn end(&mut self, clean: bool) {
+        if let Some(lease) = self.lease.take()
+            && clean
+            && lease.reusable
+            && self.unsent.is_none()
+        {
             lease.give_back();
+        }
+    }
+
+    fn fail(&mut self, error: ExchangeError) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        // A broken body leaves the connection broken: close it.
+        self.lease = None;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl<B> Body for PooledBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = ExchangeError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        // Every field is `Unpin`, so `self` derefs mutably.
+        let this = self.get_mut();
+        loop {
+            let Some(lease) = &mut this.lease else {
+                return Poll::Ready(None);
+            };
+            poll_unsent(&mut this.unsent, lease, cx);
+            match this.reader.step() {
+                Ok(Step::Frame(frame)) => {
+                    this.end_if_done();
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Ok(Step::End { clean }) => {
+                    this.end(clean);
+                    return Poll::Ready(None);
+                }
+                Ok(Step::Read) => match ready!(this.reader.poll_read(&lease.stream, cx)) {
+                    Ok(true) => {}
+                    // A body that runs until the backend closes has ended.
+                    Ok(false) => {
+                        this.end(false);
+                        return Poll::Ready(None);
+                    }
+                    Err(error) => return this.fail(error),
+                },
+                Err(error) => return this.fail(error),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.lease.is_none() || self.reader.is_end()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.reader.remaining() {
+            Some(remaining) => SizeHint::with_exact(remaining),
+            None => SizeHint::default(),
         }
     }
 }
 
-impl<B> Body for PooledBody<B> {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        // `Incoming` and the lease are `Unpin`, so `self` derefs mutably.
-        let frame = Pin::new(&mut self.inner).poll_frame(cx);
-        self.after(&frame);
-        frame
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+/// Writes more of a request the backend answered early. A write that fails
+/// (the backend stopped reading and closed) does not fail the response, which
+/// may still arrive whole; the connection is just not reused.
+fn poll_unsent<B>(unsent: &mut Option<RequestWriter<B>>, lease: &mut Lease, cx: &mut Context<'_>)
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let Some(writer) = unsent else { return };
+    match writer.poll_write(&lease.stream, cx) {
+        Poll::Ready(Ok(())) => *unsent = None,
+        Poll::Ready(Err(error)) => {
+            debug!(backend = %lease.backend, %error, "the rest of the request could not be sent");
+            *unsent = None;
+            lease.reusable = false;
+        }
+        Poll::Pending => {}
     }
 }
 
 impl<B> fmt::Debug for PooledBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PooledBody")
-            .field("inner", &self.inner)
+            .field("reader", &self.reader)
             .field("leased", &self.lease.is_some())
             .finish()
     }
@@ -403,9 +451,12 @@ mod tests {
 
     use http::StatusCode;
     use http::header::HOST;
+    use http::{Method, Request};
     use http_body_util::{BodyExt, Empty, Full};
+    use hyper::body::Incoming;
     use hyper::server::conn::http1 as server;
     use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
     use tokio::net::TcpListener;
 
     use super::*;
@@ -434,23 +485,35 @@ mod tests {
         addr
     }
 
+    async fn try_send(
+        pool: &UpstreamPool,
+        addr: SocketAddr,
+        method: Method,
+        path: &str,
+    ) -> Result<Response<PooledBody<Empty<Bytes>>>, UpstreamError> {
+        let (head, body) = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, "test")
+            .body(Empty::<Bytes>::new())
+            .expect("valid request")
+            .into_parts();
+        pool.send(addr, Duration::from_secs(5), &head, body).await
+    }
+
     async fn send(
-        pool: &UpstreamPool<Empty<Bytes>>,
+        pool: &UpstreamPool,
         addr: SocketAddr,
         path: &str,
     ) -> Response<PooledBody<Empty<Bytes>>> {
-        let req = Request::get(path)
-            .header(HOST, "test")
-            .body(Empty::new())
-            .expect("valid request");
-        pool.send(addr, Duration::from_secs(5), req)
+        try_send(pool, addr, Method::GET, path)
             .await
             .expect("the server answers")
     }
 
     #[tokio::test]
     async fn a_bodiless_response_gives_its_connection_back_at_once() {
-        let (pool, addr) = (UpstreamPool::new(http1::Builder::new()), server().await);
+        let (pool, addr) = (UpstreamPool::new(), server().await);
         let response = send(&pool, addr, "/empty").await;
         assert_eq!(response.status(), StatusCode::NO_CONTENT);
         assert_eq!(pool.idle_count(addr), 1, "back before the body is polled");
@@ -458,7 +521,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_read_to_its_end_gives_its_connection_back() {
-        let (pool, addr) = (UpstreamPool::new(http1::Builder::new()), server().await);
+        let (pool, addr) = (UpstreamPool::new(), server().await);
         let response = send(&pool, addr, "/").await;
         assert_eq!(
             pool.idle_count(addr),
@@ -473,34 +536,38 @@ mod tests {
         assert_eq!(pool.idle_count(addr), 0);
     }
 
-    /// Plays a backend that answers each request with `answers[i]` on
-    /// connection `i`, on a thread of its own so that it runs while the test's
-    /// single-threaded runtime does not. The first connection is closed when
-    /// `close_first` fires, as a backend's idle timeout would.
-    fn scripted_backend(
-        answers: [&'static str; 2],
-        close_first: std::sync::mpsc::Receiver<()>,
-    ) -> SocketAddr {
+    /// Plays a backend that answers the first request on its first
+    /// connection with `first`, then reads the next request on that connection
+    /// and closes it unanswered, as a backend whose idle timeout fired just as
+    /// the request went out; the next connection's request gets `second`.
+    fn racing_backend(first: &'static str, second: &'static str) -> SocketAddr {
         use std::io::{Read, Write};
+        fn read_head(stream: &mut std::net::TcpStream) {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                head.push(byte[0]);
+            }
+        }
+        fn answer(stream: &mut std::net::TcpStream, body: &str) {
+            read_head(stream);
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(answer.as_bytes()).expect("answer");
+        }
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
         let addr = listener.local_addr().expect("bound socket has an address");
         std::thread::spawn(move || {
-            for (index, body) in answers.into_iter().enumerate() {
-                let (mut stream, _) = listener.accept().expect("accept");
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
-                    head.push(byte[0]);
-                }
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                stream.write_all(answer.as_bytes()).expect("answer");
-                if index == 0 {
-                    let _ = close_first.recv();
-                }
-            }
+            let (mut stream, _) = listener.accept().expect("accept");
+            answer(&mut stream, first);
+            read_head(&mut stream);
+            drop(stream);
+            let (mut stream, _) = listener.accept().expect("accept");
+            answer(&mut stream, second);
+            // Keeps the second connection open until the test is done.
+            read_head(&mut stream);
         });
         addr
     }
@@ -509,35 +576,40 @@ mod tests {
         response.collect().await.expect("body arrives").to_bytes()
     }
 
-    /// The keep-alive race, made deterministic: the backend closes the pooled
-    /// connection, and the pool takes it out before its connection task has seen
-    /// the close (the task only runs when this test yields). hyper then writes
-    /// the request and finds the connection closed: the request is gone, so the
-    /// pool reports a failed exchange, not a connect error (the proxy retries it
-    /// only where repeating is safe: an idempotent method, another attempt), and
-    /// the next request goes on a new connection.
-    #[tokio::test]
-    async fn a_connection_the_backend_just_closed_fails_its_request_and_is_not_reused() {
-        let (close_first, closed) = std::sync::mpsc::channel();
-        let addr = scripted_backend(["first", "second"], closed);
-        let pool = UpstreamPool::new(http1::Builder::new());
+    /// The keep-alive race: the request goes out on a pooled connection that
+    /// the backend closes without a byte of an answer.
+    async fn race_an_idle_close(
+        method: Method,
+    ) -> (Result<Bytes, UpstreamError>, UpstreamPool, SocketAddr) {
+        let addr = racing_backend("first", "second");
+        let pool = UpstreamPool::new();
         assert_eq!(body_of(send(&pool, addr, "/").await).await, "first");
         assert_eq!(pool.idle_count(addr), 1);
+        let result = match try_send(&pool, addr, method, "/").await {
+            Ok(response) => Ok(body_of(response).await),
+            Err(error) => Err(error),
+        };
+        (result, pool, addr)
+    }
 
-        close_first.send(()).expect("the backend is waiting");
-        // Blocks the runtime on purpose, so the connection task cannot notice
-        // the close before the next checkout; the FIN arrives meanwhile.
-        std::thread::sleep(Duration::from_millis(100));
-        let req = Request::get("/")
-            .header(HOST, "test")
-            .body(Empty::new())
-            .expect("valid request");
-        let error = pool
-            .send(addr, Duration::from_secs(5), req)
-            .await
-            .expect_err("the connection was closed under the request");
+    #[tokio::test]
+    async fn a_safe_request_that_meets_the_keep_alive_race_goes_again_on_a_new_connection() {
+        let (result, pool, addr) = race_an_idle_close(Method::GET).await;
+        assert_eq!(result.expect("sent again"), "second");
+        assert_eq!(pool.idle_count(addr), 1, "the new connection is pooled");
+    }
+
+    /// A `POST` may have been acted on before the connection closed: it is not
+    /// sent again here; the proxy's retry policy decides.
+    #[tokio::test]
+    async fn an_unsafe_request_that_meets_the_keep_alive_race_fails() {
+        let (result, pool, addr) = race_an_idle_close(Method::POST).await;
+        let error = result.expect_err("the connection was closed under the request");
         assert!(
-            matches!(&error, UpstreamError::Exchange(e) if e.is_incomplete_message()),
+            matches!(
+                &error,
+                UpstreamError::Exchange(ExchangeError::NoResponse(_))
+            ),
             "{error:?}"
         );
         assert_eq!(pool.idle_count(addr), 0);
@@ -546,7 +618,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_dropped_unread_does_not_give_its_connection_back() {
-        let (pool, addr) = (UpstreamPool::new(http1::Builder::new()), server().await);
+        let (pool, addr) = (UpstreamPool::new(), server().await);
         drop(send(&pool, addr, "/").await);
         assert_eq!(pool.idle_count(addr), 0);
     }

@@ -130,7 +130,7 @@ pub(crate) enum Decoded {
 /// Why a chunked body cannot be decoded. Every case means the backend broke
 /// the framing, so the connection cannot be reused.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ChunkedError {
+pub enum ChunkedError {
     #[error("invalid chunk size line: expected a hex digit, found '{}'", .0.escape_ascii())]
     MissingSize(u8),
     #[error("invalid chunk size line: unexpected '{}' after the size", .0.escape_ascii())]

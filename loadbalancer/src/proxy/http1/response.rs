@@ -1,0 +1,337 @@
+//! The response side of an exchange: the head, read and parsed off the
+//! connection, and the body, decoded by its framing as the client takes it.
+
+use std::io;
+use std::ops::Range;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Version};
+use hyper::body::Frame;
+use tokio::net::TcpStream;
+
+use super::chunked::{ChunkedDecoder, Decoded};
+use super::{ExchangeError, Exchanged, RequestWriter, content_length};
+
+/// Header fields accepted in a response head, as in hyper.
+const MAX_HEADERS: usize = 100;
+
+/// The largest response head accepted. Far above what backends send (a few
+/// hundred bytes, a few KiB with cookies), and it bounds what a broken backend
+/// can make the proxy buffer.
+pub(super) const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// The first read of a response: enough for the head and a small body in one
+/// system call.
+const FIRST_READ: usize = 8 * 1024;
+
+/// The largest body read. Reads grow from [`FIRST_READ`] while each one fills
+/// its buffer, so a large download moves in large pieces (fewer system calls
+/// and frames) and a small answer never reserves more than it needs.
+const MAX_READ: usize = 256 * 1024;
+
+/// A parsed final response head.
+pub(super) struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+}
+
+/// Reads until a final (non-interim) response head is complete, and leaves
+/// what follows it in `buf`. The buffer is allocated only once the backend's
+/// answer is readable: waiting for a slow backend costs no buffer.
+pub(super) async fn read_head(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+) -> Result<Head, ExchangeError> {
+    let mut received_any = false;
+    loop {
+        if !buf.is_empty() {
+            if let Some(head) = parse_head(buf)? {
+                if head.status.is_informational() {
+                    if head.status == StatusCode::SWITCHING_PROTOCOLS {
+                        return Err(ExchangeError::Invalid("101 without an upgrade request"));
+                    }
+                    continue;
+                }
+                return Ok(head);
+            }
+            if buf.len() >= MAX_HEAD_BYTES {
+                return Err(ExchangeError::HeadTooLarge);
+            }
+        }
+        match read_some(stream, buf, FIRST_READ).await {
+            Ok(0) if received_any => return Err(ExchangeError::Invalid("the head was cut off")),
+            Ok(0) => {
+                return Err(ExchangeError::NoResponse(
+                    io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+            Ok(_) => received_any = true,
+            Err(error) if received_any => return Err(ExchangeError::Io(error)),
+            Err(error) => return Err(ExchangeError::NoResponse(error)),
+        }
+    }
+}
+
+/// Waits until `stream` is readable, then reads what is there into `buf`,
+/// making room for at least `want` more bytes first. `Ok(0)` is the end of
+/// the stream.
+async fn read_some(stream: &TcpStream, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        if buf.capacity() - buf.len() < want {
+            buf.reserve(want);
+        }
+        match stream.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            result => return result,
+        }
+    }
+}
+
+/// Parses a complete head off the front of `buf`, or returns `None` when it is
+/// not all there yet. Header values are slices of the head's bytes, not copies,
+/// as in hyper.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ExchangeError> {
+    // Where each header's name and value lie in `buf`, recorded so that the
+    // bytes can be split off and frozen once httparse's borrow has ended.
+    let mut places: [(Range<usize>, Range<usize>); MAX_HEADERS] =
+        std::array::from_fn(|_| (0..0, 0..0));
+    let (length, code, minor, count) = {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut fields);
+        let httparse::Status::Complete(length) = response.parse(buf)? else {
+            return Ok(None);
+        };
+        let start = buf.as_ptr() as usize;
+        let count = response.headers.len();
+        for (place, field) in places.iter_mut().zip(response.headers.iter()) {
+            let name = field.name.as_ptr() as usize - start;
+            let value = field.value.as_ptr() as usize - start;
+            *place = (
+                name..name + field.name.len(),
+                value..value + field.value.len(),
+            );
+        }
+        (length, response.code, response.version, count)
+    };
+    let bytes = buf.split_to(length).freeze();
+    let status = code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or(ExchangeError::Invalid("bad status code"))?;
+    let version = match minor {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let mut headers = HeaderMap::with_capacity(count);
+    for (name, value) in &places[..count] {
+        let name = HeaderName::from_bytes(&bytes[name.clone()])
+            .map_err(|_| ExchangeError::Invalid("bad header name"))?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(value.clone()))
+            .map_err(|_| ExchangeError::Invalid("bad header value"))?;
+        headers.append(name, value);
+    }
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+    }))
+}
+
+/// Decides the body's framing and whether the connection can be reused, and
+/// builds the response.
+pub(super) fn finish_head<B>(
+    head: Head,
+    buf: BytesMut,
+    is_head_request: bool,
+    unsent: Option<RequestWriter<B>>,
+    request_intact: bool,
+) -> Result<Exchanged<B>, ExchangeError> {
+    let Head {
+        status,
+        version,
+        mut headers,
+    } = head;
+    let framing = if is_head_request
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Length(0)
+    } else if headers.contains_key(TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(ExchangeError::Invalid("Transfer-Encoding in HTTP/1.0"));
+        }
+        // The client gets the decoded body, framed anew by our server; a
+        // length the backend sent alongside would be a lie.
+        headers.remove(CONTENT_LENGTH);
+        if last_encoding_is_chunked(&headers) {
+            Framing::Chunked(ChunkedDecoder::new())
+        } else {
+            Framing::UntilClose
+        }
+    } else if headers.contains_key(CONTENT_LENGTH) {
+        let length = content_length(&headers)
+            .ok_or(ExchangeError::Invalid("bad or conflicting Content-Length"))?;
+        Framing::Length(length)
+    } else {
+        Framing::UntilClose
+    };
+    let keep_alive = match version {
+        Version::HTTP_10 => has_connection_option(&headers, "keep-alive"),
+        _ => !has_connection_option(&headers, "close"),
+    };
+    let reusable = keep_alive && request_intact && !matches!(framing, Framing::UntilClose);
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
+    Ok(Exchanged {
+        response,
+        reader: BodyReader {
+            framing,
+            buf,
+            next_read: FIRST_READ,
+        },
+        unsent,
+        reusable,
+    })
+}
+
+fn last_encoding_is_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.rsplit(',').next())
+        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+}
+
+fn has_connection_option(headers: &HeaderMap, option: &str) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|item| item.trim().eq_ignore_ascii_case(option))
+}
+
+/// How the response body ends.
+#[derive(Debug)]
+enum Framing {
+    /// After this many more bytes (zero: no body at all).
+    Length(u64),
+    /// At the empty chunk and the trailers after it.
+    Chunked(ChunkedDecoder),
+    /// When the backend closes the connection.
+    UntilClose,
+}
+
+/// Decodes a response body from the bytes of its connection. It owns the
+/// read buffer (what followed the head, then what each read brings) and hands
+/// out frames that are slices of it, never copies.
+#[derive(Debug)]
+pub(crate) struct BodyReader {
+    framing: Framing,
+    buf: BytesMut,
+    /// The room made for the next read: doubles while reads fill it.
+    next_read: usize,
+}
+
+/// One step of reading a body.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// A frame for the client.
+    Frame(Frame<Bytes>),
+    /// The body has ended. `clean` says the connection holds nothing more:
+    /// no stray bytes after the body, no close pending.
+    End { clean: bool },
+    /// More bytes are needed from the connection.
+    Read,
+}
+
+impl BodyReader {
+    /// Whether the body is known to have ended, without reading.
+    pub(crate) fn is_end(&self) -> bool {
+        match &self.framing {
+            Framing::Length(remaining) => *remaining == 0,
+            Framing::Chunked(decoder) => decoder.is_done(),
+            Framing::UntilClose => false,
+        }
+    }
+
+    /// The body's exact remaining size, when its framing says it.
+    pub(crate) fn remaining(&self) -> Option<u64> {
+        match self.framing {
+            Framing::Length(remaining) => Some(remaining),
+            _ => None,
+        }
+    }
+
+    /// Takes the next frame from what has been read, if there is one.
+    pub(crate) fn step(&mut self) -> Result<Step, ExchangeError> {
+        let clean_end = |buf: &BytesMut| Step::End {
+            clean: buf.is_empty(),
+        };
+        match &mut self.framing {
+            Framing::Length(0) => Ok(clean_end(&self.buf)),
+            Framing::Length(remaining) => {
+                if self.buf.is_empty() {
+                    return Ok(Step::Read);
+                }
+                let take =
+                    usize::try_from(*remaining).map_or(self.buf.len(), |r| r.min(self.buf.len()));
+                *remaining -= take as u64;
+                Ok(Step::Frame(Frame::data(self.buf.split_to(take).freeze())))
+            }
+            Framing::Chunked(decoder) => Ok(match decoder.decode(&mut self.buf)? {
+                Decoded::Data(data) => Step::Frame(Frame::data(data)),
+                Decoded::Trailers(trailers) => Step::Frame(Frame::trailers(trailers)),
+                Decoded::End => clean_end(&self.buf),
+                Decoded::NeedMore => Step::Read,
+            }),
+            Framing::UntilClose if self.buf.is_empty() => Ok(Step::Read),
+            Framing::UntilClose => Ok(Step::Frame(Frame::data(self.buf.split().freeze()))),
+        }
+    }
+
+    /// Reads more of the body from `stream`. Returns `Ok(false)` when the
+    /// backend has closed: the end of an `UntilClose` body, an error for others.
+    pub(crate) fn poll_read(
+        &mut self,
+        stream: &TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<bool, ExchangeError>> {
+        let want = match self.framing {
+            // Never reserve more than the rest of a sized body.
+            Framing::Length(remaining) => {
+                usize::try_from(remaining).map_or(self.next_read, |r| r.min(self.next_read))
+            }
+            _ => self.next_read,
+        };
+        loop {
+            ready!(stream.poll_read_ready(cx))?;
+            if self.buf.capacity() - self.buf.len() < want {
+                self.buf.reserve(want);
+            }
+            match stream.try_read_buf(&mut self.buf) {
+                Ok(0) => {
+                    return Poll::Ready(match self.framing {
+                        Framing::UntilClose => Ok(false),
+                        _ => Err(ExchangeError::IncompleteBody),
+                    });
+                }
+                Ok(read) => {
+                    if read >= want && self.next_read < MAX_READ {
+                        self.next_read *= 2;
+                    }
+                    return Poll::Ready(Ok(true));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(ExchangeError::Io(e))),
+            }
+        }
+    }
+}
