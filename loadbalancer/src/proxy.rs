@@ -37,7 +37,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -55,6 +54,7 @@ use crate::retry::{RetryPolicy, RetryReason, RetrySettings};
 pub use body::InFlightBody;
 
 use headers::X_REQUEST_ID;
+use http1::UpstreamHead;
 pub use http1::{ChunkedError, ExchangeError};
 pub use pool::{IDLE_TIMEOUT, MAX_IDLE_PER_BACKEND, UpstreamError};
 use pool::{PooledBody, UpstreamPool};
@@ -150,10 +150,6 @@ pub enum ProxyError {
         backend: SocketAddr,
         timeout: Duration,
     },
-    /// The request target cannot be sent on to a backend (e.g. `CONNECT`'s
-    /// authority form): 400.
-    #[error("request target cannot be forwarded: {0}")]
-    BadTarget(#[from] http::Error),
 }
 
 impl From<NoBackend> for ProxyError {
@@ -171,7 +167,6 @@ impl ProxyError {
             }
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::BadTarget(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -182,7 +177,7 @@ impl ProxyError {
             | ProxyError::Unreachable { backend, .. }
             | ProxyError::Upstream { backend, .. }
             | ProxyError::Timeout { backend, .. } => Some(*backend),
-            ProxyError::NoBackend | ProxyError::BadTarget(_) => None,
+            ProxyError::NoBackend => None,
         }
     }
 
@@ -208,7 +203,6 @@ impl ProxyError {
                     timeout.as_millis()
                 )
             }
-            ProxyError::BadTarget(_) => "the request target cannot be forwarded".to_owned(),
         }
     }
 
@@ -343,23 +337,23 @@ impl Proxy {
 
     /// Proxies one request and always produces a response: failures become
     /// JSON errors. Writes the access log line.
-    pub async fn handle(
-        &self,
-        mut req: Request<Incoming>,
-        client: &ClientConn,
-    ) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<Incoming>, client: &ClientConn) -> Response<ProxyBody> {
         let started = Instant::now();
         let request_in_flight = self.shared.metrics.request_started();
+        let (mut parts, body) = req.into_parts();
         let request_id = self
             .shared
             .request_ids
-            .keep_or_generate(req.headers().get(X_REQUEST_ID));
-        req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
-        // Kept for the log line: cloning a method or a URI is a refcount bump.
-        let method = req.method().clone();
-        let uri = req.uri().clone();
+            .keep_or_generate(parts.headers.get(X_REQUEST_ID));
+        parts.headers.insert(X_REQUEST_ID, request_id.clone());
+        headers::remove_hop_by_hop(&mut parts.headers);
+        headers::add_forwarding(&mut parts.headers, &client.ip);
+        // From here on the request is its encoded head (see `UpstreamHead`
+        // for why hyper's parsed one goes at once) and its body.
+        let head = UpstreamHead::new(&parts, &body);
+        drop(parts);
 
-        let Forwarded { attempts, result } = self.forward(req, client, started).await;
+        let Forwarded { attempts, result } = self.forward(&head, body, &request_id, started).await;
         // One clock reading serves the log line and the histogram.
         let latency = started.elapsed();
         let latency_ms = latency.as_secs_f64() * 1000.0;
@@ -374,14 +368,14 @@ impl Proxy {
                 let status = response.status();
                 info!(
                     target: "loadbalancer::access",
-                    method = %method, path = uri.path(), backend = %backend,
+                    method = %head.method(), path = head.path(), backend = %backend,
                     status = status.as_u16(), latency_ms, attempts,
                     request_id = id, "request"
                 );
                 metrics.record_backend_request(
                     backend,
                     in_flight.state().metrics(),
-                    &method,
+                    head.method(),
                     status,
                     latency,
                 );
@@ -391,11 +385,11 @@ impl Proxy {
             Err(error) => {
                 warn!(
                     target: "loadbalancer::access",
-                    method = %method, path = uri.path(), backend = %MaybeAddr(error.backend()),
+                    method = %head.method(), path = head.path(), backend = %MaybeAddr(error.backend()),
                     status = error.status().as_u16(), latency_ms, attempts,
                     request_id = id, error = %error, "request failed"
                 );
-                metrics.record_request(error.backend(), &method, error.status(), latency);
+                metrics.record_request(error.backend(), head.method(), error.status(), latency);
                 error.to_response(&request_id).map(Either::Right)
             }
         };
@@ -409,18 +403,16 @@ impl Proxy {
     /// retry budget, which saves a clock reading.
     async fn forward(
         &self,
-        req: Request<Incoming>,
-        client: &ClientConn,
+        head: &UpstreamHead,
+        body: Incoming,
+        request_id: &HeaderValue,
         started: Instant,
     ) -> Forwarded {
         let shared = &*self.shared;
-        let (mut parts, body) = req.into_parts();
-        headers::remove_hop_by_hop(&mut parts.headers);
-        headers::add_forwarding(&mut parts.headers, &client.ip);
         let body = RetryBody::new(body);
         shared.retry.start_request_at(started);
 
-        // Allocates only when a request is retried.
+        // The backends tried so far, skipped by the next pick.
         let mut tried = Vec::new();
         let mut next_body = body.attempt();
         let mut last = Err(ProxyError::NoBackend);
@@ -452,7 +444,7 @@ impl Proxy {
                     backend,
                     in_flight.state(),
                     admission,
-                    &parts,
+                    head,
                     attempt_body,
                 )
                 .await;
@@ -463,16 +455,15 @@ impl Proxy {
             only_connect_failures &= matches!(result, Err(ProxyError::Connect { .. }));
             let reason = retry_reason(&result);
             let made = attempt_count(&tried);
-            if reason.is_some_and(|r| r.allows(&parts.method))
+            if reason.is_some_and(|r| r.allows(head.method()))
                 && body.is_replayable()
                 && shared.retry.should_retry(made)
             {
                 next_body = body.attempt();
                 if let Some(reason) = reason.filter(|_| next_body.is_some()) {
-                    let request_id = parts.headers.get(X_REQUEST_ID);
                     info!(
                         backend = %backend, reason = reason.as_str(), attempt = made,
-                        request_id = request_id.and_then(|v| v.to_str().ok()).unwrap_or_default(),
+                        request_id = request_id.to_str().unwrap_or_default(),
                         "retrying on another backend"
                     );
                     shared.metrics.record_retry();
@@ -566,7 +557,7 @@ impl Proxy {
         backend: SocketAddr,
         state: &BackendState,
         admission: Option<Admission>,
-        parts: &Parts,
+        head: &UpstreamHead,
         body: AttemptBody<Incoming>,
     ) -> (Result<Response<UpstreamBody>, ProxyError>, Instant) {
         let shared = &*self.shared;
@@ -574,7 +565,7 @@ impl Proxy {
             connect_timeout,
             request_timeout,
         } = tuning.settings;
-        let exchange = shared.pool.send(backend, connect_timeout, parts, body);
+        let exchange = shared.pool.send(backend, connect_timeout, head, body);
         let result = match tokio::time::timeout(request_timeout, exchange).await {
             Ok(Ok(mut response)) => {
                 headers::remove_hop_by_hop(response.headers_mut());

@@ -37,12 +37,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Response;
-use http::request::Parts;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::http1::{self, BodyReader, ExchangeError, Exchanged, RequestWriter, Step};
+use super::http1::{self, BodyReader, ExchangeError, Exchanged, RequestWriter, Step, UpstreamHead};
 use crate::listener::BoxError;
 
 /// Idle connections kept per backend (in each worker's pool). Enough for the
@@ -122,8 +121,7 @@ impl UpstreamPool {
         }
     }
 
-    /// Sends the request (`head` with hop-by-hop headers removed, and `body`)
-    /// to `backend` on an idle connection, or on a new one opened within
+    /// Sends the request (`head`, then `body`) to `backend` on an idle connection, or on a new one opened within
     /// `connect_timeout`, and returns the response head. The connection rides
     /// in the response body and goes back to the pool when that body has been
     /// read to its end.
@@ -131,7 +129,7 @@ impl UpstreamPool {
         &self,
         backend: SocketAddr,
         connect_timeout: Duration,
-        head: &Parts,
+        head: &UpstreamHead,
         body: B,
     ) -> Result<Response<PooledBody<B>>, UpstreamError>
     where
@@ -140,9 +138,9 @@ impl UpstreamPool {
     {
         // A bodiless request can be sent twice; one with a body cannot, as
         // its bytes are gone once sent.
-        let mut body = Some(body).filter(|body| !body.is_end_stream());
+        let mut body = Some(body).filter(|_| head.has_body());
         if let Some(stream) = self.checkout(backend) {
-            let resendable = head.method.is_safe() && body.is_none();
+            let resendable = head.method().is_safe() && body.is_none();
             match http1::exchange(&stream, backend, head, body.take()).await {
                 Ok(exchanged) => return Ok(self.lease(backend, stream, exchanged)),
                 // The keep-alive race, on a request safe to send again.
@@ -491,13 +489,14 @@ mod tests {
         method: Method,
         path: &str,
     ) -> Result<Response<PooledBody<Empty<Bytes>>>, UpstreamError> {
-        let (head, body) = Request::builder()
+        let (parts, body) = Request::builder()
             .method(method)
             .uri(path)
             .header(HOST, "test")
             .body(Empty::<Bytes>::new())
             .expect("valid request")
             .into_parts();
+        let head = UpstreamHead::new(&parts, &body);
         pool.send(addr, Duration::from_secs(5), &head, body).await
     }
 

@@ -29,9 +29,14 @@ pub(crate) struct RequestIds {
 
 impl RequestIds {
     /// The id to use for a request that arrived with `incoming` (if any).
+    /// A kept id is copied, not shared: hyper's header values are slices of
+    /// its connection's read buffer, which the id would otherwise pin for as
+    /// long as the request lives.
     pub(crate) fn keep_or_generate(&self, incoming: Option<&HeaderValue>) -> HeaderValue {
         match incoming {
-            Some(id) if !id.is_empty() && id.len() <= MAX_INCOMING_LEN => id.clone(),
+            Some(id) if !id.is_empty() && id.len() <= MAX_INCOMING_LEN => {
+                HeaderValue::from_bytes(id.as_bytes()).unwrap_or_else(|_| self.generate())
+            }
             _ => self.generate(),
         }
     }

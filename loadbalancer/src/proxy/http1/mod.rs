@@ -41,15 +41,13 @@ use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
 use http::header::CONTENT_LENGTH;
-use http::request::Parts;
 use http::{HeaderMap, Method, Response};
 use hyper::body::Body;
 use tokio::net::TcpStream;
 
 use crate::listener::BoxError;
 pub use chunked::ChunkedError;
-pub(crate) use request::RequestWriter;
-use request::{RequestFraming, encode_head};
+pub(crate) use request::{RequestWriter, UpstreamHead};
 pub(crate) use response::{BodyReader, Step};
 use response::{MAX_HEAD_BYTES, finish_head, read_head};
 
@@ -100,29 +98,25 @@ pub(crate) struct Exchanged<B> {
     pub(crate) reusable: bool,
 }
 
-/// Sends the request `head` and `body` on `stream` and reads the response
-/// head. The body is streamed out while the answer is awaited, so a backend
-/// that answers before it has read the whole body is heard at once: a `413`
-/// that closes the connection reaches the client, and a body that a backend
-/// echoes as it reads keeps flowing ([`Exchanged::unsent`]).
-///
-/// `body` is `None` for a request without one. The head is borrowed: a
-/// bodiless request on a connection that turned out closed can be sent again,
-/// and a retry on another backend starts from the same head.
+/// Sends the request (`head`, then `body`, which is `None` for a bodiless
+/// request) on `stream` and reads the response head. The body is streamed out
+/// while the answer is awaited, so a backend that answers before it has read
+/// the whole body is heard at once: a `413` that closes the connection reaches
+/// the client, and a body that a backend echoes as it reads keeps flowing
+/// ([`Exchanged::unsent`]).
 pub(crate) async fn exchange<B>(
     stream: &TcpStream,
     backend: SocketAddr,
-    request: &Parts,
+    head: &UpstreamHead,
     body: Option<B>,
 ) -> Result<Exchanged<B>, ExchangeError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    let framing = RequestFraming::of(request, body.as_ref());
-    let head = encode_head(request, backend, framing);
-    let mut writer = Some(RequestWriter::new(head, body, framing));
+    let mut writer = Some(RequestWriter::new(head, backend, body));
     let mut write_error = None;
+    let is_head_request = *head.method() == Method::HEAD;
     let mut buf = BytesMut::new();
     let response = {
         let mut receiving = pin!(read_head(stream, &mut buf));
@@ -150,13 +144,13 @@ where
     let response = match (response, write_error) {
         (Ok(response), None) => response,
         (Ok(response), Some(_)) => {
-            return finish_head(response, buf, request.method == Method::HEAD, None, false);
+            return finish_head(response, buf, is_head_request, None, false);
         }
         // The write failure says more than the read failure it caused.
         (Err(_), Some(write_error)) => return Err(write_error),
         (Err(read_error), None) => return Err(read_error),
     };
-    finish_head(response, buf, request.method == Method::HEAD, writer, true)
+    finish_head(response, buf, is_head_request, writer, true)
 }
 
 /// The one `Content-Length` of `headers`: every value (and every item of a

@@ -3,11 +3,13 @@
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::buf::Chain;
 use bytes::{Buf, Bytes};
+use http::Method;
 use http::header::{CONTENT_LENGTH, EXPECT, HOST};
 use http::request::Parts;
 use hyper::body::Body;
@@ -16,9 +18,99 @@ use tokio::net::TcpStream;
 use super::{ExchangeError, content_length};
 use crate::listener::BoxError;
 
+/// A request head encoded for the backends once, when the request arrives.
+///
+/// Every attempt writes the same bytes, and the client's parsed head can be
+/// dropped at once. That matters for memory: hyper's header values and URI
+/// are slices of its connection's read buffer, so while they live, hyper
+/// must take a second buffer for the connection's next read, and a request
+/// waiting on a slow backend would hold both (8 KiB more per connection).
+#[derive(Debug, Clone)]
+pub(crate) struct UpstreamHead {
+    /// The request line and header fields, without the empty line that ends
+    /// the head (a `Host` for the backend may still come).
+    bytes: Bytes,
+    /// Where the path (without the query) lies in `bytes`, for the access log.
+    path: Range<usize>,
+    method: Method,
+    framing: RequestFraming,
+    /// The client sent no `Host` (HTTP/1.0 allows that): each attempt names
+    /// its backend instead, as hyper-util's client did.
+    needs_host: bool,
+}
+
+impl UpstreamHead {
+    /// Encodes the head of a request with these (already filtered) header
+    /// fields and this body. The target becomes the origin form,
+    /// `/path?query`, whatever form the client used (absolute form through a
+    /// forward proxy, say).
+    pub(crate) fn new<B: Body>(request: &Parts, body: &B) -> Self {
+        let framing = RequestFraming::of(request, body);
+        let target = request.uri.path_and_query().map_or("/", |p| p.as_str());
+        let headers = &request.headers;
+        let method = request.method.as_str();
+        let mut head = Vec::with_capacity(32 + target.len() + headers.len() * 48);
+        head.extend_from_slice(method.as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(target.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\n");
+        let path_start = method.len() + 1;
+        let path = path_start..path_start + request.uri.path().len().min(target.len());
+        for (name, value) in headers {
+            // The proxy's own server answered the expectation, and the body
+            // follows the head at once.
+            if name == EXPECT {
+                continue;
+            }
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        match framing {
+            RequestFraming::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            RequestFraming::Length(length) if !headers.contains_key(CONTENT_LENGTH) => {
+                head.extend_from_slice(format!("content-length: {length}\r\n").as_bytes());
+            }
+            _ => {}
+        }
+        Self {
+            bytes: Bytes::from(head),
+            path,
+            method: request.method.clone(),
+            framing,
+            needs_host: !headers.contains_key(HOST),
+        }
+    }
+
+    pub(crate) fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The request's path, without the query.
+    pub(crate) fn path(&self) -> &str {
+        std::str::from_utf8(&self.bytes[self.path.clone()]).unwrap_or_default()
+    }
+
+    /// Whether a body follows the head.
+    pub(crate) fn has_body(&self) -> bool {
+        !matches!(self.framing, RequestFraming::None)
+    }
+
+    /// The head as written to `backend`.
+    fn for_backend(&self, backend: SocketAddr) -> Piece {
+        let host = if self.needs_host {
+            Bytes::from(format!("host: {backend}\r\n"))
+        } else {
+            Bytes::new()
+        };
+        piece(self.bytes.clone(), host, b"\r\n")
+    }
+}
+
 /// How the request body is framed on the wire.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum RequestFraming {
+enum RequestFraming {
     /// No body.
     None,
     /// `Content-Length` bytes.
@@ -32,10 +124,10 @@ impl RequestFraming {
     /// own framing header `Transfer-Encoding` is hop-by-hop and already gone;
     /// its `Content-Length` is kept, and hyper's server made sure the body
     /// matches it.
-    pub(super) fn of<B: Body>(request: &Parts, body: Option<&B>) -> Self {
-        let Some(body) = body.filter(|body| !body.is_end_stream()) else {
+    fn of<B: Body>(request: &Parts, body: &B) -> Self {
+        if body.is_end_stream() {
             return RequestFraming::None;
-        };
+        }
         match content_length(&request.headers) {
             Some(length) => RequestFraming::Length(length),
             None => body
@@ -44,47 +136,6 @@ impl RequestFraming {
                 .map_or(RequestFraming::Chunked, RequestFraming::Length),
         }
     }
-}
-
-/// The request line and headers, ready to write. The target is the origin
-/// form, `/path?query`, whatever form the client used (absolute form through a
-/// forward proxy, say).
-pub(super) fn encode_head(
-    request: &Parts,
-    backend: SocketAddr,
-    framing: RequestFraming,
-) -> Vec<u8> {
-    let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
-    let headers = &request.headers;
-    let estimate = 64 + path.len() + headers.len() * 48;
-    let mut head = Vec::with_capacity(estimate);
-    head.extend_from_slice(request.method.as_str().as_bytes());
-    head.push(b' ');
-    head.extend_from_slice(path.as_bytes());
-    head.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        if name == EXPECT {
-            continue;
-        }
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
-    match framing {
-        RequestFraming::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        RequestFraming::Length(length) if !headers.contains_key(CONTENT_LENGTH) => {
-            head.extend_from_slice(format!("content-length: {length}\r\n").as_bytes());
-        }
-        _ => {}
-    }
-    // HTTP/1.0 clients may send no `Host`; the backend then gets its own
-    // address, as hyper-util's client did.
-    if !headers.contains_key(HOST) {
-        head.extend_from_slice(format!("host: {backend}\r\n").as_bytes());
-    }
-    head.extend_from_slice(b"\r\n");
-    head
 }
 
 /// Writes a request: its head, then its body as the client sends it, framed
@@ -107,11 +158,12 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    pub(super) fn new(head: Vec<u8>, body: Option<B>, framing: RequestFraming) -> Self {
+    /// Writes `head` to `backend`, then `body` (`None` for a bodiless request).
+    pub(super) fn new(head: &UpstreamHead, backend: SocketAddr, body: Option<B>) -> Self {
         Self {
-            pending: Some(piece(Bytes::new(), Bytes::from(head), b"")),
+            pending: Some(head.for_backend(backend)),
             body,
-            framing,
+            framing: head.framing,
             taken: 0,
         }
     }
@@ -200,4 +252,81 @@ fn piece(prefix: Bytes, data: Bytes, suffix: &'static [u8]) -> Piece {
 
 fn body_mismatch(what: &str) -> ExchangeError {
     ExchangeError::RequestBody(format!("the request body is {what}").into())
+}
+
+#[cfg(test)]
+mod tests {
+    use http::Request;
+    use http_body_util::{Empty, Full, StreamBody};
+
+    use super::*;
+
+    fn written(head: &UpstreamHead, backend: &str) -> String {
+        let mut piece = head.for_backend(backend.parse().expect("an address"));
+        String::from_utf8(piece.copy_to_bytes(piece.remaining()).to_vec()).expect("ASCII")
+    }
+
+    #[test]
+    fn the_target_goes_out_in_origin_form_and_the_log_gets_its_path() {
+        let (parts, body) = Request::get("http://example.test/a/b?x=1")
+            .header(HOST, "example.test")
+            .body(Empty::<Bytes>::new())
+            .expect("valid request")
+            .into_parts();
+        let head = UpstreamHead::new(&parts, &body);
+        assert_eq!(
+            written(&head, "10.0.0.1:8080"),
+            "GET /a/b?x=1 HTTP/1.1\r\nhost: example.test\r\n\r\n"
+        );
+        assert_eq!(head.path(), "/a/b");
+        assert!(!head.has_body());
+    }
+
+    #[test]
+    fn a_request_without_host_names_each_backend_it_goes_to() {
+        let (parts, body) = Request::get("/")
+            .body(Empty::<Bytes>::new())
+            .expect("valid request")
+            .into_parts();
+        let head = UpstreamHead::new(&parts, &body);
+        assert_eq!(
+            written(&head, "10.0.0.1:8080"),
+            "GET / HTTP/1.1\r\nhost: 10.0.0.1:8080\r\n\r\n"
+        );
+        assert_eq!(
+            written(&head, "10.0.0.2:8080"),
+            "GET / HTTP/1.1\r\nhost: 10.0.0.2:8080\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_body_is_framed_by_its_length_or_chunked_and_expect_stays_behind() {
+        let (parts, body) = Request::post("/upload")
+            .header(HOST, "h")
+            .header(EXPECT, "100-continue")
+            .body(Full::new(Bytes::from_static(b"hello")))
+            .expect("valid request")
+            .into_parts();
+        let head = UpstreamHead::new(&parts, &body);
+        assert_eq!(
+            written(&head, "10.0.0.1:1"),
+            "POST /upload HTTP/1.1\r\nhost: h\r\ncontent-length: 5\r\n\r\n"
+        );
+
+        // A body of unknown length, with no Content-Length from the client.
+        let frames = futures::stream::iter([Ok::<_, std::convert::Infallible>(
+            hyper::body::Frame::data(Bytes::from_static(b"x")),
+        )]);
+        let (parts, body) = Request::post("/stream")
+            .header(HOST, "h")
+            .body(StreamBody::new(frames))
+            .expect("valid request")
+            .into_parts();
+        let head = UpstreamHead::new(&parts, &body);
+        assert_eq!(
+            written(&head, "10.0.0.1:1"),
+            "POST /stream HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        assert!(head.has_body());
+    }
 }
