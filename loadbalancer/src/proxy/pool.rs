@@ -246,9 +246,13 @@ impl fmt::Debug for UpstreamPool {
 }
 
 /// Whether an idle connection is still open and quiet. Reads the readiness the
-/// runtime already has, so a quiet connection costs no system call; one marked
-/// readable is either closed by the backend, or holds bytes no request asked
-/// for, or (stale readiness) neither, which one non-blocking read tells.
+/// runtime already has, so a quiet connection costs no system call (the read
+/// that emptied its socket cleared the mark; see `http1::response`). One
+/// marked readable is closed by the backend, or holds bytes no request asked
+/// for, or (a stale mark) neither, which one non-blocking read tells. Like
+/// hyper's client connections, it sees a close once the runtime has seen it;
+/// a close in flight is the keep-alive race, which [`UpstreamPool::send`]
+/// handles.
 fn is_open(stream: &TcpStream) -> bool {
     let mut cx = Context::from_waker(Waker::noop());
     match stream.poll_read_ready(&mut cx) {

@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Version};
 use hyper::body::Frame;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::chunked::{ChunkedDecoder, Decoded};
@@ -75,20 +76,41 @@ pub(super) async fn read_head(
     }
 }
 
-/// Waits until `stream` is readable, then reads what is there into `buf`,
-/// making room for at least `want` more bytes first. `Ok(0)` is the end of
-/// the stream.
+/// Waits until `stream` is readable, then reads what is there into `buf`
+/// ([`try_read_into`]).
 async fn read_some(stream: &TcpStream, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
     loop {
         stream.readable().await?;
-        if buf.capacity() - buf.len() < want {
-            buf.reserve(want);
-        }
-        match stream.try_read_buf(buf) {
+        match try_read_into(stream, buf, want) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             result => return result,
         }
     }
+}
+
+/// One non-blocking read into `buf`, after making room for at least `want`
+/// more bytes; `Ok(0)` is the end of the stream.
+///
+/// A read that returns less than the room it had has emptied the socket, yet
+/// the runtime still marks the socket readable: it learns otherwise only from
+/// a read that would block. So the next read, or the pool's check of an idle
+/// connection, would spend a system call to find nothing. The mark is cleared
+/// here instead, in the same step as the read, before the runtime can have
+/// seen anything newer. Data or a close that arrives later marks the socket
+/// again; a close that has already arrived stays marked (the runtime never
+/// clears "closed").
+fn try_read_into(stream: &TcpStream, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want);
+    }
+    let room = buf.capacity() - buf.len();
+    let read = stream.try_read_buf(buf)?;
+    if read > 0 && read < room {
+        let nothing_more = || Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock));
+        // `WouldBlock` is the answer asked for: it clears the mark.
+        let _ = stream.try_io(Interest::READABLE, nothing_more);
+    }
+    Ok(read)
 }
 
 /// Parses a complete head off the front of `buf`, or returns `None` when it is
@@ -313,10 +335,7 @@ impl BodyReader {
         };
         loop {
             ready!(stream.poll_read_ready(cx))?;
-            if self.buf.capacity() - self.buf.len() < want {
-                self.buf.reserve(want);
-            }
-            match stream.try_read_buf(&mut self.buf) {
+            match try_read_into(stream, &mut self.buf, want) {
                 Ok(0) => {
                     return Poll::Ready(match self.framing {
                         Framing::UntilClose => Ok(false),
