@@ -146,7 +146,12 @@ where
         (Ok(response), Some(_)) => {
             return finish_head(response, buf, is_head_request, None, false);
         }
-        // The write failure says more than the read failure it caused.
+        // Not a byte of an answer, and the request could not be written: the
+        // keep-alive race when the backend reset the connection, named by the
+        // write's failure, which says more than the read's.
+        (Err(ExchangeError::NoResponse(_)), Some(ExchangeError::Io(write_error))) => {
+            return Err(ExchangeError::NoResponse(write_error));
+        }
         (Err(_), Some(write_error)) => return Err(write_error),
         (Err(read_error), None) => return Err(read_error),
     };
