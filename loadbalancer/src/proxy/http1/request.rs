@@ -261,6 +261,11 @@ mod tests {
 
     use super::*;
 
+    fn head_of<B: Body>(request: Request<B>) -> UpstreamHead {
+        let (parts, body) = request.into_parts();
+        UpstreamHead::new(&parts, &body)
+    }
+
     fn written(head: &UpstreamHead, backend: &str) -> String {
         let mut piece = head.for_backend(backend.parse().expect("an address"));
         String::from_utf8(piece.copy_to_bytes(piece.remaining()).to_vec()).expect("ASCII")
@@ -268,12 +273,12 @@ mod tests {
 
     #[test]
     fn the_target_goes_out_in_origin_form_and_the_log_gets_its_path() {
-        let (parts, body) = Request::get("http://example.test/a/b?x=1")
-            .header(HOST, "example.test")
-            .body(Empty::<Bytes>::new())
-            .expect("valid request")
-            .into_parts();
-        let head = UpstreamHead::new(&parts, &body);
+        let head = head_of(
+            Request::get("http://example.test/a/b?x=1")
+                .header(HOST, "example.test")
+                .body(Empty::<Bytes>::new())
+                .expect("valid request"),
+        );
         assert_eq!(
             written(&head, "10.0.0.1:8080"),
             "GET /a/b?x=1 HTTP/1.1\r\nhost: example.test\r\n\r\n"
@@ -284,11 +289,11 @@ mod tests {
 
     #[test]
     fn a_request_without_host_names_each_backend_it_goes_to() {
-        let (parts, body) = Request::get("/")
-            .body(Empty::<Bytes>::new())
-            .expect("valid request")
-            .into_parts();
-        let head = UpstreamHead::new(&parts, &body);
+        let head = head_of(
+            Request::get("/")
+                .body(Empty::<Bytes>::new())
+                .expect("valid request"),
+        );
         assert_eq!(
             written(&head, "10.0.0.1:8080"),
             "GET / HTTP/1.1\r\nhost: 10.0.0.1:8080\r\n\r\n"
@@ -301,13 +306,13 @@ mod tests {
 
     #[test]
     fn a_body_is_framed_by_its_length_or_chunked_and_expect_stays_behind() {
-        let (parts, body) = Request::post("/upload")
-            .header(HOST, "h")
-            .header(EXPECT, "100-continue")
-            .body(Full::new(Bytes::from_static(b"hello")))
-            .expect("valid request")
-            .into_parts();
-        let head = UpstreamHead::new(&parts, &body);
+        let head = head_of(
+            Request::post("/upload")
+                .header(HOST, "h")
+                .header(EXPECT, "100-continue")
+                .body(Full::new(Bytes::from_static(b"hello")))
+                .expect("valid request"),
+        );
         assert_eq!(
             written(&head, "10.0.0.1:1"),
             "POST /upload HTTP/1.1\r\nhost: h\r\ncontent-length: 5\r\n\r\n"
@@ -317,12 +322,12 @@ mod tests {
         let frames = futures::stream::iter([Ok::<_, std::convert::Infallible>(
             hyper::body::Frame::data(Bytes::from_static(b"x")),
         )]);
-        let (parts, body) = Request::post("/stream")
-            .header(HOST, "h")
-            .body(StreamBody::new(frames))
-            .expect("valid request")
-            .into_parts();
-        let head = UpstreamHead::new(&parts, &body);
+        let head = head_of(
+            Request::post("/stream")
+                .header(HOST, "h")
+                .body(StreamBody::new(frames))
+                .expect("valid request"),
+        );
         assert_eq!(
             written(&head, "10.0.0.1:1"),
             "POST /stream HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n"
