@@ -3,14 +3,13 @@
 //! oversized heads, connections closed early) and which bytes it sends the
 //! backend, and when it reuses a backend connection or opens a new one.
 //!
-//! Written against hyper's client connection, before the proxy gets an HTTP/1.1
-//! exchange of its own (issue 9): these tests are the behaviour the new client
-//! must keep. Every backend here is a [`ScriptedBackend`], which writes raw bytes
-//! and records the raw bytes it received, connection by connection.
-//!
-//! Two tests are ignored: they state the right behaviour where main falls short
-//! (a connection dropped after trailers, a stale `Content-Length` passed on); the
-//! new client should make them pass.
+//! Written against hyper's client connection, before the proxy got an HTTP/1.1
+//! exchange of its own (`proxy/http1/`, issue 9), as the behaviour the new one
+//! had to keep. Two of them failed against hyper's client and pass now: a
+//! response ending in trailers closed its connection, and a `Content-Length`
+//! next to a chunked body was passed on to the client. Every backend here is a
+//! [`ScriptedBackend`], which writes raw bytes and records the raw bytes it
+//! received, connection by connection.
 
 mod support;
 
@@ -474,10 +473,11 @@ async fn an_early_413_from_a_lingering_backend_reaches_the_client_during_a_large
 }
 
 /// The same refusal from a backend that closes at once: the unread upload makes
-/// its kernel reset the connection, and the reset may overtake the `413`. On
-/// main (hyper's client) the proxy's write of the body fails first and the
-/// client gets the proxy's 502, every time; the `413` would be as good. Either
-/// way the client gets a prompt, whole answer, and the backend stays usable.
+/// its kernel reset the connection, and the reset may overtake the `413`. With
+/// hyper's client, which the proxy used before, the write of the body failed
+/// first and the client got the proxy's 502 every time; the `413` is as good.
+/// Either way the client gets a prompt, whole answer, and the backend stays
+/// usable.
 #[tokio::test]
 async fn an_early_413_with_an_abrupt_close_during_a_large_upload_ends_in_413_or_502() {
     let reply = refused_upload(Answer::before_body_then_close(TOO_LARGE)).await;
