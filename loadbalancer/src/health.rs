@@ -16,10 +16,11 @@
 //! The task reads the current list at the start of every round, so it never probes
 //! an endpoint that discovery removed, and its per-backend streaks are pruned to
 //! that list. Probes of one round run concurrently (at most
-//! [`MAX_CONCURRENT_PROBES`] at a time) on a small client of their own, so a slow
-//! backend delays only its own verdict and probes never queue behind (or hold)
-//! the proxy's pooled connections. Nothing here is on the request path: the proxy
-//! only reads the `healthy` flag this task sets.
+//! [`MAX_CONCURRENT_PROBES`] at a time) over the proxy's own HTTP/1.1 client, but
+//! with a connection pool of their own, so a slow backend delays only its own
+//! verdict and probes never queue behind (or hold) the proxy's pooled
+//! connections. Nothing here is on the request path: the proxy only reads the
+//! `healthy` flag this task sets.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,15 +32,13 @@ use futures::StreamExt;
 use http::uri::PathAndQuery;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
 use crate::backend_state::BackendState;
 use crate::backends::Backends;
 use crate::config::HealthCheckConfig;
+use crate::proxy::{UpstreamError, UpstreamHead, UpstreamPool};
 
 /// Probes in flight at once, whatever the number of backends: enough for
 /// hundreds of endpoints per interval, few enough not to look like a flood.
@@ -84,7 +83,7 @@ pub enum ProbeError {
     Status(StatusCode),
     /// No connection, or the connection broke.
     #[error("request failed: {0}")]
-    Request(#[from] hyper_util::client::legacy::Error),
+    Request(#[from] UpstreamError),
     /// No complete answer within the timeout.
     #[error("no answer within {} ms", .0.as_millis())]
     Timeout(Duration),
@@ -96,8 +95,10 @@ pub struct HealthChecker {
     /// The list to probe (read each round) and where verdicts go.
     backends: Backends,
     settings: HealthCheckSettings,
-    /// Probes' own client: never the proxy's pool (see the module docs).
-    client: Client<HttpConnector, Empty<Bytes>>,
+    /// The probe request, encoded once.
+    request: Arc<UpstreamHead>,
+    /// Probes' own connections: never the proxy's pool (see the module docs).
+    pool: Arc<UpstreamPool>,
     /// Consecutive results per backend, pruned to the current list every round.
     streaks: HashMap<SocketAddr, Streak>,
 }
@@ -117,19 +118,19 @@ struct Streak {
 impl HealthChecker {
     /// A checker over `backends`.
     pub fn new(backends: Backends, settings: HealthCheckSettings) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.timeout));
-        let client = Client::builder(TokioExecutor::new())
-            // One kept-alive connection per backend is all a probe every few
-            // seconds needs.
-            .pool_max_idle_per_host(1)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        // No `Host`: each probe names the backend it goes to. A path and a
+        // header name that are constants make a valid request; the default
+        // (`GET /`) is a stand-in that cannot be needed.
+        let (request, body) = Request::get(settings.path.as_str())
+            .header(http::header::USER_AGENT, "loadbalancer-health-check")
+            .body(Empty::<Bytes>::new())
+            .unwrap_or_default()
+            .into_parts();
         Self {
             backends,
+            request: Arc::new(UpstreamHead::new(&request, &body)),
             settings,
-            client,
+            pool: Arc::new(UpstreamPool::new()),
             streaks: HashMap::new(),
         }
     }
@@ -175,19 +176,13 @@ impl HealthChecker {
     /// `GET <path>` on `addr`; the body is read to the end so the connection can
     /// be reused for the next probe.
     fn probe(&self, addr: SocketAddr) -> impl Future<Output = Result<(), ProbeError>> + use<> {
-        let (client, timeout) = (self.client.clone(), self.settings.timeout);
-        let uri = format!("http://{addr}{}", self.settings.path);
+        let (pool, request) = (Arc::clone(&self.pool), Arc::clone(&self.request));
+        let timeout = self.settings.timeout;
         async move {
-            let request = Request::get(uri)
-                .header(http::header::USER_AGENT, "loadbalancer-health-check")
-                .body(Empty::new());
-            // The address and a validated path always make a valid URI; if not,
-            // the probe fails like any other and the logs say why.
-            let Ok(request) = request else {
-                return Err(ProbeError::Status(StatusCode::BAD_REQUEST));
-            };
             let exchange = async {
-                let response = client.request(request).await?;
+                let response = pool
+                    .send(addr, timeout, &request, Empty::<Bytes>::new())
+                    .await?;
                 let status = response.status();
                 // A body that breaks off does not change the verdict; the status
                 // is the answer.

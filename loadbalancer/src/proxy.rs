@@ -52,12 +52,12 @@ use crate::response;
 use crate::retry::body::{AttemptBody, RetryBody};
 use crate::retry::{RetryPolicy, RetryReason, RetrySettings};
 pub use body::InFlightBody;
-
 use headers::X_REQUEST_ID;
-use http1::UpstreamHead;
+pub(crate) use http1::UpstreamHead;
 pub use http1::{ChunkedError, ExchangeError};
+use pool::PooledBody;
+pub(crate) use pool::UpstreamPool;
 pub use pool::{IDLE_TIMEOUT, MAX_IDLE_PER_BACKEND, UpstreamError};
-use pool::{PooledBody, UpstreamPool};
 use request_id::RequestIds;
 
 /// The body of a proxied response: the backend's body streamed through, or a
