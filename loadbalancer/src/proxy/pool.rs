@@ -121,10 +121,10 @@ impl UpstreamPool {
         }
     }
 
-    /// Sends the request (`head`, then `body`) to `backend` on an idle connection, or on a new one opened within
-    /// `connect_timeout`, and returns the response head. The connection rides
-    /// in the response body and goes back to the pool when that body has been
-    /// read to its end.
+    /// Sends the request (`head`, then `body`) to `backend` on an idle
+    /// connection, or on a new one opened within `connect_timeout`, and
+    /// returns the response head. The connection rides in the response body
+    /// and goes back to the pool when that body has been read to its end.
     pub(crate) async fn send<B>(
         &self,
         backend: SocketAddr,

@@ -117,11 +117,14 @@ struct TrailerScan {
 /// One step of a chunked body.
 #[derive(Debug)]
 pub(crate) enum Decoded {
-    /// Body bytes, split off the front of the caller's buffer without copying (`BytesMut::split_to(n).freeze()`).
+    /// Body bytes, split off the front of the caller's buffer without copying
+    /// (`BytesMut::split_to(n).freeze()`).
     Data(Bytes),
-    /// The trailer section (only when the body had trailer fields), returned once, right before `End`.
+    /// The trailer section (only when the body had trailer fields), returned
+    /// once, right before `End`.
     Trailers(HeaderMap),
-    /// The last chunk and the trailer section have been consumed; the bytes left in the buffer (if any) belong to the next response.
+    /// The last chunk and the trailer section have been consumed; the bytes
+    /// left in the buffer (if any) belong to the next response.
     End,
     /// The buffer holds no complete next piece; read more into it and call again.
     NeedMore,
