@@ -340,18 +340,21 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>, client: &ClientConn) -> Response<ProxyBody> {
         let started = Instant::now();
         let request_in_flight = self.shared.metrics.request_started();
-        let (mut parts, body) = req.into_parts();
-        let request_id = self
-            .shared
-            .request_ids
-            .keep_or_generate(parts.headers.get(X_REQUEST_ID));
-        parts.headers.insert(X_REQUEST_ID, request_id.clone());
-        headers::remove_hop_by_hop(&mut parts.headers);
-        headers::add_forwarding(&mut parts.headers, &client.ip);
         // From here on the request is its encoded head (see `UpstreamHead`
-        // for why hyper's parsed one goes at once) and its body.
-        let head = UpstreamHead::new(&parts, &body);
-        drop(parts);
+        // for why hyper's parsed one goes at once) and its body. The parsed
+        // head lives in this block only, so the request's future, which every
+        // connection holds while its request waits, has no room for it.
+        let (head, body, request_id) = {
+            let (mut parts, body) = req.into_parts();
+            let request_id = self
+                .shared
+                .request_ids
+                .keep_or_generate(parts.headers.get(X_REQUEST_ID));
+            parts.headers.insert(X_REQUEST_ID, request_id.clone());
+            headers::remove_hop_by_hop(&mut parts.headers);
+            headers::add_forwarding(&mut parts.headers, &client.ip);
+            (UpstreamHead::new(&parts, &body), body, request_id)
+        };
 
         let Forwarded { attempts, result } = self.forward(&head, body, &request_id, started).await;
         // One clock reading serves the log line and the histogram.
