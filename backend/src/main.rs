@@ -45,8 +45,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, config.port))
-            .await
+        let listener = server::bind((Ipv4Addr::UNSPECIFIED, config.port).into())
             .with_context(|| format!("listening on port {}", config.port))?;
         let limits = config.limits;
         let reloader =

@@ -25,6 +25,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use http::header::HeaderName;
@@ -87,6 +88,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     serve_with(listener, app, shutdown, DEFAULT_LIMITS).await
+}
+
+/// Listens on `addr` with the load balancer's backlog of 1,024 pending
+/// connections, not the 128 of `tokio::net::TcpListener::bind`: a load
+/// balancer opening a few hundred connections at once would overflow 128, and
+/// each dropped SYN costs a one-second retransmit. Call it inside the runtime.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::from_std(listener::listening_socket(addr, false)?)
 }
 
 /// [`serve`] with the given limits.

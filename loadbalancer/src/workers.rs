@@ -16,20 +16,17 @@
 //! worker, so each has its own pool of keep-alive upstream connections).
 
 use std::io;
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::thread;
 
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use crate::listener::listening_socket;
 use crate::proxy::Proxy;
 use crate::server::{self, ServerLimits};
 use crate::shutdown::Shutdown;
-
-/// Pending connections the kernel queues per worker socket before refusing more.
-const LISTEN_BACKLOG: i32 = 1024;
 
 /// Running proxy workers; see the module docs.
 #[derive(Debug)]
@@ -60,11 +57,11 @@ impl Workers {
             max_connections: limits.max_connections.div_ceil(count.get()),
             ..limits
         };
-        let first = reuseport_listener(addr)?;
+        let first = listening_socket(addr, true)?;
         let addr = first.local_addr()?;
         let mut listeners = vec![first];
         for _ in 1..count.get() {
-            listeners.push(reuseport_listener(addr)?);
+            listeners.push(listening_socket(addr, true)?);
         }
 
         let mut started = Vec::with_capacity(listeners.len());
@@ -135,18 +132,4 @@ impl Workers {
 /// limited to 2 CPUs gets 2 workers on a 64-core node).
 pub fn default_count() -> NonZeroUsize {
     thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
-}
-
-/// A non-blocking listening socket on `addr` that other sockets may share.
-fn reuseport_listener(addr: SocketAddr) -> io::Result<StdTcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    // SO_REUSEADDR lets a restarted process bind while old connections linger in
-    // TIME_WAIT; SO_REUSEPORT lets the workers' sockets share the port, with the
-    // kernel spreading new connections across them.
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    Ok(socket.into())
 }

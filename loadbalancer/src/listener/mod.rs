@@ -16,6 +16,10 @@
 //! Around that skeleton sit the limits a server facing the network needs
 //! ([`ServerLimits`]):
 //!
+//! * a listen backlog of [`LISTEN_BACKLOG`] ([`listening_socket`]), not the 128
+//!   that the standard library and tokio ask for: a proxy opening a few hundred
+//!   connections at once would overflow 128, and each dropped SYN costs its
+//!   client a one-second retransmit;
 //! * at most `maxConnections` open connections: a semaphore permit is taken
 //!   *before* `accept`, as in mini-redis, so at the cap new connections wait in the
 //!   kernel's listen backlog (and are refused by the kernel once that is full)
@@ -34,7 +38,8 @@
 mod watchdog;
 
 use std::error::Error as StdError;
-use std::net::SocketAddr;
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,12 +52,36 @@ use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::{Service, service_fn};
 use hyper_util::rt::TokioIo;
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use watchdog::{Activity, Expired, TrackedBody, TrackedIo};
+
+/// Connections the kernel queues on a listening socket, accepted or not yet,
+/// before it drops new ones. It caps this at `net.core.somaxconn` (4096 by
+/// default since Linux 5.4).
+pub(crate) const LISTEN_BACKLOG: i32 = 1024;
+
+/// A non-blocking listening socket on `addr` with a backlog of
+/// [`LISTEN_BACKLOG`]; with `share_port`, other sockets may listen on the same
+/// port and the kernel spreads new connections across them (the load
+/// balancer's per-core workers).
+pub(crate) fn listening_socket(addr: SocketAddr, share_port: bool) -> io::Result<StdTcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // SO_REUSEADDR lets a restarted process bind while old connections linger
+    // in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    if share_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
 
 /// First and longest pause after a failed `accept`. Retrying at once would spin;
 /// giving up would turn a transient shortage into an outage.
@@ -421,6 +450,31 @@ mod tests {
             &["chunked", "chunked"],
         ] {
             assert!(framing_error(&headers(te)).is_some(), "{te:?} accepted");
+        }
+    }
+
+    /// More connections than tokio's own `bind` would queue (128), none of
+    /// them accepted yet: with the larger backlog every handshake completes.
+    /// With a full queue the kernel drops the SYN, the connect never
+    /// completes, and the test fails on its timeout.
+    #[tokio::test]
+    async fn a_burst_of_unaccepted_connections_fits_in_the_backlog() {
+        const BURST: usize = 200;
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let socket = listening_socket(addr, false).expect("bind a loopback port");
+        let listener = TcpListener::from_std(socket).expect("inside the runtime");
+        let addr = listener.local_addr().expect("bound socket has an address");
+        let mut clients = Vec::with_capacity(BURST);
+        for _ in 0..BURST {
+            let connect = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr));
+            let client = connect
+                .await
+                .expect("the handshake completes while nobody accepts")
+                .expect("connected");
+            clients.push(client);
+        }
+        for _ in 0..BURST {
+            listener.accept().await.expect("each one is accepted");
         }
     }
 }
