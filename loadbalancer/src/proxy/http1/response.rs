@@ -267,8 +267,9 @@ pub(crate) struct BodyReader {
 pub(crate) enum Step {
     /// A frame for the client.
     Frame(Frame<Bytes>),
-    /// The body has ended. `clean` says the connection holds nothing more:
-    /// no stray bytes after the body, no close pending.
+    /// The body has ended. `clean` says nothing was read past its end: bytes
+    /// after a response are a broken backend's, and the connection is not
+    /// reused (a close that comes later, the pool's checkout notices).
     End { clean: bool },
     /// More bytes are needed from the connection.
     Read,
