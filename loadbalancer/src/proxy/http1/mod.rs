@@ -141,21 +141,21 @@ where
         })
         .await
     };
-    let response = match (response, write_error) {
-        (Ok(response), None) => response,
-        (Ok(response), Some(_)) => {
-            return finish_head(response, buf, is_head_request, None, false);
+    match (response, write_error) {
+        // A failed write leaves no writer, and the connection not reusable.
+        (Ok(response), write_error) => {
+            let request_intact = write_error.is_none();
+            finish_head(response, buf, is_head_request, writer, request_intact)
         }
         // Not a byte of an answer, and the request could not be written: the
         // keep-alive race when the backend reset the connection, named by the
         // write's failure, which says more than the read's.
         (Err(ExchangeError::NoResponse(_)), Some(ExchangeError::Io(write_error))) => {
-            return Err(ExchangeError::NoResponse(write_error));
+            Err(ExchangeError::NoResponse(write_error))
         }
-        (Err(_), Some(write_error)) => return Err(write_error),
-        (Err(read_error), None) => return Err(read_error),
-    };
-    finish_head(response, buf, is_head_request, writer, true)
+        (Err(_), Some(write_error)) => Err(write_error),
+        (Err(read_error), None) => Err(read_error),
+    }
 }
 
 /// The one `Content-Length` of `headers`: every value (and every item of a
