@@ -96,9 +96,9 @@ pub struct HealthChecker {
     backends: Backends,
     settings: HealthCheckSettings,
     /// The probe request, encoded once.
-    request: Arc<UpstreamHead>,
+    request: UpstreamHead,
     /// Probes' own connections: never the proxy's pool (see the module docs).
-    pool: Arc<UpstreamPool>,
+    pool: UpstreamPool,
     /// Consecutive results per backend, pruned to the current list every round.
     streaks: HashMap<SocketAddr, Streak>,
 }
@@ -128,9 +128,9 @@ impl HealthChecker {
             .into_parts();
         Self {
             backends,
-            request: Arc::new(UpstreamHead::new(&request, &body)),
+            request: UpstreamHead::new(&request, &body),
             settings,
-            pool: Arc::new(UpstreamPool::new()),
+            pool: UpstreamPool::new(),
             streaks: HashMap::new(),
         }
     }
@@ -176,7 +176,8 @@ impl HealthChecker {
     /// `GET <path>` on `addr`; the body is read to the end so the connection can
     /// be reused for the next probe.
     fn probe(&self, addr: SocketAddr) -> impl Future<Output = Result<(), ProbeError>> + use<> {
-        let (pool, request) = (Arc::clone(&self.pool), Arc::clone(&self.request));
+        // Both clones share: the pool its connections, the head its bytes.
+        let (pool, request) = (self.pool.clone(), self.request.clone());
         let timeout = self.settings.timeout;
         async move {
             let exchange = async {

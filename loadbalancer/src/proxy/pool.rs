@@ -86,7 +86,9 @@ impl UpstreamError {
     }
 }
 
-/// One worker's pool of keep-alive connections to the backends.
+/// One worker's pool of keep-alive connections to the backends. Clones share
+/// the pool.
+#[derive(Clone)]
 pub(crate) struct UpstreamPool {
     inner: Arc<Inner>,
 }
@@ -136,11 +138,11 @@ impl UpstreamPool {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
-        // A bodiless request can be sent twice; one with a body cannot, as
-        // its bytes are gone once sent.
         let mut body = Some(body).filter(|_| head.has_body());
         if let Some(stream) = self.checkout(backend) {
-            let resendable = head.method().is_safe() && body.is_none();
+            // A bodiless request can be sent twice; one with a body cannot, as
+            // its bytes are gone once sent.
+            let resendable = head.method().is_safe() && !head.has_body();
             match http1::exchange(&stream, backend, head, body.take()).await {
                 Ok(exchanged) => return Ok(self.lease(backend, stream, exchanged)),
                 // The keep-alive race, on a request safe to send again.
