@@ -4,16 +4,17 @@
 //! pool consumes the request it is given, even when it fails to connect. So the
 //! body is never handed over itself: it waits in a shared slot, and each attempt
 //! gets an [`AttemptBody`] that takes it out of the slot on its first poll. The
-//! client polls the body only after it has a connection and has written the head,
-//! so after a connect failure the body is still in the slot and the next attempt
-//! can take it. Once an attempt has taken it, the bytes are on their way and the
-//! request can no longer be retried (the pool's error does not return the
-//! request, and neither did hyper-util's client before it, so this is the only
-//! way back to the body).
+//! exchange polls the body only after it has a connection and has written the
+//! head, so after a connect failure the body is still in the slot and the next
+//! attempt can take it. Once an attempt has taken it, the bytes are on their way
+//! and the request can no longer be retried (the pool's error does not return
+//! the body, so this is the only way back to it).
 //!
 //! A request without a body (most GETs) is trivially replayable: every attempt
 //! gets an empty body. Each attempt has a generation number, so a stale attempt
-//! that a connection task polls late can never steal the body from a newer one.
+//! polled late can never steal the body from a newer one. With hyper's client a
+//! connection task could do that; our exchange drops an attempt's body with the
+//! attempt, and the check stays as a guard.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
