@@ -304,6 +304,20 @@ impl Reply {
         serde_json::from_slice(&self.body).expect("response body is JSON")
     }
 
+    /// Checks that this is the proxy's own JSON error: `status`, with the
+    /// status, `message` and the response's request id in the body.
+    pub(crate) fn assert_proxy_error(&self, status: StatusCode, message: &str) {
+        assert_eq!(self.status, status, "{self:?}");
+        assert_eq!(self.headers["content-type"], "application/json");
+        let body = self.json();
+        assert_eq!(body["status"], status.as_u16());
+        assert_eq!(body["message"], message);
+        assert_eq!(
+            body["requestId"],
+            self.headers["x-request-id"].to_str().expect("ASCII")
+        );
+    }
+
     /// The `podName` of a backend's answer.
     pub(crate) fn pod_name(&self) -> String {
         self.json()["podName"]
