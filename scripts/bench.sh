@@ -35,9 +35,13 @@
 # and CPU ticks are summed. CPU is utime+stime from /proc/<pid>/stat of every
 # process of the target (nginx: master and workers), sampled before and after
 # each run. RSS is each proxy's VmRSS (summed over its processes) half-way
-# through its run, the highest of the rounds. wrk shares the machine's cores with everything else, equally in every
-# target. Our access log is at `info`, so logLevel `warn` switches it off, like
-# `access_log off` in nginx and no `log` line in HAProxy.
+# through its run, the highest of the rounds. A second table splits each target's
+# CPU per request into the proxy's user and kernel time, the backends', the rest
+# (wrk, interrupts) and the machine's in all (/proc/stat), and says what ours
+# would have to cost for 1.1 times the best other proxy's throughput when the
+# machine is the limit. wrk shares the machine's cores with everything else,
+# equally in every target. Our access log is at `info`, so logLevel `warn`
+# switches it off, like `access_log off` in nginx and no `log` line in HAProxy.
 set -euo pipefail
 
 SCENARIO="${SCENARIO:-throughput,slow,bigbody}"
@@ -54,7 +58,7 @@ WRK_THREADS="${WRK_THREADS:-2}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 NO_WRITE="${NO_WRITE:-0}"
 
-usage() { sed -n '2,37s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,44s/^# \{0,1\}//p' "$0"; }
 die() { echo "bench: $*" >&2; exit 1; }
 say() { echo "==> $*" >&2; }
 
@@ -177,6 +181,7 @@ await_200() {
 
 say "starting three backends (logLevel warn)"
 BACKEND_PORTS=()
+BACKEND_PIDS=()
 for i in 1 2 3; do
   port p
   printf '{"port": %d, "serviceName": "bench", "logLevel": "warn"}\n' "$p" >"$WORK/backend-$i.json"
@@ -185,6 +190,7 @@ for i in 1 2 3; do
   PIDS+=("$!")
   await_200 "http://127.0.0.1:$p/" "$!" "$WORK/backend-$i.log"
   BACKEND_PORTS+=("$p")
+  BACKEND_PIDS+=("$!")
 done
 
 declare -A URL PID
@@ -221,7 +227,7 @@ await_200 "http://127.0.0.1:$admin/readyz" "${PID[ours]}" "$WORK/ours.log"
 if [[ "${SCENARIOS[*]}" != soak ]]; then
   say "starting nginx (worker_processes auto) and HAProxy (nbthread $CORES)"
   port p
-  mkdir -p -m 777 "$WORK/nginx-tmp"
+  mkdir -m 777 "$WORK/nginx-tmp"
   fill bench/nginx.conf "$p" >"$WORK/nginx.conf"
   nginx -p "$WORK" -e "$WORK/nginx-error.log" -c "$WORK/nginx.conf" >"$WORK/nginx.log" 2>&1 &
   PIDS+=("$!")
@@ -240,18 +246,24 @@ fi
 
 # --- measuring ---------------------------------------------------------------
 
-# cpu_ticks TARGET: utime+stime of the target's process and its children (nginx
+# cpu_ticks PID...: "utime stime" of the given processes and their children (nginx
 # workers), in clock ticks. /proc/<pid>/stat already sums all of a process's threads.
 cpu_ticks() {
-  local main="${PID[$1]}" pid total=0 fields
-  for pid in "$main" $(pgrep -P "$main" || true); do
-    # Field 2 (comm) may contain spaces: cut through its closing parenthesis;
-    # utime and stime are then the 12th and 13th fields.
-    fields="$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null)" || continue
-    total=$((total + $(awk '{ print $12 + $13 }' <<<"$fields")))
+  local main pid user=0 sys=0 fields
+  for main in "$@"; do
+    for pid in "$main" $(pgrep -P "$main" || true); do
+      # Field 2 (comm) may contain spaces: cut through its closing parenthesis;
+      # utime and stime are then the 12th and 13th fields.
+      fields="$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null)" || continue
+      read -r user sys < <(awk -v u="$user" -v s="$sys" '{ print u + $12, s + $13 }' <<<"$fields")
+    done
   done
-  echo "$total"
+  echo "$user $sys"
 }
+
+# machine_ticks: busy time of all CPUs (user, nice, system, irq, softirq) from
+# /proc/stat, in clock ticks; idle, iowait and time stolen by a hypervisor left out.
+machine_ticks() { awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
 
 # status_kib PID FIELD: a VmRSS / VmHWM line of /proc/PID/status, in KiB.
 status_kib() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"; }
@@ -273,8 +285,14 @@ rss_kib() {
 # descriptors) is also sampled half-way through, while the load is on.
 measure() {
   local scenario="$1" target="$2" round="$3" conns="$4" secs="$5" path="$6"
-  local before after wrk_pid line mid=""
-  before="$(cpu_ticks "$target")"
+  local wrk_pid line mid=""
+  local user0 sys0 user1 sys1 backends0 backends1 machine0 machine1
+  # Direct has no proxy process: its own backend is counted under backends.
+  local proxy_pids=()
+  [[ "$target" != direct ]] && proxy_pids=("${PID[$target]}")
+  read -r user0 sys0 < <(cpu_ticks "${proxy_pids[@]}")
+  read -r backends0 < <(cpu_ticks "${BACKEND_PIDS[@]}" | awk '{ print $1 + $2 }')
+  machine0="$(machine_ticks)"
   wrk -t "$WRK_THREADS" -c "$conns" -d "${secs}s" --timeout 10s -s bench/report.lua \
     "${URL[$target]}$path" >"$WORK/wrk.out" 2>&1 &
   wrk_pid=$!
@@ -284,9 +302,13 @@ measure() {
     [[ "$target" == ours ]] && mid+=" fds_mid=$(find "/proc/${PID[ours]}/fd" -mindepth 1 | wc -l)"
   fi
   wait "$wrk_pid" || { cat "$WORK/wrk.out" >&2; die "wrk failed against $target"; }
-  after="$(cpu_ticks "$target")"
+  machine1="$(machine_ticks)"
+  read -r user1 sys1 < <(cpu_ticks "${proxy_pids[@]}")
+  read -r backends1 < <(cpu_ticks "${BACKEND_PIDS[@]}" | awk '{ print $1 + $2 }')
   line="$(grep '^BENCH ' "$WORK/wrk.out")" || { cat "$WORK/wrk.out" >&2; die "no wrk report"; }
-  echo "$target round=$round cpu_ticks=$((after - before)) ${line#BENCH } $mid" >>"$WORK/$scenario.raw"
+  echo "$target round=$round user_ticks=$((user1 - user0)) sys_ticks=$((sys1 - sys0))" \
+    "backend_ticks=$((backends1 - backends0)) machine_ticks=$((machine1 - machine0))" \
+    "${line#BENCH } $mid" >>"$WORK/$scenario.raw"
   printf '    round %d %-8s %s\n' "$round" "$target" \
     "$(awk '{ for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
               printf "%.0f req/s, p99 %.2f ms", v["requests"] / (v["duration_us"] / 1e6), v["p99_us"] / 1000 }' \
@@ -295,7 +317,7 @@ measure() {
 
 # table SCENARIO: the markdown table for the scenario's raw lines.
 table() {
-  awk -v tck="$CLK_TCK" '
+  awk -v tck="$CLK_TCK" -v cores="$CORES" '
     function median(list,    n, a, i, j, t) {
       n = split(list, a, " ")
       for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j] + 0 < a[j - 1] + 0; j--) {
@@ -309,7 +331,8 @@ table() {
       for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
       req[t] += v["requests"]; us[t] += v["duration_us"]; bytes[t] += v["bytes"]
       err[t] += v["err_connect"] + v["err_read"] + v["err_write"] + v["err_status"] + v["err_timeout"]
-      ticks[t] += v["cpu_ticks"]
+      user[t] += v["user_ticks"]; sys[t] += v["sys_ticks"]
+      backend[t] += v["backend_ticks"]; machine[t] += v["machine_ticks"]
       if (v["rss_mid_kib"] > rss[t]) rss[t] = v["rss_mid_kib"]
       p50[t] = p50[t] " " v["p50_us"]; p99[t] = p99[t] " " v["p99_us"]; p999[t] = p999[t] " " v["p999_us"]
     }
@@ -321,11 +344,36 @@ table() {
         t = order[k]
         vd = ("direct" in rps) ? sprintf("%.2f", rps[t] / rps["direct"]) : "-"
         vo = ("ours" in rps) ? sprintf("%.2f", rps[t] / rps["ours"]) : "-"
-        cpu = (t == "direct") ? "-" : sprintf("%.2f", ticks[t] / tck / req[t] * 1e5)
+        cpu = (t == "direct") ? "-" : sprintf("%.2f", (user[t] + sys[t]) / tck / req[t] * 1e5)
         mem = (t == "direct") ? "-" : sprintf("%.1f", rss[t] / 1024)
         printf "| %s | %.0f | %.2f | %.2f | %.2f | %d | %s | %s | %s | %.1f | %s |\n", t, rps[t],
           median(p50[t]) / 1000, median(p99[t]) / 1000, median(p999[t]) / 1000, err[t],
           vd, vo, cpu, bytes[t] / (us[t] / 1e6) / 1048576, mem
+      }
+      # Where the CPU went. When the machine is saturated, requests/s is its busy
+      # time over the whole chain'"'"'s cost per request, so a proxy gains throughput
+      # only by what it takes off that sum, not off its own cost alone.
+      print ""
+      print "CPU per request, in µs: the proxy (user, kernel), the three backends, everything else (wrk, interrupts), and the machine in all; busy is the share of all cores in use."
+      print ""
+      print "| target | proxy user | proxy kernel | backends | rest | machine | busy |"
+      print "|---|--:|--:|--:|--:|--:|--:|"
+      for (k = 1; k <= count; k++) {
+        t = order[k]
+        f = 1e6 / tck / req[t]
+        pu = (t == "direct") ? "-" : sprintf("%.1f", user[t] * f)
+        pk = (t == "direct") ? "-" : sprintf("%.1f", sys[t] * f)
+        printf "| %s | %s | %s | %.1f | %.1f | %.1f | %.0f %% |\n", t, pu, pk, backend[t] * f,
+          (machine[t] - user[t] - sys[t] - backend[t]) * f, machine[t] * f,
+          100 * machine[t] / tck / (us[t] / 1e6) / cores
+        if (t != "direct" && t != "ours" && (best == "" || machine[t] / req[t] < machine[best] / req[best])) best = t
+      }
+      if (("ours" in rps) && best != "") {
+        # At the same cost per request for everything but ours, ours must spend
+        # this much at most for the machine to serve 1.1 times the best one.
+        need = machine[best] / req[best] / 1.1 - (machine["ours"] - user["ours"] - sys["ours"]) / req["ours"]
+        printf "\nFor 1.1× the cheapest other proxy (%s, %.1f µs of machine per request) with the rest costing what it did, ours would have to spend at most %.1f µs per request; it spent %.1f.\n",
+          best, machine[best] * 1e6 / tck / req[best], need * 1e6 / tck, (user["ours"] + sys["ours"]) * 1e6 / tck / req["ours"]
       }
     }' "$WORK/$1.raw"
 }
@@ -383,7 +431,7 @@ run_soak() {
   end="$(status_kib "${PID[ours]}" VmRSS)"
   wait "$wrk_pid" || { cat "$WORK/wrk.out" >&2; die "wrk failed"; }
   line="$(grep '^BENCH ' "$WORK/wrk.out")" || die "no wrk report"
-  echo "ours round=1 cpu_ticks=0 ${line#BENCH }" >"$WORK/soak.raw"
+  echo "ours round=1 ${line#BENCH }" >"$WORK/soak.raw"
   {
     echo "### soak: ours alone, GET /, $CONNECTIONS connections, ${SOAK_DURATION}s"
     echo
