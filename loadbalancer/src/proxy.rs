@@ -337,67 +337,75 @@ impl Proxy {
 
     /// Proxies one request and always produces a response: failures become
     /// JSON errors. Writes the access log line.
-    pub async fn handle(&self, req: Request<Incoming>, client: &ClientConn) -> Response<ProxyBody> {
+    ///
+    /// The request is turned into its encoded head (see `UpstreamHead` for why
+    /// hyper's parsed one goes at once) and its body here, before the future
+    /// exists. Every connection holds this future while its request waits, and
+    /// an `async fn` would keep a slot for each argument, the parsed request
+    /// and the client included, for as long as it runs.
+    pub fn handle(
+        &self,
+        req: Request<Incoming>,
+        client: &ClientConn,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + use<> {
         let started = Instant::now();
         let request_in_flight = self.shared.metrics.request_started();
-        // From here on the request is its encoded head (see `UpstreamHead`
-        // for why hyper's parsed one goes at once) and its body. The parsed
-        // head lives in this block only, so the request's future, which every
-        // connection holds while its request waits, has no room for it.
-        let (head, body, request_id) = {
-            let (mut parts, body) = req.into_parts();
-            let request_id = self
-                .shared
-                .request_ids
-                .keep_or_generate(parts.headers.get(X_REQUEST_ID));
-            parts.headers.insert(X_REQUEST_ID, request_id.clone());
-            headers::remove_hop_by_hop(&mut parts.headers);
-            headers::add_forwarding(&mut parts.headers, &client.ip);
-            (UpstreamHead::new(&parts, &body), body, request_id)
-        };
-
-        let Forwarded { attempts, result } = self.forward(&head, body, &request_id, started).await;
-        // One clock reading serves the log line and the histogram.
-        let latency = started.elapsed();
-        let latency_ms = latency.as_secs_f64() * 1000.0;
-        let id = request_id.to_str().unwrap_or_default();
-        let metrics = &self.shared.metrics;
-        let mut response = match result {
-            Ok(Upstream {
-                backend,
-                in_flight,
-                response,
-            }) => {
-                let status = response.status();
-                info!(
-                    target: "loadbalancer::access",
-                    method = %head.method(), path = head.path(), backend = %backend,
-                    status = status.as_u16(), latency_ms, attempts,
-                    request_id = id, "request"
-                );
-                metrics.record_backend_request(
+        let (mut parts, body) = req.into_parts();
+        let request_id = self
+            .shared
+            .request_ids
+            .keep_or_generate(parts.headers.get(X_REQUEST_ID));
+        parts.headers.insert(X_REQUEST_ID, request_id.clone());
+        headers::remove_hop_by_hop(&mut parts.headers);
+        headers::add_forwarding(&mut parts.headers, &client.ip);
+        let head = UpstreamHead::new(&parts, &body);
+        let proxy = self.clone();
+        async move {
+            let Forwarded { attempts, result } =
+                proxy.forward(&head, body, &request_id, started).await;
+            // One clock reading serves the log line and the histogram.
+            let latency = started.elapsed();
+            let latency_ms = latency.as_secs_f64() * 1000.0;
+            let id = request_id.to_str().unwrap_or_default();
+            let metrics = &proxy.shared.metrics;
+            let mut response = match result {
+                Ok(Upstream {
                     backend,
-                    in_flight.state().metrics(),
-                    head.method(),
-                    status,
-                    latency,
-                );
-                response
-                    .map(|body| Either::Left(InFlightBody::new(body, request_in_flight, in_flight)))
-            }
-            Err(error) => {
-                warn!(
-                    target: "loadbalancer::access",
-                    method = %head.method(), path = head.path(), backend = %MaybeAddr(error.backend()),
-                    status = error.status().as_u16(), latency_ms, attempts,
-                    request_id = id, error = %error, "request failed"
-                );
-                metrics.record_request(error.backend(), head.method(), error.status(), latency);
-                error.to_response(&request_id).map(Either::Right)
-            }
-        };
-        response.headers_mut().insert(X_REQUEST_ID, request_id);
-        response
+                    in_flight,
+                    response,
+                }) => {
+                    let status = response.status();
+                    info!(
+                        target: "loadbalancer::access",
+                        method = %head.method(), path = head.path(), backend = %backend,
+                        status = status.as_u16(), latency_ms, attempts,
+                        request_id = id, "request"
+                    );
+                    metrics.record_backend_request(
+                        backend,
+                        in_flight.state().metrics(),
+                        head.method(),
+                        status,
+                        latency,
+                    );
+                    response.map(|body| {
+                        Either::Left(InFlightBody::new(body, request_in_flight, in_flight))
+                    })
+                }
+                Err(error) => {
+                    warn!(
+                        target: "loadbalancer::access",
+                        method = %head.method(), path = head.path(), backend = %MaybeAddr(error.backend()),
+                        status = error.status().as_u16(), latency_ms, attempts,
+                        request_id = id, error = %error, "request failed"
+                    );
+                    metrics.record_request(error.backend(), head.method(), error.status(), latency);
+                    error.to_response(&request_id).map(Either::Right)
+                }
+            };
+            response.headers_mut().insert(X_REQUEST_ID, request_id);
+            response
+        }
     }
 
     /// Sends the request to a backend, and to others while a failure is worth a

@@ -14,6 +14,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use futures::FutureExt;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
 
@@ -55,11 +56,7 @@ pub async fn serve_proxy(
     let make_service = move |peer: SocketAddr| {
         let proxy = proxy.clone();
         let client = ClientConn::new(peer);
-        service_fn(move |req| {
-            // The future must own what it uses: it outlives this closure call.
-            let (proxy, client) = (proxy.clone(), client.clone());
-            async move { Ok::<_, Infallible>(proxy.handle(req, &client).await) }
-        })
+        service_fn(move |req| proxy.handle(req, &client).map(Ok::<_, Infallible>))
     };
     serve_with(listener, make_service, shutdown, limits).await;
 }
@@ -69,7 +66,7 @@ pub async fn serve<M, S, B>(listener: TcpListener, make_service: M, shutdown: Sh
 where
     M: Fn(SocketAddr) -> S,
     S: ConnectionService<B> + Send + 'static,
-    B: ResponseBody + Send,
+    B: ResponseBody,
 {
     serve_with(listener, make_service, shutdown, ServerLimits::DEFAULT).await;
 }
@@ -86,7 +83,7 @@ pub async fn serve_with<M, S, B>(
 ) where
     M: Fn(SocketAddr) -> S,
     S: ConnectionService<B> + Send + 'static,
-    B: ResponseBody + Send,
+    B: ResponseBody,
 {
     listener::serve_connections(listener, make_service, shutdown, limits).await;
 }

@@ -45,6 +45,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::TryFutureExt;
+use futures::future;
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue, TRANSFER_ENCODING};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
@@ -151,14 +153,19 @@ pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
     reason = "the load balancer re-exports it; the backend, which compiles this file too, does not"
 )]
 pub trait ConnectionService<B>:
-    Service<Request<Incoming>, Response = Response<B>, Error: Into<BoxError>, Future: Send + 'static>
+    Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Error: Into<BoxError> + Send + 'static,
+        Future: Send + 'static,
+    >
 {
 }
 
 impl<S, B> ConnectionService<B> for S
 where
     S: Service<Request<Incoming>, Response = Response<B>>,
-    S::Error: Into<BoxError>,
+    S::Error: Into<BoxError> + Send + 'static,
     S::Future: Send + 'static,
 {
 }
@@ -169,11 +176,11 @@ where
     unreachable_pub,
     reason = "the load balancer re-exports it; the backend, which compiles this file too, does not"
 )]
-pub trait ResponseBody: Body<Data = Bytes, Error: Into<BoxError>> + Unpin + 'static {}
+pub trait ResponseBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
 
 impl<B> ResponseBody for B
 where
-    B: Body<Data = Bytes> + Unpin + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
 }
@@ -199,7 +206,7 @@ pub(crate) async fn serve_connections<M, S, B, L>(
 ) where
     M: Fn(SocketAddr) -> S,
     S: ConnectionService<B> + Send + 'static,
-    B: ResponseBody + Send,
+    B: ResponseBody,
     L: Lifecycle,
 {
     let mut http = http1::Builder::new();
@@ -358,26 +365,30 @@ where
 {
     service_fn(move |req: Request<Incoming>| {
         let request = activity.request_started();
-        let answer = match framing_error(req.headers()) {
-            Some(reason) => Err(reason),
-            None => Ok(service.call(req)),
-        };
         let lifecycle = lifecycle.clone();
-        async move {
-            let mut response = match answer {
-                Ok(future) => future.await?.map(Either::Left),
-                Err(reason) => {
-                    debug!(reason, "refused request framing");
-                    bad_request(reason).map(Either::Right)
-                }
-            };
+        // Combinators, not an `async` block: a block would keep the inner
+        // future twice, once as the value it captured and once as the future
+        // it awaits (rustc gives the two separate slots), and hyper keeps this
+        // future for every connection with a request in flight.
+        let answer = match framing_error(req.headers()) {
+            Some(reason) => {
+                debug!(reason, "refused request framing");
+                future::Either::Right(future::ready(Ok(bad_request(reason).map(Either::Right))))
+            }
+            None => future::Either::Left(
+                service
+                    .call(req)
+                    .map_ok(|response| response.map(Either::Left)),
+            ),
+        };
+        answer.map_ok(move |mut response| {
             if lifecycle.draining() {
                 response
                     .headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
             }
-            Ok(response.map(|body| TrackedBody::new(body, request)))
-        }
+            response.map(|body| TrackedBody::new(body, request))
+        })
     })
 }
 
