@@ -20,10 +20,9 @@ use loadbalancer::logging;
 use loadbalancer::metrics::Metrics;
 use loadbalancer::proxy::{Proxy, ProxySettings, Resilience};
 use loadbalancer::reload::{self, HealthTask, Live, Reloader};
-use loadbalancer::server::ServerLimits;
+use loadbalancer::server::{self, ServerLimits};
 use loadbalancer::shutdown::{Shutdown, Signals};
 use loadbalancer::workers::{self, Workers};
-use tokio::net::TcpListener;
 use tracing::info;
 
 /// Kubernetes-aware HTTP load balancer.
@@ -102,8 +101,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         log: Some(log),
         metrics: Arc::clone(&metrics),
     };
-    let admin_listener = bind(config.admin_port)
-        .await
+    let admin_listener = server::bind((Ipv4Addr::UNSPECIFIED, config.admin_port).into())
         .context("binding the admin port")?;
     info!(
         proxy = %proxy_workers.local_addr(),
@@ -143,8 +141,4 @@ async fn run(args: Args) -> anyhow::Result<()> {
     admin_task.await.context("admin server task")?;
     info!("stopped");
     outcome
-}
-
-async fn bind(port: u16) -> std::io::Result<TcpListener> {
-    TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).await
 }
