@@ -47,7 +47,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::TryFutureExt;
 use futures::future;
-use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
@@ -405,17 +405,28 @@ where
 /// transfer codings, and `Transfer-Encoding` is hop-by-hop, so a proxy would hand
 /// the backend a body in a coding it was never told about.
 pub(crate) fn framing_error(headers: &HeaderMap) -> Option<&'static str> {
-    let mut codings = headers
-        .get_all(TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|coding| !coding.is_empty());
+    let mut codings = list_items(headers, TRANSFER_ENCODING);
     match (codings.next(), codings.next()) {
         (None, _) => None,
         (Some(coding), None) if coding.eq_ignore_ascii_case(b"chunked") => None,
         _ => Some("unsupported transfer coding: only a single \"chunked\" is accepted"),
     }
+}
+
+/// The items of a comma-separated header field, over all its lines, with the
+/// whitespace around them trimmed and empty ones skipped, as RFC 9110 section
+/// 5.6.1 asks of a recipient. Bytes, not `str`: a stray non-ASCII byte in one
+/// item does not hide the others.
+pub(crate) fn list_items(
+    headers: &HeaderMap,
+    name: HeaderName,
+) -> impl DoubleEndedIterator<Item = &[u8]> {
+    headers
+        .get_all(name)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|item| !item.is_empty())
 }
 
 /// The 400 for refused framing. The body was not read, so the connection cannot
@@ -462,6 +473,23 @@ mod tests {
         ] {
             assert!(framing_error(&headers(te)).is_some(), "{te:?} accepted");
         }
+    }
+
+    #[test]
+    fn list_items_span_lines_trim_whitespace_and_skip_empty_items() {
+        let mut headers = headers(&["gzip ,, ", "\tchunked,x"]);
+        headers.append(
+            TRANSFER_ENCODING,
+            HeaderValue::from_bytes(b"caf\xe9, br").expect("obs-text is a valid value"),
+        );
+        let items: Vec<&[u8]> = list_items(&headers, TRANSFER_ENCODING).collect();
+        let expected: [&[u8]; 5] = [b"gzip", b"chunked", b"x", b"caf\xe9", b"br"];
+        assert_eq!(items, expected);
+        assert_eq!(
+            list_items(&headers, TRANSFER_ENCODING).next_back(),
+            Some(&b"br"[..])
+        );
+        assert_eq!(list_items(&headers, CONNECTION).next(), None);
     }
 
     /// More connections than tokio's own `bind` would queue (128), none of

@@ -16,6 +16,8 @@ use http::header::{
     TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 
+use crate::listener::list_items;
+
 pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -42,18 +44,16 @@ const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 /// Removes hop-by-hop headers: `Connection` and every header it names, the fixed
 /// list above, and any other `Proxy-*` header.
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if let Entry::Occupied(connection) = headers.entry(CONNECTION) {
-        // The values must be taken out before the headers they name can be
-        // removed from the same map. This allocates only when `Connection` is
-        // present, which HTTP/1.1 clients rarely send.
-        let named: Vec<HeaderValue> = connection.remove_entry_mult().1.collect();
-        for value in &named {
-            let Ok(value) = value.to_str() else { continue };
-            for name in value.split(',').map(str::trim) {
-                // An invalid name matches no header, so it is simply skipped.
-                headers.remove(name);
-            }
-        }
+    // The names must be read out before the headers they name can be removed
+    // from the same map. Collecting allocates only when `Connection` names
+    // something, which HTTP/1.1 clients rarely send. An invalid name matches
+    // no header, so it is simply skipped.
+    let named: Vec<HeaderName> = list_items(headers, CONNECTION)
+        .filter_map(|name| HeaderName::from_bytes(name).ok())
+        .collect();
+    headers.remove(CONNECTION);
+    for name in named {
+        headers.remove(name);
     }
     for name in HOP_BY_HOP {
         headers.remove(name);

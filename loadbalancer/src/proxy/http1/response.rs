@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 
 use super::chunked::{ChunkedDecoder, Decoded};
 use super::{ExchangeError, Exchanged, RequestWriter, content_length};
+use crate::listener::list_items;
 
 /// Header fields accepted in a response head, as in hyper.
 const MAX_HEADERS: usize = 100;
@@ -222,22 +223,13 @@ pub(super) fn finish_head<B>(
 }
 
 fn last_encoding_is_chunked(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(TRANSFER_ENCODING)
-        .iter()
+    list_items(headers, TRANSFER_ENCODING)
         .next_back()
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.rsplit(',').next())
-        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+        .is_some_and(|last| last.eq_ignore_ascii_case(b"chunked"))
 }
 
 fn has_connection_option(headers: &HeaderMap, option: &str) -> bool {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|item| item.trim().eq_ignore_ascii_case(option))
+    list_items(headers, CONNECTION).any(|item| item.eq_ignore_ascii_case(option.as_bytes()))
 }
 
 /// How the response body ends.
