@@ -167,12 +167,28 @@ impl BackendState {
             .store(self.ejection_ms(until), Ordering::Relaxed);
     }
 
+    /// Ejects the backend until `until` unless it is ejected at `now`, or another
+    /// caller got there first; returns whether this call did. Outlier detection
+    /// uses it so that of several failures racing past the threshold exactly one
+    /// ejects: the ejection is claimed by the same write that publishes it.
+    pub fn eject_unless_ejected(&self, now: Instant, until: Instant) -> bool {
+        self.replace_unless_ejected(now, until, true)
+    }
+
     /// Extends an ejection that has run out at `now` until `until`, unless another
     /// caller did so first; returns whether this call did. Outlier detection uses
     /// it to let exactly one trial request through when an ejection ends.
     pub fn extend_expired_ejection(&self, now: Instant, until: Instant) -> bool {
+        self.replace_unless_ejected(now, until, false)
+    }
+
+    /// Sets the ejection to end at `until` if none is in force at `now` (and, if
+    /// not `from_none`, one has been), with one compare-and-swap, so that of
+    /// racing callers one wins.
+    fn replace_unless_ejected(&self, now: Instant, until: Instant, from_none: bool) -> bool {
         let current = self.ejected_until_ms.load(Ordering::Relaxed);
-        if current == 0 || self.epoch + Duration::from_millis(current) > now {
+        let in_force = current != 0 && self.epoch + Duration::from_millis(current) > now;
+        if in_force || (current == 0 && !from_none) {
             return false;
         }
         self.ejected_until_ms

@@ -155,7 +155,12 @@ impl OutlierDetector {
                 info!(backend = %backend, "trial request succeeded, backend restored");
                 None
             }
-            (Admission::Trial, Outcome::Failure) => Some(self.eject(backend, state, now)),
+            (Admission::Trial, Outcome::Failure) => {
+                // The one trial: nothing races it, the ejection it extended ends.
+                let until = self.next_ejection_end(state, now);
+                state.eject_until(until);
+                Some(self.ejected(backend, state, now, until))
+            }
             (Admission::Normal, _) if state.ejected_until(now).is_some() => None,
             (Admission::Normal, Outcome::Success) => {
                 counters.consecutive_failures.store(0, Ordering::Relaxed);
@@ -168,28 +173,47 @@ impl OutlierDetector {
                     + 1;
                 // `>=`, so a threshold that a reload lowered below the count
                 // already reached still ejects. Of several failures racing past
-                // it, only the one whose count is still current claims the
-                // ejection (by resetting the count), so exactly one ejects.
+                // it, only the one whose count is still current goes on (by
+                // resetting the count).
                 let claimed = failures >= self.settings.consecutive_failures.max(1)
                     && counters
                         .consecutive_failures
                         .compare_exchange(failures, 0, Ordering::Relaxed, Ordering::Relaxed)
                         .is_ok();
-                claimed.then(|| self.eject(backend, state, now))
+                if !claimed {
+                    return None;
+                }
+                // Failures counted after another one claimed an ejection, but
+                // before that ejection was in force, can claim again: the
+                // ejection itself is taken with a compare-and-swap, so exactly
+                // one of them ejects.
+                let until = self.next_ejection_end(state, now);
+                state
+                    .eject_unless_ejected(now, until)
+                    .then(|| self.ejected(backend, state, now, until))
             }
         }
     }
 
-    /// Ejects `backend` for the next backoff in its series.
-    fn eject(&self, backend: SocketAddr, state: &BackendState, now: Instant) -> Instant {
+    /// When an ejection starting at `now` would end: the next backoff in the
+    /// backend's series.
+    fn next_ejection_end(&self, state: &BackendState, now: Instant) -> Instant {
+        now + self.ejection_time(state.outlier().ejections())
+    }
+
+    /// Counts an ejection until `until` that this call has put in force.
+    fn ejected(
+        &self,
+        backend: SocketAddr,
+        state: &BackendState,
+        now: Instant,
+        until: Instant,
+    ) -> Instant {
         let counters = state.outlier();
         counters.consecutive_failures.store(0, Ordering::Relaxed);
-        let previous = counters.ejections.fetch_add(1, Ordering::Relaxed);
-        let duration = self.ejection_time(previous);
-        let until = now + duration;
-        state.eject_until(until);
+        let ejections = counters.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         warn!(
-            backend = %backend, ejections = previous + 1, ejected_ms = duration.as_millis(),
+            backend = %backend, ejections, ejected_ms = (until - now).as_millis(),
             "backend ejected"
         );
         until
