@@ -1,14 +1,16 @@
 //! A request body that can be sent again as long as nothing of it was sent.
 //!
 //! The proxy streams request bodies (no buffering, flat memory), and the upstream
-//! pool consumes the request it is given, even when it fails to connect. So the
-//! body is never handed over itself: it waits in a shared slot, and each attempt
-//! gets an [`AttemptBody`] that takes it out of the slot on its first poll. The
-//! exchange polls the body only after it has a connection and has written the
-//! head, so after a connect failure the body is still in the slot and the next
-//! attempt can take it. Once an attempt has taken it, the bytes are on their way
-//! and the request can no longer be retried (the pool's error does not return
-//! the body, so this is the only way back to it).
+//! pool consumes the request it is given, even when it fails to connect. An
+//! attempt can also end with no error at all to carry the body back: the request
+//! timeout, which also bounds the connect, drops the attempt's future and
+//! everything in it. (A timeout is not retried today, but nothing here relies on
+//! that.) So the body is never handed over itself: it waits in a shared slot, and
+//! each attempt gets an [`AttemptBody`] that takes it out of the slot on its
+//! first poll. The exchange polls the body only after it has a connection and
+//! has written the head, so after a connect failure the body is still in the
+//! slot and the next attempt can take it. Once an attempt has taken it, the
+//! bytes are on their way and the request can no longer be retried.
 //!
 //! A request without a body (most GETs) is trivially replayable: every attempt
 //! gets an empty body. Each attempt has a generation number, so a stale attempt
