@@ -25,7 +25,6 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use http::header::HeaderName;
@@ -37,8 +36,8 @@ use tokio::sync::watch;
 use tracing::{debug, info};
 
 use crate::handlers::{self, App, Body};
-pub use crate::listener::ServerLimits;
 use crate::listener::{self, Lifecycle};
+pub use crate::listener::{ServerLimits, bind};
 
 /// The header that carries a request's id across the load balancer and the backend.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -88,14 +87,6 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     serve_with(listener, app, shutdown, DEFAULT_LIMITS).await
-}
-
-/// Listens on `addr` with the load balancer's backlog of 1,024 pending
-/// connections, not the 128 of `tokio::net::TcpListener::bind`: a load
-/// balancer opening a few hundred connections at once would overflow 128, and
-/// each dropped SYN costs a one-second retransmit. Call it inside the runtime.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::from_std(listener::listening_socket(addr, false)?)
 }
 
 /// [`serve`] with the given limits.

@@ -11,7 +11,6 @@
 //! The same loop serves the proxy and the admin endpoints; only the service differs.
 
 use std::convert::Infallible;
-use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -21,7 +20,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::listener::{self, Lifecycle};
-pub use crate::listener::{ConnectionService, ResponseBody, ServerLimits};
+pub use crate::listener::{ConnectionService, ResponseBody, ServerLimits, bind};
 use crate::proxy::{ClientConn, Proxy};
 use crate::shutdown::{Phase, Shutdown};
 
@@ -45,14 +44,6 @@ impl Lifecycle for Shutdown {
     fn draining(&self) -> bool {
         self.phase() != Phase::Serving
     }
-}
-
-/// Listens on `addr` with the proxy workers' backlog of 1,024 pending
-/// connections, not the 128 of `tokio::net::TcpListener::bind`; for the admin
-/// port, so that a burst of probes and scrapes queues like the proxy's clients
-/// do. Call it inside the runtime.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::from_std(listener::listening_socket(addr, false)?)
 }
 
 /// Serves the reverse proxy on `listener` until shutdown; see [`serve_with`].

@@ -85,6 +85,14 @@ pub(crate) fn listening_socket(addr: SocketAddr, share_port: bool) -> io::Result
     Ok(socket.into())
 }
 
+/// Listens on `addr` with a backlog of 1,024 pending connections, not the 128
+/// of `tokio::net::TcpListener::bind`: a load balancer opening a few hundred
+/// connections at once would overflow 128, and each dropped SYN costs a
+/// one-second retransmit. Call it inside the runtime.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::from_std(listening_socket(addr, false)?)
+}
+
 /// First and longest pause after a failed `accept`. Retrying at once would spin;
 /// giving up would turn a transient shortage into an outage.
 const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(10);
@@ -500,8 +508,7 @@ mod tests {
     async fn a_burst_of_unaccepted_connections_fits_in_the_backlog() {
         const BURST: usize = 200;
         let addr = SocketAddr::from(([127, 0, 0, 1], 0));
-        let socket = listening_socket(addr, false).expect("bind a loopback port");
-        let listener = TcpListener::from_std(socket).expect("inside the runtime");
+        let listener = bind(addr).expect("bind a loopback port");
         let addr = listener.local_addr().expect("bound socket has an address");
         let mut clients = Vec::with_capacity(BURST);
         for _ in 0..BURST {
