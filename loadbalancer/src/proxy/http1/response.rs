@@ -1,6 +1,7 @@
 //! The response side of an exchange: the head, read and parsed off the
 //! connection, and the body, decoded by its framing as the client takes it.
 
+use std::future::poll_fn;
 use std::io;
 use std::ops::Range;
 use std::task::{Context, Poll, ready};
@@ -80,11 +81,22 @@ pub(super) async fn read_head(
 /// Waits until `stream` is readable, then reads what is there into `buf`
 /// ([`try_read_into`]).
 async fn read_some(stream: &TcpStream, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
+    poll_fn(|cx| poll_read_into(stream, cx, buf, want)).await
+}
+
+/// Polls `stream` for readability, then reads what is there into `buf`
+/// ([`try_read_into`]); a stale readiness mark is waited out.
+fn poll_read_into(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    want: usize,
+) -> Poll<io::Result<usize>> {
     loop {
-        stream.readable().await?;
+        ready!(stream.poll_read_ready(cx))?;
         match try_read_into(stream, buf, want) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            result => return result,
+            result => return Poll::Ready(result),
         }
     }
 }
@@ -326,24 +338,20 @@ impl BodyReader {
             }
             _ => self.next_read,
         };
-        loop {
-            ready!(stream.poll_read_ready(cx))?;
-            match try_read_into(stream, &mut self.buf, want) {
-                Ok(0) => {
-                    return Poll::Ready(match self.framing {
-                        Framing::UntilClose => Ok(false),
-                        _ => Err(ExchangeError::IncompleteBody),
-                    });
-                }
+        Poll::Ready(
+            match ready!(poll_read_into(stream, cx, &mut self.buf, want)) {
+                Ok(0) => match self.framing {
+                    Framing::UntilClose => Ok(false),
+                    _ => Err(ExchangeError::IncompleteBody),
+                },
                 Ok(read) => {
                     if read >= want && self.next_read < MAX_READ {
                         self.next_read *= 2;
                     }
-                    return Poll::Ready(Ok(true));
+                    Ok(true)
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(ExchangeError::Io(e))),
-            }
-        }
+                Err(e) => Err(ExchangeError::Io(e)),
+            },
+        )
     }
 }
