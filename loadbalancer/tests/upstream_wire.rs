@@ -61,6 +61,14 @@ async fn try_send(req: Request<Full<Bytes>>) -> Result<Reply, String> {
         .expect("the exchange ends, one way or another, within PATIENCE")
 }
 
+/// The next `GET /` gets a 200 with `body`, the backend's next scripted answer:
+/// whatever came before left the proxy's upstream connections in order.
+async fn assert_next_get_answers(lb: &TestLb, body: &'static [u8]) {
+    let next = get(&lb.url("/")).await;
+    assert_eq!(next.status, StatusCode::OK);
+    assert_eq!(next.body, Bytes::from_static(body));
+}
+
 /// The proxy's own JSON answer for a backend that did not answer properly.
 fn assert_bad_gateway(reply: &Reply) {
     reply.assert_proxy_error(StatusCode::BAD_GATEWAY, "the backend failed to answer");
@@ -121,9 +129,7 @@ async fn a_close_delimited_response_arrives_whole_and_the_next_request_opens_a_n
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.body, Bytes::from(body));
     assert_eq!(reply.headers["content-type"], "text/plain");
-    let next = get(&lb.url("/")).await;
-    assert_eq!(next.status, StatusCode::OK);
-    assert_eq!(next.body, Bytes::from_static(b"second"));
+    assert_next_get_answers(&lb, b"second").await;
     assert_eq!(backend.requests_per_connection(), [1, 1]);
     lb.stop().await;
 }
@@ -173,9 +179,7 @@ async fn a_head_response_has_no_body_whatever_its_content_length_and_keeps_its_c
     );
     // Had the proxy waited for 5 body bytes, this GET's answer would have been
     // taken for them.
-    let next = get(&lb.url("/")).await;
-    assert_eq!(next.status, StatusCode::OK);
-    assert_eq!(next.body, Bytes::from_static(b"hello"));
+    assert_next_get_answers(&lb, b"hello").await;
     assert_eq!(backend.requests_per_connection(), [2]);
     let received = backend.requests();
     assert_eq!(received[0].request_line(), "HEAD / HTTP/1.1");
@@ -280,9 +284,7 @@ async fn a_backend_closing_mid_body_cuts_the_clients_response_short_and_the_next
         // The head, or the body, broke off: the client knows it is incomplete.
         Err(error) => eprintln!("cut short as expected: {error}"),
     }
-    let next = get(&lb.url("/")).await;
-    assert_eq!(next.status, StatusCode::OK);
-    assert_eq!(next.body, Bytes::from_static(b"whole"));
+    assert_next_get_answers(&lb, b"whole").await;
     assert_eq!(backend.requests_per_connection(), [1, 1]);
     lb.stop().await;
 }
@@ -447,8 +449,7 @@ async fn refused_upload(refusal: Answer) -> Reply {
         .body(Full::new(upload))
         .expect("valid request");
     let reply = try_send(req).await.expect("the proxy answers the client");
-    let next = get(&lb.url("/")).await;
-    assert_eq!(next.body, Bytes::from_static(b"after"));
+    assert_next_get_answers(&lb, b"after").await;
     assert_eq!(backend.requests_per_connection(), [1, 1]);
     lb.stop().await;
     reply
