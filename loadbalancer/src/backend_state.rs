@@ -12,12 +12,11 @@
 //! `healthy`, outlier detection `ejected_until`), so no update ever overwrites
 //! another's.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::metrics::BackendMetrics;
-use crate::outlier::OutlierState;
 
 /// What the load balancer knows about one backend right now.
 #[derive(Debug)]
@@ -48,6 +47,24 @@ pub struct BackendState {
     /// that recording later ones needs no label lookup (see
     /// [`Metrics::record_backend_request`](crate::metrics::Metrics::record_backend_request)).
     metrics: OnceLock<BackendMetrics>,
+}
+
+/// The per-backend counters behind outlier detection's ejection decisions; one
+/// lives in each [`BackendState`]. Only [`crate::outlier`] writes them.
+#[derive(Debug, Default)]
+pub struct OutlierState {
+    /// Failures since the last success (or since the last ejection).
+    pub(crate) consecutive_failures: AtomicU32,
+    /// Ejections since the last success. Non-zero means the circuit is open or
+    /// half-open; it is also the exponent of the next ejection's length.
+    pub(crate) ejections: AtomicU32,
+}
+
+impl OutlierState {
+    /// Ejections since the backend last succeeded (0: the circuit is closed).
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
 }
 
 /// Counts a request as in flight for as long as it lives.

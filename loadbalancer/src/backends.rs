@@ -1,9 +1,13 @@
 //! The shared list of backend addresses: discovery writes it, the balancer reads it.
 //!
 //! This is the one piece of state that the two halves of the load balancer share.
-//! Discovery (a single task) builds a complete new list off to the side and swaps it
-//! in with one write, so a reader never sees half an update. Request handlers (many
-//! tasks) take the read lock only long enough to pick an address and copy it out.
+//! It has one writer, by type: discovery holds the [`BackendsWriter`], which is not
+//! `Clone`, and everything else (the balancer, health checks, metrics, the admin
+//! endpoints) holds a [`Backends`], which can read and cannot write.
+//! kube-runtime's `reflector::store()` hands out its `Writer` and `Store` the same
+//! way. Discovery builds a complete new list off to the side and swaps it in with
+//! one write, so a reader never sees half an update. Request handlers (many tasks)
+//! take the read lock only long enough to pick an address and copy it out.
 //!
 //! The lock is a `std::sync::RwLock`, not tokio's: it is held for nanoseconds and
 //! never across an `.await`, which is exactly the case where a blocking lock is the
@@ -18,15 +22,72 @@
 //! so the admin endpoints and metrics can tell how fresh the list is without
 //! discovery having to report to them separately.
 
+mod status;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Instant;
+use std::fmt;
+use std::time::{Instant, UNIX_EPOCH};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Unit;
 
 use crate::backend_state::BackendState;
-use crate::discovery::DiscoveryStatus;
+pub use status::{DiscoveryError, DiscoveryStatus, SourceKind};
 
-/// A cheaply clonable handle to the current backend addresses.
+/// The one handle that changes the list; see the module docs. Dropping it leaves
+/// the list as it was.
+#[derive(Debug, Default)]
+pub struct BackendsWriter {
+    /// The list it writes, shared with every reader.
+    list: Backends,
+}
+
+impl BackendsWriter {
+    /// An empty list that is not yet synced, and the handle that fills it.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A read handle on the list this writes.
+    pub fn reader(&self) -> Backends {
+        self.list.clone()
+    }
+
+    /// Publishes a complete new list in one write. Returns whether it differed from
+    /// the old one, so callers can log changes and stay quiet otherwise.
+    pub fn replace(&self, addrs: Vec<SocketAddr>) -> bool {
+        self.list.replace(addrs)
+    }
+
+    /// Records that discovery has delivered a complete list at least once.
+    pub fn mark_synced(&self) {
+        self.list.discovery.record_sync(false);
+        self.list.synced.store(true, Ordering::Release);
+    }
+
+    /// Whether a complete list has been delivered at least once.
+    pub fn is_synced(&self) -> bool {
+        self.list.is_synced()
+    }
+
+    /// The current list.
+    pub fn snapshot(&self) -> Vec<SocketAddr> {
+        self.list.snapshot()
+    }
+
+    /// Where discovery records its source and its errors.
+    pub fn discovery_status(&self) -> &DiscoveryStatus {
+        &self.list.discovery
+    }
+}
+
+/// A cheaply clonable read handle on the current backend addresses.
 #[derive(Debug, Clone, Default)]
 pub struct Backends {
     /// The addresses requests may go to, sorted and without duplicates.
@@ -46,16 +107,16 @@ pub struct Backends {
 }
 
 impl Backends {
-    /// A list that starts with `addrs` (sorted and de-duplicated) and is not yet synced.
+    /// A list fixed at `addrs` (sorted and de-duplicated), not synced, with no
+    /// writer: for tests of the parts that read it.
     pub fn new(addrs: Vec<SocketAddr>) -> Self {
-        let backends = Self::default();
-        backends.replace(addrs);
-        backends
+        let writer = BackendsWriter::new();
+        writer.replace(addrs);
+        writer.reader()
     }
 
-    /// Publishes a complete new list in one write. Returns whether it differed from
-    /// the old one, so callers can log changes and stay quiet otherwise.
-    pub fn replace(&self, mut addrs: Vec<SocketAddr>) -> bool {
+    /// See [`BackendsWriter::replace`]; only the writer calls it.
+    fn replace(&self, mut addrs: Vec<SocketAddr>) -> bool {
         addrs.sort_unstable();
         addrs.dedup();
         let changed = *read(&self.addrs) != addrs;
@@ -170,12 +231,6 @@ impl Backends {
         f(&addrs, &available, &in_flight, &states)
     }
 
-    /// Records that discovery has delivered a complete list at least once.
-    pub fn mark_synced(&self) {
-        self.discovery.record_sync(false);
-        self.synced.store(true, Ordering::Release);
-    }
-
     /// Whether discovery has delivered a complete list at least once.
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Acquire)
@@ -184,6 +239,64 @@ impl Backends {
     /// What discovery has done lately (source, updates, last sync, last error).
     pub fn discovery_status(&self) -> &DiscoveryStatus {
         &self.discovery
+    }
+}
+
+/// The list's metrics, computed from its state at each scrape: backends by state,
+/// and discovery's updates and last sync. Registered by
+/// [`Metrics::new`](crate::metrics::Metrics::new).
+#[derive(Debug)]
+pub struct BackendGauges {
+    /// The list and per-backend states, and discovery's status beside them.
+    backends: Backends,
+}
+
+impl Backends {
+    /// The collector of this list's gauges.
+    pub fn gauges(&self) -> BackendGauges {
+        BackendGauges {
+            backends: self.clone(),
+        }
+    }
+}
+
+impl Collector for BackendGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let now = Instant::now();
+        let (mut known, mut ready, mut ejected) = (0i64, 0i64, 0i64);
+        for (_, state) in self.backends.states() {
+            known += 1;
+            ready += i64::from(state.is_available(now));
+            ejected += i64::from(state.ejected_until(now).is_some());
+        }
+        let mut family = encoder.encode_descriptor(
+            "backends",
+            "Backends by state: known (discovered), ready (healthy and not ejected, \
+             so the balancer may pick them), ejected (by outlier detection).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, count) in [("known", known), ("ready", ready), ("ejected", ejected)] {
+            ConstGauge::new(count).encode(family.encode_family(&[("state", state)])?)?;
+        }
+
+        let discovery = self.backends.discovery_status();
+        ConstCounter::new(discovery.updates()).encode(encoder.encode_descriptor(
+            "discovery_updates",
+            "Backend lists published by discovery that differed from the previous one.",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let last_sync = discovery.last_sync().map_or(0.0, |at| {
+            at.duration_since(UNIX_EPOCH)
+                .map_or(0.0, |since| since.as_secs_f64())
+        });
+        ConstGauge::new(last_sync).encode(encoder.encode_descriptor(
+            "discovery_last_sync_timestamp",
+            "Unix time when discovery last delivered a backend list (0: never).",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?)
     }
 }
 
@@ -255,9 +368,9 @@ mod tests {
     }
 
     #[test]
-    fn clones_share_one_list_and_one_sync_flag() {
-        let writer = Backends::default();
-        let reader = writer.clone();
+    fn readers_share_the_writers_list_and_sync_flag() {
+        let writer = BackendsWriter::new();
+        let reader = writer.reader().clone();
         assert!(!reader.is_synced());
         writer.replace(vec![addr("[::1]:8080")]);
         writer.mark_synced();
@@ -288,5 +401,124 @@ mod tests {
         backends.replace(Vec::new());
         backends.replace(vec![addr("10.0.0.1:80")]);
         assert_eq!(backends.state(addr("10.0.0.1:80")).requests(), 0);
+    }
+
+    #[test]
+    fn backend_gauges_are_read_from_the_states_at_scrape_time() {
+        let backends = Backends::new(vec![
+            addr("10.0.0.1:80"),
+            addr("10.0.0.2:80"),
+            addr("10.0.0.3:80"),
+        ]);
+        let metrics = crate::metrics::Metrics::new(backends.gauges());
+        backends.state(addr("10.0.0.1:80")).set_healthy(false);
+        backends
+            .state(addr("10.0.0.2:80"))
+            .eject_until(Instant::now() + std::time::Duration::from_secs(60));
+        let text = metrics.encode();
+        for line in [
+            r#"loadbalancer_backends{state="known"} 3"#,
+            r#"loadbalancer_backends{state="ready"} 1"#,
+            r#"loadbalancer_backends{state="ejected"} 1"#,
+            "loadbalancer_discovery_updates_total 1",
+            r#"loadbalancer_build_info{version="0.1.0"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing in\n{text}");
+        }
+    }
+
+    /// The balancer picks under the list's read lock; these check that it
+    /// stays exact and never sees a torn list while discovery writes.
+    mod picks {
+        use std::collections::HashMap;
+        use std::sync::Arc;
+
+        use super::*;
+        use crate::balancer::{Balancer, RoundRobin};
+
+        fn addrs(n: u16) -> Vec<SocketAddr> {
+            (0..n)
+                .map(|i| SocketAddr::from(([10, 0, 0, 1], 8000 + i)))
+                .collect()
+        }
+
+        fn count(picks: impl IntoIterator<Item = SocketAddr>) -> HashMap<SocketAddr, usize> {
+            let mut counts = HashMap::new();
+            for addr in picks {
+                *counts.entry(addr).or_default() += 1;
+            }
+            counts
+        }
+
+        /// Bound asserted: exact. Each `fetch_add` hands out a distinct ticket, so
+        /// 8 threads × 3 000 picks over 3 backends give each exactly 8 000, however
+        /// the threads interleave.
+        #[test]
+        fn concurrent_picks_stay_exactly_balanced() {
+            let backends = Backends::new(addrs(3));
+            let balancer = Arc::new(RoundRobin::new());
+            let threads: Vec<_> = (0..8)
+                .map(|_| {
+                    let (backends, balancer) = (backends.clone(), Arc::clone(&balancer));
+                    std::thread::spawn(move || {
+                        (0..3_000)
+                            .map(|_| {
+                                backends
+                                    .with(|list| balancer.pick(list))
+                                    .expect("list is not empty")
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let picks = threads
+                .into_iter()
+                .flat_map(|t| t.join().expect("picking thread does not panic"));
+            let counts = count(picks);
+            assert_eq!(counts.len(), 3);
+            assert!(counts.values().all(|&c| c == 8_000), "{counts:?}");
+        }
+
+        #[test]
+        fn list_shrinking_and_growing_while_picking_only_yields_current_members() {
+            let universe = addrs(6);
+            let list = BackendsWriter::new();
+            list.replace(universe.clone());
+            let backends = list.reader();
+            let balancer = Arc::new(RoundRobin::new());
+            let writer = {
+                let universe = universe.clone();
+                std::thread::spawn(move || {
+                    for round in 0..2_000 {
+                        // Lengths cycle 6, 5, .., 0, so pickers also meet the empty list.
+                        let len = universe.len() - round % (universe.len() + 1);
+                        list.replace(universe[..len].to_vec());
+                    }
+                })
+            };
+            let readers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (backends, balancer) = (backends.clone(), Arc::clone(&balancer));
+                    std::thread::spawn(move || {
+                        (0..20_000)
+                            .map(|_| {
+                                backends.with(|list| {
+                                    balancer.pick(list).map(|addr| (addr, list.contains(&addr)))
+                                })
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            writer.join().expect("writer does not panic");
+            for reader in readers {
+                // An empty list at the moment of the pick gives Err(NoBackend);
+                // every successful pick must come from the list it saw.
+                let picks = reader.join().expect("picker does not panic");
+                for (addr, in_list) in picks.into_iter().flatten() {
+                    assert!(in_list, "{addr} not in the list it was picked from");
+                }
+            }
+        }
     }
 }

@@ -1,285 +1,234 @@
-//! Configuration: read once at start-up, before anything serves traffic.
+//! Configuration: read at start-up and on every reload, before anything uses it.
 //!
 //! The file is JSON with camelCase keys, as in the Go guide, mounted from a
 //! ConfigMap at [`DEFAULT_PATH`] (overridable with `--config` or `CONFIG_PATH`).
 //! The guide's keys (`port`, `backendServiceName`, `backendPort`) are required;
-//! every other key is optional and its default is documented on its field. A typo
-//! must never be silently ignored, so unknown keys are rejected, and every error
-//! names the file, the field and the reason.
+//! every other key is optional, with the default documented once, on its field.
+//!
+//! Config sits above the parts it configures: each part owns the type of its own
+//! settings (the balancer its [`BalancerConfig`], retries their [`RetriesConfig`],
+//! ...), and this module only groups them into [`Config`] and converts where a
+//! part wants durations rather than the file's milliseconds. The file is flat, so
+//! the sections are read in two steps: the JSON object is parsed once, each
+//! section takes its keys from it, and a key that no section took is unknown.
+//! A typo must never be silently ignored, so unknown keys are rejected, and every
+//! error names the file, the field and the reason.
+//!
+//! [`Config::changes`] is the one place that says which sections apply while
+//! serving and which only at the next start; live reload follows it.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use tracing::level_filters::LevelFilter;
 
-use crate::balancer::Weights;
-use crate::discovery::{KubernetesSource, Source};
+pub use crate::balancer::{Algorithm, BalancerConfig};
+pub use crate::discovery::{
+    AddrError, DiscoveryConfig, DiscoveryMode, parse_backend_addr, parse_backend_list,
+};
+pub use crate::health::HealthCheckConfig;
+pub use crate::outlier::OutlierConfig;
+pub use crate::proxy::ProxyConfig;
+use crate::proxy::Resilience;
+pub use crate::retry::RetriesConfig;
 use crate::server::ServerLimits;
 
 /// Where the ConfigMap is mounted inside the pod.
 pub const DEFAULT_PATH: &str = "/etc/config/config.json";
 
-/// The load balancer's settings, validated.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+/// The load balancer's settings, validated, in sections. Each section is a group
+/// of keys that is applied as one (see [`Config::changes`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
+    /// `port`, `adminPort`: baked into the listening sockets.
+    #[serde(flatten)]
+    pub listen: Listen,
+    /// `backendServiceName`, `backendPort`, `discovery`, `staticBackends`.
+    #[serde(flatten)]
+    pub discovery: DiscoveryConfig,
+    /// `connectTimeoutMs`, `requestTimeoutMs`: the upstream timeouts.
+    #[serde(flatten)]
+    pub proxy: ProxyConfig,
+    /// `logLevel`, `logFormat`.
+    #[serde(flatten)]
+    pub logging: Logging,
+    /// Client-side limits and shutdown timing.
+    #[serde(flatten)]
+    pub limits: Limits,
+    /// `healthCheck`: active health checks.
+    #[serde(flatten)]
+    pub health: HealthChecks,
+    /// `outlier`, `retries`: what the proxy does about failing backends.
+    #[serde(flatten)]
+    pub resilience: ResilienceConfig,
+    /// `algorithm`, `weights`.
+    #[serde(flatten)]
+    pub balancing: BalancerConfig,
+}
+
+/// The ports the two listeners bind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Listen {
     /// Port the proxy listens on for client traffic. `0` picks a free port, which
     /// the startup log line reports (tests use this to avoid port clashes).
     pub port: u16,
-    /// Name of the Kubernetes Service whose ready endpoints receive the traffic.
-    pub backend_service_name: String,
-    /// Port on the backend pods that requests are sent to.
-    pub backend_port: u16,
-    /// Port of the admin listener (`/healthz`, `/readyz`), kept apart from client
-    /// traffic so that probes are never queued behind it. Default 9090.
+    /// Port of the admin listener (`/healthz`, `/readyz`, `/metrics`), kept apart
+    /// from client traffic so that probes are never queued behind it. Default 9090.
     #[serde(default = "default_admin_port")]
     pub admin_port: u16,
-    /// Where backend addresses come from. Default `kubernetes`.
-    #[serde(default)]
-    pub discovery: DiscoveryMode,
-    /// The backends for `static` discovery, as `IP:port` strings. Default empty;
-    /// required when `discovery` is `static`.
-    #[serde(default, deserialize_with = "deserialize_addrs")]
-    pub static_backends: Vec<SocketAddr>,
-    /// How long to wait for a TCP connection to a backend. Default 1000.
-    #[serde(default = "default_connect_timeout_ms")]
-    pub connect_timeout_ms: u64,
-    /// How long a backend may take to answer, from sending the request until the
-    /// response headers arrive; past it the client gets a 504. Default 30000.
-    #[serde(default = "default_request_timeout_ms")]
-    pub request_timeout_ms: u64,
+}
+
+fn default_admin_port() -> u16 {
+    9090
+}
+
+/// How the logs are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Logging {
     /// Least severe log level written; `RUST_LOG` overrides it. Default `info`.
-    #[serde(default)]
     pub log_level: LogLevel,
     /// `text` for people, `json` for log pipelines. Default `text`.
-    #[serde(default)]
     pub log_format: LogFormat,
+}
 
-    // Client-side limits and shutdown (see `server::ServerLimits` and the README's
-    // "Limits and shutdown"). The defaults fit a `terminationGracePeriodSeconds`
-    // of 30: drain 5 + shutdown timeout 20 leaves 5 s before Kubernetes kills.
+/// Client-side limits and shutdown timing (see [`ServerLimits`]). The defaults
+/// fit a `terminationGracePeriodSeconds` of 30: drain 5 + shutdown timeout 20
+/// leaves 5 s before Kubernetes kills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Limits {
     /// After SIGTERM, how long to keep serving with `/readyz` at 503, so that
-    /// endpoint removal reaches every client before the port closes. Default 5.
-    #[serde(default = "default_drain_seconds")]
+    /// endpoint removal reaches every client before the port closes. Default 5,
+    /// at most [`MAX_DRAIN_SECONDS`].
     pub drain_seconds: u64,
     /// After the drain, how long requests in flight may take before their
     /// connections are closed by force. Default 20.
-    #[serde(default = "default_shutdown_timeout_seconds")]
     pub shutdown_timeout_seconds: u64,
     /// A request head must be complete this long after its first byte (cuts off
     /// slowloris clients). Default 10000.
-    #[serde(default = "default_header_read_timeout_ms")]
     pub header_read_timeout_ms: u64,
     /// A client connection with no request in progress is closed after this long.
     /// Default 60000.
-    #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
     /// Open client connections at most; more wait in the listen backlog.
     /// Default 10000.
-    #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Largest request head (request line and headers) in bytes; larger ones get
     /// 431. Default 16384.
-    #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
+}
+
+/// Longest `drainSeconds`: an hour, like the shutdown timeout's bound.
+pub const MAX_DRAIN_SECONDS: u64 = 3600;
+
+impl Default for Limits {
+    fn default() -> Self {
+        let limits = ServerLimits::DEFAULT;
+        Self {
+            drain_seconds: 5,
+            shutdown_timeout_seconds: limits.shutdown_timeout.as_secs(),
+            header_read_timeout_ms: duration_ms(limits.header_read_timeout),
+            idle_timeout_ms: duration_ms(limits.idle_timeout),
+            max_connections: limits.max_connections,
+            max_header_bytes: limits.max_header_bytes,
+        }
+    }
+}
+
+impl Limits {
+    /// The limits' rules, with the ranges both programs accept (see
+    /// [`ServerLimits::TIMEOUT_MS`] and its neighbours).
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.drain_seconds > MAX_DRAIN_SECONDS {
+            return Err((
+                "drainSeconds",
+                format!("must be at most {MAX_DRAIN_SECONDS}"),
+            ));
+        }
+        let error = [
+            (
+                "shutdownTimeoutSeconds",
+                outside(
+                    self.shutdown_timeout_seconds,
+                    ServerLimits::SHUTDOWN_TIMEOUT_SECONDS,
+                ),
+            ),
+            (
+                "headerReadTimeoutMs",
+                outside(self.header_read_timeout_ms, ServerLimits::TIMEOUT_MS),
+            ),
+            (
+                "idleTimeoutMs",
+                outside(self.idle_timeout_ms, ServerLimits::TIMEOUT_MS),
+            ),
+            (
+                "maxConnections",
+                outside(self.max_connections, ServerLimits::MAX_CONNECTIONS),
+            ),
+            (
+                "maxHeaderBytes",
+                outside(self.max_header_bytes, ServerLimits::MAX_HEADER_BYTES),
+            ),
+        ]
+        .into_iter()
+        .find_map(|(field, reason)| Some((field, reason?)));
+        error.map_or(Ok(()), Err)
+    }
+
+    /// [`Limits::drain_seconds`] as a `Duration`.
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs(self.drain_seconds)
+    }
+}
+
+impl From<&Limits> for ServerLimits {
+    fn from(limits: &Limits) -> Self {
+        Self {
+            header_read_timeout: Duration::from_millis(limits.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
+            max_connections: limits.max_connections,
+            max_header_bytes: limits.max_header_bytes,
+            shutdown_timeout: Duration::from_secs(limits.shutdown_timeout_seconds),
+        }
+    }
+}
+
+/// The `healthCheck` block.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HealthChecks {
     /// Active health checks; see [`HealthCheckConfig`]. Every key has a default.
-    #[serde(default)]
     pub health_check: HealthCheckConfig,
+}
+
+/// The `outlier` and `retries` blocks, which the proxy applies together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ResilienceConfig {
     /// Passive health checks (outlier ejection); see [`OutlierConfig`].
-    #[serde(default)]
     pub outlier: OutlierConfig,
     /// Retries on another backend; see [`RetriesConfig`].
-    #[serde(default)]
     pub retries: RetriesConfig,
-
-    // Balancing (issue 10; see `balancer` and the README's "Choosing an algorithm").
-    /// How the next backend is chosen. Default `round_robin`.
-    #[serde(default)]
-    pub algorithm: Algorithm,
-    /// Weights for `weighted_round_robin`, keyed by `IP:port` or by IP (every
-    /// port of that host); each at least 1. Unlisted backends weigh 1. Default empty.
-    #[serde(default)]
-    pub weights: Weights,
 }
 
-/// `algorithm`: how the balancer chooses among the available backends.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Algorithm {
-    /// Each backend in turn.
-    #[default]
-    RoundRobin,
-    /// The less busy of two random backends (requests in flight).
-    LeastRequest,
-    /// Smooth weighted round-robin over `weights`.
-    WeightedRoundRobin,
-}
-
-impl fmt::Display for Algorithm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Algorithm::RoundRobin => "round_robin",
-            Algorithm::LeastRequest => "least_request",
-            Algorithm::WeightedRoundRobin => "weighted_round_robin",
-        })
-    }
-}
-
-// ---- Resilience: health checks, outlier ejection, retries (issue 7) ----
-
-/// `healthCheck`: every backend is probed with `GET <path>` every `intervalMs`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct HealthCheckConfig {
-    /// The path probed; any 2xx answer is a success. Default `/healthz`, the
-    /// backend's liveness endpoint.
-    pub path: String,
-    /// Time between probe rounds. Default 5000.
-    pub interval_ms: u64,
-    /// How long one probe may take before it counts as failed. Default 1000.
-    pub timeout_ms: u64,
-    /// Failed probes in a row that take a backend out of rotation. Default 3.
-    pub unhealthy_threshold: u32,
-    /// Successful probes in a row that put it back. Default 2.
-    pub healthy_threshold: u32,
-}
-
-impl Default for HealthCheckConfig {
-    fn default() -> Self {
+impl From<&ResilienceConfig> for Resilience {
+    fn from(config: &ResilienceConfig) -> Self {
         Self {
-            path: "/healthz".to_owned(),
-            interval_ms: 5000,
-            timeout_ms: 1000,
-            unhealthy_threshold: 3,
-            healthy_threshold: 2,
+            retries: Some((&config.retries).into()),
+            outlier: Some((&config.outlier).into()),
         }
     }
-}
-
-/// `outlier`: ejects a backend whose requests keep failing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct OutlierConfig {
-    /// Failures in a row (connect error, reset, timeout, 5xx) that eject a
-    /// backend. Default 5.
-    pub consecutive_failures: u32,
-    /// First ejection time; it doubles with each ejection until the backend
-    /// succeeds again. Default 5000.
-    pub base_ejection_ms: u64,
-    /// Cap on the ejection time. Default 60000.
-    pub max_ejection_ms: u64,
-}
-
-impl Default for OutlierConfig {
-    fn default() -> Self {
-        Self {
-            consecutive_failures: 5,
-            base_ejection_ms: 5000,
-            max_ejection_ms: 60_000,
-        }
-    }
-}
-
-/// `retries`: failed attempts repeated on another backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct RetriesConfig {
-    /// Attempts per request, the first included; 1 turns retries off. Default 3,
-    /// at most 10.
-    pub attempts: u32,
-    /// Retries allowed as a percentage of the requests of the last 10 s (plus 3
-    /// per second whatever the traffic), 0 to 100. Default 20.
-    pub budget_percent: u32,
-}
-
-impl Default for RetriesConfig {
-    fn default() -> Self {
-        Self {
-            attempts: 3,
-            budget_percent: 20,
-        }
-    }
-}
-
-/// Upper bound for `retries.attempts`: more would only multiply load.
-const MAX_ATTEMPTS: u32 = 10;
-
-impl HealthCheckConfig {
-    fn validate(&self) -> Result<(), (&'static str, String)> {
-        let fail = |field, reason: &str| Err((field, reason.to_owned()));
-        if !self.path.starts_with('/') || self.path.parse::<http::uri::PathAndQuery>().is_err() {
-            return fail("healthCheck.path", "must be a path starting with /");
-        }
-        if self.interval_ms == 0 {
-            return fail("healthCheck.intervalMs", "must be greater than 0");
-        }
-        if self.timeout_ms == 0 {
-            return fail("healthCheck.timeoutMs", "must be greater than 0");
-        }
-        if self.unhealthy_threshold == 0 {
-            return fail("healthCheck.unhealthyThreshold", "must be at least 1");
-        }
-        if self.healthy_threshold == 0 {
-            return fail("healthCheck.healthyThreshold", "must be at least 1");
-        }
-        Ok(())
-    }
-}
-
-impl OutlierConfig {
-    fn validate(&self) -> Result<(), (&'static str, String)> {
-        let fail = |field, reason: &str| Err((field, reason.to_owned()));
-        if self.consecutive_failures == 0 {
-            return fail("outlier.consecutiveFailures", "must be at least 1");
-        }
-        if self.base_ejection_ms == 0 {
-            return fail("outlier.baseEjectionMs", "must be greater than 0");
-        }
-        if self.max_ejection_ms < self.base_ejection_ms {
-            return fail(
-                "outlier.maxEjectionMs",
-                "must be at least outlier.baseEjectionMs",
-            );
-        }
-        Ok(())
-    }
-}
-
-impl RetriesConfig {
-    fn validate(&self) -> Result<(), (&'static str, String)> {
-        if !(1..=MAX_ATTEMPTS).contains(&self.attempts) {
-            return Err((
-                "retries.attempts",
-                format!("must be between 1 and {MAX_ATTEMPTS}"),
-            ));
-        }
-        if self.budget_percent > 100 {
-            return Err((
-                "retries.budgetPercent",
-                "must be between 0 and 100".to_owned(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Where backend addresses come from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DiscoveryMode {
-    /// Watch the EndpointSlices of `backendServiceName`.
-    #[default]
-    Kubernetes,
-    /// Use `staticBackends` (or the `--backends` flag): local runs and tests.
-    Static,
 }
 
 /// Log verbosity, from most to least detailed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
     Trace,
@@ -291,7 +240,7 @@ pub enum LogLevel {
 }
 
 /// How log lines are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines with `key=value` fields.
@@ -337,13 +286,46 @@ pub enum ConfigError {
     },
 }
 
-/// A backend address that does not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AddrError {
-    #[error("no backend addresses given")]
-    Empty,
-    #[error("{0:?} is not a backend address (expected IP:port, e.g. 127.0.0.1:8081)")]
-    Invalid(String),
+
+/// When a change to a section of the file takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applies {
+    /// Reload applies it while serving.
+    Live,
+    /// It is baked into sockets or server settings at start-up: a change is
+    /// named in a warning and takes effect at the next start.
+    AtRestart,
+}
+
+/// The keys whose values differ between two configs, by when they take effect.
+/// Nested blocks (`healthCheck`, `outlier`, `retries`) and maps (`weights`) are
+/// named by their top-level key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Keys that reload applies while serving.
+    pub live: Vec<String>,
+    /// Keys that take effect only after a restart.
+    pub at_restart: Vec<String>,
+}
+
+impl Changes {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty() && self.at_restart.is_empty()
+    }
+
+    /// Adds the keys of one section whose values differ.
+    fn compare<T: Serialize>(&mut self, applies: Applies, old: &T, new: &T) {
+        let (old, new) = (to_object(old), to_object(new));
+        let changed = old
+            .iter()
+            .filter(|(key, value)| new.get(*key) != Some(*value))
+            .map(|(key, _)| key.clone());
+        match applies {
+            Applies::Live => self.live.extend(changed),
+            Applies::AtRestart => self.at_restart.extend(changed),
+        }
+    }
 }
 
 impl Config {
@@ -358,20 +340,14 @@ impl Config {
 
     /// Parses and validates config text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let mut json = serde_json::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(&mut json).map_err(|error| {
-            let field = error.path().to_string();
-            let reason = error.into_inner();
+        let field_error = |field: &str, reason: String| ConfigError::Field {
+            path: path.to_owned(),
+            field: field.to_owned(),
+            reason,
+        };
+        let object: Map<String, Value> = serde_json::from_str(text).map_err(|reason| {
             if reason.is_data() {
-                ConfigError::Field {
-                    path: path.to_owned(),
-                    field: if field == "." {
-                        "(top level)".to_owned()
-                    } else {
-                        field
-                    },
-                    reason: reason.to_string(),
-                }
+                field_error(TOP_LEVEL, reason.to_string())
             } else {
                 ConfigError::Syntax {
                     path: path.to_owned(),
@@ -379,124 +355,111 @@ impl Config {
                 }
             }
         })?;
+        let file = Value::Object(object);
+        let config = Config {
+            listen: section(&file, path)?,
+            discovery: section(&file, path)?,
+            proxy: section(&file, path)?,
+            logging: section(&file, path)?,
+            limits: section(&file, path)?,
+            health: section(&file, path)?,
+            resilience: section(&file, path)?,
+            balancing: section(&file, path)?,
+        };
+        // Every section wrote back all of its keys: what is left over is unknown.
+        let known = to_object(&config);
+        if let Value::Object(given) = &file
+            && let Some(unknown) = given.keys().find(|key| !known.contains_key(*key))
+        {
+            let expected: Vec<String> = known.keys().map(|key| format!("`{key}`")).collect();
+            return Err(field_error(
+                TOP_LEVEL,
+                format!(
+                    "unknown field `{unknown}`, expected one of {}",
+                    expected.join(", ")
+                ),
+            ));
+        }
         config
             .validate()
-            .map_err(|(field, reason)| ConfigError::Field {
-                path: path.to_owned(),
-                field: field.to_owned(),
-                reason,
-            })?;
+            .map_err(|(field, reason)| field_error(field, reason))?;
         Ok(config)
     }
 
     /// Switches to static discovery over `addrs`: what the `--backends` flag does.
-    pub fn with_static_backends(mut self, addrs: Vec<SocketAddr>) -> Self {
-        self.discovery = DiscoveryMode::Static;
-        self.static_backends = addrs;
+    pub fn with_static_backends(mut self, addrs: Vec<std::net::SocketAddr>) -> Self {
+        self.discovery.discovery = DiscoveryMode::Static;
+        self.discovery.static_backends = addrs;
         self
     }
 
-    /// What discovery should watch. `namespace` is the pod's own (the Downward
-    /// API's `NAMESPACE`), if known.
-    pub fn discovery_source(&self, namespace: Option<String>) -> Source {
-        match self.discovery {
-            DiscoveryMode::Static => Source::Static(self.static_backends.clone()),
-            DiscoveryMode::Kubernetes => Source::Kubernetes(KubernetesSource {
-                namespace,
-                service_name: self.backend_service_name.clone(),
-                port: self.backend_port,
-            }),
-        }
-    }
-
-    /// [`Config::connect_timeout_ms`] as a `Duration`.
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.connect_timeout_ms)
-    }
-
-    /// [`Config::request_timeout_ms`] as a `Duration`.
-    pub fn request_timeout(&self) -> Duration {
-        Duration::from_millis(self.request_timeout_ms)
-    }
-
-    /// [`Config::drain_seconds`] as a `Duration`.
-    pub fn drain(&self) -> Duration {
-        Duration::from_secs(self.drain_seconds)
+    /// The keys that differ in `new`, by when they take effect: the one place
+    /// that says, for every section, whether a change applies live.
+    pub fn changes(&self, new: &Config) -> Changes {
+        // Destructured, so that a new section does not compile until it is
+        // given its place here.
+        let Config {
+            listen,
+            discovery,
+            proxy,
+            logging,
+            limits,
+            health,
+            resilience,
+            balancing,
+        } = self;
+        let mut changes = Changes::default();
+        changes.compare(Applies::AtRestart, listen, &new.listen);
+        changes.compare(Applies::Live, discovery, &new.discovery);
+        changes.compare(Applies::Live, proxy, &new.proxy);
+        changes.compare(Applies::Live, logging, &new.logging);
+        changes.compare(Applies::AtRestart, limits, &new.limits);
+        changes.compare(Applies::Live, health, &new.health);
+        changes.compare(Applies::Live, resilience, &new.resilience);
+        changes.compare(Applies::Live, balancing, &new.balancing);
+        changes
     }
 
     /// Checks the rules that types alone cannot express.
     fn validate(&self) -> Result<(), (&'static str, String)> {
-        let fail = |field, reason: &str| Err((field, reason.to_owned()));
-        if self.backend_service_name.trim().is_empty() {
-            return fail("backendServiceName", "must not be empty");
-        }
-        if self.backend_port == 0 {
-            return fail("backendPort", "must be between 1 and 65535");
-        }
-        if self.connect_timeout_ms == 0 {
-            return fail("connectTimeoutMs", "must be greater than 0");
-        }
-        if self.request_timeout_ms == 0 {
-            return fail("requestTimeoutMs", "must be greater than 0");
-        }
-        if let Some(error) = self.limits_error() {
-            return Err(error);
-        }
-        if self.discovery == DiscoveryMode::Static && self.static_backends.is_empty() {
-            return fail(
-                "staticBackends",
-                "must list at least one address when discovery is \"static\"",
-            );
-        }
-        self.health_check.validate()?;
-        self.outlier.validate()?;
-        self.retries.validate()?;
+        self.discovery.validate()?;
+        self.proxy.validate()?;
+        self.limits.validate()?;
+        self.health.health_check.validate()?;
+        self.resilience.outlier.validate()?;
+        self.resilience.retries.validate()?;
         Ok(())
     }
 }
 
-impl Config {
-    /// The limits block's rules, with the ranges both programs accept (see
-    /// [`ServerLimits::TIMEOUT_MS`] and its neighbours).
-    fn limits_error(&self) -> Option<(&'static str, String)> {
-        if self.drain_seconds > MAX_DRAIN_SECONDS {
-            return Some((
-                "drainSeconds",
-                format!("must be at most {MAX_DRAIN_SECONDS}"),
-            ));
+/// How errors name a problem with the file as a whole (an unknown or missing key).
+const TOP_LEVEL: &str = "(top level)";
+
+/// Reads one section from the whole file, which holds other sections' keys too.
+/// The error names the offending key by its path, or [`TOP_LEVEL`].
+fn section<T: DeserializeOwned>(file: &Value, path: &Path) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(file).map_err(|error| {
+        let field = error.path().to_string();
+        ConfigError::Field {
+            path: path.to_owned(),
+            field: if field == "." {
+                TOP_LEVEL.to_owned()
+            } else {
+                field
+            },
+            reason: error.into_inner().to_string(),
         }
-        [
-            (
-                "shutdownTimeoutSeconds",
-                outside(
-                    self.shutdown_timeout_seconds,
-                    ServerLimits::SHUTDOWN_TIMEOUT_SECONDS,
-                ),
-            ),
-            (
-                "headerReadTimeoutMs",
-                outside(self.header_read_timeout_ms, ServerLimits::TIMEOUT_MS),
-            ),
-            (
-                "idleTimeoutMs",
-                outside(self.idle_timeout_ms, ServerLimits::TIMEOUT_MS),
-            ),
-            (
-                "maxConnections",
-                outside(self.max_connections, ServerLimits::MAX_CONNECTIONS),
-            ),
-            (
-                "maxHeaderBytes",
-                outside(self.max_header_bytes, ServerLimits::MAX_HEADER_BYTES),
-            ),
-        ]
-        .into_iter()
-        .find_map(|(field, reason)| Some((field, reason?)))
-    }
+    })
 }
 
-/// Longest `drainSeconds`: an hour, like the shutdown timeout's bound.
-const MAX_DRAIN_SECONDS: u64 = 3600;
+/// A section written back as a JSON object: its keys, as the file spells them.
+fn to_object<T: Serialize>(section: &T) -> Map<String, Value> {
+    match serde_json::to_value(section) {
+        Ok(Value::Object(object)) => object,
+        // Every section is a struct of plain values, which serializes to an object.
+        _ => Map::new(),
+    }
+}
 
 /// Why `value` is not accepted, if it is outside `range`.
 fn outside<T: PartialOrd + fmt::Display>(value: T, range: RangeInclusive<T>) -> Option<String> {
@@ -504,87 +467,17 @@ fn outside<T: PartialOrd + fmt::Display>(value: T, range: RangeInclusive<T>) -> 
         .then(|| format!("must be between {} and {}", range.start(), range.end()))
 }
 
-/// Parses one backend address. Host names are not resolved: endpoints in
-/// Kubernetes are IPs, and a name that resolves differently over time would make
-/// "static" a lie.
-pub fn parse_backend_addr(text: &str) -> Result<SocketAddr, AddrError> {
-    let text = text.trim();
-    text.parse()
-        .map_err(|_| AddrError::Invalid(text.to_owned()))
-}
-
-/// Parses the `--backends` flag: comma-separated `IP:port` addresses.
-pub fn parse_backend_list(list: &str) -> Result<Vec<SocketAddr>, AddrError> {
-    let addrs = list
-        .split(',')
-        .filter(|item| !item.trim().is_empty())
-        .map(parse_backend_addr)
-        .collect::<Result<Vec<_>, _>>()?;
-    if addrs.is_empty() {
-        return Err(AddrError::Empty);
-    }
-    Ok(addrs)
-}
-
-fn deserialize_addrs<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<SocketAddr>, D::Error> {
-    Vec::<String>::deserialize(de)?
-        .iter()
-        .map(|text| parse_backend_addr(text).map_err(serde::de::Error::custom))
-        .collect()
-}
-
-fn default_admin_port() -> u16 {
-    9090
-}
-
-fn default_connect_timeout_ms() -> u64 {
-    1000
-}
-
-fn default_request_timeout_ms() -> u64 {
-    30_000
-}
-
-fn default_drain_seconds() -> u64 {
-    5
-}
-
-fn default_shutdown_timeout_seconds() -> u64 {
-    ServerLimits::DEFAULT.shutdown_timeout.as_secs()
-}
-
-fn default_header_read_timeout_ms() -> u64 {
-    duration_ms(ServerLimits::DEFAULT.header_read_timeout)
-}
-
-fn default_idle_timeout_ms() -> u64 {
-    duration_ms(ServerLimits::DEFAULT.idle_timeout)
-}
-
-fn default_max_connections() -> usize {
-    ServerLimits::DEFAULT.max_connections
-}
-
-fn default_max_header_bytes() -> usize {
-    ServerLimits::DEFAULT.max_header_bytes
-}
-
 fn duration_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-impl fmt::Display for DiscoveryMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DiscoveryMode::Kubernetes => "kubernetes",
-            DiscoveryMode::Static => "static",
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
+    use crate::balancer::Weights;
+    use crate::discovery::{KubernetesSource, Source};
 
     const GUIDE_KEYS: &str =
         r#""port": 8080, "backendServiceName": "backend-service", "backendPort": 8080"#;
@@ -618,37 +511,37 @@ mod tests {
     #[test]
     fn guide_keys_alone_get_documented_defaults() {
         let config = parse(&with_guide_keys("")).expect("guide config parses");
-        assert_eq!(config.port, 8080);
-        assert_eq!(config.backend_service_name, "backend-service");
-        assert_eq!(config.backend_port, 8080);
-        assert_eq!(config.admin_port, 9090);
-        assert_eq!(config.discovery, DiscoveryMode::Kubernetes);
-        assert!(config.static_backends.is_empty());
-        assert_eq!(config.connect_timeout(), Duration::from_millis(1000));
-        assert_eq!(config.request_timeout(), Duration::from_millis(30_000));
-        assert_eq!(config.log_level, LogLevel::Info);
-        assert_eq!(config.log_format, LogFormat::Text);
-        assert_eq!(config.drain(), Duration::from_secs(5));
-        assert_eq!(ServerLimits::from(&config), ServerLimits::DEFAULT);
+        assert_eq!(config.listen.port, 8080);
+        assert_eq!(config.discovery.backend_service_name, "backend-service");
+        assert_eq!(config.discovery.backend_port, 8080);
+        assert_eq!(config.listen.admin_port, 9090);
+        assert_eq!(config.discovery.discovery, DiscoveryMode::Kubernetes);
+        assert!(config.discovery.static_backends.is_empty());
+        assert_eq!(Duration::from_millis(config.proxy.connect_timeout_ms), Duration::from_millis(1000));
+        assert_eq!(Duration::from_millis(config.proxy.request_timeout_ms), Duration::from_millis(30_000));
+        assert_eq!(config.logging.log_level, LogLevel::Info);
+        assert_eq!(config.logging.log_format, LogFormat::Text);
+        assert_eq!(config.limits.drain(), Duration::from_secs(5));
+        assert_eq!(ServerLimits::from(&config.limits), ServerLimits::DEFAULT);
     }
 
     #[test]
     fn algorithm_defaults_to_round_robin_and_reads_weights() {
         let config = parse(&with_guide_keys("")).expect("guide config parses");
-        assert_eq!(config.algorithm, Algorithm::RoundRobin);
-        assert_eq!(config.weights, Weights::default());
+        assert_eq!(config.balancing.algorithm, Algorithm::RoundRobin);
+        assert_eq!(config.balancing.weights, Weights::default());
         let config = parse(&with_guide_keys(
             r#""algorithm": "weighted_round_robin", "weights": {"10.0.0.1:80": 5, "10.0.0.2": 2}"#,
         ))
         .expect("weighted config parses");
-        assert_eq!(config.algorithm, Algorithm::WeightedRoundRobin);
+        assert_eq!(config.balancing.algorithm, Algorithm::WeightedRoundRobin);
         let at = |s: &str| s.parse::<SocketAddr>().expect("valid address");
-        assert_eq!(config.weights.of(at("10.0.0.1:80")), 5);
-        assert_eq!(config.weights.of(at("10.0.0.2:9000")), 2);
-        assert_eq!(config.weights.of(at("10.0.0.3:80")), 1);
+        assert_eq!(config.balancing.weights.of(at("10.0.0.1:80")), 5);
+        assert_eq!(config.balancing.weights.of(at("10.0.0.2:9000")), 2);
+        assert_eq!(config.balancing.weights.of(at("10.0.0.3:80")), 1);
         let config = parse(&with_guide_keys(r#""algorithm": "least_request""#))
             .expect("least_request parses");
-        assert_eq!(config.algorithm, Algorithm::LeastRequest);
+        assert_eq!(config.balancing.algorithm, Algorithm::LeastRequest);
     }
 
     #[test]
@@ -674,8 +567,8 @@ mod tests {
     #[test]
     fn default_drain_and_shutdown_timeout_fit_a_30_second_grace_period() {
         let config = parse(&with_guide_keys("")).expect("guide config parses");
-        let limits = ServerLimits::from(&config);
-        assert!(config.drain() + limits.shutdown_timeout < Duration::from_secs(30));
+        let limits = ServerLimits::from(&config.limits);
+        assert!(config.limits.drain() + limits.shutdown_timeout < Duration::from_secs(30));
     }
 
     #[test]
@@ -685,9 +578,9 @@ mod tests {
                "idleTimeoutMs": 700, "maxConnections": 2, "maxHeaderBytes": 8192"#,
         ))
         .expect("limits parse");
-        assert_eq!(config.drain(), Duration::ZERO);
+        assert_eq!(config.limits.drain(), Duration::ZERO);
         assert_eq!(
-            ServerLimits::from(&config),
+            ServerLimits::from(&config.limits),
             ServerLimits {
                 header_read_timeout: Duration::from_millis(500),
                 idle_timeout: Duration::from_millis(700),
@@ -725,26 +618,26 @@ mod tests {
                "logLevel": "debug", "logFormat": "json""#,
         ))
         .expect("full config parses");
-        assert_eq!(config.admin_port, 9191);
-        assert_eq!(config.discovery, DiscoveryMode::Static);
+        assert_eq!(config.listen.admin_port, 9191);
+        assert_eq!(config.discovery.discovery, DiscoveryMode::Static);
         assert_eq!(
-            config.static_backends,
+            config.discovery.static_backends,
             vec![
                 "127.0.0.1:8081".parse().expect("valid"),
                 "[::1]:8082".parse().expect("valid")
             ]
         );
-        assert_eq!(config.connect_timeout_ms, 250);
-        assert_eq!(config.request_timeout_ms, 5000);
-        assert_eq!(config.log_level, LogLevel::Debug);
-        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.proxy.connect_timeout_ms, 250);
+        assert_eq!(config.proxy.request_timeout_ms, 5000);
+        assert_eq!(config.logging.log_level, LogLevel::Debug);
+        assert_eq!(config.logging.log_format, LogFormat::Json);
     }
 
     #[test]
     fn shipped_local_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.json");
         let config = Config::load(&path).expect("loadbalancer/config.json is valid");
-        assert_eq!(config.discovery, DiscoveryMode::Static);
+        assert_eq!(config.discovery.discovery, DiscoveryMode::Static);
     }
 
     #[test]
@@ -834,13 +727,13 @@ mod tests {
     #[test]
     fn resilience_blocks_default_when_absent() {
         let config = parse(&with_guide_keys("")).expect("guide config parses");
-        assert_eq!(config.health_check, HealthCheckConfig::default());
-        assert_eq!(config.health_check.path, "/healthz");
-        assert_eq!(config.health_check.interval_ms, 5000);
-        assert_eq!(config.outlier.consecutive_failures, 5);
-        assert_eq!(config.retries, RetriesConfig::default());
-        assert_eq!(config.retries.attempts, 3);
-        assert_eq!(config.retries.budget_percent, 20);
+        assert_eq!(config.health.health_check, HealthCheckConfig::default());
+        assert_eq!(config.health.health_check.path, "/healthz");
+        assert_eq!(config.health.health_check.interval_ms, 5000);
+        assert_eq!(config.resilience.outlier.consecutive_failures, 5);
+        assert_eq!(config.resilience.retries, RetriesConfig::default());
+        assert_eq!(config.resilience.retries.attempts, 3);
+        assert_eq!(config.resilience.retries.budget_percent, 20);
     }
 
     #[test]
@@ -853,7 +746,7 @@ mod tests {
         ))
         .expect("resilience config parses");
         assert_eq!(
-            config.health_check,
+            config.health.health_check,
             HealthCheckConfig {
                 path: "/readyz".to_owned(),
                 interval_ms: 100,
@@ -863,15 +756,15 @@ mod tests {
             }
         );
         assert_eq!(
-            config.outlier,
+            config.resilience.outlier,
             OutlierConfig {
                 consecutive_failures: 2,
                 base_ejection_ms: 10,
                 max_ejection_ms: 60_000,
             }
         );
-        assert_eq!(config.retries.attempts, 1);
-        assert_eq!(config.retries.budget_percent, 20);
+        assert_eq!(config.resilience.retries.attempts, 1);
+        assert_eq!(config.resilience.retries.budget_percent, 20);
     }
 
     #[test]
@@ -945,14 +838,14 @@ mod tests {
         let config = parse(&with_guide_keys(""))
             .expect("guide config parses")
             .with_static_backends(addrs.clone());
-        assert_eq!(config.discovery_source(None), Source::Static(addrs));
+        assert_eq!(config.discovery.source(None), Source::Static(addrs));
     }
 
     #[test]
     fn kubernetes_source_carries_service_port_and_namespace() {
         let config = parse(&with_guide_keys("")).expect("guide config parses");
         assert_eq!(
-            config.discovery_source(Some("demo".to_owned())),
+            config.discovery.source(Some("demo".to_owned())),
             Source::Kubernetes(KubernetesSource {
                 namespace: Some("demo".to_owned()),
                 service_name: "backend-service".to_owned(),

@@ -32,13 +32,14 @@ use futures::StreamExt;
 use http::uri::PathAndQuery;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
 use crate::backend_state::BackendState;
 use crate::backends::Backends;
-use crate::config::HealthCheckConfig;
-use crate::proxy::{UpstreamError, UpstreamHead, UpstreamPool};
+use crate::upstream::{UpstreamError, UpstreamHead, UpstreamPool};
 
 /// Probes in flight at once, whatever the number of backends: enough for
 /// hundreds of endpoints per interval, few enough not to look like a flood.
@@ -57,6 +58,58 @@ pub struct HealthCheckSettings {
     pub unhealthy_threshold: u32,
     /// Successful probes in a row that mark it healthy again.
     pub healthy_threshold: u32,
+}
+
+/// `healthCheck`: every backend is probed with `GET <path>` every `intervalMs`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    /// The path probed; any 2xx answer is a success. Default `/healthz`, the
+    /// backend's liveness endpoint.
+    pub path: String,
+    /// Time between probe rounds. Default 5000.
+    pub interval_ms: u64,
+    /// How long one probe may take before it counts as failed. Default 1000.
+    pub timeout_ms: u64,
+    /// Failed probes in a row that take a backend out of rotation. Default 3.
+    pub unhealthy_threshold: u32,
+    /// Successful probes in a row that put it back. Default 2.
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            path: "/healthz".to_owned(),
+            interval_ms: 5000,
+            timeout_ms: 1000,
+            unhealthy_threshold: 3,
+            healthy_threshold: 2,
+        }
+    }
+}
+
+impl HealthCheckConfig {
+    /// Checks the values; the error names the key and the reason.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let fail = |field, reason: &str| Err((field, reason.to_owned()));
+        if !self.path.starts_with('/') || self.path.parse::<http::uri::PathAndQuery>().is_err() {
+            return fail("healthCheck.path", "must be a path starting with /");
+        }
+        if self.interval_ms == 0 {
+            return fail("healthCheck.intervalMs", "must be greater than 0");
+        }
+        if self.timeout_ms == 0 {
+            return fail("healthCheck.timeoutMs", "must be greater than 0");
+        }
+        if self.unhealthy_threshold == 0 {
+            return fail("healthCheck.unhealthyThreshold", "must be at least 1");
+        }
+        if self.healthy_threshold == 0 {
+            return fail("healthCheck.healthyThreshold", "must be at least 1");
+        }
+        Ok(())
+    }
 }
 
 impl From<&HealthCheckConfig> for HealthCheckSettings {
@@ -252,9 +305,41 @@ impl Streak {
     }
 }
 
+/// The active health checker's task, which a reload restarts with new settings.
+/// Dropping it stops the checker, so it ends with whoever owns it.
+#[derive(Debug)]
+pub struct HealthTask {
+    /// The list the checker probes, handed to each new checker.
+    backends: Backends,
+    /// The running checker.
+    task: JoinHandle<()>,
+}
+
+impl HealthTask {
+    /// Starts a checker over `backends`.
+    pub fn spawn(backends: Backends, settings: HealthCheckSettings) -> Self {
+        let task = tokio::spawn(HealthChecker::new(backends.clone(), settings).run());
+        Self { backends, task }
+    }
+
+    /// Replaces the checker with one using `settings`. Its first round comes one
+    /// interval later; until then the verdicts in force stay.
+    pub fn restart(&mut self, settings: HealthCheckSettings) {
+        self.task.abort();
+        self.task = tokio::spawn(HealthChecker::new(self.backends.clone(), settings).run());
+    }
+}
+
+impl Drop for HealthTask {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backends::BackendsWriter;
 
     fn settings() -> HealthCheckSettings {
         HealthCheckSettings {
@@ -304,11 +389,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_re_added_address_starts_a_new_streak() {
-        let backends = Backends::new(vec![addr()]);
+        let list = BackendsWriter::new();
+        list.replace(vec![addr()]);
+        let backends = list.reader();
         let mut checker = HealthChecker::new(backends.clone(), settings());
         checker.apply(addr(), backends.state(addr()), fail());
-        backends.replace(Vec::new());
-        backends.replace(vec![addr()]);
+        list.replace(Vec::new());
+        list.replace(vec![addr()]);
         let fresh = backends.state(addr());
         checker.apply(addr(), Arc::clone(&fresh), fail());
         assert!(fresh.is_healthy(), "the old state's failure does not count");
@@ -316,10 +403,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_round_probes_nothing_and_forgets_streaks_when_the_list_is_empty() {
-        let backends = Backends::new(vec![addr()]);
+        let list = BackendsWriter::new();
+        list.replace(vec![addr()]);
+        let backends = list.reader();
         let mut checker = HealthChecker::new(backends.clone(), settings());
         checker.apply(addr(), backends.state(addr()), fail());
-        backends.replace(Vec::new());
+        list.replace(Vec::new());
         checker.round().await;
         assert!(checker.streaks.is_empty());
     }

@@ -16,6 +16,7 @@
 //! `reload` watches the config file and applies a valid change while serving.
 
 pub mod admin;
+pub mod app;
 pub mod backend_state;
 pub mod backends;
 pub mod balancer;
@@ -32,4 +33,5 @@ mod response;
 pub mod retry;
 pub mod server;
 pub mod shutdown;
+pub mod upstream;
 pub mod workers;

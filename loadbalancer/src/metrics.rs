@@ -14,31 +14,30 @@
 //!   backend answered does not even look its series up: each backend keeps its
 //!   handles ([`BackendMetrics`], beside its
 //!   [`BackendState`](crate::backend_state::BackendState)), resolved on first use.
-//! * read at scrape time from state that exists anyway: backends by state come from
-//!   [`Backends::states`], discovery updates and last sync from its
-//!   [`DiscoveryStatus`](crate::discovery::DiscoveryStatus). Nothing has to keep a
-//!   gauge in step with that state, so nothing can drift.
+//! * read at scrape time from state that exists anyway: the backend list's
+//!   gauges (backends by state, discovery updates and last sync) are a collector
+//!   that the list provides and [`Metrics::new`] registers, so this module needs
+//!   to know nothing of the list. Nothing has to keep a gauge in step with that
+//!   state, so nothing can drift.
 
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::Duration;
 
 use http::{Method, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    EncodeLabelSet, EncodeLabelValue, LabelValueEncoder,
 };
-use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::backends::Backends;
 
 /// The `Content-Type` of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -98,9 +97,10 @@ impl EncodeLabelValue for ReloadResult {
 }
 
 impl Metrics {
-    /// Registers every metric; the backend and discovery gauges read `backends`
-    /// at each scrape.
-    pub fn new(backends: Backends) -> Self {
+    /// Registers every metric, and `scrape_time`, which computes the metrics read
+    /// from shared state at each scrape (the backend list's
+    /// [`BackendGauges`](crate::backends::BackendGauges)).
+    pub fn new(scrape_time: impl Collector) -> Self {
         let mut registry = Registry::with_prefix("loadbalancer");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -147,7 +147,7 @@ impl Metrics {
             "The running version",
             Info::new([("version", env!("CARGO_PKG_VERSION"))]),
         );
-        registry.register_collector(Box::new(ScrapeTime { backends }));
+        registry.register_collector(Box::new(scrape_time));
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -370,53 +370,6 @@ impl EncodeLabelValue for MethodLabel {
     }
 }
 
-/// The metrics computed from shared state at each scrape.
-#[derive(Debug)]
-struct ScrapeTime {
-    /// The list and per-backend states, and discovery's status beside them.
-    backends: Backends,
-}
-
-impl Collector for ScrapeTime {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-        let now = Instant::now();
-        let (mut known, mut ready, mut ejected) = (0i64, 0i64, 0i64);
-        for (_, state) in self.backends.states() {
-            known += 1;
-            ready += i64::from(state.is_available(now));
-            ejected += i64::from(state.ejected_until(now).is_some());
-        }
-        let mut family = encoder.encode_descriptor(
-            "backends",
-            "Backends by state: known (discovered), ready (healthy and not ejected, \
-             so the balancer may pick them), ejected (by outlier detection).",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (state, count) in [("known", known), ("ready", ready), ("ejected", ejected)] {
-            ConstGauge::new(count).encode(family.encode_family(&[("state", state)])?)?;
-        }
-
-        let discovery = self.backends.discovery_status();
-        ConstCounter::new(discovery.updates()).encode(encoder.encode_descriptor(
-            "discovery_updates",
-            "Backend lists published by discovery that differed from the previous one.",
-            None,
-            MetricType::Counter,
-        )?)?;
-        let last_sync = discovery.last_sync().map_or(0.0, |at| {
-            at.duration_since(UNIX_EPOCH)
-                .map_or(0.0, |since| since.as_secs_f64())
-        });
-        ConstGauge::new(last_sync).encode(encoder.encode_descriptor(
-            "discovery_last_sync_timestamp",
-            "Unix time when discovery last delivered a backend list (0: never).",
-            Some(&Unit::Seconds),
-            MetricType::Gauge,
-        )?)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,9 +382,19 @@ mod tests {
         text.lines().any(|l| l == line)
     }
 
+    /// A scrape-time collector with nothing to add.
+    #[derive(Debug)]
+    struct NoGauges;
+
+    impl Collector for NoGauges {
+        fn encode(&self, _: prometheus_client::encoding::DescriptorEncoder) -> fmt::Result {
+            Ok(())
+        }
+    }
+
     #[test]
     fn requests_are_counted_by_backend_method_and_code() {
-        let metrics = Metrics::new(Backends::default());
+        let metrics = Metrics::new(NoGauges);
         let backend = Some(addr("10.0.0.1:8080"));
         let latency = Duration::from_millis(3);
         metrics.record_request(backend, &Method::GET, StatusCode::OK, latency);
@@ -460,8 +423,8 @@ mod tests {
 
     #[test]
     fn cached_backend_handles_count_in_the_same_series() {
-        let metrics = Metrics::new(Backends::default());
-        let other = Metrics::new(Backends::default());
+        let metrics = Metrics::new(NoGauges);
+        let other = Metrics::new(NoGauges);
         let backend = addr("10.0.0.1:8080");
         let cache = OnceLock::new();
         let latency = Duration::from_millis(3);
@@ -495,7 +458,7 @@ mod tests {
 
     #[test]
     fn in_flight_follows_the_guard() {
-        let metrics = Metrics::new(Backends::default());
+        let metrics = Metrics::new(NoGauges);
         let guard = metrics.request_started();
         assert!(has_line(
             &metrics.encode(),
@@ -510,7 +473,7 @@ mod tests {
 
     #[test]
     fn retries_and_ejections_are_counted() {
-        let metrics = Metrics::new(Backends::default());
+        let metrics = Metrics::new(NoGauges);
         metrics.record_retry();
         metrics.record_retry();
         metrics.record_ejection(addr("10.0.0.2:80"));
@@ -520,29 +483,5 @@ mod tests {
             &text,
             r#"loadbalancer_ejections_total{backend="10.0.0.2:80"} 1"#
         ));
-    }
-
-    #[test]
-    fn backend_gauges_are_read_from_the_states_at_scrape_time() {
-        let backends = Backends::new(vec![
-            addr("10.0.0.1:80"),
-            addr("10.0.0.2:80"),
-            addr("10.0.0.3:80"),
-        ]);
-        let metrics = Metrics::new(backends.clone());
-        backends.state(addr("10.0.0.1:80")).set_healthy(false);
-        backends
-            .state(addr("10.0.0.2:80"))
-            .eject_until(Instant::now() + Duration::from_secs(60));
-        let text = metrics.encode();
-        for line in [
-            r#"loadbalancer_backends{state="known"} 3"#,
-            r#"loadbalancer_backends{state="ready"} 1"#,
-            r#"loadbalancer_backends{state="ejected"} 1"#,
-            "loadbalancer_discovery_updates_total 1",
-            r#"loadbalancer_build_info{version="0.1.0"} 1"#,
-        ] {
-            assert!(has_line(&text, line), "{line:?} missing in\n{text}");
-        }
     }
 }

@@ -29,9 +29,10 @@
 //! atomics: reports come from many request tasks at once.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::backend_state::BackendState;
@@ -57,8 +58,57 @@ impl Default for OutlierSettings {
     }
 }
 
-impl From<&crate::config::OutlierConfig> for OutlierSettings {
-    fn from(config: &crate::config::OutlierConfig) -> Self {
+/// `outlier` in the config file: ejects a backend whose requests keep failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    /// Failures in a row (connect error, reset, timeout, 5xx) that eject a
+    /// backend. Default 5.
+    pub consecutive_failures: u32,
+    /// First ejection time; it doubles with each ejection until the backend
+    /// succeeds again. Default 5000.
+    pub base_ejection_ms: u64,
+    /// Cap on the ejection time. Default 60000.
+    pub max_ejection_ms: u64,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        let settings = OutlierSettings::default();
+        Self {
+            consecutive_failures: settings.consecutive_failures,
+            base_ejection_ms: millis(settings.base_ejection),
+            max_ejection_ms: millis(settings.max_ejection),
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl OutlierConfig {
+    /// Checks the ranges; the error names the key and the reason.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let fail = |field, reason: &str| Err((field, reason.to_owned()));
+        if self.consecutive_failures == 0 {
+            return fail("outlier.consecutiveFailures", "must be at least 1");
+        }
+        if self.base_ejection_ms == 0 {
+            return fail("outlier.baseEjectionMs", "must be greater than 0");
+        }
+        if self.max_ejection_ms < self.base_ejection_ms {
+            return fail(
+                "outlier.maxEjectionMs",
+                "must be at least outlier.baseEjectionMs",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl From<&OutlierConfig> for OutlierSettings {
+    fn from(config: &OutlierConfig) -> Self {
         Self {
             consecutive_failures: config.consecutive_failures,
             base_ejection: Duration::from_millis(config.base_ejection_ms),
@@ -83,24 +133,6 @@ pub enum Outcome {
     Success,
     /// Connect error, reset, timeout, or a 5xx response.
     Failure,
-}
-
-/// The per-backend counters behind ejection decisions; one lives in each
-/// [`BackendState`].
-#[derive(Debug, Default)]
-pub struct OutlierState {
-    /// Failures since the last success (or since the last ejection).
-    consecutive_failures: AtomicU32,
-    /// Ejections since the last success. Non-zero means the circuit is open or
-    /// half-open; it is also the exponent of the next ejection's length.
-    ejections: AtomicU32,
-}
-
-impl OutlierState {
-    /// Ejections since the backend last succeeded (0: the circuit is closed).
-    pub fn ejections(&self) -> u32 {
-        self.ejections.load(Ordering::Relaxed)
-    }
 }
 
 /// Applies [`OutlierSettings`] to the outcomes the proxy reports.

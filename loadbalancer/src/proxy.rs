@@ -2,13 +2,14 @@
 //!
 //! The skeleton is hyper's gateway example: take the request, send it to the
 //! backend, return what comes back. hyper serves the client; toward the
-//! backends the proxy speaks HTTP/1.1 itself ([`http1`]), because a proxy
-//! holds one upstream connection per request in flight and hyper's client
-//! connection costs about 35 KiB each. Around that sit the things a production
-//! proxy adds:
+//! backends the proxy speaks HTTP/1.1 itself ([`upstream`](crate::upstream)),
+//! because a proxy holds one upstream connection per request in flight and
+//! hyper's client connection costs about 35 KiB each. Around that sit the things
+//! a production proxy adds:
 //!
-//! * a pool of keep-alive connections to the backends ([`pool`]), one per proxy
-//!   worker (TCP_NODELAY on, connect timeout bounded);
+//! * a pool of keep-alive connections to the backends
+//!   ([`UpstreamPool`]), one per proxy worker (TCP_NODELAY on, connect timeout
+//!   bounded);
 //! * bodies stream in both directions: the client's `Incoming` body is written
 //!   to the backend as it arrives, and the backend's body is read as the client
 //!   takes it, so memory stays flat whatever the size;
@@ -27,8 +28,6 @@
 
 mod body;
 mod headers;
-mod http1;
-mod pool;
 mod request_id;
 
 use std::fmt;
@@ -40,6 +39,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -51,13 +51,9 @@ use crate::outlier::{Admission, Outcome, OutlierDetector, OutlierSettings};
 use crate::response;
 use crate::retry::body::{AttemptBody, RetryBody};
 use crate::retry::{RetryPolicy, RetryReason, RetrySettings};
+use crate::upstream::{PooledBody, UpstreamError, UpstreamHead, UpstreamPool};
 pub use body::InFlightBody;
 use headers::X_REQUEST_ID;
-pub(crate) use http1::UpstreamHead;
-pub use http1::{ChunkedError, ExchangeError};
-use pool::PooledBody;
-pub(crate) use pool::UpstreamPool;
-pub use pool::{IDLE_TIMEOUT, MAX_IDLE_PER_BACKEND, UpstreamError};
 use request_id::RequestIds;
 
 /// The body of a proxied response: the backend's body streamed through, or a
@@ -66,7 +62,7 @@ use request_id::RequestIds;
 pub type ProxyBody = Either<InFlightBody, Full<Bytes>>;
 
 /// A backend's response body, with the connection it came on riding along
-/// until the body ends (see [`pool`]).
+/// until the body ends (see [`PooledBody`]).
 type UpstreamBody = PooledBody<AttemptBody<Incoming>>;
 
 /// Timeouts for the upstream side.
@@ -79,11 +75,45 @@ pub struct ProxySettings {
     pub request_timeout: Duration,
 }
 
-impl From<&crate::config::Config> for ProxySettings {
-    fn from(config: &crate::config::Config) -> Self {
+/// The upstream timeouts as the config file spells them, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProxyConfig {
+    /// How long to wait for a TCP connection to a backend. Default 1000.
+    pub connect_timeout_ms: u64,
+    /// How long a backend may take to answer, from sending the request until the
+    /// response headers arrive; past it the client gets a 504. Default 30000.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
         Self {
-            connect_timeout: config.connect_timeout(),
-            request_timeout: config.request_timeout(),
+            connect_timeout_ms: 1000,
+            request_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Checks the values; the error names the key and the reason.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let fail = |field, reason: &str| Err((field, reason.to_owned()));
+        if self.connect_timeout_ms == 0 {
+            return fail("connectTimeoutMs", "must be greater than 0");
+        }
+        if self.request_timeout_ms == 0 {
+            return fail("requestTimeoutMs", "must be greater than 0");
+        }
+        Ok(())
+    }
+}
+
+impl From<&ProxyConfig> for ProxySettings {
+    fn from(config: &ProxyConfig) -> Self {
+        Self {
+            connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
         }
     }
 }
@@ -103,15 +133,6 @@ impl Resilience {
     /// The retry limits in force: with retries off, one attempt per request.
     fn retry_settings(&self) -> RetrySettings {
         self.retries.unwrap_or(RetrySettings::OFF)
-    }
-}
-
-impl From<&crate::config::Config> for Resilience {
-    fn from(config: &crate::config::Config) -> Self {
-        Self {
-            retries: Some(RetrySettings::from(&config.retries)),
-            outlier: Some(OutlierSettings::from(&config.outlier)),
-        }
     }
 }
 

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
 
 /// Retry limits (config block `retries`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,8 +51,55 @@ impl RetrySettings {
     };
 }
 
-impl From<&crate::config::RetriesConfig> for RetrySettings {
-    fn from(config: &crate::config::RetriesConfig) -> Self {
+/// `retries` in the config file: failed attempts repeated on another backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RetriesConfig {
+    /// Attempts per request, the first included; 1 turns retries off. Default 3,
+    /// at most [`MAX_ATTEMPTS`].
+    pub attempts: u32,
+    /// Retries allowed as a percentage of the requests of the last 10 s (plus 3
+    /// per second whatever the traffic), 0 to 100. Default 20.
+    pub budget_percent: u32,
+}
+
+/// Upper bound for `retries.attempts`: more would only multiply load.
+pub const MAX_ATTEMPTS: u32 = 10;
+
+impl Default for RetriesConfig {
+    fn default() -> Self {
+        let RetrySettings {
+            attempts,
+            budget_percent,
+        } = RetrySettings::default();
+        Self {
+            attempts,
+            budget_percent,
+        }
+    }
+}
+
+impl RetriesConfig {
+    /// Checks the ranges; the error names the key and the reason.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(1..=MAX_ATTEMPTS).contains(&self.attempts) {
+            return Err((
+                "retries.attempts",
+                format!("must be between 1 and {MAX_ATTEMPTS}"),
+            ));
+        }
+        if self.budget_percent > 100 {
+            return Err((
+                "retries.budgetPercent",
+                "must be between 0 and 100".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl From<&RetriesConfig> for RetrySettings {
+    fn from(config: &RetriesConfig) -> Self {
         Self {
             attempts: config.attempts,
             budget_percent: config.budget_percent,

@@ -12,29 +12,15 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use futures::FutureExt;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
 
-use crate::config::Config;
 use crate::listener::{self, Lifecycle};
 pub use crate::listener::{ConnectionService, ResponseBody, ServerLimits, bind};
 use crate::proxy::{ClientConn, Proxy};
 use crate::shutdown::{Phase, Shutdown};
-
-impl From<&Config> for ServerLimits {
-    fn from(config: &Config) -> Self {
-        Self {
-            header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
-            idle_timeout: Duration::from_millis(config.idle_timeout_ms),
-            max_connections: config.max_connections,
-            max_header_bytes: config.max_header_bytes,
-            shutdown_timeout: Duration::from_secs(config.shutdown_timeout_seconds),
-        }
-    }
-}
 
 impl Lifecycle for Shutdown {
     fn stopped(&self) -> impl Future<Output = ()> + Send {

@@ -49,7 +49,7 @@ impl Workers {
     pub async fn start(
         count: NonZeroUsize,
         addr: SocketAddr,
-        make_proxy: impl Fn() -> Proxy,
+        mut make_proxy: impl FnMut() -> Proxy,
         limits: ServerLimits,
         shutdown: &Shutdown,
     ) -> io::Result<Self> {

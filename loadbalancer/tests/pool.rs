@@ -6,7 +6,8 @@ mod support;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use loadbalancer::proxy::{IDLE_TIMEOUT, MAX_IDLE_PER_BACKEND, ProxySettings};
+use loadbalancer::proxy::ProxySettings;
+use loadbalancer::upstream::{IDLE_TIMEOUT, MAX_IDLE_PER_BACKEND};
 use support::faults::CloseAfterAnswer;
 use support::{InFlight, PATIENCE, TestLb, Upstream, get, wait_for};
 

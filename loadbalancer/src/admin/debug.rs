@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::backend_state::BackendState;
 use crate::backends::Backends;
-use crate::discovery::SourceKind;
+use crate::backends::SourceKind;
 
 /// The whole document.
 #[derive(Debug, Serialize)]

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, MutexGuard};
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{Balancer, NoBackend};
 
@@ -77,6 +77,15 @@ impl<'de> Deserialize<'de> for Weights {
     fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
         let map = BTreeMap::<String, u32>::deserialize(de)?;
         Self::from_map(map.iter().map(|(k, &v)| (k.as_str(), v))).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Written back as the file spells it, so a reload can tell which keys changed.
+impl Serialize for Weights {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let by_addr = self.by_addr.iter().map(|(addr, &w)| (addr.to_string(), w));
+        let by_ip = self.by_ip.iter().map(|(ip, &w)| (ip.to_string(), w));
+        ser.collect_map(by_addr.chain(by_ip))
     }
 }
 

@@ -1,6 +1,6 @@
 //! Kubernetes discovery: a kube-runtime watcher over one Service's EndpointSlices.
 //!
-//! This is the writer side of [`Backends`] in a cluster. kube-runtime's [`watcher`]
+//! This is the writer side of [`Backends`](crate::backends::Backends) in a cluster. kube-runtime's [`watcher`]
 //! lists the slices labelled `kubernetes.io/service-name=<service>`, then watches them
 //! from the list's `resourceVersion`, resuming after dropped connections and starting
 //! over with a fresh list when the API server says the version is too old (410 Gone).
@@ -29,7 +29,7 @@ use kube::{Api, Client, ResourceExt};
 
 use super::KubernetesSource;
 use super::endpoints::{Merged, SliceEndpoints, merge, slice_endpoints};
-use crate::backends::Backends;
+use crate::backends::BackendsWriter;
 
 /// The label the EndpointSlice controller puts on every slice of a Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -47,7 +47,7 @@ pub struct WatchEnded;
 pub async fn watch_endpoint_slices(
     client: Client,
     source: &KubernetesSource,
-    backends: Backends,
+    backends: &BackendsWriter,
 ) -> Result<(), WatchEnded> {
     let namespace = source
         .namespace
@@ -64,7 +64,6 @@ pub async fn watch_endpoint_slices(
     // timer, so it is pinned (on the stack: it lives exactly as long as this loop).
     let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
     let mut store = SliceStore::new(source.port);
-    let status = backends.clone();
     let mut publisher = Publisher::new(service, backends);
     while let Some(event) = events.next().await {
         match event {
@@ -80,7 +79,7 @@ pub async fn watch_endpoint_slices(
                     cause = %root_cause(&err),
                     "EndpointSlice watch failed; keeping the last known backends and retrying with backoff"
                 );
-                status.discovery_status().record_error(&err);
+                publisher.backends.discovery_status().record_error(&err);
             }
         }
     }
@@ -167,20 +166,20 @@ impl SliceStore {
     }
 }
 
-/// Publishes updates into [`Backends`] and logs what changed.
+/// Publishes updates into [`Backends`](crate::backends::Backends) and logs what changed.
 #[derive(Debug)]
-struct Publisher {
+struct Publisher<'a> {
     /// The Service name, for the logs.
     service: String,
     /// The shared list the balancer reads; this task is its only writer.
-    backends: Backends,
+    backends: &'a BackendsWriter,
     /// Whether the last published list came from the terminating fallback, so the
     /// switch into and out of it is logged once rather than on every event.
     terminating_fallback: bool,
 }
 
-impl Publisher {
-    fn new(service: &str, backends: Backends) -> Self {
+impl<'a> Publisher<'a> {
+    fn new(service: &str, backends: &'a BackendsWriter) -> Self {
         Self {
             service: service.to_owned(),
             backends,
@@ -337,8 +336,8 @@ mod tests {
 
     #[test]
     fn publishing_marks_synced_only_at_a_complete_list() {
-        let backends = Backends::default();
-        let mut publisher = Publisher::new("web", backends.clone());
+        let backends = BackendsWriter::new();
+        let mut publisher = Publisher::new("web", &backends);
         let mut store = SliceStore::new(80);
         publisher.publish(
             store

@@ -10,22 +10,24 @@
 //! ready endpoints after every change (see [`kubernetes`]). Either way the list is
 //! marked synced once the first complete list is in, which is what `/readyz` waits for.
 //!
-//! [`DiscoveryTask`] runs that task so a config reload can replace it: a new
-//! `backendServiceName` or `backendPort` starts a new watch, and the old list keeps
-//! serving until the new watch's first complete list replaces it.
+//! [`DiscoveryTask`] runs that task so a config reload can point it elsewhere: a
+//! new `backendServiceName`, `backendPort` or static list starts over from the new
+//! source, and the old list keeps serving until the new source's first complete
+//! list replaces it.
 
 mod endpoints;
 pub mod kubernetes;
-mod status;
 
+use std::fmt;
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use tokio::sync::mpsc;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::backends::Backends;
-pub use status::{DiscoveryError, DiscoveryStatus, SourceKind};
+use crate::backends::BackendsWriter;
+pub use crate::backends::SourceKind;
 
 /// Where the load balancer learns its backend addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,14 +63,130 @@ pub struct KubernetesSource {
     pub port: u16,
 }
 
-/// Fills `backends` from `source`.
+/// The discovery keys of the config file: where backend addresses come from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiscoveryConfig {
+    /// Name of the Kubernetes Service whose ready endpoints receive the traffic.
+    pub backend_service_name: String,
+    /// Port on the backend pods that requests are sent to.
+    pub backend_port: u16,
+    /// Where backend addresses come from. Default `kubernetes`.
+    #[serde(default)]
+    pub discovery: DiscoveryMode,
+    /// The backends for `static` discovery, as `IP:port` strings. Default empty;
+    /// required when `discovery` is `static`.
+    #[serde(
+        default,
+        deserialize_with = "deserialize_addrs",
+        serialize_with = "serialize_addrs"
+    )]
+    pub static_backends: Vec<SocketAddr>,
+}
+
+/// Where backend addresses come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryMode {
+    /// Watch the EndpointSlices of `backendServiceName`.
+    #[default]
+    Kubernetes,
+    /// Use `staticBackends` (or the `--backends` flag): local runs and tests.
+    Static,
+}
+
+impl fmt::Display for DiscoveryMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DiscoveryMode::Kubernetes => "kubernetes",
+            DiscoveryMode::Static => "static",
+        })
+    }
+}
+
+impl DiscoveryConfig {
+    /// Checks the rules that types alone cannot express; the error names the key.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let fail = |field, reason: &str| Err((field, reason.to_owned()));
+        if self.backend_service_name.trim().is_empty() {
+            return fail("backendServiceName", "must not be empty");
+        }
+        if self.backend_port == 0 {
+            return fail("backendPort", "must be between 1 and 65535");
+        }
+        if self.discovery == DiscoveryMode::Static && self.static_backends.is_empty() {
+            return fail(
+                "staticBackends",
+                "must list at least one address when discovery is \"static\"",
+            );
+        }
+        Ok(())
+    }
+
+    /// What discovery should watch. `namespace` is the pod's own (the Downward
+    /// API's `NAMESPACE`), if known.
+    pub fn source(&self, namespace: Option<String>) -> Source {
+        match self.discovery {
+            DiscoveryMode::Static => Source::Static(self.static_backends.clone()),
+            DiscoveryMode::Kubernetes => Source::Kubernetes(KubernetesSource {
+                namespace,
+                service_name: self.backend_service_name.clone(),
+                port: self.backend_port,
+            }),
+        }
+    }
+}
+
+/// A backend address that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddrError {
+    #[error("no backend addresses given")]
+    Empty,
+    #[error("{0:?} is not a backend address (expected IP:port, e.g. 127.0.0.1:8081)")]
+    Invalid(String),
+}
+
+/// Parses one backend address. Host names are not resolved: endpoints in
+/// Kubernetes are IPs, and a name that resolves differently over time would make
+/// "static" a lie.
+pub fn parse_backend_addr(text: &str) -> Result<SocketAddr, AddrError> {
+    let text = text.trim();
+    text.parse()
+        .map_err(|_| AddrError::Invalid(text.to_owned()))
+}
+
+/// Parses the `--backends` flag: comma-separated `IP:port` addresses.
+pub fn parse_backend_list(list: &str) -> Result<Vec<SocketAddr>, AddrError> {
+    let addrs = list
+        .split(',')
+        .filter(|item| !item.trim().is_empty())
+        .map(parse_backend_addr)
+        .collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() {
+        return Err(AddrError::Empty);
+    }
+    Ok(addrs)
+}
+
+fn deserialize_addrs<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<SocketAddr>, D::Error> {
+    Vec::<String>::deserialize(de)?
+        .iter()
+        .map(|text| parse_backend_addr(text).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+fn serialize_addrs<S: Serializer>(addrs: &[SocketAddr], ser: S) -> Result<S::Ok, S::Error> {
+    ser.collect_seq(addrs.iter().map(ToString::to_string))
+}
+
+/// Fills the list behind `backends` from `source`.
 ///
 /// Static: publishes the list, marks it synced and returns `Ok` at once.
 /// Kubernetes: builds a client with [`kube::Client::try_default`] (the kubeconfig from
 /// `KUBECONFIG` or `~/.kube/config` if there is one, else the in-cluster service
 /// account), then watches forever; it only returns if the watch stream ends, which
 /// the watcher's retry-forever backoff should never let happen.
-pub async fn run(source: Source, backends: Backends) -> anyhow::Result<()> {
+pub async fn run(source: Source, backends: &BackendsWriter) -> anyhow::Result<()> {
     backends.discovery_status().set_source(source.kind());
     match source {
         Source::Static(addrs) => {
@@ -94,59 +212,42 @@ pub async fn run(source: Source, backends: Backends) -> anyhow::Result<()> {
     }
 }
 
-/// Discovery running as a task, restartable with a new source.
+/// Discovery running as a task that a reload can point at a new source.
 ///
-/// Dropping it stops discovery, so it ends with the reloader that owns it.
+/// The task owns the [`BackendsWriter`] for its whole life, so there is never a
+/// second writer, not even for a moment while the source changes: a new source
+/// arrives through a channel, and the task drops the old watch before it starts
+/// the new one. The list in force stays until the new source publishes its first
+/// complete list. Dropping the handle stops discovery.
 #[derive(Debug)]
 pub struct DiscoveryTask {
-    /// The list every discovery task writes, handed to each new one.
-    backends: Backends,
-    /// The namespace a source built from a new config watches (main's `NAMESPACE`).
-    pub namespace: Option<String>,
-    /// Where a task that fails sends its error, so main can end the process as it
-    /// did before discovery became restartable.
-    failures: mpsc::UnboundedSender<anyhow::Error>,
+    /// Where a new source is sent.
+    sources: watch::Sender<Source>,
     /// The running discovery.
     task: JoinHandle<()>,
 }
 
 impl DiscoveryTask {
-    /// Starts discovery from `source`; the receiver gets the error of any discovery
-    /// task (this one or a restarted one) that fails.
+    /// Starts discovery from `source`, writing through `backends`; the receiver
+    /// gets the error of any source that fails (the process cannot serve
+    /// without its backend list, so the caller ends it).
     pub fn spawn(
         source: Source,
-        namespace: Option<String>,
-        backends: Backends,
+        backends: BackendsWriter,
     ) -> (Self, mpsc::UnboundedReceiver<anyhow::Error>) {
         let (failures, failed) = mpsc::unbounded_channel();
-        let task = Self::start(source, backends.clone(), failures.clone());
-        let discovery = Self {
-            backends,
-            namespace,
-            failures,
-            task,
-        };
-        (discovery, failed)
+        let (sources, current) = watch::channel(source);
+        let task = tokio::spawn(follow(current, backends, failures));
+        (Self { sources, task }, failed)
     }
 
-    /// Replaces the running discovery with one from `source`. The list in force
-    /// stays until the new source publishes its first complete list.
-    pub fn restart(&mut self, source: Source) {
-        self.task.abort();
-        self.task = Self::start(source, self.backends.clone(), self.failures.clone());
-    }
-
-    fn start(
-        source: Source,
-        backends: Backends,
-        failures: mpsc::UnboundedSender<anyhow::Error>,
-    ) -> JoinHandle<()> {
-        tokio::spawn(async move {
-            if let Err(error) = run(source, backends).await {
-                // Nobody listening means the process is already stopping.
-                let _ = failures.send(error);
-            }
-        })
+    /// Switches to `source`, unless it is the one in force.
+    pub fn set_source(&self, source: Source) {
+        self.sources.send_if_modified(|current| {
+            let changed = *current != source;
+            *current = source;
+            changed
+        });
     }
 }
 
@@ -156,18 +257,47 @@ impl Drop for DiscoveryTask {
     }
 }
 
+/// Runs discovery from the current source, and starts over whenever the source
+/// changes. Ends when the [`DiscoveryTask`] is dropped.
+async fn follow(
+    mut sources: watch::Receiver<Source>,
+    backends: BackendsWriter,
+    failures: mpsc::UnboundedSender<anyhow::Error>,
+) {
+    loop {
+        let source = sources.borrow_and_update().clone();
+        tokio::select! {
+            outcome = run(source, &backends) => {
+                if let Err(error) = outcome {
+                    // Nobody listening means the process is already stopping.
+                    let _ = failures.send(error);
+                }
+                // A static list is published; wait for the next source.
+                if sources.changed().await.is_err() {
+                    return;
+                }
+            }
+            changed = sources.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
     async fn static_source_publishes_its_list_and_marks_it_synced() {
-        let backends = Backends::default();
+        let backends = BackendsWriter::new();
         let addrs: Vec<SocketAddr> = vec![
             "127.0.0.1:9002".parse().expect("literal address parses"),
             "127.0.0.1:9001".parse().expect("literal address parses"),
         ];
-        run(Source::Static(addrs.clone()), backends.clone())
+        run(Source::Static(addrs.clone()), &backends)
             .await
             .expect("a static source cannot fail");
         assert!(backends.is_synced());

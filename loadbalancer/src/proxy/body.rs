@@ -14,7 +14,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
-use super::{ExchangeError, UpstreamBody};
+use super::UpstreamBody;
+use crate::upstream::ExchangeError;
 use crate::backend_state::OwnedInFlight;
 use crate::metrics::RequestInFlight;
 

@@ -39,16 +39,15 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use loadbalancer::admin::{self, Admin};
-use loadbalancer::backends::Backends;
+use loadbalancer::app::{App, Options};
+use loadbalancer::backends::{Backends, BackendsWriter};
 use loadbalancer::balancer::{Balancer, RoundRobin};
+use loadbalancer::config::{Config, DiscoveryConfig, DiscoveryMode, Limits, Listen, ProxyConfig};
 use loadbalancer::discovery::{self, Source};
 use loadbalancer::metrics::Metrics;
 use loadbalancer::proxy::{Proxy, ProxySettings, Resilience};
-use loadbalancer::server::{self, ServerLimits};
+use loadbalancer::server::ServerLimits;
 use loadbalancer::shutdown::Shutdown;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 pub(crate) use upstream::Upstream;
 
@@ -93,18 +92,23 @@ pub(crate) async fn start_backends(n: usize) -> Vec<Upstream> {
     backends
 }
 
-/// The proxy and admin servers, in-process, with static discovery.
+/// The load balancer's [`App`], in-process on 127.0.0.1 with one proxy worker,
+/// over a list the test writes (filled by static discovery, as `--backends`
+/// would). Health checks are off, and so are retries and ejection unless a test
+/// asks for them, so that a test sees the plain proxy it describes.
 #[derive(Debug)]
 pub(crate) struct TestLb {
     pub(crate) addr: SocketAddr,
     pub(crate) admin_addr: SocketAddr,
     pub(crate) backends: Backends,
+    /// The list's writer, for tests that change the list under load.
+    pub(crate) writer: Option<BackendsWriter>,
     pub(crate) shutdown: Shutdown,
     /// A handle on the proxy being served, for its counters.
     pub(crate) proxy: Proxy,
     /// The instance both servers share, for tests that record into it directly.
     pub(crate) metrics: Arc<Metrics>,
-    servers: Vec<JoinHandle<()>>,
+    app: App,
 }
 
 impl TestLb {
@@ -127,13 +131,13 @@ impl TestLb {
         balancer: impl Balancer + 'static,
     ) -> Self {
         let addrs = upstreams.iter().map(|u| u.addr).collect();
-        let backends = static_backends(addrs).await;
-        let (settings, resilience) = (Self::SETTINGS, Resilience::default());
+        let writer = static_backends(addrs).await;
         Self::launch(
-            backends,
-            balancer,
-            settings,
-            resilience,
+            writer.reader(),
+            Some(writer),
+            Arc::new(balancer),
+            Self::SETTINGS,
+            Resilience::default(),
             ServerLimits::DEFAULT,
         )
         .await
@@ -150,16 +154,25 @@ impl TestLb {
         settings: ProxySettings,
         resilience: Resilience,
     ) -> Self {
-        let backends = static_backends(addrs).await;
-        Self::start_unsynced_with(backends, settings, resilience).await
+        let writer = static_backends(addrs).await;
+        Self::launch(
+            writer.reader(),
+            Some(writer),
+            Arc::new(RoundRobin::new()),
+            settings,
+            resilience,
+            ServerLimits::DEFAULT,
+        )
+        .await
     }
 
     /// A load balancer over `addrs` whose proxy listener has `limits`.
     pub(crate) async fn start_with_limits(addrs: Vec<SocketAddr>, limits: ServerLimits) -> Self {
-        let backends = static_backends(addrs).await;
+        let writer = static_backends(addrs).await;
         Self::launch(
-            backends,
-            RoundRobin::new(),
+            writer.reader(),
+            Some(writer),
+            Arc::new(RoundRobin::new()),
             Self::SETTINGS,
             Resilience::default(),
             limits,
@@ -167,7 +180,8 @@ impl TestLb {
         .await
     }
 
-    /// A load balancer over a list that discovery has not filled yet.
+    /// A load balancer over a list that the test fills (or not) through its
+    /// own writer.
     pub(crate) async fn start_unsynced(backends: Backends, settings: ProxySettings) -> Self {
         Self::start_unsynced_with(backends, settings, Resilience::default()).await
     }
@@ -180,7 +194,8 @@ impl TestLb {
     ) -> Self {
         Self::launch(
             backends,
-            RoundRobin::new(),
+            None,
+            Arc::new(RoundRobin::new()),
             settings,
             resilience,
             ServerLimits::DEFAULT,
@@ -190,44 +205,33 @@ impl TestLb {
 
     async fn launch(
         backends: Backends,
-        balancer: impl Balancer + 'static,
+        writer: Option<BackendsWriter>,
+        balancer: Arc<dyn Balancer>,
         settings: ProxySettings,
         resilience: Resilience,
         limits: ServerLimits,
     ) -> Self {
-        let shutdown = Shutdown::new();
-        let listener = bind().await;
-        let admin_listener = bind().await;
-        let addr = listener.local_addr().expect("bound socket has an address");
-        let admin_addr = admin_listener
-            .local_addr()
-            .expect("bound socket has an address");
-        let metrics = Arc::new(Metrics::new(backends.clone()));
-        let proxy = Proxy::with_resilience(
-            backends.clone(),
-            balancer,
-            settings,
-            resilience,
-            Arc::clone(&metrics),
-        );
-        let admin = Admin::new(backends.clone(), shutdown.clone(), Arc::clone(&metrics));
-        let servers = vec![
-            tokio::spawn(server::serve_proxy(
-                listener,
-                proxy.clone(),
-                shutdown.clone(),
-                limits,
-            )),
-            tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone())),
-        ];
+        let options = Options {
+            workers: std::num::NonZeroUsize::MIN,
+            bind_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            backends: Some(backends.clone()),
+            balancer: Some(balancer),
+            resilience: Some(resilience),
+            health_checks: false,
+            ..Options::default()
+        };
+        let app = App::start(test_config(settings, limits), options)
+            .await
+            .expect("the load balancer starts");
         Self {
-            addr,
-            admin_addr,
+            addr: app.proxy_addr(),
+            admin_addr: app.admin_addr(),
             backends,
-            shutdown,
-            proxy,
-            metrics,
-            servers,
+            writer,
+            shutdown: app.shutdown().clone(),
+            proxy: app.proxies()[0].clone(),
+            metrics: Arc::clone(app.metrics()),
+            app,
         }
     }
 
@@ -241,28 +245,66 @@ impl TestLb {
         format!("http://{}{path}", self.admin_addr)
     }
 
+    /// The list's writer (every constructor but the unsynced ones has one).
+    pub(crate) fn writer(&self) -> &BackendsWriter {
+        self.writer
+            .as_ref()
+            .expect("this load balancer's list is written by the test")
+    }
+
     /// Begins shutdown and waits until both servers have finished.
     pub(crate) async fn stop(self) {
-        self.shutdown.begin_draining();
-        self.shutdown.stop();
-        self.stopped().await;
+        tokio::time::timeout(PATIENCE, self.app.stop(Duration::ZERO))
+            .await
+            .expect("servers stop within PATIENCE");
     }
 
     /// Waits until both servers have finished, after `shutdown.stop()`.
     pub(crate) async fn stopped(self) {
-        for server in self.servers {
-            tokio::time::timeout(PATIENCE, server)
-                .await
-                .expect("servers stop within PATIENCE")
-                .expect("server task does not panic");
-        }
+        tokio::time::timeout(PATIENCE, self.app.stopped())
+            .await
+            .expect("servers stop within PATIENCE");
+    }
+}
+
+/// The config a [`TestLb`] runs with: ports picked by the system, the given
+/// upstream timeouts and client-side limits, and defaults for the rest.
+fn test_config(settings: ProxySettings, limits: ServerLimits) -> Config {
+    let millis = |d: Duration| u64::try_from(d.as_millis()).expect("test durations fit");
+    Config {
+        listen: Listen {
+            port: 0,
+            admin_port: 0,
+        },
+        discovery: DiscoveryConfig {
+            backend_service_name: "test".to_owned(),
+            backend_port: 80,
+            discovery: DiscoveryMode::Static,
+            static_backends: Vec::new(),
+        },
+        proxy: ProxyConfig {
+            connect_timeout_ms: millis(settings.connect_timeout),
+            request_timeout_ms: millis(settings.request_timeout),
+        },
+        limits: Limits {
+            drain_seconds: 0,
+            shutdown_timeout_seconds: limits.shutdown_timeout.as_secs(),
+            header_read_timeout_ms: millis(limits.header_read_timeout),
+            idle_timeout_ms: millis(limits.idle_timeout),
+            max_connections: limits.max_connections,
+            max_header_bytes: limits.max_header_bytes,
+        },
+        logging: Default::default(),
+        health: Default::default(),
+        resilience: Default::default(),
+        balancing: Default::default(),
     }
 }
 
 /// A backend list filled by static discovery, as `--backends` would.
-async fn static_backends(addrs: Vec<SocketAddr>) -> Backends {
-    let backends = Backends::default();
-    discovery::run(Source::Static(addrs), backends.clone())
+async fn static_backends(addrs: Vec<SocketAddr>) -> BackendsWriter {
+    let backends = BackendsWriter::new();
+    discovery::run(Source::Static(addrs), &backends)
         .await
         .expect("static discovery cannot fail");
     backends
@@ -283,12 +325,6 @@ pub(crate) async fn wait_for_readyz(admin: SocketAddr, status: StatusCode) -> Re
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-async fn bind() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind a loopback port")
 }
 
 /// A complete response, body collected.

@@ -9,7 +9,7 @@
 //! call that records an error. `/debug/backends` and the discovery metrics read it
 //! at request time.
 //!
-//! [`Backends`]: crate::backends::Backends
+//! [`Backends`]: super::Backends
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-/// Which kind of source fills the list; see [`super::Source`].
+/// Which kind of source fills the list ([`crate::discovery::Source`] has one of each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceKind {

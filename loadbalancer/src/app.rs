@@ -1,0 +1,302 @@
+//! App: the whole load balancer, started and stopped in the right order.
+//!
+//! [`App::start`] builds every part from a [`Config`] and starts it: the backend
+//! list and the discovery that fills it, the metrics, one balancer shared by the
+//! proxy workers, the admin listener, the health checker and the reloader that
+//! watches the config file. [`App::run_until`] serves until a stop signal (or
+//! until discovery fails, since the proxy cannot serve without it) and then
+//! shuts down in the order that loses no request:
+//!
+//! 1. `/readyz` answers 503 and the proxy keeps serving for `drainSeconds`, so
+//!    that Kubernetes takes the pod out of every Service before its port closes;
+//! 2. the listeners close, and requests in flight finish (by force after
+//!    `shutdownTimeoutSeconds`);
+//! 3. health checks, discovery and the reloader stop;
+//! 4. `run_until` returns once every worker and the admin listener are done.
+//!
+//! The binary's `main` parses flags, loads the config and calls these two; the
+//! integration tests start the same `App` in-process, so what the binary wires is
+//! what the tests test.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::admin::{self, Admin};
+use crate::backends::{Backends, BackendsWriter};
+use crate::balancer::Balancer;
+use crate::config::Config;
+use crate::discovery::DiscoveryTask;
+use crate::health::{HealthCheckSettings, HealthTask};
+use crate::logging::LogHandle;
+use crate::metrics::Metrics;
+use crate::proxy::{Proxy, ProxySettings, Resilience};
+use crate::reload::{self, Live, Reloader};
+use crate::server::{self, ServerLimits};
+use crate::shutdown::Shutdown;
+use crate::workers::{self, Workers};
+
+/// What the app needs besides the config: what the binary learns from its flags
+/// and environment, and the few parts a test may supply itself.
+#[derive(Debug)]
+pub struct Options {
+    /// The config file to follow for live reload; `None` runs without reload.
+    pub config_path: Option<PathBuf>,
+    /// Backends from the `--backends` flag: static discovery over them, at start
+    /// and after every reload, whatever the file says.
+    pub flag_backends: Option<Vec<SocketAddr>>,
+    /// The pod's namespace (the Downward API's `NAMESPACE`), watched for
+    /// EndpointSlices; `None` uses the Kubernetes client's default.
+    pub namespace: Option<String>,
+    /// The installed logger, so a reload can change level and format.
+    pub log: Option<LogHandle>,
+    /// Proxy worker threads; see [`workers`].
+    pub workers: NonZeroUsize,
+    /// The address both listeners bind: all interfaces by default.
+    pub bind_ip: IpAddr,
+    /// A list written elsewhere instead of by discovery, which then does not run:
+    /// for tests that change the list themselves.
+    pub backends: Option<Backends>,
+    /// A balancer to use instead of the configured algorithm (tests of balancers).
+    pub balancer: Option<Arc<dyn Balancer>>,
+    /// Retry and ejection settings to use instead of the configured ones (tests
+    /// that want a proxy without either).
+    pub resilience: Option<Resilience>,
+    /// Whether active health checks run.
+    pub health_checks: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            config_path: None,
+            flag_backends: None,
+            namespace: None,
+            log: None,
+            workers: workers::default_count(),
+            bind_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            backends: None,
+            balancer: None,
+            resilience: None,
+            health_checks: true,
+        }
+    }
+}
+
+/// The running load balancer; see the module docs.
+#[derive(Debug)]
+pub struct App {
+    /// How long to drain after a stop signal (`drainSeconds`).
+    drain: Duration,
+    /// The list every part reads.
+    backends: Backends,
+    /// Tells the listeners to drain and then stop.
+    shutdown: Shutdown,
+    /// Shared by the proxies and the admin listener.
+    metrics: Arc<Metrics>,
+    /// One proxy per worker.
+    proxies: Vec<Proxy>,
+    /// The proxy's worker threads.
+    workers: Workers,
+    /// The admin listener's address.
+    admin_addr: SocketAddr,
+    /// The admin listener's task.
+    admin: JoinHandle<()>,
+    /// The reloader, which owns the health checker and discovery: aborting it
+    /// stops all three.
+    live: JoinHandle<()>,
+    /// Errors of a discovery that failed; `None` when discovery does not run.
+    discovery_failures: Option<mpsc::UnboundedReceiver<anyhow::Error>>,
+}
+
+impl App {
+    /// Starts every part; fails, with the reason, if a port cannot be bound.
+    pub async fn start(mut config: Config, options: Options) -> anyhow::Result<Self> {
+        if let Some(addrs) = &options.flag_backends {
+            config = config.with_static_backends(addrs.clone());
+        }
+        let shutdown = Shutdown::new();
+        let (backends, writer) = match options.backends {
+            Some(backends) => (backends, None),
+            None => {
+                let writer = BackendsWriter::new();
+                (writer.reader(), Some(writer))
+            }
+        };
+        let metrics = Arc::new(Metrics::new(backends.gauges()));
+        // One balancer for all workers, so the rotation stays exact across them; a
+        // reload hands every worker's proxy the same new one.
+        let balancer = options
+            .balancer
+            .unwrap_or_else(|| config.balancing.build());
+        let settings = ProxySettings::from(&config.proxy);
+        let resilience = options
+            .resilience
+            .unwrap_or_else(|| Resilience::from(&config.resilience));
+        let mut proxies = Vec::with_capacity(options.workers.get());
+        let workers = Workers::start(
+            options.workers,
+            SocketAddr::new(options.bind_ip, config.listen.port),
+            || {
+                let proxy = Proxy::with_resilience(
+                    backends.clone(),
+                    Arc::clone(&balancer),
+                    settings,
+                    resilience,
+                    Arc::clone(&metrics),
+                );
+                proxies.push(proxy.clone());
+                proxy
+            },
+            ServerLimits::from(&config.limits),
+            &shutdown,
+        )
+        .await
+        .context("binding the proxy port")?;
+        let admin_listener = server::bind(SocketAddr::new(options.bind_ip, config.listen.admin_port))
+            .context("binding the admin port")?;
+        let admin_addr = admin_listener.local_addr()?;
+        info!(
+            proxy = %workers.local_addr(),
+            workers = options.workers,
+            admin = %admin_addr,
+            discovery = %config.discovery.discovery,
+            algorithm = %config.balancing.algorithm,
+            "listening"
+        );
+        let admin = Admin::new(backends.clone(), shutdown.clone(), Arc::clone(&metrics));
+        let admin = tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone()));
+
+        let health = options.health_checks.then(|| {
+            HealthTask::spawn(
+                backends.clone(),
+                HealthCheckSettings::from(&config.health.health_check),
+            )
+        });
+        let (discovery, discovery_failures) = match writer {
+            Some(writer) => {
+                let source = config.discovery.source(options.namespace.clone());
+                let (task, failures) = DiscoveryTask::spawn(source, writer);
+                (Some(task), Some(failures))
+            }
+            None => (None, None),
+        };
+        let drain = config.limits.drain();
+        let live = Live {
+            proxies: proxies.clone(),
+            log: options.log,
+            metrics: Arc::clone(&metrics),
+            health,
+            discovery,
+            namespace: options.namespace,
+        };
+        let live = match options.config_path {
+            Some(path) => {
+                let reloader = Reloader::new(path, options.flag_backends, config, live);
+                tokio::spawn(reloader.run(reload::POLL_INTERVAL))
+            }
+            // Nothing to follow: the task only keeps the live parts running.
+            None => tokio::spawn(async move {
+                let _live = live;
+                std::future::pending::<()>().await;
+            }),
+        };
+        Ok(Self {
+            drain,
+            backends,
+            shutdown,
+            metrics,
+            proxies,
+            workers,
+            admin_addr,
+            admin,
+            live,
+            discovery_failures,
+        })
+    }
+
+    /// Serves until `stop` completes (a signal, in the binary) or discovery
+    /// fails, then shuts down in order (see the module docs). Returns `stop`'s
+    /// result, or discovery's error.
+    pub async fn run_until(
+        mut self,
+        stop: impl Future<Output = anyhow::Result<()>>,
+    ) -> anyhow::Result<()> {
+        let discovery_failed = async {
+            match &mut self.discovery_failures {
+                // Static discovery publishes and ends without a word: only an
+                // error arrives.
+                Some(failures) => match failures.recv().await {
+                    Some(error) => error,
+                    None => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
+        let outcome = tokio::select! {
+            stopped = stop => stopped,
+            error = discovery_failed => Err(error.context("discovery failed")),
+        };
+        let drain = self.drain;
+        self.stop(drain).await;
+        outcome
+    }
+
+    /// Drains for `drain`, then stops, and returns when everything has finished.
+    pub async fn stop(self, drain: Duration) {
+        self.shutdown.drain_then_stop(drain).await;
+        self.stopped().await;
+    }
+
+    /// Returns when everything has finished, after [`Shutdown::stop`] was called
+    /// on [`App::shutdown`]'s handle.
+    pub async fn stopped(self) {
+        // The reloader owns the health checker and discovery: aborting it stops
+        // all three.
+        self.live.abort();
+        self.workers.finished().await;
+        // The admin task ends when shutdown stops it; a panic in it is a bug
+        // worth seeing in the logs, not a reason to hang the shutdown.
+        if let Err(error) = self.admin.await {
+            tracing::error!(%error, "admin server task failed");
+        }
+        info!("stopped");
+    }
+
+    /// Where the proxy listens.
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.workers.local_addr()
+    }
+
+    /// Where the admin endpoints listen.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// A read handle on the backend list.
+    pub fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
+    /// The metrics every part records into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Each worker's proxy, for its counters.
+    pub fn proxies(&self) -> &[Proxy] {
+        &self.proxies
+    }
+
+    /// The shutdown signal the listeners follow.
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+}
