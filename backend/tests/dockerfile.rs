@@ -1,7 +1,7 @@
 //! `Dockerfile.backend`'s build stage gets every file its `cargo build` needs: the
 //! paths it copies (minus `.dockerignore`) are rebuilt in a directory of their own
 //! and the same cargo command runs there, offline, as `cargo check` (see
-//! `support/dockerfile.rs` for why). `loadbalancer/tests/dockerfile.rs` does the
+//! `support/dockerfile.rs` for why). `loadbalancer/tests/it/dockerfile.rs` does the
 //! same for `Dockerfile.loadbalancer`.
 
 mod support;

@@ -3,9 +3,9 @@
 //! [`check_build_context`] copies what the `COPY` lines take (minus `.dockerignore`)
 //! into a fresh directory and runs the Dockerfile's own cargo command there.
 //!
-//! Both crates' Dockerfile tests use this one file: the backend's through its
-//! `support` module, the load balancer's with `#[path]` (see
-//! `loadbalancer/tests/dockerfile.rs`), so it depends on nothing but std.
+//! Both crates' Dockerfile tests use this one file through their `support` module,
+//! the load balancer's with `#[path]` (see `loadbalancer/tests/it/support/mod.rs`),
+//! so it depends on nothing but std.
 //!
 //! The command runs as `cargo check` instead of `cargo build`: resolving the
 //! workspace, finding every source file and type-checking all of it is what the

@@ -11,14 +11,14 @@
 //! [`ScriptedBackend`], which writes raw bytes and records the raw bytes it
 //! received, connection by connection.
 
-mod support;
-
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use support::raw::RawConn;
-use support::scripted::{Answer, ScriptedBackend};
-use support::{PATIENCE, Reply, TestLb, get, send};
+
+use crate::support;
+use crate::support::raw::RawConn;
+use crate::support::scripted::{Answer, ScriptedBackend};
+use crate::support::{PATIENCE, Reply, TestLb, get, send};
 
 /// A load balancer whose only backend is `backend`, with retries off: every
 /// client request is exactly one upstream request.

@@ -1,11 +1,12 @@
 //! Shared helpers for the integration tests: real servers on 127.0.0.1:0, a client
 //! to talk to them, a fake Kubernetes API server, and a way to wait for "eventually"
-//! conditions. Each test file says `mod support;` and compiles this module on its
-//! own, using a different subset, hence the `dead_code` allowance.
+//! conditions. The suite is one test program (`tests/it/main.rs`), so this module
+//! is compiled once and every area's module uses it as `crate::support`.
 //!
 //! * [`upstream`]: a configurable test backend (slow, echoing, chunked, ...).
 //! * [`chromium`]: a headless browser for the status page.
 //! * [`configmap`]: a config file mounted like a ConfigMap, updated by symlink swap.
+//! * [`dockerfile`]: the Dockerfile build-context checker, shared with the backend.
 //! * [`fake_apiserver`]: a fake Kubernetes API server for discovery tests.
 //! * [`process`]: the `loadbalancer` binary as a child process.
 //! * [`raw`]: a raw TCP client, for requests no HTTP library would send.
@@ -15,11 +16,14 @@
 //! * [`scripted`]: a raw backend that answers with scripted bytes and records the
 //!   bytes it received, per connection (the upstream wire tests).
 //! * [`wait_for`]: poll a condition with a generous deadline instead of sleeping.
-#![allow(dead_code, unreachable_pub)]
 
 pub(crate) mod chromium;
 pub(crate) mod configmap;
-pub mod fake_apiserver;
+/// The Dockerfile build-context checker: the backend's tests' own module, compiled
+/// in here too so both Dockerfiles are held to the same rules (one file).
+#[path = "../../../../backend/tests/support/dockerfile.rs"]
+pub(crate) mod dockerfile;
+pub(crate) mod fake_apiserver;
 pub(crate) mod faults;
 pub(crate) mod load;
 pub(crate) mod process;
@@ -58,7 +62,7 @@ pub(crate) const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Polls `probe` until `done` accepts its value and returns that value; panics with
 /// the last value seen after [`PATIENCE`].
-pub async fn wait_for<T: Debug>(
+pub(crate) async fn wait_for<T: Debug>(
     what: &str,
     mut probe: impl FnMut() -> T,
     mut done: impl FnMut(&T) -> bool,
@@ -102,8 +106,6 @@ pub(crate) struct TestLb {
     pub(crate) shutdown: Shutdown,
     /// A handle on the proxy being served, for its counters.
     pub(crate) proxy: Proxy,
-    /// The instance both servers share, for tests that record into it directly.
-    pub(crate) metrics: Arc<Metrics>,
     servers: Vec<JoinHandle<()>>,
 }
 
@@ -226,7 +228,6 @@ impl TestLb {
             backends,
             shutdown,
             proxy,
-            metrics,
             servers,
         }
     }

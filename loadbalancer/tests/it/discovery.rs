@@ -3,8 +3,6 @@
 //! a cluster can do (pods come and go, turn unready, slices split or vanish, watches
 //! drop, history expires, the API server goes away).
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -12,10 +10,11 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use loadbalancer::backends::Backends;
 use loadbalancer::discovery::KubernetesSource;
 use loadbalancer::discovery::kubernetes::watch_endpoint_slices;
-use support::fake_apiserver::EndpointState::{self, NotReady, Ready, Terminating, Unset};
-use support::fake_apiserver::{FakeApiServer, NAMESPACE, RecordedRequest, slice};
-use support::wait_for;
 use tokio::task::JoinHandle;
+
+use crate::support::fake_apiserver::EndpointState::{self, NotReady, Ready, Terminating, Unset};
+use crate::support::fake_apiserver::{FakeApiServer, NAMESPACE, RecordedRequest, slice};
+use crate::support::wait_for;
 
 const SERVICE: &str = "web";
 const PORT: u16 = 8080;

@@ -5,10 +5,7 @@
 //! The checker is the backend's, included from its one home rather than copied, so
 //! both Dockerfiles are held to the same rules.
 
-#[path = "../../backend/tests/support/dockerfile.rs"]
-mod dockerfile;
-
-use dockerfile::check_build_context;
+use crate::support::dockerfile::check_build_context;
 
 #[test]
 fn the_loadbalancer_build_stage_copies_everything_cargo_needs() {

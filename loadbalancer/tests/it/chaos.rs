@@ -6,8 +6,6 @@
 //!
 //! Run with `--nocapture` to see the figures.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -21,12 +19,14 @@ use loadbalancer::health::{HealthCheckSettings, HealthChecker};
 use loadbalancer::outlier::OutlierSettings;
 use loadbalancer::proxy::{ProxySettings, Resilience};
 use loadbalancer::retry::RetrySettings;
-use support::fake_apiserver::EndpointState::{self, Ready, Terminating};
-use support::fake_apiserver::{FakeApiServer, slice};
-use support::faults::{BlackHole, RealBackend, bind_same_port};
-use support::load::Load;
-use support::upstream::Fault;
-use support::{TestLb, get, send, start_backends, tally, wait_for};
+
+use crate::support;
+use crate::support::fake_apiserver::EndpointState::{self, Ready, Terminating};
+use crate::support::fake_apiserver::{FakeApiServer, slice};
+use crate::support::faults::{BlackHole, RealBackend, bind_same_port};
+use crate::support::load::Load;
+use crate::support::upstream::Fault;
+use crate::support::{TestLb, get, send, start_backends, tally, wait_for};
 
 /// Outlier detection as the tests use it: three failures in a row eject, and the
 /// ejection outlasts every test, so no half-open trial muddies the counts.

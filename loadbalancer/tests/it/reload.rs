@@ -5,19 +5,19 @@
 //! mode the API server is the fake one, and a new `backendServiceName` moves the
 //! traffic to the other Service's pods.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::StatusCode;
-use support::configmap::ConfigMapDir;
-use support::fake_apiserver::EndpointState::Ready;
-use support::fake_apiserver::{FakeApiServer, slice};
-use support::faults::{RealBackend, Unconnectable, bind_same_port};
-use support::load::Load;
-use support::process::{Process, free_port, json_line, line};
-use support::{
+
+use crate::support;
+use crate::support::configmap::ConfigMapDir;
+use crate::support::fake_apiserver::EndpointState::Ready;
+use crate::support::fake_apiserver::{FakeApiServer, slice};
+use crate::support::faults::{RealBackend, Unconnectable, bind_same_port};
+use crate::support::load::Load;
+use crate::support::process::{Process, free_port, json_line, line};
+use crate::support::{
     Upstream, get, metric_sample, start_backend, start_backends, tally, wait_for, wait_for_readyz,
 };
 

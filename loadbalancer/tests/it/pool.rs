@@ -1,14 +1,14 @@
 //! The upstream connection pool, seen from a real upstream: which connections
 //! the proxy opens, reuses and closes.
 
-mod support;
-
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use loadbalancer::proxy::{IDLE_TIMEOUT, MAX_IDLE_PER_BACKEND, ProxySettings};
-use support::faults::CloseAfterAnswer;
-use support::{InFlight, PATIENCE, TestLb, Upstream, get, wait_for};
+
+use crate::support;
+use crate::support::faults::CloseAfterAnswer;
+use crate::support::{InFlight, PATIENCE, TestLb, Upstream, get, wait_for};
 
 /// An idle connection must be closed by the pool before the backend closes it,
 /// or a request sent just then meets a closing socket (the keep-alive race).

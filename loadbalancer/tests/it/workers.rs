@@ -1,8 +1,6 @@
 //! Proxy workers: one single-threaded runtime per core sharing one port, through
 //! real connections to real backends on 127.0.0.1.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -14,8 +12,9 @@ use loadbalancer::proxy::Proxy;
 use loadbalancer::server::ServerLimits;
 use loadbalancer::shutdown::Shutdown;
 use loadbalancer::workers::Workers;
-use support::{PATIENCE, TestLb, get, start_backends, tally};
 use tokio::net::TcpStream;
+
+use crate::support::{PATIENCE, TestLb, get, start_backends, tally};
 
 const TWO: NonZeroUsize = NonZeroUsize::new(2).expect("2 is not 0");
 

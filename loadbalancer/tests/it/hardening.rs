@@ -5,8 +5,6 @@
 //!
 //! Each test prints its figures: requests (or cases) sent, succeeded, failed.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,10 +15,12 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use loadbalancer::server::ServerLimits;
-use support::faults::{RealBackend, start_real_backend};
-use support::process::{Listening, Process, TempConfig, listening};
-use support::raw::RawConn;
-use support::{PATIENCE, TestLb, Upstream, get, start_backend, wait_for, wait_for_readyz};
+
+use crate::support;
+use crate::support::faults::{RealBackend, start_real_backend};
+use crate::support::process::{Listening, Process, TempConfig, listening};
+use crate::support::raw::RawConn;
+use crate::support::{PATIENCE, TestLb, Upstream, get, start_backend, wait_for, wait_for_readyz};
 
 const GOOD: &[u8] = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n";
 

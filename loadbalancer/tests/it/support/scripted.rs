@@ -171,11 +171,6 @@ impl ScriptedBackend {
         }
     }
 
-    /// Connections accepted so far.
-    pub(crate) fn accepted(&self) -> usize {
-        lock(&self.connections).len()
-    }
-
     /// How many requests arrived on each connection, in accept order.
     pub(crate) fn requests_per_connection(&self) -> Vec<usize> {
         lock(&self.connections).iter().map(Vec::len).collect()

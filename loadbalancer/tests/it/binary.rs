@@ -1,13 +1,12 @@
 //! The `loadbalancer` binary as an operator runs it: flags, exit codes, the
 //! error line on stderr, and SIGTERM handling.
 
-mod support;
-
 use std::process::ExitStatus;
 
 use http::StatusCode;
-use support::process::{Process, TempConfig, ready, run_to_exit};
-use support::{InFlight, start_backend};
+
+use crate::support::process::{Process, TempConfig, ready, run_to_exit};
+use crate::support::{InFlight, start_backend};
 
 fn assert_one_line_failure(status: ExitStatus, stderr: &str, needles: &[&str]) {
     assert!(!status.success(), "exit status {status}");

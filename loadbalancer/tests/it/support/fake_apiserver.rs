@@ -61,13 +61,13 @@ use tokio::task::{JoinHandle, JoinSet};
 
 /// The namespace of the generated kubeconfig's context, and of slices applied
 /// without one.
-pub const NAMESPACE: &str = "lb-test";
+pub(crate) const NAMESPACE: &str = "lb-test";
 
 const API_PREFIX: &str = "/apis/discovery.k8s.io/v1";
 
 /// A running fake API server. Dropping it stops the server and removes its kubeconfig.
 #[derive(Debug)]
-pub struct FakeApiServer {
+pub(crate) struct FakeApiServer {
     /// Fixed for the server's life, so a client (or a child process holding the
     /// kubeconfig) reconnects to the same place after [`Self::restart`].
     addr: SocketAddr,
@@ -82,7 +82,7 @@ pub struct FakeApiServer {
 
 /// How one endpoint in a [`slice`] is marked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndpointState {
+pub(crate) enum EndpointState {
     /// `ready: true`.
     Ready,
     /// `ready: false, serving: false` (a pod failing its readiness probe).
@@ -97,7 +97,7 @@ pub enum EndpointState {
 /// An EndpointSlice for Service `service` as the EndpointSlice controller writes it:
 /// labelled `kubernetes.io/service-name=<service>`, one port named `http`, the
 /// address type taken from the first address (IPv6 if it contains a colon).
-pub fn slice(
+pub(crate) fn slice(
     name: &str,
     service: &str,
     endpoints: &[(&str, EndpointState)],
@@ -150,16 +150,16 @@ fn conditions(state: EndpointState) -> Option<EndpointConditions> {
 
 /// One request the server received, for assertions on what the client sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecordedRequest {
-    pub method: Method,
-    pub path: String,
+pub(crate) struct RecordedRequest {
+    pub(crate) method: Method,
+    pub(crate) path: String,
     /// Decoded query parameters in the order sent.
-    pub query: Vec<(String, String)>,
+    pub(crate) query: Vec<(String, String)>,
 }
 
 impl RecordedRequest {
     /// The (first) value of query parameter `name`.
-    pub fn param(&self, name: &str) -> Option<&str> {
+    pub(crate) fn param(&self, name: &str) -> Option<&str> {
         self.query
             .iter()
             .find(|(key, _)| key == name)
@@ -167,14 +167,14 @@ impl RecordedRequest {
     }
 
     /// Whether this was a watch (as opposed to a list).
-    pub fn is_watch(&self) -> bool {
+    pub(crate) fn is_watch(&self) -> bool {
         self.param("watch") == Some("true")
     }
 }
 
 impl FakeApiServer {
     /// Starts an empty server on a free loopback port and writes its kubeconfig.
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a loopback port for the fake API server");
@@ -200,14 +200,9 @@ impl FakeApiServer {
         server
     }
 
-    /// The server's address (always the same, across restarts).
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// A kubeconfig with one context: this server over plain HTTP, no credentials,
     /// namespace [`NAMESPACE`].
-    pub fn kubeconfig(&self) -> Kubeconfig {
+    pub(crate) fn kubeconfig(&self) -> Kubeconfig {
         Kubeconfig {
             clusters: vec![NamedCluster {
                 name: "fake".to_owned(),
@@ -238,13 +233,13 @@ impl FakeApiServer {
     }
 
     /// The kubeconfig as a file, for `KUBECONFIG=<path>` in a child process.
-    pub fn kubeconfig_path(&self) -> &Path {
+    pub(crate) fn kubeconfig_path(&self) -> &Path {
         &self.kubeconfig_path
     }
 
     /// Sets up a child process the way a pod in [`NAMESPACE`] talking to this
     /// server would be: its kubeconfig and the Downward API's namespace.
-    pub fn configure_pod(&self, command: &mut std::process::Command) {
+    pub(crate) fn configure_pod(&self, command: &mut std::process::Command) {
         command
             .env("KUBECONFIG", self.kubeconfig_path())
             .env("NAMESPACE", NAMESPACE)
@@ -257,7 +252,7 @@ impl FakeApiServer {
 
     /// A real kube client configured from [`Self::kubeconfig`], as
     /// `Client::try_default()` would build it from the file.
-    pub async fn client(&self) -> kube::Client {
+    pub(crate) async fn client(&self) -> kube::Client {
         let config =
             kube::Config::from_custom_kubeconfig(self.kubeconfig(), &KubeConfigOptions::default())
                 .await
@@ -267,7 +262,7 @@ impl FakeApiServer {
 
     /// Creates or replaces a slice (by namespace and name; namespace defaults to
     /// [`NAMESPACE`]) and sends ADDED or MODIFIED to matching watches.
-    pub fn apply(&self, mut slice: EndpointSlice) {
+    pub(crate) fn apply(&self, mut slice: EndpointSlice) {
         slice
             .metadata
             .namespace
@@ -277,25 +272,25 @@ impl FakeApiServer {
 
     /// Deletes slice `name` in [`NAMESPACE`] and sends DELETED to matching watches.
     /// Panics if there is no such slice: that is a mistake in the test.
-    pub fn delete(&self, name: &str) {
+    pub(crate) fn delete(&self, name: &str) {
         self.store().delete(NAMESPACE, name);
     }
 
     /// Sends a BOOKMARK at the current revision to every watch that allows them, so
     /// clients advance their resourceVersion without any object changing.
-    pub fn bookmark(&self) {
+    pub(crate) fn bookmark(&self) {
         self.store().bookmark();
     }
 
     /// Forgets the change history up to now (etcd compaction): a watch that starts
     /// or resumes from an older resourceVersion gets an `ERROR` 410 event.
-    pub fn compact(&self) {
+    pub(crate) fn compact(&self) {
         self.store().compact();
     }
 
     /// Compacts, then ends every open watch with an `ERROR` event carrying a 410
     /// `Status`: the client must re-list.
-    pub fn expire_watches_with_410(&self) {
+    pub(crate) fn expire_watches_with_410(&self) {
         let mut store = self.store();
         store.compact();
         let gone = expired_event(store.revision, store.revision);
@@ -307,26 +302,26 @@ impl FakeApiServer {
 
     /// Ends every open watch cleanly, as a real API server does when a watch's
     /// timeout runs out; the client resumes from the last resourceVersion it saw.
-    pub fn close_watches(&self) {
+    pub(crate) fn close_watches(&self) {
         self.store().watches.clear();
     }
 
     /// The number of watches currently streaming (whose client is still there as far
     /// as the server knows).
-    pub fn open_watches(&self) -> usize {
+    pub(crate) fn open_watches(&self) -> usize {
         let mut store = self.store();
         store.watches.retain(|watch| !watch.events.is_closed());
         store.watches.len()
     }
 
     /// Every request received so far, oldest first.
-    pub fn requests(&self) -> Vec<RecordedRequest> {
+    pub(crate) fn requests(&self) -> Vec<RecordedRequest> {
         self.store().requests.clone()
     }
 
     /// Takes the server down: the port refuses connections and every open
     /// connection breaks. The objects and their history are kept for [`Self::restart`].
-    pub async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         if let Some(serving) = self.serving.take() {
             serving.abort();
             // `abort` only asks; awaiting the handle returns once the task (and with it
@@ -337,7 +332,7 @@ impl FakeApiServer {
     }
 
     /// Brings a stopped server back on the same address.
-    pub async fn restart(&mut self) {
+    pub(crate) async fn restart(&mut self) {
         assert!(self.serving.is_none(), "restart() needs a stopped server");
         // Another process may have taken the port meanwhile (TIME_WAIT is no obstacle:
         // tokio sets SO_REUSEADDR on listeners); retry briefly before giving up.

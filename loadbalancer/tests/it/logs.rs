@@ -2,12 +2,11 @@
 //! with `"logFormat": "json"`, and one request is followed from the load balancer's
 //! access line to the backend's by its request id.
 
-mod support;
-
 use http::StatusCode;
 use serde_json::Value;
-use support::get;
-use support::process::{Process, TempConfig, free_port, json_line, ready};
+
+use crate::support::get;
+use crate::support::process::{Process, TempConfig, free_port, json_line, ready};
 
 /// The fields every access line carries at the top level (the event's fields are
 /// flattened, so a log pipeline can filter on them directly).

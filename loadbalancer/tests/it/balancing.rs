@@ -1,12 +1,11 @@
 //! The balancing algorithms end to end: real upstreams, a real load balancer on
 //! 127.0.0.1:0 choosing with each algorithm, real requests.
 
-mod support;
-
 use loadbalancer::balancer::{Balancer, LeastRequest, RoundRobin, WeightedRoundRobin, Weights};
-use support::load::Load;
-use support::upstream::Fault;
-use support::{TestLb, Upstream, get, start_backends, tally};
+
+use crate::support::load::Load;
+use crate::support::upstream::Fault;
+use crate::support::{TestLb, Upstream, get, start_backends, tally};
 
 /// Concurrent clients in the load tests: enough that requests pile up on a slow
 /// backend, few enough for a shared two-core machine.

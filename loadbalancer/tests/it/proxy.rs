@@ -1,8 +1,6 @@
 //! End to end through the proxy: real upstream servers and a real load balancer
 //! on 127.0.0.1:0, real HTTP requests, assertions on what comes back.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -10,8 +8,10 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use loadbalancer::proxy::ProxySettings;
-use support::raw::RawConn;
-use support::{TestLb, get, send, start_backends, tally};
+
+use crate::support;
+use crate::support::raw::RawConn;
+use crate::support::{TestLb, get, send, start_backends, tally};
 
 fn expected(counts: &[(&str, usize)]) -> BTreeMap<String, usize> {
     counts

@@ -3,8 +3,6 @@
 //! `/work?status=500`, a 405 for `POST`), and one 503 the load balancer answers itself
 //! when no backend is left. Every counter and histogram count must be exact.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,8 +10,9 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use loadbalancer::server::ServerLimits;
-use support::faults::start_real_backend;
-use support::{Reply, TestLb, client, get, metric_sample, send, wait_for};
+
+use crate::support::faults::start_real_backend;
+use crate::support::{Reply, TestLb, client, get, metric_sample, send, wait_for};
 
 /// Scrapes `/metrics` and checks the content type.
 async fn scrape(lb: &TestLb) -> String {

@@ -8,8 +8,6 @@
 //! 127.0.0.2 and 127.0.0.3 (all loopback on Linux), because an EndpointSlice lists
 //! addresses and the load balancer connects to each on the one `backendPort`.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -17,11 +15,12 @@ use std::time::{Duration, Instant};
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use support::fake_apiserver::EndpointState::{self, NotReady, Ready};
-use support::fake_apiserver::{FakeApiServer, slice};
-use support::faults::{RealBackend, bind_same_port};
-use support::process::{Process, TempConfig, listening};
-use support::{PATIENCE, client, get, send};
+
+use crate::support::fake_apiserver::EndpointState::{self, NotReady, Ready};
+use crate::support::fake_apiserver::{FakeApiServer, slice};
+use crate::support::faults::{RealBackend, bind_same_port};
+use crate::support::process::{Process, TempConfig, listening};
+use crate::support::{PATIENCE, client, get, send};
 
 const SERVICE: &str = "backend-service";
 const SLICE: &str = "backend-service-x7k2p";

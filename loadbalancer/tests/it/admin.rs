@@ -3,13 +3,12 @@
 //! self-contained page. (The page's rendering is tested in a browser in
 //! `status_page.rs`.)
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use serde_json::Value;
-use support::{Reply, TestLb, get, start_backends, wait_for};
+
+use crate::support::{Reply, TestLb, get, start_backends, wait_for};
 
 async fn debug_backends(lb: &TestLb) -> Value {
     let reply: Reply = get(&lb.admin_url("/debug/backends")).await;

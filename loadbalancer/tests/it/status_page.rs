@@ -4,15 +4,14 @@
 //! with no backends, and with a hundred. A screenshot is saved to
 //! `target/status-page.png` for people (and CI artifacts) to look at.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use support::chromium::Chromium;
-use support::{TestLb, get, start_backends};
+
+use crate::support::chromium::Chromium;
+use crate::support::{TestLb, get, start_backends};
 
 /// Loads `/status` and returns the rendered DOM. Chromium blocks, so it runs off
 /// the runtime's worker threads, which keep serving the page meanwhile.

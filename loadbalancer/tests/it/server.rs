@@ -1,16 +1,15 @@
 //! The server around the proxy: admin probes, HTTP/1.1 keep-alive and graceful
 //! shutdown, in-process on 127.0.0.1:0.
 
-mod support;
-
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use loadbalancer::backends::Backends;
 use loadbalancer::discovery::{self, Source};
-use support::{InFlight, PATIENCE, TestLb, get, start_backends};
 use tokio::net::TcpStream;
+
+use crate::support::{InFlight, PATIENCE, TestLb, get, start_backends};
 
 #[tokio::test]
 async fn healthz_is_ok_and_readyz_waits_for_the_first_discovery_sync() {
