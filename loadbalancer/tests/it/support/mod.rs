@@ -21,7 +21,7 @@ pub(crate) mod chromium;
 pub(crate) mod configmap;
 /// The Dockerfile build-context checker: the backend's tests' own module, compiled
 /// in here too so both Dockerfiles are held to the same rules (one file).
-#[path = "../../../../backend/tests/support/dockerfile.rs"]
+#[path = "../../../../backend/tests/it/support/dockerfile.rs"]
 pub(crate) mod dockerfile;
 pub(crate) mod fake_apiserver;
 pub(crate) mod faults;

@@ -1,15 +1,14 @@
 //! The config loader against real files: the defaults, the shipped local config, and
 //! one test per kind of error, each checking that the message names the file.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
 use backend::config::{self, Config, ConfigError, LogFormat};
 use backend::server::{DEFAULT_LIMITS, ServerLimits};
-use support::TempDir;
 use tracing::level_filters::LevelFilter;
+
+use crate::support::TempDir;
 
 /// Writes `text` to a fresh file and loads it; the file is gone afterwards, which is
 /// fine because errors carry the path as text.

@@ -1,14 +1,13 @@
 //! Graceful shutdown of an in-process server: readiness turns 503 at once, requests
 //! already in flight still complete, and `serve` returns once they have.
 
-mod support;
-
 use std::time::Duration;
 
 use backend::handlers::App;
 use http::StatusCode;
-use support::{Conn, TestServer, eventually, get, test_identity};
 use tokio::net::TcpStream;
+
+use crate::support::{Conn, TestServer, eventually, get, test_identity};
 
 #[tokio::test]
 async fn readiness_turns_503_while_in_flight_work_completes_then_serve_returns() {

@@ -1,13 +1,12 @@
 //! Helpers shared by the backend's integration tests: a backend started in-process
 //! on `127.0.0.1:0`, the built binary started as a child process, a small HTTP/1.1
-//! client that opens real connections, and temporary directories.
+//! client that opens real connections, and temporary directories. The suite is one
+//! test program (`tests/it/main.rs`), so this module is compiled once and every
+//! area's module uses it as `crate::support`.
 //!
 //! Every wait here is an "eventually" with a generous limit ([`PATIENCE`]): machines
 //! running these tests are shared and slow at times, and a limit only turns a hang
 //! into a failure, it never decides a result.
-
-// Each test file uses a different subset of these helpers.
-#![allow(dead_code)]
 
 use std::io::{BufRead as _, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -397,7 +396,7 @@ pub(crate) fn run_binary(configure: impl FnOnce(&mut Command)) -> (Option<i32>, 
 /// A config file mounted like a ConfigMap volume (`..data` symlink swaps), for the
 /// reload test: the load balancer tests' own module, compiled in here too so both
 /// crates meet the same kubelet behaviour (one file, like the shared listener).
-#[path = "../../../loadbalancer/tests/it/support/configmap.rs"]
+#[path = "../../../../loadbalancer/tests/it/support/configmap.rs"]
 pub(crate) mod configmap;
 pub(crate) mod dockerfile;
 

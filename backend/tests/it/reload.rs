@@ -3,11 +3,10 @@
 //! `..data` symlink swap), and its access-log lines stop and start again as
 //! `logLevel` goes from `info` to `warn` and back.
 
-mod support;
-
 use http::{Method, StatusCode};
-use support::configmap::ConfigMapDir;
-use support::{BackendProcess, Conn, free_port};
+
+use crate::support::configmap::ConfigMapDir;
+use crate::support::{BackendProcess, Conn, free_port};
 
 /// Sends `GET /` tagged with `id` and checks it was answered; the access line for
 /// it, if the level lets it through, is written before the answer goes out.

@@ -4,12 +4,10 @@
 //! `support/dockerfile.rs` for why). `loadbalancer/tests/it/dockerfile.rs` does the
 //! same for `Dockerfile.loadbalancer`.
 
-mod support;
-
 use std::path::Path;
 
-use support::TempDir;
-use support::dockerfile::{DockerIgnore, check_build_context};
+use crate::support::TempDir;
+use crate::support::dockerfile::{DockerIgnore, check_build_context};
 
 #[test]
 fn the_backend_build_stage_copies_everything_cargo_needs() {

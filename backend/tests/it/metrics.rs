@@ -1,10 +1,9 @@
 //! `GET /metrics` on the backend's main port: after a known set of requests, the
 //! counters and histogram counts are exactly what was sent.
 
-mod support;
-
 use http::StatusCode;
-use support::{Conn, TestServer};
+
+use crate::support::{Conn, TestServer};
 
 /// The value of the sample `series` (name and labels exactly as exposed).
 fn sample(text: &str, series: &str) -> Option<f64> {

@@ -1,13 +1,12 @@
 //! The backend's HTTP API, through a real server on `127.0.0.1:0` and real
 //! requests: the identity answer, health and readiness, `/work`, and the JSON errors.
 
-mod support;
-
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{Method, StatusCode};
 use serde_json::json;
-use support::{Conn, TestServer, get, test_identity};
+
+use crate::support::{Conn, TestServer, get, test_identity};
 
 #[tokio::test]
 async fn root_answers_with_the_identity_as_json() {

@@ -1,10 +1,9 @@
 //! The built `backend` binary: start-up errors print one line and exit non-zero, and
 //! SIGTERM during a slow request lets it finish before the process exits 0.
 
-mod support;
-
 use http::{Method, StatusCode};
-use support::{BackendProcess, Conn, TempDir, run_binary};
+
+use crate::support::{BackendProcess, Conn, TempDir, run_binary};
 
 /// Checks the failure shape a person sees in `kubectl logs`: a non-zero exit and
 /// exactly one line on stderr that contains each of `expected`.
