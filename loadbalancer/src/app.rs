@@ -133,9 +133,7 @@ impl App {
         let metrics = Arc::new(Metrics::new(backends.gauges()));
         // One balancer for all workers, so the rotation stays exact across them; a
         // reload hands every worker's proxy the same new one.
-        let balancer = options
-            .balancer
-            .unwrap_or_else(|| config.balancing.build());
+        let balancer = options.balancer.unwrap_or_else(|| config.balancing.build());
         let settings = ProxySettings::from(&config.proxy);
         let resilience = options
             .resilience
@@ -160,8 +158,9 @@ impl App {
         )
         .await
         .context("binding the proxy port")?;
-        let admin_listener = server::bind(SocketAddr::new(options.bind_ip, config.listen.admin_port))
-            .context("binding the admin port")?;
+        let admin_listener =
+            server::bind(SocketAddr::new(options.bind_ip, config.listen.admin_port))
+                .context("binding the admin port")?;
         let admin_addr = admin_listener.local_addr()?;
         info!(
             proxy = %workers.local_addr(),

@@ -24,10 +24,10 @@
 
 mod status;
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::fmt;
 use std::time::{Instant, UNIX_EPOCH};
 
 use prometheus_client::collector::Collector;
@@ -423,7 +423,10 @@ mod tests {
             "loadbalancer_discovery_updates_total 1",
             r#"loadbalancer_build_info{version="0.1.0"} 1"#,
         ] {
-            assert!(text.lines().any(|l| l == line), "{line:?} missing in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
         }
     }
 

@@ -286,7 +286,6 @@ pub enum ConfigError {
     },
 }
 
-
 /// When a change to a section of the file takes effect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applies {
@@ -517,8 +516,14 @@ mod tests {
         assert_eq!(config.listen.admin_port, 9090);
         assert_eq!(config.discovery.discovery, DiscoveryMode::Kubernetes);
         assert!(config.discovery.static_backends.is_empty());
-        assert_eq!(Duration::from_millis(config.proxy.connect_timeout_ms), Duration::from_millis(1000));
-        assert_eq!(Duration::from_millis(config.proxy.request_timeout_ms), Duration::from_millis(30_000));
+        assert_eq!(
+            Duration::from_millis(config.proxy.connect_timeout_ms),
+            Duration::from_millis(1000)
+        );
+        assert_eq!(
+            Duration::from_millis(config.proxy.request_timeout_ms),
+            Duration::from_millis(30_000)
+        );
         assert_eq!(config.logging.log_level, LogLevel::Info);
         assert_eq!(config.logging.log_format, LogFormat::Text);
         assert_eq!(config.limits.drain(), Duration::from_secs(5));

@@ -292,7 +292,6 @@ mod tests {
     use super::*;
     use crate::backends::{Backends, BackendsWriter};
     use crate::balancer::RoundRobin;
-    
 
     const A: &str = "127.0.0.1:8001";
     const B: &str = "127.0.0.1:8002";

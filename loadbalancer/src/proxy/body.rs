@@ -15,9 +15,9 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::UpstreamBody;
-use crate::upstream::ExchangeError;
 use crate::backend_state::OwnedInFlight;
 use crate::metrics::RequestInFlight;
+use crate::upstream::ExchangeError;
 
 /// A backend's response body with the guards that count its request in flight.
 #[derive(Debug)]
