@@ -871,4 +871,118 @@ mod tests {
             Err(AddrError::Invalid("127.0.0.1".to_owned()))
         );
     }
+
+    /// A file with every key, and one where every value differs from it.
+    const FULL: &str = r#"{
+        "port": 8080, "adminPort": 9090, "backendServiceName": "web", "backendPort": 80,
+        "discovery": "static", "staticBackends": ["127.0.0.1:8081"],
+        "connectTimeoutMs": 1000, "requestTimeoutMs": 30000,
+        "logLevel": "info", "logFormat": "text",
+        "drainSeconds": 5, "shutdownTimeoutSeconds": 20, "headerReadTimeoutMs": 10000,
+        "idleTimeoutMs": 60000, "maxConnections": 10000, "maxHeaderBytes": 16384,
+        "healthCheck": {"path": "/healthz", "intervalMs": 5000, "timeoutMs": 1000,
+                        "unhealthyThreshold": 3, "healthyThreshold": 2},
+        "outlier": {"consecutiveFailures": 5, "baseEjectionMs": 5000, "maxEjectionMs": 60000},
+        "retries": {"attempts": 3, "budgetPercent": 20},
+        "algorithm": "round_robin", "weights": {}
+    }"#;
+    const OTHER: &str = r#"{
+        "port": 8081, "adminPort": 9091, "backendServiceName": "api", "backendPort": 81,
+        "discovery": "kubernetes", "staticBackends": ["127.0.0.1:8082"],
+        "connectTimeoutMs": 1001, "requestTimeoutMs": 30001,
+        "logLevel": "debug", "logFormat": "json",
+        "drainSeconds": 6, "shutdownTimeoutSeconds": 21, "headerReadTimeoutMs": 10001,
+        "idleTimeoutMs": 60001, "maxConnections": 10001, "maxHeaderBytes": 16385,
+        "healthCheck": {"path": "/readyz", "intervalMs": 5001, "timeoutMs": 1001,
+                        "unhealthyThreshold": 4, "healthyThreshold": 3},
+        "outlier": {"consecutiveFailures": 6, "baseEjectionMs": 5001, "maxEjectionMs": 60001},
+        "retries": {"attempts": 4, "budgetPercent": 21},
+        "algorithm": "least_request", "weights": {"127.0.0.1": 2}
+    }"#;
+
+    /// Every key path of a JSON object, nested blocks as `block.key`.
+    fn key_paths(value: &Value) -> Vec<Vec<String>> {
+        let Value::Object(object) = value else {
+            return Vec::new();
+        };
+        let mut paths = Vec::new();
+        for (key, value) in object {
+            match value {
+                Value::Object(inner) if !inner.is_empty() && key != "weights" => {
+                    for mut path in key_paths(value) {
+                        path.insert(0, key.clone());
+                        paths.push(path);
+                    }
+                }
+                _ => paths.push(vec![key.clone()]),
+            }
+        }
+        paths
+    }
+
+    fn pointer(path: &[String]) -> String {
+        path.iter().map(|key| format!("/{key}")).collect()
+    }
+
+    #[test]
+    fn the_full_test_file_holds_every_key_the_code_knows() {
+        let full: Value = serde_json::from_str(FULL).expect("FULL is JSON");
+        let written =
+            serde_json::to_value(parse(FULL).expect("FULL is valid")).expect("serializes");
+        let mut expected = key_paths(&written);
+        let mut given = key_paths(&full);
+        expected.sort();
+        given.sort();
+        assert_eq!(given, expected, "FULL and OTHER must name every key");
+    }
+
+    #[test]
+    fn every_key_is_either_applied_live_or_named_for_a_restart() {
+        let base = parse(FULL).expect("FULL is valid");
+        let full: Value = serde_json::from_str(FULL).expect("FULL is JSON");
+        let other: Value = serde_json::from_str(OTHER).expect("OTHER is JSON");
+        for path in key_paths(&full) {
+            let key = pointer(&path);
+            let mut changed = full.clone();
+            *changed.pointer_mut(&key).expect("FULL has the key") = other
+                .pointer(&key)
+                .expect("OTHER has every key of FULL")
+                .clone();
+            let new = parse(&changed.to_string())
+                .unwrap_or_else(|error| panic!("changing {key} gives a valid file: {error}"));
+            let changes = base.changes(&new);
+            let top = &path[0];
+            let live = changes.live.contains(top);
+            let at_restart = changes.at_restart.contains(top);
+            assert!(
+                live != at_restart,
+                "{key}: a change must be applied live or named for a restart, once: {changes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_listeners_and_limits_need_a_restart_and_the_rest_applies_live() {
+        let base = parse(FULL).expect("FULL is valid");
+        let other = parse(OTHER).expect("OTHER is valid");
+        let changes = base.changes(&other);
+        assert_eq!(
+            changes.at_restart,
+            [
+                "adminPort",
+                "port",
+                "drainSeconds",
+                "headerReadTimeoutMs",
+                "idleTimeoutMs",
+                "maxConnections",
+                "maxHeaderBytes",
+                "shutdownTimeoutSeconds"
+            ]
+        );
+        assert!(
+            changes.live.contains(&"healthCheck".to_owned()),
+            "{changes:?}"
+        );
+        assert_eq!(base.changes(&base), Changes::default());
+    }
 }
