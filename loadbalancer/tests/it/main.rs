@@ -8,6 +8,7 @@
 mod support;
 
 mod admin;
+mod architecture;
 mod balancing;
 mod binary;
 mod chaos;
