@@ -1,19 +1,26 @@
 //! Kubernetes-aware HTTP load balancer.
 //!
 //! A request travels config → discovery → balancer → proxy → server:
-//! `config` is read once at start-up, `discovery` keeps the shared
-//! [`backends::Backends`] list current, `balancer` picks the next address from it,
-//! `proxy` forwards the request there, and `server` accepts client connections
-//! (through `listener`, the hardened accept loop the backend shares) and shuts
-//! down gracefully when `shutdown` says so. `admin` answers the probes on a
-//! port of its own, and `logging` sets up the structured logs. `main.rs` only wires
-//! these together.
+//! `config` reads the file, `discovery` keeps the shared [`backends::Backends`]
+//! list current (it holds the list's only writer), `balancer` picks the next
+//! address from it, `proxy` forwards the request there over `upstream` (the
+//! HTTP/1.1 client and its connection pool), and `server` accepts client
+//! connections, through `workers` (one thread per core) and the hardened accept
+//! loop the backend shares, and shuts down gracefully when `shutdown` says so.
+//! `admin` answers the probes and metrics on a port of its own, and `logging`
+//! sets up the structured logs.
 //!
 //! Resilience sits beside that path: `health` probes every backend in the
 //! background, `outlier` ejects backends whose requests keep failing (both mark
 //! each backend's [`backend_state::BackendState`], which the balancer reads), and
 //! `retry` decides when the proxy repeats a failed attempt on another backend.
-//! `reload` watches the config file and applies a valid change while serving.
+//!
+//! [`app::App`] owns start-up and the shutdown order, `reload` applies a changed
+//! config file while serving, and `main.rs` only parses flags, loads the config
+//! and runs the app. Modules are layered: each imports only modules below it,
+//! from the leaves (metrics, shutdown, balancer, retry) through the backend list
+//! and the parts that use it up to config, app and reload; an architecture test
+//! keeps it so (`docs/architecture.md` has the table).
 
 pub mod admin;
 pub mod app;
