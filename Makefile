@@ -27,11 +27,11 @@ lint: ## what CI checks besides the tests
 	cargo fmt --all --check
 	cargo clippy --all-targets --locked -- -D warnings
 
-# Without Docker: ../shared/tools/container-check build Dockerfile.backend
+# Without a Docker engine, any OCI builder can build it: buildah bud -f Dockerfile.backend .
 image-backend: ## build the backend image $(BACKEND_IMAGE)
 	docker build -f Dockerfile.backend -t $(BACKEND_IMAGE) .
 
-# Without Docker: ../shared/tools/container-check build Dockerfile.loadbalancer
+# Without a Docker engine, any OCI builder can build it: buildah bud -f Dockerfile.loadbalancer .
 image-loadbalancer: ## build the load balancer image $(LOADBALANCER_IMAGE)
 	docker build -f Dockerfile.loadbalancer -t $(LOADBALANCER_IMAGE) .
 
