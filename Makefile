@@ -49,5 +49,5 @@ kind-down: ## delete the kind cluster
 
 # `make bench`, `make bench SCENARIO=soak`, `make bench DURATION=10 ROUNDS=5`: make
 # exports command-line variables, and scripts/bench.sh reads them (see its header).
-bench: ## benchmark against nginx and HAProxy (about 2 minutes); writes bench/results.md
+bench: ## benchmark against nginx and HAProxy (about 2 minutes); writes docs/bench-results.md
 	bash scripts/bench.sh
