@@ -59,9 +59,10 @@ pub struct Config {
     #[serde(default)]
     pub log_format: LogFormat,
 
-    // Client-side limits and shutdown (see `server::ServerLimits` and the README's
-    // "Limits and shutdown"). The defaults fit a `terminationGracePeriodSeconds`
-    // of 30: drain 5 + shutdown timeout 20 leaves 5 s before Kubernetes kills.
+    // Client-side limits and shutdown (see `server::ServerLimits` and
+    // docs/operations.md, "Limits, bad input and shutdown"). The defaults fit a
+    // `terminationGracePeriodSeconds` of 30: drain 5 + shutdown timeout 20 leaves
+    // 5 s before Kubernetes kills.
     /// After SIGTERM, how long to keep serving with `/readyz` at 503, so that
     /// endpoint removal reaches every client before the port closes. Default 5.
     #[serde(default = "default_drain_seconds")]
@@ -96,7 +97,7 @@ pub struct Config {
     #[serde(default)]
     pub retries: RetriesConfig,
 
-    // Balancing (issue 10; see `balancer` and the README's "Choosing an algorithm").
+    // Balancing (see `balancer` and docs/operations.md, "Choosing an algorithm").
     /// How the next backend is chosen. Default `round_robin`.
     #[serde(default)]
     pub algorithm: Algorithm,
