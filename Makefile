@@ -27,11 +27,11 @@ lint: ## what CI checks besides the tests
 	cargo fmt --all --check
 	cargo clippy --all-targets --locked -- -D warnings
 
-# Without Docker: ../shared/tools/container-check build Dockerfile.backend
+# Without a Docker engine, any OCI builder can build it: buildah bud -f Dockerfile.backend .
 image-backend: ## build the backend image $(BACKEND_IMAGE)
 	docker build -f Dockerfile.backend -t $(BACKEND_IMAGE) .
 
-# Without Docker: ../shared/tools/container-check build Dockerfile.loadbalancer
+# Without a Docker engine, any OCI builder can build it: buildah bud -f Dockerfile.loadbalancer .
 image-loadbalancer: ## build the load balancer image $(LOADBALANCER_IMAGE)
 	docker build -f Dockerfile.loadbalancer -t $(LOADBALANCER_IMAGE) .
 
@@ -49,5 +49,5 @@ kind-down: ## delete the kind cluster
 
 # `make bench`, `make bench SCENARIO=soak`, `make bench DURATION=10 ROUNDS=5`: make
 # exports command-line variables, and scripts/bench.sh reads them (see its header).
-bench: ## benchmark against nginx and HAProxy (about 2 minutes); writes bench/results.md
+bench: ## benchmark against nginx and HAProxy (about 2 minutes); writes docs/bench-results.md
 	bash scripts/bench.sh

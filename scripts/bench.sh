@@ -8,7 +8,7 @@
 #   haproxy  round-robin over the three, http-reuse always    (bench/haproxy.cfg)
 # Targets run interleaved in rounds (direct ours nginx haproxy, direct ours ...)
 # so drift in the machine's load hits all of them alike. Prints one table per
-# scenario and writes the same to bench/results.md.
+# scenario and writes the same to docs/bench-results.md.
 #
 # Scenarios (--scenario a,b,...; env SCENARIO; default throughput,slow,bigbody):
 #   throughput  GET /, small JSON answers: proxy overhead per request
@@ -28,7 +28,7 @@
 #                       (16), soak SOAK_DURATION (60)           (env CONNECTIONS)
 #   --threads N         wrk threads (default 2)                 (env WRK_THREADS)
 #   --skip-build        use the release binaries already built  (env SKIP_BUILD=1)
-#   --no-write          print only; leave bench/results.md alone (env NO_WRITE=1)
+#   --no-write          print only; leave docs/bench-results.md alone (env NO_WRITE=1)
 #
 # Aggregation: requests/s is the sum of requests over the sum of run time across
 # rounds; latency percentiles are the median of the rounds' percentiles; errors
@@ -506,13 +506,15 @@ done
 echo
 cat "$WORK/report.md"
 
-# The run replaces only its own block of bench/results.md (between the markers),
-# so the hand-written notes around it survive.
+# The run replaces only its own block of docs/bench-results.md (between the
+# markers), so the hand-written notes around it survive; docs/performance.md
+# explains the figures.
 if [[ "$NO_WRITE" != 1 ]]; then
   block=run
   [[ "${SCENARIOS[*]}" == soak ]] && block=soak
-  results=bench/results.md
-  [[ -f "$results" ]] || printf '# Benchmark results\n' >"$results"
+  results=docs/bench-results.md
+  [[ -f "$results" ]] ||
+    printf '# Benchmark results\n\nThe latest make bench run, as scripts/bench.sh writes it; [Performance](performance.md) explains it. Back to the [README](../README.md).\n' >"$results"
   grep -qx "<!-- bench:$block -->" "$results" ||
     printf '\n<!-- bench:%s -->\n<!-- /bench:%s -->\n' "$block" "$block" >>"$results"
   awk -v begin="<!-- bench:$block -->" -v end="<!-- /bench:$block -->" -v file="$WORK/report.md" '

@@ -98,7 +98,8 @@ pub struct Logging {
     pub log_format: LogFormat,
 }
 
-/// Client-side limits and shutdown timing (see [`ServerLimits`]). The defaults
+/// Client-side limits and shutdown timing (see [`ServerLimits`] and
+/// `docs/operations.md`, "Limits, bad input and shutdown"). The defaults
 /// fit a `terminationGracePeriodSeconds` of 30: drain 5 + shutdown timeout 20
 /// leaves 5 s before Kubernetes kills.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

@@ -6,7 +6,7 @@
 //! every connection a task of its own, a dispatch channel, and read and write
 //! buffers that live as long as the connection, about 35 KiB per upstream
 //! connection before a byte is sent (the massif breakdown is in
-//! `bench/results.md`). A proxy holding 1,000 slow requests holds 1,000 such
+//! `docs/performance.md`). A proxy holding 1,000 slow requests holds 1,000 such
 //! connections. Here an exchange runs inside the request's own task, a
 //! connection in the pool is just its socket, and the read buffer is allocated
 //! only when the backend's answer is there to read, so a request waiting on a
