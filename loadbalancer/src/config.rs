@@ -25,13 +25,13 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tracing::level_filters::LevelFilter;
 
 pub use crate::balancer::{Algorithm, BalancerConfig};
 pub use crate::discovery::{
     AddrError, DiscoveryConfig, DiscoveryMode, parse_backend_addr, parse_backend_list,
 };
 pub use crate::health::HealthCheckConfig;
+pub use crate::logging::{LogFormat, LogLevel};
 pub use crate::outlier::OutlierConfig;
 pub use crate::proxy::ProxyConfig;
 use crate::proxy::Resilience;
@@ -224,41 +224,6 @@ impl From<&ResilienceConfig> for Resilience {
         Self {
             retries: Some((&config.retries).into()),
             outlier: Some((&config.outlier).into()),
-        }
-    }
-}
-
-/// Log verbosity, from most to least detailed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogLevel {
-    Trace,
-    Debug,
-    #[default]
-    Info,
-    Warn,
-    Error,
-}
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines with `key=value` fields.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-impl From<LogLevel> for LevelFilter {
-    fn from(level: LogLevel) -> Self {
-        match level {
-            LogLevel::Trace => LevelFilter::TRACE,
-            LogLevel::Debug => LevelFilter::DEBUG,
-            LogLevel::Info => LevelFilter::INFO,
-            LogLevel::Warn => LevelFilter::WARN,
-            LogLevel::Error => LevelFilter::ERROR,
         }
     }
 }

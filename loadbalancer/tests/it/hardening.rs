@@ -30,7 +30,8 @@ const NEVER: Duration = Duration::from_secs(3600);
 /// The two servers under test. Both must behave the same.
 #[derive(Debug)]
 enum Target {
-    Lb(TestLb, Upstream),
+    // Boxed: the load balancer's handle is several times the backend's.
+    Lb(Box<TestLb>, Upstream),
     Backend(RealBackend),
 }
 
@@ -39,7 +40,7 @@ impl Target {
         let upstream = start_backend("upstream-1").await;
         let lb = TestLb::start_with_limits(vec![upstream.addr], limits).await;
         [
-            Target::Lb(lb, upstream),
+            Target::Lb(Box::new(lb), upstream),
             Target::Backend(start_real_backend("backend-1", limits).await),
         ]
     }
