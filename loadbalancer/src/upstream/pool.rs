@@ -5,8 +5,8 @@
 //! ([`http1`](super::http1)) runs in the request's own task, and the buffer it
 //! reads into lives only as long as one response. So 1,000 idle connections
 //! cost 1,000 sockets, and 1,000 requests waiting on a slow backend cost their
-//! sockets and their futures (`docs/performance.md` has the figures against
-//! hyper's client connections, which the pool held before).
+//! sockets and their futures (`docs/performance.md` compares the figures with
+//! hyper's client connections).
 //!
 //! The shape:
 //!

@@ -1,4 +1,4 @@
-//! Chaos tests for issue 7 points 5 and 6: bad input and limits on both servers
+//! Chaos tests of bad input and limits on both servers
 //! (the load balancer and the real backend, which share one listener), smuggling
 //! attempts against a backend that records every request, and SIGTERM to the
 //! load balancer binary under load. Loopback only; every wait is bounded.

@@ -3,11 +3,10 @@
 //! oversized heads, connections closed early) and which bytes it sends the
 //! backend, and when it reuses a backend connection or opens a new one.
 //!
-//! Written against hyper's client connection, before the proxy got an HTTP/1.1
-//! exchange of its own (`proxy/http1/`, issue 9), as the behaviour the new one
-//! had to keep. Two of them failed against hyper's client and pass now: a
-//! response ending in trailers closed its connection, and a `Content-Length`
-//! next to a chunked body was passed on to the client. Every backend here is a
+//! The same cases pass with hyper's client connection in place of the
+//! proxy's own exchange (`upstream/http1/`), except two that hyper's client
+//! gets wrong: it closes a connection whose response ended in trailers, and it
+//! passes on a `Content-Length` sent next to a chunked body. Every backend here is a
 //! [`ScriptedBackend`], which writes raw bytes and records the raw bytes it
 //! received, connection by connection.
 
@@ -466,9 +465,9 @@ async fn an_early_413_from_a_lingering_backend_reaches_the_client_during_a_large
 }
 
 /// The same refusal from a backend that closes at once: the unread upload makes
-/// its kernel reset the connection, and the reset may overtake the `413`. With
-/// hyper's client, which the proxy used before, the write of the body failed
-/// first and the client got the proxy's 502 every time; the `413` is as good.
+/// its kernel reset the connection, and the reset may overtake the `413`, so
+/// the client gets either that `413` or the proxy's 502 (hyper's client fails
+/// the write of the body first and gives the 502 every time).
 /// Either way the client gets a prompt, whole answer, and the backend stays
 /// usable.
 #[tokio::test]

@@ -12,8 +12,8 @@
 //! [`Decoded::Trailers`], then [`Decoded::End`]; whatever is left in the buffer
 //! then belongs to the next response on the keep-alive connection.
 //!
-//! It accepts what hyper's own decoder accepts (`hyper-1.12.0/src/proto/h1/decode.rs`,
-//! which the proxy used before): hex sizes in either case, whitespace after the
+//! It accepts what hyper's own chunked decoder (`proto::h1::decode` in hyper 1.x)
+//! accepts: hex sizes in either case, whitespace after the
 //! size, extensions that are skipped unread. It rejects what hyper rejects: a
 //! missing or non-hex size, a size beyond `u64`, a bare LF where CRLF is due,
 //! data not followed by CRLF, malformed trailer fields. Everything a backend can

@@ -2,7 +2,7 @@
 //! head, and decode the response body as it streams, on a connection the
 //! [`pool`](super::pool) lends.
 //!
-//! Why not hyper's client connection, which the proxy used before: hyper gives
+//! Why not hyper's client connection: hyper gives
 //! every connection a task of its own, a dispatch channel, and read and write
 //! buffers that live as long as the connection, about 35 KiB per upstream
 //! connection before a byte is sent (the massif breakdown is in
