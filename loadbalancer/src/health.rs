@@ -387,13 +387,20 @@ mod tests {
         assert!(state.is_healthy());
     }
 
-    #[tokio::test]
-    async fn a_re_added_address_starts_a_new_streak() {
+    /// A checker over a list of one backend that has failed one probe, and the
+    /// list's writer.
+    fn one_failure_in() -> (BackendsWriter, Backends, HealthChecker) {
         let list = BackendsWriter::new();
         list.replace(vec![addr()]);
         let backends = list.reader();
         let mut checker = HealthChecker::new(backends.clone(), settings());
         checker.apply(addr(), backends.state(addr()), fail());
+        (list, backends, checker)
+    }
+
+    #[tokio::test]
+    async fn a_re_added_address_starts_a_new_streak() {
+        let (list, backends, mut checker) = one_failure_in();
         list.replace(Vec::new());
         list.replace(vec![addr()]);
         let fresh = backends.state(addr());
@@ -403,11 +410,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_round_probes_nothing_and_forgets_streaks_when_the_list_is_empty() {
-        let list = BackendsWriter::new();
-        list.replace(vec![addr()]);
-        let backends = list.reader();
-        let mut checker = HealthChecker::new(backends.clone(), settings());
-        checker.apply(addr(), backends.state(addr()), fail());
+        let (list, _, mut checker) = one_failure_in();
         list.replace(Vec::new());
         checker.round().await;
         assert!(checker.streaks.is_empty());
