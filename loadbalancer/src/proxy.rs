@@ -36,7 +36,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::header::ALLOW;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
@@ -60,6 +61,10 @@ use request_id::RequestIds;
 /// small JSON error the proxy wrote itself. An enum, not a boxed trait object,
 /// so no allocation per response.
 pub type ProxyBody = Either<InFlightBody, Full<Bytes>>;
+
+/// Every method but `CONNECT`, for the `Allow` header of its 405.
+const ALLOWED_METHODS: HeaderValue =
+    HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE");
 
 /// A backend's response body, with the connection it came on riding along
 /// until the body ends (see [`PooledBody`]).
@@ -171,6 +176,10 @@ pub enum ProxyError {
         backend: SocketAddr,
         timeout: Duration,
     },
+    /// `CONNECT` asks for a tunnel to a host of the client's choosing, which is
+    /// a forward proxy's job, not a reverse proxy's: 405.
+    #[error("CONNECT is not supported")]
+    ConnectMethod,
 }
 
 impl From<NoBackend> for ProxyError {
@@ -188,6 +197,7 @@ impl ProxyError {
             }
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -198,7 +208,7 @@ impl ProxyError {
             | ProxyError::Unreachable { backend, .. }
             | ProxyError::Upstream { backend, .. }
             | ProxyError::Timeout { backend, .. } => Some(*backend),
-            ProxyError::NoBackend => None,
+            ProxyError::NoBackend | ProxyError::ConnectMethod => None,
         }
     }
 
@@ -224,12 +234,15 @@ impl ProxyError {
                     timeout.as_millis()
                 )
             }
+            ProxyError::ConnectMethod => {
+                "CONNECT is not supported: this is a reverse proxy".to_owned()
+            }
         }
     }
 
     fn to_response(&self, request_id: &HeaderValue) -> Response<Full<Bytes>> {
         let status = self.status();
-        response::json(
+        let mut response = response::json(
             status,
             &json!({
                 "status": status.as_u16(),
@@ -237,7 +250,12 @@ impl ProxyError {
                 "message": self.public_message(),
                 "requestId": request_id.to_str().unwrap_or_default(),
             }),
-        )
+        );
+        if let ProxyError::ConnectMethod = self {
+            // RFC 9110 section 15.5.6: a 405 lists the methods that are served.
+            response.headers_mut().insert(ALLOW, ALLOWED_METHODS);
+        }
+        response
     }
 }
 
@@ -377,13 +395,21 @@ impl Proxy {
             .request_ids
             .keep_or_generate(parts.headers.get(X_REQUEST_ID));
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
-        headers::remove_hop_by_hop(&mut parts.headers);
+        let hops = headers::remove_hop_by_hop(&mut parts.headers);
+        hops.restore_trailers(&mut parts.headers);
+        headers::use_target_authority(&mut parts);
         headers::add_forwarding(&mut parts.headers, &client.ip);
         let head = UpstreamHead::new(&parts, &body);
         let proxy = self.clone();
         async move {
-            let Forwarded { attempts, result } =
-                proxy.forward(&head, body, &request_id, started).await;
+            let Forwarded { attempts, result } = if head.method() == Method::CONNECT {
+                Forwarded {
+                    attempts: 0,
+                    result: Err(ProxyError::ConnectMethod),
+                }
+            } else {
+                proxy.forward(&head, body, &request_id, started).await
+            };
             // One clock reading serves the log line and the histogram.
             let latency = started.elapsed();
             let latency_ms = latency.as_secs_f64() * 1000.0;
@@ -600,7 +626,9 @@ impl Proxy {
         let exchange = shared.pool.send(backend, connect_timeout, head, body);
         let result = match tokio::time::timeout(request_timeout, exchange).await {
             Ok(Ok(mut response)) => {
-                headers::remove_hop_by_hop(response.headers_mut());
+                // A response's `TE` means nothing, and an upgrade is not asked
+                // for, so nothing of what the hop-by-hop headers said is kept.
+                let _ = headers::remove_hop_by_hop(response.headers_mut());
                 Ok(response)
             }
             Ok(Err(error)) if error.is_connect() => Err(ProxyError::Connect { backend, error }),

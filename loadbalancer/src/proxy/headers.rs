@@ -7,13 +7,20 @@
 //! own framing and keep-alive. `Connection` may also name further headers that are
 //! hop-by-hop for this message only; those go too.
 //!
+//! Two of them carry a wish that the proxy passes on in its own words, so they
+//! are read before they go ([`Hops`]): `TE: trailers` says the client accepts
+//! trailer fields, which the backend needs to know before it sends any; and
+//! `Connection: upgrade` with `Upgrade` asks to switch protocols (a WebSocket),
+//! which the backend must see to agree. `Trailer`, which names the trailer
+//! fields to come, is end to end and passes through.
+//!
 //! Header names are constants, so nothing is allocated to look them up per request.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::HeaderMap;
 use http::header::{
     CONNECTION, Entry, HOST, HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
-    TRAILER, TRANSFER_ENCODING, UPGRADE,
+    TRANSFER_ENCODING, UPGRADE,
 };
 
 use crate::listener::list_items;
@@ -27,27 +34,77 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 
 /// The hop-by-hop headers that are always removed. (`Connection` itself is
 /// removed separately, after the names it lists have been read.)
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; 7] = [
     KEEP_ALIVE,
     PROXY_CONNECTION,
     PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION,
     TE,
-    TRAILER,
     TRANSFER_ENCODING,
     UPGRADE,
 ];
+
+const TRAILERS: HeaderValue = HeaderValue::from_static("trailers");
+const UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");
+
+/// What the removed hop-by-hop headers asked for that the proxy passes on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Hops {
+    /// `TE` listed `trailers`: the sender accepts trailer fields.
+    pub(crate) trailers: bool,
+    /// `Connection` listed `upgrade`, and this is the `Upgrade` header's value:
+    /// the protocols the sender wants to switch to (or, in a `101`, switched to).
+    pub(crate) upgrade: Option<HeaderValue>,
+}
+
+impl Hops {
+    /// Writes what is passed on back into `headers`, for the next hop.
+    pub(crate) fn restore(&self, headers: &mut HeaderMap) {
+        self.restore_trailers(headers);
+        if let Some(protocols) = &self.upgrade {
+            headers.insert(CONNECTION, UPGRADE_TOKEN);
+            headers.insert(UPGRADE, protocols.clone());
+        }
+    }
+
+    /// Writes `TE: trailers` back into `headers` if it was there.
+    pub(crate) fn restore_trailers(&self, headers: &mut HeaderMap) {
+        if self.trailers {
+            headers.insert(TE, TRAILERS);
+        }
+    }
+
+    /// Whether the upgrade asked for is to cleartext HTTP/2 (`h2c`), which
+    /// speaks to this hop only and is never passed on (RFC 9113 section 3.1
+    /// removed it; a backend that took it would speak HTTP/2 to a proxy that
+    /// expects HTTP/1.1).
+    pub(crate) fn upgrade_is_h2c(&self) -> bool {
+        self.upgrade.as_ref().is_some_and(|protocols| {
+            protocols
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|protocol| protocol.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+        })
+    }
+}
 
 /// We terminate plain HTTP; TLS, if any, ends in front of us.
 const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 
 /// Removes hop-by-hop headers: `Connection` and every header it names, the fixed
-/// list above, and any other `Proxy-*` header.
-pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
+/// list above, and any other `Proxy-*` header. Returns what they asked for that
+/// the proxy passes on ([`Hops`]).
+pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) -> Hops {
+    let trailers =
+        list_items(headers, TE).any(|coding| coding.eq_ignore_ascii_case(TRAILERS.as_bytes()));
+    let upgrade = list_items(headers, CONNECTION)
+        .any(|option| option.eq_ignore_ascii_case(UPGRADE_TOKEN.as_bytes()))
+        .then(|| headers.get(UPGRADE).cloned())
+        .flatten();
     // The names must be read out before the headers they name can be removed
     // from the same map. Collecting allocates only when `Connection` names
-    // something, which HTTP/1.1 clients rarely send. An invalid name matches
-    // no header, so it is simply skipped.
+    // something other than `keep-alive` or `close`, which HTTP/1.1 clients
+    // rarely send. An invalid name matches no header, so it is simply skipped.
     let named: Vec<HeaderName> = list_items(headers, CONNECTION)
         .filter_map(|name| HeaderName::from_bytes(name).ok())
         .collect();
@@ -68,6 +125,7 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+    Hops { trailers, upgrade }
 }
 
 fn is_proxy_header(name: &HeaderName) -> bool {
@@ -100,6 +158,21 @@ pub(crate) fn add_forwarding(headers: &mut HeaderMap, client_ip: &HeaderValue) {
     headers.insert(X_FORWARDED_PROTO, PROTO_HTTP);
     if let Some(host) = headers.get(HOST).cloned() {
         headers.insert(X_FORWARDED_HOST, host);
+    }
+}
+
+/// Gives a request in absolute form (`GET http://example.com/x`) the `Host` of
+/// its target: RFC 9112 section 3.2.2 has a proxy ignore the `Host` it received
+/// then, and the backend gets the origin form, in which `Host` is all it has.
+pub(crate) fn use_target_authority(request: &mut http::request::Parts) {
+    // The host and port only: an authority's `user:password@` is never a `Host`.
+    let host = match (request.uri.host(), request.uri.port_u16()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_owned(),
+        (None, _) => return,
+    };
+    if let Ok(host) = HeaderValue::from_str(&host) {
+        request.headers.insert(HOST, host);
     }
 }
 
@@ -137,17 +210,44 @@ mod tests {
             ("proxy-connection", "keep-alive"),
             ("proxy-authorization", "Basic Zm9vOmJhcg=="),
             ("proxy-x-anything", "1"),
-            ("te", "trailers"),
+            ("te", "gzip"),
             ("trailer", "x-checksum"),
             ("transfer-encoding", "chunked"),
             ("upgrade", "h2c"),
             ("x-end-to-end", "kept"),
             ("host", "example.test"),
         ]);
-        remove_hop_by_hop(&mut map);
+        let hops = remove_hop_by_hop(&mut map);
         let mut left: Vec<_> = map.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
-        assert_eq!(left, ["host", "x-end-to-end"]);
+        assert_eq!(left, ["host", "trailer", "x-end-to-end"]);
+        assert_eq!(hops, Hops::default(), "no trailers asked, and no upgrade");
+    }
+
+    #[test]
+    fn te_trailers_and_an_upgrade_are_passed_on_in_the_proxys_words() {
+        let mut map = headers(&[
+            ("connection", "Upgrade, x-hop"),
+            ("upgrade", "websocket"),
+            ("x-hop", "1"),
+            ("te", "gzip, Trailers"),
+        ]);
+        let hops = remove_hop_by_hop(&mut map);
+        assert!(map.is_empty(), "{map:?}");
+        assert!(hops.trailers);
+        assert!(!hops.upgrade_is_h2c());
+        hops.restore(&mut map);
+        assert_eq!(map["te"], "trailers");
+        assert_eq!(map["connection"], "upgrade");
+        assert_eq!(map["upgrade"], "websocket");
+    }
+
+    #[test]
+    fn an_upgrade_header_without_connection_upgrade_is_no_upgrade() {
+        let mut map = headers(&[("upgrade", "websocket")]);
+        assert_eq!(remove_hop_by_hop(&mut map).upgrade, None);
+        let mut map = headers(&[("connection", "upgrade"), ("upgrade", "h2c, websocket")]);
+        assert!(remove_hop_by_hop(&mut map).upgrade_is_h2c());
     }
 
     #[test]
@@ -166,6 +266,23 @@ mod tests {
         assert_eq!(map["x-forwarded-proto"], "http");
         assert_eq!(map["x-forwarded-host"], "example.test");
         assert_eq!(map["host"], "example.test");
+    }
+
+    #[test]
+    fn an_absolute_form_target_sets_the_host() {
+        let request = http::Request::get("http://user:secret@example.com:8080/x?y")
+            .header("host", "other.test")
+            .body(())
+            .expect("valid request");
+        let (mut parts, ()) = request.into_parts();
+        use_target_authority(&mut parts);
+        assert_eq!(parts.headers["host"], "example.com:8080");
+        let request = http::Request::get("/x")
+            .header("host", "kept.test")
+            .body(());
+        let (mut parts, ()) = request.expect("valid request").into_parts();
+        use_target_authority(&mut parts);
+        assert_eq!(parts.headers["host"], "kept.test");
     }
 
     #[test]

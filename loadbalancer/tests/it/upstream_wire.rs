@@ -415,9 +415,12 @@ async fn hop_by_hop_request_headers_stay_behind_and_host_passes_through() {
     assert_eq!(send(&support::client(), req).await.status, StatusCode::OK);
 
     let received = &backend.requests()[0];
-    for hop in ["x-foo", "keep-alive", "te"] {
+    for hop in ["x-foo", "keep-alive"] {
         assert_eq!(received.header(hop), None, "{hop}: {}", received.head);
     }
+    // `TE` is hop-by-hop, but its `trailers` is what lets the backend send
+    // trailer fields; the proxy passes that much on.
+    assert_eq!(received.header("te"), Some("trailers"));
     assert!(
         received
             .header_values("connection")
@@ -501,5 +504,111 @@ async fn chunked_framing_wins_over_a_content_length_in_the_same_response() {
         "the overridden length is not passed on"
     );
     assert_eq!(get(&lb.url("/")).await.body, Bytes::from_static(b"second"));
+    lb.stop().await;
+}
+
+/// Sends `request` on a raw connection and returns everything the proxy sent
+/// back until it closed; `request` should say `Connection: close`.
+async fn raw_exchange(lb: &TestLb, request: &str) -> String {
+    let mut client = RawConn::connect(lb.addr).await;
+    client.send(request.as_bytes()).await;
+    String::from_utf8_lossy(&client.closed().await).into_owned()
+}
+
+#[tokio::test]
+async fn trailers_reach_a_client_that_accepts_them_and_not_one_that_does_not() {
+    let backend = ScriptedBackend::start([
+        Answer::keep_open(CHUNKED_WITH_TRAILERS),
+        Answer::keep_open(CHUNKED_WITH_TRAILERS),
+    ])
+    .await;
+    let lb = lb_over(&backend).await;
+
+    let accepted = raw_exchange(
+        &lb,
+        "GET / HTTP/1.1\r\nHost: test\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        accepted.contains("\r\ntrailer: x-checksum\r\n"),
+        "{accepted}"
+    );
+    assert!(
+        accepted.ends_with("\r\n0\r\nx-checksum: 42\r\n\r\n"),
+        "the trailer field ends the chunked body: {accepted}"
+    );
+    assert_eq!(backend.requests()[0].header("te"), Some("trailers"));
+
+    let declined = raw_exchange(
+        &lb,
+        "GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        declined.ends_with("\r\n0\r\n\r\n"),
+        "no trailer section: {declined}"
+    );
+    assert_eq!(backend.requests()[1].header("te"), None);
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn a_transfer_coding_other_than_a_single_chunked_answers_502_and_drops_the_connection() {
+    for coding in ["gzip, chunked", "chunked, gzip", "chunked, chunked", "gzip"] {
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: {coding}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let backend = ScriptedBackend::start([Answer::keep_open(answer), Answer::ok("next")]).await;
+        let lb = lb_over(&backend).await;
+        assert_bad_gateway(&get(&lb.url("/")).await);
+        assert_next_get_answers(&lb, b"next").await;
+        assert_eq!(
+            backend.requests_per_connection(),
+            [1, 1],
+            "{coding}: the refused answer's connection is not reused"
+        );
+        lb.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn connect_is_refused_with_405_and_the_methods_that_are_served() {
+    let backend = ScriptedBackend::start([Answer::ok("never")]).await;
+    let lb = lb_over(&backend).await;
+    let mut client = RawConn::connect(lb.addr).await;
+    client
+        .send(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        .await;
+    let reply = client.response().await.expect("an answer to CONNECT");
+    assert_eq!(reply.status, 405, "{reply:?}");
+    assert_eq!(
+        reply.header("allow"),
+        Some("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE")
+    );
+    assert_eq!(
+        reply.json()["message"],
+        "CONNECT is not supported: this is a reverse proxy"
+    );
+    assert!(backend.requests().is_empty(), "nothing reached the backend");
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn an_absolute_form_request_reaches_the_backend_with_the_targets_host() {
+    let backend = ScriptedBackend::start([Answer::ok("ok")]).await;
+    let lb = lb_over(&backend).await;
+    let mut client = RawConn::connect(lb.addr).await;
+    client
+        .send(b"GET http://shop.example.test:8080/cart?x=1 HTTP/1.1\r\nHost: wrong.test\r\n\r\n")
+        .await;
+    let reply = client.response().await.expect("an answer");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let received = &backend.requests()[0];
+    assert_eq!(received.request_line(), "GET /cart?x=1 HTTP/1.1");
+    assert_eq!(received.header_values("host"), ["shop.example.test:8080"]);
+    assert_eq!(
+        received.header("x-forwarded-host"),
+        Some("shop.example.test:8080")
+    );
     lb.stop().await;
 }

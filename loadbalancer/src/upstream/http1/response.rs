@@ -198,14 +198,19 @@ pub(super) fn finish_head<B>(
         if version == Version::HTTP_10 {
             return Err(ExchangeError::Invalid("Transfer-Encoding in HTTP/1.0"));
         }
+        // Only `chunked` is decoded. Any other coding (`gzip, chunked`, or
+        // `chunked, gzip` read to the close) would reach the client as bytes
+        // with no label once the hop-by-hop `Transfer-Encoding` is removed, so
+        // such an answer is refused, as the request side refuses the same.
+        if !is_single_chunked(&headers) {
+            return Err(ExchangeError::Invalid(
+                "unsupported transfer coding: only a single \"chunked\" is accepted",
+            ));
+        }
         // The client gets the decoded body, framed anew by our server; a
         // length the backend sent alongside would be a lie.
         headers.remove(CONTENT_LENGTH);
-        if last_encoding_is_chunked(&headers) {
-            Framing::Chunked(ChunkedDecoder::new())
-        } else {
-            Framing::UntilClose
-        }
+        Framing::Chunked(ChunkedDecoder::new())
     } else if headers.contains_key(CONTENT_LENGTH) {
         let length = content_length(&headers)
             .ok_or(ExchangeError::Invalid("bad or conflicting Content-Length"))?;
@@ -234,10 +239,12 @@ pub(super) fn finish_head<B>(
     })
 }
 
-fn last_encoding_is_chunked(headers: &HeaderMap) -> bool {
-    list_items(headers, TRANSFER_ENCODING)
-        .next_back()
-        .is_some_and(|last| last.eq_ignore_ascii_case(b"chunked"))
+fn is_single_chunked(headers: &HeaderMap) -> bool {
+    let mut codings = list_items(headers, TRANSFER_ENCODING);
+    codings
+        .next()
+        .is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"))
+        && codings.next().is_none()
 }
 
 fn has_connection_option(headers: &HeaderMap, option: &str) -> bool {
