@@ -145,6 +145,12 @@ impl BackendState {
         }
     }
 
+    /// Records a failure found after the response head was recorded (its body
+    /// broke off or stalled).
+    pub fn record_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Requests in flight right now.
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)

@@ -842,7 +842,7 @@ mod tests {
     const FULL: &str = r#"{
         "port": 8080, "adminPort": 9090, "backendServiceName": "web", "backendPort": 80,
         "discovery": "static", "staticBackends": ["127.0.0.1:8081"],
-        "connectTimeoutMs": 1000, "requestTimeoutMs": 30000,
+        "connectTimeoutMs": 1000, "requestTimeoutMs": 30000, "bodyIdleTimeoutMs": 60000,
         "logLevel": "info", "logFormat": "text",
         "drainSeconds": 5, "shutdownTimeoutSeconds": 20, "headerReadTimeoutMs": 10000,
         "idleTimeoutMs": 60000, "maxConnections": 10000, "maxHeaderBytes": 16384,
@@ -855,7 +855,7 @@ mod tests {
     const OTHER: &str = r#"{
         "port": 8081, "adminPort": 9091, "backendServiceName": "api", "backendPort": 81,
         "discovery": "kubernetes", "staticBackends": ["127.0.0.1:8082"],
-        "connectTimeoutMs": 1001, "requestTimeoutMs": 30001,
+        "connectTimeoutMs": 1001, "requestTimeoutMs": 30001, "bodyIdleTimeoutMs": 60001,
         "logLevel": "debug", "logFormat": "json",
         "drainSeconds": 6, "shutdownTimeoutSeconds": 21, "headerReadTimeoutMs": 10001,
         "idleTimeoutMs": 60001, "maxConnections": 10001, "maxHeaderBytes": 16385,

@@ -28,6 +28,7 @@
 
 mod body;
 mod headers;
+mod idle;
 mod request_id;
 
 use std::fmt;
@@ -52,9 +53,12 @@ use crate::outlier::{Admission, Outcome, OutlierDetector, OutlierSettings};
 use crate::response;
 use crate::retry::body::{AttemptBody, RetryBody};
 use crate::retry::{RetryPolicy, RetryReason, RetrySettings};
-use crate::upstream::{PooledBody, UpstreamError, UpstreamHead, UpstreamPool};
+use crate::upstream::{ExchangeError, PooledBody, UpstreamError, UpstreamHead, UpstreamPool};
+use body::Completion;
 pub use body::InFlightBody;
 use headers::X_REQUEST_ID;
+pub use idle::BodyIdle;
+use idle::IdleTimeout;
 use request_id::RequestIds;
 
 /// The body of a proxied response: the backend's body streamed through, or a
@@ -68,7 +72,7 @@ const ALLOWED_METHODS: HeaderValue =
 
 /// A backend's response body, with the connection it came on riding along
 /// until the body ends (see [`PooledBody`]).
-type UpstreamBody = PooledBody<AttemptBody<Incoming>>;
+type UpstreamBody = PooledBody<AttemptBody<IdleTimeout<Incoming>>>;
 
 /// Timeouts for the upstream side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +82,9 @@ pub struct ProxySettings {
     /// Bound on the upstream exchange, from sending the request until the
     /// response head arrives (`requestTimeoutMs`); past it the client gets 504.
     pub request_timeout: Duration,
+    /// Bound on the wait for the next piece of a body streaming through, either
+    /// way (`bodyIdleTimeoutMs`); past it both connections are closed.
+    pub body_idle_timeout: Duration,
 }
 
 /// The upstream timeouts as the config file spells them, in milliseconds.
@@ -89,6 +96,10 @@ pub struct ProxyConfig {
     /// How long a backend may take to answer, from sending the request until the
     /// response headers arrive; past it the client gets a 504. Default 30000.
     pub request_timeout_ms: u64,
+    /// How long a body streaming through (the backend's response, or the
+    /// client's upload) may go without its next piece; past it both connections
+    /// are closed and the request counts as failed. Default 60000.
+    pub body_idle_timeout_ms: u64,
 }
 
 impl Default for ProxyConfig {
@@ -96,6 +107,7 @@ impl Default for ProxyConfig {
         Self {
             connect_timeout_ms: 1000,
             request_timeout_ms: 30_000,
+            body_idle_timeout_ms: 60_000,
         }
     }
 }
@@ -110,6 +122,9 @@ impl ProxyConfig {
         if self.request_timeout_ms == 0 {
             return fail("requestTimeoutMs", "must be greater than 0");
         }
+        if self.body_idle_timeout_ms == 0 {
+            return fail("bodyIdleTimeoutMs", "must be greater than 0");
+        }
         Ok(())
     }
 }
@@ -119,6 +134,7 @@ impl From<&ProxyConfig> for ProxySettings {
         Self {
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             request_timeout: Duration::from_millis(config.request_timeout_ms),
+            body_idle_timeout: Duration::from_millis(config.body_idle_timeout_ms),
         }
     }
 }
@@ -176,6 +192,13 @@ pub enum ProxyError {
         backend: SocketAddr,
         timeout: Duration,
     },
+    /// The client's upload stopped for `bodyIdleTimeoutMs`: 408, and not held
+    /// against the backend.
+    #[error("the request body sent to {backend} stalled for {} ms", timeout.as_millis())]
+    RequestBodyIdle {
+        backend: SocketAddr,
+        timeout: Duration,
+    },
     /// `CONNECT` asks for a tunnel to a host of the client's choosing, which is
     /// a forward proxy's job, not a reverse proxy's: 405.
     #[error("CONNECT is not supported")]
@@ -198,6 +221,7 @@ impl ProxyError {
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::RequestBodyIdle { .. } => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -207,7 +231,8 @@ impl ProxyError {
             ProxyError::Connect { backend, .. }
             | ProxyError::Unreachable { backend, .. }
             | ProxyError::Upstream { backend, .. }
-            | ProxyError::Timeout { backend, .. } => Some(*backend),
+            | ProxyError::Timeout { backend, .. }
+            | ProxyError::RequestBodyIdle { backend, .. } => Some(*backend),
             ProxyError::NoBackend | ProxyError::ConnectMethod => None,
         }
     }
@@ -236,6 +261,9 @@ impl ProxyError {
             }
             ProxyError::ConnectMethod => {
                 "CONNECT is not supported: this is a reverse proxy".to_owned()
+            }
+            ProxyError::RequestBodyIdle { timeout, .. } => {
+                format!("the request body stalled for {} ms", timeout.as_millis())
             }
         }
     }
@@ -421,22 +449,25 @@ impl Proxy {
                     in_flight,
                     response,
                 }) => {
-                    let status = response.status();
-                    info!(
-                        target: "loadbalancer::access",
-                        method = %head.method(), path = head.path(), backend = %backend,
-                        status = status.as_u16(), latency_ms, attempts,
-                        request_id = id, "request"
-                    );
-                    metrics.record_backend_request(
+                    // Logged and counted when the body ends, by its outcome.
+                    let completion = Completion {
+                        shared: Arc::clone(&proxy.shared),
+                        head,
                         backend,
-                        in_flight.state().metrics(),
-                        head.method(),
-                        status,
+                        status: response.status(),
                         latency,
-                    );
+                        started,
+                        attempts,
+                        request_id: request_id.clone(),
+                        in_flight,
+                        request_in_flight,
+                    };
+                    let body_idle_timeout = proxy.tuning().settings.body_idle_timeout;
                     response.map(|body| {
-                        Either::Left(InFlightBody::new(body, request_in_flight, in_flight))
+                        Either::Left(InFlightBody::new(
+                            IdleTimeout::new(body, body_idle_timeout),
+                            completion,
+                        ))
                     })
                 }
                 Err(error) => {
@@ -467,7 +498,10 @@ impl Proxy {
         started: Instant,
     ) -> Forwarded {
         let shared = &*self.shared;
-        let body = RetryBody::new(body);
+        let body = RetryBody::new(IdleTimeout::new(
+            body,
+            self.tuning().settings.body_idle_timeout,
+        ));
         shared.retry.start_request_at(started);
 
         // The backends tried so far, skipped by the next pick.
@@ -616,12 +650,13 @@ impl Proxy {
         state: &BackendState,
         admission: Option<Admission>,
         head: &UpstreamHead,
-        body: AttemptBody<Incoming>,
+        body: AttemptBody<IdleTimeout<Incoming>>,
     ) -> (Result<Response<UpstreamBody>, ProxyError>, Instant) {
         let shared = &*self.shared;
         let ProxySettings {
             connect_timeout,
             request_timeout,
+            body_idle_timeout,
         } = tuning.settings;
         let exchange = shared.pool.send(backend, connect_timeout, head, body);
         let result = match tokio::time::timeout(request_timeout, exchange).await {
@@ -632,6 +667,10 @@ impl Proxy {
                 Ok(response)
             }
             Ok(Err(error)) if error.is_connect() => Err(ProxyError::Connect { backend, error }),
+            Ok(Err(error)) if request_body_stalled(&error) => Err(ProxyError::RequestBodyIdle {
+                backend,
+                timeout: body_idle_timeout,
+            }),
             Ok(Err(error)) => Err(ProxyError::Upstream { backend, error }),
             Err(_elapsed) => Err(ProxyError::Timeout {
                 backend,
@@ -700,12 +739,22 @@ fn attempt_count(tried: &[SocketAddr]) -> u32 {
 }
 
 /// Whether an attempt counts against its backend: it failed to answer, or
-/// answered with a server error.
+/// answered with a server error. A client that stopped uploading is not the
+/// backend's failure.
 fn attempt_failed(result: &Result<Response<UpstreamBody>, ProxyError>) -> bool {
     match result {
         Ok(response) => response.status().is_server_error(),
+        Err(ProxyError::RequestBodyIdle { .. }) => false,
         Err(_) => true,
     }
+}
+
+/// Whether the exchange failed because the client's upload stalled.
+fn request_body_stalled(error: &UpstreamError) -> bool {
+    matches!(
+        error,
+        UpstreamError::Exchange(ExchangeError::RequestBody(cause)) if cause.is::<BodyIdle>()
+    )
 }
 
 /// Why an attempt's result may be worth a retry, before looking at the method.

@@ -1,60 +1,122 @@
-//! The streamed response body, wrapped so that a request stops counting as in
-//! flight when its last byte has been handed to the client, not when the response
-//! head is ready.
+//! The streamed response body, wrapped so that a request is logged, counted and
+//! judged when its last byte has been handed to the client, not when the
+//! response head is ready.
 //!
 //! The proxy returns as soon as the backend's head arrives; hyper then pulls the
-//! body frame by frame. The in-flight guards (the global gauge and the backend's
-//! own count, which the least-request balancer compares) ride inside the body and
-//! are dropped at the end of the stream, on a body error, or when hyper drops the
-//! body because the client went away, whichever comes first.
+//! body frame by frame. A `200` head says little about how the response ends:
+//! the backend may cut the body short, break its chunked framing, or stall
+//! (see [`IdleTimeout`]). So the request's [`Completion`] rides inside the body
+//! and is settled once, at the end: the access log line, the request metrics and
+//! outlier detection all hear the final outcome, and a body that failed counts
+//! as a failure (502, or 504 for a stall) rather than as its head's status. The
+//! in-flight guards (the global gauge and the backend's own count, which the
+//! least-request balancer compares) are released at the same moment.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
+use tracing::{info, warn};
 
-use super::UpstreamBody;
+use super::idle::{BodyIdle, IdleTimeout};
+use super::{ErrorChain, Shared, UpstreamBody};
 use crate::backend_state::OwnedInFlight;
+use crate::listener::BoxError;
 use crate::metrics::RequestInFlight;
-use crate::upstream::ExchangeError;
+use crate::outlier::{Admission, Outcome};
+use crate::upstream::UpstreamHead;
 
-/// A backend's response body with the guards that count its request in flight.
+/// A backend's response body, with what settles its request when it ends.
 #[derive(Debug)]
 pub struct InFlightBody {
-    /// The backend's body, streamed through untouched; it returns its
-    /// connection to the pool at its end.
-    inner: UpstreamBody,
-    /// Dropped (set to `None`) when the stream ends; dropping the body drops them too.
-    guards: Option<(RequestInFlight, OwnedInFlight)>,
+    /// The backend's body, streamed through untouched (and failed when it
+    /// stalls); it returns its connection to the pool at its end.
+    inner: IdleTimeout<UpstreamBody>,
+    /// Taken when the body ends, fails, or is dropped unfinished.
+    completion: Option<Completion>,
+}
+
+/// Everything needed to log, count and judge a proxied request once its body
+/// has ended.
+#[derive(Debug)]
+pub(super) struct Completion {
+    pub(super) shared: Arc<Shared>,
+    /// The request as sent, for the method and path in the log line.
+    pub(super) head: UpstreamHead,
+    pub(super) backend: SocketAddr,
+    /// The status of the backend's response head.
+    pub(super) status: StatusCode,
+    /// From the request's arrival until the response head was ready.
+    pub(super) latency: Duration,
+    /// When the request arrived.
+    pub(super) started: Instant,
+    pub(super) attempts: u32,
+    pub(super) request_id: HeaderValue,
+    /// The backend's in-flight count, held until the end.
+    pub(super) in_flight: OwnedInFlight,
+    /// The process's in-flight gauge, held until the end.
+    pub(super) request_in_flight: RequestInFlight,
+}
+
+/// How a response body ended.
+#[derive(Debug)]
+enum End {
+    /// Read to its end.
+    Complete,
+    /// The backend's side failed: cut short or malformed, or it stalled.
+    Failed { stalled: bool, reason: String },
+    /// The client went away first: nothing to hold against the backend.
+    Abandoned,
 }
 
 impl InFlightBody {
-    pub(crate) fn new(
-        inner: UpstreamBody,
-        request: RequestInFlight,
-        backend: OwnedInFlight,
-    ) -> Self {
-        Self {
+    pub(super) fn new(inner: IdleTimeout<UpstreamBody>, completion: Completion) -> Self {
+        let mut body = Self {
             inner,
-            guards: Some((request, backend)),
+            completion: Some(completion),
+        };
+        // HEAD, 204, 304, `Content-Length: 0`: hyper may never poll the body.
+        if body.inner.is_end_stream() {
+            body.settle(End::Complete);
+        }
+        body
+    }
+
+    fn settle(&mut self, end: End) {
+        if let Some(completion) = self.completion.take() {
+            completion.settle(end);
         }
     }
 }
 
 impl Body for InFlightBody {
     type Data = Bytes;
-    type Error = ExchangeError;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         // Both fields are `Unpin`, so the wrapper is too and needs no pin projection.
         let this = self.get_mut();
         let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(frame, Poll::Ready(None | Some(Err(_)))) {
-            this.guards = None;
+        match &frame {
+            Poll::Ready(None) => this.settle(End::Complete),
+            Poll::Ready(Some(Err(error))) => this.settle(End::Failed {
+                stalled: error.is::<BodyIdle>(),
+                reason: ErrorChain(&**error).to_string(),
+            }),
+            // Settled with the last frame, before hyper writes it: whoever reads
+            // the whole response then finds the request already counted.
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
+                this.settle(End::Complete);
+            }
+            _ => {}
         }
         frame
     }
@@ -65,5 +127,90 @@ impl Body for InFlightBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for InFlightBody {
+    fn drop(&mut self) {
+        let end = if self.inner.is_end_stream() {
+            End::Complete
+        } else {
+            End::Abandoned
+        };
+        self.settle(end);
+    }
+}
+
+impl Completion {
+    /// Writes the access log line, records the metrics and tells outlier
+    /// detection, all by how the body ended.
+    fn settle(self, end: End) {
+        let Completion {
+            shared,
+            head,
+            backend,
+            status,
+            latency,
+            started,
+            attempts,
+            request_id,
+            in_flight,
+            request_in_flight,
+        } = self;
+        let latency_ms = latency.as_secs_f64() * 1000.0;
+        let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let id = request_id.to_str().unwrap_or_default();
+        let state = in_flight.state();
+        let status = match end {
+            End::Complete | End::Abandoned => {
+                info!(
+                    target: "loadbalancer::access",
+                    method = %head.method(), path = head.path(), backend = %backend,
+                    status = status.as_u16(), latency_ms, duration_ms, attempts,
+                    request_id = id, complete = !matches!(end, End::Abandoned), "request"
+                );
+                status
+            }
+            End::Failed { stalled, reason } => {
+                // The head's status was sent, but the client got a broken
+                // response: it counts as the gateway failure it is.
+                let failed = if stalled {
+                    StatusCode::GATEWAY_TIMEOUT
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                warn!(
+                    target: "loadbalancer::access",
+                    method = %head.method(), path = head.path(), backend = %backend,
+                    status = failed.as_u16(), head_status = status.as_u16(), latency_ms,
+                    duration_ms, attempts, request_id = id, error = %reason,
+                    "response body failed"
+                );
+                state.record_failure();
+                let tuning = *shared.tuning.read().unwrap_or_else(|p| p.into_inner());
+                if let Some(outlier) = tuning.outlier
+                    && outlier
+                        .report(
+                            backend,
+                            state,
+                            Admission::Normal,
+                            Outcome::Failure,
+                            Instant::now(),
+                        )
+                        .is_some()
+                {
+                    shared.metrics.record_ejection(backend);
+                }
+                failed
+            }
+        };
+        shared.metrics.record_backend_request(
+            backend,
+            state.metrics(),
+            head.method(),
+            status,
+            latency,
+        );
+        drop((in_flight, request_in_flight));
     }
 }

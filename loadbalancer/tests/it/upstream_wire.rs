@@ -10,9 +10,12 @@
 //! [`ScriptedBackend`], which writes raw bytes and records the raw bytes it
 //! received, connection by connection.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
+use loadbalancer::proxy::ProxySettings;
 
 use crate::support;
 use crate::support::raw::RawConn;
@@ -609,6 +612,95 @@ async fn an_absolute_form_request_reaches_the_backend_with_the_targets_host() {
     assert_eq!(
         received.header("x-forwarded-host"),
         Some("shop.example.test:8080")
+    );
+    lb.stop().await;
+}
+
+/// The metrics line counting requests to `backend` that ended with `code`.
+async fn counted(lb: &TestLb, backend: std::net::SocketAddr, code: u16) -> String {
+    let text = get(&lb.admin_url("/metrics")).await.body;
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let series =
+        format!(r#"loadbalancer_requests_total{{backend="{backend}",method="GET",code="{code}"}}"#);
+    text.lines()
+        .find(|line| line.starts_with(&series))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_is_closed_at_the_body_idle_timeout_and_counted_as_a_504() {
+    let backend = ScriptedBackend::start([
+        Answer::keep_open("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nfirst part"),
+        Answer::ok("next"),
+    ])
+    .await;
+    let settings = ProxySettings {
+        body_idle_timeout: Duration::from_millis(300),
+        ..TestLb::SETTINGS
+    };
+    let lb = TestLb::start_with(vec![backend.addr], settings).await;
+
+    let req = Request::get(lb.url("/"))
+        .body(Full::default())
+        .expect("valid request");
+    let outcome = try_send(req).await;
+    let error = outcome.expect_err("the stalled body breaks off instead of hanging");
+    assert!(error.starts_with("200 OK, then the body broke"), "{error}");
+    assert!(counted(&lb, backend.addr, 504).await.ends_with(" 1"));
+    assert_eq!(lb.backends.state(backend.addr).failures(), 1);
+    // The stalled connection was closed, not put back in the pool.
+    assert_next_get_answers(&lb, b"next").await;
+    assert_eq!(backend.requests_per_connection(), [1, 1]);
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn a_cut_or_malformed_chunked_body_counts_as_a_502_not_as_its_200() {
+    for broken in [
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel",
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+    ] {
+        let backend = ScriptedBackend::start([Answer::then_close(broken)]).await;
+        let lb = lb_over(&backend).await;
+        let req = Request::get(lb.url("/"))
+            .body(Full::default())
+            .expect("valid request");
+        assert!(
+            try_send(req).await.is_err(),
+            "the client sees the body break"
+        );
+        assert!(
+            counted(&lb, backend.addr, 502).await.ends_with(" 1"),
+            "{broken:?}"
+        );
+        assert_eq!(lb.backends.state(backend.addr).failures(), 1);
+        lb.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn an_upload_that_stalls_gets_408_at_the_body_idle_timeout_and_spares_the_backend() {
+    let backend = ScriptedBackend::start([Answer::ok("never sent")]).await;
+    let settings = ProxySettings {
+        body_idle_timeout: Duration::from_millis(300),
+        ..TestLb::SETTINGS
+    };
+    let lb = TestLb::start_with(vec![backend.addr], settings).await;
+    let mut client = RawConn::connect(lb.addr).await;
+    client
+        .send(b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\nonly ten b")
+        .await;
+    let reply = client.response().await.expect("an answer, not a hang");
+    assert_eq!(reply.status, 408, "{reply:?}");
+    assert_eq!(
+        reply.json()["message"],
+        "the request body stalled for 300 ms"
+    );
+    assert_eq!(
+        lb.backends.state(backend.addr).failures(),
+        0,
+        "not the backend's fault"
     );
     lb.stop().await;
 }

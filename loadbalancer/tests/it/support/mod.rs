@@ -119,6 +119,7 @@ impl TestLb {
     pub(crate) const SETTINGS: ProxySettings = ProxySettings {
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(20),
+        body_idle_timeout: Duration::from_secs(60),
     };
 
     /// A load balancer over `upstreams`.
@@ -286,6 +287,7 @@ fn test_config(settings: ProxySettings, limits: ServerLimits) -> Config {
         proxy: ProxyConfig {
             connect_timeout_ms: millis(settings.connect_timeout),
             request_timeout_ms: millis(settings.request_timeout),
+            body_idle_timeout_ms: millis(settings.body_idle_timeout),
         },
         limits: Limits {
             drain_seconds: 0,
