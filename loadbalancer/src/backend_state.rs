@@ -27,6 +27,8 @@ pub struct BackendState {
     /// Requests sent to this backend whose response has not yet finished. The
     /// least-request balancer compares it; the status page shows it.
     in_flight: AtomicU64,
+    /// Of those, the tunnels (upgraded connections, WebSockets) open now.
+    tunnels: AtomicU64,
     /// Requests this backend was picked for, whatever their outcome.
     requests: AtomicU64,
     /// Requests that failed at this backend (connect error, reset, timeout, 5xx).
@@ -88,6 +90,24 @@ impl OwnedInFlight {
     pub fn state(&self) -> &BackendState {
         &self.0
     }
+
+    /// The request became a tunnel (its backend switched protocols): it stays
+    /// in flight, and counts as an open tunnel, until the tunnel closes.
+    pub fn into_tunnel(self) -> OpenTunnel {
+        self.0.tunnels.fetch_add(1, Ordering::Relaxed);
+        OpenTunnel(self)
+    }
+}
+
+/// A tunnel to a backend, counted in its requests in flight (so least-request
+/// balancing sees it) and in its open tunnels, until dropped.
+#[derive(Debug)]
+pub struct OpenTunnel(OwnedInFlight);
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        (self.0).0.tunnels.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Drop for OwnedInFlight {
@@ -108,6 +128,7 @@ impl BackendState {
         Self {
             epoch: Instant::now(),
             in_flight: AtomicU64::new(0),
+            tunnels: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             last_latency_micros: AtomicU64::new(0),
@@ -149,6 +170,11 @@ impl BackendState {
     /// broke off or stalled).
     pub fn record_failure(&self) {
         self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Tunnels open to this backend right now.
+    pub fn tunnels(&self) -> u64 {
+        self.tunnels.load(Ordering::Relaxed)
     }
 
     /// Requests in flight right now.

@@ -67,6 +67,36 @@ pub struct Metrics {
     ejections: Family<BackendLabels, Counter>,
     /// `loadbalancer_config_reloads_total{result}`: config file changes seen.
     config_reloads: Family<ReloadLabels, Counter>,
+    /// `loadbalancer_tunnels_open`: upgraded connections (WebSockets) open now.
+    tunnels_open: Gauge,
+    /// `loadbalancer_tunnel_bytes_total{direction}`: bytes copied through
+    /// tunnels, `upstream` (client to backend) and `downstream`.
+    tunnel_bytes: Family<DirectionLabels, Counter>,
+    /// `loadbalancer_tunnel_duration_seconds`: how long closed tunnels were open.
+    tunnel_duration: Histogram,
+}
+
+/// Which way bytes went through a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From the client to the backend.
+    Upstream,
+    /// From the backend to the client.
+    Downstream,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: Direction,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        encoder.write_str(match self {
+            Direction::Upstream => "upstream",
+            Direction::Downstream => "downstream",
+        })
+    }
 }
 
 /// How a config reload ended, the `result` label of
@@ -139,6 +169,25 @@ impl Metrics {
             "Changes of the config file applied (success) or rejected (failure)",
             config_reloads.clone(),
         );
+        let tunnels_open = Gauge::default();
+        registry.register(
+            "tunnels_open",
+            "Upgraded connections (WebSockets) open now",
+            tunnels_open.clone(),
+        );
+        let tunnel_bytes = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "tunnel_bytes",
+            "Bytes copied through tunnels: upstream (client to backend) and downstream",
+            tunnel_bytes.clone(),
+        );
+        let tunnel_duration = Histogram::new(TUNNEL_BUCKETS);
+        registry.register_with_unit(
+            "tunnel_duration",
+            "How long closed tunnels were open",
+            Unit::Seconds,
+            tunnel_duration.clone(),
+        );
         registry.register(
             "build",
             "The running version",
@@ -155,6 +204,9 @@ impl Metrics {
             retries,
             ejections,
             config_reloads,
+            tunnels_open,
+            tunnel_bytes,
+            tunnel_duration,
         }
     }
 
@@ -252,6 +304,39 @@ impl Metrics {
             tracing::error!(%error, "cannot encode metrics");
         }
         text
+    }
+}
+
+/// Tunnel lifetimes: from a short exchange to the hour a quiet WebSocket may last.
+const TUNNEL_BUCKETS: [f64; 8] = [0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0];
+
+impl Metrics {
+    /// Counts a tunnel as open until the returned guard is dropped.
+    pub fn tunnel_opened(&self) -> TunnelOpen {
+        self.tunnels_open.inc();
+        TunnelOpen(self.tunnels_open.clone())
+    }
+
+    /// Records `bytes` copied through a tunnel in `direction`.
+    pub fn record_tunnel_bytes(&self, direction: Direction, bytes: u64) {
+        self.tunnel_bytes
+            .get_or_create(&DirectionLabels { direction })
+            .inc_by(bytes);
+    }
+
+    /// Records a closed tunnel's lifetime.
+    pub fn record_tunnel_closed(&self, open_for: Duration) {
+        self.tunnel_duration.observe(open_for.as_secs_f64());
+    }
+}
+
+/// An open tunnel, counted in `loadbalancer_tunnels_open` while it lives.
+#[derive(Debug)]
+pub struct TunnelOpen(Gauge);
+
+impl Drop for TunnelOpen {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -30,6 +30,7 @@ mod body;
 mod headers;
 mod idle;
 mod request_id;
+mod tunnel;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -41,6 +42,7 @@ use http::header::ALLOW;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{info, warn};
@@ -60,6 +62,7 @@ use headers::X_REQUEST_ID;
 pub use idle::BodyIdle;
 use idle::IdleTimeout;
 use request_id::RequestIds;
+use tunnel::{Tunnel, Tunnels};
 
 /// The body of a proxied response: the backend's body streamed through, or a
 /// small JSON error the proxy wrote itself. An enum, not a boxed trait object,
@@ -85,6 +88,9 @@ pub struct ProxySettings {
     /// Bound on the wait for the next piece of a body streaming through, either
     /// way (`bodyIdleTimeoutMs`); past it both connections are closed.
     pub body_idle_timeout: Duration,
+    /// A tunnel (an upgraded connection, a WebSocket) with nothing moving either
+    /// way for this long is closed (`tunnelIdleTimeoutMs`).
+    pub tunnel_idle_timeout: Duration,
 }
 
 /// The upstream timeouts as the config file spells them, in milliseconds.
@@ -100,6 +106,10 @@ pub struct ProxyConfig {
     /// client's upload) may go without its next piece; past it both connections
     /// are closed and the request counts as failed. Default 60000.
     pub body_idle_timeout_ms: u64,
+    /// How long a tunnel (a WebSocket, or another upgraded connection) may
+    /// carry nothing either way before it is closed. Default 3600000: an hour,
+    /// since a quiet WebSocket is normal (a chat with no messages).
+    pub tunnel_idle_timeout_ms: u64,
 }
 
 impl Default for ProxyConfig {
@@ -108,6 +118,7 @@ impl Default for ProxyConfig {
             connect_timeout_ms: 1000,
             request_timeout_ms: 30_000,
             body_idle_timeout_ms: 60_000,
+            tunnel_idle_timeout_ms: 3_600_000,
         }
     }
 }
@@ -125,6 +136,9 @@ impl ProxyConfig {
         if self.body_idle_timeout_ms == 0 {
             return fail("bodyIdleTimeoutMs", "must be greater than 0");
         }
+        if self.tunnel_idle_timeout_ms == 0 {
+            return fail("tunnelIdleTimeoutMs", "must be greater than 0");
+        }
         Ok(())
     }
 }
@@ -135,6 +149,7 @@ impl From<&ProxyConfig> for ProxySettings {
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             body_idle_timeout: Duration::from_millis(config.body_idle_timeout_ms),
+            tunnel_idle_timeout: Duration::from_millis(config.tunnel_idle_timeout_ms),
         }
     }
 }
@@ -334,6 +349,8 @@ struct Shared {
     retry: RetryPolicy,
     /// Where every request's outcome is counted, shared with the admin listener.
     metrics: Arc<Metrics>,
+    /// The tunnels of upgraded requests (WebSockets), closed when the proxy stops.
+    tunnels: Tunnels,
 }
 
 /// What a config reload can change in a running proxy, copied out per attempt.
@@ -398,6 +415,7 @@ impl Proxy {
                 request_ids: RequestIds::default(),
                 retry: RetryPolicy::new(resilience.retry_settings()),
                 metrics,
+                tunnels: Tunnels::new(),
             }),
         }
     }
@@ -425,6 +443,15 @@ impl Proxy {
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
         let hops = headers::remove_hop_by_hop(&mut parts.headers);
         hops.restore_trailers(&mut parts.headers);
+        // An upgrade (a WebSocket) is passed on only if the client's connection
+        // can be handed over once the backend agrees; never one to `h2c`.
+        let client_upgrade = match parts.extensions.remove::<OnUpgrade>() {
+            Some(upgrade) if hops.upgrade.is_some() && !hops.upgrade_is_h2c() => {
+                hops.restore_upgrade(&mut parts.headers);
+                Some(upgrade)
+            }
+            _ => None,
+        };
         headers::use_target_authority(&mut parts);
         headers::add_forwarding(&mut parts.headers, &client.ip);
         let head = UpstreamHead::new(&parts, &body);
@@ -444,6 +471,39 @@ impl Proxy {
             let id = request_id.to_str().unwrap_or_default();
             let metrics = &proxy.shared.metrics;
             let mut response = match result {
+                Ok(Upstream {
+                    backend,
+                    in_flight,
+                    response,
+                }) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    info!(
+                        target: "loadbalancer::access",
+                        method = %head.method(), path = head.path(), backend = %backend,
+                        status = 101, latency_ms, attempts, request_id = id, "request"
+                    );
+                    metrics.record_backend_request(
+                        backend,
+                        in_flight.state().metrics(),
+                        head.method(),
+                        StatusCode::SWITCHING_PROTOCOLS,
+                        latency,
+                    );
+                    let (parts, body) = response.into_parts();
+                    // `read_head` takes a `101` only for a request that asked
+                    // for it, and only such a request kept the client's side.
+                    if let (Some(client), Some(upgraded)) = (client_upgrade, body.into_upgraded()) {
+                        proxy.shared.tunnels.spawn(Tunnel {
+                            client,
+                            backend: upgraded,
+                            backend_addr: backend,
+                            request_id: request_id.clone(),
+                            idle_timeout: proxy.tuning().settings.tunnel_idle_timeout,
+                            slot: in_flight.into_tunnel(),
+                            metrics: Arc::clone(metrics),
+                        });
+                    }
+                    Response::from_parts(parts, Either::Right(Full::default()))
+                }
                 Ok(Upstream {
                     backend,
                     in_flight,
@@ -657,13 +717,16 @@ impl Proxy {
             connect_timeout,
             request_timeout,
             body_idle_timeout,
+            ..
         } = tuning.settings;
         let exchange = shared.pool.send(backend, connect_timeout, head, body);
         let result = match tokio::time::timeout(request_timeout, exchange).await {
             Ok(Ok(mut response)) => {
-                // A response's `TE` means nothing, and an upgrade is not asked
-                // for, so nothing of what the hop-by-hop headers said is kept.
-                let _ = headers::remove_hop_by_hop(response.headers_mut());
+                let hops = headers::remove_hop_by_hop(response.headers_mut());
+                // A `101` names the protocol switched to; the client must hear it.
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    hops.restore_upgrade(response.headers_mut());
+                }
                 Ok(response)
             }
             Ok(Err(error)) if error.is_connect() => Err(ProxyError::Connect { backend, error }),
@@ -715,6 +778,13 @@ impl Proxy {
         shared.retry.reconfigure(resilience.retry_settings());
         let mut tuning = shared.tuning.write().unwrap_or_else(|p| p.into_inner());
         *tuning = Tuning::new(settings, resilience.outlier);
+    }
+
+    /// Closes every tunnel (WebSocket) this proxy holds open, and returns once
+    /// they are gone: what a worker does when it stops, after its listener has
+    /// finished.
+    pub async fn close_tunnels(&self) {
+        self.shared.tunnels.close_all().await;
     }
 
     /// Retries granted since start (see [`RetryPolicy::retries`]).

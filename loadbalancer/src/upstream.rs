@@ -11,5 +11,6 @@ mod pool;
 
 pub(crate) use http1::UpstreamHead;
 pub use http1::{ChunkedError, ExchangeError};
+pub use pool::Upgraded;
 pub use pool::{IDLE_TIMEOUT, MAX_IDLE_PER_BACKEND, UpstreamError};
 pub(crate) use pool::{PooledBody, UpstreamPool};

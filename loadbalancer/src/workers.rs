@@ -90,7 +90,11 @@ impl Workers {
                         match TcpListener::from_std(listener) {
                             Ok(listener) => {
                                 let _ = started_tx.send(Ok(()));
-                                server::serve_proxy(listener, proxy, shutdown, limits).await;
+                                server::serve_proxy(listener, proxy.clone(), shutdown, limits)
+                                    .await;
+                                // The listener has finished its last request;
+                                // the tunnels (WebSockets) it handed over go now.
+                                proxy.close_tunnels().await;
                             }
                             Err(error) => {
                                 let _ = started_tx.send(Err(error));

@@ -326,7 +326,9 @@ async fn serve_connection<S, B, L>(
     let activity = Activity::new();
     let io = TokioIo::new(TrackedIo::new(stream, Arc::clone(&activity)));
     let service = guarded(service, Arc::clone(&activity), lifecycle.clone());
-    let connection = http.serve_connection(io, service);
+    // With upgrades, a `101` answer hands the connection over (to the proxy's
+    // tunnel, or the backend's WebSocket) instead of ending it.
+    let connection = http.serve_connection(io, service).with_upgrades();
     let mut connection = std::pin::pin!(connection);
     let mut stopping = false;
     let result = loop {

@@ -58,9 +58,9 @@ pub(crate) struct Hops {
 }
 
 impl Hops {
-    /// Writes what is passed on back into `headers`, for the next hop.
-    pub(crate) fn restore(&self, headers: &mut HeaderMap) {
-        self.restore_trailers(headers);
+    /// Writes `Connection: upgrade` and the `Upgrade` protocols back into
+    /// `headers`, if an upgrade was asked for (or agreed to).
+    pub(crate) fn restore_upgrade(&self, headers: &mut HeaderMap) {
         if let Some(protocols) = &self.upgrade {
             headers.insert(CONNECTION, UPGRADE_TOKEN);
             headers.insert(UPGRADE, protocols.clone());
@@ -236,7 +236,8 @@ mod tests {
         assert!(map.is_empty(), "{map:?}");
         assert!(hops.trailers);
         assert!(!hops.upgrade_is_h2c());
-        hops.restore(&mut map);
+        hops.restore_trailers(&mut map);
+        hops.restore_upgrade(&mut map);
         assert_eq!(map["te"], "trailers");
         assert_eq!(map["connection"], "upgrade");
         assert_eq!(map["upgrade"], "websocket");

@@ -218,7 +218,10 @@ impl UpstreamPool {
             lease: Some(lease),
         };
         // HEAD, 204, 304, `Content-Length: 0`: hyper may never poll the body.
-        body.end_if_done();
+        // A `101` keeps its connection for `into_upgraded`.
+        if !body.reader.is_upgraded() {
+            body.end_if_done();
+        }
         response.map(|()| body)
     }
 
@@ -324,6 +327,31 @@ pub(crate) struct PooledBody<B> {
     /// The connection the body arrives on; `None` once the body has ended
     /// (given back, or closed).
     lease: Option<Lease>,
+}
+
+/// A backend connection that switched protocols (`101`), handed over whole.
+#[derive(Debug)]
+pub struct Upgraded {
+    /// The connection, never to return to the pool.
+    pub stream: TcpStream,
+    /// What the backend sent right after its `101`, already read: the first
+    /// bytes of the new protocol.
+    pub read_ahead: Bytes,
+}
+
+impl<B> PooledBody<B> {
+    /// The connection of a `101` response, for a tunnel; `None` for any other
+    /// response.
+    pub(crate) fn into_upgraded(self) -> Option<Upgraded> {
+        if !self.reader.is_upgraded() {
+            return None;
+        }
+        let PooledBody { reader, lease, .. } = self;
+        Some(Upgraded {
+            stream: lease?.stream,
+            read_ahead: reader.into_read_ahead(),
+        })
+    }
 }
 
 impl<B> PooledBody<B>

@@ -26,5 +26,6 @@ mod proxy;
 mod reload;
 mod server;
 mod status_page;
+mod tunnels;
 mod upstream_wire;
 mod workers;

@@ -119,7 +119,7 @@ where
     let is_head_request = *head.method() == Method::HEAD;
     let mut buf = BytesMut::new();
     let response = {
-        let mut receiving = pin!(read_head(stream, &mut buf));
+        let mut receiving = pin!(read_head(stream, &mut buf, head.asks_upgrade()));
         poll_fn(|cx| {
             if let Some(sending) = &mut writer {
                 match sending.poll_write(stream, cx) {

@@ -10,7 +10,7 @@ use std::task::{Context, Poll, ready};
 use bytes::buf::Chain;
 use bytes::{Buf, Bytes};
 use http::Method;
-use http::header::{CONTENT_LENGTH, EXPECT, HOST};
+use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST};
 use http::request::Parts;
 use hyper::body::Body;
 use tokio::net::TcpStream;
@@ -37,6 +37,9 @@ pub(crate) struct UpstreamHead {
     /// The client sent no `Host` (HTTP/1.0 allows that): each attempt names
     /// its backend instead, as hyper-util's client did.
     needs_host: bool,
+    /// The request asks to switch protocols (`Connection: upgrade`), so a
+    /// `101` is a possible answer rather than a broken one.
+    upgrade: bool,
 }
 
 impl UpstreamHead {
@@ -80,6 +83,10 @@ impl UpstreamHead {
             method: request.method.clone(),
             framing,
             needs_host: !headers.contains_key(HOST),
+            upgrade: headers
+                .get_all(CONNECTION)
+                .iter()
+                .any(|value| value.as_bytes().eq_ignore_ascii_case(b"upgrade")),
         }
     }
 
@@ -90,6 +97,11 @@ impl UpstreamHead {
     /// The request's path, without the query.
     pub(crate) fn path(&self) -> &str {
         std::str::from_utf8(&self.bytes[self.path.clone()]).unwrap_or_default()
+    }
+
+    /// Whether the request asks to switch protocols.
+    pub(crate) fn asks_upgrade(&self) -> bool {
+        self.upgrade
     }
 
     /// Whether a body follows the head.

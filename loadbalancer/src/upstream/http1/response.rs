@@ -43,19 +43,25 @@ pub(super) struct Head {
 
 /// Reads until a final (non-interim) response head is complete, and leaves
 /// what follows it in `buf`. The buffer is allocated only once the backend's
-/// answer is readable: waiting for a slow backend costs no buffer.
+/// answer is readable: waiting for a slow backend costs no buffer. A `101` is
+/// final for a request that asked to switch protocols (`upgrade`), and an error
+/// for any other.
 pub(super) async fn read_head(
     stream: &TcpStream,
     buf: &mut BytesMut,
+    upgrade: bool,
 ) -> Result<Head, ExchangeError> {
     let mut received_any = false;
     loop {
         if !buf.is_empty() {
             if let Some(head) = parse_head(buf)? {
-                if head.status.is_informational() {
-                    if head.status == StatusCode::SWITCHING_PROTOCOLS {
-                        return Err(ExchangeError::Invalid("101 without an upgrade request"));
+                if head.status == StatusCode::SWITCHING_PROTOCOLS {
+                    if upgrade {
+                        return Ok(head);
                     }
+                    return Err(ExchangeError::Invalid("101 without an upgrade request"));
+                }
+                if head.status.is_informational() {
                     continue;
                 }
                 return Ok(head);
@@ -189,7 +195,11 @@ pub(super) fn finish_head<B>(
         version,
         mut headers,
     } = head;
-    let framing = if is_head_request
+    let framing = if status == StatusCode::SWITCHING_PROTOCOLS {
+        // What follows is the new protocol's, not a body: the connection is
+        // handed over whole (see `PooledBody::into_upgraded`).
+        Framing::Upgraded
+    } else if is_head_request
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
@@ -260,6 +270,9 @@ enum Framing {
     Chunked(ChunkedDecoder),
     /// When the backend closes the connection.
     UntilClose,
+    /// No body: after a `101` the connection speaks another protocol, and
+    /// whatever was read past the head belongs to it.
+    Upgraded,
 }
 
 /// Decodes a response body from the bytes of its connection. It owns the
@@ -293,7 +306,19 @@ impl BodyReader {
             Framing::Length(remaining) => *remaining == 0,
             Framing::Chunked(decoder) => decoder.is_done(),
             Framing::UntilClose => false,
+            Framing::Upgraded => true,
         }
+    }
+
+    /// Whether the response switched protocols (a `101`).
+    pub(crate) fn is_upgraded(&self) -> bool {
+        matches!(self.framing, Framing::Upgraded)
+    }
+
+    /// The bytes read past the head, which belong to the new protocol after a
+    /// `101`.
+    pub(crate) fn into_read_ahead(self) -> Bytes {
+        self.buf.freeze()
     }
 
     /// The body's exact remaining size, when its framing says it.
@@ -311,6 +336,8 @@ impl BodyReader {
         };
         match &mut self.framing {
             Framing::Length(0) => Ok(clean_end(&self.buf)),
+            // Never a reusable end: the connection is the new protocol's.
+            Framing::Upgraded => Ok(Step::End { clean: false }),
             Framing::Length(remaining) => {
                 if self.buf.is_empty() {
                     return Ok(Step::Read);

@@ -120,6 +120,7 @@ impl TestLb {
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(20),
         body_idle_timeout: Duration::from_secs(60),
+        tunnel_idle_timeout: Duration::from_secs(3600),
     };
 
     /// A load balancer over `upstreams`.
@@ -288,6 +289,7 @@ fn test_config(settings: ProxySettings, limits: ServerLimits) -> Config {
             connect_timeout_ms: millis(settings.connect_timeout),
             request_timeout_ms: millis(settings.request_timeout),
             body_idle_timeout_ms: millis(settings.body_idle_timeout),
+            tunnel_idle_timeout_ms: millis(settings.tunnel_idle_timeout),
         },
         limits: Limits {
             drain_seconds: 0,

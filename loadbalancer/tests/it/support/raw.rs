@@ -87,6 +87,29 @@ impl RawConn {
         std::mem::take(&mut self.buffered)
     }
 
+    /// Reads exactly `n` more bytes past any response read so far: what a
+    /// tunnel carries after its `101`. Panics if they do not come within
+    /// [`PATIENCE`].
+    pub(crate) async fn read_exact(&mut self, n: usize) -> Vec<u8> {
+        tokio::time::timeout(PATIENCE, async {
+            while self.buffered.len() < n {
+                assert!(
+                    self.fill().await,
+                    "the connection closed after {:?}",
+                    self.buffered
+                );
+            }
+        })
+        .await
+        .expect("the bytes arrive within PATIENCE");
+        self.buffered.drain(..n).collect()
+    }
+
+    /// Closes the sending side, as a client ending its stream does.
+    pub(crate) async fn shutdown_write(&mut self) {
+        let _ = self.stream.shutdown().await;
+    }
+
     async fn read_response(&mut self) -> Option<RawResponse> {
         let head_end = loop {
             if let Some(at) = find(&self.buffered, b"\r\n\r\n") {
