@@ -4,8 +4,8 @@
 //! `config` is read once at start-up, `discovery` keeps the shared
 //! [`backends::Backends`] list current, `balancer` picks the next address from it,
 //! `proxy` forwards the request there, and `server` accepts client connections
-//! (through `listener`, the hardened accept loop the backend shares) and shuts
-//! down gracefully when `shutdown` says so. `admin` answers the probes on a
+//! (through [`service_kit::listener`], the hardened accept loop the backend runs
+//! too) and shuts down gracefully when `shutdown` says so. `admin` answers the probes on a
 //! port of its own, and `logging` sets up the structured logs. `main.rs` only wires
 //! these together.
 //!
@@ -22,7 +22,6 @@ pub mod balancer;
 pub mod config;
 pub mod discovery;
 pub mod health;
-mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod outlier;

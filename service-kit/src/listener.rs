@@ -1,8 +1,8 @@
-//! Listener: the hardened accept loop that both servers share, the load balancer's
-//! (proxy and admin) and the backend's, so that both answer bad input and floods
-//! alike. The backend crate compiles this same file (`#[path]` in its `lib.rs`):
-//! the workspace deliberately has just the two crates, and one copy of the rules
-//! beats two that drift. Nothing here may name either crate's other modules.
+//! Listener: the hardened accept loop that every server in the workspace runs,
+//! the load balancer's (proxy and admin) and the backend's, so that both answer
+//! bad input and floods alike. A server supplies a service per connection and a
+//! [`Lifecycle`] (when to stop accepting, whether to close connections after their
+//! response); [`serve_connections`] does the rest.
 //!
 //! The shape follows mini-redis's listener and hyper's graceful_shutdown example.
 //! One task is spawned per connection, so a slow client never holds up the others.
@@ -28,7 +28,7 @@
 //!   pause rather than ending the server;
 //! * `maxHeaderBytes`: hyper answers a larger request head with 431 and closes;
 //!   a malformed request line or header gets hyper's automatic 400;
-//! * idle and header-read timeouts, kept by the [`watchdog`];
+//! * idle and header-read timeouts, kept by the `watchdog` submodule;
 //! * request framing that could smuggle a request through is refused with 400
 //!   ([`framing_error`] lists what hyper already refuses and what is left to us);
 //! * while the server drains, every response carries `Connection: close`, so
@@ -37,7 +37,6 @@
 
 mod watchdog;
 
-use std::error::Error as StdError;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::ops::RangeInclusive;
@@ -62,16 +61,18 @@ use tracing::{debug, info, warn};
 
 use watchdog::{Activity, Expired, TrackedBody, TrackedIo};
 
+use crate::BoxError;
+
 /// Connections the kernel queues on a listening socket, accepted or not yet,
 /// before it drops new ones. It caps this at `net.core.somaxconn` (4096 by
 /// default since Linux 5.4).
-pub(crate) const LISTEN_BACKLOG: i32 = 1024;
+pub const LISTEN_BACKLOG: i32 = 1024;
 
 /// A non-blocking listening socket on `addr` with a backlog of
 /// [`LISTEN_BACKLOG`]; with `share_port`, other sockets may listen on the same
 /// port and the kernel spreads new connections across them (the load
 /// balancer's per-core workers).
-pub(crate) fn listening_socket(addr: SocketAddr, share_port: bool) -> io::Result<StdTcpListener> {
+pub fn listening_socket(addr: SocketAddr, share_port: bool) -> io::Result<StdTcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // SO_REUSEADDR lets a restarted process bind while old connections linger
     // in TIME_WAIT.
@@ -149,17 +150,10 @@ impl Default for ServerLimits {
     }
 }
 
-/// Errors a service or a body may end with: anything hyper can log.
-pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
-
 /// A service the accept loop can serve: it answers each request of a connection
 /// with a `Response<B>`, and its futures may move between tasks. Implemented for
 /// every such service; it exists to name the bounds once instead of in every
 /// function on the way from `serve` to hyper.
-#[allow(
-    unreachable_pub,
-    reason = "the load balancer re-exports it; the backend, which compiles this file too, does not"
-)]
 pub trait ConnectionService<B>:
     Service<
         Request<Incoming>,
@@ -180,10 +174,6 @@ where
 
 /// A response body the accept loop can write: bytes, streamed, with errors
 /// hyper can log. Implemented for every such body, like [`ConnectionService`].
-#[allow(
-    unreachable_pub,
-    reason = "the load balancer re-exports it; the backend, which compiles this file too, does not"
-)]
 pub trait ResponseBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
 
 impl<B> ResponseBody for B
@@ -194,7 +184,7 @@ where
 }
 
 /// Where the owning server is in its shutdown, as the accept loop needs to know.
-pub(crate) trait Lifecycle: Clone + Send + Sync + 'static {
+pub trait Lifecycle: Clone + Send + Sync + 'static {
     /// Resolves once the listener must stop accepting (at once if it already
     /// must).
     fn stopped(&self) -> impl Future<Output = ()> + Send;
@@ -206,7 +196,7 @@ pub(crate) trait Lifecycle: Clone + Send + Sync + 'static {
 /// `make_service` builds for its peer address. Returns once `lifecycle` has
 /// stopped the listener and every connection has finished its last request, or
 /// been closed by force after `limits.shutdown_timeout`.
-pub(crate) async fn serve_connections<M, S, B, L>(
+pub async fn serve_connections<M, S, B, L>(
     listener: TcpListener,
     make_service: M,
     lifecycle: L,
@@ -412,7 +402,7 @@ where
 /// coding before `chunked` (`gzip, chunked`, or `chunked` twice): we do not decode
 /// transfer codings, and `Transfer-Encoding` is hop-by-hop, so a proxy would hand
 /// the backend a body in a coding it was never told about.
-pub(crate) fn framing_error(headers: &HeaderMap) -> Option<&'static str> {
+pub fn framing_error(headers: &HeaderMap) -> Option<&'static str> {
     let mut codings = list_items(headers, TRANSFER_ENCODING);
     match (codings.next(), codings.next()) {
         (None, _) => None,
@@ -425,10 +415,7 @@ pub(crate) fn framing_error(headers: &HeaderMap) -> Option<&'static str> {
 /// whitespace around them trimmed and empty ones skipped, as RFC 9110 section
 /// 5.6.1 asks of a recipient. Bytes, not `str`: a stray non-ASCII byte in one
 /// item does not hide the others.
-pub(crate) fn list_items(
-    headers: &HeaderMap,
-    name: HeaderName,
-) -> impl DoubleEndedIterator<Item = &[u8]> {
+pub fn list_items(headers: &HeaderMap, name: HeaderName) -> impl DoubleEndedIterator<Item = &[u8]> {
     headers
         .get_all(name)
         .iter()

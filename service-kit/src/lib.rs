@@ -1,0 +1,16 @@
+//! What the two servers of this workspace share: the load balancer and the demo
+//! backend both depend on this crate, so the rules that guard a server facing the
+//! network are written, compiled and tested once.
+//!
+//! [`listener`] is the hardened accept loop: connection cap, idle and header-read
+//! timeouts, header size, request framing and the graceful stop. Each binary plugs
+//! its own service and its own shutdown signal into it (the load balancer in
+//! `loadbalancer::server`, the backend in `backend::server`).
+//!
+//! Nothing here knows either binary: the kit is a library of parts, and each part
+//! takes what it needs as arguments.
+
+pub mod listener;
+
+/// Errors a service or a body may end with: anything hyper can log.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
