@@ -7,9 +7,14 @@
 //! its own service and its own shutdown signal into it (the load balancer in
 //! `loadbalancer::server`, the backend in `backend::server`).
 //!
+//! [`headers`] reads comma-separated header lists and checks message framing, the
+//! rules the accept loop applies to requests and the load balancer's upstream
+//! client applies to responses.
+//!
 //! Nothing here knows either binary: the kit is a library of parts, and each part
 //! takes what it needs as arguments.
 
+pub mod headers;
 pub mod listener;
 
 /// Errors a service or a body may end with: anything hyper can log.

@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Version};
 use hyper::body::Frame;
-use service_kit::listener::list_items;
+use service_kit::headers::list_items;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
