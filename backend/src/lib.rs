@@ -7,9 +7,9 @@
 //! load balancer runs too) and hands each request to [`handlers::App`], which
 //! answers from the [`identity::Identity`] worked out at start-up, and counts it
 //! in [`metrics`].
-//! [`config`] and [`logging`] run once before that, and [`reload`] applies a new
-//! log level from the config file while it runs; [`shutdown`] produces the
-//! signal that ends it.
+//! [`config`] and the logging set-up ([`service_kit::logging`]) run once before
+//! that, and [`reload`] applies a new log level from the config file while it
+//! runs; [`shutdown`] produces the signal that ends it.
 //!
 //! To run a backend in-process (as the load balancer's tests do), bind a listener and
 //! call [`server::serve`] with an [`handlers::App`]; see its docs for an example.
@@ -17,7 +17,6 @@
 pub mod config;
 pub mod handlers;
 pub mod identity;
-pub mod logging;
 pub mod metrics;
 pub mod reload;
 pub mod server;

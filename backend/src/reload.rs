@@ -13,10 +13,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use service_kit::logging::LogHandle;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config};
-use crate::logging::LogHandle;
 
 /// How often the file is read: a change is live within about this long, and one
 /// small read every half second costs nothing.
@@ -90,7 +90,7 @@ impl Reloader {
         if new.log_level != self.config.log_level
             && let Err(error) = self.log.set_level(new.log_level)
         {
-            warn!(%error, "log level unchanged");
+            warn!(error = %format!("{error:#}"), "log level unchanged");
         }
         info!(path = %self.path.display(), log_level = %new.log_level, "config reloaded");
         let restart = needs_restart(&self.config, &new);

@@ -14,11 +14,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
-use tracing::level_filters::LevelFilter;
 
 use crate::balancer::Weights;
 use crate::discovery::{KubernetesSource, Source};
 use crate::server::ServerLimits;
+
+// `logLevel` and `logFormat` take the values the shared logging set-up defines.
+pub use service_kit::logging::{LogFormat, LogLevel};
 
 /// Where the ConfigMap is mounted inside the pod.
 pub const DEFAULT_PATH: &str = "/etc/config/config.json";
@@ -276,41 +278,6 @@ pub enum DiscoveryMode {
     Kubernetes,
     /// Use `staticBackends` (or the `--backends` flag): local runs and tests.
     Static,
-}
-
-/// Log verbosity, from most to least detailed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogLevel {
-    Trace,
-    Debug,
-    #[default]
-    Info,
-    Warn,
-    Error,
-}
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines with `key=value` fields.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-impl From<LogLevel> for LevelFilter {
-    fn from(level: LogLevel) -> Self {
-        match level {
-            LogLevel::Trace => LevelFilter::TRACE,
-            LogLevel::Debug => LevelFilter::DEBUG,
-            LogLevel::Info => LevelFilter::INFO,
-            LogLevel::Warn => LevelFilter::WARN,
-            LogLevel::Error => LevelFilter::ERROR,
-        }
-    }
 }
 
 /// Why the config could not be used. Each variant's message names the file.

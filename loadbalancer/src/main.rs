@@ -16,13 +16,13 @@ use loadbalancer::balancer;
 use loadbalancer::config::{self, Config};
 use loadbalancer::discovery::DiscoveryTask;
 use loadbalancer::health::HealthCheckSettings;
-use loadbalancer::logging;
 use loadbalancer::metrics::Metrics;
 use loadbalancer::proxy::{Proxy, ProxySettings, Resilience};
 use loadbalancer::reload::{self, HealthTask, Live, Reloader};
 use loadbalancer::server::{self, ServerLimits};
 use loadbalancer::shutdown::{Shutdown, Signals};
 use loadbalancer::workers::{self, Workers};
+use service_kit::logging;
 use tracing::info;
 
 /// Kubernetes-aware HTTP load balancer.

@@ -36,6 +36,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use service_kit::logging::LogHandle;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
@@ -44,7 +45,6 @@ use crate::balancer;
 use crate::config::{Config, DiscoveryMode};
 use crate::discovery::DiscoveryTask;
 use crate::health::{HealthCheckSettings, HealthChecker};
-use crate::logging::LogHandle;
 use crate::metrics::{Metrics, ReloadResult};
 use crate::proxy::{Proxy, ProxySettings, Resilience};
 

@@ -11,11 +11,16 @@
 //! rules the accept loop applies to requests and the load balancer's upstream
 //! client applies to responses.
 //!
+//! [`logging`] installs the `tracing` subscriber both binaries log through, text
+//! or JSON on stdout, with a [`logging::LogHandle`] that changes level and format
+//! while the process runs.
+//!
 //! Nothing here knows either binary: the kit is a library of parts, and each part
 //! takes what it needs as arguments.
 
 pub mod headers;
 pub mod listener;
+pub mod logging;
 
 /// Errors a service or a body may end with: anything hyper can log.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
