@@ -1,6 +1,6 @@
 //! What the two servers of this workspace share: the load balancer and the demo
-//! backend both depend on this crate, so the rules that guard a server facing the
-//! network are written, compiled and tested once.
+//! backend both depend on this crate, so what both need is written, compiled and
+//! tested once.
 //!
 //! [`listener`] is the hardened accept loop: connection cap, idle and header-read
 //! timeouts, header size, request framing and the graceful stop. Each binary plugs
@@ -15,9 +15,14 @@
 //! or JSON on stdout, with a [`logging::LogHandle`] that changes level and format
 //! while the process runs.
 //!
+//! [`config_watch`] tells a config reloader when the mounted config file has
+//! changed ([`config_watch::ConfigFile`]), through the symlink swaps of a
+//! Kubernetes ConfigMap volume.
+//!
 //! Nothing here knows either binary: the kit is a library of parts, and each part
 //! takes what it needs as arguments.
 
+pub mod config_watch;
 pub mod headers;
 pub mod listener;
 pub mod logging;
