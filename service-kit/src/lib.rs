@@ -19,6 +19,9 @@
 //! changed ([`config_watch::ConfigFile`]), through the symlink swaps of a
 //! Kubernetes ConfigMap volume.
 //!
+//! [`metrics`] writes a `prometheus-client` registry out as OpenMetrics text and
+//! answers `GET /metrics` with it.
+//!
 //! Nothing here knows either binary: the kit is a library of parts, and each part
 //! takes what it needs as arguments.
 
@@ -26,6 +29,7 @@ pub mod config_watch;
 pub mod headers;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 
 /// Errors a service or a body may end with: anything hyper can log.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
