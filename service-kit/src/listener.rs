@@ -30,8 +30,7 @@
 //!   a malformed request line or header gets hyper's automatic 400;
 //! * idle and header-read timeouts, kept by the `watchdog` submodule;
 //! * request framing that could smuggle a request through is refused with 400
-//!   ([`framing_error`](crate::headers::framing_error) lists what hyper already
-//!   refuses and what is left to us);
+//!   ([`framing_error`] lists what hyper already refuses and what is left to us);
 //! * while the server drains, every response carries `Connection: close`, so
 //!   clients finish their current request here and reconnect, most likely to a
 //!   replica that is not going away.
