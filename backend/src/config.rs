@@ -27,9 +27,13 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::server::{DEFAULT_LIMITS, ServerLimits};
 use serde_json::{Map, Value};
 use tracing::level_filters::LevelFilter;
+
+use crate::server::{DEFAULT_LIMITS, ServerLimits};
+
+// `logFormat` takes the values the shared logging set-up defines.
+pub use service_kit::logging::LogFormat;
 
 /// The default location, where the Deployment mounts the ConfigMap.
 pub const DEFAULT_PATH: &str = "/etc/config/config.json";
@@ -70,17 +74,6 @@ pub struct Config {
     pub response_delay: Duration,
     /// Client connection limits and the shutdown timeout, see [`ServerLimits`].
     pub limits: ServerLimits,
-}
-
-/// How log lines are written to stdout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines with `key=value` fields.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// Why a config file could not be used. Each variant names the file.

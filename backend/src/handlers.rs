@@ -30,7 +30,7 @@ use http_body_util::Full;
 use serde::Serialize;
 
 use crate::identity::Identity;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 
 /// The body type of every response: small JSON documents, built whole.
 pub type Body = Full<Bytes>;
@@ -159,14 +159,7 @@ impl App {
                 Ok(work) => self.work(work).await,
                 Err(reason) => error(StatusCode::BAD_REQUEST, &reason),
             },
-            Route::Metrics => {
-                let mut response = Response::new(Full::new(Bytes::from(self.metrics.encode())));
-                response.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static(metrics::CONTENT_TYPE),
-                );
-                response
-            }
+            Route::Metrics => service_kit::metrics::response(self.metrics.encode()),
         }
     }
 

@@ -3,11 +3,13 @@
 //! work.
 //!
 //! A request flows through the modules in this order: [`server`] accepts the
-//! connection and hands each request to [`handlers::App`], which answers from the
-//! [`identity::Identity`] worked out at start-up, and counts it in [`metrics`].
-//! [`config`] and [`logging`] run once before that, and [`reload`] applies a new
-//! log level from the config file while it runs; [`shutdown`] produces the
-//! signal that ends it.
+//! connection (through [`service_kit::listener`], the hardened accept loop the
+//! load balancer runs too) and hands each request to [`handlers::App`], which
+//! answers from the [`identity::Identity`] worked out at start-up, and counts it
+//! in [`metrics`].
+//! [`config`] and the logging set-up ([`service_kit::logging`]) run once before
+//! that, and [`reload`] applies a new log level from the config file while it
+//! runs; [`shutdown`] produces the signal that ends it.
 //!
 //! To run a backend in-process (as the load balancer's tests do), bind a listener and
 //! call [`server::serve`] with an [`handlers::App`]; see its docs for an example.
@@ -15,12 +17,6 @@
 pub mod config;
 pub mod handlers;
 pub mod identity;
-// The hardened accept loop is shared with the load balancer: one file, compiled
-// into both crates, since the workspace deliberately has no third crate. It names
-// nothing outside itself, so it builds the same here.
-#[path = "../../loadbalancer/src/listener/mod.rs"]
-mod listener;
-pub mod logging;
 pub mod metrics;
 pub mod reload;
 pub mod server;

@@ -10,8 +10,9 @@ use anyhow::Context as _;
 use backend::handlers::App;
 use backend::identity::Identity;
 use backend::reload::{self, Reloader};
-use backend::{config, logging, server, shutdown};
+use backend::{config, server, shutdown};
 use clap::Parser;
+use service_kit::logging;
 
 /// Demo backend: answers with its pod identity as JSON.
 #[derive(Debug, Parser)]
@@ -37,8 +38,7 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let config = config::load(&args.config)?;
-    let log = logging::init(config.log_level, config.log_format)
-        .map_err(|error| anyhow::anyhow!(error).context("starting logging"))?;
+    let log = logging::init(config.log_level, config.log_format).context("starting logging")?;
     let app = App::new(Identity::from_environment(&config.service_name))
         .with_shutdown_delay(config.shutdown_delay)
         .with_response_delay(config.response_delay);

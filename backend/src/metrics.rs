@@ -16,9 +16,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-/// The `Content-Type` of [`Metrics::encode`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
 /// Upper bounds of the duration buckets, in seconds: from sub-millisecond identity
 /// answers to the longest `/work?sleep_ms=` (60 s).
 const DURATION_BUCKETS: [f64; 14] = [
@@ -91,15 +88,10 @@ impl Metrics {
             .observe(latency.as_secs_f64());
     }
 
-    /// Every metric in the OpenMetrics text format (see [`CONTENT_TYPE`]).
+    /// Every metric in the OpenMetrics text format (see
+    /// [`service_kit::metrics::CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
-        let mut text = String::new();
-        // Writing to a String cannot fail; an error would be an encoder bug, and a
-        // scrape is no reason to panic.
-        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
-            tracing::error!(%error, "cannot encode metrics");
-        }
-        text
+        service_kit::metrics::encode(&self.registry)
     }
 }
 

@@ -3,36 +3,32 @@
 //!
 //! The kubelet updates a ConfigMap volume by swapping a `..data` symlink to a new
 //! directory, which an inotify watch on the old file never sees. So, as the load
-//! balancer's reloader does, this polls: every [`POLL_INTERVAL`] it reads the file
-//! through the path it was given (following the symlinks afresh each time) and
-//! parses it, with the start-up loader, only when the text changed. A valid change
-//! sets `logLevel` through the [`LogHandle`] and names, in a warning, every changed
-//! field that only a restart applies; an invalid file gets one error line and the
-//! config in force stays.
+//! balancer's reloader does, this polls a [`ConfigFile`]: every [`POLL_INTERVAL`]
+//! it looks at the file through the path it was given (following the symlinks
+//! afresh each time), and the text is parsed, with the start-up loader, only when
+//! it changed. A valid change sets `logLevel` through the [`LogHandle`] and names,
+//! in a warning, every changed field that only a restart applies; an invalid file
+//! gets one error line and the config in force stays.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use service_kit::config_watch::ConfigFile;
+pub use service_kit::config_watch::POLL_INTERVAL;
+use service_kit::logging::LogHandle;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config};
-use crate::logging::LogHandle;
-
-/// How often the file is read: a change is live within about this long, and one
-/// small read every half second costs nothing.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Watches one config file and applies its log level.
 #[derive(Debug)]
 pub struct Reloader {
-    /// The path as given (`--config`); read through anew on every check because
-    /// the symlinks behind it are swapped.
-    path: PathBuf,
+    /// The config file (`--config`): reports its text when it changed, so an
+    /// unchanged file is not parsed again and an invalid one is reported once,
+    /// not every poll.
+    file: ConfigFile,
     /// The config in force: what a change is compared with.
     config: Config,
-    /// The text last read, so an unchanged file is not parsed again and an invalid
-    /// one is reported once, not every poll. `None` after a failed read.
-    seen: Option<String>,
     /// Changes the level of the installed subscriber.
     log: LogHandle,
 }
@@ -40,11 +36,9 @@ pub struct Reloader {
 impl Reloader {
     /// A reloader for the file at `path`, whose current content `config` is in force.
     pub fn new(path: PathBuf, config: Config, log: LogHandle) -> Self {
-        let seen = std::fs::read_to_string(&path).ok();
         Self {
-            path,
+            file: ConfigFile::new(path),
             config,
-            seen,
             log,
         }
     }
@@ -62,37 +56,32 @@ impl Reloader {
 
     /// Reads the file once and applies a valid change.
     fn check(&mut self) {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(text) => text,
+        let text = match self.file.check() {
+            Ok(Some(text)) => text,
+            Ok(None) => return,
+            // Reported once: the watcher says so only when the file goes away.
             Err(error) => {
-                // Reported once: the last text is forgotten until the file is back.
-                if self.seen.take().is_some() {
-                    error!(
-                        path = %self.path.display(), %error,
-                        "config reload failed: cannot read the file; keeping the current config"
-                    );
-                }
+                error!(
+                    path = %self.file.path().display(), %error,
+                    "config reload failed: cannot read the file; keeping the current config"
+                );
                 return;
             }
         };
-        if self.seen.as_ref() == Some(&text) {
-            return;
-        }
-        match config::parse(&text, &self.path) {
+        match config::parse(&text, self.file.path()) {
             Ok(new) if new != self.config => self.apply(new),
             Ok(_) => {}
             Err(error) => error!(%error, "config reload failed; keeping the current config"),
         }
-        self.seen = Some(text);
     }
 
     fn apply(&mut self, new: Config) {
         if new.log_level != self.config.log_level
             && let Err(error) = self.log.set_level(new.log_level)
         {
-            warn!(%error, "log level unchanged");
+            warn!(error = %format!("{error:#}"), "log level unchanged");
         }
-        info!(path = %self.path.display(), log_level = %new.log_level, "config reloaded");
+        info!(path = %self.file.path().display(), log_level = %new.log_level, "config reloaded");
         let restart = needs_restart(&self.config, &new);
         if !restart.is_empty() {
             warn!(fields = ?restart, "config changes that take effect only after a restart");

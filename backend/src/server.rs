@@ -15,9 +15,9 @@
 //!    `shutdownTimeoutSeconds` has passed and the rest have been closed by force.
 //!
 //! The accept loop, its limits (connection cap, header and idle timeouts, header
-//! size, request framing) and the stop itself are the load balancer's `listener`
-//! module, compiled into this crate too (see `lib.rs`), so both servers treat bad
-//! input and floods the same way. This module supplies the service and the signal.
+//! size, request framing) and the stop itself are [`service_kit::listener`], which
+//! the load balancer runs too, so both servers treat bad input and floods the same
+//! way. This module supplies the service and the signal.
 //!
 //! One access-log line is written per request, with the `x-request-id` the load
 //! balancer sends, so a request can be followed across both programs' logs; the
@@ -35,9 +35,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info};
 
+use service_kit::listener::{self, Lifecycle};
+pub use service_kit::listener::{ServerLimits, bind};
+
 use crate::handlers::{self, App, Body};
-use crate::listener::{self, Lifecycle};
-pub use crate::listener::{ServerLimits, bind};
 
 /// The header that carries a request's id across the load balancer and the backend.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

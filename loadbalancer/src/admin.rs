@@ -25,7 +25,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::backends::Backends;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::response;
 use crate::server;
 use crate::shutdown::{Phase, Shutdown};
@@ -66,9 +66,7 @@ impl Admin {
         match path {
             "/healthz" => response::json(StatusCode::OK, &json!({ "status": "ok" })),
             "/readyz" => self.readiness(),
-            "/metrics" => {
-                response::typed(StatusCode::OK, metrics::CONTENT_TYPE, self.metrics.encode())
-            }
+            "/metrics" => service_kit::metrics::response(self.metrics.encode()),
             "/debug/backends" => self.debug_backends(),
             "/status" => response::typed(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE),
             _ => response::json(

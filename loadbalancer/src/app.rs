@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use service_kit::logging::LogHandle;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::info;
@@ -35,7 +36,6 @@ use crate::balancer::Balancer;
 use crate::config::Config;
 use crate::discovery::DiscoveryTask;
 use crate::health::{HealthCheckSettings, HealthTask};
-use crate::logging::LogHandle;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxySettings, Resilience};
 use crate::reload::{self, Live, Reloader};

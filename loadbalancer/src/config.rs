@@ -25,13 +25,13 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+pub use service_kit::logging::{LogFormat, LogLevel};
 
 pub use crate::balancer::{Algorithm, BalancerConfig};
 pub use crate::discovery::{
     AddrError, DiscoveryConfig, DiscoveryMode, parse_backend_addr, parse_backend_list,
 };
 pub use crate::health::HealthCheckConfig;
-pub use crate::logging::{LogFormat, LogLevel};
 pub use crate::outlier::OutlierConfig;
 pub use crate::proxy::ProxyConfig;
 use crate::proxy::Resilience;

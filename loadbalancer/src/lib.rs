@@ -5,10 +5,11 @@
 //! list current (it holds the list's only writer), `balancer` picks the next
 //! address from it, `proxy` forwards the request there over `upstream` (the
 //! HTTP/1.1 client and its connection pool), and `server` accepts client
-//! connections, through `workers` (one thread per core) and the hardened accept
-//! loop the backend shares, and shuts down gracefully when `shutdown` says so.
-//! `admin` answers the probes and metrics on a port of its own, and `logging`
-//! sets up the structured logs.
+//! connections, through `workers` (one thread per core) and
+//! [`service_kit::listener`], the hardened accept loop the backend runs too, and
+//! shuts down gracefully when `shutdown` says so. `admin` answers the probes and
+//! metrics on a port of its own, and `service_kit::logging` sets up the
+//! structured logs.
 //!
 //! Resilience sits beside that path: `health` probes every backend in the
 //! background, `outlier` ejects backends whose requests keep failing (both mark
@@ -30,8 +31,6 @@ pub mod balancer;
 pub mod config;
 pub mod discovery;
 pub mod health;
-mod listener;
-pub mod logging;
 pub mod metrics;
 pub mod outlier;
 pub mod proxy;

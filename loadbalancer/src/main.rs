@@ -9,8 +9,8 @@ use anyhow::Context;
 use clap::Parser;
 use loadbalancer::app::{App, Options};
 use loadbalancer::config::{self, Config};
-use loadbalancer::logging;
 use loadbalancer::shutdown::Signals;
+use service_kit::logging;
 
 /// Kubernetes-aware HTTP load balancer.
 #[derive(Debug, Parser)]

@@ -36,9 +36,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
-/// The `Content-Type` of [`Metrics::encode`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
 /// Upper bounds of the request duration buckets, in seconds: from half a
 /// millisecond (a loopback hop) to the 30 s default request timeout, roughly
 /// ×2.5 apart, so both a fast cluster and a struggling backend land in useful buckets.
@@ -295,15 +292,10 @@ impl Metrics {
             .inc();
     }
 
-    /// Every metric in the OpenMetrics text format (see [`CONTENT_TYPE`]).
+    /// Every metric in the OpenMetrics text format (see
+    /// [`service_kit::metrics::CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
-        let mut text = String::new();
-        // Writing into a String cannot fail, and our label values are well-formed;
-        // an error here would be a bug in an encoder, not something a scrape can cause.
-        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
-            tracing::error!(%error, "cannot encode metrics");
-        }
-        text
+        service_kit::metrics::encode(&self.registry)
     }
 }
 

@@ -5,10 +5,10 @@
 //! pointing a `..data_tmp` symlink at it and renaming that over `..data`; the
 //! file we were given (`config.json`) is a symlink to `..data/config.json`. The
 //! swap is atomic, but it replaces the *directory*, so an inotify watch on the
-//! old file sees nothing useful. We therefore poll (every [`POLL_INTERVAL`]),
-//! re-resolving the path each time, and compare a fingerprint: the resolved
-//! target, its modification time and a hash of its content. Only a changed
-//! fingerprint is parsed, with the same loader as at start-up.
+//! old file sees nothing useful. We therefore poll (every [`POLL_INTERVAL`]) a
+//! [`ConfigFile`], which re-resolves the path each time and compares a
+//! fingerprint: the resolved target, its modification time and a hash of its
+//! content. Only changed content is parsed, with the same loader as at start-up.
 //!
 //! A valid new config is compared with the one in force section by section
 //! ([`Config::changes`] says which sections apply live), and each changed live
@@ -31,24 +31,21 @@
 //! rejected with an error line giving the reason, and the old config stays in
 //! force. Every reload is counted in the [`Metrics`].
 
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
+use service_kit::config_watch::ConfigFile;
+pub use service_kit::config_watch::POLL_INTERVAL;
+use service_kit::logging::LogHandle;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::discovery::DiscoveryTask;
 use crate::health::{HealthCheckSettings, HealthTask};
-use crate::logging::LogHandle;
 use crate::metrics::{Metrics, ReloadResult};
 use crate::proxy::{Proxy, ProxySettings, Resilience};
-
-/// How often the file is checked: a change is live within about this long,
-/// and a check (a `stat` and, on a change only, one small read) costs nothing.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The running parts a reload can change. Whoever holds it keeps health checks
 /// and discovery running: dropping it stops both.
@@ -74,31 +71,15 @@ pub struct Live {
 /// Watches one config file and applies its changes to [`Live`].
 #[derive(Debug)]
 pub struct Reloader {
-    /// The path as given (`--config`), re-resolved on every check because the
-    /// symlinks behind it are swapped.
-    path: PathBuf,
+    /// The file, and the version of it last seen.
+    file: ConfigFile,
     /// Backends from the `--backends` flag, which override the file's on every
     /// reload as they did at start-up.
     flag_backends: Option<Vec<SocketAddr>>,
     /// The config in force.
     config: Config,
-    /// The file as last seen, so an unchanged file is not parsed again and an
-    /// invalid one is reported once, not every poll.
-    seen: Option<Fingerprint>,
     /// What to apply changes to.
     live: Live,
-}
-
-/// What identifies one version of the file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Fingerprint {
-    /// Where the path resolves to now: a ConfigMap update changes it.
-    target: PathBuf,
-    /// The target's modification time: an in-place edit changes it.
-    modified: Option<SystemTime>,
-    /// The content's hash: decides whether anything really changed (a swap to
-    /// identical content, or a `touch`, is not a reload).
-    hash: u64,
 }
 
 impl Reloader {
@@ -110,21 +91,12 @@ impl Reloader {
         config: Config,
         live: Live,
     ) -> Self {
-        let mut reloader = Self {
-            path,
+        Self {
+            file: ConfigFile::new(path),
             flag_backends,
             config,
-            seen: None,
             live,
-        };
-        // The file as it is now is the config in force (or near enough: a change
-        // between loading and here is picked up at the next one).
-        reloader.seen = reloader
-            .read_if_changed()
-            .ok()
-            .flatten()
-            .map(|(fingerprint, _)| fingerprint);
-        reloader
+        }
     }
 
     /// Checks the file every `interval`, forever; meant to be spawned, and
@@ -150,34 +122,23 @@ impl Reloader {
     /// Checks the file once and applies a change. Returns how a reload ended,
     /// or `None` when the file had not changed.
     pub fn check(&mut self) -> Option<ReloadResult> {
-        let (fingerprint, text) = match self.read_if_changed() {
-            Ok(Some(found)) => found,
+        let text = match self.file.check() {
+            Ok(Some(text)) => text,
             Ok(None) => return None,
             Err(error) => {
-                // Missing or unreadable: keep serving with what we have. Reported
-                // once, by forgetting the fingerprint so a reappearing file counts.
-                if self.seen.take().is_some() {
-                    error!(
-                        path = %self.path.display(), %error,
-                        "config reload failed: cannot read the file; keeping the current config"
-                    );
-                    self.live
-                        .metrics
-                        .record_config_reload(ReloadResult::Failure);
-                    return Some(ReloadResult::Failure);
-                }
-                return None;
+                // Missing or unreadable: keep serving with what we have. The
+                // watcher says so once, and reports the file again when it is back.
+                error!(
+                    path = %self.file.path().display(), %error,
+                    "config reload failed: cannot read the file; keeping the current config"
+                );
+                self.live
+                    .metrics
+                    .record_config_reload(ReloadResult::Failure);
+                return Some(ReloadResult::Failure);
             }
         };
-        let content_changed = self
-            .seen
-            .as_ref()
-            .is_none_or(|s| s.hash != fingerprint.hash);
-        self.seen = Some(fingerprint);
-        if !content_changed {
-            return None;
-        }
-        let result = match Config::parse(&text, &self.path) {
+        let result = match Config::parse(&text, self.file.path()) {
             Ok(config) => {
                 let config = match &self.flag_backends {
                     Some(addrs) => config.with_static_backends(addrs.clone()),
@@ -244,7 +205,7 @@ impl Reloader {
             task.restart(HealthCheckSettings::from(&health.health_check));
         }
         info!(
-            path = %self.path.display(), applied = ?changes.live,
+            path = %self.file.path().display(), applied = ?changes.live,
             algorithm = %balancing.algorithm, log_level = ?logging.log_level, "config reloaded"
         );
         if !changes.at_restart.is_empty() {
@@ -254,34 +215,6 @@ impl Reloader {
             );
         }
         self.config = new;
-    }
-}
-
-impl Reloader {
-    /// Resolves the path through every symlink and reads the file it ends at,
-    /// unless target and modification time are those already seen.
-    fn read_if_changed(&self) -> std::io::Result<Option<(Fingerprint, String)>> {
-        let target = std::fs::canonicalize(&self.path)?;
-        let modified = std::fs::metadata(&target)?.modified().ok();
-        if self
-            .seen
-            .as_ref()
-            .is_some_and(|seen| seen.target == target && seen.modified == modified)
-        {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&target)?;
-        let mut hasher = DefaultHasher::new();
-        text.hash(&mut hasher);
-        let hash = hasher.finish();
-        Ok(Some((
-            Fingerprint {
-                target,
-                modified,
-                hash,
-            },
-            text,
-        )))
     }
 }
 

@@ -1,5 +1,5 @@
 //! Small answers that the load balancer writes itself: the proxy's JSON error
-//! responses (503/502/504) and the admin endpoints (JSON, metrics text, HTML).
+//! responses (503/502/504) and the admin endpoints (JSON, HTML).
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};

@@ -2,7 +2,7 @@
 //!
 //! The accept loop itself, with its limits (connection cap, header and idle
 //! timeouts, header size, framing checks) and its graceful stop, lives in
-//! [`listener`](crate::listener), which the backend shares. This module plugs the
+//! [`service_kit::listener`], which the backend runs too. This module plugs the
 //! load balancer into it: the proxy and admin services, and [`Shutdown`] as the
 //! signal. While shutdown drains, responses carry `Connection: close`; once it
 //! stops, the listener closes and open requests finish (by force after
@@ -17,10 +17,10 @@ use futures::FutureExt;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
 
-use crate::listener::{self, Lifecycle};
-pub use crate::listener::{ConnectionService, ResponseBody, ServerLimits, bind};
 use crate::proxy::{ClientConn, Proxy};
 use crate::shutdown::{Phase, Shutdown};
+use service_kit::listener::{self, Lifecycle};
+pub use service_kit::listener::{ConnectionService, ResponseBody, ServerLimits, bind};
 
 impl Lifecycle for Shutdown {
     fn stopped(&self) -> impl Future<Output = ()> + Send {

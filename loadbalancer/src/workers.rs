@@ -20,10 +20,10 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::thread;
 
+use service_kit::listener::listening_socket;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use crate::listener::listening_socket;
 use crate::proxy::Proxy;
 use crate::server::{self, ServerLimits};
 use crate::shutdown::Shutdown;

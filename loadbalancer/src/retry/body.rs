@@ -23,8 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use hyper::body::{Body, Frame, SizeHint};
-
-use crate::listener::BoxError;
+use service_kit::BoxError;
 
 /// The client's request body, kept for as many attempts as it allows.
 #[derive(Debug)]

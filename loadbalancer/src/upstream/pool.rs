@@ -38,11 +38,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Response;
 use hyper::body::{Body, Frame, SizeHint};
+use service_kit::BoxError;
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::http1::{self, BodyReader, ExchangeError, Exchanged, RequestWriter, Step, UpstreamHead};
-use crate::listener::BoxError;
 
 /// Idle connections kept per backend (in each worker's pool). Enough for the
 /// concurrency one worker sees per backend under load, small enough that an

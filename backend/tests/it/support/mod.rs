@@ -395,7 +395,7 @@ pub(crate) fn run_binary(configure: impl FnOnce(&mut Command)) -> (Option<i32>, 
 
 /// A config file mounted like a ConfigMap volume (`..data` symlink swaps), for the
 /// reload test: the load balancer tests' own module, compiled in here too so both
-/// crates meet the same kubelet behaviour (one file, like the shared listener).
+/// crates meet the same kubelet behaviour.
 #[path = "../../../../loadbalancer/tests/it/support/configmap.rs"]
 pub(crate) mod configmap;
 pub(crate) mod dockerfile;

@@ -43,9 +43,9 @@ use bytes::{Bytes, BytesMut};
 use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, Method, Response};
 use hyper::body::Body;
+use service_kit::BoxError;
 use tokio::net::TcpStream;
 
-use crate::listener::BoxError;
 pub use chunked::ChunkedError;
 pub(crate) use request::{RequestWriter, UpstreamHead};
 pub(crate) use response::{BodyReader, Step};

@@ -13,10 +13,10 @@ use http::Method;
 use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST};
 use http::request::Parts;
 use hyper::body::Body;
+use service_kit::BoxError;
 use tokio::net::TcpStream;
 
 use super::{ExchangeError, content_length};
-use crate::listener::BoxError;
 
 /// A request head encoded for the backends once, when the request arrives.
 ///

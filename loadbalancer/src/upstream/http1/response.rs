@@ -10,12 +10,12 @@ use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Version};
 use hyper::body::Frame;
+use service_kit::headers::list_items;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::chunked::{ChunkedDecoder, Decoded};
 use super::{ExchangeError, Exchanged, RequestWriter, content_length};
-use crate::listener::list_items;
 
 /// Header fields accepted in a response head, as in hyper.
 const MAX_HEADERS: usize = 100;

@@ -252,21 +252,9 @@ impl Drop for RealBackend {
 
 /// Starts the real backend on a free loopback port, answering as `pod_name`, with
 /// the same connection limits as a load balancer listener.
-pub(crate) async fn start_real_backend(
-    pod_name: &str,
-    limits: loadbalancer::server::ServerLimits,
-) -> RealBackend {
+pub(crate) async fn start_real_backend(pod_name: &str, limits: ServerLimits) -> RealBackend {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind a loopback port");
-    // The backend compiles the same listener module, so its limits are the same
-    // shape under another crate's name.
-    let limits = ServerLimits {
-        header_read_timeout: limits.header_read_timeout,
-        idle_timeout: limits.idle_timeout,
-        max_connections: limits.max_connections,
-        max_header_bytes: limits.max_header_bytes,
-        shutdown_timeout: limits.shutdown_timeout,
-    };
     RealBackend::start_with_limits(listener, pod_name, limits)
 }

@@ -14,8 +14,9 @@
 //! * **reading a head**: a byte has arrived while idle, so a request head has
 //!   begun. It must be complete within `headerReadTimeoutMs`.
 //! * **busy**: hyper has handed a request to the service and the response body has
-//!   not been dropped yet. No limit here: the proxy's `requestTimeoutMs` bounds the
-//!   wait for a backend, and a streaming body may legitimately take long.
+//!   not been dropped yet. No limit here: the service bounds its own work (the
+//!   load balancer's `requestTimeoutMs` bounds the wait for a backend), and a
+//!   streaming body may legitimately take long.
 //!
 //! [`TrackedIo`] sees every byte read, the service wrapper in `listener` marks
 //! requests in and out through [`Activity::request_started`] and the

@@ -1,16 +1,20 @@
 //! Logging: structured `tracing` events written to stdout, where `kubectl logs`
-//! and log collectors expect them.
+//! and log collectors expect them. Both binaries install this subscriber once,
+//! early in `main`, with the level and format from their config file.
 //!
 //! The level comes from the config (`logLevel`); `RUST_LOG`, when set, overrides
-//! it with full `EnvFilter` directives (e.g. `loadbalancer=debug,hyper=info`).
-//! The format is `text` for people or `json`, one object per line with the event's
-//! fields at the top level, for log pipelines.
+//! it with full `EnvFilter` directives (e.g. `loadbalancer=debug,hyper=info`), so
+//! a pod can be made chattier without editing its ConfigMap. An invalid `RUST_LOG`
+//! is an error, not a silently ignored directive. The format is `text` for people
+//! or `json`, one object per line with the event's fields at the top level, for
+//! log pipelines.
 //!
-//! Both can change while the process runs ([`crate::reload`] goes through the
-//! [`LogHandle`]): the level filter sits in a `reload` layer, and the one output
-//! layer formats each event with whichever format a flag names ([`LiveFormat`]).
-//! Swapping whole output layers instead would leave spans opened under one format
-//! to be closed under the other; with one layer, span bookkeeping never changes.
+//! Both can change while the process runs (each binary's config reloader goes
+//! through the [`LogHandle`]): the level filter sits in a `reload` layer, and the
+//! one output layer formats each event with whichever format a flag names
+//! (`LiveFormat`). Swapping whole output layers instead would leave spans opened
+//! under one format to be closed under the other; with one layer, span
+//! bookkeeping never changes.
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -27,7 +31,7 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
-/// Log verbosity, from most to least detailed.
+/// Log verbosity, from most to least detailed: the `logLevel` config key.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
@@ -39,7 +43,7 @@ pub enum LogLevel {
     Error,
 }
 
-/// How log lines are written.
+/// How log lines are written: the `logFormat` config key.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -72,8 +76,9 @@ pub struct LogHandle {
 }
 
 impl LogHandle {
-    /// Logs at `level` from now on (still overridden by `RUST_LOG`).
-    pub fn set_level(&self, level: LogLevel) -> anyhow::Result<()> {
+    /// Logs at `level` from now on (still overridden by `RUST_LOG`): a
+    /// [`LogLevel`], or any `LevelFilter` (`off` included).
+    pub fn set_level(&self, level: impl Into<LevelFilter>) -> anyhow::Result<()> {
         self.filter
             .reload(filter(level)?)
             .context("cannot change the log level")
@@ -86,9 +91,10 @@ impl LogHandle {
     }
 }
 
-/// Installs the global subscriber. Fails on an invalid `RUST_LOG` or if a
-/// subscriber is already installed.
-pub fn init(level: LogLevel, format: LogFormat) -> anyhow::Result<LogHandle> {
+/// Installs the global subscriber, logging at `level` (a [`LogLevel`] or any
+/// `LevelFilter`) in `format`. Fails on an invalid `RUST_LOG` or if a subscriber
+/// is already installed.
+pub fn init(level: impl Into<LevelFilter>, format: LogFormat) -> anyhow::Result<LogHandle> {
     let (filter, filter_handle) = reload::Layer::new(filter(level)?);
     let live_format = LiveFormat::new(format);
     let json = Arc::clone(&live_format.json);
@@ -107,9 +113,10 @@ pub fn init(level: LogLevel, format: LogFormat) -> anyhow::Result<LogHandle> {
     })
 }
 
-fn filter(level: LogLevel) -> anyhow::Result<EnvFilter> {
+/// `level` as the default, unless `RUST_LOG` says otherwise.
+fn filter(level: impl Into<LevelFilter>) -> anyhow::Result<EnvFilter> {
     EnvFilter::builder()
-        .with_default_directive(LevelFilter::from(level).into())
+        .with_default_directive(level.into().into())
         .from_env()
         .context("invalid RUST_LOG")
 }
@@ -157,5 +164,38 @@ where
         } else {
             self.text_format.format_event(ctx, writer, event)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_names_are_lowercase_both_ways() {
+        let levels = [
+            (LogLevel::Trace, "\"trace\""),
+            (LogLevel::Debug, "\"debug\""),
+            (LogLevel::Info, "\"info\""),
+            (LogLevel::Warn, "\"warn\""),
+            (LogLevel::Error, "\"error\""),
+        ];
+        for (level, name) in levels {
+            assert_eq!(serde_json::to_string(&level).expect("serializes"), name);
+            let read: LogLevel = serde_json::from_str(name).expect("deserializes");
+            assert_eq!(read, level);
+        }
+        for (format, name) in [(LogFormat::Text, "\"text\""), (LogFormat::Json, "\"json\"")] {
+            assert_eq!(serde_json::to_string(&format).expect("serializes"), name);
+            let read: LogFormat = serde_json::from_str(name).expect("deserializes");
+            assert_eq!(read, format);
+        }
+    }
+
+    #[test]
+    fn a_log_level_is_the_level_filter_of_the_same_name() {
+        assert_eq!(LevelFilter::from(LogLevel::default()), LevelFilter::INFO);
+        assert_eq!(LevelFilter::from(LogLevel::Trace), LevelFilter::TRACE);
+        assert_eq!(LevelFilter::from(LogLevel::Error), LevelFilter::ERROR);
     }
 }

@@ -1,8 +1,8 @@
-//! Listener: the hardened accept loop that both servers share, the load balancer's
-//! (proxy and admin) and the backend's, so that both answer bad input and floods
-//! alike. The backend crate compiles this same file (`#[path]` in its `lib.rs`):
-//! the workspace deliberately has just the two crates, and one copy of the rules
-//! beats two that drift. Nothing here may name either crate's other modules.
+//! Listener: the hardened accept loop that every server in the workspace runs,
+//! the load balancer's (proxy and admin) and the backend's, so that both answer
+//! bad input and floods alike. A server supplies a service per connection and a
+//! [`Lifecycle`] (when to stop accepting, whether to close connections after their
+//! response); [`serve_connections`] does the rest.
 //!
 //! The shape follows mini-redis's listener and hyper's graceful_shutdown example.
 //! One task is spawned per connection, so a slow client never holds up the others.
@@ -28,7 +28,7 @@
 //!   pause rather than ending the server;
 //! * `maxHeaderBytes`: hyper answers a larger request head with 431 and closes;
 //!   a malformed request line or header gets hyper's automatic 400;
-//! * idle and header-read timeouts, kept by the [`watchdog`];
+//! * idle and header-read timeouts, kept by the `watchdog` submodule;
 //! * request framing that could smuggle a request through is refused with 400
 //!   ([`framing_error`] lists what hyper already refuses and what is left to us);
 //! * while the server drains, every response carries `Connection: close`, so
@@ -37,7 +37,6 @@
 
 mod watchdog;
 
-use std::error::Error as StdError;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::ops::RangeInclusive;
@@ -47,8 +46,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::TryFutureExt;
 use futures::future;
-use http::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue, TRANSFER_ENCODING};
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
+use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
@@ -62,16 +61,19 @@ use tracing::{debug, info, warn};
 
 use watchdog::{Activity, Expired, TrackedBody, TrackedIo};
 
+use crate::BoxError;
+use crate::headers::framing_error;
+
 /// Connections the kernel queues on a listening socket, accepted or not yet,
 /// before it drops new ones. It caps this at `net.core.somaxconn` (4096 by
 /// default since Linux 5.4).
-pub(crate) const LISTEN_BACKLOG: i32 = 1024;
+pub const LISTEN_BACKLOG: i32 = 1024;
 
 /// A non-blocking listening socket on `addr` with a backlog of
 /// [`LISTEN_BACKLOG`]; with `share_port`, other sockets may listen on the same
 /// port and the kernel spreads new connections across them (the load
 /// balancer's per-core workers).
-pub(crate) fn listening_socket(addr: SocketAddr, share_port: bool) -> io::Result<StdTcpListener> {
+pub fn listening_socket(addr: SocketAddr, share_port: bool) -> io::Result<StdTcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // SO_REUSEADDR lets a restarted process bind while old connections linger
     // in TIME_WAIT.
@@ -149,17 +151,10 @@ impl Default for ServerLimits {
     }
 }
 
-/// Errors a service or a body may end with: anything hyper can log.
-pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
-
 /// A service the accept loop can serve: it answers each request of a connection
 /// with a `Response<B>`, and its futures may move between tasks. Implemented for
 /// every such service; it exists to name the bounds once instead of in every
 /// function on the way from `serve` to hyper.
-#[allow(
-    unreachable_pub,
-    reason = "the load balancer re-exports it; the backend, which compiles this file too, does not"
-)]
 pub trait ConnectionService<B>:
     Service<
         Request<Incoming>,
@@ -180,10 +175,6 @@ where
 
 /// A response body the accept loop can write: bytes, streamed, with errors
 /// hyper can log. Implemented for every such body, like [`ConnectionService`].
-#[allow(
-    unreachable_pub,
-    reason = "the load balancer re-exports it; the backend, which compiles this file too, does not"
-)]
 pub trait ResponseBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
 
 impl<B> ResponseBody for B
@@ -194,7 +185,7 @@ where
 }
 
 /// Where the owning server is in its shutdown, as the accept loop needs to know.
-pub(crate) trait Lifecycle: Clone + Send + Sync + 'static {
+pub trait Lifecycle: Clone + Send + Sync + 'static {
     /// Resolves once the listener must stop accepting (at once if it already
     /// must).
     fn stopped(&self) -> impl Future<Output = ()> + Send;
@@ -206,7 +197,7 @@ pub(crate) trait Lifecycle: Clone + Send + Sync + 'static {
 /// `make_service` builds for its peer address. Returns once `lifecycle` has
 /// stopped the listener and every connection has finished its last request, or
 /// been closed by force after `limits.shutdown_timeout`.
-pub(crate) async fn serve_connections<M, S, B, L>(
+pub async fn serve_connections<M, S, B, L>(
     listener: TcpListener,
     make_service: M,
     lifecycle: L,
@@ -402,43 +393,6 @@ where
     })
 }
 
-/// Why a request's framing is refused, if it is.
-///
-/// hyper (1.x, `proto/h1/role.rs`) already answers 400 for an invalid or
-/// conflicting `Content-Length`, a `Transfer-Encoding` whose last coding is not
-/// `chunked` (an unknown coding included), and `Transfer-Encoding` in HTTP/1.0.
-/// When `Transfer-Encoding: chunked` and `Content-Length` arrive together it does
-/// what RFC 9112 section 6.3 asks: it frames the body by chunked alone, drops
-/// `Content-Length`, and closes the connection after the response, so bytes after
-/// the chunked body are never read as a second request. What is left for us is a
-/// coding before `chunked` (`gzip, chunked`, or `chunked` twice): we do not decode
-/// transfer codings, and `Transfer-Encoding` is hop-by-hop, so a proxy would hand
-/// the backend a body in a coding it was never told about.
-pub(crate) fn framing_error(headers: &HeaderMap) -> Option<&'static str> {
-    let mut codings = list_items(headers, TRANSFER_ENCODING);
-    match (codings.next(), codings.next()) {
-        (None, _) => None,
-        (Some(coding), None) if coding.eq_ignore_ascii_case(b"chunked") => None,
-        _ => Some("unsupported transfer coding: only a single \"chunked\" is accepted"),
-    }
-}
-
-/// The items of a comma-separated header field, over all its lines, with the
-/// whitespace around them trimmed and empty ones skipped, as RFC 9110 section
-/// 5.6.1 asks of a recipient. Bytes, not `str`: a stray non-ASCII byte in one
-/// item does not hide the others.
-pub(crate) fn list_items(
-    headers: &HeaderMap,
-    name: HeaderName,
-) -> impl DoubleEndedIterator<Item = &[u8]> {
-    headers
-        .get_all(name)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|item| !item.is_empty())
-}
-
 /// The 400 for refused framing. The body was not read, so the connection cannot
 /// carry another request: `Connection: close`.
 fn bad_request(reason: &str) -> Response<Full<Bytes>> {
@@ -454,53 +408,6 @@ fn bad_request(reason: &str) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn headers(te: &[&str]) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        for value in te {
-            headers.append(
-                TRANSFER_ENCODING,
-                HeaderValue::from_str(value).expect("valid"),
-            );
-        }
-        headers
-    }
-
-    #[test]
-    fn plain_chunked_and_no_coding_are_accepted() {
-        assert_eq!(framing_error(&headers(&[])), None);
-        assert_eq!(framing_error(&headers(&["chunked"])), None);
-        assert_eq!(framing_error(&headers(&[" Chunked "])), None);
-    }
-
-    #[test]
-    fn any_other_coding_list_is_refused() {
-        for te in [
-            &["gzip, chunked"][..],
-            &["chunked, chunked"],
-            &["gzip", "chunked"],
-            &["chunked", "chunked"],
-        ] {
-            assert!(framing_error(&headers(te)).is_some(), "{te:?} accepted");
-        }
-    }
-
-    #[test]
-    fn list_items_span_lines_trim_whitespace_and_skip_empty_items() {
-        let mut headers = headers(&["gzip ,, ", "\tchunked,x"]);
-        headers.append(
-            TRANSFER_ENCODING,
-            HeaderValue::from_bytes(b"caf\xe9, br").expect("obs-text is a valid value"),
-        );
-        let items: Vec<&[u8]> = list_items(&headers, TRANSFER_ENCODING).collect();
-        let expected: [&[u8]; 5] = [b"gzip", b"chunked", b"x", b"caf\xe9", b"br"];
-        assert_eq!(items, expected);
-        assert_eq!(
-            list_items(&headers, TRANSFER_ENCODING).next_back(),
-            Some(&b"br"[..])
-        );
-        assert_eq!(list_items(&headers, CONNECTION).next(), None);
-    }
 
     /// More connections than tokio's own `bind` would queue (128), none of
     /// them accepted yet: with the larger backlog every handshake completes.
