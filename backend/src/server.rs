@@ -111,7 +111,8 @@ pub async fn serve_with(
             async move { Ok::<_, Infallible>(respond(&app, request).await) }
         })
     };
-    let serving = listener::serve_connections(listener, make_service, lifecycle, limits);
+    let cap = listener::ConnectionCap::new(limits.max_connections);
+    let serving = listener::serve_connections(listener, make_service, lifecycle, limits, cap);
     let stopping = async {
         shutdown.await;
         app.begin_shutdown();

@@ -18,7 +18,7 @@
 //! integration tests start the same `App` in-process, so what the binary wires is
 //! what the tests test.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,8 +59,6 @@ pub struct Options {
     pub log: Option<LogHandle>,
     /// Proxy worker threads; see [`workers`].
     pub workers: NonZeroUsize,
-    /// The address both listeners bind: all interfaces by default.
-    pub bind_ip: IpAddr,
     /// A list written elsewhere instead of by discovery, which then does not run:
     /// for tests that change the list themselves.
     pub backends: Option<Backends>,
@@ -81,7 +79,6 @@ impl Default for Options {
             namespace: None,
             log: None,
             workers: workers::default_count(),
-            bind_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             backends: None,
             balancer: None,
             resilience: None,
@@ -141,7 +138,7 @@ impl App {
         let mut proxies = Vec::with_capacity(options.workers.get());
         let workers = Workers::start(
             options.workers,
-            SocketAddr::new(options.bind_ip, config.listen.port),
+            SocketAddr::new(config.listen.bind_address, config.listen.port),
             || {
                 let proxy = Proxy::with_resilience(
                     backends.clone(),
@@ -158,9 +155,11 @@ impl App {
         )
         .await
         .context("binding the proxy port")?;
-        let admin_listener =
-            server::bind(SocketAddr::new(options.bind_ip, config.listen.admin_port))
-                .context("binding the admin port")?;
+        let admin_listener = server::bind(SocketAddr::new(
+            config.listen.bind_address,
+            config.listen.admin_port,
+        ))
+        .context("binding the admin port")?;
         let admin_addr = admin_listener.local_addr()?;
         info!(
             proxy = %workers.local_addr(),

@@ -18,6 +18,7 @@
 //! serving and which only at the next start; live reload follows it.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -45,7 +46,7 @@ pub const DEFAULT_PATH: &str = "/etc/config/config.json";
 /// of keys that is applied as one (see [`Config::changes`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
-    /// `port`, `adminPort`: baked into the listening sockets.
+    /// `port`, `adminPort`, `bindAddress`: baked into the listening sockets.
     #[serde(flatten)]
     pub listen: Listen,
     /// `backendServiceName`, `backendPort`, `discovery`, `staticBackends`.
@@ -71,7 +72,7 @@ pub struct Config {
     pub balancing: BalancerConfig,
 }
 
-/// The ports the two listeners bind.
+/// Where the two listeners bind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Listen {
@@ -82,10 +83,18 @@ pub struct Listen {
     /// from client traffic so that probes are never queued behind it. Default 9090.
     #[serde(default = "default_admin_port")]
     pub admin_port: u16,
+    /// The address both listeners bind: `0.0.0.0` (every IPv4 address) by
+    /// default, `127.0.0.1` to keep a laptop's load balancer to itself.
+    #[serde(default = "default_bind_address")]
+    pub bind_address: IpAddr,
 }
 
 fn default_admin_port() -> u16 {
     9090
+}
+
+fn default_bind_address() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
 }
 
 /// How the logs are written.
@@ -840,7 +849,8 @@ mod tests {
 
     /// A file with every key, and one where every value differs from it.
     const FULL: &str = r#"{
-        "port": 8080, "adminPort": 9090, "backendServiceName": "web", "backendPort": 80,
+        "port": 8080, "adminPort": 9090, "bindAddress": "0.0.0.0",
+        "backendServiceName": "web", "backendPort": 80,
         "discovery": "static", "staticBackends": ["127.0.0.1:8081"],
         "connectTimeoutMs": 1000, "requestTimeoutMs": 30000, "bodyIdleTimeoutMs": 60000,
         "tunnelIdleTimeoutMs": 3600000,
@@ -854,7 +864,8 @@ mod tests {
         "algorithm": "round_robin", "weights": {}
     }"#;
     const OTHER: &str = r#"{
-        "port": 8081, "adminPort": 9091, "backendServiceName": "api", "backendPort": 81,
+        "port": 8081, "adminPort": 9091, "bindAddress": "127.0.0.1",
+        "backendServiceName": "api", "backendPort": 81,
         "discovery": "kubernetes", "staticBackends": ["127.0.0.1:8082"],
         "connectTimeoutMs": 1001, "requestTimeoutMs": 30001, "bodyIdleTimeoutMs": 60001,
         "tunnelIdleTimeoutMs": 3600001,
@@ -938,6 +949,7 @@ mod tests {
             changes.at_restart,
             [
                 "adminPort",
+                "bindAddress",
                 "port",
                 "drainSeconds",
                 "headerReadTimeoutMs",

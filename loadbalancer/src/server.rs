@@ -20,7 +20,9 @@ use tokio::net::TcpListener;
 use crate::proxy::{ClientConn, Proxy};
 use crate::shutdown::{Phase, Shutdown};
 use service_kit::listener::{self, Lifecycle};
-pub use service_kit::listener::{ConnectionService, ResponseBody, ServerLimits, bind};
+pub use service_kit::listener::{
+    ConnectionCap, ConnectionService, ResponseBody, ServerLimits, bind,
+};
 
 impl Lifecycle for Shutdown {
     fn stopped(&self) -> impl Future<Output = ()> + Send {
@@ -38,13 +40,14 @@ pub async fn serve_proxy(
     proxy: Proxy,
     shutdown: Shutdown,
     limits: ServerLimits,
+    cap: ConnectionCap,
 ) {
     let make_service = move |peer: SocketAddr| {
         let proxy = proxy.clone();
         let client = ClientConn::new(peer);
         service_fn(move |req| proxy.handle(req, &client).map(Ok::<_, Infallible>))
     };
-    serve_with(listener, make_service, shutdown, limits).await;
+    listener::serve_connections(listener, make_service, shutdown, limits, cap).await;
 }
 
 /// [`serve_with`] under the default [`ServerLimits`].
@@ -71,5 +74,6 @@ pub async fn serve_with<M, S, B>(
     S: ConnectionService<B> + Send + 'static,
     B: ResponseBody,
 {
-    listener::serve_connections(listener, make_service, shutdown, limits).await;
+    let cap = ConnectionCap::new(limits.max_connections);
+    listener::serve_connections(listener, make_service, shutdown, limits, cap).await;
 }

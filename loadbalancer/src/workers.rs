@@ -1,5 +1,5 @@
-//! Proxy workers: one single-threaded runtime per core, each with its own
-//! listening socket and its own upstream connection pool.
+//! Proxy workers: one single-threaded runtime per core, accepting from one
+//! listening socket, each with its own upstream connection pool.
 //!
 //! A request crosses several tasks: the client connection's task, the pooled
 //! upstream connection's task, and back. On tokio's work-stealing runtime those
@@ -9,11 +9,15 @@
 //! one process per core: a connection accepted by a worker is served, proxied and
 //! answered on that thread, and all its wake-ups are local.
 //!
-//! The workers share one port through `SO_REUSEPORT`: each has its own listening
-//! socket and the kernel spreads incoming connections across them. Everything
-//! else a worker needs is cheap to share or to have per worker: the backend list
-//! (`Backends`, shared), the shutdown signal (shared), and a [`Proxy`] (one per
-//! worker, so each has its own pool of keep-alive upstream connections).
+//! The workers share one listening socket: each registers a clone of it with
+//! its own runtime, and whichever worker is free accepts the next connection
+//! from the one backlog. They share one connection cap too, taken before
+//! `accept`; with a socket per worker (`SO_REUSEPORT`) the kernel would queue a
+//! connection at a worker of its choosing, which could hold the only free slot
+//! while another worker's queue waits. Everything else a worker needs is cheap
+//! to share or to have per worker: the backend list (`Backends`, shared), the
+//! shutdown signal (shared), and a [`Proxy`] (one per worker, so each has its
+//! own pool of keep-alive upstream connections).
 
 use std::io;
 use std::net::SocketAddr;
@@ -25,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::proxy::Proxy;
-use crate::server::{self, ServerLimits};
+use crate::server::{self, ConnectionCap, ServerLimits};
 use crate::shutdown::Shutdown;
 
 /// Running proxy workers; see the module docs.
@@ -39,10 +43,12 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Binds `count` listening sockets to `addr` (port 0 picks one free port for
-    /// all of them) and starts one worker thread per socket, each serving the
+    /// Binds one listening socket to `addr` (port 0 picks a free port) and
+    /// starts `count` worker threads that accept from it, each serving the
     /// proxy that `make_proxy` builds for it under `limits` until `shutdown` stops
-    /// it. `limits.max_connections` caps the process, so each worker gets its share.
+    /// it. `limits.max_connections` caps the process: the workers share one
+    /// [`ConnectionCap`], so any worker may take a connection while the process
+    /// is under it.
     ///
     /// Everything that can fail for a reason an operator can fix (a port in use,
     /// no permission) fails here, before the first worker starts, and is returned.
@@ -53,21 +59,19 @@ impl Workers {
         limits: ServerLimits,
         shutdown: &Shutdown,
     ) -> io::Result<Self> {
-        let limits = ServerLimits {
-            max_connections: limits.max_connections.div_ceil(count.get()),
-            ..limits
-        };
-        let first = listening_socket(addr, true)?;
+        let cap = ConnectionCap::new(limits.max_connections);
+        let first = listening_socket(addr)?;
         let addr = first.local_addr()?;
-        let mut listeners = vec![first];
+        let mut listeners = Vec::with_capacity(count.get());
         for _ in 1..count.get() {
-            listeners.push(listening_socket(addr, true)?);
+            listeners.push(first.try_clone()?);
         }
+        listeners.push(first);
 
         let mut started = Vec::with_capacity(listeners.len());
         let mut done = Vec::with_capacity(listeners.len());
         for (index, listener) in listeners.into_iter().enumerate() {
-            let (proxy, shutdown) = (make_proxy(), shutdown.clone());
+            let (proxy, shutdown, cap) = (make_proxy(), shutdown.clone(), cap.clone());
             let (started_tx, started_rx) = oneshot::channel();
             let (done_tx, done_rx) = oneshot::channel();
             thread::Builder::new()
@@ -90,7 +94,7 @@ impl Workers {
                         match TcpListener::from_std(listener) {
                             Ok(listener) => {
                                 let _ = started_tx.send(Ok(()));
-                                server::serve_proxy(listener, proxy.clone(), shutdown, limits)
+                                server::serve_proxy(listener, proxy.clone(), shutdown, limits, cap)
                                     .await;
                                 // The listener has finished its last request;
                                 // the tunnels (WebSockets) it handed over go now.

@@ -55,7 +55,7 @@ use hyper::service::{Service, service_fn};
 use hyper_util::rt::TokioIo;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -70,17 +70,14 @@ use crate::headers::framing_error;
 pub const LISTEN_BACKLOG: i32 = 1024;
 
 /// A non-blocking listening socket on `addr` with a backlog of
-/// [`LISTEN_BACKLOG`]; with `share_port`, other sockets may listen on the same
-/// port and the kernel spreads new connections across them (the load
-/// balancer's per-core workers).
-pub fn listening_socket(addr: SocketAddr, share_port: bool) -> io::Result<StdTcpListener> {
+/// [`LISTEN_BACKLOG`]. Several runtimes can accept from it through clones of it
+/// (`try_clone`): they share its one backlog (the load balancer's per-core
+/// workers).
+pub fn listening_socket(addr: SocketAddr) -> io::Result<StdTcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // SO_REUSEADDR lets a restarted process bind while old connections linger
     // in TIME_WAIT.
     socket.set_reuse_address(true)?;
-    if share_port {
-        socket.set_reuse_port(true)?;
-    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
@@ -92,7 +89,7 @@ pub fn listening_socket(addr: SocketAddr, share_port: bool) -> io::Result<StdTcp
 /// connections at once would overflow 128, and each dropped SYN costs a
 /// one-second retransmit. Call it inside the runtime.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::from_std(listening_socket(addr, false)?)
+    TcpListener::from_std(listening_socket(addr)?)
 }
 
 /// First and longest pause after a failed `accept`. Retrying at once would spin;
@@ -118,6 +115,28 @@ pub struct ServerLimits {
     /// After the listener has stopped, how long open requests may take before
     /// their connections are closed by force (`shutdownTimeoutSeconds`).
     pub shutdown_timeout: Duration,
+}
+
+/// The connection cap (`maxConnections`) of every listener that shares it: one
+/// slot per open connection, taken before `accept`, so at the cap new
+/// connections wait in the listen backlog. Clones share the slots: the proxy's
+/// workers, each with its own listening socket on one port, share one cap, which
+/// is what the config promises for the process. A connection keeps its slot
+/// for as long as its socket is open, after an upgrade (a WebSocket) too.
+#[derive(Debug, Clone)]
+pub struct ConnectionCap {
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ConnectionCap {
+    /// A cap of `max` open connections.
+    pub fn new(max: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
 }
 
 impl ServerLimits {
@@ -202,6 +221,7 @@ pub async fn serve_connections<M, S, B, L>(
     make_service: M,
     lifecycle: L,
     limits: ServerLimits,
+    cap: ConnectionCap,
 ) where
     M: Fn(SocketAddr) -> S,
     S: ConnectionService<B> + Send + 'static,
@@ -215,14 +235,12 @@ pub async fn serve_connections<M, S, B, L>(
         // requests as header time; the watchdog keeps both clocks instead.
         .header_read_timeout(None);
     let http = Arc::new(http);
-    // One permit per open connection; the task serving it holds the permit.
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut connections = JoinSet::new();
     let mut backoff = ACCEPT_BACKOFF_START;
     let mut at_cap = false;
 
     loop {
-        let permit = match Arc::clone(&permits).try_acquire_owned() {
+        let permit = match Arc::clone(&cap.slots).try_acquire_owned() {
             Ok(permit) => {
                 at_cap = false;
                 permit
@@ -231,12 +249,12 @@ pub async fn serve_connections<M, S, B, L>(
                 if !at_cap {
                     at_cap = true;
                     warn!(
-                        max_connections = limits.max_connections,
+                        max_connections = cap.max,
                         "connection limit reached; new connections wait in the listen backlog"
                     );
                 }
                 tokio::select! {
-                    permit = Arc::clone(&permits).acquire_owned() => match permit {
+                    permit = Arc::clone(&cap.slots).acquire_owned() => match permit {
                         Ok(permit) => permit,
                         // Only a closed semaphore fails, and this one is never closed.
                         Err(_) => break,
@@ -267,9 +285,7 @@ pub async fn serve_connections<M, S, B, L>(
         let service = make_service(peer);
         let (http, lifecycle) = (Arc::clone(&http), lifecycle.clone());
         connections.spawn(async move {
-            serve_connection(&http, stream, peer, service, &lifecycle, &limits).await;
-            // Frees the slot for the next connection waiting in the backlog.
-            drop(permit);
+            serve_connection(&http, stream, permit, peer, service, &lifecycle, &limits).await;
         });
         // Reap finished tasks as we go, so the set only holds open connections.
         while connections.try_join_next().is_some() {}
@@ -301,6 +317,7 @@ pub async fn serve_connections<M, S, B, L>(
 async fn serve_connection<S, B, L>(
     http: &http1::Builder,
     stream: TcpStream,
+    slot: OwnedSemaphorePermit,
     peer: SocketAddr,
     service: S,
     lifecycle: &L,
@@ -315,7 +332,9 @@ async fn serve_connection<S, B, L>(
         debug!(%error, "cannot set TCP_NODELAY");
     }
     let activity = Activity::new();
-    let io = TokioIo::new(TrackedIo::new(stream, Arc::clone(&activity)));
+    // The socket holds its cap slot: the slot is freed for the next connection
+    // waiting in the backlog when the socket closes, whoever owns it by then.
+    let io = TokioIo::new(TrackedIo::new(stream, Arc::clone(&activity), slot));
     let service = guarded(service, Arc::clone(&activity), lifecycle.clone());
     // With upgrades, a `101` answer hands the connection over (to the proxy's
     // tunnel, or the backend's WebSocket) instead of ending it.

@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
+use service_kit::BoxError;
 use tracing::{info, warn};
 
 use super::idle::{BodyIdle, IdleTimeout};
 use super::{ErrorChain, Shared, UpstreamBody};
 use crate::backend_state::OwnedInFlight;
-use crate::listener::BoxError;
 use crate::metrics::RequestInFlight;
 use crate::outlier::{Admission, Outcome};
 use crate::upstream::UpstreamHead;

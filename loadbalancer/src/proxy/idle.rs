@@ -15,9 +15,8 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use hyper::body::{Body, Frame, SizeHint};
+use service_kit::BoxError;
 use tokio::time::{Instant, Sleep};
-
-use crate::listener::BoxError;
 
 /// The body waited longer than its limit for its next piece.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
+use std::time::Duration;
 
 use loadbalancer::backends::Backends;
 use loadbalancer::balancer::RoundRobin;
@@ -14,6 +15,7 @@ use loadbalancer::shutdown::Shutdown;
 use loadbalancer::workers::Workers;
 use tokio::net::TcpStream;
 
+use crate::support::raw::RawConn;
 use crate::support::{PATIENCE, TestLb, get, start_backends, tally};
 
 const TWO: NonZeroUsize = NonZeroUsize::new(2).expect("2 is not 0");
@@ -77,7 +79,7 @@ async fn workers_share_one_port_and_one_rotation_then_stop() {
 
 #[tokio::test]
 async fn a_port_held_by_another_listener_is_an_error_at_start() {
-    // A listener without SO_REUSEPORT owns its port outright.
+    // A listener owns its port outright.
     let taken = std::net::TcpListener::bind(loopback_any_port()).expect("bind loopback");
     let addr = taken.local_addr().expect("bound socket has an address");
     let shutdown = Shutdown::new();
@@ -98,4 +100,70 @@ async fn a_port_held_by_another_listener_is_an_error_at_start() {
     .await;
     let error = started.expect_err("the port is in use");
     assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
+}
+
+/// Opens a connection to `addr`, has it answered once, and keeps it open.
+async fn answered_connection(addr: SocketAddr) -> RawConn {
+    let mut client = RawConn::connect(addr).await;
+    client.send(GET).await;
+    let reply = client.response().await.expect("an answer");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    client
+}
+
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n";
+
+/// The cap is the process's, whichever worker a connection lands on: with two
+/// workers and `maxConnections: 2`, a second client is served at once while a
+/// first connection stays open, and a third waits until one of them closes.
+#[tokio::test]
+async fn the_workers_share_one_connection_cap() {
+    let upstreams = start_backends(1).await;
+    let backends = Backends::new(vec![upstreams[0].addr]);
+    let shutdown = Shutdown::new();
+    let limits = ServerLimits {
+        max_connections: 2,
+        ..ServerLimits::DEFAULT
+    };
+    let workers = Workers::start(
+        TWO,
+        loopback_any_port(),
+        || {
+            Proxy::new(
+                backends.clone(),
+                RoundRobin::new(),
+                TestLb::SETTINGS,
+                metrics(),
+            )
+        },
+        limits,
+        &shutdown,
+    )
+    .await
+    .expect("workers bind a free loopback port");
+    let addr = workers.local_addr();
+
+    let first = answered_connection(addr).await;
+    let second = answered_connection(addr).await;
+    let mut third = RawConn::connect(addr).await;
+    third.send(GET).await;
+    assert!(
+        third
+            .response_within(Duration::from_millis(500))
+            .await
+            .is_none(),
+        "a third connection waits in the backlog while two are open"
+    );
+    drop(first);
+    let reply = third
+        .response()
+        .await
+        .expect("answered once a slot is free");
+    assert_eq!(reply.status, 200, "{reply:?}");
+
+    drop((second, third));
+    shutdown.stop();
+    tokio::time::timeout(PATIENCE, workers.finished())
+        .await
+        .expect("workers finish within PATIENCE after stop");
 }

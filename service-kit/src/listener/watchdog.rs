@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 /// Which limit a connection has outlived.
@@ -200,11 +201,17 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
 pub(crate) struct TrackedIo<T> {
     inner: T,
     activity: Arc<Activity>,
+    /// The connection's slot under the cap, held as long as the socket is open.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl<T> TrackedIo<T> {
-    pub(crate) fn new(inner: T, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
+    pub(crate) fn new(inner: T, activity: Arc<Activity>, slot: OwnedSemaphorePermit) -> Self {
+        Self {
+            inner,
+            activity,
+            _slot: slot,
+        }
     }
 }
 

@@ -217,7 +217,6 @@ impl TestLb {
     ) -> Self {
         let options = Options {
             workers: std::num::NonZeroUsize::MIN,
-            bind_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             backends: Some(backends.clone()),
             balancer: Some(balancer),
             resilience: Some(resilience),
@@ -278,6 +277,7 @@ fn test_config(settings: ProxySettings, limits: ServerLimits) -> Config {
         listen: Listen {
             port: 0,
             admin_port: 0,
+            bind_address: std::net::Ipv4Addr::LOCALHOST.into(),
         },
         discovery: DiscoveryConfig {
             backend_service_name: "test".to_owned(),
