@@ -34,7 +34,10 @@ struct BackendView {
     ejected_until: Option<String>,
     /// Whether the balancer may pick it: healthy and not ejected.
     available: bool,
+    /// Requests in flight, open tunnels included.
     in_flight: u64,
+    /// Tunnels (WebSockets) open to it right now.
+    tunnels: u64,
     requests: u64,
     failures: u64,
     last_latency_ms: Option<f64>,
@@ -93,6 +96,7 @@ impl BackendView {
             ejected_until: ejected_until.map(|until| rfc3339(wall_now + (until - now))),
             available: state.is_available(now),
             in_flight: state.in_flight(),
+            tunnels: state.tunnels(),
             requests: state.requests(),
             failures: state.failures(),
             last_latency_ms: state

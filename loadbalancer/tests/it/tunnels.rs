@@ -131,6 +131,8 @@ async fn an_upgrade_becomes_a_tunnel_that_carries_bytes_both_ways_until_both_sid
         1,
         "a tunnel holds its slot"
     );
+    let status = get(&lb.admin_url("/debug/backends")).await.json();
+    assert_eq!(status["backends"][0]["tunnels"], 1, "{status}");
 
     for message in [&b"ping"[..], &[7u8; 100_000][..]] {
         client.send(message).await;
