@@ -704,3 +704,22 @@ async fn an_upload_that_stalls_gets_408_at_the_body_idle_timeout_and_spares_the_
     );
     lb.stop().await;
 }
+
+/// hyper's server cannot send an interim response, so 1xx from a backend stay
+/// behind (see docs/operations.md); a backend that sends nothing but them
+/// still meets the request timeout.
+#[tokio::test]
+async fn a_backend_sending_only_interim_responses_ends_in_504_at_the_request_timeout() {
+    let hints = "HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n".repeat(200);
+    let backend = ScriptedBackend::start([Answer::keep_open(hints)]).await;
+    let settings = ProxySettings {
+        request_timeout: Duration::from_millis(300),
+        ..TestLb::SETTINGS
+    };
+    let lb = TestLb::start_with(vec![backend.addr], settings).await;
+    get(&lb.url("/")).await.assert_proxy_error(
+        StatusCode::GATEWAY_TIMEOUT,
+        "the backend did not answer within 300 ms",
+    );
+    lb.stop().await;
+}
