@@ -326,7 +326,11 @@ async fn serve_connection<S, B, L>(
     let activity = Activity::new();
     let io = TokioIo::new(TrackedIo::new(stream, Arc::clone(&activity)));
     let service = guarded(service, Arc::clone(&activity), lifecycle.clone());
-    let connection = http.serve_connection(io, service);
+    // With upgrades, a service that answers 101 Switching Protocols (the backend's
+    // `/ws`) takes the socket over through `hyper::upgrade::on`. This future then
+    // ends, and with it the watchdog's timeouts, the connection's slot and the
+    // shutdown's wait: the upgraded socket is the service's to bound and to close.
+    let connection = http.serve_connection(io, service).with_upgrades();
     let mut connection = std::pin::pin!(connection);
     let mut stopping = false;
     let result = loop {
