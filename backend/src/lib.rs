@@ -4,7 +4,9 @@
 //!
 //! A request flows through the modules in this order: [`server`] accepts the
 //! connection and hands each request to [`handlers::App`], which answers from the
-//! [`identity::Identity`] worked out at start-up, and counts it in [`metrics`].
+//! [`identity::Identity`] worked out at start-up, and counts it in [`metrics`]. A
+//! WebSocket handshake on `/ws` is answered the same way, after which the
+//! connection belongs to a session of [`handlers::websocket`].
 //! [`config`] and [`logging`] run once before that, and [`reload`] applies a new
 //! log level from the config file while it runs; [`shutdown`] produces the
 //! signal that ends it.
