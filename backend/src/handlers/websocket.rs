@@ -75,10 +75,11 @@ const VERSION: &str = "13";
 /// The open sessions of one app, and the signal that closes them at shutdown.
 #[derive(Debug)]
 pub(crate) struct Sessions {
-    /// `None` while serving; at shutdown, how long sessions have to finish their
-    /// closing handshake. Every session holds a receiver from the moment its 101
-    /// is built, so the receiver count is the number of sessions open or opening.
-    closing: watch::Sender<Option<Duration>>,
+    /// `None` while serving; at shutdown, the deadline by which every session has
+    /// closed its socket, its closing handshake answered or not. Every session
+    /// holds a receiver from the moment its 101 is built until its socket is
+    /// closed, so the receiver count is the number of sessions open or opening.
+    closing: watch::Sender<Option<Instant>>,
 }
 
 impl Sessions {
@@ -94,11 +95,16 @@ impl Sessions {
     }
 
     /// Sends every session, and any that opens from now on, a Close frame (1001,
-    /// going away), and waits until all have ended, for at most `timeout`; by then
-    /// each has closed its socket, answered or not.
+    /// going away), and returns once all have ended: answered, or cut when
+    /// `timeout` has passed.
     pub(crate) async fn close_all(&self, timeout: Duration) {
+        let now = Instant::now();
+        // Only an absurd timeout overflows; a year is as good as forever here.
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
         let open = self.open();
-        self.closing.send_replace(Some(timeout));
+        self.closing.send_replace(Some(deadline));
         if open == 0 {
             return;
         }
@@ -106,7 +112,7 @@ impl Sessions {
             sessions = open,
             "closing WebSocket sessions (1001, going away)"
         );
-        if tokio::time::timeout(timeout, self.closing.closed())
+        if tokio::time::timeout_at(deadline, self.closing.closed())
             .await
             .is_err()
         {
@@ -115,6 +121,9 @@ impl Sessions {
                 timeout_ms = timeout.as_millis(),
                 "shutdown timeout reached, closing WebSocket sessions that did not answer the close"
             );
+            // Every wait in a session ends at the deadline too (see `run`), so
+            // this is the moment it takes them to drop their sockets.
+            self.closing.closed().await;
         }
     }
 }
@@ -263,8 +272,14 @@ impl End {
     }
 }
 
-async fn run(upgrade: OnUpgrade, mut closing: watch::Receiver<Option<Duration>>, session: Session) {
-    let upgraded = match upgrade.await {
+/// One session, from the upgrade to the closed socket. Every wait here ends by
+/// the shutdown deadline at the latest, which `Sessions::close_all` relies on.
+async fn run(upgrade: OnUpgrade, mut closing: watch::Receiver<Option<Instant>>, session: Session) {
+    let upgraded = tokio::select! {
+        upgraded = upgrade => upgraded,
+        () = past_deadline(&mut closing) => return,
+    };
+    let upgraded = match upgraded {
         Ok(upgraded) => upgraded,
         Err(error) => {
             debug!(%error, request_id = %session.request_id, "WebSocket upgrade did not happen");
@@ -284,7 +299,7 @@ async fn run(upgrade: OnUpgrade, mut closing: watch::Receiver<Option<Duration>>,
     // so the Close frame follows it rather than cutting it.
     let end = tokio::select! {
         end = echo(&mut ws, session.greeting, session.ping_interval, &mut echoed) => end,
-        timeout = close_requested(&mut closing) => {
+        deadline = close_requested(&mut closing) => {
             let goodbye = async {
                 let frame = CloseFrame {
                     code: CloseCode::Away,
@@ -296,7 +311,7 @@ async fn run(upgrade: OnUpgrade, mut closing: watch::Receiver<Option<Duration>>,
                     while let Some(Ok(_)) = ws.next().await {}
                 }
             };
-            match tokio::time::timeout(timeout, goodbye).await {
+            match tokio::time::timeout_at(deadline, goodbye).await {
                 Ok(()) => End::Shutdown,
                 Err(_) => End::ShutdownTimeout,
             }
@@ -316,7 +331,11 @@ async fn run(upgrade: OnUpgrade, mut closing: watch::Receiver<Option<Duration>>,
                 code,
                 reason: reason.into(),
             };
-            let _ = tokio::time::timeout(session.ping_interval, ws.close(Some(frame))).await;
+            let close = tokio::time::timeout(session.ping_interval, ws.close(Some(frame)));
+            tokio::select! {
+                _ = close => {}
+                () = past_deadline(&mut closing) => {}
+            }
         }
         debug!(%error, request_id = %session.request_id, "WebSocket session failed");
     }
@@ -329,18 +348,25 @@ async fn run(upgrade: OnUpgrade, mut closing: watch::Receiver<Option<Duration>>,
     );
 }
 
-/// Completes with the closing timeout once shutdown asks the sessions to close;
-/// never, if the app (and its sender) is gone without asking.
-async fn close_requested(closing: &mut watch::Receiver<Option<Duration>>) -> Duration {
+/// Completes with the deadline once shutdown asks the sessions to close; never,
+/// if the app (and its sender) is gone without asking.
+async fn close_requested(closing: &mut watch::Receiver<Option<Instant>>) -> Instant {
     // The value is copied out at once: the guard `wait_for` returns holds a lock.
-    let timeout = closing
+    let deadline = closing
         .wait_for(Option::is_some)
         .await
-        .map(|timeout| *timeout);
-    match timeout {
-        Ok(timeout) => timeout.unwrap_or_default(),
+        .map(|deadline| *deadline);
+    match deadline {
+        Ok(deadline) => deadline.unwrap_or_else(Instant::now),
         Err(_) => std::future::pending().await,
     }
+}
+
+/// Completes once shutdown has asked the sessions to close and its deadline has
+/// passed.
+async fn past_deadline(closing: &mut watch::Receiver<Option<Instant>>) {
+    let deadline = close_requested(closing).await;
+    tokio::time::sleep_until(deadline).await;
 }
 
 /// The session proper: the greeting, then echo and pings until it ends.
