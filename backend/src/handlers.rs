@@ -9,6 +9,7 @@
 //! | `GET /work?cpu_ms=&sleep_ms=&status=` | burns CPU, sleeps, then answers `status` with the identity JSON |
 //! | `GET /metrics`                       | 200, request counts and durations (OpenMetrics text) |
 //! | `GET /work?bytes=N`                  | the same, but the body is `N` bytes of filler (`application/octet-stream`) |
+//! | `GET /ws` (WebSocket handshake)      | 101, then a WebSocket session: the identity JSON, then every message echoed ([`websocket`]) |
 //!
 //! `bytes` exists for benchmarks of streaming throughput through a proxy: the filler is
 //! one buffer allocated on first use and shared by every response, so the backend
@@ -17,14 +18,18 @@
 //! Unknown paths get a 404 and other methods a 405, both as JSON, so that a client
 //! behind the load balancer can always parse what comes back. `HEAD` is accepted
 //! wherever `GET` is (hyper leaves the body out). Nothing here panics on anything a
-//! client sends: bad input becomes a 400 with a reason.
+//! client sends: bad input becomes a 400 with a reason. `/ws` without a valid
+//! handshake gets a 426 (or a 400 for a bad key), and a handshake once shutdown
+//! has begun gets a 503.
+
+pub mod websocket;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use http::header::{ALLOW, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
@@ -64,6 +69,10 @@ pub struct App {
     response_delay: Duration,
     /// Every answered request is counted here (by `server`) and served on `/metrics`.
     metrics: Arc<Metrics>,
+    /// The open `/ws` sessions, which shutdown closes.
+    websockets: Arc<websocket::Sessions>,
+    /// How often `/ws` sessions are pinged; see [`App::with_ping_interval`].
+    ping_interval: Duration,
 }
 
 impl App {
@@ -76,6 +85,8 @@ impl App {
             shutdown_delay: Duration::ZERO,
             response_delay: Duration::ZERO,
             metrics: Arc::new(Metrics::new()),
+            websockets: Arc::new(websocket::Sessions::new()),
+            ping_interval: websocket::PING_INTERVAL,
         }
     }
 
@@ -93,6 +104,14 @@ impl App {
     /// the pod still looks healthy, as a slow-but-alive pod does.
     pub fn with_response_delay(mut self, delay: Duration) -> Self {
         self.response_delay = delay;
+        self
+    }
+
+    /// Pings every `/ws` session this often instead of every
+    /// [`websocket::PING_INTERVAL`]; a session that answers nothing for an interval
+    /// after a ping is dropped (see [`websocket`]). At least 1 ms.
+    pub fn with_ping_interval(mut self, interval: Duration) -> Self {
+        self.ping_interval = interval.max(Duration::from_millis(1));
         self
     }
 
@@ -128,8 +147,24 @@ impl App {
         self.shutdown_delay
     }
 
+    /// WebSocket sessions open at this moment (or answered with a 101 and about to
+    /// open).
+    pub fn websocket_sessions(&self) -> usize {
+        self.websockets.open()
+    }
+
+    /// Closes every WebSocket session with a Close frame (1001, going away), and
+    /// any that opens from now on, then waits until all have ended, for at most
+    /// `timeout`. `server::serve` calls this when its listener closes: upgraded
+    /// sockets have left the listener, so its shutdown does not reach them.
+    pub async fn close_websockets(&self, timeout: Duration) {
+        self.websockets.close_all(timeout).await;
+    }
+
     /// Answers one request. The request body is never read: no route takes one.
-    pub async fn handle<B>(&self, request: Request<B>) -> Response<Body> {
+    /// A `/ws` handshake is answered with a 101 and its session runs on a task of
+    /// its own, once hyper hands the connection over (see [`websocket`]).
+    pub async fn handle<B>(&self, mut request: Request<B>) -> Response<Body> {
         let _in_flight = InFlight::enter(&self.in_flight);
         let route = Route::of(request.uri().path());
         let Some(route) = route else {
@@ -160,7 +195,41 @@ impl App {
                 Err(reason) => error(StatusCode::BAD_REQUEST, &reason),
             },
             Route::Metrics => service_kit::metrics::response(self.metrics.encode()),
+            Route::WebSocket => self.websocket(&mut request),
         }
+    }
+
+    fn websocket<B>(&self, request: &mut Request<B>) -> Response<Body> {
+        let switching = websocket::accept(request);
+        if switching.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return switching;
+        }
+        // A long-lived session should not start on a pod that is leaving. (While
+        // draining, the listener also marks every answer `Connection: close`,
+        // which would turn a 101 into a failed handshake.)
+        if !self.is_ready() {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting down: no new WebSocket sessions",
+            );
+        }
+        // The header the load balancer sets (`server::REQUEST_ID`, which this
+        // layer does not import).
+        const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+        let request_id = request
+            .headers()
+            .get(REQUEST_ID)
+            .and_then(|id| id.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        let session = websocket::Session {
+            greeting: json_text(&self.identity_answer()),
+            ping_interval: self.ping_interval,
+            metrics: Arc::clone(&self.metrics),
+            request_id,
+        };
+        websocket::spawn(request, &self.websockets, session);
+        switching
     }
 
     async fn work(&self, work: Work) -> Response<Body> {
@@ -180,14 +249,17 @@ impl App {
     }
 
     fn identity_response(&self, status: StatusCode) -> Response<Body> {
+        json(status, &self.identity_answer())
+    }
+
+    /// The identity with the time of asking: the body of `/` and `/work`, and the
+    /// first message of a `/ws` session.
+    fn identity_answer(&self) -> IdentityAnswer<'_> {
         let timestamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        json(
-            status,
-            &IdentityAnswer {
-                identity: &self.identity,
-                timestamp,
-            },
-        )
+        IdentityAnswer {
+            identity: &self.identity,
+            timestamp,
+        }
     }
 }
 
@@ -216,15 +288,17 @@ enum Route {
     Readyz,
     Work,
     Metrics,
+    WebSocket,
 }
 
 impl Route {
-    const ALL: [(&'static str, Route); 5] = [
+    const ALL: [(&'static str, Route); 6] = [
         ("/", Self::Identity),
         ("/healthz", Self::Healthz),
         ("/readyz", Self::Readyz),
         ("/work", Self::Work),
         ("/metrics", Self::Metrics),
+        ("/ws", Self::WebSocket),
     ];
 
     fn of(path: &str) -> Option<Self> {
@@ -354,15 +428,18 @@ fn error(status: StatusCode, reason: &str) -> Response<Body> {
 }
 
 fn json(status: StatusCode, body: &impl Serialize) -> Response<Body> {
-    // Our answer types have string keys and no maps, so serializing cannot fail; the
-    // fallback keeps the request path panic-free all the same.
-    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| br#"{"error":"internal"}"#.to_vec());
-    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    let mut response = Response::new(Full::new(Bytes::from(json_text(body))));
     *response.status_mut() = status;
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+fn json_text(body: &impl Serialize) -> String {
+    // Our answer types have string keys and no maps, so serializing cannot fail; the
+    // fallback keeps the request path panic-free all the same.
+    serde_json::to_string(body).unwrap_or_else(|_| r#"{"error":"internal"}"#.to_owned())
 }
 
 #[cfg(test)]
@@ -391,6 +468,7 @@ mod tests {
     fn route_labels_are_the_known_paths_or_other() {
         assert_eq!(route_label("/work"), "/work");
         assert_eq!(route_label("/"), "/");
+        assert_eq!(route_label("/ws"), "/ws");
         assert_eq!(route_label("/wp-admin.php"), "other");
     }
 

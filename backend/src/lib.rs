@@ -6,7 +6,8 @@
 //! connection (through [`service_kit::listener`], the hardened accept loop the
 //! load balancer runs too) and hands each request to [`handlers::App`], which
 //! answers from the [`identity::Identity`] worked out at start-up, and counts it
-//! in [`metrics`].
+//! in [`metrics`]. A WebSocket handshake on `/ws` is answered the same way, after
+//! which the connection belongs to a session of [`handlers::websocket`].
 //! [`config`] and the logging set-up ([`service_kit::logging`]) run once before
 //! that, and [`reload`] applies a new log level from the config file while it
 //! runs; [`shutdown`] produces the signal that ends it.

@@ -6,6 +6,9 @@
 //! what each replica actually received. The `path` label is the route (`/`, `/work`,
 //! ...), never the raw path, so a client probing random URLs cannot create new time
 //! series: everything unknown is `other`.
+//!
+//! A WebSocket handshake on `/ws` is one request (code 101); the session that
+//! follows is counted on its own: how many are open now and how many have opened.
 
 use std::time::Duration;
 
@@ -13,6 +16,7 @@ use http::StatusCode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
@@ -25,12 +29,16 @@ const DURATION_BUCKETS: [f64; 14] = [
 /// The backend's metrics.
 #[derive(Debug)]
 pub struct Metrics {
-    /// Both families below, under the `backend` prefix.
+    /// Every metric below, under the `backend` prefix.
     registry: Registry,
     /// `backend_requests_total{path,code}`.
     requests: Family<RequestLabels, Counter>,
     /// `backend_request_duration_seconds{path}`.
     duration: Family<PathLabels, Histogram>,
+    /// `backend_websocket_sessions_total`: sessions opened since start-up.
+    websocket_sessions: Counter,
+    /// `backend_websocket_sessions_open`: sessions open now.
+    websocket_open: Gauge,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -51,7 +59,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Registers the request counter and the duration histogram.
+    /// Registers the request counter, the duration histogram and the WebSocket
+    /// session counter and gauge.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("backend");
         let requests = Family::<RequestLabels, Counter>::default();
@@ -68,10 +77,24 @@ impl Metrics {
             Unit::Seconds,
             duration.clone(),
         );
+        let websocket_sessions = Counter::default();
+        registry.register(
+            "websocket_sessions",
+            "WebSocket sessions opened on /ws",
+            websocket_sessions.clone(),
+        );
+        let websocket_open = Gauge::default();
+        registry.register(
+            "websocket_sessions_open",
+            "WebSocket sessions open now",
+            websocket_open.clone(),
+        );
         Self {
             registry,
             requests,
             duration,
+            websocket_sessions,
+            websocket_open,
         }
     }
 
@@ -88,6 +111,14 @@ impl Metrics {
             .observe(latency.as_secs_f64());
     }
 
+    /// Counts one WebSocket session as opened, and as open until the returned guard
+    /// is dropped.
+    pub fn websocket_opened(&self) -> WebSocketOpen {
+        self.websocket_sessions.inc();
+        self.websocket_open.inc();
+        WebSocketOpen(self.websocket_open.clone())
+    }
+
     /// Every metric in the OpenMetrics text format (see
     /// [`service_kit::metrics::CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
@@ -97,6 +128,16 @@ impl Metrics {
 
 fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
+}
+
+/// Keeps `backend_websocket_sessions_open` raised while it lives.
+#[derive(Debug)]
+pub struct WebSocketOpen(Gauge);
+
+impl Drop for WebSocketOpen {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 #[cfg(test)]
@@ -120,5 +161,30 @@ mod tests {
                 "{line:?} missing in\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn websocket_sessions_are_counted_and_open_until_the_guard_drops() {
+        let metrics = Metrics::new();
+        let first = metrics.websocket_opened();
+        let second = metrics.websocket_opened();
+        drop(first);
+        let text = metrics.encode();
+        for line in [
+            "backend_websocket_sessions_total 2",
+            "backend_websocket_sessions_open 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
+        }
+        drop(second);
+        assert!(
+            metrics
+                .encode()
+                .lines()
+                .any(|l| l == "backend_websocket_sessions_open 0")
+        );
     }
 }

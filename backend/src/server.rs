@@ -11,8 +11,10 @@
 //!    responses `Connection: close`, while endpoint watchers drop the pod;
 //! 3. the listener closes, every connection is asked to finish its current request
 //!    and close (idle keep-alive connections, and ones that have not sent a request
-//!    yet, close at once), and `serve` returns once the last one has, or once
-//!    `shutdownTimeoutSeconds` has passed and the rest have been closed by force.
+//!    yet, close at once), every WebSocket session is sent a Close frame (1001,
+//!    going away), and `serve` returns once the last connection and session have
+//!    ended, or once `shutdownTimeoutSeconds` has passed and the rest have been
+//!    closed by force.
 //!
 //! The accept loop, its limits (connection cap, header and idle timeouts, header
 //! size, request framing) and the stop itself are [`service_kit::listener`], which
@@ -118,8 +120,15 @@ pub async fn serve_with(
         app.begin_shutdown();
         info!(delay = ?app.shutdown_delay(), "shutdown begun, readiness is now 503");
         tokio::time::sleep(app.shutdown_delay()).await;
-        info!(in_flight = app.in_flight(), "closing the listener");
+        info!(
+            in_flight = app.in_flight(),
+            websocket_sessions = app.websocket_sessions(),
+            "closing the listener"
+        );
         stop.send_replace(true);
+        // Upgraded sockets have left the listener, so its shutdown does not reach
+        // them; they get the same time to finish as its connections.
+        app.close_websockets(limits.shutdown_timeout).await;
     };
     // Both halves run on this task: `serving` returns only after `stopping` has
     // told it to, and once every connection is done.

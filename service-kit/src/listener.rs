@@ -337,7 +337,10 @@ async fn serve_connection<S, B, L>(
     let io = TokioIo::new(TrackedIo::new(stream, Arc::clone(&activity), slot));
     let service = guarded(service, Arc::clone(&activity), lifecycle.clone());
     // With upgrades, a `101` answer hands the connection over (to the proxy's
-    // tunnel, or the backend's WebSocket) instead of ending it.
+    // tunnel, or the backend's WebSocket session) through `hyper::upgrade::on`.
+    // This future then ends, and with it the watchdog's timeouts and the
+    // shutdown's wait: the upgraded socket is the service's to bound and to
+    // close. It keeps its slot under the cap, which lives in the socket.
     let connection = http.serve_connection(io, service).with_upgrades();
     let mut connection = std::pin::pin!(connection);
     let mut stopping = false;
@@ -402,7 +405,9 @@ where
             ),
         };
         answer.map_ok(move |mut response| {
-            if lifecycle.draining() {
+            // A `101` hands the connection over; `Connection: close` would
+            // undo the upgrade it confirms.
+            if lifecycle.draining() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
                 response
                     .headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));

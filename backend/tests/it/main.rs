@@ -14,3 +14,4 @@ mod http;
 mod metrics;
 mod reload;
 mod shutdown;
+mod websocket;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use backend::handlers::App;
 use backend::identity::Identity;
+use backend::server::{DEFAULT_LIMITS, ServerLimits};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
@@ -56,6 +57,12 @@ pub(crate) struct TestServer {
 impl TestServer {
     /// Starts `app` on a fresh `127.0.0.1:0` listener.
     pub(crate) async fn start(app: App) -> Self {
+        Self::start_with(app, DEFAULT_LIMITS).await
+    }
+
+    /// Starts `app` under `limits` (`server::serve_with`) on a fresh
+    /// `127.0.0.1:0` listener.
+    pub(crate) async fn start_with(app: App, limits: ServerLimits) -> Self {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("binding 127.0.0.1:0 always works");
@@ -63,10 +70,16 @@ impl TestServer {
             .local_addr()
             .expect("a bound listener has an address");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(backend::server::serve(listener, app.clone(), async {
+        let shutdown = async {
             // A dropped sender also means "stop", so a failing test never leaks a server.
             let _ = stopped.await;
-        }));
+        };
+        let task = tokio::spawn(backend::server::serve_with(
+            listener,
+            app.clone(),
+            shutdown,
+            limits,
+        ));
         Self {
             addr,
             app,
