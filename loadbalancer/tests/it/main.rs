@@ -28,4 +28,5 @@ mod server;
 mod status_page;
 mod tunnels;
 mod upstream_wire;
+mod websocket;
 mod workers;
