@@ -42,7 +42,10 @@ else
   cargo build "${build_flags[@]}" -p loadbalancer -p backend
   BACKEND_BIN="target/$PROFILE/backend"
 fi
+# The WebSocket client the demo ends with (backend/examples/ws_client.rs).
+cargo build "${build_flags[@]}" -p backend --example ws_client
 LB_BIN="target/$PROFILE/loadbalancer"
+WS_CLIENT="target/$PROFILE/examples/ws_client"
 [[ -x "$BACKEND_BIN" ]] || die "no backend binary at $BACKEND_BIN"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/lb-demo.XXXXXX")"
@@ -145,6 +148,13 @@ sort "$WORK/answers" | uniq -c | awk -v total="$REQUESTS" \
 echo
 echo "Last access log line of the load balancer:"
 grep 'loadbalancer::access' "$WORK/loadbalancer.log" | tail -n 1 | sed 's/^/  /'
+echo
+echo "==> Three WebSocket sessions through ws://127.0.0.1:$LB_PORT/ws (each balanced on its own)"
+for i in 1 2 3; do
+  if ! "$WS_CLIENT" "ws://127.0.0.1:$LB_PORT/ws" "hello $i" 2>&1 | sed 's/^/  /'; then
+    failed=$((failed + 1))
+  fi
+done
 echo
 echo "==> Stopping everything"
 [[ "$failed" -eq 0 ]] || exit 1
