@@ -1,8 +1,8 @@
 //! The configuration reference in `docs/configuration.md`, checked against the
-//! code: every key the load balancer reads is in the table and every key in the
-//! table is read, each documented default is the one the code fills in, and each
-//! documented range is exactly what the code accepts (both ends pass, one past
-//! either end is rejected with an error naming the key).
+//! code of both programs: every key a program reads is in its table and every key
+//! in the table is read, each documented default is the one the code fills in,
+//! and each documented range is exactly what the code accepts (both ends pass, one
+//! past either end is rejected with an error naming the key).
 
 use std::path::{Path, PathBuf};
 
@@ -84,9 +84,9 @@ fn key_paths(value: &Value, prefix: &str, paths: &mut Vec<String>) {
     }
 }
 
-/// The required keys with `key` set to `value`.
-fn with(key: &str, value: Value) -> String {
-    let mut file: Value = serde_json::from_str(REQUIRED).expect("REQUIRED is JSON");
+/// `required` (a JSON object) with `key` set to `value`.
+fn with(required: &str, key: &str, value: Value) -> String {
+    let mut file: Value = serde_json::from_str(required).expect("the required keys are JSON");
     let mut at = &mut file;
     let parts: Vec<&str> = key.split('.').collect();
     for part in &parts[..parts.len() - 1] {
@@ -104,6 +104,31 @@ fn with(key: &str, value: Value) -> String {
 
 fn parse(text: &str) -> Result<Config, String> {
     Config::parse(text, Path::new("config.json")).map_err(|error| error.to_string())
+}
+
+/// Checks each documented range of `rows` with `parse`: both ends are
+/// accepted, one past either end is rejected with an error naming the key.
+fn check_ranges<T>(rows: &[Row], required: &str, parse: impl Fn(&str) -> Result<T, String>) {
+    for row in rows {
+        let Some((low, high)) = row.range else {
+            continue;
+        };
+        let key = &row.key;
+        for accepted in [Some(low), high].into_iter().flatten() {
+            if let Err(error) = parse(&with(required, key, accepted.into())) {
+                panic!("{key} = {accepted} is documented as valid: {error}");
+            }
+        }
+        for rejected in [Some(low - 1), high.map(|high| high + 1)]
+            .into_iter()
+            .flatten()
+        {
+            let Err(error) = parse(&with(required, key, rejected.into())) else {
+                panic!("{key} = {rejected} is outside the documented range");
+            };
+            assert!(error.contains(key), "the error names {key}: {error}");
+        }
+    }
 }
 
 #[test]
@@ -135,24 +160,50 @@ fn every_key_the_code_reads_is_documented_with_its_default() {
 
 #[test]
 fn every_documented_range_is_what_the_code_accepts() {
-    for row in rows("Load balancer keys") {
-        let Some((low, high)) = row.range else {
-            continue;
-        };
-        let key = &row.key;
-        for accepted in [Some(low), high].into_iter().flatten() {
-            parse(&with(key, accepted.into())).unwrap_or_else(|error| {
-                panic!("{key} = {accepted} is documented as valid: {error}")
-            });
-        }
-        for rejected in [Some(low - 1), high.map(|high| high + 1)]
-            .into_iter()
-            .flatten()
-        {
-            let error = parse(&with(key, rejected.into())).expect_err(&format!(
-                "{key} = {rejected} is outside the documented range"
-            ));
-            assert!(error.contains(key), "the error names {key}: {error}");
+    check_ranges(&rows("Load balancer keys"), REQUIRED, parse);
+}
+
+/// The backend's required keys.
+const BACKEND_REQUIRED: &str = r#"{"port": 8080, "serviceName": "web"}"#;
+
+fn parse_backend(text: &str) -> Result<backend::config::Config, String> {
+    backend::config::parse(text, Path::new("config.json")).map_err(|error| error.to_string())
+}
+
+#[test]
+fn every_key_the_backend_reads_is_documented_with_its_default() {
+    // The backend names every key it knows when it meets one it does not.
+    let error = parse_backend(&with(BACKEND_REQUIRED, "noSuchKey", 1.into()))
+        .expect_err("an unknown key is rejected");
+    let known = error
+        .split_once("(known keys: ")
+        .and_then(|(_, list)| list.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("the error lists the known keys: {error}"));
+    let mut code_keys: Vec<&str> = known.split(", ").collect();
+    code_keys.sort_unstable();
+    let rows = rows("Backend keys");
+    let mut documented: Vec<&str> = rows.iter().map(|row| row.key.as_str()).collect();
+    documented.sort_unstable();
+    assert_eq!(
+        documented, code_keys,
+        "the table and the code list different keys"
+    );
+    // A documented default, written out, changes nothing.
+    let defaults = parse_backend(BACKEND_REQUIRED).expect("the required keys are a valid file");
+    for row in &rows {
+        if let Some(default) = &row.default {
+            let written = parse_backend(&with(BACKEND_REQUIRED, &row.key, default.clone()))
+                .unwrap_or_else(|error| panic!("{}'s default is valid: {error}", row.key));
+            assert_eq!(
+                written, defaults,
+                "{}: the documented default is not the code's",
+                row.key
+            );
         }
     }
+}
+
+#[test]
+fn every_range_documented_for_the_backend_is_what_it_accepts() {
+    check_ranges(&rows("Backend keys"), BACKEND_REQUIRED, parse_backend);
 }
