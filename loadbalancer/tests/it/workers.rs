@@ -29,6 +29,26 @@ fn loopback_any_port() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
+/// Two workers on `addr`, proxying over `backends` with one round-robin they
+/// share, under `limits`.
+async fn two_workers(
+    addr: SocketAddr,
+    backends: &Backends,
+    limits: ServerLimits,
+    shutdown: &Shutdown,
+) -> std::io::Result<Workers> {
+    let balancer = Arc::new(RoundRobin::new());
+    let make_proxy = || {
+        Proxy::new(
+            backends.clone(),
+            Arc::clone(&balancer),
+            TestLb::SETTINGS,
+            metrics(),
+        )
+    };
+    Workers::start(TWO, addr, make_proxy, limits, shutdown).await
+}
+
 /// Bound asserted: exact. Requests are sequential and every worker's proxy
 /// draws from the one shared balancer, so 30 requests over 3 backends give each
 /// exactly 10, whichever worker the kernel hands each connection to.
@@ -36,19 +56,10 @@ fn loopback_any_port() -> SocketAddr {
 async fn workers_share_one_port_and_one_rotation_then_stop() {
     let upstreams = start_backends(3).await;
     let backends = Backends::new(upstreams.iter().map(|u| u.addr).collect());
-    let balancer = Arc::new(RoundRobin::new());
     let shutdown = Shutdown::new();
-    let workers = Workers::start(
-        TWO,
+    let workers = two_workers(
         loopback_any_port(),
-        || {
-            Proxy::new(
-                backends.clone(),
-                Arc::clone(&balancer),
-                TestLb::SETTINGS,
-                metrics(),
-            )
-        },
+        &backends,
         ServerLimits::DEFAULT,
         &shutdown,
     )
@@ -83,21 +94,7 @@ async fn a_port_held_by_another_listener_is_an_error_at_start() {
     let taken = std::net::TcpListener::bind(loopback_any_port()).expect("bind loopback");
     let addr = taken.local_addr().expect("bound socket has an address");
     let shutdown = Shutdown::new();
-    let started = Workers::start(
-        TWO,
-        addr,
-        || {
-            Proxy::new(
-                Backends::default(),
-                RoundRobin::new(),
-                TestLb::SETTINGS,
-                metrics(),
-            )
-        },
-        ServerLimits::DEFAULT,
-        &shutdown,
-    )
-    .await;
+    let started = two_workers(addr, &Backends::default(), ServerLimits::DEFAULT, &shutdown).await;
     let error = started.expect_err("the port is in use");
     assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
 }
@@ -125,22 +122,9 @@ async fn the_workers_share_one_connection_cap() {
         max_connections: 2,
         ..ServerLimits::DEFAULT
     };
-    let workers = Workers::start(
-        TWO,
-        loopback_any_port(),
-        || {
-            Proxy::new(
-                backends.clone(),
-                RoundRobin::new(),
-                TestLb::SETTINGS,
-                metrics(),
-            )
-        },
-        limits,
-        &shutdown,
-    )
-    .await
-    .expect("workers bind a free loopback port");
+    let workers = two_workers(loopback_any_port(), &backends, limits, &shutdown)
+        .await
+        .expect("workers bind a free loopback port");
     let addr = workers.local_addr();
 
     let first = answered_connection(addr).await;
