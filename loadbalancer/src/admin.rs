@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::response;
 use crate::server;
 use crate::shutdown::{Phase, Shutdown};
+use crate::tls::Tls;
 
 /// What the admin endpoints report on.
 #[derive(Debug, Clone)]
@@ -39,6 +40,9 @@ pub struct Admin {
     shutdown: Shutdown,
     /// What `/metrics` serves; the proxy records into the same instance.
     metrics: Arc<Metrics>,
+    /// The HTTPS listener's certificates, shown by `/debug/backends` and the
+    /// status page; `None` without `tls`.
+    tls: Option<Tls>,
 }
 
 /// The status page: HTML with inline CSS and JavaScript, no external assets.
@@ -51,7 +55,14 @@ impl Admin {
             backends,
             shutdown,
             metrics,
+            tls: None,
         }
+    }
+
+    /// Shows the certificates of `tls`, when there is one.
+    pub fn with_tls(mut self, tls: Option<Tls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Routes one admin request.
@@ -77,7 +88,8 @@ impl Admin {
     }
 
     fn debug_backends(&self) -> Response<Full<Bytes>> {
-        let snapshot = debug::Snapshot::of(&self.backends);
+        let certificates = self.tls.as_ref().map(Tls::certificates);
+        let snapshot = debug::Snapshot::of(&self.backends, certificates);
         match serde_json::to_vec(&snapshot) {
             Ok(body) => {
                 let mut response = response::typed(StatusCode::OK, "application/json", body);

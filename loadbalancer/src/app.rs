@@ -39,8 +39,9 @@ use crate::health::{HealthCheckSettings, HealthTask};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxySettings, Resilience};
 use crate::reload::{self, Live, Reloader};
-use crate::server::{self, ServerLimits};
+use crate::server::{self, Entry, ServerLimits};
 use crate::shutdown::Shutdown;
+use crate::tls::Tls;
 use crate::workers::{self, Workers};
 
 /// What the app needs besides the config: what the binary learns from its flags
@@ -106,6 +107,10 @@ pub struct App {
     admin_addr: SocketAddr,
     /// The admin listener's task.
     admin: JoinHandle<()>,
+    /// Where HTTPS is served, with `tls`.
+    tls_addr: Option<SocketAddr>,
+    /// Follows the certificate files for rotation, with `tls`.
+    certificate_watch: Option<JoinHandle<()>>,
     /// The reloader, which owns the health checker and discovery: aborting it
     /// stops all three.
     live: JoinHandle<()>,
@@ -135,10 +140,32 @@ impl App {
         let resilience = options
             .resilience
             .unwrap_or_else(|| Resilience::from(&config.resilience));
+        let ip = config.listen.bind_address;
+        // Certificates are read before any port opens: a broken pair stops
+        // the process with the file and the reason, before it takes traffic.
+        let tls = match &config.tls.tls {
+            Some(tls_config) => Some((
+                tls_config,
+                Tls::load(tls_config, Arc::clone(&metrics))?,
+            )),
+            None => None,
+        };
+        let mut ports = vec![(
+            SocketAddr::new(ip, config.listen.port),
+            match &tls {
+                Some((tls_config, _)) if tls_config.redirect_http => {
+                    Entry::RedirectToHttps(tls_config.port)
+                }
+                _ => Entry::Http,
+            },
+        )];
+        if let Some((tls_config, tls)) = &tls {
+            ports.push((SocketAddr::new(ip, tls_config.port), Entry::Https(tls.clone())));
+        }
         let mut proxies = Vec::with_capacity(options.workers.get());
         let workers = Workers::start(
             options.workers,
-            SocketAddr::new(config.listen.bind_address, config.listen.port),
+            ports,
             || {
                 let proxy = Proxy::with_resilience(
                     backends.clone(),
@@ -154,7 +181,8 @@ impl App {
             &shutdown,
         )
         .await
-        .context("binding the proxy port")?;
+        .context("binding the proxy ports")?;
+        let tls_addr = workers.local_addrs().get(1).copied();
         let admin_listener = server::bind(SocketAddr::new(
             config.listen.bind_address,
             config.listen.admin_port,
@@ -162,14 +190,18 @@ impl App {
         .context("binding the admin port")?;
         let admin_addr = admin_listener.local_addr()?;
         info!(
-            proxy = %workers.local_addr(),
+            proxy = %workers.local_addrs()[0],
+            https = tls_addr.map(tracing::field::display),
             workers = options.workers,
             admin = %admin_addr,
             discovery = %config.discovery.discovery,
             algorithm = %config.balancing.algorithm,
             "listening"
         );
-        let admin = Admin::new(backends.clone(), shutdown.clone(), Arc::clone(&metrics));
+        let tls = tls.map(|(_, tls)| tls);
+        let certificate_watch = tls.as_ref().map(Tls::watch);
+        let admin = Admin::new(backends.clone(), shutdown.clone(), Arc::clone(&metrics))
+            .with_tls(tls);
         let admin = tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone()));
 
         let health = options.health_checks.then(|| {
@@ -215,6 +247,8 @@ impl App {
             workers,
             admin_addr,
             admin,
+            tls_addr,
+            certificate_watch,
             live,
             discovery_failures,
         })
@@ -259,6 +293,9 @@ impl App {
         // The reloader owns the health checker and discovery: aborting it stops
         // all three.
         self.live.abort();
+        if let Some(watch) = &self.certificate_watch {
+            watch.abort();
+        }
         self.workers.finished().await;
         // The admin task ends when shutdown stops it; a panic in it is a bug
         // worth seeing in the logs, not a reason to hang the shutdown.
@@ -268,9 +305,14 @@ impl App {
         info!("stopped");
     }
 
-    /// Where the proxy listens.
+    /// Where the proxy listens for plain HTTP.
     pub fn proxy_addr(&self) -> SocketAddr {
-        self.workers.local_addr()
+        self.workers.local_addrs()[0]
+    }
+
+    /// Where the proxy listens for HTTPS, with `tls`.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// Where the admin endpoints listen.

@@ -37,6 +37,7 @@ pub use crate::outlier::OutlierConfig;
 pub use crate::proxy::ProxyConfig;
 use crate::proxy::Resilience;
 pub use crate::retry::RetriesConfig;
+pub use crate::tls::{CertPair, TlsConfig};
 use crate::server::ServerLimits;
 
 /// Where the ConfigMap is mounted inside the pod.
@@ -70,6 +71,18 @@ pub struct Config {
     /// `algorithm`, `weights`.
     #[serde(flatten)]
     pub balancing: BalancerConfig,
+    /// `tls`: HTTPS beside plain HTTP, when present.
+    #[serde(flatten)]
+    pub tls: TlsSection,
+}
+
+/// The `tls` block; without it, the load balancer speaks plain HTTP only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TlsSection {
+    /// See [`TlsConfig`]; every key has a default, so `"tls": {}` turns TLS on
+    /// with the Secret's usual paths.
+    pub tls: Option<TlsConfig>,
 }
 
 /// Where the two listeners bind.
@@ -339,6 +352,7 @@ impl Config {
             health: section(&file, path)?,
             resilience: section(&file, path)?,
             balancing: section(&file, path)?,
+            tls: section(&file, path)?,
         };
         // Every section wrote back all of its keys: what is left over is unknown.
         let known = to_object(&config);
@@ -381,6 +395,7 @@ impl Config {
             health,
             resilience,
             balancing,
+            tls,
         } = self;
         let mut changes = Changes::default();
         changes.compare(Applies::AtRestart, listen, &new.listen);
@@ -391,6 +406,9 @@ impl Config {
         changes.compare(Applies::Live, health, &new.health);
         changes.compare(Applies::Live, resilience, &new.resilience);
         changes.compare(Applies::Live, balancing, &new.balancing);
+        // The HTTPS port is bound at start-up; rotated certificate files are
+        // followed by the TLS listener itself, without a reload.
+        changes.compare(Applies::AtRestart, tls, &new.tls);
         changes
     }
 
@@ -402,6 +420,9 @@ impl Config {
         self.health.health_check.validate()?;
         self.resilience.outlier.validate()?;
         self.resilience.retries.validate()?;
+        if let Some(tls) = &self.tls.tls {
+            tls.validate()?;
+        }
         Ok(())
     }
 }
@@ -861,7 +882,9 @@ mod tests {
                         "unhealthyThreshold": 3, "healthyThreshold": 2},
         "outlier": {"consecutiveFailures": 5, "baseEjectionMs": 5000, "maxEjectionMs": 60000},
         "retries": {"attempts": 3, "budgetPercent": 20},
-        "algorithm": "round_robin", "weights": {}
+        "algorithm": "round_robin", "weights": {},
+        "tls": {"port": 8443, "certFile": "/etc/tls/tls.crt", "keyFile": "/etc/tls/tls.key",
+                "certificates": [], "redirectHttp": false}
     }"#;
     const OTHER: &str = r#"{
         "port": 8081, "adminPort": 9091, "bindAddress": "127.0.0.1",
@@ -876,7 +899,10 @@ mod tests {
                         "unhealthyThreshold": 4, "healthyThreshold": 3},
         "outlier": {"consecutiveFailures": 6, "baseEjectionMs": 5001, "maxEjectionMs": 60001},
         "retries": {"attempts": 4, "budgetPercent": 21},
-        "algorithm": "least_request", "weights": {"127.0.0.1": 2}
+        "algorithm": "least_request", "weights": {"127.0.0.1": 2},
+        "tls": {"port": 9443, "certFile": "/tls/a.crt", "keyFile": "/tls/a.key",
+                "certificates": [{"certFile": "/tls/b.crt", "keyFile": "/tls/b.key"}],
+                "redirectHttp": true}
     }"#;
 
     /// Every key path of a JSON object, nested blocks as `block.key`.
@@ -956,7 +982,8 @@ mod tests {
                 "idleTimeoutMs",
                 "maxConnections",
                 "maxHeaderBytes",
-                "shutdownTimeoutSeconds"
+                "shutdownTimeoutSeconds",
+                "tls"
             ]
         );
         assert!(

@@ -39,5 +39,6 @@ mod response;
 pub mod retry;
 pub mod server;
 pub mod shutdown;
+pub mod tls;
 pub mod upstream;
 pub mod workers;

@@ -71,6 +71,129 @@ pub struct Metrics {
     tunnel_bytes: Family<DirectionLabels, Counter>,
     /// `loadbalancer_tunnel_duration_seconds`: how long closed tunnels were open.
     tunnel_duration: Histogram,
+    /// `loadbalancer_tls_handshakes_total{result,version}`.
+    tls_handshakes: Family<HandshakeLabels, Counter>,
+    /// `loadbalancer_tls_handshake_failures_total{reason}`.
+    tls_handshake_failures: Family<FailureLabels, Counter>,
+    /// `loadbalancer_tls_certificate_expiry_timestamp_seconds{file}`.
+    certificate_expiry: Family<CertificateLabels, Gauge>,
+    /// `loadbalancer_tls_certificate_reloads_total{result}`.
+    certificate_reloads: Family<ReloadLabels, Counter>,
+}
+
+/// The protocol version a TLS handshake settled on, or `none` for a failed one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+    None,
+}
+
+impl TlsVersion {
+    /// The version rustls reports for an established connection.
+    pub fn of(version: Option<rustls::ProtocolVersion>) -> Self {
+        match version {
+            Some(rustls::ProtocolVersion::TLSv1_3) => Self::Tls13,
+            Some(rustls::ProtocolVersion::TLSv1_2) => Self::Tls12,
+            _ => Self::None,
+        }
+    }
+}
+
+impl EncodeLabelValue for TlsVersion {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        encoder.write_str(match self {
+            TlsVersion::Tls12 => "TLSv1.2",
+            TlsVersion::Tls13 => "TLSv1.3",
+            TlsVersion::None => "none",
+        })
+    }
+}
+
+/// Why a TLS handshake failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HandshakeFailure {
+    /// Not done within the header-read timeout (nothing sent, or half a hello).
+    Timeout,
+    /// What arrived is not TLS (plain HTTP on the HTTPS port, garbage).
+    NotTls,
+    /// The client offers no protocol version or cipher suite we accept
+    /// (TLS 1.1 and older, say).
+    Incompatible,
+    /// The client aborted with an alert (it did not trust our certificate, say).
+    ClientAlert,
+    /// The connection closed or broke during the handshake.
+    Closed,
+    /// Anything else.
+    Other,
+}
+
+impl HandshakeFailure {
+    /// Classifies the error a failed `accept` returned.
+    pub fn of(error: &std::io::Error) -> Self {
+        let Some(tls) = error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        else {
+            return Self::Closed;
+        };
+        match tls {
+            rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+                Self::NotTls
+            }
+            rustls::Error::PeerIncompatible(_) => Self::Incompatible,
+            rustls::Error::AlertReceived(_) => Self::ClientAlert,
+            _ => Self::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::NotTls => "not_tls",
+            HandshakeFailure::Incompatible => "incompatible",
+            HandshakeFailure::ClientAlert => "client_alert",
+            HandshakeFailure::Closed => "closed",
+            HandshakeFailure::Other => "other",
+        }
+    }
+}
+
+impl EncodeLabelValue for HandshakeFailure {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HandshakeLabels {
+    result: HandshakeResult,
+    version: TlsVersion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum HandshakeResult {
+    Success,
+    Failure,
+}
+
+impl EncodeLabelValue for HandshakeResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        encoder.write_str(match self {
+            HandshakeResult::Success => "success",
+            HandshakeResult::Failure => "failure",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FailureLabels {
+    reason: HandshakeFailure,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CertificateLabels {
+    file: String,
 }
 
 /// Which way bytes went through a tunnel.
@@ -185,6 +308,31 @@ impl Metrics {
             Unit::Seconds,
             tunnel_duration.clone(),
         );
+        let tls_handshakes = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes, by result and the protocol version agreed",
+            tls_handshakes.clone(),
+        );
+        let tls_handshake_failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Failed TLS handshakes, by reason",
+            tls_handshake_failures.clone(),
+        );
+        let certificate_expiry = Family::<CertificateLabels, Gauge>::default();
+        registry.register_with_unit(
+            "tls_certificate_expiry_timestamp",
+            "Unix time when each certificate in force expires, by file",
+            Unit::Seconds,
+            certificate_expiry.clone(),
+        );
+        let certificate_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "tls_certificate_reloads",
+            "Changed certificate files loaded (success) or rejected (failure)",
+            certificate_reloads.clone(),
+        );
         registry.register(
             "build",
             "The running version",
@@ -204,6 +352,10 @@ impl Metrics {
             tunnels_open,
             tunnel_bytes,
             tunnel_duration,
+            tls_handshakes,
+            tls_handshake_failures,
+            certificate_expiry,
+            certificate_reloads,
         }
     }
 
@@ -319,6 +471,40 @@ impl Metrics {
     /// Records a closed tunnel's lifetime.
     pub fn record_tunnel_closed(&self, open_for: Duration) {
         self.tunnel_duration.observe(open_for.as_secs_f64());
+    }
+}
+
+impl Metrics {
+    /// Counts one TLS handshake: agreed on `version`, or failed for `failure`.
+    pub fn record_handshake(&self, version: TlsVersion, failure: Option<HandshakeFailure>) {
+        let result = match failure {
+            None => HandshakeResult::Success,
+            Some(reason) => {
+                self.tls_handshake_failures
+                    .get_or_create(&FailureLabels { reason })
+                    .inc();
+                HandshakeResult::Failure
+            }
+        };
+        self.tls_handshakes
+            .get_or_create(&HandshakeLabels { result, version })
+            .inc();
+    }
+
+    /// Counts a change of the certificate files, loaded or rejected.
+    pub fn record_certificate_reload(&self, result: ReloadResult) {
+        self.certificate_reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+    }
+
+    /// Publishes when the certificate read from `file` expires.
+    pub fn record_certificate_expiry(&self, file: &str, not_after_unix: i64) {
+        self.certificate_expiry
+            .get_or_create(&CertificateLabels {
+                file: file.to_owned(),
+            })
+            .set(not_after_unix);
     }
 }
 

@@ -308,13 +308,28 @@ impl ProxyError {
 pub struct ClientConn {
     /// The client's IP, ready to append to `X-Forwarded-For`.
     ip: HeaderValue,
+    /// How the client reached us, for `X-Forwarded-Proto`.
+    scheme: Scheme,
+    /// On a plain-HTTP listener with `tls.redirectHttp`: the HTTPS port every
+    /// request is redirected to instead of being proxied.
+    https_redirect: Option<u16>,
+}
+
+/// The scheme a client used to reach the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
 }
 
 impl ClientConn {
-    /// Describes a connection from `peer`.
-    pub fn new(peer: SocketAddr) -> Self {
+    /// Describes a connection from `peer` that arrived over `scheme`, and
+    /// whose requests are redirected to HTTPS on `https_redirect` if that is set.
+    pub fn new(peer: SocketAddr, scheme: Scheme, https_redirect: Option<u16>) -> Self {
         Self {
             ip: headers::ip_header_value(peer.ip()),
+            scheme,
+            https_redirect,
         }
     }
 }
@@ -453,10 +468,16 @@ impl Proxy {
             _ => None,
         };
         headers::use_target_authority(&mut parts);
-        headers::add_forwarding(&mut parts.headers, &client.ip);
+        let redirect = client
+            .https_redirect
+            .map(|port| headers::https_location(&parts, port));
+        headers::add_forwarding(&mut parts.headers, &client.ip, client.scheme);
         let head = UpstreamHead::new(&parts, &body);
         let proxy = self.clone();
         async move {
+            if let Some(location) = redirect {
+                return proxy.redirect(&head, location, &request_id, started);
+            }
             let Forwarded { attempts, result } = if head.method() == Method::CONNECT {
                 Forwarded {
                     attempts: 0,
@@ -544,6 +565,52 @@ impl Proxy {
             response.headers_mut().insert(X_REQUEST_ID, request_id);
             response
         }
+    }
+
+    /// Answers a plain-HTTP request with `tls.redirectHttp` on: 308 to `location`
+    /// (the same URL over HTTPS), which keeps the method and body on the retry,
+    /// or 400 when the request named no host to redirect to.
+    fn redirect(
+        &self,
+        head: &UpstreamHead,
+        location: Option<HeaderValue>,
+        request_id: &HeaderValue,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        let status = match location {
+            Some(_) => StatusCode::PERMANENT_REDIRECT,
+            None => StatusCode::BAD_REQUEST,
+        };
+        let id = request_id.to_str().unwrap_or_default();
+        let message = match location {
+            Some(_) => "this service is served over HTTPS",
+            None => "no Host to redirect to HTTPS",
+        };
+        let mut response = response::json(
+            status,
+            &json!({
+                "status": status.as_u16(),
+                "error": status.canonical_reason(),
+                "message": message,
+                "requestId": id,
+            }),
+        );
+        let latency = started.elapsed();
+        info!(
+            target: "loadbalancer::access",
+            method = %head.method(), path = head.path(), backend = "-",
+            status = status.as_u16(), latency_ms = latency.as_secs_f64() * 1000.0,
+            attempts = 0, request_id = id, "request"
+        );
+        self.shared
+            .metrics
+            .record_request(None, head.method(), status, latency);
+        let headers = response.headers_mut();
+        if let Some(location) = location {
+            headers.insert(http::header::LOCATION, location);
+        }
+        headers.insert(X_REQUEST_ID, request_id.clone());
+        response.map(Either::Right)
     }
 
     /// Sends the request to a backend, and to others while a failure is worth a

@@ -173,6 +173,7 @@ impl Reloader {
             health,
             resilience,
             balancing,
+            tls: _,
         } = &new;
         if *logging != old.logging
             && let Some(log) = &live.log

@@ -15,11 +15,12 @@ use std::net::SocketAddr;
 
 use futures::FutureExt;
 use hyper::service::service_fn;
+use service_kit::listener::{self, Lifecycle, Plain};
 use tokio::net::TcpListener;
 
-use crate::proxy::{ClientConn, Proxy};
+use crate::proxy::{ClientConn, Proxy, Scheme};
 use crate::shutdown::{Phase, Shutdown};
-use service_kit::listener::{self, Lifecycle};
+use crate::tls::Tls;
 pub use service_kit::listener::{
     ConnectionCap, ConnectionService, ResponseBody, ServerLimits, bind,
 };
@@ -34,20 +35,46 @@ impl Lifecycle for Shutdown {
     }
 }
 
-/// Serves the reverse proxy on `listener` until shutdown; see [`serve_with`].
+/// How clients come in on one of the proxy's ports.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// Plain HTTP, proxied.
+    Http,
+    /// Plain HTTP, every request redirected to HTTPS on this port
+    /// (`tls.redirectHttp`).
+    RedirectToHttps(u16),
+    /// HTTPS: a TLS handshake, then HTTP, proxied.
+    Https(Tls),
+}
+
+/// Serves the reverse proxy on `listener`, entered as `entry` says, until
+/// shutdown; see [`serve_with`].
 pub async fn serve_proxy(
     listener: TcpListener,
+    entry: Entry,
     proxy: Proxy,
     shutdown: Shutdown,
     limits: ServerLimits,
     cap: ConnectionCap,
 ) {
+    let (scheme, https_redirect) = match &entry {
+        Entry::Http => (Scheme::Http, None),
+        Entry::RedirectToHttps(port) => (Scheme::Http, Some(*port)),
+        Entry::Https(_) => (Scheme::Https, None),
+    };
     let make_service = move |peer: SocketAddr| {
         let proxy = proxy.clone();
-        let client = ClientConn::new(peer);
+        let client = ClientConn::new(peer, scheme, https_redirect);
         service_fn(move |req| proxy.handle(req, &client).map(Ok::<_, Infallible>))
     };
-    listener::serve_connections(listener, make_service, shutdown, limits, cap).await;
+    match entry {
+        Entry::Https(tls) => {
+            listener::serve_connections(listener, tls, make_service, shutdown, limits, cap).await;
+        }
+        Entry::Http | Entry::RedirectToHttps(_) => {
+            listener::serve_connections(listener, Plain, make_service, shutdown, limits, cap).await;
+        }
+    }
 }
 
 /// [`serve_with`] under the default [`ServerLimits`].
@@ -75,5 +102,5 @@ pub async fn serve_with<M, S, B>(
     B: ResponseBody,
 {
     let cap = ConnectionCap::new(limits.max_connections);
-    listener::serve_connections(listener, make_service, shutdown, limits, cap).await;
+    listener::serve_connections(listener, Plain, make_service, shutdown, limits, cap).await;
 }

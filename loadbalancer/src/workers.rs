@@ -29,22 +29,24 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::proxy::Proxy;
-use crate::server::{self, ConnectionCap, ServerLimits};
+use crate::server::{self, ConnectionCap, Entry, ServerLimits};
 use crate::shutdown::Shutdown;
 
 /// Running proxy workers; see the module docs.
 #[derive(Debug)]
 pub struct Workers {
-    /// The address every worker listens on (the real port when 0 was asked for).
-    addr: SocketAddr,
+    /// The addresses every worker listens on (the real ports when 0 was asked
+    /// for), in the order of the entries given.
+    addrs: Vec<SocketAddr>,
     /// One receiver per worker, completed when the worker's server has returned
     /// (after shutdown, once its last connection has finished).
     done: Vec<oneshot::Receiver<()>>,
 }
 
 impl Workers {
-    /// Binds one listening socket to `addr` (port 0 picks a free port) and
-    /// starts `count` worker threads that accept from it, each serving the
+    /// Binds one listening socket to each of `ports` (port 0 picks a free port)
+    /// and starts `count` worker threads that accept from all of them, each
+    /// entered as its [`Entry`] says, each serving the
     /// proxy that `make_proxy` builds for it under `limits` until `shutdown` stops
     /// it. `limits.max_connections` caps the process: the workers share one
     /// [`ConnectionCap`], so any worker may take a connection while the process
@@ -54,23 +56,29 @@ impl Workers {
     /// no permission) fails here, before the first worker starts, and is returned.
     pub async fn start(
         count: NonZeroUsize,
-        addr: SocketAddr,
+        ports: Vec<(SocketAddr, Entry)>,
         mut make_proxy: impl FnMut() -> Proxy,
         limits: ServerLimits,
         shutdown: &Shutdown,
     ) -> io::Result<Self> {
         let cap = ConnectionCap::new(limits.max_connections);
-        let first = listening_socket(addr)?;
-        let addr = first.local_addr()?;
-        let mut listeners = Vec::with_capacity(count.get());
-        for _ in 1..count.get() {
-            listeners.push(first.try_clone()?);
+        let mut sockets = Vec::with_capacity(ports.len());
+        for (addr, entry) in ports {
+            sockets.push((listening_socket(addr)?, entry));
         }
-        listeners.push(first);
+        let addrs = sockets
+            .iter()
+            .map(|(socket, _)| socket.local_addr())
+            .collect::<io::Result<Vec<_>>>()?;
 
-        let mut started = Vec::with_capacity(listeners.len());
-        let mut done = Vec::with_capacity(listeners.len());
-        for (index, listener) in listeners.into_iter().enumerate() {
+        let mut started = Vec::with_capacity(count.get());
+        let mut done = Vec::with_capacity(count.get());
+        for index in 0..count.get() {
+            // Each worker accepts from its own clone of every socket.
+            let listeners = sockets
+                .iter()
+                .map(|(socket, entry)| Ok((socket.try_clone()?, entry.clone())))
+                .collect::<io::Result<Vec<_>>>()?;
             let (proxy, shutdown, cap) = (make_proxy(), shutdown.clone(), cap.clone());
             let (started_tx, started_rx) = oneshot::channel();
             let (done_tx, done_rx) = oneshot::channel();
@@ -90,20 +98,28 @@ impl Workers {
                         }
                     };
                     runtime.block_on(async move {
-                        // Registers the socket with this runtime's reactor.
-                        match TcpListener::from_std(listener) {
-                            Ok(listener) => {
-                                let _ = started_tx.send(Ok(()));
-                                server::serve_proxy(listener, proxy.clone(), shutdown, limits, cap)
-                                    .await;
-                                // The listener has finished its last request;
-                                // the tunnels (WebSockets) it handed over go now.
-                                proxy.close_tunnels().await;
-                            }
+                        // Registers the sockets with this runtime's reactor.
+                        let registered = listeners
+                            .into_iter()
+                            .map(|(socket, entry)| Ok((TcpListener::from_std(socket)?, entry)))
+                            .collect::<io::Result<Vec<_>>>();
+                        let listeners = match registered {
+                            Ok(listeners) => listeners,
                             Err(error) => {
                                 let _ = started_tx.send(Err(error));
+                                return;
                             }
-                        }
+                        };
+                        let _ = started_tx.send(Ok(()));
+                        let serving = listeners.into_iter().map(|(listener, entry)| {
+                            let (proxy, shutdown, cap) =
+                                (proxy.clone(), shutdown.clone(), cap.clone());
+                            server::serve_proxy(listener, entry, proxy, shutdown, limits, cap)
+                        });
+                        futures::future::join_all(serving).await;
+                        // The listeners have finished their last request; the
+                        // tunnels (WebSockets) they handed over go now.
+                        proxy.close_tunnels().await;
                     });
                     // The receiver is gone only if the caller stopped waiting.
                     let _ = done_tx.send(());
@@ -116,12 +132,12 @@ impl Workers {
                 .await
                 .map_err(|_| io::Error::other("a proxy worker died while starting"))??;
         }
-        Ok(Self { addr, done })
+        Ok(Self { addrs, done })
     }
 
-    /// The address the workers listen on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+    /// The addresses the workers listen on, in the order the ports were given.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
     }
 
     /// Resolves once every worker has finished, i.e. after shutdown has stopped

@@ -34,6 +34,12 @@
 //! * while the server drains, every response carries `Connection: close`, so
 //!   clients finish their current request here and reconnect, most likely to a
 //!   replica that is not going away.
+//!
+//! Before HTTP, a connection may need a [`Handshake`]: none for plain HTTP
+//! ([`Plain`]), or TLS (the load balancer's). It runs in the connection's own
+//! task, holding the connection's slot, and within `headerReadTimeoutMs`, so a
+//! client that opens a connection and sends nothing (or half a ClientHello) is
+//! closed on time as one that trickles a request head is.
 
 mod watchdog;
 
@@ -54,6 +60,7 @@ use hyper::server::conn::http1;
 use hyper::service::{Service, service_fn};
 use hyper_util::rt::TokioIo;
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -192,6 +199,40 @@ where
 {
 }
 
+/// What a new connection goes through before HTTP: nothing ([`Plain`]), or a
+/// TLS handshake. [`serve_connections`] runs it in the connection's own task.
+pub trait Handshake: Clone + Send + Sync + 'static {
+    /// The connection once the handshake is done, which HTTP is spoken over.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// Turns a freshly accepted `stream` from `peer` into [`Self::Io`], within
+    /// `limit` (the header-read timeout): a handshake that takes longer must fail.
+    /// A failure closes the connection; the implementation reports it.
+    fn handshake(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        limit: Duration,
+    ) -> impl Future<Output = Option<Self::Io>> + Send;
+}
+
+/// Plain HTTP: no handshake.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Plain;
+
+impl Handshake for Plain {
+    type Io = TcpStream;
+
+    fn handshake(
+        &self,
+        stream: TcpStream,
+        _: SocketAddr,
+        _: Duration,
+    ) -> impl Future<Output = Option<TcpStream>> + Send {
+        future::ready(Some(stream))
+    }
+}
+
 /// A response body the accept loop can write: bytes, streamed, with errors
 /// hyper can log. Implemented for every such body, like [`ConnectionService`].
 pub trait ResponseBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
@@ -216,8 +257,9 @@ pub trait Lifecycle: Clone + Send + Sync + 'static {
 /// `make_service` builds for its peer address. Returns once `lifecycle` has
 /// stopped the listener and every connection has finished its last request, or
 /// been closed by force after `limits.shutdown_timeout`.
-pub async fn serve_connections<M, S, B, L>(
+pub async fn serve_connections<M, S, B, L, H>(
     listener: TcpListener,
+    handshake: H,
     make_service: M,
     lifecycle: L,
     limits: ServerLimits,
@@ -227,6 +269,7 @@ pub async fn serve_connections<M, S, B, L>(
     S: ConnectionService<B> + Send + 'static,
     B: ResponseBody,
     L: Lifecycle,
+    H: Handshake,
 {
     let mut http = http1::Builder::new();
     http.keep_alive(true)
@@ -283,9 +326,19 @@ pub async fn serve_connections<M, S, B, L>(
             }
         };
         let service = make_service(peer);
-        let (http, lifecycle) = (Arc::clone(&http), lifecycle.clone());
+        let (http, lifecycle, handshake) = (Arc::clone(&http), lifecycle.clone(), handshake.clone());
         connections.spawn(async move {
-            serve_connection(&http, stream, permit, peer, service, &lifecycle, &limits).await;
+            // Responses are written in one go; don't let Nagle delay the last segment.
+            if let Err(error) = stream.set_nodelay(true) {
+                debug!(%error, "cannot set TCP_NODELAY");
+            }
+            let Some(io) = handshake
+                .handshake(stream, peer, limits.header_read_timeout)
+                .await
+            else {
+                return;
+            };
+            serve_connection(&http, io, permit, peer, service, &lifecycle, &limits).await;
         });
         // Reap finished tasks as we go, so the set only holds open connections.
         while connections.try_join_next().is_some() {}
@@ -314,9 +367,9 @@ pub async fn serve_connections<M, S, B, L>(
     }
 }
 
-async fn serve_connection<S, B, L>(
+async fn serve_connection<S, B, L, I>(
     http: &http1::Builder,
-    stream: TcpStream,
+    stream: I,
     slot: OwnedSemaphorePermit,
     peer: SocketAddr,
     service: S,
@@ -326,11 +379,8 @@ async fn serve_connection<S, B, L>(
     S: ConnectionService<B>,
     B: ResponseBody,
     L: Lifecycle,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // Responses are written in one go; don't let Nagle delay the last segment.
-    if let Err(error) = stream.set_nodelay(true) {
-        debug!(%error, "cannot set TCP_NODELAY");
-    }
     let activity = Activity::new();
     // The socket holds its cap slot: the slot is freed for the next connection
     // waiting in the backlog when the socket closes, whoever owns it by then.

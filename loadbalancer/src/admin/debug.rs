@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::backend_state::BackendState;
 use crate::backends::Backends;
 use crate::backends::SourceKind;
+use crate::tls::CertInfo;
 
 /// The whole document.
 #[derive(Debug, Serialize)]
@@ -21,6 +22,9 @@ pub(super) struct Snapshot {
     /// In list order (sorted by address), so the status page's rows never jump.
     backends: Vec<BackendView>,
     discovery: DiscoveryView,
+    /// The HTTPS listener's certificates in force; absent without `tls`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    certificates: Option<Vec<CertInfo>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -63,7 +67,7 @@ struct ErrorView {
 
 impl Snapshot {
     /// Reads the current state of `backends` and its discovery.
-    pub(super) fn of(backends: &Backends) -> Self {
+    pub(super) fn of(backends: &Backends, certificates: Option<Vec<CertInfo>>) -> Self {
         let (now, wall_now) = (Instant::now(), SystemTime::now());
         let status = backends.discovery_status();
         Self {
@@ -82,6 +86,7 @@ impl Snapshot {
                     message: error.message,
                 }),
             },
+            certificates,
         }
     }
 }
@@ -123,7 +128,7 @@ mod tests {
         backends
             .state(addr)
             .eject_until(Instant::now() + Duration::from_secs(60));
-        let json = serde_json::to_value(Snapshot::of(&backends)).expect("serializes");
+        let json = serde_json::to_value(Snapshot::of(&backends, None)).expect("serializes");
         let backend = &json["backends"][0];
         assert_eq!(backend["address"], "10.0.0.1:80");
         assert_eq!(backend["ejected"], true);
@@ -138,7 +143,7 @@ mod tests {
         let status = backends.discovery_status();
         status.set_source(SourceKind::Kubernetes);
         status.record_error(&std::io::Error::other("connection refused"));
-        let json = serde_json::to_value(Snapshot::of(&backends)).expect("serializes");
+        let json = serde_json::to_value(Snapshot::of(&backends, None)).expect("serializes");
         let discovery = &json["discovery"];
         assert_eq!(discovery["source"], "kubernetes");
         assert_eq!(discovery["synced"], false);

@@ -24,6 +24,8 @@ use http::header::{
 };
 use service_kit::headers::list_items;
 
+use super::Scheme;
+
 pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -87,8 +89,8 @@ impl Hops {
     }
 }
 
-/// We terminate plain HTTP; TLS, if any, ends in front of us.
 const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
+const PROTO_HTTPS: HeaderValue = HeaderValue::from_static("https");
 
 /// Removes hop-by-hop headers: `Connection` and every header it names, the fixed
 /// list above, and any other `Proxy-*` header. Returns what they asked for that
@@ -135,7 +137,7 @@ fn is_proxy_header(name: &HeaderName) -> bool {
 /// Tells the backend who the client is: appends the client's IP to
 /// `X-Forwarded-For` (keeping the hops before us), and sets `X-Forwarded-Proto`
 /// and `X-Forwarded-Host`. `Host` itself passes through untouched.
-pub(crate) fn add_forwarding(headers: &mut HeaderMap, client_ip: &HeaderValue) {
+pub(crate) fn add_forwarding(headers: &mut HeaderMap, client_ip: &HeaderValue, scheme: Scheme) {
     match headers.entry(X_FORWARDED_FOR) {
         Entry::Vacant(entry) => {
             entry.insert(client_ip.clone());
@@ -154,7 +156,11 @@ pub(crate) fn add_forwarding(headers: &mut HeaderMap, client_ip: &HeaderValue) {
             }
         }
     }
-    headers.insert(X_FORWARDED_PROTO, PROTO_HTTP);
+    let proto = match scheme {
+        Scheme::Http => PROTO_HTTP,
+        Scheme::Https => PROTO_HTTPS,
+    };
+    headers.insert(X_FORWARDED_PROTO, proto);
     if let Some(host) = headers.get(HOST).cloned() {
         headers.insert(X_FORWARDED_HOST, host);
     }
@@ -173,6 +179,26 @@ pub(crate) fn use_target_authority(request: &mut http::request::Parts) {
     if let Ok(host) = HeaderValue::from_str(&host) {
         request.headers.insert(HOST, host);
     }
+}
+
+/// Where a plain-HTTP request is redirected with `tls.redirectHttp`: the same
+/// host (without its port), path and query, over HTTPS on `port` (left out when
+/// it is 443). `None` when the request named no host.
+pub(crate) fn https_location(request: &http::request::Parts, port: u16) -> Option<HeaderValue> {
+    let host = match request.uri.host() {
+        Some(host) => host.to_owned(),
+        None => {
+            let header = request.headers.get(HOST)?.to_str().ok()?;
+            let authority: http::uri::Authority = header.parse().ok()?;
+            authority.host().to_owned()
+        }
+    };
+    let target = request.uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = match port {
+        443 => format!("https://{host}{target}"),
+        port => format!("https://{host}:{port}{target}"),
+    };
+    HeaderValue::from_str(&location).ok()
 }
 
 /// The client's IP as a header value, built once per connection and shared by
@@ -257,7 +283,7 @@ mod tests {
             ("x-forwarded-for", "198.51.100.2"),
             ("host", "example.test"),
         ]);
-        add_forwarding(&mut map, &ip_header_value([127, 0, 0, 1].into()));
+        add_forwarding(&mut map, &ip_header_value([127, 0, 0, 1].into()), Scheme::Http);
         assert_eq!(
             map["x-forwarded-for"],
             "203.0.113.7, 198.51.100.2, 127.0.0.1"
@@ -288,8 +314,9 @@ mod tests {
     #[test]
     fn forwarding_headers_start_a_chain() {
         let mut map = HeaderMap::new();
-        add_forwarding(&mut map, &ip_header_value("::1".parse().expect("valid IP")));
+        add_forwarding(&mut map, &ip_header_value("::1".parse().expect("valid IP")), Scheme::Https);
         assert_eq!(map["x-forwarded-for"], "::1");
+        assert_eq!(map["x-forwarded-proto"], "https");
         assert!(!map.contains_key("x-forwarded-host"));
     }
 }

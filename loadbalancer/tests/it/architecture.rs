@@ -35,7 +35,7 @@ const LOADBALANCER_LAYERS: &[&[&str]] = &[
     &["metrics", "shutdown", "response", "balancer", "retry"],
     &["backend_state"],
     &["backends"],
-    &["outlier", "discovery", "upstream"],
+    &["outlier", "discovery", "upstream", "tls"],
     &["proxy", "health"],
     &["server", "workers", "admin"],
     &["config"],

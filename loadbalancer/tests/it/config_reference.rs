@@ -20,8 +20,10 @@ struct Row {
     range: Option<(i64, Option<i64>)>,
 }
 
-/// The guide's required keys, the smallest valid file.
-const REQUIRED: &str = r#"{"port": 8080, "backendServiceName": "web", "backendPort": 80}"#;
+/// The guide's required keys, the smallest valid file, with TLS on (`"tls": {}`)
+/// so that its keys are read with their defaults too.
+const REQUIRED: &str =
+    r#"{"port": 8080, "backendServiceName": "web", "backendPort": 80, "tls": {}}"#;
 
 fn reference() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md")

@@ -10,7 +10,7 @@ use loadbalancer::backends::Backends;
 use loadbalancer::balancer::RoundRobin;
 use loadbalancer::metrics::Metrics;
 use loadbalancer::proxy::Proxy;
-use loadbalancer::server::ServerLimits;
+use loadbalancer::server::{Entry, ServerLimits};
 use loadbalancer::shutdown::Shutdown;
 use loadbalancer::workers::Workers;
 use tokio::net::TcpStream;
@@ -46,7 +46,7 @@ async fn two_workers(
             metrics(),
         )
     };
-    Workers::start(TWO, addr, make_proxy, limits, shutdown).await
+    Workers::start(TWO, vec![(addr, Entry::Http)], make_proxy, limits, shutdown).await
 }
 
 /// Bound asserted: exact. Requests are sequential and every worker's proxy
@@ -65,7 +65,7 @@ async fn workers_share_one_port_and_one_rotation_then_stop() {
     )
     .await
     .expect("workers bind a free loopback port");
-    let addr = workers.local_addr();
+    let addr = workers.local_addrs()[0];
     assert_ne!(addr.port(), 0, "the real port is reported");
 
     // `get` opens a fresh connection each time, so connections land on both
@@ -125,7 +125,7 @@ async fn the_workers_share_one_connection_cap() {
     let workers = two_workers(loopback_any_port(), &backends, limits, &shutdown)
         .await
         .expect("workers bind a free loopback port");
-    let addr = workers.local_addr();
+    let addr = workers.local_addrs()[0];
 
     let first = answered_connection(addr).await;
     let second = answered_connection(addr).await;

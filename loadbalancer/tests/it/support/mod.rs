@@ -303,6 +303,7 @@ fn test_config(settings: ProxySettings, limits: ServerLimits) -> Config {
         health: Default::default(),
         resilience: Default::default(),
         balancing: Default::default(),
+        tls: Default::default(),
     }
 }
 
