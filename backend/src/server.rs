@@ -114,8 +114,14 @@ pub async fn serve_with(
         })
     };
     let cap = listener::ConnectionCap::new(limits.max_connections);
-    let serving =
-        listener::serve_connections(listener, listener::Plain, make_service, lifecycle, limits, cap);
+    let serving = listener::serve_connections(
+        listener,
+        listener::Plain,
+        make_service,
+        lifecycle,
+        limits,
+        cap,
+    );
     let stopping = async {
         shutdown.await;
         app.begin_shutdown();

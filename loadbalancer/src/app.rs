@@ -144,28 +144,31 @@ impl App {
         // Certificates are read before any port opens: a broken pair stops
         // the process with the file and the reason, before it takes traffic.
         let tls = match &config.tls.tls {
-            Some(tls_config) => Some((
-                tls_config,
-                Tls::load(tls_config, Arc::clone(&metrics))?,
-            )),
+            Some(tls_config) => Some((tls_config, Tls::load(tls_config, Arc::clone(&metrics))?)),
             None => None,
         };
-        let mut ports = vec![(
-            SocketAddr::new(ip, config.listen.port),
-            match &tls {
-                Some((tls_config, _)) if tls_config.redirect_http => {
-                    Entry::RedirectToHttps(tls_config.port)
-                }
-                _ => Entry::Http,
-            },
-        )];
-        if let Some((tls_config, tls)) = &tls {
-            ports.push((SocketAddr::new(ip, tls_config.port), Entry::Https(tls.clone())));
+        let plain = workers::listen(SocketAddr::new(ip, config.listen.port))
+            .context("binding the proxy port")?;
+        let mut sockets = Vec::new();
+        match &tls {
+            Some((tls_config, tls)) => {
+                let https = workers::listen(SocketAddr::new(ip, tls_config.port))
+                    .context("binding the HTTPS port")?;
+                let https_port = https.local_addr()?.port();
+                let entry = if tls_config.redirect_http {
+                    Entry::RedirectToHttps(https_port)
+                } else {
+                    Entry::Http
+                };
+                sockets.push((plain, entry));
+                sockets.push((https, Entry::Https(tls.clone())));
+            }
+            None => sockets.push((plain, Entry::Http)),
         }
         let mut proxies = Vec::with_capacity(options.workers.get());
         let workers = Workers::start(
             options.workers,
-            ports,
+            sockets,
             || {
                 let proxy = Proxy::with_resilience(
                     backends.clone(),
@@ -181,7 +184,7 @@ impl App {
             &shutdown,
         )
         .await
-        .context("binding the proxy ports")?;
+        .context("starting the proxy workers")?;
         let tls_addr = workers.local_addrs().get(1).copied();
         let admin_listener = server::bind(SocketAddr::new(
             config.listen.bind_address,
@@ -200,8 +203,8 @@ impl App {
         );
         let tls = tls.map(|(_, tls)| tls);
         let certificate_watch = tls.as_ref().map(Tls::watch);
-        let admin = Admin::new(backends.clone(), shutdown.clone(), Arc::clone(&metrics))
-            .with_tls(tls);
+        let admin =
+            Admin::new(backends.clone(), shutdown.clone(), Arc::clone(&metrics)).with_tls(tls);
         let admin = tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone()));
 
         let health = options.health_checks.then(|| {

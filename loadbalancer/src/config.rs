@@ -37,8 +37,8 @@ pub use crate::outlier::OutlierConfig;
 pub use crate::proxy::ProxyConfig;
 use crate::proxy::Resilience;
 pub use crate::retry::RetriesConfig;
-pub use crate::tls::{CertPair, TlsConfig};
 use crate::server::ServerLimits;
+pub use crate::tls::{CertPair, TlsConfig};
 
 /// Where the ConfigMap is mounted inside the pod.
 pub const DEFAULT_PATH: &str = "/etc/config/config.json";
@@ -420,9 +420,6 @@ impl Config {
         self.health.health_check.validate()?;
         self.resilience.outlier.validate()?;
         self.resilience.retries.validate()?;
-        if let Some(tls) = &self.tls.tls {
-            tls.validate()?;
-        }
         Ok(())
     }
 }

@@ -52,7 +52,8 @@ use crate::metrics::{HandshakeFailure, Metrics, ReloadResult, TlsVersion};
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct TlsConfig {
-    /// The HTTPS port, beside the plain `port`. Default 8443.
+    /// The HTTPS port, beside the plain `port`; `0` picks a free port, as for
+    /// `port`. Default 8443.
     pub port: u16,
     /// The default certificate chain (PEM). Default `/etc/tls/tls.crt`, where
     /// the manifests mount the `loadbalancer-tls` Secret.
@@ -88,14 +89,6 @@ pub struct CertPair {
 }
 
 impl TlsConfig {
-    /// Checks the values; the error names the key and the reason.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        if self.port == 0 {
-            return Err(("tls.port", "must be between 1 and 65535".to_owned()));
-        }
-        Ok(())
-    }
-
     /// Every pair, the default first.
     fn pairs(&self) -> Vec<CertPair> {
         let default = CertPair {
@@ -190,7 +183,8 @@ impl Tls {
                     Ok(None) => {}
                     Err(error) => {
                         error!(file = %file.path().display(), %error, "TLS certificate file unreadable; keeping the certificates in force");
-                        self.metrics.record_certificate_reload(ReloadResult::Failure);
+                        self.metrics
+                            .record_certificate_reload(ReloadResult::Failure);
                     }
                 }
             }
@@ -207,7 +201,8 @@ impl Tls {
                 set.record_expiry(&self.metrics);
                 let infos = set.infos();
                 self.certificates.replace(set);
-                self.metrics.record_certificate_reload(ReloadResult::Success);
+                self.metrics
+                    .record_certificate_reload(ReloadResult::Success);
                 for cert in infos {
                     info!(
                         file = %cert.cert_file, subject = %cert.subject, serial = %cert.serial,
@@ -217,7 +212,8 @@ impl Tls {
             }
             Err(error) => {
                 error!(%error, "TLS certificates rejected; keeping the certificates in force");
-                self.metrics.record_certificate_reload(ReloadResult::Failure);
+                self.metrics
+                    .record_certificate_reload(ReloadResult::Failure);
             }
         }
     }
@@ -249,7 +245,8 @@ impl Handshake for Tls {
                 HandshakeFailure::Timeout
             }
         };
-        self.metrics.record_handshake(TlsVersion::None, Some(failure));
+        self.metrics
+            .record_handshake(TlsVersion::None, Some(failure));
         None
     }
 }

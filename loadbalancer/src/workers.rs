@@ -20,7 +20,7 @@
 //! own pool of keep-alive upstream connections).
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::num::NonZeroUsize;
 use std::thread;
 
@@ -44,28 +44,23 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Binds one listening socket to each of `ports` (port 0 picks a free port)
-    /// and starts `count` worker threads that accept from all of them, each
-    /// entered as its [`Entry`] says, each serving the
+    /// Starts `count` worker threads that accept from every one of `sockets`
+    /// (made by [`listen`]), each entered as its [`Entry`] says, each serving the
     /// proxy that `make_proxy` builds for it under `limits` until `shutdown` stops
     /// it. `limits.max_connections` caps the process: the workers share one
     /// [`ConnectionCap`], so any worker may take a connection while the process
     /// is under it.
     ///
-    /// Everything that can fail for a reason an operator can fix (a port in use,
-    /// no permission) fails here, before the first worker starts, and is returned.
+    /// Everything that can fail fails here, before the first worker serves,
+    /// and is returned.
     pub async fn start(
         count: NonZeroUsize,
-        ports: Vec<(SocketAddr, Entry)>,
+        sockets: Vec<(StdTcpListener, Entry)>,
         mut make_proxy: impl FnMut() -> Proxy,
         limits: ServerLimits,
         shutdown: &Shutdown,
     ) -> io::Result<Self> {
         let cap = ConnectionCap::new(limits.max_connections);
-        let mut sockets = Vec::with_capacity(ports.len());
-        for (addr, entry) in ports {
-            sockets.push((listening_socket(addr)?, entry));
-        }
         let addrs = sockets
             .iter()
             .map(|(socket, _)| socket.local_addr())
@@ -149,6 +144,14 @@ impl Workers {
             let _ = worker.await;
         }
     }
+}
+
+/// A listening socket on `addr` for [`Workers::start`] (port 0 picks a free
+/// port). Binding is separate from starting so that a caller can learn the
+/// ports first, and so that a port in use or a missing permission, which an
+/// operator can fix, fails before anything starts.
+pub fn listen(addr: SocketAddr) -> io::Result<StdTcpListener> {
+    listening_socket(addr)
 }
 
 /// The number of workers that fits this machine: one per core the process may

@@ -326,7 +326,8 @@ pub async fn serve_connections<M, S, B, L, H>(
             }
         };
         let service = make_service(peer);
-        let (http, lifecycle, handshake) = (Arc::clone(&http), lifecycle.clone(), handshake.clone());
+        let (http, lifecycle, handshake) =
+            (Arc::clone(&http), lifecycle.clone(), handshake.clone());
         connections.spawn(async move {
             // Responses are written in one go; don't let Nagle delay the last segment.
             if let Err(error) = stream.set_nodelay(true) {

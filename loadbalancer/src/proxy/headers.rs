@@ -283,7 +283,11 @@ mod tests {
             ("x-forwarded-for", "198.51.100.2"),
             ("host", "example.test"),
         ]);
-        add_forwarding(&mut map, &ip_header_value([127, 0, 0, 1].into()), Scheme::Http);
+        add_forwarding(
+            &mut map,
+            &ip_header_value([127, 0, 0, 1].into()),
+            Scheme::Http,
+        );
         assert_eq!(
             map["x-forwarded-for"],
             "203.0.113.7, 198.51.100.2, 127.0.0.1"
@@ -314,7 +318,11 @@ mod tests {
     #[test]
     fn forwarding_headers_start_a_chain() {
         let mut map = HeaderMap::new();
-        add_forwarding(&mut map, &ip_header_value("::1".parse().expect("valid IP")), Scheme::Https);
+        add_forwarding(
+            &mut map,
+            &ip_header_value("::1".parse().expect("valid IP")),
+            Scheme::Https,
+        );
         assert_eq!(map["x-forwarded-for"], "::1");
         assert_eq!(map["x-forwarded-proto"], "https");
         assert!(!map.contains_key("x-forwarded-host"));

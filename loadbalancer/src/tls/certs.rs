@@ -28,7 +28,10 @@ use crate::metrics::Metrics;
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("TLS certificate file {file}: cannot read it: {reason}")]
-    Read { file: String, reason: std::io::Error },
+    Read {
+        file: String,
+        reason: std::io::Error,
+    },
     #[error("TLS certificate file {file}: no PEM certificate in it")]
     NoCertificate { file: String },
     #[error("TLS key file {file}: no PEM private key in it (PKCS#8, PKCS#1 or SEC1)")]
@@ -165,8 +168,9 @@ fn load(pair: &CertPair) -> Result<Loaded, CertError> {
             not_after: info.not_after,
         });
     }
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|_| CertError::NoKey { file: key_file.clone() })?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| CertError::NoKey {
+        file: key_file.clone(),
+    })?;
     let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|reason| {
         CertError::UnusableKey {
             file: key_file.clone(),
@@ -174,16 +178,14 @@ fn load(pair: &CertPair) -> Result<Loaded, CertError> {
         }
     })?;
     let certified = CertifiedKey::new(chain.clone(), signing);
-    certified
-        .keys_match()
-        .map_err(|_| CertError::Mismatch {
-            cert_file: cert_file.clone(),
-            key_file,
-        })?;
+    certified.keys_match().map_err(|_| CertError::Mismatch {
+        cert_file: cert_file.clone(),
+        key_file,
+    })?;
     let dns_names = info
         .names
         .iter()
-        .filter(|name| !name.parse::<std::net::IpAddr>().is_ok())
+        .filter(|name| name.parse::<std::net::IpAddr>().is_err())
         .map(|name| name.to_ascii_lowercase())
         .collect();
     Ok(Loaded {
@@ -246,7 +248,9 @@ fn ip_of(bytes: &[u8]) -> Option<std::net::IpAddr> {
 fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| i64::try_from(since.as_secs()).unwrap_or(i64::MAX))
+        .map_or(0, |since| {
+            i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+        })
 }
 
 #[cfg(test)]

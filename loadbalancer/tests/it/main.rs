@@ -26,6 +26,7 @@ mod proxy;
 mod reload;
 mod server;
 mod status_page;
+mod tls;
 mod tunnels;
 mod upstream_wire;
 mod websocket;

@@ -12,7 +12,7 @@ use loadbalancer::metrics::Metrics;
 use loadbalancer::proxy::Proxy;
 use loadbalancer::server::{Entry, ServerLimits};
 use loadbalancer::shutdown::Shutdown;
-use loadbalancer::workers::Workers;
+use loadbalancer::workers::{self, Workers};
 use tokio::net::TcpStream;
 
 use crate::support::raw::RawConn;
@@ -46,7 +46,15 @@ async fn two_workers(
             metrics(),
         )
     };
-    Workers::start(TWO, vec![(addr, Entry::Http)], make_proxy, limits, shutdown).await
+    let socket = workers::listen(addr)?;
+    Workers::start(
+        TWO,
+        vec![(socket, Entry::Http)],
+        make_proxy,
+        limits,
+        shutdown,
+    )
+    .await
 }
 
 /// Bound asserted: exact. Requests are sequential and every worker's proxy

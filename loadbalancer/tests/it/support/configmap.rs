@@ -9,7 +9,8 @@
 //!
 //! An update writes a new timestamped directory, points a `..data_tmp` symlink
 //! at it, renames that over `..data` (one atomic step), then deletes the old
-//! directory: the file never appears half-written or missing.
+//! directory: the file never appears half-written or missing. A Secret volume
+//! (`tls.crt` and `tls.key`) is mounted the same way, with several files.
 
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -30,14 +31,32 @@ pub(crate) struct ConfigMapDir {
 impl ConfigMapDir {
     /// A mount whose `config.json` holds `json`.
     pub(crate) fn new(json: &str) -> Self {
+        Self::with_files(&[("config.json", json.as_bytes())])
+    }
+
+    /// A mount holding each `(name, content)` of `files`, every one linked as
+    /// `<mount>/<name> -> ..data/<name>`.
+    pub(crate) fn with_files(files: &[(&str, &[u8])]) -> Self {
         let mut mount = Self {
             dir: temp_dir(),
             current: None,
             version: 0,
         };
-        mount.update(json);
-        symlink("..data/config.json", mount.path()).expect("link config.json into ..data");
+        mount.update_files(files);
+        for (name, _) in files {
+            symlink(Path::new("..data").join(name), mount.dir.join(name))
+                .expect("link the file into ..data");
+        }
         mount
+    }
+
+    /// The path of `name` in the mount, as a pod sees it.
+    #[allow(
+        dead_code,
+        reason = "the load balancer's TLS tests use it; the backend's, which compile this file too, do not"
+    )]
+    pub(crate) fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
     }
 
     /// The path a pod is given: `<mount>/config.json`.
@@ -56,6 +75,11 @@ impl ConfigMapDir {
 
     /// Publishes `json` as the kubelet publishes a ConfigMap change.
     pub(crate) fn update(&mut self, json: &str) {
+        self.update_files(&[("config.json", json.as_bytes())]);
+    }
+
+    /// Publishes new contents for every file at once, as the kubelet does.
+    pub(crate) fn update_files(&mut self, files: &[(&str, &[u8])]) {
         self.version += 1;
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -64,7 +88,9 @@ impl ConfigMapDir {
         let name = format!("..{nanos}.{}", self.version);
         let version_dir = self.dir.join(&name);
         std::fs::create_dir(&version_dir).expect("create the version directory");
-        std::fs::write(version_dir.join("config.json"), json).expect("write the new config");
+        for (file, content) in files {
+            std::fs::write(version_dir.join(file), content).expect("write the new content");
+        }
         let tmp = self.dir.join("..data_tmp");
         symlink(Path::new(&name), &tmp).expect("link ..data_tmp");
         std::fs::rename(&tmp, self.dir.join("..data")).expect("swap ..data atomically");

@@ -29,6 +29,7 @@ pub(crate) mod load;
 pub(crate) mod process;
 pub(crate) mod raw;
 pub(crate) mod scripted;
+pub(crate) mod tls;
 pub(crate) mod upstream;
 
 use std::collections::BTreeMap;
