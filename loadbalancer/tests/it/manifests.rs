@@ -1055,3 +1055,26 @@ fn the_https_service_port_reaches_the_tls_port_and_kind_maps_its_node_port() {
         .expect("a fixed nodePort, so kind can map it");
     assert_kind_maps(node_port, KIND_TLS_HOST_PORT);
 }
+
+#[test]
+fn make_tls_cert_names_the_loadbalancer_service() {
+    let manifests = Manifests::load();
+    let service = manifests.get::<Service>("loadbalancer-service");
+    let name = service.metadata.name.as_deref().unwrap_or_default();
+    let makefile = read("Makefile");
+    let names: Vec<&str> = makefile
+        .split("subjectAltName=")
+        .nth(1)
+        .and_then(|rest| rest.split(['"', '\'', ' ']).next())
+        .expect("make tls-cert sets subjectAltName")
+        .split(',')
+        .collect();
+    // A client inside the cluster (default namespace) verifies the Service's name.
+    for expected in [
+        "DNS:localhost",
+        "IP:127.0.0.1",
+        &format!("DNS:{name}.default.svc"),
+    ] {
+        assert!(names.contains(&expected), "{expected} is not in {names:?}");
+    }
+}
