@@ -5,7 +5,7 @@
 BACKEND_IMAGE ?= backend:0.1.0
 LOADBALANCER_IMAGE ?= loadbalancer:0.1.0
 
-.PHONY: help demo test run-backend fmt lint image-backend image-loadbalancer images kind-up kind-down bench
+.PHONY: help demo test run-backend fmt lint image-backend image-loadbalancer images kind-up kind-down tls-cert bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -46,6 +46,19 @@ kind-up: ## create the kind cluster, load the images, deploy k8s/, smoke-test lo
 
 kind-down: ## delete the kind cluster
 	bash scripts/kind-down.sh
+
+# For `kubectl create secret tls loadbalancer-tls --cert=tls/tls.crt --key=tls/tls.key`
+# (docs/kubernetes.md, "TLS"). tls/ is git-ignored: the key must never be committed.
+# CA:FALSE: OpenSSL marks an -x509 certificate CA:TRUE by default, and clients built
+# on rustls (webpki) refuse such a certificate from a server (CaUsedAsEndEntity).
+tls-cert: ## self-signed ECDSA P-256 certificate and key for localhost in tls/ (30 days)
+	@SCRIPT="make tls-cert" bash -c 'source scripts/kind-lib.sh && require openssl'
+	mkdir -p tls
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+		-subj /CN=localhost \
+		-addext "subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:loadbalancer-service.default.svc" \
+		-addext "basicConstraints=critical,CA:FALSE" \
+		-keyout tls/tls.key -out tls/tls.crt
 
 # `make bench`, `make bench SCENARIO=soak`, `make bench DURATION=10 ROUNDS=5`: make
 # exports command-line variables, and scripts/bench.sh reads them (see its header).

@@ -32,6 +32,7 @@ require() {
       docker)  echo "$SCRIPT: docker is missing: https://docs.docker.com/engine/install/" >&2 ;;
       kind)    echo "$SCRIPT: kind is missing: https://kind.sigs.k8s.io/docs/user/quick-start/#installation" >&2 ;;
       kubectl) echo "$SCRIPT: kubectl is missing: https://kubernetes.io/docs/tasks/tools/" >&2 ;;
+      openssl) echo "$SCRIPT: openssl is missing: install the openssl package (Debian/Ubuntu: apt-get install openssl)" >&2 ;;
       *)       echo "$SCRIPT: $tool is missing" >&2 ;;
     esac
   done

@@ -3,7 +3,7 @@
 #
 #   1. checks that docker, kind, kubectl and curl are installed (and says which are not)
 #   2. creates the kind cluster `loadbalancer-learning` from kind/cluster.yaml, unless
-#      it exists (the config maps NodePort 30080 to localhost:8080)
+#      it exists (the config maps NodePorts 30080 and 30443 to localhost:8080 and 8443)
 #   3. builds both images (names from the Makefile) and loads them into the cluster
 #      with `kind load docker-image`, so no registry is needed
 #   4. `kubectl apply -f k8s/` and waits for both rollouts (pods that ran an older
