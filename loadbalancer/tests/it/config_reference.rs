@@ -58,6 +58,13 @@ fn rows(heading: &str) -> Vec<Row> {
         .collect()
 }
 
+/// The load balancer's rows: the main table and the TLS keys' own.
+fn load_balancer_rows() -> Vec<Row> {
+    let mut rows = rows("Load balancer keys");
+    rows.extend(self::rows("TLS keys"));
+    rows
+}
+
 /// `a–b`, `≥ a` or `—`.
 fn parse_range(text: &str) -> Option<(i64, Option<i64>)> {
     let number = |s: &str| -> i64 { s.trim().parse().expect("a range bound is an integer") };
@@ -142,7 +149,7 @@ fn every_key_the_code_reads_is_documented_with_its_default() {
     let mut code_keys = Vec::new();
     key_paths(&written, "", &mut code_keys);
     code_keys.sort();
-    let rows = rows("Load balancer keys");
+    let rows = load_balancer_rows();
     let mut documented: Vec<String> = rows.iter().map(|row| row.key.clone()).collect();
     documented.sort();
     assert_eq!(
@@ -164,35 +171,7 @@ fn every_key_the_code_reads_is_documented_with_its_default() {
 
 #[test]
 fn every_documented_range_is_what_the_code_accepts() {
-    check_ranges(&rows("Load balancer keys"), REQUIRED, parse);
-}
-
-/// The `tls` section has a table of its own ("### TLS keys", below the load
-/// balancer's). The loader does not read `tls` yet (the TLS listener is being built
-/// beside these docs), so only that table's rows are checked here: the section's
-/// five keys, each with a default that is JSON.
-// When `Config::parse` gains `tls`: check these rows like the main table's, their
-// keys and defaults in every_key_the_code_reads_is_documented_with_its_default
-// (e.g. chain `rows("TLS keys")` onto `rows("Load balancer keys")` there) and
-// their ranges with check_ranges, and drop this test.
-#[test]
-fn the_tls_keys_have_a_table_of_their_own() {
-    let rows = rows("TLS keys");
-    let keys: Vec<&str> = rows.iter().map(|row| row.key.as_str()).collect();
-    assert_eq!(
-        keys,
-        [
-            "tls.port",
-            "tls.certFile",
-            "tls.keyFile",
-            "tls.certificates",
-            "tls.redirectHttp"
-        ]
-    );
-    for row in &rows {
-        assert!(row.default.is_some(), "{} has a default", row.key);
-    }
-    assert_eq!(rows[0].range, Some((1, Some(65535))), "tls.port");
+    check_ranges(&load_balancer_rows(), REQUIRED, parse);
 }
 
 /// The backend's required keys.
