@@ -13,6 +13,7 @@ use std::time::Duration;
 use http::StatusCode;
 use loadbalancer::app::{App, Options};
 use loadbalancer::config::Config;
+use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -348,4 +349,83 @@ async fn a_rotated_secret_serves_new_handshakes_with_no_failed_request_and_a_bro
         .expect("still served");
     assert_eq!(reply.peer_cert, new.der, "the last good certificate stays");
     app.stop(Duration::ZERO).await;
+}
+
+/// Runs `openssl` with `args` in `dir`, which the CI script installs.
+fn openssl(dir: &Path, args: &[&str]) {
+    let status = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl runs (Debian package openssl)");
+    assert!(status.success(), "openssl {args:?}");
+}
+
+#[tokio::test]
+async fn rsa_keys_in_pkcs1_and_ecdsa_keys_in_sec1_are_accepted() {
+    let upstream = start_backend("backend-1").await;
+    let dir = crate::support::process::temp_dir();
+    // An RSA key in PKCS#1 ("BEGIN RSA PRIVATE KEY") and an EC key in SEC1
+    // ("BEGIN EC PRIVATE KEY"); rcgen's own keys, used elsewhere, are PKCS#8.
+    openssl(&dir, &["genrsa", "-traditional", "-out", "rsa.key", "2048"]);
+    openssl(
+        &dir,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "ec.key",
+        ],
+    );
+    for key in ["rsa.key", "ec.key"] {
+        let cert = format!("{key}.crt");
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-key",
+                key,
+                "-out",
+                &cert,
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=DNS:localhost",
+                "-addext",
+                "basicConstraints=critical,CA:FALSE",
+            ],
+        );
+        let pem = std::fs::read_to_string(dir.join(key)).expect("the key was written");
+        let format = if key == "rsa.key" {
+            "BEGIN RSA PRIVATE KEY"
+        } else {
+            "BEGIN EC PRIVATE KEY"
+        };
+        assert!(pem.contains(format), "{key} is {format}");
+        let extra = format!(
+            r#", "tls": {{"port": 0, "certFile": "{}", "keyFile": "{}"}}"#,
+            dir.join(&cert).display(),
+            dir.join(key).display()
+        );
+        let app = start(&upstream, &extra)
+            .await
+            .expect("the pair is accepted");
+        let der = rustls::pki_types::CertificateDer::from_pem_file(dir.join(&cert))
+            .expect("the certificate reads back");
+        let client = TlsClient::trusting_der(der.clone());
+        let addr = app.tls_addr().expect("an HTTPS port");
+        let reply = client
+            .get(addr, "localhost", "/")
+            .await
+            .expect("an HTTPS exchange");
+        assert_eq!(reply.peer_cert, der, "{key}");
+        app.stop(Duration::ZERO).await;
+    }
 }

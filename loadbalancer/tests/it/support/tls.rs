@@ -109,10 +109,25 @@ impl TlsClient {
         Self::build(certs, rustls::client::Resumption::default())
     }
 
+    /// A client that trusts the one certificate `der`, made outside the tests.
+    pub(crate) fn trusting_der(der: CertificateDer<'static>) -> Self {
+        Self::with_roots(vec![der], rustls::client::Resumption::disabled())
+    }
+
     fn build(certs: &[&TestCert], resumption: rustls::client::Resumption) -> Self {
+        Self::with_roots(
+            certs.iter().map(|cert| cert.der.clone()).collect(),
+            resumption,
+        )
+    }
+
+    fn with_roots(
+        certs: Vec<CertificateDer<'static>>,
+        resumption: rustls::client::Resumption,
+    ) -> Self {
         let mut roots = RootCertStore::empty();
         for cert in certs {
-            roots.add(cert.der.clone()).expect("a valid certificate");
+            roots.add(cert).expect("a valid certificate");
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ClientConfig::builder_with_provider(provider)
