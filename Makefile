@@ -47,7 +47,8 @@ kind-up: ## create the kind cluster, load the images, deploy k8s/, smoke-test lo
 kind-down: ## delete the kind cluster
 	bash scripts/kind-down.sh
 
-# `make bench`, `make bench SCENARIO=soak`, `make bench DURATION=10 ROUNDS=5`: make
-# exports command-line variables, and scripts/bench.sh reads them (see its header).
-bench: ## benchmark against nginx and HAProxy (about 2 minutes); writes docs/bench-results.md
+# `make bench`, `make bench SCENARIO=soak`, `make bench SCENARIO=websocket`,
+# `make bench DURATION=10 ROUNDS=5`: make exports command-line variables, and
+# scripts/bench.sh reads them (see its header for the scenarios).
+bench: ## benchmark against nginx and HAProxy (about 2 minutes; SCENARIO=soak, algorithms or websocket for more); writes docs/bench-results.md
 	bash scripts/bench.sh
