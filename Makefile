@@ -60,7 +60,8 @@ tls-cert: ## self-signed ECDSA P-256 certificate and key for localhost in tls/ (
 		-addext "basicConstraints=critical,CA:FALSE" \
 		-keyout tls/tls.key -out tls/tls.crt
 
-# `make bench`, `make bench SCENARIO=soak`, `make bench DURATION=10 ROUNDS=5`: make
-# exports command-line variables, and scripts/bench.sh reads them (see its header).
-bench: ## benchmark against nginx and HAProxy (about 2 minutes); writes docs/bench-results.md
+# `make bench`, `make bench SCENARIO=soak`, `make bench SCENARIO=websocket`,
+# `make bench DURATION=10 ROUNDS=5`: make exports command-line variables, and
+# scripts/bench.sh reads them (see its header for the scenarios).
+bench: ## benchmark against nginx and HAProxy (about 2 minutes; SCENARIO=soak, algorithms or websocket for more); writes docs/bench-results.md
 	bash scripts/bench.sh

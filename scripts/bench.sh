@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark: our load balancer against nginx and HAProxy on this machine, in one run.
 #
-# Starts three backends on loopback, then measures with wrk (keep-alive clients):
+# Starts three backends on loopback, then measures with wrk (keep-alive clients),
+# or for WebSockets with wsload (backend/examples/wsload.rs), against:
 #   direct   one backend, no proxy: the ceiling
 #   ours     our load balancer, static discovery over the three
 #   nginx    round-robin over the three, upstream keep-alive  (bench/nginx.conf)
@@ -17,31 +18,40 @@
 #   soak        ours only, 60 s: VmRSS at start, middle and end (should stay flat)
 #   algorithms  ours with round_robin against ours with least_request, over two
 #               backends and one that answers SLOW_BACKEND_MS (20) late: p99
+#   websocket   WebSocket echo on /ws over WS_CONNECTIONS (64) connections, each
+#               sending a WS_BYTES (32) binary message and awaiting its echo in
+#               a closed loop: messages/s and round-trip percentiles once the
+#               tunnels are open (nginx and HAProxy set up for WebSocket as in
+#               their docs, see the two files); ROUNDS rounds like throughput
 #
 # Usage: scripts/bench.sh [options]       (make bench passes the env variables)
 #   --scenario LIST     see above                               (env SCENARIO)
 #   --duration S        seconds per measured run (default 5)    (env DURATION)
-#   --rounds N          rounds of throughput runs (default 3; other scenarios 1)
-#                                                               (env ROUNDS)
+#   --rounds N          rounds of throughput and websocket runs (default 3;
+#                       slow and bigbody 1)                     (env ROUNDS)
 #   --connections N     wrk connections for throughput (default 64)
 #                       slow uses SLOW_CONNECTIONS (1000), bigbody BIG_CONNECTIONS
-#                       (16), soak SOAK_DURATION (60)           (env CONNECTIONS)
-#   --threads N         wrk threads (default 2)                 (env WRK_THREADS)
-#   --skip-build        use the release binaries already built  (env SKIP_BUILD=1)
+#                       (16), websocket WS_CONNECTIONS (64) and WS_BYTES (32),
+#                       soak SOAK_DURATION (60)                 (env CONNECTIONS)
+#   --threads N         wrk and wsload threads (default 2)      (env WRK_THREADS)
+#   --skip-build        use the release binaries already built  (env SKIP_BUILD=1);
+#                       they are looked for in $CARGO_TARGET_DIR (default target/)
 #   --no-write          print only; leave docs/bench-results.md alone (env NO_WRITE=1)
 #
-# Aggregation: requests/s is the sum of requests over the sum of run time across
-# rounds; latency percentiles are the median of the rounds' percentiles; errors
-# and CPU ticks are summed. CPU is utime+stime from /proc/<pid>/stat of every
-# process of the target (nginx: master and workers), sampled before and after
-# each run. RSS is each proxy's VmRSS (summed over its processes) half-way
-# through its run, the highest of the rounds. A second table splits each target's
-# CPU per request into the proxy's user and kernel time, the backends', the rest
-# (wrk, interrupts) and the machine's in all (/proc/stat), and says what ours
-# would have to cost for 1.1 times the best other proxy's throughput when the
-# machine is the limit. wrk shares the machine's cores with everything else,
-# equally in every target. Our access log is at `info`, so logLevel `warn`
-# switches it off, like `access_log off` in nginx and no `log` line in HAProxy.
+# Aggregation: requests/s (messages/s for websocket) is the sum of requests over
+# the sum of run time across rounds; latency percentiles are the median of the
+# rounds' percentiles; errors and CPU ticks are summed. CPU is utime+stime from
+# /proc/<pid>/stat of every process of the target (nginx: master and workers),
+# sampled before and after each run. RSS is each proxy's VmRSS (summed over its
+# processes) half-way through its run, the highest of the rounds. A second table
+# splits each target's CPU per request into the proxy's user and kernel time, the
+# backends', the rest (the load generator, interrupts) and the machine's in all
+# (/proc/stat), and says what ours would have to cost for 1.1 times the best
+# other proxy's throughput when the machine is the limit; for websocket a line
+# gives ours against the better of nginx and HAProxy on messages/s and on p99.
+# The load generator shares the machine's cores with everything else, equally in
+# every target. Our access log is at `info`, so logLevel `warn` switches it off,
+# like `access_log off` in nginx and no `log` line in HAProxy.
 set -euo pipefail
 
 SCENARIO="${SCENARIO:-throughput,slow,bigbody}"
@@ -52,13 +62,15 @@ SLOW_CONNECTIONS="${SLOW_CONNECTIONS:-1000}"
 SLOW_SLEEP_MS="${SLOW_SLEEP_MS:-50}"
 BIG_CONNECTIONS="${BIG_CONNECTIONS:-16}"
 BIG_BYTES="${BIG_BYTES:-1048576}"
+WS_CONNECTIONS="${WS_CONNECTIONS:-64}"
+WS_BYTES="${WS_BYTES:-32}"
 SOAK_DURATION="${SOAK_DURATION:-60}"
 SLOW_BACKEND_MS="${SLOW_BACKEND_MS:-20}"
 WRK_THREADS="${WRK_THREADS:-2}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 NO_WRITE="${NO_WRITE:-0}"
 
-usage() { sed -n '2,44s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,/^set /s/^# \{0,1\}//p' "$0"; }
 die() { echo "bench: $*" >&2; exit 1; }
 say() { echo "==> $*" >&2; }
 
@@ -76,13 +88,22 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 for var in DURATION ROUNDS CONNECTIONS SLOW_CONNECTIONS SLOW_SLEEP_MS BIG_CONNECTIONS \
-  BIG_BYTES SOAK_DURATION WRK_THREADS; do
+  BIG_BYTES WS_CONNECTIONS WS_BYTES SOAK_DURATION WRK_THREADS; do
   [[ "${!var}" =~ ^[1-9][0-9]*$ ]] || die "$var must be a positive whole number, got '${!var}'"
 done
 (( SOAK_DURATION >= 10 )) || die "SOAK_DURATION must be at least 10 (seconds)"
+# The backend's echo takes messages up to 16 MiB (MAX_MESSAGE_BYTES).
+(( WS_BYTES <= 16777216 )) || die "WS_BYTES must be at most 16777216 (the backend's message limit)"
 IFS=, read -r -a SCENARIOS <<<"$SCENARIO"
 for s in "${SCENARIOS[@]}"; do
-  [[ "$s" =~ ^(throughput|slow|bigbody|soak|algorithms)$ ]] || die "unknown scenario '$s'"
+  [[ "$s" =~ ^(throughput|slow|bigbody|soak|algorithms|websocket)$ ]] || die "unknown scenario '$s'"
+done
+# Which load generators the chosen scenarios need: wsload for websocket, wrk for
+# every other.
+NEED_WRK=0
+NEED_WSLOAD=0
+for s in "${SCENARIOS[@]}"; do
+  if [[ "$s" == websocket ]]; then NEED_WSLOAD=1; else NEED_WRK=1; fi
 done
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -90,6 +111,7 @@ ROOT="$PWD"
 PATH="$PATH:/usr/sbin:/sbin"
 COMMAND="SCENARIO=$SCENARIO DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=$CONNECTIONS"
 COMMAND+=" SLOW_CONNECTIONS=$SLOW_CONNECTIONS BIG_CONNECTIONS=$BIG_CONNECTIONS"
+(( NEED_WSLOAD )) && COMMAND+=" WS_CONNECTIONS=$WS_CONNECTIONS WS_BYTES=$WS_BYTES"
 COMMAND+=" WRK_THREADS=$WRK_THREADS scripts/bench.sh"
 
 # --- tools -------------------------------------------------------------------
@@ -112,7 +134,7 @@ ensure_tool() {
   done
   command -v "$tool" >/dev/null || die "could not install $tool"
 }
-ensure_tool wrk wrk
+(( NEED_WRK )) && ensure_tool wrk wrk
 ensure_tool nginx nginx-light nginx
 ensure_tool haproxy haproxy
 command -v curl >/dev/null || die "curl is required"
@@ -120,10 +142,19 @@ command -v curl >/dev/null || die "curl is required"
 if [[ "$SKIP_BUILD" != 1 ]]; then
   say "building release binaries (lto = fat, codegen-units = 1: the first build is slow)"
   cargo build --release --locked -p backend -p loadbalancer
+  if (( NEED_WSLOAD )); then
+    say "building the WebSocket load generator (backend/examples/wsload.rs)"
+    cargo build --release --locked -p backend --example wsload
+  fi
 fi
-BACKEND_BIN="$ROOT/target/release/backend"
-LB_BIN="$ROOT/target/release/loadbalancer"
-[[ -x "$BACKEND_BIN" && -x "$LB_BIN" ]] || die "release binaries missing; run without --skip-build"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+BACKEND_BIN="$TARGET_DIR/release/backend"
+LB_BIN="$TARGET_DIR/release/loadbalancer"
+WSLOAD_BIN="$TARGET_DIR/release/examples/wsload"
+[[ -x "$BACKEND_BIN" && -x "$LB_BIN" ]] || die "release binaries missing in $TARGET_DIR; run without --skip-build"
+if (( NEED_WSLOAD )); then
+  [[ -x "$WSLOAD_BIN" ]] || die "$WSLOAD_BIN missing; run without --skip-build"
+fi
 
 # 1000 client connections plus as many upstream ones per proxy need descriptors.
 NEED_FDS=$((4 * SLOW_CONNECTIONS + 1024))
@@ -280,12 +311,27 @@ rss_kib() {
   echo "$total"
 }
 
-# measure SCENARIO TARGET ROUND CONNECTIONS SECONDS PATH: one wrk run; appends
-# "TARGET key=value ..." to $WORK/SCENARIO.raw. Each proxy's RSS (and our open
-# descriptors) is also sampled half-way through, while the load is on.
+# generate SCENARIO TARGET CONNECTIONS SECONDS PATH: the scenario's load against
+# TARGET, in the foreground, ending with one line of "key=value ..." (wrk's begins
+# with `BENCH `, see bench/report.lua). wsload (backend/examples/wsload.rs)
+# drives the websocket scenario, wrk every other.
+generate() {
+  local scenario="$1" target="$2" conns="$3" secs="$4" path="$5"
+  if [[ "$scenario" == websocket ]]; then
+    "$WSLOAD_BIN" --url "ws://${URL[$target]#http://}$path" --connections "$conns" \
+      --duration "$secs" --size "$WS_BYTES" --threads "$WRK_THREADS"
+  else
+    wrk -t "$WRK_THREADS" -c "$conns" -d "${secs}s" --timeout 10s -s bench/report.lua \
+      "${URL[$target]}$path"
+  fi
+}
+
+# measure SCENARIO TARGET ROUND CONNECTIONS SECONDS PATH: one run of the load
+# generator; appends "TARGET key=value ..." to $WORK/SCENARIO.raw. Each proxy's RSS
+# (and our open descriptors) is also sampled half-way through, while the load is on.
 measure() {
   local scenario="$1" target="$2" round="$3" conns="$4" secs="$5" path="$6"
-  local wrk_pid line mid=""
+  local load_pid line mid=""
   local user0 sys0 user1 sys1 backends0 backends1 machine0 machine1
   # Direct has no proxy process: its own backend is counted under backends.
   local proxy_pids=()
@@ -293,31 +339,39 @@ measure() {
   read -r user0 sys0 < <(cpu_ticks "${proxy_pids[@]}")
   read -r backends0 < <(cpu_ticks "${BACKEND_PIDS[@]}" | awk '{ print $1 + $2 }')
   machine0="$(machine_ticks)"
-  wrk -t "$WRK_THREADS" -c "$conns" -d "${secs}s" --timeout 10s -s bench/report.lua \
-    "${URL[$target]}$path" >"$WORK/wrk.out" 2>&1 &
-  wrk_pid=$!
+  generate "$scenario" "$target" "$conns" "$secs" "$path" >"$WORK/load.out" 2>&1 &
+  load_pid=$!
   if [[ "$target" != direct ]]; then
     sleep "$(awk -v s="$secs" 'BEGIN { print s / 2 }')"
     mid="rss_mid_kib=$(rss_kib "$target")"
     [[ "$target" == ours ]] && mid+=" fds_mid=$(find "/proc/${PID[ours]}/fd" -mindepth 1 | wc -l)"
   fi
-  wait "$wrk_pid" || { cat "$WORK/wrk.out" >&2; die "wrk failed against $target"; }
+  wait "$load_pid" || { cat "$WORK/load.out" >&2; die "the load generator failed against $target"; }
   machine1="$(machine_ticks)"
   read -r user1 sys1 < <(cpu_ticks "${proxy_pids[@]}")
   read -r backends1 < <(cpu_ticks "${BACKEND_PIDS[@]}" | awk '{ print $1 + $2 }')
-  line="$(grep '^BENCH ' "$WORK/wrk.out")" || { cat "$WORK/wrk.out" >&2; die "no wrk report"; }
+  line="$(grep -E '^(BENCH |messages=)' "$WORK/load.out")" ||
+    { cat "$WORK/load.out" >&2; die "no report from the load generator"; }
+  line="${line#BENCH }"
   echo "$target round=$round user_ticks=$((user1 - user0)) sys_ticks=$((sys1 - sys0))" \
     "backend_ticks=$((backends1 - backends0)) machine_ticks=$((machine1 - machine0))" \
-    "${line#BENCH } $mid" >>"$WORK/$scenario.raw"
+    "$line $mid" >>"$WORK/$scenario.raw"
+  # wrk reports requests and duration_us, wsload messages and seconds.
   printf '    round %d %-8s %s\n' "$round" "$target" \
     "$(awk '{ for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-              printf "%.0f req/s, p99 %.2f ms", v["requests"] / (v["duration_us"] / 1e6), v["p99_us"] / 1000 }' \
-      <<<"${line#BENCH }")" >&2
+              if ("messages" in v) printf "%.0f msg/s", v["messages"] / v["seconds"]
+              else printf "%.0f req/s", v["requests"] / (v["duration_us"] / 1e6)
+              printf ", p99 %.2f ms", v["p99_us"] / 1000
+              if (v["errors"] > 0) printf ", %d errors", v["errors"] }' <<<"$line")" >&2
 }
 
-# table SCENARIO: the markdown table for the scenario's raw lines.
+# table SCENARIO: the markdown table for the scenario's raw lines. Counts are
+# requests, or for websocket round-trip messages; wrk reports requests and
+# duration_us, wsload messages and seconds.
 table() {
-  awk -v tck="$CLK_TCK" -v cores="$CORES" '
+  local unit=request
+  [[ "$1" == websocket ]] && unit=message
+  awk -v tck="$CLK_TCK" -v cores="$CORES" -v unit="$unit" '
     function busy(t) { return 100 * machine[t] / tck / (us[t] / 1e6) / cores }
     function median(list,    n, a, i, j, t) {
       n = split(list, a, " ")
@@ -330,16 +384,18 @@ table() {
       t = $1
       if (!(t in seen)) { seen[t] = 1; order[++count] = t }
       for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-      req[t] += v["requests"]; us[t] += v["duration_us"]; bytes[t] += v["bytes"]
-      err[t] += v["err_connect"] + v["err_read"] + v["err_write"] + v["err_status"] + v["err_timeout"]
+      req[t] += v["requests"] + v["messages"]; us[t] += v["duration_us"] + v["seconds"] * 1e6
+      bytes[t] += v["bytes"]
+      err[t] += v["err_connect"] + v["err_read"] + v["err_write"] + v["err_status"] + v["err_timeout"] + v["errors"]
       user[t] += v["user_ticks"]; sys[t] += v["sys_ticks"]
       backend[t] += v["backend_ticks"]; machine[t] += v["machine_ticks"]
       if (v["rss_mid_kib"] > rss[t]) rss[t] = v["rss_mid_kib"]
       p50[t] = p50[t] " " v["p50_us"]; p99[t] = p99[t] " " v["p99_us"]; p999[t] = p999[t] " " v["p999_us"]
     }
     END {
+      short = (unit == "message") ? "msg" : "req"
       for (k = 1; k <= count; k++) { t = order[k]; rps[t] = req[t] / (us[t] / 1e6) }
-      print "| target | requests/s | p50 ms | p99 ms | p99.9 ms | errors | vs direct | vs ours | CPU s / 100k req | MiB/s | RSS MiB |"
+      printf "| target | %ss/s | p50 ms | p99 ms | p99.9 ms | errors | vs direct | vs ours | CPU s / 100k %s | MiB/s | RSS MiB |\n", unit, short
       print "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
       for (k = 1; k <= count; k++) {
         t = order[k]
@@ -355,7 +411,8 @@ table() {
       # time over the whole chain'"'"'s cost per request, so a proxy gains throughput
       # only by what it takes off that sum, not off its own cost alone.
       print ""
-      print "CPU per request, in µs: the proxy (user, kernel), the three backends, everything else (wrk, interrupts), and the machine in all; busy is the share of all cores in use."
+      printf "CPU per %s, in µs: the proxy (user, kernel), the three backends, everything else (%s, interrupts), and the machine in all; busy is the share of all cores in use.\n",
+        unit, (unit == "message") ? "wsload" : "wrk"
       print ""
       print "| target | proxy user | proxy kernel | backends | rest | machine | busy |"
       print "|---|--:|--:|--:|--:|--:|--:|"
@@ -375,8 +432,16 @@ table() {
         # At the same cost per request for everything but ours, ours must spend
         # this much at most for the machine to serve 1.1 times the best one.
         need = machine[best] / req[best] / 1.1 - (machine["ours"] - user["ours"] - sys["ours"]) / req["ours"]
-        printf "\nFor 1.1× the cheapest other proxy (%s, %.1f µs of machine per request) with the rest costing what it did, ours would have to spend at most %.1f µs per request; it spent %.1f.\n",
-          best, machine[best] * 1e6 / tck / req[best], need * 1e6 / tck, (user["ours"] + sys["ours"]) * 1e6 / tck / req["ours"]
+        printf "\nFor 1.1× the cheapest other proxy (%s, %.1f µs of machine per %s) with the rest costing what it did, ours would have to spend at most %.1f µs per %s; it spent %.1f.\n",
+          best, machine[best] * 1e6 / tck / req[best], unit, need * 1e6 / tck, unit, (user["ours"] + sys["ours"]) * 1e6 / tck / req["ours"]
+      }
+      # WebSocket: ours against the better peer on each measure, the one with
+      # more messages/s and the one with the lower p99 (not always the same).
+      if (unit == "message" && ("ours" in rps) && ("nginx" in rps) && ("haproxy" in rps)) {
+        fast = (rps["nginx"] >= rps["haproxy"]) ? "nginx" : "haproxy"
+        low = (median(p99["nginx"]) <= median(p99["haproxy"])) ? "nginx" : "haproxy"
+        printf "\nOurs against the better peer: %.2f× the messages/s of %s (%.0f), %.2f× the p99 of %s (%.2f ms); at or above 1.00× on messages/s and at or below 1.00× on p99 meets the target.\n",
+          rps["ours"] / rps[fast], fast, rps[fast], median(p99["ours"]) / median(p99[low]), low, median(p99[low]) / 1000
       }
     }' "$WORK/$1.raw"
 }
@@ -402,7 +467,7 @@ run_scenario() {
   say "scenario $name: GET $path, $conns connections, $rounds round(s) of ${DURATION}s per target"
   for target in "$@"; do
     # Opens the upstream pools and faults in the code paths; not recorded.
-    wrk -t "$WRK_THREADS" -c "$conns" -d 1s "${URL[$target]}$path" >/dev/null 2>&1 || true
+    generate "$name" "$target" "$conns" 1 "$path" >/dev/null 2>&1 || true
   done
   for round in $(seq "$rounds"); do
     for target in "$@"; do measure "$name" "$target" "$round" "$conns" "$DURATION" "$path"; done
@@ -487,6 +552,11 @@ for s in "${SCENARIOS[@]}"; do
     throughput) run_scenario throughput "$CONNECTIONS" "$ROUNDS" "/" "${PROXIES[@]}" ;;
     slow) run_scenario slow "$SLOW_CONNECTIONS" 1 "/work?sleep_ms=$SLOW_SLEEP_MS" "${PROXIES[@]}" ;;
     bigbody) run_scenario bigbody "$BIG_CONNECTIONS" 1 "/work?bytes=$BIG_BYTES" "${PROXIES[@]}" ;;
+    websocket)
+      run_scenario websocket "$WS_CONNECTIONS" "$ROUNDS" /ws "${PROXIES[@]}"
+      sed -i "s|^### websocket: GET /ws, |### websocket: ${WS_BYTES}-byte binary messages echoed on /ws, |" \
+        "$WORK/websocket.md"
+      ;;
     soak) run_soak ;;
     algorithms) run_algorithms ;;
   esac
@@ -496,7 +566,12 @@ done
 
 {
   echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $CORES cores ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), Linux $(uname -r)."
-  echo "Load generator: $(wrk -v 2>&1 | head -n 1 | awk '{ print $1, $2 }'), $WRK_THREADS threads, keep-alive, on the same cores."
+  if (( NEED_WRK )); then
+    echo "Load generator: $(wrk -v 2>&1 | head -n 1 | awk '{ print $1, $2 }'), $WRK_THREADS threads, keep-alive, on the same cores."
+  fi
+  if (( NEED_WSLOAD )); then
+    echo "WebSocket load generator: wsload (backend/examples/wsload.rs), $WRK_THREADS threads, one message in flight per connection, on the same cores."
+  fi
   echo "Versions: $(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -n 1 | awk '{ print "HAProxy", $3 }'), $(rustc --version | awk '{ print $1, $2 }')."
   echo
   echo "Command: \`$COMMAND\`"
@@ -510,8 +585,10 @@ cat "$WORK/report.md"
 # markers), so the hand-written notes around it survive; docs/performance.md
 # explains the figures.
 if [[ "$NO_WRITE" != 1 ]]; then
+  # Soak and websocket on their own keep the block of the main run.
   block=run
   [[ "${SCENARIOS[*]}" == soak ]] && block=soak
+  [[ "${SCENARIOS[*]}" == websocket ]] && block=websocket
   results=docs/bench-results.md
   [[ -f "$results" ]] ||
     printf '# Benchmark results\n\nThe latest make bench run, as scripts/bench.sh writes it; [Performance](performance.md) explains it. Back to the [README](../README.md).\n' >"$results"
