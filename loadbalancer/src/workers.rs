@@ -14,7 +14,9 @@
 //! from the one backlog. They share one connection cap too, taken before
 //! `accept`; with a socket per worker (`SO_REUSEPORT`) the kernel would queue a
 //! connection at a worker of its choosing, which could hold the only free slot
-//! while another worker's queue waits. Everything else a worker needs is cheap
+//! while another worker's queue waits. A worker holding more open connections
+//! than the others lets them accept first (briefly), so connections spread
+//! evenly even when they arrive in one burst and stay for long. Everything else a worker needs is cheap
 //! to share or to have per worker: the backend list (`Backends`, shared), the
 //! shutdown signal (shared), and a [`Proxy`] (one per worker, so each has its
 //! own pool of keep-alive upstream connections).
@@ -49,7 +51,8 @@ impl Workers {
     /// proxy that `make_proxy` builds for it under `limits` until `shutdown` stops
     /// it. `limits.max_connections` caps the process: the workers share one
     /// [`ConnectionCap`], so any worker may take a connection while the process
-    /// is under it.
+    /// is under it, and they take turns fairly, so that a burst of long-lived
+    /// connections does not all land on one worker.
     ///
     /// Everything that can fail fails here, before the first worker serves,
     /// and is returned.
@@ -60,7 +63,7 @@ impl Workers {
         limits: ServerLimits,
         shutdown: &Shutdown,
     ) -> io::Result<Self> {
-        let cap = ConnectionCap::new(limits.max_connections);
+        let mut caps = ConnectionCap::shared(limits.max_connections, count.get()).into_iter();
         let addrs = sockets
             .iter()
             .map(|(socket, _)| socket.local_addr())
@@ -74,7 +77,10 @@ impl Workers {
                 .iter()
                 .map(|(socket, entry)| Ok((socket.try_clone()?, entry.clone())))
                 .collect::<io::Result<Vec<_>>>()?;
-            let (proxy, shutdown, cap) = (make_proxy(), shutdown.clone(), cap.clone());
+            let cap = caps
+                .next()
+                .expect("ConnectionCap::shared made one handle per worker");
+            let (proxy, shutdown) = (make_proxy(), shutdown.clone());
             let (started_tx, started_rx) = oneshot::channel();
             let (done_tx, done_rx) = oneshot::channel();
             thread::Builder::new()

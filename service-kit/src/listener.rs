@@ -47,6 +47,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -62,7 +63,7 @@ use hyper_util::rt::TokioIo;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -127,13 +128,21 @@ pub struct ServerLimits {
 /// The connection cap (`maxConnections`) of every listener that shares it: one
 /// slot per open connection, taken before `accept`, so at the cap new
 /// connections wait in the listen backlog. Clones share the slots: the proxy's
-/// workers, each with its own listening socket on one port, share one cap, which
-/// is what the config promises for the process. A connection keeps its slot
-/// for as long as its socket is open, after an upgrade (a WebSocket) too.
+/// workers, accepting from one socket, share one cap, which is what the config
+/// promises for the process. A connection keeps its slot for as long as its
+/// socket is open, after an upgrade (a WebSocket) too.
+///
+/// Workers that accept from one socket also share it fairly ([`Self::shared`]):
+/// whichever worker wakes first could otherwise take a whole burst of new
+/// connections, and long-lived ones (WebSockets, keep-alive clients) would stay
+/// unevenly spread for their whole life, one core busy while another idles.
 #[derive(Debug, Clone)]
 pub struct ConnectionCap {
     slots: Arc<Semaphore>,
     max: usize,
+    /// This worker's place among the workers sharing the sockets; `None` for a
+    /// listener of its own.
+    spread: Option<Spread>,
 }
 
 impl ConnectionCap {
@@ -142,8 +151,103 @@ impl ConnectionCap {
         Self {
             slots: Arc::new(Semaphore::new(max)),
             max,
+            spread: None,
         }
     }
+
+    /// One cap of `max` for `workers` workers that accept from the same
+    /// sockets, a handle for each. Besides sharing the slots, a worker that
+    /// holds more open connections than the least busy one (plus
+    /// [`SPREAD_SLACK`]) lets the others accept first, for at most
+    /// [`SPREAD_WAIT`], so a burst is spread evenly and a busy worker never
+    /// holds up an accept for long.
+    pub fn shared(max: usize, workers: usize) -> Vec<Self> {
+        let cap = Self::new(max);
+        let open: Arc<[AtomicUsize]> = (0..workers).map(|_| AtomicUsize::new(0)).collect();
+        let changed = Arc::new(Notify::new());
+        (0..workers)
+            .map(|worker| Self {
+                spread: Some(Spread {
+                    open: Arc::clone(&open),
+                    worker,
+                    changed: Arc::clone(&changed),
+                }),
+                ..cap.clone()
+            })
+            .collect()
+    }
+
+    /// Turns a slot into a connection's place, counted for its worker.
+    fn admit(&self, permit: OwnedSemaphorePermit) -> Slot {
+        Slot {
+            _permit: permit,
+            _open: self.spread.clone().map(Spread::opened),
+        }
+    }
+}
+
+/// How many more open connections than the least busy worker a worker may hold
+/// and still accept at once.
+pub const SPREAD_SLACK: usize = 1;
+
+/// The longest a worker over its share waits for another to accept.
+pub const SPREAD_WAIT: Duration = Duration::from_millis(2);
+
+/// The open connections of each worker sharing the sockets.
+#[derive(Debug, Clone)]
+struct Spread {
+    open: Arc<[AtomicUsize]>,
+    worker: usize,
+    /// Woken whenever a count changes.
+    changed: Arc<Notify>,
+}
+
+impl Spread {
+    /// Returns once this worker may accept: it is within its share, or has
+    /// waited [`SPREAD_WAIT`].
+    async fn turn(&self) {
+        let deadline = tokio::time::Instant::now() + SPREAD_WAIT;
+        loop {
+            let notified = self.changed.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the counts are read, so no change is missed.
+            notified.as_mut().enable();
+            let count = |worker: &AtomicUsize| worker.load(Ordering::Relaxed);
+            let mine = count(&self.open[self.worker]);
+            let least = self.open.iter().map(count).min().unwrap_or(0);
+            if mine <= least + SPREAD_SLACK {
+                return;
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    }
+
+    fn opened(self) -> Opened {
+        self.open[self.worker].fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_waiters();
+        Opened(self)
+    }
+}
+
+/// A connection counted for its worker until its socket closes.
+#[derive(Debug)]
+struct Opened(Spread);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.0.open[self.0.worker].fetch_sub(1, Ordering::Relaxed);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// A connection's place under the cap, held by its socket.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _open: Option<Opened>,
 }
 
 impl ServerLimits {
@@ -283,6 +387,12 @@ pub async fn serve_connections<M, S, B, L, H>(
     let mut at_cap = false;
 
     loop {
+        if let Some(spread) = &cap.spread {
+            tokio::select! {
+                () = spread.turn() => {}
+                () = lifecycle.stopped() => break,
+            }
+        }
         let permit = match Arc::clone(&cap.slots).try_acquire_owned() {
             Ok(permit) => {
                 at_cap = false;
@@ -325,6 +435,7 @@ pub async fn serve_connections<M, S, B, L, H>(
                 continue;
             }
         };
+        let slot = cap.admit(permit);
         let service = make_service(peer);
         let (http, lifecycle, handshake) =
             (Arc::clone(&http), lifecycle.clone(), handshake.clone());
@@ -339,7 +450,7 @@ pub async fn serve_connections<M, S, B, L, H>(
             else {
                 return;
             };
-            serve_connection(&http, io, permit, peer, service, &lifecycle, &limits).await;
+            serve_connection(&http, io, slot, peer, service, &lifecycle, &limits).await;
         });
         // Reap finished tasks as we go, so the set only holds open connections.
         while connections.try_join_next().is_some() {}
@@ -371,7 +482,7 @@ pub async fn serve_connections<M, S, B, L, H>(
 async fn serve_connection<S, B, L, I>(
     http: &http1::Builder,
     stream: I,
-    slot: OwnedSemaphorePermit,
+    slot: Slot,
     peer: SocketAddr,
     service: S,
     lifecycle: &L,
@@ -483,6 +594,58 @@ fn bad_request(reason: &str) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection's place on `cap`'s worker, as the accept loop takes it.
+    fn connect(cap: &ConnectionCap) -> Slot {
+        let permit = Arc::clone(&cap.slots)
+            .try_acquire_owned()
+            .expect("a free slot");
+        cap.admit(permit)
+    }
+
+    async fn turn(cap: &ConnectionCap) {
+        cap.spread.as_ref().expect("a shared cap").turn().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_over_its_share_lets_the_others_accept_first() {
+        let caps = ConnectionCap::shared(100, 2);
+        let (first, second) = (&caps[0], &caps[1]);
+        let mut open = vec![connect(first), connect(first)];
+        // Two ahead of the other worker: it waits, but never longer than
+        // SPREAD_WAIT.
+        let started = tokio::time::Instant::now();
+        turn(first).await;
+        assert_eq!(started.elapsed(), SPREAD_WAIT);
+        // The other worker takes its turn at once; then both are even.
+        let started = tokio::time::Instant::now();
+        turn(second).await;
+        open.push(connect(second));
+        turn(first).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // A connection that closes frees its worker's share too.
+        open.truncate(1);
+        turn(first).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_worker_accepts_as_soon_as_another_catches_up() {
+        let caps = ConnectionCap::shared(100, 2);
+        let _open = [connect(&caps[0]), connect(&caps[0])];
+        let started = tokio::time::Instant::now();
+        let waiting = turn(&caps[0]);
+        let catching_up = async {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            connect(&caps[1])
+        };
+        let ((), _caught_up) = tokio::join!(waiting, catching_up);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(1),
+            "before SPREAD_WAIT"
+        );
+    }
 
     /// More connections than tokio's own `bind` would queue (128), none of
     /// them accepted yet: with the larger backlog every handshake completes.

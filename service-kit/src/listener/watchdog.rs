@@ -31,8 +31,9 @@ use std::time::Duration;
 
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+
+use super::Slot;
 
 /// Which limit a connection has outlived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,11 +203,11 @@ pub(crate) struct TrackedIo<T> {
     inner: T,
     activity: Arc<Activity>,
     /// The connection's slot under the cap, held as long as the socket is open.
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl<T> TrackedIo<T> {
-    pub(crate) fn new(inner: T, activity: Arc<Activity>, slot: OwnedSemaphorePermit) -> Self {
+    pub(crate) fn new(inner: T, activity: Arc<Activity>, slot: Slot) -> Self {
         Self {
             inner,
             activity,
