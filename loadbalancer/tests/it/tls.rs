@@ -234,7 +234,7 @@ async fn redirect_http_sends_plain_requests_to_https() {
 }
 
 #[tokio::test]
-async fn a_mismatched_or_missing_pair_stops_the_start_naming_the_file() {
+async fn a_mismatched_missing_or_expired_pair_stops_the_start_naming_the_file() {
     let upstream = start_backend("backend-1").await;
     let (a, b) = (
         TestCert::for_names(&["a.test"]),
@@ -266,6 +266,16 @@ async fn a_mismatched_or_missing_pair_stops_the_start_naming_the_file() {
     assert!(
         format!("{error:#}").contains("/nonexistent/tls.crt"),
         "{error:#}"
+    );
+
+    let expired = secret_mount(&TestCert::expired(&["localhost"]));
+    let error = start(&upstream, &format!(", {}", tls_block(&expired, "")))
+        .await
+        .expect_err("an expired certificate stops the start");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("expired at 2021-01-01T00:00:00Z"),
+        "{message}"
     );
 }
 

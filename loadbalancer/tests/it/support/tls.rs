@@ -37,6 +37,21 @@ impl TestCert {
         }
     }
 
+    /// A certificate for `names` that expired at the start of 2021.
+    pub(crate) fn expired(names: &[&str]) -> Self {
+        let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+        let mut params = rcgen::CertificateParams::new(names).expect("valid names");
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let cert = params.self_signed(&key).expect("a certificate");
+        Self {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
+    }
+
     /// The certificate's serial number in hex, as the load balancer logs it.
     pub(crate) fn serial(&self) -> String {
         use x509_parser::prelude::{FromDer, X509Certificate};
