@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark: our load balancer against nginx and HAProxy on this machine, in one run.
 #
-# Starts three backends on loopback, then measures with wrk (keep-alive clients),
-# or for WebSockets with wsload (backend/examples/wsload.rs), against:
+# Starts three backends on loopback, then measures with wrk (keep-alive clients,
+# over HTTPS for tls), or for WebSockets with wsload (backend/examples/wsload.rs),
+# against:
 #   direct   one backend, no proxy: the ceiling
 #   ours     our load balancer, static discovery over the three
 #   nginx    round-robin over the three, upstream keep-alive  (bench/nginx.conf)
@@ -23,6 +24,16 @@
 #               a closed loop: messages/s and round-trip percentiles once the
 #               tunnels are open (nginx and HAProxy set up for WebSocket as in
 #               their docs, see the two files); ROUNDS rounds like throughput
+#   tls         HTTPS, direct left out (the backends speak plain HTTP): all three
+#               proxies terminate TLS with one ECDSA P-256 certificate that the
+#               script makes with openssl (nginx and HAProxy set up for HTTPS as
+#               a user would: bench/nginx-tls.conf, bench/haproxy-tls.cfg); two
+#               measurements, ROUNDS rounds each: `tls`, GET / over keep-alive
+#               TLS connections like throughput, and `tls-handshake`, the same
+#               with `Connection: close`, so that every request opens a new TLS
+#               connection (handshakes/s; wrk reuses each connection's last
+#               session, so these are mostly resumed handshakes, see
+#               docs/performance.md)
 #
 # Usage: scripts/bench.sh [options]       (make bench passes the env variables)
 #   --scenario LIST     see above                               (env SCENARIO)
@@ -48,7 +59,8 @@
 # backends', the rest (the load generator, interrupts) and the machine's in all
 # (/proc/stat), and says what ours would have to cost for 1.1 times the best
 # other proxy's throughput when the machine is the limit; for websocket a line
-# gives ours against the better of nginx and HAProxy on messages/s and on p99.
+# gives ours against the better of nginx and HAProxy on messages/s and on p99,
+# for tls also on CPU per request.
 # The load generator shares the machine's cores with everything else, equally in
 # every target. Our access log is at `info`, so logLevel `warn` switches it off,
 # like `access_log off` in nginx and no `log` line in HAProxy.
@@ -96,14 +108,16 @@ done
 (( WS_BYTES <= 16777216 )) || die "WS_BYTES must be at most 16777216 (the backend's message limit)"
 IFS=, read -r -a SCENARIOS <<<"$SCENARIO"
 for s in "${SCENARIOS[@]}"; do
-  [[ "$s" =~ ^(throughput|slow|bigbody|soak|algorithms|websocket)$ ]] || die "unknown scenario '$s'"
+  [[ "$s" =~ ^(throughput|slow|bigbody|soak|algorithms|websocket|tls)$ ]] || die "unknown scenario '$s'"
 done
 # Which load generators the chosen scenarios need: wsload for websocket, wrk for
-# every other.
+# every other; tls needs a certificate and HTTPS listeners besides.
 NEED_WRK=0
 NEED_WSLOAD=0
+NEED_TLS=0
 for s in "${SCENARIOS[@]}"; do
   if [[ "$s" == websocket ]]; then NEED_WSLOAD=1; else NEED_WRK=1; fi
+  [[ "$s" == tls ]] && NEED_TLS=1
 done
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -137,6 +151,7 @@ ensure_tool() {
 (( NEED_WRK )) && ensure_tool wrk wrk
 ensure_tool nginx nginx-light nginx
 ensure_tool haproxy haproxy
+(( NEED_TLS )) && ensure_tool openssl openssl
 command -v curl >/dev/null || die "curl is required"
 
 if [[ "$SKIP_BUILD" != 1 ]]; then
@@ -183,6 +198,19 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo; echo "bench: interrupted, stopping everything" >&2; exit 130' INT TERM
 
+# tls: one self-signed ECDSA P-256 certificate for 127.0.0.1 and localhost, valid
+# a day, shared by the three proxies (HAProxy wants certificate and key in one file).
+if (( NEED_TLS )); then
+  say "making an ECDSA P-256 certificate with openssl"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+    -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+    -addext basicConstraints=critical,CA:FALSE \
+    -keyout "$WORK/tls.key" -out "$WORK/tls.crt" >"$WORK/openssl.log" 2>&1 ||
+    { cat "$WORK/openssl.log" >&2; die "openssl could not make the certificate"; }
+  cat "$WORK/tls.crt" "$WORK/tls.key" >"$WORK/tls.pem"
+  chmod 644 "$WORK/tls.key" "$WORK/tls.pem"
+fi
+
 # --- processes ---------------------------------------------------------------
 
 # Below the kernel's ephemeral range (32768 and up), so that no outgoing
@@ -203,7 +231,8 @@ await_200() {
   local url="$1" pid="$2" log="$3" _
   for _ in $(seq 150); do
     kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; die "process for $url exited (log above)"; }
-    [[ "$(curl -s -o /dev/null -w '%{http_code}' "$url" || true)" == 200 ]] && return
+    # -k: the tls scenario's certificate is self-signed.
+    [[ "$(curl -sk -o /dev/null -w '%{http_code}' "$url" || true)" == 200 ]] && return
     sleep 0.1
   done
   cat "$log" >&2
@@ -224,13 +253,14 @@ for i in 1 2 3; do
   BACKEND_PIDS+=("$!")
 done
 
-declare -A URL PID
+# URL: plain HTTP; TLS_URL: the same target over HTTPS (tls scenario only).
+declare -A URL PID TLS_URL
 URL[direct]="http://127.0.0.1:${BACKEND_PORTS[0]}"
 PID[direct]="${PIDS[0]}"
 
-# fill TEMPLATE: the template with every @NAME@ replaced.
+# fill TEMPLATE PORT [TLS_PORT]: the template with every @NAME@ replaced.
 fill() {
-  sed -e "s|@WORK@|$WORK|g" -e "s|@PORT@|$2|g" -e "s|@THREADS@|$CORES|g" -e "s|@MAXCONN@|$MAXCONN|g" \
+  sed -e "s|@WORK@|$WORK|g" -e "s|@PORT@|$2|g" -e "s|@TLS_PORT@|${3:-0}|g" -e "s|@THREADS@|$CORES|g" -e "s|@MAXCONN@|$MAXCONN|g" \
     -e "s|@B1@|${BACKEND_PORTS[0]}|g" -e "s|@B2@|${BACKEND_PORTS[1]}|g" \
     -e "s|@B3@|${BACKEND_PORTS[2]}|g" "$1"
 }
@@ -238,6 +268,13 @@ fill() {
 say "starting our load balancer (static discovery, logLevel warn, one runtime worker per core)"
 port p
 port admin
+# tls: an HTTPS listener beside the plain one, as docs/configuration.md sets it up.
+tls_section=""
+if (( NEED_TLS )); then
+  port tp
+  tls_section="\"tls\": {\"port\": $tp, \"certFile\": \"$WORK/tls.crt\", \"keyFile\": \"$WORK/tls.key\"},"
+  TLS_URL[ours]="https://127.0.0.1:$tp"
+fi
 cat >"$WORK/loadbalancer.json" <<JSON
 {
   "port": $p,
@@ -246,6 +283,7 @@ cat >"$WORK/loadbalancer.json" <<JSON
   "backendPort": ${BACKEND_PORTS[0]},
   "discovery": "static",
   "staticBackends": ["127.0.0.1:${BACKEND_PORTS[0]}", "127.0.0.1:${BACKEND_PORTS[1]}", "127.0.0.1:${BACKEND_PORTS[2]}"],
+  $tls_section
   "logLevel": "warn"
 }
 JSON
@@ -254,25 +292,42 @@ PIDS+=("$!")
 PID[ours]="$!"
 URL[ours]="http://127.0.0.1:$p"
 await_200 "http://127.0.0.1:$admin/readyz" "${PID[ours]}" "$WORK/ours.log"
+(( NEED_TLS )) && await_200 "${TLS_URL[ours]}/" "${PID[ours]}" "$WORK/ours.log"
 
 if [[ "${SCENARIOS[*]}" != soak ]]; then
   say "starting nginx (worker_processes auto) and HAProxy (nbthread $CORES)"
   port p
   mkdir -m 777 "$WORK/nginx-tmp"
   fill bench/nginx.conf "$p" >"$WORK/nginx.conf"
+  if (( NEED_TLS )); then
+    # nginx.conf includes $WORK/nginx-tls*.conf: the HTTPS server.
+    port tp
+    fill bench/nginx-tls.conf "$p" "$tp" >"$WORK/nginx-tls.conf"
+    TLS_URL[nginx]="https://127.0.0.1:$tp"
+  fi
   nginx -p "$WORK" -e "$WORK/nginx-error.log" -c "$WORK/nginx.conf" >"$WORK/nginx.log" 2>&1 &
   PIDS+=("$!")
   PID[nginx]="$!"
   URL[nginx]="http://127.0.0.1:$p"
   await_200 "${URL[nginx]}/" "${PID[nginx]}" "$WORK/nginx-error.log"
+  (( NEED_TLS )) && await_200 "${TLS_URL[nginx]}/" "${PID[nginx]}" "$WORK/nginx-error.log"
 
   port p
+  haproxy_files=(-f "$WORK/haproxy.cfg")
   fill bench/haproxy.cfg "$p" >"$WORK/haproxy.cfg"
-  haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+  if (( NEED_TLS )); then
+    # The HTTPS frontend, a second configuration file.
+    port tp
+    fill bench/haproxy-tls.cfg "$p" "$tp" >"$WORK/haproxy-tls.cfg"
+    haproxy_files+=(-f "$WORK/haproxy-tls.cfg")
+    TLS_URL[haproxy]="https://127.0.0.1:$tp"
+  fi
+  haproxy -db "${haproxy_files[@]}" >"$WORK/haproxy.log" 2>&1 &
   PIDS+=("$!")
   PID[haproxy]="$!"
   URL[haproxy]="http://127.0.0.1:$p"
   await_200 "${URL[haproxy]}/" "${PID[haproxy]}" "$WORK/haproxy.log"
+  (( NEED_TLS )) && await_200 "${TLS_URL[haproxy]}/" "${PID[haproxy]}" "$WORK/haproxy.log"
 fi
 
 # --- measuring ---------------------------------------------------------------
@@ -314,12 +369,21 @@ rss_kib() {
 # generate SCENARIO TARGET CONNECTIONS SECONDS PATH: the scenario's load against
 # TARGET, in the foreground, ending with one line of "key=value ..." (wrk's begins
 # with `BENCH `, see bench/report.lua). wsload (backend/examples/wsload.rs)
-# drives the websocket scenario, wrk every other.
+# drives the websocket scenario, wrk every other; tls and tls-handshake go to the
+# target's HTTPS port, tls-handshake with `Connection: close`, so that the proxy
+# closes each connection after one answer and wrk opens a new one (a new TLS
+# handshake) for the next request.
 generate() {
   local scenario="$1" target="$2" conns="$3" secs="$4" path="$5"
   if [[ "$scenario" == websocket ]]; then
     "$WSLOAD_BIN" --url "ws://${URL[$target]#http://}$path" --connections "$conns" \
       --duration "$secs" --size "$WS_BYTES" --threads "$WRK_THREADS"
+  elif [[ "$scenario" == tls ]]; then
+    wrk -t "$WRK_THREADS" -c "$conns" -d "${secs}s" --timeout 10s -s bench/report.lua \
+      "${TLS_URL[$target]}$path"
+  elif [[ "$scenario" == tls-handshake ]]; then
+    wrk -t "$WRK_THREADS" -c "$conns" -d "${secs}s" --timeout 10s -s bench/report.lua \
+      -H 'Connection: close' "${TLS_URL[$target]}$path"
   else
     wrk -t "$WRK_THREADS" -c "$conns" -d "${secs}s" --timeout 10s -s bench/report.lua \
       "${URL[$target]}$path"
@@ -366,12 +430,13 @@ measure() {
 }
 
 # table SCENARIO: the markdown table for the scenario's raw lines. Counts are
-# requests, or for websocket round-trip messages; wrk reports requests and
-# duration_us, wsload messages and seconds.
+# requests, for websocket round-trip messages, for tls-handshake handshakes (one
+# request each); wrk reports requests and duration_us, wsload messages and seconds.
 table() {
   local unit=request
   [[ "$1" == websocket ]] && unit=message
-  awk -v tck="$CLK_TCK" -v cores="$CORES" -v unit="$unit" '
+  [[ "$1" == tls-handshake ]] && unit=handshake
+  awk -v tck="$CLK_TCK" -v cores="$CORES" -v unit="$unit" -v scenario="$1" '
     function busy(t) { return 100 * machine[t] / tck / (us[t] / 1e6) / cores }
     function median(list,    n, a, i, j, t) {
       n = split(list, a, " ")
@@ -393,7 +458,7 @@ table() {
       p50[t] = p50[t] " " v["p50_us"]; p99[t] = p99[t] " " v["p99_us"]; p999[t] = p999[t] " " v["p999_us"]
     }
     END {
-      short = (unit == "message") ? "msg" : "req"
+      short = (unit == "message") ? "msg" : (unit == "handshake") ? "hs" : "req"
       for (k = 1; k <= count; k++) { t = order[k]; rps[t] = req[t] / (us[t] / 1e6) }
       printf "| target | %ss/s | p50 ms | p99 ms | p99.9 ms | errors | vs direct | vs ours | CPU s / 100k %s | MiB/s | RSS MiB |\n", unit, short
       print "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
@@ -442,6 +507,17 @@ table() {
         low = (median(p99["nginx"]) <= median(p99["haproxy"])) ? "nginx" : "haproxy"
         printf "\nOurs against the better peer: %.2f× the messages/s of %s (%.0f), %.2f× the p99 of %s (%.2f ms); at or above 1.00× on messages/s and at or below 1.00× on p99 meets the target.\n",
           rps["ours"] / rps[fast], fast, rps[fast], median(p99["ours"]) / median(p99[low]), low, median(p99[low]) / 1000
+      }
+      # TLS: the same, and on CPU per request (per handshake) of the proxy, against
+      # the peer that spent less.
+      if (scenario ~ /^tls/ && ("ours" in rps) && ("nginx" in rps) && ("haproxy" in rps)) {
+        fast = (rps["nginx"] >= rps["haproxy"]) ? "nginx" : "haproxy"
+        low = (median(p99["nginx"]) <= median(p99["haproxy"])) ? "nginx" : "haproxy"
+        for (k = 1; k <= count; k++) { t = order[k]; pcpu[t] = (user[t] + sys[t]) / tck / req[t] * 1e5 }
+        lean = (pcpu["nginx"] <= pcpu["haproxy"]) ? "nginx" : "haproxy"
+        printf "\nOurs against the better peer: %.2f× the %ss/s of %s (%.0f), %.2f× the p99 of %s (%.2f ms), %.2f× the CPU per %s of %s (%.2f s / 100k); at or above 1.00× on %ss/s and at or below 1.00× on p99 and CPU meets the target.\n",
+          rps["ours"] / rps[fast], unit, fast, rps[fast], median(p99["ours"]) / median(p99[low]), low, median(p99[low]) / 1000,
+          pcpu["ours"] / pcpu[lean], unit, lean, pcpu[lean], unit
       }
     }' "$WORK/$1.raw"
 }
@@ -546,6 +622,29 @@ JSON
     "$WORK/algorithms.md"
 }
 
+# tls_negotiated: what each proxy's HTTPS port settles on with an OpenSSL client
+# like wrk's (no ALPN, wrk offers none; key exchange and signature as s_client
+# reports them), and whether a second connection resumes the first one's session,
+# as wrk's next connection does. s_client is kept open 0.3 s so that it reads the
+# TLS 1.3 session tickets, which arrive after the handshake.
+tls_negotiated() {
+  local target out first again
+  printf 'Negotiated with openssl s_client (OpenSSL %s, as wrk links):' "$(openssl version | awk '{ print $2 }')"
+  for target in ours nginx haproxy; do
+    out="$(sleep 0.3 | openssl s_client -connect "${TLS_URL[$target]#https://}" -servername localhost \
+      -sess_out "$WORK/$target.sess" 2>/dev/null || true)"
+    first="$(awk '/^New, / { sub(/,$/, "", $2); v = $2 " " $NF }
+      /^Server Temp Key: / { sub(/,$/, "", $4); k = $4 }
+      /^Peer signature type: / { g = $4 }
+      END { print v, k, g }' <<<"$out")"
+    again="$(sleep 0.3 | openssl s_client -connect "${TLS_URL[$target]#https://}" -servername localhost \
+      -sess_in "$WORK/$target.sess" 2>/dev/null | awk '/^(New|Reused), / { print $1 }' || true)"
+    printf ' %s %s, resumption %s;' "$target" "${first:-?}" "$([[ "$again" == Reused, ]] && echo yes || echo no)"
+  done
+  echo
+  echo
+}
+
 PROXIES=(direct ours nginx haproxy)
 for s in "${SCENARIOS[@]}"; do
   case "$s" in
@@ -556,6 +655,16 @@ for s in "${SCENARIOS[@]}"; do
       run_scenario websocket "$WS_CONNECTIONS" "$ROUNDS" /ws "${PROXIES[@]}"
       sed -i "s|^### websocket: GET /ws, |### websocket: ${WS_BYTES}-byte binary messages echoed on /ws, |" \
         "$WORK/websocket.md"
+      ;;
+    tls)
+      # direct is left out: the backends speak plain HTTP.
+      run_scenario tls "$CONNECTIONS" "$ROUNDS" / ours nginx haproxy
+      run_scenario tls-handshake "$CONNECTIONS" "$ROUNDS" / ours nginx haproxy
+      sed -i "s|^### tls: GET /, |### tls: GET / over keep-alive HTTPS connections, |" "$WORK/tls.md"
+      sed -i "s|^### tls-handshake: GET /, |### tls-handshake: GET / over HTTPS with \`Connection: close\` (a TLS handshake per request), |" \
+        "$WORK/tls-handshake.md"
+      tls_negotiated >>"$WORK/tls.md"
+      cat "$WORK/tls-handshake.md" >>"$WORK/tls.md"
       ;;
     soak) run_soak ;;
     algorithms) run_algorithms ;;
@@ -568,6 +677,7 @@ done
   echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $CORES cores ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), Linux $(uname -r)."
   if (( NEED_WRK )); then
     echo "Load generator: $(wrk -v 2>&1 | head -n 1 | awk '{ print $1, $2 }'), $WRK_THREADS threads, keep-alive, on the same cores."
+    (( NEED_TLS )) && echo "HTTPS: one ECDSA P-256 certificate for all; wrk linked against $(ldd "$(command -v wrk)" | awk '/libssl/ { print $1; exit }')."
   fi
   if (( NEED_WSLOAD )); then
     echo "WebSocket load generator: wsload (backend/examples/wsload.rs), $WRK_THREADS threads, one message in flight per connection, on the same cores."
@@ -589,6 +699,7 @@ if [[ "$NO_WRITE" != 1 ]]; then
   block=run
   [[ "${SCENARIOS[*]}" == soak ]] && block=soak
   [[ "${SCENARIOS[*]}" == websocket ]] && block=websocket
+  [[ "${SCENARIOS[*]}" == tls ]] && block=tls
   results=docs/bench-results.md
   [[ -f "$results" ]] ||
     printf '# Benchmark results\n\nThe latest make bench run, as scripts/bench.sh writes it; [Performance](performance.md) explains it. Back to the [README](../README.md).\n' >"$results"
