@@ -175,14 +175,6 @@ impl Reloader {
             balancing,
             tls: _,
         } = &new;
-        if *logging != old.logging
-            && let Some(log) = &live.log
-        {
-            if let Err(error) = log.set_level(logging.log_level) {
-                warn!(error = %format!("{error:#}"), "log level unchanged");
-            }
-            log.set_format(logging.log_format);
-        }
         if *balancing != old.balancing {
             let chosen = balancing.build();
             for proxy in &live.proxies {
@@ -204,6 +196,17 @@ impl Reloader {
             && let Some(task) = &mut live.health
         {
             task.restart(HealthCheckSettings::from(&health.health_check));
+        }
+        // The log settings go last, right before the reload's own line, so that
+        // this line is the first at a new level (other threads log too, so
+        // "first" holds to within the two calls).
+        if *logging != old.logging
+            && let Some(log) = &live.log
+        {
+            if let Err(error) = log.set_level(logging.log_level) {
+                warn!(error = %format!("{error:#}"), "log level unchanged");
+            }
+            log.set_format(logging.log_format);
         }
         info!(
             path = %self.file.path().display(), applied = ?changes.live,
