@@ -12,19 +12,23 @@
 //!   bounded);
 //! * bodies stream in both directions: the client's `Incoming` body is written
 //!   to the backend as it arrives, and the backend's body is read as the client
-//!   takes it, so memory stays flat whatever the size;
+//!   takes it, so memory stays flat whatever the size; a body that stalls for
+//!   `bodyIdleTimeoutMs` either way fails ([`idle`]);
 //! * header hygiene ([`headers`]) and a request id ([`request_id`]);
-//! * a typed [`ProxyError`] per failure, answered as JSON 503/502/504;
+//! * a typed [`ProxyError`] per failure, answered as JSON 503/502/504 (405 for
+//!   `CONNECT`, 408 for a stalled upload);
 //! * resilience ([`Resilience`]): the balancer skips unavailable backends, every
 //!   attempt's outcome feeds [`outlier`](crate::outlier) detection, and a failed
 //!   attempt is repeated on another backend when [`retry`](crate::retry) allows it;
 //! * one access log line per request, with the number of attempts it took, and
 //!   the same outcome recorded once in the [`Metrics`]; every attempt is also
-//!   counted in its backend's [`BackendState`].
+//!   counted in its backend's [`BackendState`];
+//! * upgrades (WebSockets): a `101` turns both connections into a [`tunnel`].
 //!
-//! The access line and the latency are taken when the response *head* is ready;
-//! the body then streams on without the proxy in the way, carrying the in-flight
-//! guards ([`body`]) until its last byte.
+//! The latency is taken when the response *head* is ready; the body then streams
+//! on without the proxy in the way, carrying the request's completion ([`body`]),
+//! which writes the access line, records the metrics and tells outlier detection
+//! how the body ended, at its last byte.
 
 mod body;
 mod headers;
