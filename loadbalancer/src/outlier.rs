@@ -24,7 +24,7 @@
 //!
 //! Availability is published through [`BackendState::eject_until`], so the
 //! balancer and the admin pages see it; the counters that lead there live in an
-//! [`OutlierState`] inside the same [`BackendState`], so they appear and vanish
+//! [`OutlierState`](crate::backend_state::OutlierState) inside the same [`BackendState`], so they appear and vanish
 //! with the endpoint and need no map or pruning of their own. All of it is
 //! atomics: reports come from many request tasks at once.
 

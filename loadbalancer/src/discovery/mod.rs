@@ -1,7 +1,7 @@
 //! Discovery: where the backend addresses come from.
 //!
 //! Discovery is the first stage after config in the request path: it fills the
-//! shared [`Backends`] list that the balancer reads on every request. It runs as one
+//! shared [`Backends`](crate::backends::Backends) list that the balancer reads on every request. It runs as one
 //! long-lived task and is the only writer of that list.
 //!
 //! There are two sources. [`Source::Static`] publishes a fixed list once, for local
