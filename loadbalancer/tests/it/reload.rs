@@ -18,7 +18,8 @@ use crate::support::faults::{RealBackend, Unconnectable, bind_same_port};
 use crate::support::load::Load;
 use crate::support::process::{Process, free_port, json_line, line};
 use crate::support::{
-    Upstream, get, metric_sample, start_backend, start_backends, tally, wait_for, wait_for_readyz,
+    Upstream, get, metric, start_backend, start_backends, tally, wait_for, wait_for_metric,
+    wait_for_readyz,
 };
 
 const SUCCESSES: &str = r#"loadbalancer_config_reloads_total{result="success"}"#;
@@ -66,21 +67,9 @@ async fn start_with(
     (lb, proxy, admin)
 }
 
-async fn metric(admin: SocketAddr, series: &str) -> f64 {
-    let text = get(&format!("http://{admin}/metrics")).await.body;
-    metric_sample(&String::from_utf8_lossy(&text), series).unwrap_or(0.0)
-}
-
 /// Waits until `admin` has counted `n` reloads in `series`.
 async fn wait_for_reloads(admin: SocketAddr, series: &str, n: f64) {
-    let deadline = tokio::time::Instant::now() + support::PATIENCE;
-    while metric(admin, series).await < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{series} never reached {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_metric(admin, series, |count| count >= n).await;
 }
 
 /// `podName`s of `n` sequential requests through `proxy`.

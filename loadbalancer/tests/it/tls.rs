@@ -14,13 +14,11 @@ use http::StatusCode;
 use loadbalancer::app::{App, Options};
 use loadbalancer::config::Config;
 use rustls::pki_types::pem::PemObject;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::support::configmap::ConfigMapDir;
 use crate::support::raw::RawConn;
 use crate::support::tls::{TestCert, TlsClient, rotate, secret_mount, tls_block};
-use crate::support::{PATIENCE, Upstream, get, start_backend};
+use crate::support::{PATIENCE, Upstream, get, metric, start_backend, wait_for_metric};
 
 /// The load balancer over `upstream`, on loopback, with `extra` config keys.
 async fn start(upstream: &Upstream, extra: &str) -> anyhow::Result<App> {
@@ -45,16 +43,6 @@ async fn https(upstream: &Upstream, mount: &ConfigMapDir, extra: &str) -> (App, 
         .expect("the load balancer starts with TLS");
     let addr = app.tls_addr().expect("an HTTPS port");
     (app, addr)
-}
-
-async fn metric(app: &App, series: &str) -> f64 {
-    let text = get(&format!("http://{}/metrics", app.admin_addr()))
-        .await
-        .body;
-    String::from_utf8_lossy(&text)
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -85,7 +73,7 @@ async fn plain_http_and_https_serve_side_by_side_and_the_backend_hears_which() {
     );
     assert_eq!(
         metric(
-            &app,
+            app.admin_addr(),
             r#"loadbalancer_tls_handshakes_total{result="success",version="TLSv1.3"}"#
         )
         .await,
@@ -176,14 +164,9 @@ fn tls11_client_hello() -> Vec<u8> {
 
 /// Sends `bytes` and returns what came back until the server closed.
 async fn closed_after(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(bytes).await.expect("send");
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
-        .await
-        .expect("the server closes within PATIENCE")
-        .ok();
-    answer
+    let mut client = RawConn::connect(addr).await;
+    client.send(bytes).await;
+    client.closed().await
 }
 
 #[tokio::test]
@@ -208,7 +191,7 @@ async fn tls_1_1_garbage_and_stalled_handshakes_are_closed_and_counted() {
 
     for (reason, count) in [("incompatible", 1.0), ("not_tls", 1.0), ("timeout", 2.0)] {
         let series = format!(r#"loadbalancer_tls_handshake_failures_total{{reason="{reason}"}}"#);
-        assert_eq!(metric(&app, &series).await, count, "{reason}");
+        assert_eq!(metric(app.admin_addr(), &series).await, count, "{reason}");
     }
     // The listener serves on.
     let client = TlsClient::trusting(&[&cert]);
@@ -345,14 +328,7 @@ async fn a_rotated_secret_serves_new_handshakes_with_no_failed_request_and_a_bro
         ("tls.key", new.key_pem.as_bytes()),
     ]);
     let refused = r#"loadbalancer_tls_certificate_reloads_total{result="failure"}"#;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while metric(&app, refused).await < 1.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the broken pair is never looked at"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_metric(app.admin_addr(), refused, |count| count >= 1.0).await;
     let reply = client
         .get(addr, "localhost", "/")
         .await

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::raw::RawConn;
 use crate::support::scripted::{Answer, ScriptedBackend};
-use crate::support::{TestLb, get, wait_for};
+use crate::support::{TestLb, get, metric, wait_for};
 
 /// What the echo backend sends right after its `101`, before anything is asked.
 const GREETING: &[u8] = b"hello from the backend\n";
@@ -99,15 +99,6 @@ async fn open_tunnel(lb: &TestLb) -> RawConn {
     client
 }
 
-/// The value of the metric line starting with `series`.
-async fn metric(lb: &TestLb, series: &str) -> f64 {
-    let text = get(&lb.admin_url("/metrics")).await.body;
-    String::from_utf8_lossy(&text)
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn tunnel_settings(idle: Duration) -> ProxySettings {
     ProxySettings {
         tunnel_idle_timeout: idle,
@@ -124,7 +115,10 @@ async fn an_upgrade_becomes_a_tunnel_that_carries_bytes_both_ways_until_both_sid
     let head = &backend.heads()[0];
     assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
     assert!(head.contains("\r\nupgrade: echo\r\n"), "{head}");
-    assert_eq!(metric(&lb, "loadbalancer_tunnels_open").await, 1.0);
+    assert_eq!(
+        metric(lb.admin_addr, "loadbalancer_tunnels_open").await,
+        1.0
+    );
     assert_eq!(lb.backends.state(backend.addr).tunnels(), 1);
     assert_eq!(
         lb.backends.state(backend.addr).in_flight(),
@@ -148,21 +142,24 @@ async fn an_upgrade_becomes_a_tunnel_that_carries_bytes_both_ways_until_both_sid
     )
     .await;
     assert_eq!(lb.backends.state(backend.addr).in_flight(), 0);
-    assert_eq!(metric(&lb, "loadbalancer_tunnels_open").await, 0.0);
+    assert_eq!(
+        metric(lb.admin_addr, "loadbalancer_tunnels_open").await,
+        0.0
+    );
     let up = metric(
-        &lb,
+        lb.admin_addr,
         r#"loadbalancer_tunnel_bytes_total{direction="upstream"}"#,
     )
     .await;
     let down = metric(
-        &lb,
+        lb.admin_addr,
         r#"loadbalancer_tunnel_bytes_total{direction="downstream"}"#,
     )
     .await;
     assert_eq!(up, 100_004.0);
     assert_eq!(down, (100_004 + GREETING.len()) as f64);
     assert_eq!(
-        metric(&lb, "loadbalancer_tunnel_duration_seconds_count").await,
+        metric(lb.admin_addr, "loadbalancer_tunnel_duration_seconds_count").await,
         1.0
     );
     lb.stop().await;

@@ -20,7 +20,7 @@ use loadbalancer::proxy::ProxySettings;
 use crate::support;
 use crate::support::raw::RawConn;
 use crate::support::scripted::{Answer, ScriptedBackend};
-use crate::support::{PATIENCE, Reply, TestLb, get, send};
+use crate::support::{PATIENCE, Reply, TestLb, get, metric, send};
 
 /// A load balancer whose only backend is `backend`, with retries off: every
 /// client request is exactly one upstream request.
@@ -616,16 +616,11 @@ async fn an_absolute_form_request_reaches_the_backend_with_the_targets_host() {
     lb.stop().await;
 }
 
-/// The metrics line counting requests to `backend` that ended with `code`.
-async fn counted(lb: &TestLb, backend: std::net::SocketAddr, code: u16) -> String {
-    let text = get(&lb.admin_url("/metrics")).await.body;
-    let text = String::from_utf8_lossy(&text).into_owned();
+/// How many requests to `backend` ended with `code`, by the metrics.
+async fn counted(lb: &TestLb, backend: std::net::SocketAddr, code: u16) -> f64 {
     let series =
         format!(r#"loadbalancer_requests_total{{backend="{backend}",method="GET",code="{code}"}}"#);
-    text.lines()
-        .find(|line| line.starts_with(&series))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-        .to_owned()
+    metric(lb.admin_addr, &series).await
 }
 
 #[tokio::test]
@@ -647,7 +642,7 @@ async fn a_body_that_stalls_is_closed_at_the_body_idle_timeout_and_counted_as_a_
     let outcome = try_send(req).await;
     let error = outcome.expect_err("the stalled body breaks off instead of hanging");
     assert!(error.starts_with("200 OK, then the body broke"), "{error}");
-    assert!(counted(&lb, backend.addr, 504).await.ends_with(" 1"));
+    assert_eq!(counted(&lb, backend.addr, 504).await, 1.0);
     assert_eq!(lb.backends.state(backend.addr).failures(), 1);
     // The stalled connection was closed, not put back in the pool.
     assert_next_get_answers(&lb, b"next").await;
@@ -670,10 +665,7 @@ async fn a_cut_or_malformed_chunked_body_counts_as_a_502_not_as_its_200() {
             try_send(req).await.is_err(),
             "the client sees the body break"
         );
-        assert!(
-            counted(&lb, backend.addr, 502).await.ends_with(" 1"),
-            "{broken:?}"
-        );
+        assert_eq!(counted(&lb, backend.addr, 502).await, 1.0, "{broken:?}");
         assert_eq!(lb.backends.state(backend.addr).failures(), 1);
         lb.stop().await;
     }

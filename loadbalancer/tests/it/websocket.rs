@@ -15,7 +15,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::support::faults::{RealBackend, start_real_backend};
 use crate::support::process::{Process, TempConfig, ready};
-use crate::support::{PATIENCE, get};
+use crate::support::{PATIENCE, metric, wait_for_metric};
 
 type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -105,14 +105,6 @@ async fn ended(client: &mut Client) {
     .expect("the session ends within PATIENCE");
 }
 
-async fn metric(admin: SocketAddr, series: &str) -> f64 {
-    let text = get(&format!("http://{admin}/metrics")).await.body;
-    String::from_utf8_lossy(&text)
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_pass_through_echo_every_frame_and_are_balanced_per_session() {
     let setup = start("").await;
@@ -141,13 +133,7 @@ async fn websockets_pass_through_echo_every_frame_and_are_balanced_per_session()
         client.close(None).await.expect("close");
         ended(&mut client).await;
     }
-    tokio::time::timeout(PATIENCE, async {
-        while metric(setup.admin, "loadbalancer_tunnels_open").await != 0.0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("every tunnel closes within PATIENCE");
+    wait_for_metric(setup.admin, "loadbalancer_tunnels_open", |open| open == 0.0).await;
     let up = metric(
         setup.admin,
         r#"loadbalancer_tunnel_bytes_total{direction="upstream"}"#,

@@ -446,3 +446,31 @@ pub(crate) fn metric_sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
+
+/// The value of `series` on the `/metrics` of the admin listener at `admin`; 0
+/// while the series has not appeared.
+pub(crate) async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let text = get(&format!("http://{admin}/metrics")).await.body;
+    metric_sample(&String::from_utf8_lossy(&text), series).unwrap_or(0.0)
+}
+
+/// Polls `series` on `admin` until `done` accepts its value, and returns it;
+/// panics with the last value after [`PATIENCE`].
+pub(crate) async fn wait_for_metric(
+    admin: SocketAddr,
+    series: &str,
+    done: impl Fn(f64) -> bool,
+) -> f64 {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let value = metric(admin, series).await;
+        if done(value) {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} still {value} after PATIENCE"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
