@@ -372,6 +372,33 @@ struct Shared {
     tunnels: Tunnels,
 }
 
+impl Shared {
+    /// The settings in force, copied out of their lock.
+    fn tuning(&self) -> Tuning {
+        // A poisoned lock still holds a whole `Tuning` (a swap is one store).
+        *self.tuning.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells outlier detection how a request to `backend` went, and counts the
+    /// ejection it may cause.
+    fn report(
+        &self,
+        outlier: &OutlierDetector,
+        backend: SocketAddr,
+        state: &BackendState,
+        admission: Admission,
+        outcome: Outcome,
+        now: Instant,
+    ) {
+        if outlier
+            .report(backend, state, admission, outcome, now)
+            .is_some()
+        {
+            self.metrics.record_ejection(backend);
+        }
+    }
+}
+
 /// What a config reload can change in a running proxy, copied out per attempt.
 #[derive(Debug, Clone, Copy)]
 struct Tuning {
@@ -709,8 +736,7 @@ impl Proxy {
 
     /// The settings in force, copied out of their lock.
     fn tuning(&self) -> Tuning {
-        // A poisoned lock still holds a whole `Tuning` (a swap is one store).
-        *self.shared.tuning.read().unwrap_or_else(|p| p.into_inner())
+        self.shared.tuning()
     }
 
     /// Picks the backend for the next attempt at `now` and has outlier
@@ -818,12 +844,7 @@ impl Proxy {
             } else {
                 Outcome::Success
             };
-            if outlier
-                .report(backend, state, admission, outcome, finished)
-                .is_some()
-            {
-                shared.metrics.record_ejection(backend);
-            }
+            shared.report(outlier, backend, state, admission, outcome, finished);
         }
         (result, finished)
     }

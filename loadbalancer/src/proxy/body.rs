@@ -187,19 +187,9 @@ impl Completion {
                     "response body failed"
                 );
                 state.record_failure();
-                let tuning = *shared.tuning.read().unwrap_or_else(|p| p.into_inner());
-                if let Some(outlier) = tuning.outlier
-                    && outlier
-                        .report(
-                            backend,
-                            state,
-                            Admission::Normal,
-                            Outcome::Failure,
-                            Instant::now(),
-                        )
-                        .is_some()
-                {
-                    shared.metrics.record_ejection(backend);
+                if let Some(outlier) = shared.tuning().outlier {
+                    let (normal, failure) = (Admission::Normal, Outcome::Failure);
+                    shared.report(&outlier, backend, state, normal, failure, Instant::now());
                 }
                 failed
             }
