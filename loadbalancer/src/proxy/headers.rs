@@ -98,17 +98,18 @@ const PROTO_HTTPS: HeaderValue = HeaderValue::from_static("https");
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) -> Hops {
     let trailers =
         list_items(headers, TE).any(|coding| coding.eq_ignore_ascii_case(TRAILERS.as_bytes()));
-    let upgrade = list_items(headers, CONNECTION)
-        .any(|option| option.eq_ignore_ascii_case(UPGRADE_TOKEN.as_bytes()))
-        .then(|| headers.get(UPGRADE).cloned())
-        .flatten();
     // The names must be read out before the headers they name can be removed
     // from the same map. Collecting allocates only when `Connection` names
-    // something other than `keep-alive` or `close`, which HTTP/1.1 clients
-    // rarely send. An invalid name matches no header, so it is simply skipped.
+    // something, which HTTP/1.1 clients rarely send. An invalid name matches no
+    // header, so it is simply skipped. The same pass notes an `upgrade` option.
+    let mut upgrade_asked = false;
     let named: Vec<HeaderName> = list_items(headers, CONNECTION)
+        .inspect(|option| upgrade_asked |= option.eq_ignore_ascii_case(UPGRADE_TOKEN.as_bytes()))
         .filter_map(|name| HeaderName::from_bytes(name).ok())
         .collect();
+    let upgrade = upgrade_asked
+        .then(|| headers.get(UPGRADE).cloned())
+        .flatten();
     headers.remove(CONNECTION);
     for name in named {
         headers.remove(name);
