@@ -49,12 +49,9 @@ pub struct OutlierSettings {
 }
 
 impl Default for OutlierSettings {
+    /// The config file's defaults, converted.
     fn default() -> Self {
-        Self {
-            consecutive_failures: 5,
-            base_ejection: Duration::from_secs(5),
-            max_ejection: Duration::from_secs(60),
-        }
+        Self::from(&OutlierConfig::default())
     }
 }
 
@@ -74,17 +71,12 @@ pub struct OutlierConfig {
 
 impl Default for OutlierConfig {
     fn default() -> Self {
-        let settings = OutlierSettings::default();
         Self {
-            consecutive_failures: settings.consecutive_failures,
-            base_ejection_ms: millis(settings.base_ejection),
-            max_ejection_ms: millis(settings.max_ejection),
+            consecutive_failures: 5,
+            base_ejection_ms: 5000,
+            max_ejection_ms: 60_000,
         }
     }
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl OutlierConfig {
