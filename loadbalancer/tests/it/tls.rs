@@ -162,13 +162,6 @@ fn tls11_client_hello() -> Vec<u8> {
     record
 }
 
-/// Sends `bytes` and returns what came back until the server closed.
-async fn closed_after(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    let mut client = RawConn::connect(addr).await;
-    client.send(bytes).await;
-    client.closed().await
-}
-
 #[tokio::test]
 async fn tls_1_1_garbage_and_stalled_handshakes_are_closed_and_counted() {
     let upstream = start_backend("backend-1").await;
@@ -176,18 +169,18 @@ async fn tls_1_1_garbage_and_stalled_handshakes_are_closed_and_counted() {
     let mount = secret_mount(&cert);
     let (app, addr) = https(&upstream, &mount, "").await;
 
-    let answer = closed_after(addr, &tls11_client_hello()).await;
+    let answer = RawConn::send_until_closed(addr, &tls11_client_hello()).await;
     assert_eq!(
         answer.first(),
         Some(&0x15),
         "a TLS alert, then the close: {answer:?}"
     );
-    closed_after(addr, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    RawConn::send_until_closed(addr, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
     // Nothing at all, then half a ClientHello: both closed at the header-read
     // timeout (500 ms here).
     let mut silent = RawConn::connect(addr).await;
     silent.closed().await;
-    closed_after(addr, &tls11_client_hello()[..20]).await;
+    RawConn::send_until_closed(addr, &tls11_client_hello()[..20]).await;
 
     for (reason, count) in [("incompatible", 1.0), ("not_tls", 1.0), ("timeout", 2.0)] {
         let series = format!(r#"loadbalancer_tls_handshake_failures_total{{reason="{reason}"}}"#);

@@ -513,9 +513,8 @@ async fn chunked_framing_wins_over_a_content_length_in_the_same_response() {
 /// Sends `request` on a raw connection and returns everything the proxy sent
 /// back until it closed; `request` should say `Connection: close`.
 async fn raw_exchange(lb: &TestLb, request: &str) -> String {
-    let mut client = RawConn::connect(lb.addr).await;
-    client.send(request.as_bytes()).await;
-    String::from_utf8_lossy(&client.closed().await).into_owned()
+    let answer = RawConn::send_until_closed(lb.addr, request.as_bytes()).await;
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[tokio::test]

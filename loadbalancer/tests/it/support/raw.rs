@@ -57,6 +57,14 @@ impl RawConn {
         }
     }
 
+    /// Connects to `addr`, sends `bytes`, and returns everything the server
+    /// sent until it closed the connection.
+    pub(crate) async fn send_until_closed(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+        let mut client = Self::connect(addr).await;
+        client.send(bytes).await;
+        client.closed().await
+    }
+
     /// Sends `bytes`. A server that has already answered and closed may refuse
     /// the rest, which is fine: the answer is what the tests look at.
     pub(crate) async fn send(&mut self, bytes: &[u8]) {
