@@ -107,8 +107,6 @@ pub struct App {
     admin_addr: SocketAddr,
     /// The admin listener's task.
     admin: JoinHandle<()>,
-    /// Where HTTPS is served, with `tls`.
-    tls_addr: Option<SocketAddr>,
     /// Follows the certificate files for rotation, with `tls`.
     certificate_watch: Option<JoinHandle<()>>,
     /// The reloader, which owns the health checker and discovery: aborting it
@@ -185,7 +183,7 @@ impl App {
         )
         .await
         .context("starting the proxy workers")?;
-        let tls_addr = workers.local_addrs().get(1).copied();
+        let (proxy_addr, tls_addr) = (workers.local_addrs()[0], https_addr(&workers));
         let admin_listener = server::bind(SocketAddr::new(
             config.listen.bind_address,
             config.listen.admin_port,
@@ -193,7 +191,7 @@ impl App {
         .context("binding the admin port")?;
         let admin_addr = admin_listener.local_addr()?;
         info!(
-            proxy = %workers.local_addrs()[0],
+            proxy = %proxy_addr,
             https = tls_addr.map(tracing::field::display),
             workers = options.workers,
             admin = %admin_addr,
@@ -250,7 +248,6 @@ impl App {
             workers,
             admin_addr,
             admin,
-            tls_addr,
             certificate_watch,
             live,
             discovery_failures,
@@ -315,7 +312,7 @@ impl App {
 
     /// Where the proxy listens for HTTPS, with `tls`.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
-        self.tls_addr
+        https_addr(&self.workers)
     }
 
     /// Where the admin endpoints listen.
@@ -342,4 +339,10 @@ impl App {
     pub fn shutdown(&self) -> &Shutdown {
         &self.shutdown
     }
+}
+
+/// Where the workers serve HTTPS: [`App::start`] gives them the plain socket
+/// first and the HTTPS one, with `tls`, second.
+fn https_addr(workers: &Workers) -> Option<SocketAddr> {
+    workers.local_addrs().get(1).copied()
 }
