@@ -9,6 +9,10 @@
 //!
 //! A WebSocket handshake on `/ws` is one request (code 101); the session that
 //! follows is counted on its own: how many are open now and how many have opened.
+//!
+//! gRPC calls on the `grpcPort` listener ([`crate::grpc`]) are counted apart,
+//! once each when it ends, by method and gRPC status: a status travels in the
+//! trailers, so the HTTP code of a gRPC response (nearly always 200) says nothing.
 
 use std::time::Duration;
 
@@ -39,12 +43,22 @@ pub struct Metrics {
     websocket_sessions: Counter,
     /// `backend_websocket_sessions_open`: sessions open now.
     websocket_open: Gauge,
+    /// `backend_grpc_requests_total{method,code}`.
+    grpc_requests: Family<GrpcLabels, Counter>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RequestLabels {
     path: &'static str,
     code: u16,
+}
+
+/// `method` is one of the service's own (`Get`, `Watch`, ...) and `code` a
+/// status name (`OK`, `CANCELLED`, ...): both sets are small and fixed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct GrpcLabels {
+    method: &'static str,
+    code: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -59,8 +73,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Registers the request counter, the duration histogram and the WebSocket
-    /// session counter and gauge.
+    /// Registers the request counter, the duration histogram, the WebSocket
+    /// session counter and gauge, and the gRPC call counter.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("backend");
         let requests = Family::<RequestLabels, Counter>::default();
@@ -89,12 +103,19 @@ impl Metrics {
             "WebSocket sessions open now",
             websocket_open.clone(),
         );
+        let grpc_requests = Family::<GrpcLabels, Counter>::default();
+        registry.register(
+            "grpc_requests",
+            "gRPC calls answered on the gRPC port, by method and status",
+            grpc_requests.clone(),
+        );
         Self {
             registry,
             requests,
             duration,
             websocket_sessions,
             websocket_open,
+            grpc_requests,
         }
     }
 
@@ -109,6 +130,14 @@ impl Metrics {
         self.duration
             .get_or_create(&PathLabels { path })
             .observe(latency.as_secs_f64());
+    }
+
+    /// Records one gRPC call of `method` that ended with status `code` (its name,
+    /// `OK` or `INVALID_ARGUMENT`, see [`crate::grpc::code_name`]).
+    pub fn record_grpc(&self, method: &'static str, code: &'static str) {
+        self.grpc_requests
+            .get_or_create(&GrpcLabels { method, code })
+            .inc();
     }
 
     /// Counts one WebSocket session as opened, and as open until the returned guard
@@ -155,6 +184,24 @@ mod tests {
             r#"backend_requests_total{path="/",code="200"} 2"#,
             r#"backend_requests_total{path="/work",code="500"} 1"#,
             r#"backend_request_duration_seconds_count{path="/"} 2"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn grpc_calls_are_counted_by_method_and_status() {
+        let metrics = Metrics::new();
+        metrics.record_grpc("Get", "OK");
+        metrics.record_grpc("Get", "OK");
+        metrics.record_grpc("Watch", "INVALID_ARGUMENT");
+        let text = metrics.encode();
+        for line in [
+            r#"backend_grpc_requests_total{method="Get",code="OK"} 2"#,
+            r#"backend_grpc_requests_total{method="Watch",code="INVALID_ARGUMENT"} 1"#,
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -10,6 +10,7 @@ mod support;
 mod binary;
 mod config;
 mod dockerfile;
+mod grpc;
 mod http;
 mod metrics;
 mod reload;

@@ -46,7 +46,9 @@ const LOADBALANCER_LAYERS: &[&[&str]] = &[
 const BACKEND_LAYERS: &[&[&str]] = &[
     &["identity", "metrics", "shutdown"],
     &["handlers"],
-    &["server"],
+    // The gRPC listener serves the same app beside the HTTP one, and borrows its
+    // defaults and request-id header.
+    &["server", "grpc"],
     // The config file's format holds the server limits (so `config` imports
     // `server`), and the reloader applies what the config says.
     &["config"],

@@ -11,6 +11,7 @@
 use std::io::{BufRead as _, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -41,7 +42,8 @@ pub(crate) fn test_identity() -> Identity {
     }
 }
 
-/// A backend running in this process, served by the real `server::serve`.
+/// A backend running in this process, served by the real `server::serve` (or
+/// `grpc::serve`).
 #[derive(Debug)]
 pub(crate) struct TestServer {
     /// Where the server listens (`127.0.0.1` and a port the kernel chose).
@@ -63,6 +65,33 @@ impl TestServer {
     /// Starts `app` under `limits` (`server::serve_with`) on a fresh
     /// `127.0.0.1:0` listener.
     pub(crate) async fn start_with(app: App, limits: ServerLimits) -> Self {
+        Self::spawn(app, |listener, app, shutdown| {
+            backend::server::serve_with(listener, app, shutdown, limits)
+        })
+        .await
+    }
+
+    /// Starts `app`'s gRPC services (`grpc::serve`) on a fresh `127.0.0.1:0`
+    /// listener; [`TestServer::url`] is what a client connects to.
+    pub(crate) async fn start_grpc(app: App) -> Self {
+        Self::spawn(app, backend::grpc::serve).await
+    }
+
+    /// [`TestServer::start_grpc`] whose calls get `shutdown_timeout` to finish
+    /// once the drain has begun (`grpc::serve_with`).
+    pub(crate) async fn start_grpc_with(app: App, shutdown_timeout: Duration) -> Self {
+        Self::spawn(app, |listener, app, shutdown| {
+            backend::grpc::serve_with(listener, app, shutdown, shutdown_timeout)
+        })
+        .await
+    }
+
+    /// Runs `serve` with `app` on a fresh `127.0.0.1:0` listener and a shutdown
+    /// future that [`TestServer::begin_shutdown`] completes.
+    async fn spawn<F>(app: App, serve: impl FnOnce(TcpListener, App, Stop) -> F) -> Self
+    where
+        F: Future<Output = std::io::Result<()>> + Send + 'static,
+    {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("binding 127.0.0.1:0 always works");
@@ -70,16 +99,11 @@ impl TestServer {
             .local_addr()
             .expect("a bound listener has an address");
         let (stop, stopped) = oneshot::channel::<()>();
-        let shutdown = async {
+        let shutdown = Box::pin(async {
             // A dropped sender also means "stop", so a failing test never leaks a server.
             let _ = stopped.await;
-        };
-        let task = tokio::spawn(backend::server::serve_with(
-            listener,
-            app.clone(),
-            shutdown,
-            limits,
-        ));
+        });
+        let task = tokio::spawn(serve(listener, app.clone(), shutdown));
         Self {
             addr,
             app,
@@ -91,6 +115,11 @@ impl TestServer {
     /// Starts the default test app.
     pub(crate) async fn start_default() -> Self {
         Self::start(App::new(test_identity())).await
+    }
+
+    /// The server's address as a gRPC client's URL (h2c: `http://`).
+    pub(crate) fn url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     /// Completes the shutdown future given to `serve`.
@@ -108,6 +137,10 @@ impl TestServer {
             .expect("the serve task does not panic")
     }
 }
+
+/// The shutdown future a [`TestServer`] hands its server: one type whichever
+/// server it runs.
+type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A response, read whole.
 #[derive(Debug)]
