@@ -12,6 +12,7 @@
 //! | key             | required | default | meaning                                        |
 //! |-----------------|----------|---------|------------------------------------------------|
 //! | `port`          | yes      |         | TCP port to listen on (1-65535)                |
+//! | `grpcPort`      | no       | none    | TCP port of the gRPC listener (1-65535, not `port`); absent or `null`: no gRPC |
 //! | `serviceName`   | yes      |         | name reported in every identity answer         |
 //! | `logLevel`      | no       | `info`  | `trace`, `debug`, `info`, `warn`, `error`, `off` |
 //! | `logFormat`     | no       | `text`  | `text` for people, `json` for log pipelines    |
@@ -39,8 +40,9 @@ pub use service_kit::logging::LogFormat;
 pub const DEFAULT_PATH: &str = "/etc/config/config.json";
 
 /// Every key the file may contain; anything else is rejected as a likely typo.
-const KNOWN_KEYS: [&str; 11] = [
+const KNOWN_KEYS: [&str; 12] = [
     "port",
+    "grpcPort",
     "serviceName",
     "logLevel",
     "logFormat",
@@ -59,6 +61,10 @@ pub struct Config {
     /// The port to listen on (all interfaces). Never 0: a pod behind a Service needs a
     /// port known in advance.
     pub port: u16,
+    /// The port of the gRPC listener ([`crate::grpc`]), on all interfaces; `None`
+    /// serves no gRPC. Never 0, and never `port`: the two listeners speak
+    /// different protocols.
+    pub grpc_port: Option<u16>,
     /// Reported as `serviceName` in identity answers, so a client of the load balancer
     /// can see which Service it reached.
     pub service_name: String,
@@ -187,6 +193,25 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     if port == 0 {
         return Err(fields.invalid("port", "must be between 1 and 65535, not 0"));
     }
+    // Read wide, so that 65536 gets the same "between" message as 0.
+    let grpc_port = match fields.optional::<Option<u64>>("grpcPort")?.flatten() {
+        None => None,
+        Some(grpc_port) => match u16::try_from(grpc_port) {
+            Ok(0) | Err(_) => {
+                return Err(fields.invalid(
+                    "grpcPort",
+                    format!("must be between 1 and 65535, not {grpc_port}"),
+                ));
+            }
+            Ok(grpc_port) if grpc_port == port => {
+                return Err(fields.invalid(
+                    "grpcPort",
+                    format!("must differ from `port` ({port}): each listener needs its own port"),
+                ));
+            }
+            Ok(grpc_port) => Some(grpc_port),
+        },
+    };
     let service_name: String = fields.required("serviceName")?;
     if service_name.trim().is_empty() {
         return Err(fields.invalid("serviceName", "must not be empty"));
@@ -245,6 +270,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
 
     Ok(Config {
         port,
+        grpc_port,
         service_name,
         log_level,
         log_format,

@@ -10,8 +10,9 @@ use anyhow::Context as _;
 use backend::handlers::App;
 use backend::identity::Identity;
 use backend::reload::{self, Reloader};
-use backend::{config, server, shutdown};
+use backend::{config, grpc, server, shutdown};
 use clap::Parser;
+use futures::FutureExt as _;
 use service_kit::logging;
 
 /// Demo backend: answers with its pod identity as JSON.
@@ -47,13 +48,31 @@ fn run(args: Args) -> anyhow::Result<()> {
     runtime.block_on(async {
         let listener = server::bind((Ipv4Addr::UNSPECIFIED, config.port).into())
             .with_context(|| format!("listening on port {}", config.port))?;
+        let grpc_listener = config
+            .grpc_port
+            .map(|port| {
+                server::bind((Ipv4Addr::UNSPECIFIED, port).into())
+                    .with_context(|| format!("listening on grpcPort {port}"))
+            })
+            .transpose()?;
         let limits = config.limits;
         let reloader =
             tokio::spawn(Reloader::new(args.config, config, log).run(reload::POLL_INTERVAL));
-        let served = server::serve_with(listener, app, shutdown::signal(), limits)
-            .await
-            .context("serving");
+        // One signal starts both listeners' shutdown; they share the app, so its
+        // readiness and its delay are the pod's.
+        let shutdown = shutdown::signal().shared();
+        let http = server::serve_with(listener, app.clone(), shutdown.clone(), limits);
+        let grpc = async {
+            match grpc_listener {
+                Some(listener) => {
+                    grpc::serve_with(listener, app, shutdown, limits.shutdown_timeout).await
+                }
+                None => Ok(()),
+            }
+        };
+        let (http, grpc) = tokio::join!(http, grpc);
         reloader.abort();
-        served
+        http.context("serving HTTP")?;
+        grpc.context("serving gRPC")
     })
 }

@@ -101,6 +101,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         }
     };
     note("port", old.port != new.port);
+    note("grpcPort", old.grpc_port != new.grpc_port);
     note("serviceName", old.service_name != new.service_name);
     note("logFormat", old.log_format != new.log_format);
     note("shutdownDelay", old.shutdown_delay != new.shutdown_delay);

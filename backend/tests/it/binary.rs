@@ -1,9 +1,14 @@
-//! The built `backend` binary: start-up errors print one line and exit non-zero, and
-//! SIGTERM during a slow request lets it finish before the process exits 0.
+//! The built `backend` binary: start-up errors print one line and exit non-zero,
+//! SIGTERM during a slow request lets it finish before the process exits 0, and
+//! `grpcPort` starts a gRPC listener beside the HTTP one, on the same metrics
+//! and the same shutdown.
 
+use backend::grpc::proto::GetRequest;
+use backend::grpc::proto::identity_client::IdentityClient;
 use http::{Method, StatusCode};
+use tokio::net::TcpStream;
 
-use crate::support::{BackendProcess, Conn, TempDir, run_binary};
+use crate::support::{BackendProcess, Conn, PATIENCE, TempDir, free_port, get, run_binary};
 
 /// Checks the failure shape a person sees in `kubectl logs`: a non-zero exit and
 /// exactly one line on stderr that contains each of `expected`.
@@ -97,4 +102,54 @@ async fn each_request_is_logged_with_method_path_status_pod_and_id() {
     assert_eq!(line["pod"], BackendProcess::POD_NAME);
     assert_eq!(line["request_id"], "trace-me-7");
     assert!(line["latency_ms"].as_f64().is_some(), "{line}");
+}
+
+#[tokio::test]
+async fn grpc_port_serves_grpc_beside_http_until_sigterm() {
+    let port = free_port();
+    // Two free ports in a row may be the same one, which the config refuses.
+    let grpc_port = std::iter::repeat_with(free_port)
+        .find(|&p| p != port)
+        .expect("the kernel has more than one free port");
+    let dir = TempDir::new("binary-grpc");
+    let extra = format!(r#", "grpcPort": {grpc_port}"#);
+    let config = dir.write("config.json", &BackendProcess::config(port, "info", &extra));
+    let mut backend = BackendProcess::start_with(&config, port, Some(dir)).await;
+
+    let connecting = IdentityClient::connect(format!("http://127.0.0.1:{grpc_port}"));
+    let mut client = tokio::time::timeout(PATIENCE, connecting)
+        .await
+        .expect("connecting does not hang")
+        .expect("the gRPC port is open once the HTTP port is");
+    let mut request = tonic::Request::new(GetRequest {});
+    request
+        .metadata_mut()
+        .insert("x-request-id", "grpc-7".parse().expect("valid metadata"));
+    let reply = client.get(request).await.expect("Get answers").into_inner();
+    assert_eq!(reply.pod_name, BackendProcess::POD_NAME);
+    assert_eq!(reply.service_name, "backend-process");
+
+    let line = backend
+        .log_line("the gRPC call's log line", |line| {
+            line["message"] == "gRPC call"
+        })
+        .await;
+    assert_eq!(line["method"], "Get");
+    assert_eq!(line["code"], "OK");
+    assert_eq!(line["request_id"], "grpc-7");
+    let metrics = get(backend.addr, "/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    let counted = r#"backend_grpc_requests_total{method="Get",code="OK"} 1"#;
+    assert!(
+        text.lines().any(|l| l == counted),
+        "{counted} missing in\n{text}"
+    );
+
+    backend.terminate();
+    let status = backend.exited().await;
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(
+        TcpStream::connect(("127.0.0.1", grpc_port)).await.is_err(),
+        "the gRPC port is closed once the process has exited"
+    );
 }

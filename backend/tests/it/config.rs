@@ -35,6 +35,7 @@ fn required_keys_alone_get_the_documented_defaults() {
         config,
         Config {
             port: 9000,
+            grpc_port: None,
             service_name: "backend".to_owned(),
             log_level: LevelFilter::INFO,
             log_format: LogFormat::Text,
@@ -106,6 +107,7 @@ fn the_shipped_local_config_loads() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.json");
     let config = config::load(&path).expect("backend/config.json is valid");
     assert_eq!(config.port, 8080);
+    assert_eq!(config.grpc_port, Some(9000));
     assert_eq!(config.service_name, "backend");
 }
 
@@ -197,6 +199,61 @@ fn port_zero_is_rejected() {
 }
 
 #[test]
+fn grpc_port_is_read_and_null_means_none() {
+    let config =
+        load_text(r#"{"port": 8080, "grpcPort": 9000, "serviceName": "b"}"#).expect("valid");
+    assert_eq!(config.grpc_port, Some(9000));
+    let config =
+        load_text(r#"{"port": 8080, "grpcPort": null, "serviceName": "b"}"#).expect("valid");
+    assert_eq!(config.grpc_port, None);
+}
+
+#[test]
+fn grpc_port_out_of_range_names_the_key_and_the_range() {
+    for grpc_port in ["0", "65536", "-1"] {
+        let text = format!(r#"{{"port": 8080, "grpcPort": {grpc_port}, "serviceName": "b"}}"#);
+        let error = load_error(&text);
+        assert!(
+            matches!(
+                error,
+                ConfigError::InvalidValue {
+                    key: "grpcPort",
+                    ..
+                }
+            ),
+            "{grpc_port}: {error:?}"
+        );
+        let message = error.to_string();
+        assert!(message.contains("`grpcPort`"), "{message}");
+        if grpc_port != "-1" {
+            assert!(
+                message.contains(&format!("must be between 1 and 65535, not {grpc_port}")),
+                "{message}"
+            );
+        }
+    }
+}
+
+#[test]
+fn grpc_port_equal_to_port_is_rejected() {
+    let error = load_error(r#"{"port": 8080, "grpcPort": 8080, "serviceName": "b"}"#);
+    assert!(
+        matches!(
+            error,
+            ConfigError::InvalidValue {
+                key: "grpcPort",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().contains("must differ from `port` (8080)"),
+        "{error}"
+    );
+}
+
+#[test]
 fn bad_values_name_their_key() {
     let cases = [
         (r#"{"port": 70000, "serviceName": "b"}"#, "port"),
@@ -214,6 +271,10 @@ fn bad_values_name_their_key() {
         (
             r#"{"port": 8080, "serviceName": "b", "shutdownDelay": "soon"}"#,
             "shutdownDelay",
+        ),
+        (
+            r#"{"port": 8080, "serviceName": "b", "grpcPort": "9000"}"#,
+            "grpcPort",
         ),
     ];
     for (text, expected) in cases {
