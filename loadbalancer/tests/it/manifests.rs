@@ -588,10 +588,30 @@ fn the_loadbalancer_watches_the_backend_service_on_the_backend_pod_port() {
 }
 
 #[test]
+fn the_backend_service_offers_grpc_as_h2c_on_the_grpc_container_port() {
+    let manifests = Manifests::load();
+    let (_, container) = manifests.app(BACKEND);
+    let service = manifests.get::<Service>("backend-service");
+    let grpc = service_port(service, "grpc");
+    let target = grpc
+        .target_port
+        .clone()
+        .unwrap_or(IntOrString::Int(grpc.port));
+    assert_eq!(resolve(container, &target), named_port(container, "grpc"));
+    // Without it, a proxy that reads appProtocol would speak HTTP/1.1 to a port
+    // that answers only HTTP/2.
+    assert_eq!(grpc.app_protocol.as_deref(), Some("kubernetes.io/h2c"));
+}
+
+#[test]
 fn container_ports_match_the_configs() {
     let manifests = Manifests::load();
     let (_, backend) = manifests.app(BACKEND);
     assert_eq!(named_port(backend, "http"), manifests.backend_config().port);
+    assert_eq!(
+        Some(named_port(backend, "grpc")),
+        manifests.backend_config().grpc_port
+    );
 
     let (_, lb) = manifests.app(LOADBALANCER);
     let config = manifests.loadbalancer_config();
