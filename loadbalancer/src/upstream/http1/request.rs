@@ -111,7 +111,7 @@ impl UpstreamHead {
     }
 
     /// The head as an HTTP/2 request to `backend` (cleartext, `h2c`), for the
-    /// [`http2`](crate::upstream) client; its body is the caller's to attach.
+    /// HTTP/2 client (`upstream::http2`); its body is the caller's to attach.
     ///
     /// Read back from the encoded bytes rather than kept from the client's
     /// parsed head, so that the HTTP/1.1 path, which never calls this, keeps
