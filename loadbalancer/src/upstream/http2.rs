@@ -46,6 +46,10 @@
 //!   into the stream, so it is not sent again here, but the proxy may retry
 //!   it on another backend whatever its method
 //!   ([`Http2Error::was_not_processed`]);
+//! * a request whose body failed on the client's side (it went away, or its
+//!   upload stalled) is the client's doing, not the backend's
+//!   ([`Http2Error::RequestBody`]); hyper only logs such an error, so the
+//!   pool keeps it on the way ([`WatchedBody`]);
 //! * anything else once the request went out may have been processed
 //!   ([`Http2Error::Other`]), like a broken HTTP/1.1 exchange.
 //!
@@ -140,6 +144,13 @@ pub enum Http2Error {
     /// connection, a response that is not HTTP/2.
     #[error("the HTTP/2 exchange failed")]
     Other(#[source] hyper::Error),
+    /// The client's request body failed (the client went away mid-upload, or
+    /// its upload stalled), so the request was reset: not the backend's doing.
+    /// The body's own error, as [`ExchangeError::RequestBody`] holds it.
+    ///
+    /// [`ExchangeError::RequestBody`]: super::ExchangeError::RequestBody
+    #[error("the request body failed")]
+    RequestBody(#[source] BoxError),
 }
 
 impl Http2Error {
@@ -265,7 +276,7 @@ type Opening<B> = Shared<oneshot::Receiver<Result<Opened<B>, Http2ConnectError>>
 
 /// A connection just opened, as handed to the requests that waited for it.
 struct Opened<B> {
-    sender: SendRequest<B>,
+    sender: Sender<B>,
     load: Arc<Load>,
 }
 
@@ -283,7 +294,7 @@ struct Multiplexed<B> {
     /// Where requests go; dropping the pool's sender (and the requests'
     /// short-lived clones) lets hyper close the connection once its last
     /// stream ends.
-    sender: SendRequest<B>,
+    sender: Sender<B>,
     load: Arc<Load>,
     /// Reaper ticks in a row that found the connection with no stream.
     idle_ticks: u32,
@@ -345,10 +356,16 @@ impl Drop for StreamSlot {
     }
 }
 
+/// hyper's side of a connection, to which the requests go.
+type Sender<B> = SendRequest<WatchedBody<B>>;
+
+/// hyper's connection task, for requests with bodies of type `B`.
+type HyperConnection<B> = Connection<TokioIo<TcpStream>, WatchedBody<B>, TokioExecutor>;
+
 /// Where a request goes next.
 enum Choice<B> {
     /// On this connection, now.
-    Send(SendRequest<B>, StreamSlot),
+    Send(Sender<B>, StreamSlot),
     /// On the connection being opened, once it is.
     Wait(Opening<B>),
 }
@@ -399,7 +416,11 @@ where
         connect_timeout: Duration,
         request: Request<B>,
     ) -> Result<Response<Http2Body>, Http2Error> {
-        let mut request = request;
+        let failed_upload = Arc::new(Mutex::new(None));
+        let mut request = request.map(|body| WatchedBody {
+            body,
+            failure: Arc::clone(&failed_upload),
+        });
         let mut sends = 1;
         loop {
             let (mut sender, slot) = self.stream_to(backend, connect_timeout).await?;
@@ -417,7 +438,12 @@ where
                     request = unsent;
                     sends += 1;
                 }
-                _ => return Err(Http2Error::of_exchange(error.into_error())),
+                _ => {
+                    return Err(match lock(&failed_upload).take() {
+                        Some(cause) => Http2Error::RequestBody(cause),
+                        None => Http2Error::of_exchange(error.into_error()),
+                    });
+                }
             }
         }
     }
@@ -427,7 +453,7 @@ where
         &self,
         backend: SocketAddr,
         connect_timeout: Duration,
-    ) -> Result<(SendRequest<B>, StreamSlot), Http2Error> {
+    ) -> Result<(Sender<B>, StreamSlot), Http2Error> {
         let opening = match self.choose(backend, connect_timeout) {
             Choice::Send(sender, slot) => return Ok((sender, slot)),
             Choice::Wait(opening) => opening,
@@ -600,13 +626,7 @@ async fn connect<B>(
     settings: &http2::Builder<TokioExecutor>,
     backend: SocketAddr,
     connect_timeout: Duration,
-) -> Result<
-    (
-        SendRequest<B>,
-        Connection<TokioIo<TcpStream>, B, TokioExecutor>,
-    ),
-    Http2ConnectError,
->
+) -> Result<(Sender<B>, HyperConnection<B>), Http2ConnectError>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
@@ -632,11 +652,8 @@ where
 /// GOAWAY, when the connection closes or breaks, or when no sender is left.
 /// Meanwhile keeps the server's stream limit current in `load`, since hyper
 /// offers it only here.
-async fn drive<B>(
-    connection: Connection<TokioIo<TcpStream>, B, TokioExecutor>,
-    load: &Load,
-    backend: SocketAddr,
-) where
+async fn drive<B>(connection: HyperConnection<B>, load: &Load, backend: SocketAddr)
+where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
@@ -672,6 +689,52 @@ async fn reap<B>(pool: Weak<Inner<B>>) {
             // Backends with nothing open or opening take their entry with them.
             !entry.connections.is_empty() || entry.opening.is_some()
         });
+    }
+}
+
+/// The client's request body on its way to hyper, which reports a body's
+/// failure only to its log (and resets the stream): this keeps the error, so
+/// that a failed upload is told from a failed backend.
+struct WatchedBody<B> {
+    body: B,
+    /// The body's error, once it failed.
+    failure: Arc<Mutex<Option<BoxError>>>,
+}
+
+/// What hyper hears of a request body's failure; the error itself stays in
+/// [`WatchedBody::failure`].
+#[derive(Debug, thiserror::Error)]
+#[error("the request body failed")]
+struct RequestBodyFailed;
+
+impl<B> Body for WatchedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = RequestBodyFailed;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyFailed>>> {
+        // Both fields are `Unpin`, so `self` derefs mutably.
+        let this = self.get_mut();
+        Pin::new(&mut this.body).poll_frame(cx).map_err(|error| {
+            *lock(&this.failure) = Some(error.into());
+            RequestBodyFailed
+        })
+    }
+
+    // hyper reads these to send `END_STREAM` with the head of a bodiless
+    // request, and a `Content-Length` the client did not send.
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -857,6 +920,17 @@ mod tests {
                     .map_err(BoxError::from)
                     .boxed_unsync();
                 Response::new(body)
+            }
+            .boxed()
+        })
+    }
+
+    /// Reads the whole request body, then answers `200`.
+    fn read_then_ok() -> Handler {
+        Arc::new(|request| {
+            async move {
+                let _ = request.into_body().collect().await;
+                Response::new(empty())
             }
             .boxed()
         })
@@ -1132,6 +1206,30 @@ mod tests {
             ));
         }
         assert!(pool.stats().iter().all(|(_, stats)| stats.connections == 0));
+    }
+
+    #[tokio::test]
+    async fn an_upload_that_fails_is_told_from_a_failing_backend() {
+        let backend = TestBackend::start(ServerSettings::default(), read_then_ok()).await;
+        let addr = backend.addr;
+        let pool = Http2Pool::<TestBody>::new(2);
+        let frames = futures::stream::iter([
+            Ok(Frame::data(Bytes::from_static(b"first part"))),
+            Err(BoxError::from("the client went away")),
+        ]);
+        let error = pool
+            .send(
+                addr,
+                CONNECT_TIMEOUT,
+                post(addr, StreamBody::new(frames).boxed_unsync()),
+            )
+            .await
+            .expect_err("the upload fails before the backend answers");
+        let Http2Error::RequestBody(cause) = &error else {
+            panic!("not a request body failure: {error:?}");
+        };
+        assert_eq!(cause.to_string(), "the client went away");
+        assert!(!error.is_connect() && !error.was_not_processed());
     }
 
     /// The bytes of a body of `size` bytes, numbered so that a reordered or
