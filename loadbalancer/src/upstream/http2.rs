@@ -425,8 +425,9 @@ where
         loop {
             let (mut sender, slot) = self.stream_to(backend, connect_timeout).await?;
             let sending = sender.try_send_request(request);
-            // The pool's own sender keeps the connection; this clone would
-            // keep one the pool let go of open until the response came.
+            // Done with once the request is handed over: only the pool's own
+            // sender should keep a connection taking requests, so that one
+            // the pool let go of winds down with its last stream.
             drop(sender);
             let mut error = match sending.await {
                 Ok(response) => return Ok(response.map(|body| Http2Body::new(body, slot))),
