@@ -473,7 +473,7 @@ impl<B> fmt::Debug for PooledBody<B> {
 }
 
 // A poisoned lock means a panic during a push or a pop; the map is still whole.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 

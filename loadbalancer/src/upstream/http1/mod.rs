@@ -48,8 +48,9 @@ use tokio::net::TcpStream;
 
 pub use chunked::ChunkedError;
 pub(crate) use request::{RequestWriter, UpstreamHead};
+pub(super) use response::MAX_HEAD_BYTES;
 pub(crate) use response::{BodyReader, Step};
-use response::{MAX_HEAD_BYTES, finish_head, read_head};
+use response::{finish_head, read_head};
 
 /// Why an exchange failed. Each case says what the backend did.
 #[derive(Debug, thiserror::Error)]

@@ -9,9 +9,10 @@ use std::task::{Context, Poll, ready};
 
 use bytes::buf::Chain;
 use bytes::{Buf, Bytes};
-use http::Method;
-use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST};
+use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST, HeaderName, HeaderValue, TE};
 use http::request::Parts;
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderMap, Method, Request, Uri, Version};
 use hyper::body::Body;
 use service_kit::BoxError;
 use tokio::net::TcpStream;
@@ -109,6 +110,72 @@ impl UpstreamHead {
         !matches!(self.framing, RequestFraming::None)
     }
 
+    /// The head as an HTTP/2 request to `backend` (cleartext, `h2c`), for the
+    /// HTTP/2 client (`upstream::http2`); its body is the caller's to attach.
+    ///
+    /// Read back from the encoded bytes rather than kept from the client's
+    /// parsed head, so that the HTTP/1.1 path, which never calls this, keeps
+    /// paying nothing for it (see the type's doc for why the parsed head goes).
+    /// The values are slices of those bytes, not copies. The target becomes an
+    /// absolute URI, `http://{authority}{target}`, whose authority is the
+    /// `Host` (or, for a client that sent none, the backend), and `Host` itself
+    /// goes: HTTP/2 carries it as `:authority`. So do the fields that only
+    /// describe an HTTP/1.1 connection, which RFC 9113 section 8.2.2 forbids:
+    /// the `Transfer-Encoding` this head framed its body with, and the
+    /// `Connection` and `Upgrade` of a protocol switch, which HTTP/2 cannot
+    /// carry (such a request must go over HTTP/1.1; see [`asks_upgrade`]).
+    /// `TE: trailers` stays, as gRPC needs it, and so does `Content-Length`.
+    ///
+    /// Fails only when the client's `Host` is not a valid authority (or its
+    /// target not a valid path), which no HTTP/2 request can carry.
+    ///
+    /// [`asks_upgrade`]: Self::asks_upgrade
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the proxy sends over HTTP/2 once it is wired in")
+    )]
+    pub(crate) fn to_http2(&self, backend: SocketAddr) -> Result<Request<()>, http::Error> {
+        let head = &self.bytes;
+        let mut lines = Lines { head, at: 0 };
+        // The request line is `METHOD SP target SP HTTP/1.1`, as `new` wrote it.
+        let request_line = lines.next().unwrap_or_default();
+        let target = request_line.start + self.method.as_str().len() + 1
+            ..request_line.end - " HTTP/1.1".len();
+        let mut authority = None;
+        let mut headers = HeaderMap::with_capacity(16);
+        for line in lines {
+            // A field line is `name: value`, as `new` wrote it; a name never
+            // holds a colon.
+            let colon = line.start
+                + head[line.clone()]
+                    .iter()
+                    .position(|&b| b == b':')
+                    .unwrap_or(line.len());
+            let name = HeaderName::from_bytes(&head[line.start..colon])?;
+            let value = head.slice((colon + 2).min(line.end)..line.end);
+            if name == HOST {
+                authority.get_or_insert(value);
+            } else if !is_connection_specific(&name, &value) {
+                headers.append(name, HeaderValue::from_maybe_shared(value)?);
+            }
+        }
+        let authority = match authority {
+            Some(host) => Authority::from_maybe_shared(host)?,
+            None => Authority::try_from(backend.to_string())?,
+        };
+        let uri = Uri::builder()
+            .scheme(http::uri::Scheme::HTTP)
+            .authority(authority)
+            .path_and_query(PathAndQuery::from_maybe_shared(head.slice(target))?)
+            .build()?;
+        let mut request = Request::new(());
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = uri;
+        *request.version_mut() = Version::HTTP_2;
+        *request.headers_mut() = headers;
+        Ok(request)
+    }
+
     /// The head as written to `backend`.
     fn for_backend(&self, backend: SocketAddr) -> Piece {
         let host = if self.needs_host {
@@ -118,6 +185,42 @@ impl UpstreamHead {
         };
         piece(self.bytes.clone(), host, b"\r\n")
     }
+}
+
+/// The lines of an encoded head, each without its CRLF, as ranges of it.
+struct Lines<'a> {
+    head: &'a [u8],
+    /// Where the next line starts.
+    at: usize,
+}
+
+impl Iterator for Lines<'_> {
+    type Item = Range<usize>;
+
+    fn next(&mut self) -> Option<Range<usize>> {
+        let rest = self.head.get(self.at..).filter(|rest| !rest.is_empty())?;
+        let start = self.at;
+        let length = rest
+            .windows(2)
+            .position(|pair| pair == b"\r\n")
+            .unwrap_or(rest.len());
+        self.at = start + length + 2;
+        Some(start..start + length)
+    }
+}
+
+/// Whether a field describes an HTTP/1.1 connection, and so may not travel
+/// in an HTTP/2 request (RFC 9113 section 8.2.2): `TE` is allowed only as
+/// `trailers`.
+fn is_connection_specific(name: &HeaderName, value: &[u8]) -> bool {
+    if name == TE {
+        return !value.eq_ignore_ascii_case(b"trailers");
+    }
+    // Names are stored lower-case.
+    matches!(
+        name.as_str(),
+        "connection" | "transfer-encoding" | "upgrade" | "keep-alive" | "proxy-connection"
+    )
 }
 
 /// How the request body is framed on the wire.
@@ -268,7 +371,7 @@ fn body_mismatch(what: &str) -> ExchangeError {
 
 #[cfg(test)]
 mod tests {
-    use http::Request;
+    use http::header::UPGRADE;
     use http_body_util::{Empty, Full, StreamBody};
 
     use super::*;
@@ -313,6 +416,85 @@ mod tests {
         assert_eq!(
             written(&head, "10.0.0.2:8080"),
             "GET / HTTP/1.1\r\nhost: 10.0.0.2:8080\r\n\r\n"
+        );
+    }
+
+    /// The fields of an HTTP/2 request head as `name: value` lines, in order.
+    fn fields(request: &Request<()>) -> Vec<String> {
+        request
+            .headers()
+            .iter()
+            .map(|(name, value)| format!("{name}: {}", value.to_str().expect("ASCII")))
+            .collect()
+    }
+
+    #[test]
+    fn the_http2_head_has_an_absolute_uri_and_no_connection_fields() {
+        let frames = futures::stream::iter([Ok::<_, std::convert::Infallible>(
+            hyper::body::Frame::data(Bytes::from_static(b"x")),
+        )]);
+        // What the proxy leaves of a gRPC call through an upgrade-asking
+        // client: `TE: trailers` restored, `Connection: upgrade` kept.
+        let head = head_of(
+            Request::post("/pkg.Service/Call?x=1")
+                .header(HOST, "api.example.test:8080")
+                .header(TE, "trailers")
+                .header(CONNECTION, "upgrade")
+                .header(UPGRADE, "websocket")
+                .header("content-type", "application/grpc")
+                .header("x-forwarded-for", "10.1.2.3")
+                .body(StreamBody::new(frames))
+                .expect("valid request"),
+        );
+        let request = head
+            .to_http2("10.0.0.1:50051".parse().expect("an address"))
+            .expect("a valid HTTP/2 head");
+        assert_eq!(request.method(), Method::POST);
+        assert_eq!(request.version(), Version::HTTP_2);
+        assert_eq!(
+            request.uri(),
+            "http://api.example.test:8080/pkg.Service/Call?x=1"
+        );
+        // `Host` became the authority; `Connection`, `Upgrade` and the
+        // chunked framing this head added for HTTP/1.1 are gone.
+        assert_eq!(
+            fields(&request),
+            [
+                "te: trailers",
+                "content-type: application/grpc",
+                "x-forwarded-for: 10.1.2.3",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_http2_head_keeps_content_length_and_names_the_backend_without_host() {
+        let head = head_of(
+            Request::put("/items/7")
+                .header(CONTENT_LENGTH, "5")
+                .header(TE, "gzip")
+                .body(Full::new(Bytes::from_static(b"hello")))
+                .expect("valid request"),
+        );
+        let request = head
+            .to_http2("10.0.0.2:8080".parse().expect("an address"))
+            .expect("a valid HTTP/2 head");
+        assert_eq!(request.uri(), "http://10.0.0.2:8080/items/7");
+        // `TE` other than `trailers` is forbidden in HTTP/2.
+        assert_eq!(fields(&request), ["content-length: 5"]);
+    }
+
+    #[test]
+    fn a_host_that_is_no_authority_cannot_go_over_http2() {
+        let head = head_of(
+            Request::get("/")
+                .header(HOST, "not a host")
+                .body(Empty::<Bytes>::new())
+                .expect("valid request"),
+        );
+        assert!(
+            head.to_http2("10.0.0.1:80".parse().expect("an address"))
+                .is_err()
         );
     }
 

@@ -23,7 +23,7 @@ const MAX_HEADERS: usize = 100;
 /// The largest response head accepted. Far above what backends send (a few
 /// hundred bytes, a few KiB with cookies), and it bounds what a broken backend
 /// can make the proxy buffer.
-pub(super) const MAX_HEAD_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// The first read of a response: enough for the head and a small body in one
 /// system call.
