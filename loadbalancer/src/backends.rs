@@ -22,6 +22,7 @@
 //! so the admin endpoints and metrics can tell how fresh the list is without
 //! discovery having to report to them separately.
 
+mod protocol;
 mod status;
 
 use std::fmt;
@@ -38,6 +39,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Unit;
 
 use crate::backend_state::BackendState;
+pub use protocol::{BackendProtocol, LearnedProtocols};
 pub use status::{DiscoveryError, DiscoveryStatus, SourceKind};
 
 /// The one handle that changes the list; see the module docs. Dropping it leaves
@@ -63,6 +65,11 @@ impl BackendsWriter {
     /// the old one, so callers can log changes and stay quiet otherwise.
     pub fn replace(&self, addrs: Vec<SocketAddr>) -> bool {
         self.list.replace(addrs)
+    }
+
+    /// Publishes what the EndpointSlices say the backend ports speak.
+    pub fn set_protocols(&self, protocols: LearnedProtocols) {
+        *write(&self.list.protocols) = protocols;
     }
 
     /// Records that discovery has delivered a complete list at least once.
@@ -104,6 +111,8 @@ pub struct Backends {
     /// How discovery is doing: stamped by `replace` and `mark_synced`, read by the
     /// admin endpoints and metrics.
     discovery: Arc<DiscoveryStatus>,
+    /// What the backend ports speak, as the EndpointSlices say.
+    protocols: Arc<RwLock<LearnedProtocols>>,
 }
 
 impl Backends {
@@ -239,6 +248,11 @@ impl Backends {
     /// What discovery has done lately (source, updates, last sync, last error).
     pub fn discovery_status(&self) -> &DiscoveryStatus {
         &self.discovery
+    }
+
+    /// What the EndpointSlices say the backend ports speak.
+    pub fn protocols(&self) -> LearnedProtocols {
+        *read(&self.protocols)
     }
 }
 

@@ -18,11 +18,17 @@
 //!   target ports of its Service; if it lists some and none is the backend port, the
 //!   configured port still wins (it is what the operator asked for, and a Service may
 //!   name ports the load balancer does not use) and the mismatch is logged at debug.
+//! * **Protocol**: a port's `appProtocol` says what it speaks
+//!   ([`BackendProtocol::from_app_protocol`]); the first slice that names one for
+//!   the backend port (or the gRPC port) decides, since every slice of a Service
+//!   lists the same ports.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
+
+use crate::backends::{BackendProtocol, LearnedProtocols};
 
 /// What one EndpointSlice contributes to the backend list.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,6 +38,8 @@ pub(crate) struct SliceEndpoints {
     /// Endpoints on their way out that still serve: kept apart because they are used
     /// only when no endpoint of the whole Service is ready.
     pub(crate) serving_terminating: Vec<SocketAddr>,
+    /// What the slice's ports say they speak.
+    pub(crate) protocols: LearnedProtocols,
 }
 
 /// The list to publish, and which rule produced it.
@@ -43,6 +51,8 @@ pub(crate) struct Merged {
     /// True when `addrs` are serving-but-terminating endpoints because none is ready,
     /// so the watch loop can say so in the logs.
     pub(crate) terminating_fallback: bool,
+    /// What the backend ports speak, from the first slice that says.
+    pub(crate) protocols: LearnedProtocols,
 }
 
 /// How one endpoint's conditions classify it.
@@ -102,6 +112,27 @@ pub(crate) fn slice_endpoints(slice: &EndpointSlice, port: u16) -> SliceEndpoint
     out
 }
 
+/// What the slice's `appProtocol`s say `port` and `grpc_port` speak.
+pub(crate) fn slice_protocols(
+    slice: &EndpointSlice,
+    port: u16,
+    grpc_port: Option<u16>,
+) -> LearnedProtocols {
+    let protocol_of = |wanted: u16| {
+        slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.port == Some(i32::from(wanted)))
+            .and_then(|p| p.app_protocol.as_deref())
+            .and_then(BackendProtocol::from_app_protocol)
+    };
+    LearnedProtocols {
+        backend_port: protocol_of(port),
+        grpc_port: grpc_port.and_then(protocol_of),
+    }
+}
+
 /// Whether the slice has no port list to check, or lists `port` in it.
 fn lists_port(slice: &EndpointSlice, port: u16) -> bool {
     match slice.ports.as_deref() {
@@ -112,6 +143,15 @@ fn lists_port(slice: &EndpointSlice, port: u16) -> bool {
 
 /// Merges every slice's endpoints into the one list the balancer should use.
 pub(crate) fn merge<'a>(slices: impl IntoIterator<Item = &'a SliceEndpoints> + Clone) -> Merged {
+    let protocols = slices
+        .clone()
+        .into_iter()
+        .fold(LearnedProtocols::default(), |known, slice| {
+            LearnedProtocols {
+                backend_port: known.backend_port.or(slice.protocols.backend_port),
+                grpc_port: known.grpc_port.or(slice.protocols.grpc_port),
+            }
+        });
     let ready: BTreeSet<SocketAddr> = slices
         .clone()
         .into_iter()
@@ -121,6 +161,7 @@ pub(crate) fn merge<'a>(slices: impl IntoIterator<Item = &'a SliceEndpoints> + C
         return Merged {
             addrs: ready.into_iter().collect(),
             terminating_fallback: false,
+            protocols,
         };
     }
     let serving: BTreeSet<SocketAddr> = slices
@@ -130,6 +171,7 @@ pub(crate) fn merge<'a>(slices: impl IntoIterator<Item = &'a SliceEndpoints> + C
     Merged {
         terminating_fallback: !serving.is_empty(),
         addrs: serving.into_iter().collect(),
+        protocols,
     }
 }
 
@@ -218,6 +260,7 @@ mod tests {
             SliceEndpoints {
                 ready: vec![addr("10.0.0.1:8080")],
                 serving_terminating: vec![],
+                protocols: LearnedProtocols::default(),
             }
         );
     }
@@ -309,7 +352,40 @@ mod tests {
         SliceEndpoints {
             ready: addrs(ready),
             serving_terminating: addrs(terminating),
+            protocols: LearnedProtocols::default(),
         }
+    }
+
+    #[test]
+    fn app_protocol_is_read_for_the_backend_and_grpc_ports() {
+        let mut s = slice("IPv4", Some(vec![8080, 9000, 9100]), vec![]);
+        for (port, app_protocol) in
+            s.ports
+                .iter_mut()
+                .flatten()
+                .zip(["http", "kubernetes.io/h2c", "grpc"])
+        {
+            port.app_protocol = Some(app_protocol.to_owned());
+        }
+        let protocols = slice_protocols(&s, 8080, Some(9000));
+        assert_eq!(protocols.backend_port, Some(BackendProtocol::Http1));
+        assert_eq!(protocols.grpc_port, Some(BackendProtocol::H2c));
+        assert_eq!(
+            slice_protocols(&s, 9100, None).backend_port,
+            Some(BackendProtocol::H2c)
+        );
+        // A port the slice does not list, or lists without appProtocol: unknown.
+        assert_eq!(
+            slice_protocols(&s, 7000, Some(7001)),
+            LearnedProtocols::default()
+        );
+        // The first slice that names a protocol decides for the Service.
+        let named = SliceEndpoints {
+            protocols,
+            ..endpoints(&["10.0.0.1:8080"], &[])
+        };
+        let unnamed = endpoints(&["10.0.0.2:8080"], &[]);
+        assert_eq!(merge([&unnamed, &named]).protocols, protocols);
     }
 
     #[test]

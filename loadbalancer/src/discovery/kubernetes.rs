@@ -28,7 +28,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 
 use super::KubernetesSource;
-use super::endpoints::{Merged, SliceEndpoints, merge, slice_endpoints};
+use super::endpoints::{Merged, SliceEndpoints, merge, slice_endpoints, slice_protocols};
 use crate::backends::BackendsWriter;
 
 /// The label the EndpointSlice controller puts on every slice of a Service.
@@ -63,7 +63,7 @@ pub async fn watch_endpoint_slices(
     // `default_backoff` sleeps between retries after an error; the stream holds that
     // timer, so it is pinned (on the stack: it lives exactly as long as this loop).
     let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
-    let mut store = SliceStore::new(source.port);
+    let mut store = SliceStore::new(source.port, source.grpc_port);
     let mut publisher = Publisher::new(service, backends);
     while let Some(event) = events.next().await {
         match event {
@@ -111,6 +111,8 @@ struct Update {
 struct SliceStore {
     /// Every address gets this port (see [`super::endpoints`]).
     port: u16,
+    /// The backends' gRPC port, whose `appProtocol` is read too.
+    grpc_port: Option<u16>,
     /// The current state; `Apply` and `Delete` patch it by slice name.
     slices: BTreeMap<String, SliceEndpoints>,
     /// A re-list in progress (between `Init` and `InitDone`). Built off to the side so
@@ -119,9 +121,10 @@ struct SliceStore {
 }
 
 impl SliceStore {
-    fn new(port: u16) -> Self {
+    fn new(port: u16, grpc_port: Option<u16>) -> Self {
         Self {
             port,
+            grpc_port,
             slices: BTreeMap::new(),
             relist: None,
         }
@@ -135,7 +138,7 @@ impl SliceStore {
                 None
             }
             Event::InitApply(slice) => {
-                let endpoints = slice_endpoints(&slice, self.port);
+                let endpoints = self.read(&slice);
                 // kube-runtime only sends InitApply after Init; tolerate it anyway.
                 self.relist
                     .get_or_insert_with(BTreeMap::new)
@@ -147,7 +150,7 @@ impl SliceStore {
                 Some(self.update(true))
             }
             Event::Apply(slice) => {
-                let endpoints = slice_endpoints(&slice, self.port);
+                let endpoints = self.read(&slice);
                 self.slices.insert(slice.name_any(), endpoints);
                 Some(self.update(false))
             }
@@ -155,6 +158,14 @@ impl SliceStore {
                 self.slices.remove(&slice.name_any());
                 Some(self.update(false))
             }
+        }
+    }
+
+    /// What `slice` contributes: its endpoints and its ports' protocols.
+    fn read(&self, slice: &EndpointSlice) -> SliceEndpoints {
+        SliceEndpoints {
+            protocols: slice_protocols(slice, self.port, self.grpc_port),
+            ..slice_endpoints(slice, self.port)
         }
     }
 
@@ -204,6 +215,7 @@ impl<'a> Publisher<'a> {
                 );
             }
         }
+        self.backends.set_protocols(merged.protocols);
         let old = self.backends.snapshot();
         if self.backends.replace(merged.addrs.clone()) {
             let (added, removed) = diff(&old, &merged.addrs);
@@ -274,7 +286,7 @@ mod tests {
 
     #[test]
     fn a_relist_publishes_nothing_until_init_done() {
-        let mut store = SliceStore::new(80);
+        let mut store = SliceStore::new(80, None);
         assert_eq!(store.handle(Event::Init), None);
         assert_eq!(
             store.handle(Event::InitApply(slice("a", &["10.0.0.1"]))),
@@ -287,7 +299,7 @@ mod tests {
 
     #[test]
     fn a_relist_replaces_the_whole_state() {
-        let mut store = SliceStore::new(80);
+        let mut store = SliceStore::new(80, None);
         store.handle(Event::Apply(slice("a", &["10.0.0.1"])));
         store.handle(Event::Apply(slice("gone", &["10.0.0.2"])));
         store.handle(Event::Init);
@@ -300,7 +312,7 @@ mod tests {
 
     #[test]
     fn an_empty_relist_empties_the_list() {
-        let mut store = SliceStore::new(80);
+        let mut store = SliceStore::new(80, None);
         store.handle(Event::Apply(slice("a", &["10.0.0.1"])));
         store.handle(Event::Init);
         assert_eq!(addrs(store.handle(Event::InitDone)), vec![]);
@@ -308,7 +320,7 @@ mod tests {
 
     #[test]
     fn apply_replaces_one_slice_by_name() {
-        let mut store = SliceStore::new(80);
+        let mut store = SliceStore::new(80, None);
         store.handle(Event::Apply(slice("a", &["10.0.0.1"])));
         store.handle(Event::Apply(slice("b", &["10.0.0.2"])));
         let update = store.handle(Event::Apply(slice("a", &["10.0.0.3"])));
@@ -320,7 +332,7 @@ mod tests {
 
     #[test]
     fn delete_removes_one_slice_by_name() {
-        let mut store = SliceStore::new(80);
+        let mut store = SliceStore::new(80, None);
         store.handle(Event::Apply(slice("a", &["10.0.0.1"])));
         store.handle(Event::Apply(slice("b", &["10.0.0.2"])));
         let update = store.handle(Event::Delete(slice("a", &[])));
@@ -329,7 +341,7 @@ mod tests {
 
     #[test]
     fn watch_events_are_not_complete_lists() {
-        let mut store = SliceStore::new(80);
+        let mut store = SliceStore::new(80, None);
         let update = store.handle(Event::Apply(slice("a", &["10.0.0.1"])));
         assert!(!update.expect("Apply publishes").complete);
     }
@@ -338,7 +350,7 @@ mod tests {
     fn publishing_marks_synced_only_at_a_complete_list() {
         let backends = BackendsWriter::new();
         let mut publisher = Publisher::new("web", &backends);
-        let mut store = SliceStore::new(80);
+        let mut store = SliceStore::new(80, None);
         publisher.publish(
             store
                 .handle(Event::Apply(slice("a", &["10.0.0.1"])))

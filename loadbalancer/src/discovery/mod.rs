@@ -26,8 +26,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::backends::BackendsWriter;
 pub use crate::backends::SourceKind;
+use crate::backends::{BackendProtocol, BackendsWriter};
 
 /// Where the load balancer learns its backend addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +61,9 @@ pub struct KubernetesSource {
     /// The port the backends listen on. Every published address uses it; see
     /// [`endpoints`] for how the slices' own port lists are checked against it.
     pub port: u16,
+    /// The backends' gRPC port, if the load balancer serves gRPC: only its
+    /// `appProtocol` is read.
+    pub grpc_port: Option<u16>,
 }
 
 /// The discovery keys of the config file: where backend addresses come from.
@@ -82,6 +85,16 @@ pub struct DiscoveryConfig {
         serialize_with = "serialize_addrs"
     )]
     pub static_backends: Vec<SocketAddr>,
+    /// What `backendPort` speaks: `http1` or `h2c`. Absent: what the
+    /// EndpointSlice port's `appProtocol` says, else `http1`. Set it for static
+    /// discovery, or to override the Service.
+    #[serde(default)]
+    pub backend_protocol: Option<BackendProtocol>,
+    /// The port on the backend pods that gRPC calls to `grpcPort` go to
+    /// (HTTP/2: `h2c` unless its `appProtocol` says otherwise). Default: the
+    /// same number as `grpcPort`.
+    #[serde(default)]
+    pub backend_grpc_port: Option<u16>,
 }
 
 /// Where backend addresses come from.
@@ -114,6 +127,9 @@ impl DiscoveryConfig {
         if self.backend_port == 0 {
             return fail("backendPort", "must be between 1 and 65535");
         }
+        if self.backend_grpc_port == Some(0) {
+            return fail("backendGrpcPort", "must be between 1 and 65535");
+        }
         if self.discovery == DiscoveryMode::Static && self.static_backends.is_empty() {
             return fail(
                 "staticBackends",
@@ -132,6 +148,7 @@ impl DiscoveryConfig {
                 namespace,
                 service_name: self.backend_service_name.clone(),
                 port: self.backend_port,
+                grpc_port: self.backend_grpc_port,
             }),
         }
     }

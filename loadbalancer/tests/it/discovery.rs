@@ -6,8 +6,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use loadbalancer::backends::{Backends, BackendsWriter};
+use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
+use loadbalancer::backends::{BackendProtocol, Backends, BackendsWriter, LearnedProtocols};
 use loadbalancer::discovery::KubernetesSource;
 use loadbalancer::discovery::kubernetes::watch_endpoint_slices;
 use tokio::task::JoinHandle;
@@ -18,6 +18,8 @@ use crate::support::wait_for;
 
 const SERVICE: &str = "web";
 const PORT: u16 = 8080;
+/// The backends' gRPC port, whose `appProtocol` discovery reads too.
+const GRPC_PORT: u16 = 9000;
 
 /// Discovery running in a task against a fake server; aborted when dropped.
 struct Discovery {
@@ -42,6 +44,7 @@ async fn discover_in(server: &FakeApiServer, namespace: Option<&str>) -> Discove
         namespace: namespace.map(str::to_owned),
         service_name: SERVICE.to_owned(),
         port: PORT,
+        grpc_port: Some(GRPC_PORT),
     };
     let writer = BackendsWriter::new();
     let backends = writer.reader();
@@ -94,6 +97,39 @@ async fn watching(server: &FakeApiServer, ips: &[&str]) -> Discovery {
     discovery.wait_for_backends(ips).await;
     wait_for("an open watch", || server.open_watches(), |n| *n == 1).await;
     discovery
+}
+
+#[tokio::test]
+async fn the_ports_app_protocol_says_what_the_backends_speak() {
+    let server = FakeApiServer::start().await;
+    let mut grpc = web("web-1", &[("10.0.0.1", Ready)]);
+    let ports = grpc.ports.get_or_insert_with(Vec::new);
+    ports[0].app_protocol = Some("kubernetes.io/h2c".to_owned());
+    ports.push(EndpointPort {
+        name: Some("grpc".to_owned()),
+        port: Some(i32::from(GRPC_PORT)),
+        app_protocol: Some("grpc".to_owned()),
+        ..EndpointPort::default()
+    });
+    server.apply(grpc);
+    let discovery = watching(&server, &["10.0.0.1"]).await;
+    assert_eq!(
+        discovery.backends.protocols(),
+        LearnedProtocols {
+            backend_port: Some(BackendProtocol::H2c),
+            grpc_port: Some(BackendProtocol::H2c),
+        }
+    );
+
+    // The Service drops the annotation: back to the config's choice (HTTP/1.1
+    // by default).
+    server.apply(web("web-1", &[("10.0.0.1", Ready)]));
+    wait_for(
+        "protocols forgotten",
+        || discovery.backends.protocols(),
+        |learned| *learned == LearnedProtocols::default(),
+    )
+    .await;
 }
 
 #[tokio::test]
