@@ -79,6 +79,65 @@ pub struct Metrics {
     certificate_expiry: Family<CertificateLabels, Gauge>,
     /// `loadbalancer_tls_certificate_reloads_total{result}`.
     certificate_reloads: Family<ReloadLabels, Counter>,
+    /// `loadbalancer_requests_by_protocol_total{protocol,grpc_status}`.
+    by_protocol: Family<ProtocolLabels, Counter>,
+    /// The series of requests that are not gRPC calls, by [`ClientProtocol`],
+    /// resolved once: most requests count here without a family lookup.
+    plain_by_protocol: [Counter; 2],
+}
+
+/// What the client spoke to the load balancer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientProtocol {
+    Http1 = 0,
+    Http2 = 1,
+}
+
+impl ClientProtocol {
+    /// The protocol of a request of `version`.
+    pub fn of(version: http::Version) -> Self {
+        if version == http::Version::HTTP_2 {
+            Self::Http2
+        } else {
+            Self::Http1
+        }
+    }
+
+    /// How logs and metrics name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::Http2 => "h2",
+        }
+    }
+}
+
+impl EncodeLabelValue for ClientProtocol {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// A gRPC status code (0 to 16), `none` for a request that is not a gRPC
+/// call, or `other` for a code outside the spec (a backend must not be able
+/// to mint series).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct GrpcStatusLabel(Option<u16>);
+
+impl EncodeLabelValue for GrpcStatusLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        match self.0 {
+            None => encoder.write_str("none"),
+            Some(code @ 0..=16) => write!(encoder, "{code}"),
+            Some(_) => encoder.write_str("other"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ProtocolLabels {
+    protocol: ClientProtocol,
+    grpc_status: GrpcStatusLabel,
 }
 
 /// The protocol version a TLS handshake settled on, or `none` for a failed one.
@@ -333,6 +392,19 @@ impl Metrics {
             "Changed certificate files loaded (success) or rejected (failure)",
             certificate_reloads.clone(),
         );
+        let by_protocol = Family::<ProtocolLabels, Counter>::default();
+        registry.register(
+            "requests_by_protocol",
+            "Requests answered, by the protocol the client spoke (http1, h2) and, for \
+             gRPC calls, their grpc-status (\"none\" for other requests)",
+            by_protocol.clone(),
+        );
+        let plain_by_protocol = [ClientProtocol::Http1, ClientProtocol::Http2].map(|protocol| {
+            by_protocol.get_or_create_owned(&ProtocolLabels {
+                protocol,
+                grpc_status: GrpcStatusLabel(None),
+            })
+        });
         registry.register(
             "build",
             "The running version",
@@ -356,6 +428,8 @@ impl Metrics {
             tls_handshake_failures,
             certificate_expiry,
             certificate_reloads,
+            by_protocol,
+            plain_by_protocol,
         }
     }
 
@@ -422,6 +496,21 @@ impl Metrics {
             self.requests.get_or_create(&labels).inc();
         }
         handles.duration.observe(latency.as_secs_f64());
+    }
+
+    /// Counts one answered request by the protocol the client spoke and, for
+    /// a gRPC call (`grpc_status` is `Some`), its status.
+    pub fn record_protocol(&self, protocol: ClientProtocol, grpc_status: Option<u16>) {
+        match grpc_status {
+            None => self.plain_by_protocol[protocol as usize].inc(),
+            Some(code) => self
+                .by_protocol
+                .get_or_create(&ProtocolLabels {
+                    protocol,
+                    grpc_status: GrpcStatusLabel(Some(code)),
+                })
+                .inc(),
+        };
     }
 
     /// Counts one retry: a request sent again to another backend.

@@ -31,6 +31,7 @@
 //! how the body ended, at its last byte.
 
 mod body;
+mod grpc;
 mod headers;
 mod idle;
 mod request_id;
@@ -49,19 +50,24 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use service_kit::BoxError;
 use tracing::{info, warn};
 
 use crate::backend_state::{BackendState, OwnedInFlight};
-use crate::backends::Backends;
+use crate::backends::{BackendProtocol, Backends, LearnedProtocols};
 use crate::balancer::{self, Balancer, NoBackend};
-use crate::metrics::Metrics;
+use crate::discovery::DiscoveryConfig;
+use crate::metrics::{ClientProtocol, Metrics};
 use crate::outlier::{Admission, Outcome, OutlierDetector, OutlierSettings};
 use crate::response;
 use crate::retry::body::{AttemptBody, RetryBody};
 use crate::retry::{RetryPolicy, RetryReason, RetrySettings};
-use crate::upstream::{ExchangeError, PooledBody, UpstreamError, UpstreamHead, UpstreamPool};
-use body::Completion;
+use crate::upstream::{
+    DEFAULT_CONNECTIONS_PER_BACKEND, ExchangeError, Http2Pool, Http2Stats, UpstreamError,
+    UpstreamHead, UpstreamPool,
+};
 pub use body::InFlightBody;
+use body::{Completion, UpstreamBody};
 use headers::X_REQUEST_ID;
 pub use idle::BodyIdle;
 use idle::IdleTimeout;
@@ -76,10 +82,6 @@ pub type ProxyBody = Either<InFlightBody, Full<Bytes>>;
 /// Every method but `CONNECT`, for the `Allow` header of its 405.
 const ALLOWED_METHODS: HeaderValue =
     HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE");
-
-/// A backend's response body, with the connection it came on riding along
-/// until the body ends (see [`PooledBody`]).
-type UpstreamBody = PooledBody<AttemptBody<IdleTimeout<Incoming>>>;
 
 /// Timeouts for the upstream side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,26 +186,34 @@ pub enum ProxyError {
     NoBackend,
     /// The TCP connection to the backend failed (refused, unreachable, connect
     /// timeout): 502. Nothing was sent, so retrying elsewhere is always safe.
-    #[error("cannot connect to backend {backend}: {}", ErrorChain(error))]
+    #[error("cannot connect to backend {backend}: {}", ErrorChain(&**error))]
     Connect {
         backend: SocketAddr,
-        error: UpstreamError,
+        error: BoxError,
     },
     /// The connection broke or the backend answered something that is not HTTP: 502.
-    #[error("backend {backend} failed: {}", ErrorChain(error))]
+    #[error("backend {backend} failed: {}", ErrorChain(&**error))]
     Upstream {
         backend: SocketAddr,
-        error: UpstreamError,
+        error: BoxError,
+    },
+    /// An HTTP/2 backend refused the request before processing it
+    /// (`REFUSED_STREAM`, or a stream above its GOAWAY's last stream id): 503.
+    /// Nothing was processed, so retrying elsewhere is always safe.
+    #[error("backend {backend} refused the request unprocessed: {}", ErrorChain(&**error))]
+    Refused {
+        backend: SocketAddr,
+        error: BoxError,
     },
     /// Every attempt failed to connect and no backend is left to try: the
     /// service is down as a whole, 503.
     #[error(
         "no backend could be reached; the last, {backend}: {}",
-        ErrorChain(error)
+        ErrorChain(&**error)
     )]
     Unreachable {
         backend: SocketAddr,
-        error: UpstreamError,
+        error: BoxError,
     },
     /// No response head within `requestTimeoutMs`: 504.
     #[error("backend {backend} did not answer within {} ms", timeout.as_millis())]
@@ -234,7 +244,7 @@ impl ProxyError {
     /// The status code the client receives.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoBackend | ProxyError::Unreachable { .. } => {
+            ProxyError::NoBackend | ProxyError::Unreachable { .. } | ProxyError::Refused { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -248,6 +258,7 @@ impl ProxyError {
     pub fn backend(&self) -> Option<SocketAddr> {
         match self {
             ProxyError::Connect { backend, .. }
+            | ProxyError::Refused { backend, .. }
             | ProxyError::Unreachable { backend, .. }
             | ProxyError::Upstream { backend, .. }
             | ProxyError::Timeout { backend, .. }
@@ -272,6 +283,7 @@ impl ProxyError {
             ProxyError::Connect { .. } => "the backend could not be reached".to_owned(),
             ProxyError::Unreachable { .. } => "no backend could be reached".to_owned(),
             ProxyError::Upstream { .. } => "the backend failed to answer".to_owned(),
+            ProxyError::Refused { .. } => "the backend refused the request".to_owned(),
             ProxyError::Timeout { timeout, .. } => {
                 format!(
                     "the backend did not answer within {} ms",
@@ -287,7 +299,25 @@ impl ProxyError {
         }
     }
 
-    fn to_response(&self, request_id: &HeaderValue) -> Response<Full<Bytes>> {
+    /// The status a gRPC client is told, for a gRPC call.
+    fn grpc_code(&self) -> grpc::Code {
+        match self {
+            ProxyError::Timeout { .. } | ProxyError::RequestBodyIdle { .. } => {
+                grpc::Code::DeadlineExceeded
+            }
+            ProxyError::ConnectMethod => grpc::Code::Unimplemented,
+            ProxyError::NoBackend
+            | ProxyError::Connect { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::Refused { .. }
+            | ProxyError::Unreachable { .. } => grpc::Code::Unavailable,
+        }
+    }
+
+    fn to_response(&self, request_id: &HeaderValue, grpc: bool) -> Response<Full<Bytes>> {
+        if grpc {
+            return grpc::error_response(self.grpc_code(), &self.public_message());
+        }
         let status = self.status();
         let mut response = response::json(
             status,
@@ -306,6 +336,60 @@ impl ProxyError {
     }
 }
 
+/// Which port of the backend pods a listener's requests go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The addresses discovery found (`backendPort`).
+    BackendPort,
+    /// The same pods at `backendGrpcPort`: the listener on `grpcPort`.
+    GrpcPort,
+}
+
+/// Where requests go and what they speak there: the config's part (reloaded
+/// live), which the proxy combines with what discovery learned
+/// ([`LearnedProtocols`]) for each attempt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Routing {
+    /// `backendProtocol`: what `backendPort` speaks, whatever the Service says.
+    pub backend_protocol: Option<BackendProtocol>,
+    /// `backendGrpcPort`: where the requests of the gRPC listener go.
+    pub backend_grpc_port: Option<u16>,
+}
+
+impl From<&DiscoveryConfig> for Routing {
+    fn from(config: &DiscoveryConfig) -> Self {
+        Self {
+            backend_protocol: config.backend_protocol,
+            backend_grpc_port: config.backend_grpc_port,
+        }
+    }
+}
+
+impl Routing {
+    /// The address and protocol of one attempt at `backend` (an address from
+    /// the list) for a request that arrived for `target`.
+    fn resolve(
+        &self,
+        target: Target,
+        backend: SocketAddr,
+        learned: LearnedProtocols,
+    ) -> (SocketAddr, BackendProtocol) {
+        match (target, self.backend_grpc_port) {
+            (Target::GrpcPort, Some(port)) => (
+                SocketAddr::new(backend.ip(), port),
+                // gRPC needs HTTP/2; only the Service can say otherwise.
+                learned.grpc_port.unwrap_or(BackendProtocol::H2c),
+            ),
+            _ => (
+                backend,
+                self.backend_protocol
+                    .or(learned.backend_port)
+                    .unwrap_or_default(),
+            ),
+        }
+    }
+}
+
 /// What the proxy knows about the client connection a request arrived on.
 /// Built once per connection and shared by every request on it.
 #[derive(Debug, Clone)]
@@ -317,6 +401,8 @@ pub struct ClientConn {
     /// On a plain-HTTP listener with `tls.redirectHttp`: the HTTPS port every
     /// request is redirected to instead of being proxied.
     https_redirect: Option<u16>,
+    /// Which backend port its requests go to.
+    target: Target,
 }
 
 /// The scheme a client used to reach the proxy.
@@ -334,7 +420,13 @@ impl ClientConn {
             ip: headers::ip_header_value(peer.ip()),
             scheme,
             https_redirect,
+            target: Target::BackendPort,
         }
+    }
+
+    /// The same connection, with its requests sent to `target`.
+    pub fn with_target(self, target: Target) -> Self {
+        Self { target, ..self }
     }
 }
 
@@ -356,6 +448,8 @@ struct Shared {
     balancer: RwLock<Box<dyn Balancer>>,
     /// Keep-alive connections to the backends, by address.
     pool: UpstreamPool,
+    /// Multiplexed connections to the backends that speak HTTP/2.
+    http2: Http2Pool<AttemptBody<IdleTimeout<Incoming>>>,
     /// The timeouts and the outlier detector in force. Behind a lock so a
     /// config reload can replace them ([`Proxy::reconfigure`]); each attempt
     /// copies them out once and never holds the guard across an `.await`.
@@ -406,17 +500,33 @@ struct Tuning {
     settings: ProxySettings,
     /// Ejects backends whose attempts keep failing; `None` when turned off.
     outlier: Option<OutlierDetector>,
+    /// Where requests go and what they speak there.
+    routing: Routing,
 }
 
 impl Tuning {
-    fn new(settings: ProxySettings, outlier: Option<OutlierSettings>) -> Self {
+    fn new(settings: ProxySettings, outlier: Option<OutlierSettings>, routing: Routing) -> Self {
         // A trial attempt ends within a connect and a request timeout.
         let trial_bound = settings.connect_timeout + settings.request_timeout;
         Self {
             settings,
             outlier: outlier.map(|outlier| OutlierDetector::new(outlier, trial_bound)),
+            routing,
         }
     }
+}
+
+/// What the proxy learned of a request when it arrived, besides its head.
+#[derive(Debug, Clone, Copy)]
+struct Call {
+    /// Which backend port the listener sends it to.
+    target: Target,
+    /// What the client spoke.
+    protocol: ClientProtocol,
+    /// Whether it is a gRPC call (see [`grpc`]).
+    grpc: bool,
+    /// A gRPC call's own deadline (`grpc-timeout`), from its arrival.
+    deadline: Option<Duration>,
 }
 
 /// How forwarding ended: the last attempt's result and how many attempts it took.
@@ -457,7 +567,12 @@ impl Proxy {
                 backends,
                 balancer: RwLock::new(Box::new(balancer)),
                 pool: UpstreamPool::new(),
-                tuning: RwLock::new(Tuning::new(settings, resilience.outlier)),
+                http2: Http2Pool::new(DEFAULT_CONNECTIONS_PER_BACKEND),
+                tuning: RwLock::new(Tuning::new(
+                    settings,
+                    resilience.outlier,
+                    Routing::default(),
+                )),
                 request_ids: RequestIds::default(),
                 retry: RetryPolicy::new(resilience.retry_settings()),
                 metrics,
@@ -486,6 +601,13 @@ impl Proxy {
             .shared
             .request_ids
             .keep_or_generate(parts.headers.get(X_REQUEST_ID));
+        let grpc = grpc::is_grpc(&parts.headers);
+        let call = Call {
+            target: client.target,
+            protocol: ClientProtocol::of(parts.version),
+            grpc,
+            deadline: grpc.then(|| grpc::timeout(&parts.headers)).flatten(),
+        };
         parts.headers.insert(X_REQUEST_ID, request_id.clone());
         let hops = headers::remove_hop_by_hop(&mut parts.headers);
         hops.restore_trailers(&mut parts.headers);
@@ -515,7 +637,7 @@ impl Proxy {
                     result: Err(ProxyError::ConnectMethod),
                 }
             } else {
-                proxy.forward(&head, body, &request_id, started).await
+                proxy.forward(&head, body, call, &request_id, started).await
             };
             // One clock reading serves the log line and the histogram.
             let latency = started.elapsed();
@@ -531,7 +653,8 @@ impl Proxy {
                     info!(
                         target: "loadbalancer::access",
                         method = %head.method(), path = head.path(), backend = %backend,
-                        status = 101, latency_ms, attempts, request_id = id, "request"
+                        status = 101, latency_ms, attempts, request_id = id,
+                        protocol = call.protocol.as_str(), "request"
                     );
                     metrics.record_backend_request(
                         backend,
@@ -562,6 +685,10 @@ impl Proxy {
                     response,
                 }) => {
                     // Logged and counted when the body ends, by its outcome.
+                    let grpc_status = call
+                        .grpc
+                        .then(|| grpc::status(response.headers()))
+                        .flatten();
                     let completion = Completion {
                         shared: Arc::clone(&proxy.shared),
                         head,
@@ -573,6 +700,9 @@ impl Proxy {
                         request_id: request_id.clone(),
                         in_flight,
                         request_in_flight,
+                        protocol: call.protocol,
+                        grpc_status,
+                        grpc: call.grpc,
                     };
                     let body_idle_timeout = proxy.tuning().settings.body_idle_timeout;
                     response.map(|body| {
@@ -583,14 +713,21 @@ impl Proxy {
                     })
                 }
                 Err(error) => {
+                    let response = error.to_response(&request_id, call.grpc);
+                    let grpc_status = call
+                        .grpc
+                        .then(|| grpc::status(response.headers()))
+                        .flatten();
                     warn!(
                         target: "loadbalancer::access",
                         method = %head.method(), path = head.path(), backend = %MaybeAddr(error.backend()),
                         status = error.status().as_u16(), latency_ms, attempts,
-                        request_id = id, error = %error, "request failed"
+                        request_id = id, error = %error, protocol = call.protocol.as_str(),
+                        grpc_status, "request failed"
                     );
                     metrics.record_request(error.backend(), head.method(), error.status(), latency);
-                    error.to_response(&request_id).map(Either::Right)
+                    metrics.record_protocol(call.protocol, grpc_status);
+                    response.map(Either::Right)
                 }
             };
             response.headers_mut().insert(X_REQUEST_ID, request_id);
@@ -652,6 +789,7 @@ impl Proxy {
         &self,
         head: &UpstreamHead,
         body: Incoming,
+        call: Call,
         request_id: &HeaderValue,
         started: Instant,
     ) -> Forwarded {
@@ -691,9 +829,13 @@ impl Proxy {
             let (result, finished) = self
                 .attempt(
                     &tuning,
-                    backend,
-                    in_flight.state(),
-                    admission,
+                    Attempt {
+                        backend,
+                        state: in_flight.state(),
+                        admission,
+                        call,
+                        started,
+                    },
                     head,
                     attempt_body,
                 )
@@ -803,21 +945,35 @@ impl Proxy {
     async fn attempt(
         &self,
         tuning: &Tuning,
-        backend: SocketAddr,
-        state: &BackendState,
-        admission: Option<Admission>,
+        attempt: Attempt<'_>,
         head: &UpstreamHead,
         body: AttemptBody<IdleTimeout<Incoming>>,
     ) -> (Result<Response<UpstreamBody>, ProxyError>, Instant) {
         let shared = &*self.shared;
+        let Attempt {
+            backend,
+            state,
+            admission,
+            call,
+            started,
+        } = attempt;
         let ProxySettings {
             connect_timeout,
             request_timeout,
             body_idle_timeout,
             ..
         } = tuning.settings;
-        let exchange = shared.pool.send(backend, connect_timeout, head, body);
-        let result = match tokio::time::timeout(request_timeout, exchange).await {
+        // A gRPC call's own deadline, when it is the sooner one.
+        let timeout = match call.deadline {
+            Some(deadline) => request_timeout.min(deadline.saturating_sub(started.elapsed())),
+            None => request_timeout,
+        };
+        let (addr, protocol) =
+            tuning
+                .routing
+                .resolve(call.target, backend, shared.backends.protocols());
+        let exchange = self.exchange(protocol, addr, connect_timeout, head, body);
+        let result = match tokio::time::timeout(timeout, exchange).await {
             Ok(Ok(mut response)) => {
                 let hops = headers::remove_hop_by_hop(response.headers_mut());
                 // A `101` names the protocol switched to; the client must hear it.
@@ -826,16 +982,16 @@ impl Proxy {
                 }
                 Ok(response)
             }
-            Ok(Err(error)) if error.is_connect() => Err(ProxyError::Connect { backend, error }),
-            Ok(Err(error)) if request_body_stalled(&error) => Err(ProxyError::RequestBodyIdle {
-                backend,
-                timeout: body_idle_timeout,
-            }),
-            Ok(Err(error)) => Err(ProxyError::Upstream { backend, error }),
-            Err(_elapsed) => Err(ProxyError::Timeout {
-                backend,
-                timeout: request_timeout,
-            }),
+            Ok(Err(Failure::Connect(error))) => Err(ProxyError::Connect { backend, error }),
+            Ok(Err(Failure::Refused(error))) => Err(ProxyError::Refused { backend, error }),
+            Ok(Err(Failure::Exchange(error))) if request_body_stalled(&*error) => {
+                Err(ProxyError::RequestBodyIdle {
+                    backend,
+                    timeout: body_idle_timeout,
+                })
+            }
+            Ok(Err(Failure::Exchange(error))) => Err(ProxyError::Upstream { backend, error }),
+            Err(_elapsed) => Err(ProxyError::Timeout { backend, timeout }),
         };
         let finished = Instant::now();
         if let (Some(outlier), Some(admission)) = (&tuning.outlier, admission) {
@@ -847,6 +1003,42 @@ impl Proxy {
             shared.report(outlier, backend, state, admission, outcome, finished);
         }
         (result, finished)
+    }
+
+    /// Sends one request to `addr` in `protocol`, and returns the response
+    /// head.
+    async fn exchange(
+        &self,
+        protocol: BackendProtocol,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        head: &UpstreamHead,
+        body: AttemptBody<IdleTimeout<Incoming>>,
+    ) -> Result<Response<UpstreamBody>, Failure> {
+        let shared = &*self.shared;
+        match protocol {
+            // HTTP/2 cannot carry an upgrade (a WebSocket): such a request goes
+            // over HTTP/1.1, the only way it can succeed at all.
+            BackendProtocol::H2c if !head.asks_upgrade() => {
+                let request = match head.to_http2(addr) {
+                    Ok(request) => request.map(|()| body),
+                    Err(error) => return Err(Failure::Exchange(error.into())),
+                };
+                match shared.http2.send(addr, connect_timeout, request).await {
+                    Ok(response) => Ok(response.map(UpstreamBody::Http2)),
+                    Err(error) if error.is_connect() => Err(Failure::Connect(error.into())),
+                    Err(error) if error.was_not_processed() => Err(Failure::Refused(error.into())),
+                    Err(error) => Err(Failure::Exchange(error.into())),
+                }
+            }
+            BackendProtocol::Http1 | BackendProtocol::H2c => {
+                match shared.pool.send(addr, connect_timeout, head, body).await {
+                    Ok(response) => Ok(response.map(UpstreamBody::Http1)),
+                    Err(error) if error.is_connect() => Err(Failure::Connect(error.into())),
+                    Err(error) => Err(Failure::Exchange(error.into())),
+                }
+            }
+        }
     }
 
     /// Chooses with `balancer` from the next pick on: what a config reload
@@ -869,7 +1061,18 @@ impl Proxy {
         let shared = &*self.shared;
         shared.retry.reconfigure(resilience.retry_settings());
         let mut tuning = shared.tuning.write().unwrap_or_else(|p| p.into_inner());
-        *tuning = Tuning::new(settings, resilience.outlier);
+        *tuning = Tuning::new(settings, resilience.outlier, tuning.routing);
+    }
+
+    /// Applies `backendProtocol` and `backendGrpcPort` from the next attempt
+    /// on: at start, and when a reload changes them.
+    pub fn set_routing(&self, routing: Routing) {
+        let mut tuning = self
+            .shared
+            .tuning
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        tuning.routing = routing;
     }
 
     /// Closes every tunnel (WebSocket) this proxy holds open, and returns once
@@ -879,10 +1082,45 @@ impl Proxy {
         self.shared.tunnels.close_all().await;
     }
 
+    /// The HTTP/2 connections of all `proxies` (one per worker) to each
+    /// backend, summed: what the status page shows.
+    pub fn http2_stats(proxies: &[Proxy]) -> Vec<(SocketAddr, Http2Stats)> {
+        let mut sums = std::collections::BTreeMap::<SocketAddr, Http2Stats>::new();
+        for (addr, stats) in proxies.iter().flat_map(|proxy| proxy.shared.http2.stats()) {
+            let sum = sums.entry(addr).or_default();
+            sum.connections += stats.connections;
+            sum.streams += stats.streams;
+        }
+        sums.into_iter().collect()
+    }
+
     /// Retries granted since start (see [`RetryPolicy::retries`]).
     pub fn retries(&self) -> u64 {
         self.shared.retry.retries()
     }
+}
+
+/// Who one attempt goes to, and what it carries besides the request.
+struct Attempt<'a> {
+    /// The backend chosen, as the list names it.
+    backend: SocketAddr,
+    /// Its state, which outlier detection reads and updates.
+    state: &'a BackendState,
+    /// How outlier detection admitted it; `None` when it is off.
+    admission: Option<Admission>,
+    call: Call,
+    /// When the request arrived, which a gRPC deadline counts from.
+    started: Instant,
+}
+
+/// Why an exchange with a backend failed, by what it means for a retry.
+enum Failure {
+    /// No connection: nothing was sent.
+    Connect(BoxError),
+    /// Refused by an HTTP/2 backend before it processed anything.
+    Refused(BoxError),
+    /// Anything after the request may have been processed.
+    Exchange(BoxError),
 }
 
 /// The backend for one attempt, with what outlier detection needs to hear back.
@@ -911,12 +1149,16 @@ fn attempt_failed(result: &Result<Response<UpstreamBody>, ProxyError>) -> bool {
     }
 }
 
-/// Whether the exchange failed because the client's upload stalled.
-fn request_body_stalled(error: &UpstreamError) -> bool {
-    matches!(
-        error,
-        UpstreamError::Exchange(ExchangeError::RequestBody(cause)) if cause.is::<BodyIdle>()
-    )
+/// Whether the exchange failed because the client's upload stalled: the
+/// HTTP/1.1 client says so in its error, hyper's HTTP/2 client in the chain
+/// of sources.
+fn request_body_stalled(error: &(dyn std::error::Error + 'static)) -> bool {
+    if let Some(UpstreamError::Exchange(ExchangeError::RequestBody(cause))) =
+        error.downcast_ref::<UpstreamError>()
+    {
+        return cause.is::<BodyIdle>();
+    }
+    std::iter::successors(Some(error), |error| error.source()).any(|error| error.is::<BodyIdle>())
 }
 
 /// Why an attempt's result may be worth a retry, before looking at the method.
@@ -925,6 +1167,7 @@ fn retry_reason(result: &Result<Response<UpstreamBody>, ProxyError>) -> Option<R
         Ok(response) => RetryReason::from_status(response.status()),
         Err(ProxyError::Connect { .. }) => Some(RetryReason::Connect),
         Err(ProxyError::Upstream { .. }) => Some(RetryReason::Reset),
+        Err(ProxyError::Refused { .. }) => Some(RetryReason::Refused),
         Err(_) => None,
     }
 }

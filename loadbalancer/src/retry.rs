@@ -114,6 +114,9 @@ pub enum RetryReason {
     Connect,
     /// The connection broke (or the answer was not HTTP) before a response head.
     Reset,
+    /// An HTTP/2 backend refused the request before processing it
+    /// (`REFUSED_STREAM`, or above its GOAWAY's last stream id).
+    Refused,
     /// The backend answered 502 or 503.
     Status(StatusCode),
 }
@@ -122,7 +125,8 @@ impl RetryReason {
     /// Whether a request with `method` may be retried after this failure.
     pub fn allows(self, method: &Method) -> bool {
         match self {
-            RetryReason::Connect => true,
+            // Nothing was processed, so even a POST is safe to send again.
+            RetryReason::Connect | RetryReason::Refused => true,
             RetryReason::Reset | RetryReason::Status(_) => is_idempotent(method),
         }
     }
@@ -141,6 +145,7 @@ impl RetryReason {
         match self {
             RetryReason::Connect => "connect",
             RetryReason::Reset => "reset",
+            RetryReason::Refused => "refused",
             RetryReason::Status(StatusCode::BAD_GATEWAY) => "status 502",
             RetryReason::Status(_) => "status 503",
         }

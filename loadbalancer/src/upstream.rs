@@ -9,20 +9,12 @@
 //! went.
 
 mod http1;
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the proxy sends over HTTP/2 once it is wired in")
-)]
 mod http2;
 mod pool;
 
 pub(crate) use http1::UpstreamHead;
 pub use http1::{ChunkedError, ExchangeError};
 pub use http2::{DEFAULT_CONNECTIONS_PER_BACKEND, Http2ConnectError, Http2Error, Http2Stats};
-#[expect(
-    unused_imports,
-    reason = "the proxy sends over HTTP/2 once it is wired in"
-)]
 pub(crate) use http2::{Http2Body, Http2Pool};
 pub use pool::Upgraded;
 pub use pool::{IDLE_TIMEOUT, MAX_IDLE_PER_BACKEND, UpstreamError};

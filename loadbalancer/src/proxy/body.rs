@@ -24,12 +24,72 @@ use hyper::body::{Body, Frame, SizeHint};
 use service_kit::BoxError;
 use tracing::{info, warn};
 
+use hyper::body::Incoming;
+
+use super::grpc;
 use super::idle::{BodyIdle, IdleTimeout};
-use super::{ErrorChain, Shared, UpstreamBody};
+use super::{ErrorChain, Shared};
 use crate::backend_state::OwnedInFlight;
-use crate::metrics::RequestInFlight;
+use crate::metrics::{ClientProtocol, RequestInFlight};
 use crate::outlier::{Admission, Outcome};
-use crate::upstream::UpstreamHead;
+use crate::retry::body::AttemptBody;
+use crate::upstream::{Http2Body, PooledBody, Upgraded, UpstreamHead};
+
+/// A backend's response body, whichever protocol brought it. An enum rather
+/// than a boxed body: no allocation per response.
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "boxing the common HTTP/1.1 body would cost an allocation per response; \
+              the enum is one per response either way"
+)]
+pub(super) enum UpstreamBody {
+    /// Read from an HTTP/1.1 connection lent by the pool, which it carries
+    /// back at its end.
+    Http1(PooledBody<AttemptBody<IdleTimeout<Incoming>>>),
+    /// A stream of a multiplexed HTTP/2 connection.
+    Http2(Http2Body),
+}
+
+impl UpstreamBody {
+    /// The connection of a `101` response, for a tunnel. HTTP/2 has no `101`.
+    pub(super) fn into_upgraded(self) -> Option<Upgraded> {
+        match self {
+            Self::Http1(body) => body.into_upgraded(),
+            Self::Http2(_) => None,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Both variants are `Unpin`.
+        match self.get_mut() {
+            Self::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Self::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Http1(body) => body.is_end_stream(),
+            Self::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Http1(body) => body.size_hint(),
+            Self::Http2(body) => body.size_hint(),
+        }
+    }
+}
 
 /// A backend's response body, with what settles its request when it ends.
 #[derive(Debug)]
@@ -61,6 +121,13 @@ pub(super) struct Completion {
     pub(super) in_flight: OwnedInFlight,
     /// The process's in-flight gauge, held until the end.
     pub(super) request_in_flight: RequestInFlight,
+    /// What the client spoke.
+    pub(super) protocol: ClientProtocol,
+    /// For a gRPC call, its status: from the response head (a trailers-only
+    /// answer) or, once they pass, the trailers. `None` for other requests.
+    pub(super) grpc_status: Option<u16>,
+    /// Whether the request was a gRPC call.
+    pub(super) grpc: bool,
 }
 
 /// How a response body ended.
@@ -111,6 +178,17 @@ impl Body for InFlightBody {
                 stalled: error.is::<BodyIdle>(),
                 reason: ErrorChain(&**error).to_string(),
             }),
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
+                if let (Some(completion), Some(trailers)) =
+                    (&mut this.completion, frame.trailers_ref())
+                    && completion.grpc
+                {
+                    completion.grpc_status = grpc::status(trailers).or(completion.grpc_status);
+                }
+                if this.inner.is_end_stream() {
+                    this.settle(End::Complete);
+                }
+            }
             // Settled with the last frame, before hyper writes it: whoever reads
             // the whole response then finds the request already counted.
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
@@ -156,6 +234,9 @@ impl Completion {
             request_id,
             in_flight,
             request_in_flight,
+            protocol,
+            grpc_status,
+            grpc: _,
         } = self;
         let latency_ms = latency.as_secs_f64() * 1000.0;
         let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -167,7 +248,8 @@ impl Completion {
                     target: "loadbalancer::access",
                     method = %head.method(), path = head.path(), backend = %backend,
                     status = status.as_u16(), latency_ms, duration_ms, attempts,
-                    request_id = id, complete = !matches!(end, End::Abandoned), "request"
+                    request_id = id, complete = !matches!(end, End::Abandoned),
+                    protocol = protocol.as_str(), grpc_status, "request"
                 );
                 status
             }
@@ -184,7 +266,7 @@ impl Completion {
                     method = %head.method(), path = head.path(), backend = %backend,
                     status = failed.as_u16(), head_status = status.as_u16(), latency_ms,
                     duration_ms, attempts, request_id = id, error = %reason,
-                    "response body failed"
+                    protocol = protocol.as_str(), grpc_status, "response body failed"
                 );
                 state.record_failure();
                 if let Some(outlier) = shared.tuning().outlier {
@@ -201,6 +283,7 @@ impl Completion {
             status,
             latency,
         );
+        shared.metrics.record_protocol(protocol, grpc_status);
         drop((in_flight, request_in_flight));
     }
 }

@@ -539,14 +539,6 @@ impl<B> Http2Pool<B> {
             })
             .collect()
     }
-
-    /// Lets go of the connections to backends not in `live`: what the proxy
-    /// does when the backend list changes. Their streams in flight finish
-    /// first; hyper closes a connection after its last stream once the pool
-    /// no longer holds it.
-    pub(crate) fn retain_backends(&self, live: &[SocketAddr]) {
-        lock(&self.inner.backends).retain(|backend, _| live.contains(backend));
-    }
 }
 
 impl<B> fmt::Debug for Http2Pool<B> {
@@ -1313,19 +1305,5 @@ mod tests {
         // The next request opens a new one.
         expect_ok(pool.send(addr, CONNECT_TIMEOUT, get(addr)).await).await;
         assert_eq!(backend.accepted(), 2);
-    }
-
-    #[tokio::test]
-    async fn connections_to_backends_that_left_are_let_go() {
-        let backend = TestBackend::start(ServerSettings::default(), ok_after(Duration::ZERO)).await;
-        let addr = backend.addr;
-        let pool = Http2Pool::<TestBody>::new(2);
-        expect_ok(pool.send(addr, CONNECT_TIMEOUT, get(addr)).await).await;
-        pool.retain_backends(&[addr]);
-        assert_eq!(pool.stats().len(), 1);
-        pool.retain_backends(&[]);
-        assert_eq!(pool.stats(), []);
-        // hyper closes the connection once the pool no longer holds it.
-        eventually("the connection closes", || backend.closed() == 1).await;
     }
 }

@@ -130,10 +130,6 @@ impl UpstreamHead {
     /// target not a valid path), which no HTTP/2 request can carry.
     ///
     /// [`asks_upgrade`]: Self::asks_upgrade
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the proxy sends over HTTP/2 once it is wired in")
-    )]
     pub(crate) fn to_http2(&self, backend: SocketAddr) -> Result<Request<()>, http::Error> {
         let head = &self.bytes;
         let mut lines = Lines { head, at: 0 };
