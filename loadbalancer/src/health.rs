@@ -13,6 +13,11 @@
 //! endpoints that Kubernetes reports ready, so waiting for probes before using
 //! them would only slow down scale-ups and rolling updates.
 //!
+//! With `grpcService` set, a probe is the standard gRPC health check instead
+//! (`grpc.health.v1.Health/Check` over HTTP/2, [`grpc_probe`]): it passes when
+//! the call succeeds with `SERVING`, so a gRPC server that reports itself
+//! `NOT_SERVING` (draining, say) leaves the rotation like one that fails.
+//!
 //! The task reads the current list at the start of every round, so it never probes
 //! an endpoint that discovery removed, and its per-backend streaks are pruned to
 //! that list. Probes of one round run concurrently (at most
@@ -21,6 +26,8 @@
 //! verdict and probes never queue behind (or hold) the proxy's pooled
 //! connections. Nothing here is on the request path: the proxy only reads the
 //! `healthy` flag this task sets.
+
+mod grpc;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,15 +38,15 @@ use bytes::Bytes;
 use futures::StreamExt;
 use http::uri::PathAndQuery;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
 use crate::backend_state::BackendState;
-use crate::backends::Backends;
-use crate::upstream::{UpstreamError, UpstreamHead, UpstreamPool};
+use crate::backends::{BackendProtocol, Backends};
+use crate::upstream::{Http2Pool, UpstreamError, UpstreamHead, UpstreamPool};
 
 /// Probes in flight at once, whatever the number of backends: enough for
 /// hundreds of endpoints per interval, few enough not to look like a flood.
@@ -58,6 +65,23 @@ pub struct HealthCheckSettings {
     pub unhealthy_threshold: u32,
     /// Successful probes in a row that mark it healthy again.
     pub healthy_threshold: u32,
+    /// Probe with the gRPC health check of this service (`""`: the server as
+    /// a whole) instead of `GET <path>`.
+    pub grpc_service: Option<String>,
+    /// What the backends speak, when the config says (`backendProtocol`);
+    /// otherwise what their Service says. `GET <path>` goes over HTTP/2 to
+    /// backends that speak h2c.
+    pub backend_protocol: Option<BackendProtocol>,
+}
+
+impl HealthCheckSettings {
+    /// These settings, probing backends that the config says speak `protocol`.
+    pub fn speaking(self, protocol: Option<BackendProtocol>) -> Self {
+        Self {
+            backend_protocol: protocol,
+            ..self
+        }
+    }
 }
 
 /// `healthCheck`: every backend is probed with `GET <path>` every `intervalMs`.
@@ -75,6 +99,10 @@ pub struct HealthCheckConfig {
     pub unhealthy_threshold: u32,
     /// Successful probes in a row that put it back. Default 2.
     pub healthy_threshold: u32,
+    /// Set, for gRPC backends: probe with `grpc.health.v1.Health/Check` for
+    /// this service name (`""` asks about the server as a whole) over HTTP/2,
+    /// instead of `GET <path>`. Default: unset.
+    pub grpc_service: Option<String>,
 }
 
 impl Default for HealthCheckConfig {
@@ -85,6 +113,7 @@ impl Default for HealthCheckConfig {
             timeout_ms: 1000,
             unhealthy_threshold: 3,
             healthy_threshold: 2,
+            grpc_service: None,
         }
     }
 }
@@ -124,6 +153,8 @@ impl From<&HealthCheckConfig> for HealthCheckSettings {
             timeout: Duration::from_millis(config.timeout_ms),
             unhealthy_threshold: config.unhealthy_threshold,
             healthy_threshold: config.healthy_threshold,
+            grpc_service: config.grpc_service.clone(),
+            backend_protocol: None,
         }
     }
 }
@@ -140,6 +171,12 @@ pub enum ProbeError {
     /// No complete answer within the timeout.
     #[error("no answer within {} ms", .0.as_millis())]
     Timeout(Duration),
+    /// The gRPC health check failed, or said the server is not serving.
+    #[error("gRPC health check: {0}")]
+    Grpc(String),
+    /// The HTTP/2 exchange failed.
+    #[error("HTTP/2 request failed: {0}")]
+    Http2(String),
 }
 
 /// The health-check task's state.
@@ -152,6 +189,8 @@ pub struct HealthChecker {
     request: UpstreamHead,
     /// Probes' own connections: never the proxy's pool (see the module docs).
     pool: UpstreamPool,
+    /// The same for gRPC health checks, over HTTP/2.
+    http2: Http2Pool<Full<Bytes>>,
     /// Consecutive results per backend, pruned to the current list every round.
     streaks: HashMap<SocketAddr, Streak>,
 }
@@ -184,6 +223,7 @@ impl HealthChecker {
             request: UpstreamHead::new(&request, &body),
             settings,
             pool: UpstreamPool::new(),
+            http2: Http2Pool::new(1),
             streaks: HashMap::new(),
         }
     }
@@ -226,26 +266,31 @@ impl HealthChecker {
         }
     }
 
-    /// `GET <path>` on `addr`; the body is read to the end so the connection can
+    /// `GET <path>` on `addr` (or the gRPC health check); the body is read to the end so the connection can
     /// be reused for the next probe.
     fn probe(&self, addr: SocketAddr) -> impl Future<Output = Result<(), ProbeError>> + use<> {
         // Both clones share: the pool its connections, the head its bytes.
         let (pool, request) = (self.pool.clone(), self.request.clone());
+        let (http2, grpc_service) = (self.http2.clone(), self.settings.grpc_service.clone());
+        let over_http2 = self
+            .settings
+            .backend_protocol
+            .or(self.backends.protocols().backend_port)
+            == Some(BackendProtocol::H2c);
+        let path = self.settings.path.clone();
         let timeout = self.settings.timeout;
         async move {
             let exchange = async {
+                if let Some(service) = grpc_service {
+                    return grpc::probe(&http2, addr, &service, timeout).await;
+                }
+                if over_http2 {
+                    return grpc::get(&http2, addr, &path, timeout).await;
+                }
                 let response = pool
                     .send(addr, timeout, &request, Empty::<Bytes>::new())
                     .await?;
-                let status = response.status();
-                // A body that breaks off does not change the verdict; the status
-                // is the answer.
-                let _ = response.into_body().collect().await;
-                if status.is_success() {
-                    Ok(())
-                } else {
-                    Err(ProbeError::Status(status))
-                }
+                judge_status(response).await
             };
             tokio::time::timeout(timeout, exchange)
                 .await
@@ -305,6 +350,19 @@ impl Streak {
     }
 }
 
+/// The verdict on an HTTP answer: any 2xx passes. The body is read to the
+/// end, so the connection (or stream) is done with; a body that breaks off
+/// does not change the verdict, the status is the answer.
+async fn judge_status<B: hyper::body::Body>(response: http::Response<B>) -> Result<(), ProbeError> {
+    let status = response.status();
+    let _ = response.into_body().collect().await;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(ProbeError::Status(status))
+    }
+}
+
 /// The active health checker's task, which a reload restarts with new settings.
 /// Dropping it stops the checker, so it ends with whoever owns it.
 #[derive(Debug)]
@@ -348,6 +406,8 @@ mod tests {
             timeout: Duration::from_secs(1),
             unhealthy_threshold: 2,
             healthy_threshold: 3,
+            grpc_service: None,
+            backend_protocol: None,
         }
     }
 

@@ -1,4 +1,5 @@
-//! The standard gRPC health check, `grpc.health.v1.Health/Check`, as a probe.
+//! Probes over HTTP/2: the standard gRPC health check,
+//! `grpc.health.v1.Health/Check`, and `GET <path>` for backends that speak h2c.
 //!
 //! The messages are tiny and fixed, so they are written and read by hand here
 //! rather than pulling a protobuf code generator into the load balancer:
@@ -10,21 +11,25 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{CONTENT_TYPE, TE};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 
-use super::ProbeError;
+use super::{ProbeError, judge_status};
 use crate::upstream::Http2Pool;
 
 /// The method every gRPC server with health checking serves.
 const CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
+
+/// How probes introduce themselves.
+const USER_AGENT: &str = "loadbalancer-health-check";
 
 /// `ServingStatus.SERVING`.
 const SERVING: u64 = 1;
 
 /// Asks `addr` over HTTP/2 whether `service` is serving.
 pub(super) async fn probe(
-    pool: &Http2Pool,
+    pool: &Http2Pool<Full<Bytes>>,
     addr: SocketAddr,
     service: &str,
     connect_timeout: Duration,
@@ -32,13 +37,13 @@ pub(super) async fn probe(
     let request = Request::post(format!("http://{addr}{CHECK_PATH}"))
         .header(CONTENT_TYPE, "application/grpc")
         .header(TE, "trailers")
-        .header(http::header::USER_AGENT, "loadbalancer-health-check")
+        .header(http::header::USER_AGENT, USER_AGENT)
         .body(Full::new(request_message(service)))
-        .map_err(|error| ProbeError::Grpc(format!("cannot build the request: {error}")))?;
+        .map_err(|error| ProbeError::Http2(format!("cannot build the request: {error}")))?;
     let response = pool
         .send(addr, connect_timeout, request)
         .await
-        .map_err(|error| ProbeError::Grpc(error.to_string()))?;
+        .map_err(|error| ProbeError::Http2(error.to_string()))?;
     if response.status() != StatusCode::OK {
         return Err(ProbeError::Status(response.status()));
     }
@@ -47,7 +52,7 @@ pub(super) async fn probe(
         .into_body()
         .collect()
         .await
-        .map_err(|error| ProbeError::Grpc(format!("the answer broke off: {error}")))?;
+        .map_err(|error| ProbeError::Http2(format!("the answer broke off: {error}")))?;
     // A trailers-only answer carries the status in the head.
     let status = collected.trailers().and_then(grpc_status).or(head_status);
     match status {
@@ -57,9 +62,31 @@ pub(super) async fn probe(
     }
     match serving_status(&collected.to_bytes()) {
         Some(SERVING) => Ok(()),
-        Some(other) => Err(ProbeError::Grpc(format!("serving status {other}, not SERVING"))),
-        None => Err(ProbeError::Grpc("no serving status in the answer".to_owned())),
+        Some(other) => Err(ProbeError::Grpc(format!(
+            "serving status {other}, not SERVING"
+        ))),
+        None => Err(ProbeError::Grpc(
+            "no serving status in the answer".to_owned(),
+        )),
     }
+}
+
+/// `GET <path>` over HTTP/2: any 2xx passes.
+pub(super) async fn get(
+    pool: &Http2Pool<Full<Bytes>>,
+    addr: SocketAddr,
+    path: &PathAndQuery,
+    connect_timeout: Duration,
+) -> Result<(), ProbeError> {
+    let request = Request::get(format!("http://{addr}{path}"))
+        .header(http::header::USER_AGENT, USER_AGENT)
+        .body(Full::default())
+        .map_err(|error| ProbeError::Http2(format!("cannot build the request: {error}")))?;
+    let response = pool
+        .send(addr, connect_timeout, request)
+        .await
+        .map_err(|error| ProbeError::Http2(error.to_string()))?;
+    judge_status(response).await
 }
 
 /// A `HealthCheckRequest` for `service`, in its gRPC frame: a flag byte (not
@@ -82,9 +109,7 @@ fn request_message(service: &str) -> Bytes {
 /// The `status` field of the `HealthCheckResponse` in one gRPC frame; an
 /// absent field is the default, `UNKNOWN` (0).
 fn serving_status(frame: &[u8]) -> Option<u64> {
-    let (&[compressed, l0, l1, l2, l3], message) = frame.split_first_chunk::<5>()? else {
-        return None;
-    };
+    let (&[compressed, l0, l1, l2, l3], message) = frame.split_first_chunk::<5>()?;
     let length = usize::try_from(u32::from_be_bytes([l0, l1, l2, l3])).ok()?;
     if compressed != 0 || message.len() != length {
         return None;
@@ -148,7 +173,11 @@ mod tests {
         // An empty message: every field at its default, UNKNOWN.
         assert_eq!(serving_status(&[0, 0, 0, 0, 0]), Some(0));
         // Truncated, compressed, or not protobuf: no answer.
-        for broken in [&[0, 0, 0, 0, 3, 0x08, 1][..], &[1, 0, 0, 0, 2, 0x08, 1], &[0, 0]] {
+        for broken in [
+            &[0, 0, 0, 0, 3, 0x08, 1][..],
+            &[1, 0, 0, 0, 2, 0x08, 1],
+            &[0, 0],
+        ] {
             assert_eq!(serving_status(broken), None, "{broken:?}");
         }
     }

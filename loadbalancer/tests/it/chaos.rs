@@ -232,6 +232,8 @@ fn fast_health_checks() -> HealthCheckSettings {
         timeout: Duration::from_secs(2),
         unhealthy_threshold: 2,
         healthy_threshold: 2,
+        grpc_service: None,
+        backend_protocol: None,
     }
 }
 
@@ -376,6 +378,7 @@ async fn rolling_replacement_through_discovery_fails_no_client_request() {
         namespace: None,
         service_name: SERVICE.to_owned(),
         port,
+        grpc_port: None,
     };
     let client = server.client().await;
     let discovery =
