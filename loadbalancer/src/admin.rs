@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 
 use crate::backends::Backends;
 use crate::metrics::Metrics;
+use crate::proxy::Proxy;
 use crate::response;
 use crate::server;
 use crate::shutdown::{Phase, Shutdown};
@@ -43,6 +44,8 @@ pub struct Admin {
     /// The HTTPS listener's certificates, shown by `/debug/backends` and the
     /// status page; `None` without `tls`.
     tls: Option<Tls>,
+    /// The workers' proxies, whose HTTP/2 connections to backends are shown.
+    proxies: Vec<Proxy>,
 }
 
 /// The status page: HTML with inline CSS and JavaScript, no external assets.
@@ -56,7 +59,14 @@ impl Admin {
             shutdown,
             metrics,
             tls: None,
+            proxies: Vec::new(),
         }
+    }
+
+    /// Shows the HTTP/2 connections of these proxies to the backends.
+    pub fn with_proxies(mut self, proxies: Vec<Proxy>) -> Self {
+        self.proxies = proxies;
+        self
     }
 
     /// Shows the certificates of `tls`, when there is one.
@@ -89,7 +99,8 @@ impl Admin {
 
     fn debug_backends(&self) -> Response<Full<Bytes>> {
         let certificates = self.tls.as_ref().map(Tls::certificates);
-        let snapshot = debug::Snapshot::of(&self.backends, certificates);
+        let http2 = Proxy::http2_stats(&self.proxies);
+        let snapshot = debug::Snapshot::of(&self.backends, certificates, http2);
         match serde_json::to_vec(&snapshot) {
             Ok(body) => {
                 let mut response = response::typed(StatusCode::OK, "application/json", body);

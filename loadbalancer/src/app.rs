@@ -37,7 +37,7 @@ use crate::config::Config;
 use crate::discovery::DiscoveryTask;
 use crate::health::{HealthCheckSettings, HealthTask};
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, ProxySettings, Resilience};
+use crate::proxy::{Proxy, ProxySettings, Resilience, Routing};
 use crate::reload::{self, Live, Reloader};
 use crate::server::{self, Entry, ServerLimits};
 use crate::shutdown::Shutdown;
@@ -163,6 +163,12 @@ impl App {
             }
             None => sockets.push((plain, Entry::Http)),
         }
+        if let Some(port) = config.listen.grpc_port {
+            let grpc =
+                workers::listen(SocketAddr::new(ip, port)).context("binding the gRPC port")?;
+            sockets.push((grpc, Entry::Grpc));
+        }
+        let routing = Routing::from(&config.discovery);
         let mut proxies = Vec::with_capacity(options.workers.get());
         let workers = Workers::start(
             options.workers,
@@ -175,6 +181,7 @@ impl App {
                     resilience,
                     Arc::clone(&metrics),
                 );
+                proxy.set_routing(routing);
                 proxies.push(proxy.clone());
                 proxy
             },
@@ -183,7 +190,11 @@ impl App {
         )
         .await
         .context("starting the proxy workers")?;
-        let (proxy_addr, tls_addr) = (workers.local_addrs()[0], https_addr(&workers));
+        let (proxy_addr, tls_addr, grpc_addr) = (
+            workers.local_addrs()[0],
+            https_addr(&workers),
+            grpc_addr(&workers),
+        );
         let admin_listener = server::bind(SocketAddr::new(
             config.listen.bind_address,
             config.listen.admin_port,
@@ -193,6 +204,7 @@ impl App {
         info!(
             proxy = %proxy_addr,
             https = tls_addr.map(tracing::field::display),
+            grpc = grpc_addr.map(tracing::field::display),
             workers = options.workers,
             admin = %admin_addr,
             discovery = %config.discovery.discovery,
@@ -201,14 +213,16 @@ impl App {
         );
         let tls = tls.map(|(_, tls)| tls);
         let certificate_watch = tls.as_ref().map(Tls::watch);
-        let admin =
-            Admin::new(backends.clone(), shutdown.clone(), Arc::clone(&metrics)).with_tls(tls);
+        let admin = Admin::new(backends.clone(), shutdown.clone(), Arc::clone(&metrics))
+            .with_tls(tls)
+            .with_proxies(proxies.clone());
         let admin = tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone()));
 
         let health = options.health_checks.then(|| {
             HealthTask::spawn(
                 backends.clone(),
-                HealthCheckSettings::from(&config.health.health_check),
+                HealthCheckSettings::from(&config.health.health_check)
+                    .speaking(config.discovery.backend_protocol),
             )
         });
         let (discovery, discovery_failures) = match writer {
@@ -315,6 +329,11 @@ impl App {
         https_addr(&self.workers)
     }
 
+    /// Where the proxy listens for gRPC clients, with `grpcPort`.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        grpc_addr(&self.workers)
+    }
+
     /// Where the admin endpoints listen.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
@@ -342,7 +361,17 @@ impl App {
 }
 
 /// Where the workers serve HTTPS: [`App::start`] gives them the plain socket
-/// first and the HTTPS one, with `tls`, second.
+/// first, the HTTPS one, with `tls`, next, and the gRPC one, with `grpcPort`,
+/// last.
 fn https_addr(workers: &Workers) -> Option<SocketAddr> {
-    workers.local_addrs().get(1).copied()
+    workers
+        .entries()
+        .find_map(|(addr, entry)| matches!(entry, Entry::Https(_)).then_some(addr))
+}
+
+/// Where the workers serve gRPC clients; see [`https_addr`].
+fn grpc_addr(workers: &Workers) -> Option<SocketAddr> {
+    workers
+        .entries()
+        .find_map(|(addr, entry)| matches!(entry, Entry::Grpc).then_some(addr))
 }

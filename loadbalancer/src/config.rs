@@ -100,6 +100,11 @@ pub struct Listen {
     /// default, `127.0.0.1` to keep a laptop's load balancer to itself.
     #[serde(default = "default_bind_address")]
     pub bind_address: IpAddr,
+    /// A second proxy port for gRPC clients (HTTP/2 or HTTP/1.1, like `port`),
+    /// whose requests go to the same backend pods on `backendGrpcPort`. Default:
+    /// none.
+    #[serde(default)]
+    pub grpc_port: Option<u16>,
 }
 
 fn default_admin_port() -> u16 {
@@ -371,7 +376,16 @@ impl Config {
         config
             .validate()
             .map_err(|(field, reason)| field_error(field, reason))?;
-        Ok(config)
+        Ok(config.with_defaults_across_sections())
+    }
+
+    /// Fills in the defaults that one section takes from another: the backends'
+    /// gRPC port is `grpcPort` unless `backendGrpcPort` says otherwise.
+    fn with_defaults_across_sections(mut self) -> Self {
+        if self.discovery.backend_grpc_port.is_none() {
+            self.discovery.backend_grpc_port = self.listen.grpc_port;
+        }
+        self
     }
 
     /// Switches to static discovery over `addrs`: what the `--backends` flag does.
@@ -751,6 +765,7 @@ mod tests {
                 timeout_ms: 50,
                 unhealthy_threshold: 1,
                 healthy_threshold: 4,
+                grpc_service: None,
             }
         );
         assert_eq!(
@@ -848,6 +863,7 @@ mod tests {
                 namespace: Some("demo".to_owned()),
                 service_name: "backend-service".to_owned(),
                 port: 8080,
+                grpc_port: None,
             })
         );
     }
@@ -867,8 +883,9 @@ mod tests {
 
     /// A file with every key, and one where every value differs from it.
     const FULL: &str = r#"{
-        "port": 8080, "adminPort": 9090, "bindAddress": "0.0.0.0",
-        "backendServiceName": "web", "backendPort": 80,
+        "port": 8080, "adminPort": 9090, "bindAddress": "0.0.0.0", "grpcPort": 9000,
+        "backendServiceName": "web", "backendPort": 80, "backendProtocol": "http1",
+        "backendGrpcPort": 9000,
         "discovery": "static", "staticBackends": ["127.0.0.1:8081"],
         "connectTimeoutMs": 1000, "requestTimeoutMs": 30000, "bodyIdleTimeoutMs": 60000,
         "tunnelIdleTimeoutMs": 3600000,
@@ -876,7 +893,7 @@ mod tests {
         "drainSeconds": 5, "shutdownTimeoutSeconds": 20, "headerReadTimeoutMs": 10000,
         "idleTimeoutMs": 60000, "maxConnections": 10000, "maxHeaderBytes": 16384,
         "healthCheck": {"path": "/healthz", "intervalMs": 5000, "timeoutMs": 1000,
-                        "unhealthyThreshold": 3, "healthyThreshold": 2},
+                        "unhealthyThreshold": 3, "healthyThreshold": 2, "grpcService": ""},
         "outlier": {"consecutiveFailures": 5, "baseEjectionMs": 5000, "maxEjectionMs": 60000},
         "retries": {"attempts": 3, "budgetPercent": 20},
         "algorithm": "round_robin", "weights": {},
@@ -884,8 +901,9 @@ mod tests {
                 "certificates": [], "redirectHttp": false}
     }"#;
     const OTHER: &str = r#"{
-        "port": 8081, "adminPort": 9091, "bindAddress": "127.0.0.1",
-        "backendServiceName": "api", "backendPort": 81,
+        "port": 8081, "adminPort": 9091, "bindAddress": "127.0.0.1", "grpcPort": 9001,
+        "backendServiceName": "api", "backendPort": 81, "backendProtocol": "h2c",
+        "backendGrpcPort": 9002,
         "discovery": "kubernetes", "staticBackends": ["127.0.0.1:8082"],
         "connectTimeoutMs": 1001, "requestTimeoutMs": 30001, "bodyIdleTimeoutMs": 60001,
         "tunnelIdleTimeoutMs": 3600001,
@@ -893,7 +911,8 @@ mod tests {
         "drainSeconds": 6, "shutdownTimeoutSeconds": 21, "headerReadTimeoutMs": 10001,
         "idleTimeoutMs": 60001, "maxConnections": 10001, "maxHeaderBytes": 16385,
         "healthCheck": {"path": "/readyz", "intervalMs": 5001, "timeoutMs": 1001,
-                        "unhealthyThreshold": 4, "healthyThreshold": 3},
+                        "unhealthyThreshold": 4, "healthyThreshold": 3,
+                        "grpcService": "identity.v1.Identity"},
         "outlier": {"consecutiveFailures": 6, "baseEjectionMs": 5001, "maxEjectionMs": 60001},
         "retries": {"attempts": 4, "budgetPercent": 21},
         "algorithm": "least_request", "weights": {"127.0.0.1": 2},
@@ -973,6 +992,7 @@ mod tests {
             [
                 "adminPort",
                 "bindAddress",
+                "grpcPort",
                 "port",
                 "drainSeconds",
                 "headerReadTimeoutMs",

@@ -21,7 +21,8 @@
 //!   outlier counters carry over);
 //! * discovery (the Service, its port, static mode and its list): the
 //!   [`DiscoveryTask`] is pointed at the new source, and the old list serves
-//!   until the new source's first complete list;
+//!   until the new source's first complete list; `backendProtocol` and
+//!   `backendGrpcPort` go to every proxy ([`Proxy::set_routing`]);
 //! * health-check settings: the checker task is restarted (verdicts live in each
 //!   backend's state and carry over).
 //!
@@ -45,7 +46,7 @@ use crate::config::Config;
 use crate::discovery::DiscoveryTask;
 use crate::health::{HealthCheckSettings, HealthTask};
 use crate::metrics::{Metrics, ReloadResult};
-use crate::proxy::{Proxy, ProxySettings, Resilience};
+use crate::proxy::{Proxy, ProxySettings, Resilience, Routing};
 
 /// The running parts a reload can change. Whoever holds it keeps health checks
 /// and discovery running: dropping it stops both.
@@ -187,15 +188,23 @@ impl Reloader {
                 proxy.reconfigure(settings, resilience);
             }
         }
-        if *discovery != old.discovery
-            && let Some(task) = &live.discovery
-        {
-            task.set_source(discovery.source(live.namespace.clone()));
+        if *discovery != old.discovery {
+            let routing = Routing::from(discovery);
+            for proxy in &live.proxies {
+                proxy.set_routing(routing);
+            }
+            if let Some(task) = &live.discovery {
+                task.set_source(discovery.source(live.namespace.clone()));
+            }
         }
-        if *health != old.health
+        // A health check speaks what the backends speak.
+        if (*health != old.health || discovery.backend_protocol != old.discovery.backend_protocol)
             && let Some(task) = &mut live.health
         {
-            task.restart(HealthCheckSettings::from(&health.health_check));
+            task.restart(
+                HealthCheckSettings::from(&health.health_check)
+                    .speaking(discovery.backend_protocol),
+            );
         }
         // The log settings go last, right before the reload's own line, so that
         // this line is the first at a new level (other threads log too, so

@@ -18,7 +18,7 @@ use hyper::service::service_fn;
 use service_kit::listener::{self, Lifecycle, Plain};
 use tokio::net::TcpListener;
 
-use crate::proxy::{ClientConn, Proxy, Scheme};
+use crate::proxy::{ClientConn, Proxy, Scheme, Target};
 use crate::shutdown::{Phase, Shutdown};
 use crate::tls::Tls;
 pub use service_kit::listener::{
@@ -45,6 +45,9 @@ pub enum Entry {
     RedirectToHttps(u16),
     /// HTTPS: a TLS handshake, then HTTP, proxied.
     Https(Tls),
+    /// Plain HTTP (gRPC clients, `grpcPort`), proxied to the backends' gRPC
+    /// port.
+    Grpc,
 }
 
 /// Serves the reverse proxy on `listener`, entered as `entry` says, until
@@ -57,21 +60,22 @@ pub async fn serve_proxy(
     limits: ServerLimits,
     cap: ConnectionCap,
 ) {
-    let (scheme, https_redirect) = match &entry {
-        Entry::Http => (Scheme::Http, None),
-        Entry::RedirectToHttps(port) => (Scheme::Http, Some(*port)),
-        Entry::Https(_) => (Scheme::Https, None),
+    let (scheme, https_redirect, target) = match &entry {
+        Entry::Http => (Scheme::Http, None, Target::BackendPort),
+        Entry::RedirectToHttps(port) => (Scheme::Http, Some(*port), Target::BackendPort),
+        Entry::Https(_) => (Scheme::Https, None, Target::BackendPort),
+        Entry::Grpc => (Scheme::Http, None, Target::GrpcPort),
     };
     let make_service = move |peer: SocketAddr| {
         let proxy = proxy.clone();
-        let client = ClientConn::new(peer, scheme, https_redirect);
+        let client = ClientConn::new(peer, scheme, https_redirect).with_target(target);
         service_fn(move |req| proxy.handle(req, &client).map(Ok::<_, Infallible>))
     };
     match entry {
         Entry::Https(tls) => {
             listener::serve_connections(listener, tls, make_service, shutdown, limits, cap).await;
         }
-        Entry::Http | Entry::RedirectToHttps(_) => {
+        Entry::Http | Entry::RedirectToHttps(_) | Entry::Grpc => {
             listener::serve_connections(listener, Plain, make_service, shutdown, limits, cap).await;
         }
     }

@@ -38,8 +38,9 @@ use crate::shutdown::Shutdown;
 #[derive(Debug)]
 pub struct Workers {
     /// The addresses every worker listens on (the real ports when 0 was asked
-    /// for), in the order of the entries given.
+    /// for), with their entries, in the order given.
     addrs: Vec<SocketAddr>,
+    entries: Vec<Entry>,
     /// One receiver per worker, completed when the worker's server has returned
     /// (after shutdown, once its last connection has finished).
     done: Vec<oneshot::Receiver<()>>,
@@ -68,6 +69,7 @@ impl Workers {
             .iter()
             .map(|(socket, _)| socket.local_addr())
             .collect::<io::Result<Vec<_>>>()?;
+        let entries = sockets.iter().map(|(_, entry)| entry.clone()).collect();
 
         let mut started = Vec::with_capacity(count.get());
         let mut done = Vec::with_capacity(count.get());
@@ -133,12 +135,21 @@ impl Workers {
                 .await
                 .map_err(|_| io::Error::other("a proxy worker died while starting"))??;
         }
-        Ok(Self { addrs, done })
+        Ok(Self {
+            addrs,
+            entries,
+            done,
+        })
     }
 
     /// The addresses the workers listen on, in the order the ports were given.
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// Each address the workers listen on, with how clients enter there.
+    pub fn entries(&self) -> impl Iterator<Item = (SocketAddr, &Entry)> {
+        self.addrs.iter().copied().zip(&self.entries)
     }
 
     /// Resolves once every worker has finished, i.e. after shutdown has stopped

@@ -15,6 +15,7 @@ use crate::backend_state::BackendState;
 use crate::backends::Backends;
 use crate::backends::SourceKind;
 use crate::tls::CertInfo;
+use crate::upstream::Http2Stats;
 
 /// The whole document.
 #[derive(Debug, Serialize)]
@@ -25,6 +26,17 @@ pub(super) struct Snapshot {
     /// The HTTPS listener's certificates in force; absent without `tls`.
     #[serde(skip_serializing_if = "Option::is_none")]
     certificates: Option<Vec<CertInfo>>,
+    /// Open HTTP/2 connections to backends, and streams in flight on them,
+    /// summed over the proxy's workers; empty when no backend speaks h2c.
+    http2: Vec<Http2View>,
+}
+
+#[derive(Debug, Serialize)]
+struct Http2View {
+    /// Where the connections go (a backend's gRPC port, for `grpcPort`).
+    address: SocketAddr,
+    connections: usize,
+    streams: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,7 +79,11 @@ struct ErrorView {
 
 impl Snapshot {
     /// Reads the current state of `backends` and its discovery.
-    pub(super) fn of(backends: &Backends, certificates: Option<Vec<CertInfo>>) -> Self {
+    pub(super) fn of(
+        backends: &Backends,
+        certificates: Option<Vec<CertInfo>>,
+        http2: Vec<(SocketAddr, Http2Stats)>,
+    ) -> Self {
         let (now, wall_now) = (Instant::now(), SystemTime::now());
         let status = backends.discovery_status();
         Self {
@@ -87,6 +103,14 @@ impl Snapshot {
                 }),
             },
             certificates,
+            http2: http2
+                .into_iter()
+                .map(|(address, stats)| Http2View {
+                    address,
+                    connections: stats.connections,
+                    streams: stats.streams,
+                })
+                .collect(),
         }
     }
 }
@@ -128,7 +152,8 @@ mod tests {
         backends
             .state(addr)
             .eject_until(Instant::now() + Duration::from_secs(60));
-        let json = serde_json::to_value(Snapshot::of(&backends, None)).expect("serializes");
+        let json =
+            serde_json::to_value(Snapshot::of(&backends, None, Vec::new())).expect("serializes");
         let backend = &json["backends"][0];
         assert_eq!(backend["address"], "10.0.0.1:80");
         assert_eq!(backend["ejected"], true);
@@ -143,7 +168,8 @@ mod tests {
         let status = backends.discovery_status();
         status.set_source(SourceKind::Kubernetes);
         status.record_error(&std::io::Error::other("connection refused"));
-        let json = serde_json::to_value(Snapshot::of(&backends, None)).expect("serializes");
+        let json =
+            serde_json::to_value(Snapshot::of(&backends, None, Vec::new())).expect("serializes");
         let discovery = &json["discovery"];
         assert_eq!(discovery["source"], "kubernetes");
         assert_eq!(discovery["synced"], false);

@@ -894,9 +894,14 @@ fn the_loadbalancer_service_reaches_its_pods_and_kind_maps_its_node_port() {
 
     let (_, container) = manifests.app(LOADBALANCER);
     let config = manifests.loadbalancer_config();
+    let grpc_port = config
+        .listen
+        .grpc_port
+        .expect("the demo serves gRPC clients on grpcPort");
     for (name, expected) in [
         ("http", config.listen.port),
         ("admin", config.listen.admin_port),
+        ("grpc", grpc_port),
     ] {
         let port = service_port(service, name);
         let target = port
@@ -916,6 +921,14 @@ fn the_loadbalancer_service_reaches_its_pods_and_kind_maps_its_node_port() {
         .node_port
         .expect("a fixed nodePort, so kind can map it");
     assert_kind_maps(node_port, KIND_HOST_PORT);
+    // gRPC clients reach the gRPC port from the host at the same number.
+    let grpc = service_port(service, "grpc");
+    assert_eq!(grpc.port, i32::from(grpc_port));
+    assert_eq!(grpc.app_protocol.as_deref(), Some("kubernetes.io/h2c"));
+    let node_port = grpc
+        .node_port
+        .expect("a fixed nodePort, so kind can map it");
+    assert_kind_maps(node_port, u64::from(grpc_port));
 }
 
 // --- TLS: the Secret, the port, and the opt-in config in k8s/tls/ -------------------
