@@ -120,11 +120,16 @@ impl Activity {
     /// The state changes three times per request. Waking this future on every
     /// change (it runs in the connection's task, so every wake-up re-polls the
     /// whole connection) is work the request does not need, so it is never
-    /// woken: it sleeps until the current state's deadline, and while idle or
-    /// busy at most `min(idle, header_read)`, then looks again. That is still on
+    /// woken: it sleeps until the current state's deadline, but never longer
+    /// than `min(idle, header_read)`, then looks again. That is still on
     /// time: a head that begins at `t` must end by `t + header_read`, and the
     /// last look before `t` was at most `header_read` earlier, so the next look
-    /// comes before that deadline and arms the timer for exactly it.
+    /// comes before that deadline and arms the timer for exactly it; the same
+    /// holds for an idle spell and `idle`. (Sleeping through a head's whole
+    /// deadline instead would miss the idle spell after a quick request by up
+    /// to `header_read`: a look that happens to fall while the first head
+    /// arrives, as it does when the connection's task starts the watch just
+    /// after reading the first bytes.)
     pub(crate) async fn expired(&self, idle: Duration, header_read: Duration) -> Expired {
         let look_every = idle.min(header_read);
         let timer = tokio::time::sleep(Duration::ZERO);
@@ -137,7 +142,7 @@ impl Activity {
                 State::ReadingHead { since } if since + header_read <= now => {
                     return Expired::HeaderRead;
                 }
-                State::ReadingHead { since } => since + header_read,
+                State::ReadingHead { since } => (since + header_read).min(now + look_every),
                 State::Busy { .. } => now + look_every,
             };
             // One timer, moved rather than made anew.
@@ -282,6 +287,22 @@ mod tests {
         let started = Instant::now();
         assert_eq!(activity.expired(IDLE, HEADER).await, Expired::HeaderRead);
         assert_eq!(started.elapsed(), HEADER);
+    }
+
+    /// A look during a head does not sleep through the idle spell after it.
+    #[tokio::test(start_paused = true)]
+    async fn a_quick_request_seen_mid_head_still_expires_as_idle_on_time() {
+        let idle = Duration::from_millis(300);
+        let activity = Activity::new();
+        activity.bytes_read();
+        let expired = activity.expired(idle, Duration::from_secs(3600));
+        tokio::pin!(expired);
+        let looked = futures::FutureExt::now_or_never(expired.as_mut());
+        assert_eq!(looked, None, "looked at the head and slept");
+        drop(activity.request_started());
+        let ended = Instant::now();
+        assert_eq!(expired.await, Expired::Idle);
+        assert!(ended.elapsed() <= idle * 2, "{:?}", ended.elapsed());
     }
 
     #[tokio::test(start_paused = true)]
