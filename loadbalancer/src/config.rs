@@ -37,7 +37,7 @@ pub use crate::outlier::OutlierConfig;
 pub use crate::proxy::ProxyConfig;
 use crate::proxy::Resilience;
 pub use crate::retry::RetriesConfig;
-use crate::server::ServerLimits;
+use crate::server::{Http2Limits, ServerLimits};
 pub use crate::tls::{CertPair, TlsConfig};
 
 /// Where the ConfigMap is mounted inside the pod.
@@ -219,6 +219,7 @@ impl From<&Limits> for ServerLimits {
             max_connections: limits.max_connections,
             max_header_bytes: limits.max_header_bytes,
             shutdown_timeout: Duration::from_secs(limits.shutdown_timeout_seconds),
+            http2: Http2Limits::DEFAULT,
         }
     }
 }
@@ -585,6 +586,7 @@ mod tests {
                 max_connections: 2,
                 max_header_bytes: 8192,
                 shutdown_timeout: Duration::from_secs(3),
+                http2: Http2Limits::DEFAULT,
             }
         );
     }

@@ -22,7 +22,7 @@ use crate::proxy::{ClientConn, Proxy, Scheme};
 use crate::shutdown::{Phase, Shutdown};
 use crate::tls::Tls;
 pub use service_kit::listener::{
-    ConnectionCap, ConnectionService, ResponseBody, ServerLimits, bind,
+    ConnectionCap, ConnectionService, Http2Limits, ResponseBody, ServerLimits, bind,
 };
 
 impl Lifecycle for Shutdown {
