@@ -266,6 +266,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             defaults.max_header_bytes,
             ServerLimits::MAX_HEADER_BYTES,
         )?,
+        // HTTP/2's limits are not in the backend's file: its main client is
+        // the load balancer, whose own limits face the clients.
+        http2: defaults.http2,
     };
 
     Ok(Config {

@@ -37,7 +37,7 @@ pub use crate::outlier::OutlierConfig;
 pub use crate::proxy::ProxyConfig;
 use crate::proxy::Resilience;
 pub use crate::retry::RetriesConfig;
-use crate::server::ServerLimits;
+use crate::server::{Http2Limits, ServerLimits};
 pub use crate::tls::{CertPair, TlsConfig};
 
 /// Where the ConfigMap is mounted inside the pod.
@@ -149,8 +149,17 @@ pub struct Limits {
     /// Default 10000.
     pub max_connections: usize,
     /// Largest request head (request line and headers) in bytes; larger ones get
-    /// 431. Default 16384.
+    /// 431. For HTTP/2, the largest header list. Default 16384.
     pub max_header_bytes: usize,
+    /// Requests (streams) one HTTP/2 client connection may have open at once;
+    /// more are refused, for the client to retry. Default 100.
+    pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 flow-control window of each request body: how much of an upload
+    /// a client may send ahead of the proxy reading it. Default 1 MiB.
+    pub http2_initial_stream_window_bytes: u32,
+    /// HTTP/2 flow-control window of a whole client connection, so the most
+    /// request bytes one connection can have buffered. Default 2 MiB.
+    pub http2_initial_connection_window_bytes: u32,
 }
 
 /// Longest `drainSeconds`: an hour, like the shutdown timeout's bound.
@@ -166,6 +175,9 @@ impl Default for Limits {
             idle_timeout_ms: duration_ms(limits.idle_timeout),
             max_connections: limits.max_connections,
             max_header_bytes: limits.max_header_bytes,
+            http2_max_concurrent_streams: limits.http2.max_concurrent_streams,
+            http2_initial_stream_window_bytes: limits.http2.initial_stream_window,
+            http2_initial_connection_window_bytes: limits.http2.initial_connection_window,
         }
     }
 }
@@ -204,6 +216,27 @@ impl Limits {
                 "maxHeaderBytes",
                 outside(self.max_header_bytes, ServerLimits::MAX_HEADER_BYTES),
             ),
+            (
+                "http2MaxConcurrentStreams",
+                outside(
+                    self.http2_max_concurrent_streams,
+                    Http2Limits::MAX_CONCURRENT_STREAMS,
+                ),
+            ),
+            (
+                "http2InitialStreamWindowBytes",
+                outside(
+                    self.http2_initial_stream_window_bytes,
+                    Http2Limits::WINDOW_BYTES,
+                ),
+            ),
+            (
+                "http2InitialConnectionWindowBytes",
+                outside(
+                    self.http2_initial_connection_window_bytes,
+                    Http2Limits::WINDOW_BYTES,
+                ),
+            ),
         ]
         .into_iter()
         .find_map(|(field, reason)| Some((field, reason?)));
@@ -224,6 +257,12 @@ impl From<&Limits> for ServerLimits {
             max_connections: limits.max_connections,
             max_header_bytes: limits.max_header_bytes,
             shutdown_timeout: Duration::from_secs(limits.shutdown_timeout_seconds),
+            http2: Http2Limits {
+                max_concurrent_streams: limits.http2_max_concurrent_streams,
+                initial_stream_window: limits.http2_initial_stream_window_bytes,
+                initial_connection_window: limits.http2_initial_connection_window_bytes,
+                ..Http2Limits::DEFAULT
+            },
         }
     }
 }
@@ -587,7 +626,9 @@ mod tests {
     fn limits_keys_are_read() {
         let config = parse(&with_guide_keys(
             r#""drainSeconds": 0, "shutdownTimeoutSeconds": 3, "headerReadTimeoutMs": 500,
-               "idleTimeoutMs": 700, "maxConnections": 2, "maxHeaderBytes": 8192"#,
+               "idleTimeoutMs": 700, "maxConnections": 2, "maxHeaderBytes": 8192,
+               "http2MaxConcurrentStreams": 7, "http2InitialStreamWindowBytes": 70000,
+               "http2InitialConnectionWindowBytes": 80000"#,
         ))
         .expect("limits parse");
         assert_eq!(config.limits.drain(), Duration::ZERO);
@@ -599,6 +640,12 @@ mod tests {
                 max_connections: 2,
                 max_header_bytes: 8192,
                 shutdown_timeout: Duration::from_secs(3),
+                http2: Http2Limits {
+                    max_concurrent_streams: 7,
+                    initial_stream_window: 70_000,
+                    initial_connection_window: 80_000,
+                    ..Http2Limits::DEFAULT
+                },
             }
         );
     }
@@ -612,6 +659,18 @@ mod tests {
             (r#""idleTimeoutMs": 0"#, "idleTimeoutMs"),
             (r#""maxConnections": 0"#, "maxConnections"),
             (r#""maxHeaderBytes": 100"#, "maxHeaderBytes"),
+            (
+                r#""http2MaxConcurrentStreams": 0"#,
+                "http2MaxConcurrentStreams",
+            ),
+            (
+                r#""http2InitialStreamWindowBytes": 65534"#,
+                "http2InitialStreamWindowBytes",
+            ),
+            (
+                r#""http2InitialConnectionWindowBytes": 2147483648"#,
+                "http2InitialConnectionWindowBytes",
+            ),
         ] {
             assert_error_mentions(&with_guide_keys(extra), &[field]);
         }
@@ -892,6 +951,8 @@ mod tests {
         "logLevel": "info", "logFormat": "text",
         "drainSeconds": 5, "shutdownTimeoutSeconds": 20, "headerReadTimeoutMs": 10000,
         "idleTimeoutMs": 60000, "maxConnections": 10000, "maxHeaderBytes": 16384,
+        "http2MaxConcurrentStreams": 100, "http2InitialStreamWindowBytes": 1048576,
+        "http2InitialConnectionWindowBytes": 2097152,
         "healthCheck": {"path": "/healthz", "intervalMs": 5000, "timeoutMs": 1000,
                         "unhealthyThreshold": 3, "healthyThreshold": 2, "grpcService": ""},
         "outlier": {"consecutiveFailures": 5, "baseEjectionMs": 5000, "maxEjectionMs": 60000},
@@ -910,6 +971,8 @@ mod tests {
         "logLevel": "debug", "logFormat": "json",
         "drainSeconds": 6, "shutdownTimeoutSeconds": 21, "headerReadTimeoutMs": 10001,
         "idleTimeoutMs": 60001, "maxConnections": 10001, "maxHeaderBytes": 16385,
+        "http2MaxConcurrentStreams": 101, "http2InitialStreamWindowBytes": 1048577,
+        "http2InitialConnectionWindowBytes": 2097153,
         "healthCheck": {"path": "/readyz", "intervalMs": 5001, "timeoutMs": 1001,
                         "unhealthyThreshold": 4, "healthyThreshold": 3,
                         "grpcService": "identity.v1.Identity"},
@@ -996,6 +1059,9 @@ mod tests {
                 "port",
                 "drainSeconds",
                 "headerReadTimeoutMs",
+                "http2InitialConnectionWindowBytes",
+                "http2InitialStreamWindowBytes",
+                "http2MaxConcurrentStreams",
                 "idleTimeoutMs",
                 "maxConnections",
                 "maxHeaderBytes",

@@ -621,6 +621,7 @@ impl Proxy {
             _ => None,
         };
         headers::use_target_authority(&mut parts);
+        headers::join_cookies(&mut parts.headers);
         let redirect = client
             .https_redirect
             .map(|port| headers::https_location(&parts, port));

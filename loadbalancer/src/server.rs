@@ -1,12 +1,21 @@
-//! Server: accepts client connections and serves HTTP/1.1 on them until shutdown.
+//! Server: accepts client connections and serves HTTP/1.1 and HTTP/2 on them
+//! until shutdown.
 //!
 //! The accept loop itself, with its limits (connection cap, header and idle
-//! timeouts, header size, framing checks) and its graceful stop, lives in
-//! [`service_kit::listener`], which the backend runs too. This module plugs the
-//! load balancer into it: the proxy and admin services, and [`Shutdown`] as the
-//! signal. While shutdown drains, responses carry `Connection: close`; once it
-//! stops, the listener closes and open requests finish (by force after
-//! `shutdownTimeoutSeconds`).
+//! timeouts, header size, framing checks, HTTP/2's streams, windows and flood
+//! guards) and its graceful stop, lives in [`service_kit::listener`], which the
+//! backend runs too. This module plugs the load balancer into it: the proxy and
+//! admin services, and [`Shutdown`] as the signal. While shutdown drains,
+//! HTTP/1.1 responses carry `Connection: close` and HTTP/2 connections are sent
+//! GOAWAY; once it stops, the listener closes and open requests finish (by force
+//! after `shutdownTimeoutSeconds`).
+//!
+//! Both protocols arrive on the same ports. A connection whose first bytes are
+//! HTTP/2's preface is served as HTTP/2: cleartext with prior knowledge (h2c) on
+//! the plain port, and on the TLS port after ALPN agreed on `h2` (see
+//! [`crate::tls`]); anything else is HTTP/1.1. An HTTP/2 request reaches the
+//! proxy as any other, with its `:authority` as the target's authority, and goes
+//! on to the backends as HTTP/1.1 (see `proxy::headers`).
 //!
 //! The same loop serves the proxy and the admin endpoints; only the service differs.
 
@@ -22,7 +31,7 @@ use crate::proxy::{ClientConn, Proxy, Scheme, Target};
 use crate::shutdown::{Phase, Shutdown};
 use crate::tls::Tls;
 pub use service_kit::listener::{
-    ConnectionCap, ConnectionService, ResponseBody, ServerLimits, bind,
+    ConnectionCap, ConnectionService, Http2Limits, ResponseBody, ServerLimits, bind,
 };
 
 impl Lifecycle for Shutdown {

@@ -21,7 +21,7 @@
 //! The protocol settings are rustls' defaults, which are what one would choose:
 //! TLS 1.2 and 1.3 only, their modern cipher suites, ECDSA and RSA keys, session
 //! resumption by tickets (TLS 1.3) and a session cache (TLS 1.2), and ALPN
-//! offering `http/1.1`. The crypto is the `ring` provider the Kubernetes client
+//! offering `h2`, then `http/1.1`. The crypto is the `ring` provider the Kubernetes client
 //! already brings.
 
 mod certs;
@@ -120,8 +120,10 @@ impl std::fmt::Debug for Tls {
     }
 }
 
-/// ALPN protocols offered, most preferred first.
-const ALPN: &[&[u8]] = &[b"http/1.1"];
+/// ALPN protocols offered, most preferred first: HTTP/2 to the clients that
+/// speak it, HTTP/1.1 to the others. The listener tells them apart by the
+/// first bytes either way, so a client that offers no ALPN is served too.
+const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// TLS 1.2 sessions remembered for resumption; TLS 1.3 resumes by ticket and
 /// needs no server-side memory.

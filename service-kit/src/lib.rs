@@ -2,8 +2,9 @@
 //! backend both depend on this crate, so what both need is written, compiled and
 //! tested once.
 //!
-//! [`listener`] is the hardened accept loop: connection cap, idle and header-read
-//! timeouts, header size, request framing and the graceful stop. Each binary plugs
+//! [`listener`] is the hardened accept loop, HTTP/1.1 and HTTP/2 on one port:
+//! connection cap, idle and header-read timeouts, header size, request framing,
+//! HTTP/2's stream and flood limits, and the graceful stop. Each binary plugs
 //! its own service and its own shutdown signal into it (the load balancer in
 //! `loadbalancer::server`, the backend in `backend::server`).
 //!

@@ -13,6 +13,15 @@
 //! [`serve_connections`] can wait for the last one and, if they outlast the
 //! shutdown timeout, close the rest by force.
 //!
+//! Every connection speaks HTTP/1.1 or HTTP/2, on the same port: the first bytes
+//! tell them apart (HTTP/2 with prior knowledge opens with a fixed preface; see
+//! the `wire` submodule), and hyper's `http1` or `http2` server takes the
+//! connection from there, the bytes already read included. That serves h2c
+//! (cleartext, prior knowledge) and h2 over TLS (a client that negotiated `h2`
+//! by ALPN sends the same preface). HTTP/1.1's `Upgrade: h2c` is not offered:
+//! RFC 9113 dropped it. Under HTTP/2 each request (stream) is served by a task
+//! of its own, spawned on the connection's runtime.
+//!
 //! Around that skeleton sit the limits a server facing the network needs
 //! ([`ServerLimits`]):
 //!
@@ -23,17 +32,37 @@
 //! * at most `maxConnections` open connections: a semaphore permit is taken
 //!   *before* `accept`, as in mini-redis, so at the cap new connections wait in the
 //!   kernel's listen backlog (and are refused by the kernel once that is full)
-//!   instead of costing memory and file descriptors here;
+//!   instead of costing memory and file descriptors here. An HTTP/2 connection
+//!   takes one slot, whatever the number of its streams;
 //! * failed `accept`s (EMFILE: out of file descriptors) are retried with a growing
 //!   pause rather than ending the server;
-//! * `maxHeaderBytes`: hyper answers a larger request head with 431 and closes;
-//!   a malformed request line or header gets hyper's automatic 400;
-//! * idle and header-read timeouts, kept by the `watchdog` submodule;
+//! * `maxHeaderBytes`: hyper answers a larger HTTP/1.1 request head with 431 and
+//!   closes; a malformed request line or header gets hyper's automatic 400. For
+//!   HTTP/2 it is the header list size announced in `SETTINGS`: a larger list
+//!   gets 431 and its stream is reset, and a header block that keeps coming in
+//!   CONTINUATION frames closes the connection (h2 counts them);
+//! * idle and header-read timeouts, kept by the `watchdog` submodule, for both
+//!   protocols: an HTTP/2 connection with no stream open is idle, and is sent
+//!   GOAWAY when it has been idle too long;
 //! * request framing that could smuggle a request through is refused with 400
 //!   ([`framing_error`] lists what hyper already refuses and what is left to us);
-//! * while the server drains, every response carries `Connection: close`, so
-//!   clients finish their current request here and reconnect, most likely to a
-//!   replica that is not going away.
+//!   HTTP/2 frames every message itself, and has no `Transfer-Encoding`;
+//! * HTTP/2's own limits ([`Http2Limits`]): concurrent streams per connection,
+//!   flow-control windows, frame size, a bounded send buffer per stream,
+//!   keep-alive `PING`s that drop dead peers, and h2's guards against rapid
+//!   reset, CONTINUATION floods and streams reset for errors, each closing the
+//!   connection with GOAWAY;
+//! * a budget of HTTP/2 control frames per connection (`SETTINGS`, `PING`,
+//!   `RST_STREAM`, `WINDOW_UPDATE`, `PRIORITY`, ...), earned with time,
+//!   responses and bytes sent ([`CONTROL_FRAME_BURST`] and its neighbours): h2
+//!   answers such frames at any rate, so a client that runs the budget dry is
+//!   flooding, and its connection is closed (the `wire` submodule says which
+//!   floods h2 stops by itself and which it does not);
+//! * while the server drains, every HTTP/1.1 response carries `Connection:
+//!   close`, so clients finish their current request here and reconnect, most
+//!   likely to a replica that is not going away; an HTTP/2 connection is sent
+//!   GOAWAY at its first response instead (the header is forbidden there), and
+//!   its open streams finish.
 //!
 //! Before HTTP, a connection may need a [`Handshake`]: none for plain HTTP
 //! ([`Plain`]), or TLS (the load balancer's). It runs in the connection's own
@@ -42,10 +71,12 @@
 //! closed on time as one that trickles a request head is.
 
 mod watchdog;
+mod wire;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::ops::RangeInclusive;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -54,13 +85,13 @@ use bytes::Bytes;
 use futures::TryFutureExt;
 use futures::future;
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::{Service, service_fn};
-use hyper_util::rt::TokioIo;
-use socket2::{Domain, Protocol, Socket, Type};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -68,6 +99,11 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use watchdog::{Activity, Expired, TrackedBody, TrackedIo};
+use wire::Protocol;
+pub use wire::{
+    BYTES_PER_CONTROL_FRAME, CONTROL_FRAME_BURST, CONTROL_FRAMES_PER_RESPONSE,
+    CONTROL_FRAMES_PER_SECOND,
+};
 
 use crate::BoxError;
 use crate::headers::framing_error;
@@ -82,7 +118,11 @@ pub const LISTEN_BACKLOG: i32 = 1024;
 /// (`try_clone`): they share its one backlog (the load balancer's per-core
 /// workers).
 pub fn listening_socket(addr: SocketAddr) -> io::Result<StdTcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
     // SO_REUSEADDR lets a restarted process bind while old connections linger
     // in TIME_WAIT.
     socket.set_reuse_address(true)?;
@@ -123,6 +163,90 @@ pub struct ServerLimits {
     /// After the listener has stopped, how long open requests may take before
     /// their connections are closed by force (`shutdownTimeoutSeconds`).
     pub shutdown_timeout: Duration,
+    /// What HTTP/2 connections get besides; `max_header_bytes` bounds their
+    /// header lists too.
+    pub http2: Http2Limits,
+}
+
+/// The limits of HTTP/2 connections: what each client is told in its
+/// `SETTINGS`, and what the `h2` crate enforces on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Limits {
+    /// Streams (requests) a client may have open at once on one connection
+    /// (`http2MaxConcurrentStreams`); more are refused with `REFUSED_STREAM`,
+    /// which a client may retry. Each open stream holds a request's memory and
+    /// may hold a backend connection, so this, times `max_connections`, is the
+    /// most requests the server holds at once.
+    pub max_concurrent_streams: u32,
+    /// The flow-control window of each request body, in bytes
+    /// (`http2InitialStreamWindowBytes`): how much of one upload a client may
+    /// send ahead of our reading it.
+    pub initial_stream_window: u32,
+    /// The flow-control window of the whole connection
+    /// (`http2InitialConnectionWindowBytes`): how much of all its uploads a
+    /// client may send ahead, so the most request bytes one connection can
+    /// make us buffer.
+    pub initial_connection_window: u32,
+    /// Largest frame payload a client may send (16,384 to 16,777,215).
+    pub max_frame_size: u32,
+    /// Streams the client reset before they were served that may wait at once
+    /// to be cleaned up; one more is a rapid-reset attack (CVE-2023-44487), and
+    /// the connection is closed with GOAWAY `ENHANCE_YOUR_CALM`.
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams we may reset for the client's protocol errors over the
+    /// connection's life before it is closed with GOAWAY (the attack that makes
+    /// the server do the resetting, "MadeYouReset", CVE-2025-8671).
+    pub max_local_error_reset_streams: usize,
+    /// Response bytes one stream may queue for a client that reads slowly.
+    pub max_send_buffer: usize,
+    /// A connection that has sent nothing for this long is sent a `PING`...
+    pub keep_alive_interval: Duration,
+    /// ...and closed if the answer takes longer than this: a dead peer does
+    /// not keep its streams, or its slot, for ever.
+    pub keep_alive_timeout: Duration,
+}
+
+impl Http2Limits {
+    /// The documented defaults.
+    ///
+    /// * 100 streams: RFC 9113 (section 6.5.2) asks for no fewer, so as not to
+    ///   limit a client's parallelism; more would let one client hold more of
+    ///   the backends' capacity than a hundred HTTP/1.1 connections would.
+    /// * Windows of 1 MiB per stream and 2 MiB per connection: the protocol's
+    ///   64 KiB allows one window per round trip, 6.5 MB/s at 10 ms; 1 MiB
+    ///   fills a gigabit link at 8 ms, and two such uploads can run at once.
+    /// * Frames of 16 KiB, the protocol's default, which every client handles.
+    /// * 20 pending resets: h2's own default, which no client that cancels
+    ///   requests in the ordinary way comes near.
+    /// * 1,024 resets for errors: hyper's default.
+    /// * 128 KiB per stream queued: eight frames in flight, enough to keep a
+    ///   download streaming; with 100 streams, 12.5 MiB for a client that stops
+    ///   reading, until its keep-alive fails.
+    /// * A `PING` after 20 s of silence, answered within 20 s.
+    pub const DEFAULT: Self = Self {
+        max_concurrent_streams: 100,
+        initial_stream_window: 1024 * 1024,
+        initial_connection_window: 2 * 1024 * 1024,
+        max_frame_size: 16 * 1024,
+        max_pending_accept_reset_streams: 20,
+        max_local_error_reset_streams: 1024,
+        max_send_buffer: 128 * 1024,
+        keep_alive_interval: Duration::from_secs(20),
+        keep_alive_timeout: Duration::from_secs(20),
+    };
+
+    /// The accepted range of `http2MaxConcurrentStreams`.
+    pub const MAX_CONCURRENT_STREAMS: RangeInclusive<u32> = 1..=10_000;
+    /// The accepted range of `http2InitialStreamWindowBytes` and
+    /// `http2InitialConnectionWindowBytes`: from the protocol's default window
+    /// up to its largest (RFC 9113 section 6.9.1).
+    pub const WINDOW_BYTES: RangeInclusive<u32> = 65_535..=2_147_483_647;
+}
+
+impl Default for Http2Limits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 /// The connection cap (`maxConnections`) of every listener that shares it: one
@@ -259,6 +383,7 @@ impl ServerLimits {
         max_connections: 10_000,
         max_header_bytes: 16 * 1024,
         shutdown_timeout: Duration::from_secs(20),
+        http2: Http2Limits::DEFAULT,
     };
 }
 
@@ -375,13 +500,7 @@ pub async fn serve_connections<M, S, B, L, H>(
     L: Lifecycle,
     H: Handshake,
 {
-    let mut http = http1::Builder::new();
-    http.keep_alive(true)
-        .max_header_size(limits.max_header_bytes)
-        // hyper's own timer would also count the wait between keep-alive
-        // requests as header time; the watchdog keeps both clocks instead.
-        .header_read_timeout(None);
-    let http = Arc::new(http);
+    let http = Arc::new(Builders::new(&limits));
     let mut connections = JoinSet::new();
     let mut backoff = ACCEPT_BACKOFF_START;
     let mut at_cap = false;
@@ -479,8 +598,45 @@ pub async fn serve_connections<M, S, B, L, H>(
     }
 }
 
+/// hyper's servers for the two protocols, set up once per listener.
+struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(limits: &ServerLimits) -> Self {
+        let mut http1 = http1::Builder::new();
+        http1
+            .keep_alive(true)
+            .max_header_size(limits.max_header_bytes)
+            // hyper's own timer would also count the wait between keep-alive
+            // requests as header time; the watchdog keeps both clocks instead.
+            .header_read_timeout(None);
+        let h2 = &limits.http2;
+        // Each stream's request runs as a task of its own, on the runtime
+        // serving the connection (a proxy worker's own thread).
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(h2.max_concurrent_streams)
+            .initial_stream_window_size(h2.initial_stream_window)
+            .initial_connection_window_size(h2.initial_connection_window)
+            .max_frame_size(h2.max_frame_size)
+            // The header list is the request head: the same limit, which also
+            // bounds the CONTINUATION frames of one head.
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(h2.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(h2.max_local_error_reset_streams)
+            .max_send_buf_size(h2.max_send_buffer)
+            .keep_alive_interval(h2.keep_alive_interval)
+            .keep_alive_timeout(h2.keep_alive_timeout);
+        Self { http1, http2 }
+    }
+}
+
 async fn serve_connection<S, B, L, I>(
-    http: &http1::Builder,
+    http: &Builders,
     stream: I,
     slot: Slot,
     peer: SocketAddr,
@@ -496,52 +652,177 @@ async fn serve_connection<S, B, L, I>(
     let activity = Activity::new();
     // The socket holds its cap slot: the slot is freed for the next connection
     // waiting in the backlog when the socket closes, whoever owns it by then.
-    let io = TokioIo::new(TrackedIo::new(stream, Arc::clone(&activity), slot));
-    let service = guarded(service, Arc::clone(&activity), lifecycle.clone());
-    // With upgrades, a `101` answer hands the connection over (to the proxy's
-    // tunnel, or the backend's WebSocket session) through `hyper::upgrade::on`.
-    // This future then ends, and with it the watchdog's timeouts and the
-    // shutdown's wait: the upgraded socket is the service's to bound and to
-    // close. It keeps its slot under the cap, which lives in the socket.
-    let connection = http.serve_connection(io, service).with_upgrades();
-    let mut connection = std::pin::pin!(connection);
-    let mut stopping = false;
-    let result = loop {
-        tokio::select! {
-            result = connection.as_mut() => break result,
-            () = lifecycle.stopped(), if !stopping => {
-                stopping = true;
-                connection.as_mut().graceful_shutdown();
-            }
-            expired = activity.expired(limits.idle_timeout, limits.header_read_timeout) => {
-                // Nothing is in flight in either case, so dropping the connection
-                // (closing the socket) loses no response.
-                match expired {
-                    Expired::Idle => debug!(%peer, "closing idle connection"),
-                    Expired::HeaderRead => info!(%peer, "request head too slow, closing connection"),
-                }
-                return;
-            }
+    let mut io = TrackedIo::new(stream, Arc::clone(&activity), slot);
+    // The first bytes tell HTTP/2 from HTTP/1.1 (see `wire`), under the same
+    // clocks as a request head; a connection that has sent nothing when the
+    // listener stops has asked for nothing and closes at once.
+    let protocol = tokio::select! {
+        protocol = io.protocol() => protocol,
+        () = lifecycle.stopped() => return,
+        expired = activity.expired(limits.idle_timeout, limits.header_read_timeout) => {
+            report_expired(expired, peer);
+            return;
         }
     };
-    // Clients hanging up, malformed requests and the like are routine for a server.
-    if let Err(error) = result {
+    let protocol = match protocol {
+        Ok(Some(protocol)) => protocol,
+        Ok(None) => return,
+        Err(error) => {
+            report_end(&activity, peer, &error);
+            return;
+        }
+    };
+    let io = TokioIo::new(io);
+    let service = guarded(service, Arc::clone(&activity), lifecycle.clone());
+    let watch = Watch {
+        activity: &activity,
+        peer,
+        lifecycle,
+        limits,
+    };
+    match protocol {
+        // With upgrades, a `101` answer hands the connection over (to the
+        // proxy's tunnel, or the backend's WebSocket session) through
+        // `hyper::upgrade::on`. This future then ends, and with it the
+        // watchdog's timeouts and the shutdown's wait: the upgraded socket is
+        // the service's to bound and to close. It keeps its slot under the cap,
+        // which lives in the socket.
+        Protocol::Http1 => {
+            let connection = http.http1.serve_connection(io, service).with_upgrades();
+            watch
+                .drive(
+                    connection,
+                    http1::UpgradeableConnection::graceful_shutdown,
+                    false,
+                )
+                .await;
+        }
+        Protocol::Http2 => {
+            let connection = http.http2.serve_connection(io, service);
+            watch
+                .drive(connection, http2::Connection::graceful_shutdown, true)
+                .await;
+        }
+    }
+}
+
+/// What a connection's task keeps an eye on while hyper serves it.
+struct Watch<'a, L> {
+    activity: &'a Activity,
+    peer: SocketAddr,
+    lifecycle: &'a L,
+    limits: &'a ServerLimits,
+}
+
+impl<L: Lifecycle> Watch<'_, L> {
+    /// Runs hyper's `connection` to its end, stopping it gracefully
+    /// (`graceful_shutdown`: the request in progress finishes, and an HTTP/2
+    /// client is sent GOAWAY) when the listener stops or a response asks, and
+    /// closing it when the watchdog says it has been idle or slow too long.
+    async fn drive<C>(&self, connection: C, graceful_shutdown: fn(Pin<&mut C>), http2: bool)
+    where
+        C: Future<Output = hyper::Result<()>>,
+    {
+        let Self {
+            activity,
+            peer,
+            lifecycle,
+            limits,
+        } = *self;
+        let mut connection = std::pin::pin!(connection);
+        let mut stopping = false;
+        // Once an idle HTTP/2 connection has been sent GOAWAY, when to stop
+        // waiting for the client to close it.
+        let mut goaway_deadline = None;
+        let result = loop {
+            let give_up = async {
+                match goaway_deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => future::pending().await,
+                }
+            };
+            tokio::select! {
+                result = connection.as_mut() => break result,
+                () = lifecycle.stopped(), if !stopping => {
+                    stopping = true;
+                    graceful_shutdown(connection.as_mut());
+                }
+                // HTTP/2's `Connection: close` (see `guarded`).
+                () = activity.wind_down_asked(), if !stopping => {
+                    stopping = true;
+                    graceful_shutdown(connection.as_mut());
+                }
+                expired = activity.expired(limits.idle_timeout, limits.header_read_timeout),
+                    if goaway_deadline.is_none() =>
+                {
+                    // An idle HTTP/2 connection is sent GOAWAY, so that a
+                    // request the client is just sending is known to be
+                    // unserved and safe to retry elsewhere, then closed within
+                    // one header-read time.
+                    if http2 && expired == Expired::Idle {
+                        debug!(%peer, "idle HTTP/2 connection, sending GOAWAY");
+                        stopping = true;
+                        graceful_shutdown(connection.as_mut());
+                        goaway_deadline =
+                            Some(tokio::time::Instant::now() + limits.header_read_timeout);
+                        continue;
+                    }
+                    // Nothing is in flight in either case, so dropping the
+                    // connection (closing the socket) loses no response.
+                    report_expired(expired, peer);
+                    return;
+                }
+                () = give_up => {
+                    debug!(%peer, "idle HTTP/2 connection did not close after GOAWAY, closing it");
+                    return;
+                }
+            }
+        };
+        if let Err(error) = result {
+            report_end(activity, peer, &error);
+        }
+    }
+}
+
+fn report_expired(expired: Expired, peer: SocketAddr) {
+    match expired {
+        Expired::Idle => debug!(%peer, "closing idle connection"),
+        Expired::HeaderRead => info!(%peer, "request head too slow, closing connection"),
+    }
+}
+
+/// Reports how a connection ended with `error`.
+fn report_end(activity: &Activity, peer: SocketAddr, error: &dyn std::error::Error) {
+    if activity.flooded() {
+        info!(
+            %peer,
+            burst = CONTROL_FRAME_BURST,
+            per_second = CONTROL_FRAMES_PER_SECOND,
+            "HTTP/2 control frame flood, connection closed"
+        );
+    } else {
+        // Clients hanging up, malformed requests and the like are routine
+        // for a server.
         debug!(%peer, %error, "connection ended with an error");
     }
 }
 
+/// A response of a service that [`guarded`] wraps: the service's own, or the
+/// 400 for refused framing.
+type GuardedResponse<B> = Response<TrackedBody<Either<B, Full<Bytes>>>>;
+
 /// Wraps a connection's service with what every request gets, whatever the
-/// service: the framing check, request tracking for the watchdog, and
-/// `Connection: close` once shutdown has begun.
+/// service: the framing check, request tracking for the watchdog, and, once
+/// shutdown has begun, `Connection: close` (HTTP/1.1) or GOAWAY (HTTP/2).
 fn guarded<S, B, L>(
     service: S,
     activity: Arc<Activity>,
     lifecycle: L,
 ) -> impl Service<
     Request<Incoming>,
-    Response = Response<TrackedBody<Either<B, Full<Bytes>>>>,
+    Response = GuardedResponse<B>,
     Error = S::Error,
-    Future = impl Future + Send + 'static,
+    Future = impl Future<Output = Result<GuardedResponse<B>, S::Error>> + Send + 'static,
 >
 where
     S: ConnectionService<B>,
@@ -551,10 +832,14 @@ where
     service_fn(move |req: Request<Incoming>| {
         let request = activity.request_started();
         let lifecycle = lifecycle.clone();
+        let http1 = req.version() < Version::HTTP_2;
         // Combinators, not an `async` block: a block would keep the inner
         // future twice, once as the value it captured and once as the future
         // it awaits (rustc gives the two separate slots), and hyper keeps this
         // future for every connection with a request in flight.
+        //
+        // HTTP/2 has no `Transfer-Encoding` (h2 refuses it as malformed), so
+        // the framing check passes its requests by.
         let answer = match framing_error(req.headers()) {
             Some(reason) => {
                 debug!(reason, "refused request framing");
@@ -567,12 +852,19 @@ where
             ),
         };
         answer.map_ok(move |mut response| {
-            // A `101` hands the connection over; `Connection: close` would
-            // undo the upgrade it confirms.
-            if lifecycle.draining() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
-                response
-                    .headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            request.answered();
+            // HTTP/2 forbids `Connection`; its connection is sent GOAWAY
+            // instead, which lets its other streams finish. A `101` hands an
+            // HTTP/1.1 connection over; `Connection: close` would undo the
+            // upgrade it confirms.
+            if lifecycle.draining() {
+                if !http1 {
+                    request.wind_down();
+                } else if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
             }
             response.map(|body| TrackedBody::new(body, request))
         })

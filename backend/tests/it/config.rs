@@ -75,6 +75,7 @@ fn limits_keys_are_read() {
             max_connections: 2,
             max_header_bytes: 8192,
             shutdown_timeout: Duration::from_secs(3),
+            ..DEFAULT_LIMITS
         }
     );
 }

@@ -14,13 +14,18 @@
 //! which the backend must see to agree. `Trailer`, which names the trailer
 //! fields to come, is end to end and passes through.
 //!
+//! An HTTP/2 client's request goes on to the backends as HTTP/1.1, which needs
+//! two things of it: a `Host`, which [`use_target_authority`] takes from the
+//! request's `:authority`, and its cookies in one `Cookie` field
+//! ([`join_cookies`]).
+//!
 //! Header names are constants, so nothing is allocated to look them up per request.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::HeaderMap;
 use http::header::{
-    CONNECTION, Entry, HOST, HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
-    TRANSFER_ENCODING, UPGRADE,
+    CONNECTION, COOKIE, Entry, HOST, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
 };
 use service_kit::headers::list_items;
 
@@ -182,6 +187,30 @@ pub(crate) fn use_target_authority(request: &mut http::request::Parts) {
     }
 }
 
+/// Joins the `Cookie` fields of a request into one, as RFC 9113 section 8.2.3
+/// requires of an HTTP/2 request going on over HTTP/1.1: HTTP/2 clients send
+/// each cookie as a field of its own (so that HPACK indexes them one by one),
+/// but an HTTP/1.1 server expects one `Cookie` line (RFC 6265 section 5.4).
+/// Allocates only when there is more than one.
+pub(crate) fn join_cookies(headers: &mut HeaderMap) {
+    let Entry::Occupied(mut entry) = headers.entry(COOKIE) else {
+        return;
+    };
+    if entry.iter().nth(1).is_none() {
+        return;
+    }
+    let mut joined = BytesMut::new();
+    for (index, crumb) in entry.iter().enumerate() {
+        if index > 0 {
+            joined.put_slice(b"; ");
+        }
+        joined.put_slice(crumb.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_maybe_shared(joined.freeze()) {
+        entry.insert(value);
+    }
+}
+
 /// Where a plain-HTTP request is redirected with `tls.redirectHttp`: the same
 /// host (without its port), path and query, over HTTPS on `port` (left out when
 /// it is 443). `None` when the request named no host.
@@ -314,6 +343,20 @@ mod tests {
         let (mut parts, ()) = request.expect("valid request").into_parts();
         use_target_authority(&mut parts);
         assert_eq!(parts.headers["host"], "kept.test");
+    }
+
+    #[test]
+    fn cookie_crumbs_are_joined_into_one_field() {
+        let mut map = headers(&[("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")]);
+        join_cookies(&mut map);
+        assert_eq!(map.get_all("cookie").iter().count(), 1);
+        assert_eq!(map["cookie"], "a=1; b=2; c=3");
+        let mut map = headers(&[("cookie", "a=1; b=2")]);
+        join_cookies(&mut map);
+        assert_eq!(map["cookie"], "a=1; b=2");
+        let mut map = HeaderMap::new();
+        join_cookies(&mut map);
+        assert!(map.is_empty());
     }
 
     #[test]

@@ -11,29 +11,39 @@
 //!
 //! * **idle**: no request in progress and nothing received since the last one
 //!   ended (or since the connection opened). Ends after `idleTimeoutMs`.
-//! * **reading a head**: a byte has arrived while idle, so a request head has
-//!   begun. It must be complete within `headerReadTimeoutMs`.
+//! * **reading a head**: a request head has begun while idle: for HTTP/1.1 any
+//!   byte, for HTTP/2 the preface or a `HEADERS` frame (its `PING`s and
+//!   `SETTINGS` leave a quiet connection idle; see `wire`). It must be complete
+//!   within `headerReadTimeoutMs`.
 //! * **busy**: hyper has handed a request to the service and the response body has
 //!   not been dropped yet. No limit here: the service bounds its own work (the
 //!   load balancer's `requestTimeoutMs` bounds the wait for a backend), and a
-//!   streaming body may legitimately take long.
+//!   streaming body may legitimately take long. HTTP/2 runs many requests at
+//!   once on one connection: it stays busy until the last of them has ended.
 //!
-//! [`TrackedIo`] sees every byte read, the service wrapper in `listener` marks
-//! requests in and out through [`Activity::request_started`] and the
-//! [`TrackedBody`] guard, and [`Activity::expired`] is a future that resolves when
-//! the current state has outlived its limit.
+//! [`TrackedIo`] sees every byte read and hands it to the connection's `wire`
+//! to read, the service wrapper in `listener` marks requests in and out through
+//! [`Activity::request_started`] and the [`TrackedBody`] guard, and
+//! [`Activity::expired`] is a future that resolves when the current state has
+//! outlived its limit.
+//!
+//! [`TrackedIo`] also reads the first bytes before hyper does, to tell the
+//! protocol ([`TrackedIo::protocol`]), and hands them to hyper afterwards.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::Slot;
+use super::wire::{PREFACE, Protocol, Wire};
 
 /// Which limit a connection has outlived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +68,13 @@ pub(crate) struct Activity {
     /// Changing the state wakes nobody: [`Activity::expired`] reads it when its
     /// timer fires (see there why that is on time).
     state: Mutex<State>,
+    /// Responses given so far, which earn an HTTP/2 client control frames.
+    answered: AtomicU64,
+    /// The client flooded the connection with control frames (see `wire`).
+    flooded: AtomicBool,
+    /// A response asked to end an HTTP/2 connection gracefully (GOAWAY), as
+    /// `Connection: close` ends an HTTP/1.1 one.
+    wind_down: Notify,
 }
 
 impl Activity {
@@ -67,6 +84,9 @@ impl Activity {
             state: Mutex::new(State::Idle {
                 since: Instant::now(),
             }),
+            answered: AtomicU64::new(0),
+            flooded: AtomicBool::new(false),
+            wind_down: Notify::new(),
         })
     }
 
@@ -78,14 +98,44 @@ impl Activity {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Bytes arrived: if the connection was idle, a request head has begun.
-    fn bytes_read(&self) {
+    /// A request head has begun, if the connection was idle.
+    pub(crate) fn head_begun(&self) {
         let mut state = self.state();
         if let State::Idle { .. } = *state {
             *state = State::ReadingHead {
                 since: Instant::now(),
             };
         }
+    }
+
+    /// The HTTP/2 preface is complete: the connection is idle until its first
+    /// request begins.
+    pub(crate) fn preface_received(&self) {
+        let mut state = self.state();
+        if let State::ReadingHead { .. } = *state {
+            *state = State::Idle {
+                since: Instant::now(),
+            };
+        }
+    }
+
+    /// How many responses the connection has been given.
+    pub(crate) fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+
+    /// Marks the connection as closed for flooding, for its task to report.
+    pub(crate) fn flood(&self) {
+        self.flooded.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn flooded(&self) -> bool {
+        self.flooded.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once a response has asked for the connection to wind down.
+    pub(crate) async fn wind_down_asked(&self) {
+        self.wind_down.notified().await;
     }
 
     /// hyper has parsed a request head and called the service. The returned guard
@@ -120,11 +170,16 @@ impl Activity {
     /// The state changes three times per request. Waking this future on every
     /// change (it runs in the connection's task, so every wake-up re-polls the
     /// whole connection) is work the request does not need, so it is never
-    /// woken: it sleeps until the current state's deadline, and while idle or
-    /// busy at most `min(idle, header_read)`, then looks again. That is still on
+    /// woken: it sleeps until the current state's deadline, but never longer
+    /// than `min(idle, header_read)`, then looks again. That is still on
     /// time: a head that begins at `t` must end by `t + header_read`, and the
     /// last look before `t` was at most `header_read` earlier, so the next look
-    /// comes before that deadline and arms the timer for exactly it.
+    /// comes before that deadline and arms the timer for exactly it; the same
+    /// holds for an idle spell and `idle`. (Sleeping through a head's whole
+    /// deadline instead would miss the idle spell after a quick request by up
+    /// to `header_read`: a look that happens to fall while the first head
+    /// arrives, as it does when the connection's task starts the watch just
+    /// after reading the first bytes.)
     pub(crate) async fn expired(&self, idle: Duration, header_read: Duration) -> Expired {
         let look_every = idle.min(header_read);
         let timer = tokio::time::sleep(Duration::ZERO);
@@ -137,7 +192,7 @@ impl Activity {
                 State::ReadingHead { since } if since + header_read <= now => {
                     return Expired::HeaderRead;
                 }
-                State::ReadingHead { since } => since + header_read,
+                State::ReadingHead { since } => (since + header_read).min(now + look_every),
                 State::Busy { .. } => now + look_every,
             };
             // One timer, moved rather than made anew.
@@ -150,6 +205,20 @@ impl Activity {
 /// Marks its request finished when dropped.
 #[derive(Debug)]
 pub(crate) struct RequestGuard(Arc<Activity>);
+
+impl RequestGuard {
+    /// The service has given its response.
+    pub(crate) fn answered(&self) {
+        self.0.answered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Asks the connection to end gracefully once its requests are done. A
+    /// stored permit, so the ask is not lost if the connection's task is not
+    /// waiting yet.
+    pub(crate) fn wind_down(&self) {
+        self.0.wind_down.notify_one();
+    }
+}
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
@@ -197,13 +266,26 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
     }
 }
 
-/// A socket that reports every read to its connection's [`Activity`].
+/// A socket that reports every read to its connection's [`Activity`], through
+/// the connection's [`Wire`].
 #[derive(Debug)]
 pub(crate) struct TrackedIo<T> {
     inner: T,
     activity: Arc<Activity>,
+    wire: Wire,
+    /// The bytes [`TrackedIo::protocol`] read, handed out before any others.
+    sniffed: Sniffed,
     /// The connection's slot under the cap, held as long as the socket is open.
     _slot: Slot,
+}
+
+/// The first bytes of a connection: at most a preface's worth.
+#[derive(Debug, Default)]
+struct Sniffed {
+    bytes: [u8; PREFACE.len()],
+    /// `bytes[handed..read]` are still to be handed out.
+    handed: usize,
+    read: usize,
 }
 
 impl<T> TrackedIo<T> {
@@ -211,8 +293,46 @@ impl<T> TrackedIo<T> {
         Self {
             inner,
             activity,
+            wire: Wire::new(),
+            sniffed: Sniffed::default(),
             _slot: slot,
         }
+    }
+}
+
+impl<T: AsyncRead + Unpin> TrackedIo<T> {
+    /// Reads the first bytes, until they tell the protocol; `None` if the
+    /// client closed the connection first. The bytes are read again by whoever
+    /// reads next.
+    pub(crate) async fn protocol(&mut self) -> io::Result<Option<Protocol>> {
+        std::future::poll_fn(|cx| self.poll_protocol(cx)).await
+    }
+
+    fn poll_protocol(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Protocol>>> {
+        loop {
+            if let Some(protocol) = self.wire.protocol() {
+                return Poll::Ready(Ok(Some(protocol)));
+            }
+            // While sniffing, every byte read matched the preface, which is
+            // as long as the buffer: there is room.
+            let start = self.sniffed.read;
+            let mut buf = ReadBuf::new(&mut self.sniffed.bytes[start..]);
+            ready!(Pin::new(&mut self.inner).poll_read(cx, &mut buf))?;
+            let read = buf.filled().len();
+            if read == 0 {
+                return Poll::Ready(Ok(None));
+            }
+            self.sniffed.read += read;
+            let bytes = &self.sniffed.bytes[start..start + read];
+            if self.wire.read(bytes, &self.activity).is_err() {
+                return Poll::Ready(Err(self.flooded()));
+            }
+        }
+    }
+
+    fn flooded(&self) -> io::Error {
+        self.activity.flood();
+        io::Error::new(io::ErrorKind::InvalidData, "HTTP/2 control frame flood")
     }
 }
 
@@ -222,13 +342,25 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        // Zero new bytes on `Ready(Ok)` is end of stream, not activity.
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.bytes_read();
+        let this = &mut *self;
+        let sniffed = &mut this.sniffed;
+        if sniffed.handed < sniffed.read {
+            let count = (sniffed.read - sniffed.handed).min(buf.remaining());
+            buf.put_slice(&sniffed.bytes[sniffed.handed..sniffed.handed + count]);
+            sniffed.handed += count;
+            return Poll::Ready(Ok(()));
         }
-        polled
+        if this.activity.flooded() {
+            return Poll::Ready(Err(this.flooded()));
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        // Zero new bytes on `Ready(Ok)` is end of stream, not activity.
+        let bytes = &buf.filled()[before..];
+        if !bytes.is_empty() && this.wire.read(bytes, &this.activity).is_err() {
+            return Poll::Ready(Err(this.flooded()));
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -238,7 +370,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
+        self.wire.wrote(written);
+        Poll::Ready(Ok(written))
     }
 
     fn poll_write_vectored(
@@ -246,7 +380,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs))?;
+        self.wire.wrote(written);
+        Poll::Ready(Ok(written))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -264,7 +400,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
+    use crate::listener::ConnectionCap;
 
     const IDLE: Duration = Duration::from_secs(60);
     const HEADER: Duration = Duration::from_secs(10);
@@ -278,10 +417,26 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_started_head_gets_the_header_timeout_not_the_idle_one() {
         let activity = Activity::new();
-        activity.bytes_read();
+        activity.head_begun();
         let started = Instant::now();
         assert_eq!(activity.expired(IDLE, HEADER).await, Expired::HeaderRead);
         assert_eq!(started.elapsed(), HEADER);
+    }
+
+    /// A look during a head does not sleep through the idle spell after it.
+    #[tokio::test(start_paused = true)]
+    async fn a_quick_request_seen_mid_head_still_expires_as_idle_on_time() {
+        let idle = Duration::from_millis(300);
+        let activity = Activity::new();
+        activity.head_begun();
+        let expired = activity.expired(idle, Duration::from_secs(3600));
+        tokio::pin!(expired);
+        let looked = futures::FutureExt::now_or_never(expired.as_mut());
+        assert_eq!(looked, None, "looked at the head and slept");
+        drop(activity.request_started());
+        let ended = Instant::now();
+        assert_eq!(expired.await, Expired::Idle);
+        assert!(ended.elapsed() <= idle * 2, "{:?}", ended.elapsed());
     }
 
     #[tokio::test(start_paused = true)]
@@ -294,5 +449,52 @@ mod tests {
         let ended = Instant::now();
         assert_eq!(activity.expired(IDLE, HEADER).await, Expired::Idle);
         assert_eq!(ended.elapsed(), IDLE);
+    }
+
+    /// A connection over an in-memory pipe, and the client's end of it.
+    fn tracked() -> (TrackedIo<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
+        let cap = ConnectionCap::new(1);
+        let permit = Arc::clone(&cap.slots)
+            .try_acquire_owned()
+            .expect("a free slot");
+        let (client, server) = tokio::io::duplex(1024);
+        (
+            TrackedIo::new(server, Activity::new(), cap.admit(permit)),
+            client,
+        )
+    }
+
+    #[tokio::test]
+    async fn the_bytes_that_told_the_protocol_are_read_again() {
+        for (sent, protocol) in [
+            (&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], Protocol::Http1),
+            (
+                &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0"[..],
+                Protocol::Http2,
+            ),
+        ] {
+            let (mut io, mut client) = tracked();
+            // In two writes, the first shorter than the preface.
+            client.write_all(&sent[..5]).await.expect("written");
+            let told = tokio::spawn(async move {
+                let protocol = io.protocol().await;
+                (io, protocol)
+            });
+            tokio::task::yield_now().await;
+            client.write_all(&sent[5..]).await.expect("written");
+            drop(client);
+            let (mut io, told) = told.await.expect("no panic");
+            assert_eq!(told.expect("no error"), Some(protocol));
+            let mut read = Vec::new();
+            io.read_to_end(&mut read).await.expect("read");
+            assert_eq!(read, sent);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_closes_at_once_tells_no_protocol() {
+        let (mut io, client) = tracked();
+        drop(client);
+        assert_eq!(io.protocol().await.expect("no error"), None);
     }
 }
