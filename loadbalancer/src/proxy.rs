@@ -683,8 +683,11 @@ impl Proxy {
                 Ok(Upstream {
                     backend,
                     in_flight,
-                    response,
+                    mut response,
                 }) => {
+                    if call.grpc && call.protocol == ClientProtocol::Http1 {
+                        grpc::announce_trailers(response.headers_mut());
+                    }
                     // Logged and counted when the body ends, by its outcome.
                     let grpc_status = call
                         .grpc

@@ -23,7 +23,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
+use http::header::{CONTENT_TYPE, TRAILER};
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
@@ -87,6 +87,21 @@ pub(super) fn error_response(code: Code, message: &str) -> Response<Full<Bytes>>
         headers.insert(GRPC_MESSAGE, message);
     }
     response
+}
+
+/// The trailer fields a gRPC server sends, as an HTTP/1.1 `Trailer` header
+/// names them.
+const GRPC_TRAILERS: HeaderValue =
+    HeaderValue::from_static("grpc-status, grpc-message, grpc-status-details-bin");
+
+/// Readies a gRPC response for an HTTP/1.1 client: hyper writes only the
+/// trailer fields that the response's `Trailer` header announces (as RFC 9110
+/// section 6.6.2 asks of a sender), and an HTTP/2 backend announces none,
+/// since HTTP/2 needs no announcement.
+pub(super) fn announce_trailers(headers: &mut HeaderMap) {
+    if is_grpc(headers) && !headers.contains_key(TRAILER) {
+        headers.insert(TRAILER, GRPC_TRAILERS);
+    }
 }
 
 /// The status a gRPC response head or trailer carries, if any.

@@ -250,10 +250,17 @@ async fn grpc_timeout_is_the_deadline_and_its_end_a_deadline_exceeded() {
         .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
         .expect("a valid request");
     let response = h2c_request(lb.addr, request).await;
-    assert_eq!(response.status(), StatusCode::OK, "gRPC errors are HTTP 200");
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "gRPC errors are HTTP 200"
+    );
     let headers = response.headers();
     assert_eq!(headers["content-type"], "application/grpc");
-    assert_eq!(headers["grpc-status"], "4", "DEADLINE_EXCEEDED: {headers:?}");
+    assert_eq!(
+        headers["grpc-status"], "4",
+        "DEADLINE_EXCEEDED: {headers:?}"
+    );
     let message = headers["grpc-message"].to_str().expect("ASCII");
     assert!(message.contains("did not answer within"), "{message}");
     drop(silent);
@@ -301,7 +308,12 @@ async fn a_backend_draining_mid_load_costs_no_call() {
             })
         })
         .collect();
-    crate::support::wait_for("calls under way", || done.load(Ordering::Relaxed), |n| *n >= 40).await;
+    crate::support::wait_for(
+        "calls under way",
+        || done.load(Ordering::Relaxed),
+        |n| *n >= 40,
+    )
+    .await;
     backends[0].drain();
     for caller in callers {
         caller.await.expect("the caller finishes");
@@ -349,10 +361,16 @@ async fn a_refused_stream_is_retried_on_another_backend() {
     for _ in 0..10 {
         // A POST, never idempotent: retried only because it was refused
         // unprocessed.
-        let reply = client.get(GetRequest {}).await.expect("every call succeeds");
+        let reply = client
+            .get(GetRequest {})
+            .await
+            .expect("every call succeeds");
         assert_eq!(reply.into_inner().pod_name, "backend-1");
     }
-    assert!(refused.load(Ordering::Relaxed) >= 1, "the refusing backend was tried");
+    assert!(
+        refused.load(Ordering::Relaxed) >= 1,
+        "the refusing backend was tried"
+    );
     assert!(metric(lb.admin_addr, "loadbalancer_retries_total").await >= 1.0);
 }
 
@@ -403,7 +421,11 @@ async fn an_http1_client_reaches_an_h2c_backend() {
         .await
         .expect("a response");
     assert_eq!(response.status(), StatusCode::OK);
-    let collected = response.into_body().collect().await.expect("the body arrives");
+    let collected = response
+        .into_body()
+        .collect()
+        .await
+        .expect("the body arrives");
     let trailers = collected.trailers().cloned().unwrap_or_default();
     let body = collected.to_bytes();
     assert!(body.len() > 5, "one reply message: {body:?}");
@@ -411,7 +433,10 @@ async fn an_http1_client_reaches_an_h2c_backend() {
         body.windows(9).any(|w| w == b"backend-1"),
         "the identity reply: {body:?}"
     );
-    assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
 }
 
 #[tokio::test]
@@ -424,6 +449,7 @@ async fn the_grpc_health_check_passes_for_a_serving_server_only() {
         unhealthy_threshold: 1,
         healthy_threshold: 1,
         grpc_service: Some(service.to_owned()),
+        backend_protocol: None,
     };
     let backends = Backends::new(vec![backend.addr]);
     let state = backends.state(backend.addr);

@@ -16,6 +16,7 @@ mod config_reference;
 mod discovery;
 mod dockerfile;
 mod docs_links;
+mod grpc;
 mod hardening;
 mod kubernetes_e2e;
 mod logs;

@@ -105,6 +105,8 @@ pub(crate) async fn start_backends(n: usize) -> Vec<Upstream> {
 pub(crate) struct TestLb {
     pub(crate) addr: SocketAddr,
     pub(crate) admin_addr: SocketAddr,
+    /// The gRPC port, with `grpcPort`.
+    pub(crate) grpc_addr: Option<SocketAddr>,
     pub(crate) backends: Backends,
     /// The list's writer, for tests that change the list under load.
     pub(crate) writer: Option<BackendsWriter>,
@@ -171,6 +173,28 @@ impl TestLb {
         .await
     }
 
+    /// A load balancer over `addrs` with the test config changed by
+    /// `configure` (say, `backendProtocol` or `grpcPort`), retrying and
+    /// ejecting as that config says.
+    pub(crate) async fn start_configured(
+        addrs: Vec<SocketAddr>,
+        configure: impl FnOnce(&mut Config),
+    ) -> Self {
+        let writer = static_backends(addrs).await;
+        let mut config = test_config(Self::SETTINGS, ServerLimits::DEFAULT);
+        configure(&mut config);
+        // As the binary would run it: with the config's retries and ejection.
+        let resilience = Resilience::from(&config.resilience);
+        Self::launch_config(
+            writer.reader(),
+            Some(writer),
+            Arc::new(RoundRobin::new()),
+            resilience,
+            config,
+        )
+        .await
+    }
+
     /// A load balancer over `addrs` whose proxy listener has `limits`.
     pub(crate) async fn start_with_limits(addrs: Vec<SocketAddr>, limits: ServerLimits) -> Self {
         let writer = static_backends(addrs).await;
@@ -216,6 +240,17 @@ impl TestLb {
         resilience: Resilience,
         limits: ServerLimits,
     ) -> Self {
+        let config = test_config(settings, limits);
+        Self::launch_config(backends, writer, balancer, resilience, config).await
+    }
+
+    async fn launch_config(
+        backends: Backends,
+        writer: Option<BackendsWriter>,
+        balancer: Arc<dyn Balancer>,
+        resilience: Resilience,
+        config: Config,
+    ) -> Self {
         let options = Options {
             workers: std::num::NonZeroUsize::MIN,
             backends: Some(backends.clone()),
@@ -224,18 +259,25 @@ impl TestLb {
             health_checks: false,
             ..Options::default()
         };
-        let app = App::start(test_config(settings, limits), options)
+        let app = App::start(config, options)
             .await
             .expect("the load balancer starts");
         Self {
             addr: app.proxy_addr(),
             admin_addr: app.admin_addr(),
+            grpc_addr: app.grpc_addr(),
             backends,
             writer,
             shutdown: app.shutdown().clone(),
             proxy: app.proxies()[0].clone(),
             app,
         }
+    }
+
+    /// `http://<grpc port>`, with `grpcPort` set.
+    pub(crate) fn grpc_url(&self) -> String {
+        let addr = self.grpc_addr.expect("this load balancer has a grpcPort");
+        format!("http://{addr}")
     }
 
     /// `http://<proxy>/<path>`.
@@ -279,12 +321,15 @@ fn test_config(settings: ProxySettings, limits: ServerLimits) -> Config {
             port: 0,
             admin_port: 0,
             bind_address: std::net::Ipv4Addr::LOCALHOST.into(),
+            grpc_port: None,
         },
         discovery: DiscoveryConfig {
             backend_service_name: "test".to_owned(),
             backend_port: 80,
             discovery: DiscoveryMode::Static,
             static_backends: Vec::new(),
+            backend_protocol: None,
+            backend_grpc_port: None,
         },
         proxy: ProxyConfig {
             connect_timeout_ms: millis(settings.connect_timeout),
