@@ -5,12 +5,14 @@
 //! things must all allow it:
 //!
 //! * **the failure and the method** ([`RetryReason`]): a connect failure means
-//!   nothing reached the backend, so any request may go elsewhere. A reset before
+//!   nothing reached the backend, and a stream that an HTTP/2 backend refused
+//!   was never processed, so any request may go elsewhere. A reset before
 //!   the response, or a 502/503 answer, means the backend may have seen (and acted
 //!   on) the request, so only idempotent methods (RFC 9110 section 9.2.2: GET,
 //!   HEAD, OPTIONS, PUT, DELETE; TRACE too) are repeated. Timeouts are not retried:
 //!   the client has already waited the full timeout once.
-//! * **the body** ([`body::RetryBody`]): it must still be there to send again.
+//! * **the body** ([`body::RetryBody`]): what was sent of it must still be kept
+//!   (up to 64 KiB) to send again.
 //! * **the attempt bound and the budget** ([`RetryBudget`]): at most `attempts`
 //!   tries per request, and retries at most `budgetPercent` of recent requests.
 //!   Without a budget, a backend failure storm would multiply the load on the
