@@ -2,8 +2,11 @@
 # Local demo of the load balancer, no cluster needed.
 #
 # Builds both binaries, starts three backends on free local ports (POD_NAME
-# backend-1..3), starts the load balancer in static mode over them, sends
-# requests through it with curl and prints how many each pod answered.
+# backend-1..3, each with its gRPC service too), starts the load balancer in
+# static mode over them, sends requests through it with curl and prints how
+# many each pod answered; then three WebSocket sessions, and 30 gRPC calls on
+# ONE HTTP/2 connection through a load balancer configured for a gRPC-only
+# Service, spread over the three pods call by call.
 # Everything it started is stopped on exit, including on Ctrl-C.
 #
 # Usage: scripts/demo.sh [--requests N] [--release]
@@ -42,10 +45,11 @@ else
   cargo build "${build_flags[@]}" -p loadbalancer -p backend
   BACKEND_BIN="target/$PROFILE/backend"
 fi
-# The WebSocket client the demo ends with (backend/examples/ws_client.rs).
-cargo build "${build_flags[@]}" -p backend --example ws_client
+# The WebSocket and gRPC clients the demo ends with (backend/examples/).
+cargo build "${build_flags[@]}" -p backend --example ws_client --example grpc_client
 LB_BIN="target/$PROFILE/loadbalancer"
 WS_CLIENT="target/$PROFILE/examples/ws_client"
+GRPC_CLIENT="target/$PROFILE/examples/grpc_client"
 [[ -x "$BACKEND_BIN" ]] || die "no backend binary at $BACKEND_BIN"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/lb-demo.XXXXXX")"
@@ -95,15 +99,19 @@ wait_for() {
 
 echo "==> Starting three backends"
 BACKEND_ADDRS=()
+GRPC_ADDRS=()
 for i in 1 2 3; do
   port="$(free_port)"
+  grpc_port="$(free_port)"
   name="backend-$i"
-  printf '{"port": %d, "serviceName": "backend-service", "logLevel": "warn"}\n' "$port" >"$WORK/$name.json"
+  printf '{"port": %d, "grpcPort": %d, "serviceName": "backend-service", "logLevel": "warn"}\n' \
+    "$port" "$grpc_port" >"$WORK/$name.json"
   POD_NAME="$name" CONFIG_PATH="$WORK/$name.json" "$BACKEND_BIN" >"$WORK/$name.log" 2>&1 &
   PIDS+=("$!")
   wait_for "http://127.0.0.1:$port/" "$!" "$name"
   BACKEND_ADDRS+=("\"127.0.0.1:$port\"")
-  echo "    $name on 127.0.0.1:$port"
+  GRPC_ADDRS+=("\"127.0.0.1:$grpc_port\"")
+  echo "    $name on 127.0.0.1:$port (gRPC on $grpc_port)"
 done
 
 echo "==> Starting the load balancer (static discovery)"
@@ -155,6 +163,34 @@ for i in 1 2 3; do
     failed=$((failed + 1))
   fi
 done
+echo
+# In a cluster one load balancer serves both, its grpcPort reaching every pod's
+# gRPC port. Here the pods share one IP, so each has its own gRPC port, and a
+# second load balancer does what a user with a gRPC-only Service would run:
+# backendProtocol h2c over the gRPC addresses, and the gRPC health check.
+echo "==> A load balancer for the backends' gRPC ports (backendProtocol h2c)"
+GRPC_LB_PORT="$(free_port)"
+GRPC_ADMIN_PORT="$(free_port)"
+cat >"$WORK/loadbalancer-grpc.json" <<JSON
+{
+  "port": $GRPC_LB_PORT,
+  "adminPort": $GRPC_ADMIN_PORT,
+  "backendServiceName": "backend-service",
+  "backendPort": 9000,
+  "backendProtocol": "h2c",
+  "discovery": "static",
+  "staticBackends": [$(IFS=,; echo "${GRPC_ADDRS[*]}")],
+  "healthCheck": {"grpcService": ""},
+  "logLevel": "warn"
+}
+JSON
+CONFIG_PATH="$WORK/loadbalancer-grpc.json" "$LB_BIN" >"$WORK/loadbalancer-grpc.log" 2>&1 &
+PIDS+=("$!")
+wait_for "http://127.0.0.1:$GRPC_ADMIN_PORT/readyz" "$!" loadbalancer-grpc
+echo "==> 30 gRPC calls on ONE HTTP/2 connection to 127.0.0.1:$GRPC_LB_PORT (each balanced on its own)"
+if ! "$GRPC_CLIENT" --addr "http://127.0.0.1:$GRPC_LB_PORT" --calls 30 --health 2>&1; then
+  failed=$((failed + 1))
+fi
 echo
 echo "==> Stopping everything"
 [[ "$failed" -eq 0 ]] || exit 1
