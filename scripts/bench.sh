@@ -2,8 +2,8 @@
 # Benchmark: our load balancer against nginx and HAProxy on this machine, in one run.
 #
 # Starts three backends on loopback, then measures with wrk (keep-alive clients,
-# over HTTPS for tls), or for WebSockets with wsload (backend/examples/wsload.rs),
-# against:
+# over HTTPS for tls), for WebSockets with wsload (backend/examples/wsload.rs),
+# for HTTP/2 and gRPC with h2load (Debian's nghttp2-client), against:
 #   direct   one backend, no proxy: the ceiling
 #   ours     our load balancer, static discovery over the three
 #   nginx    round-robin over the three, upstream keep-alive  (bench/nginx.conf)
@@ -34,6 +34,31 @@
 #               connection (handshakes/s; wrk reuses each connection's last
 #               session, so these are mostly resumed handshakes, see
 #               docs/performance.md)
+#   h2          cleartext HTTP/2 with prior knowledge (h2c) from the clients,
+#               h2load with H2_CONNECTIONS (16) connections of H2_STREAMS (16)
+#               concurrent streams each, GET /, HTTP/1.1 to the backends as in
+#               throughput; ours on its main port, nginx on a `listen ... http2`
+#               port, HAProxy on a `bind ... proto h2` one (bench/nginx-h2.conf,
+#               bench/haproxy-h2.cfg); direct left out (the backends speak
+#               HTTP/1.1 only)
+#   grpc        gRPC unary calls, identity.v1.Identity/Get with an empty
+#               GetRequest (a 5-byte gRPC frame, content-type application/grpc),
+#               h2load as in h2, to the backends' gRPC ports (the backend's
+#               `grpcPort`, or the h2c gRPC servers named in GRPC_BACKENDS);
+#               ours is a second instance whose main port sends to those ports
+#               with `"backendProtocol": "h2c"`, nginx uses `grpc_pass`, HAProxy
+#               `server ... proto h2` (bench/nginx-grpc.conf,
+#               bench/haproxy-grpc.cfg)
+#   For h2 and grpc each target is first tried with one curl request (for grpc
+#   also its grpc-status trailer must be 0); a target that fails it, or whose
+#   load generator fails, is reported under the table and the run goes on.
+#   p50/p99/p99.9 come from h2load's per-request log (--log-file), since h2load
+#   prints no percentiles. The spread column is the share of the run's requests
+#   each of the three backends served, from their /metrics before and after each
+#   run (`backend_requests_total{path="/"}`, for grpc
+#   `backend_grpc_requests_total{method="Get"}`), marked even when each share is
+#   within 5 % of a third (31.7 to 35.0 %); a targets line sets ours against the
+#   better of nginx and HAProxy on requests/s, p99 and CPU per request.
 #
 # Usage: scripts/bench.sh [options]       (make bench passes the env variables)
 #   --scenario LIST     see above                               (env SCENARIO)
@@ -44,7 +69,14 @@
 #                       slow uses SLOW_CONNECTIONS (1000), bigbody BIG_CONNECTIONS
 #                       (16), websocket WS_CONNECTIONS (64) and WS_BYTES (32),
 #                       soak SOAK_DURATION (60)                 (env CONNECTIONS)
-#   --threads N         wrk and wsload threads (default 2)      (env WRK_THREADS)
+#   --threads N         wrk, wsload and h2load threads (default 2) (env WRK_THREADS)
+#   env H2_CONNECTIONS, H2_STREAMS  h2 and grpc: h2load connections (16) and
+#                       concurrent streams on each (16)
+#   env GRPC_BACKENDS   grpc: three h2c gRPC servers as HOST:PORT,HOST:PORT,
+#                       HOST:PORT on this machine to use in place of the
+#                       backend's gRPC ports (they must serve
+#                       identity.v1.Identity/Get); their spread and CPU are not
+#                       counted, as they are not the script's backends
 #   --skip-build        use the release binaries already built  (env SKIP_BUILD=1);
 #                       they are looked for in $CARGO_TARGET_DIR (default target/)
 #   --no-write          print only; leave docs/bench-results.md alone (env NO_WRITE=1)
@@ -79,6 +111,9 @@ WS_BYTES="${WS_BYTES:-32}"
 SOAK_DURATION="${SOAK_DURATION:-60}"
 SLOW_BACKEND_MS="${SLOW_BACKEND_MS:-20}"
 WRK_THREADS="${WRK_THREADS:-2}"
+H2_CONNECTIONS="${H2_CONNECTIONS:-16}"
+H2_STREAMS="${H2_STREAMS:-16}"
+GRPC_BACKENDS="${GRPC_BACKENDS:-}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 NO_WRITE="${NO_WRITE:-0}"
 
@@ -100,7 +135,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 for var in DURATION ROUNDS CONNECTIONS SLOW_CONNECTIONS SLOW_SLEEP_MS BIG_CONNECTIONS \
-  BIG_BYTES WS_CONNECTIONS WS_BYTES SOAK_DURATION WRK_THREADS; do
+  BIG_BYTES WS_CONNECTIONS WS_BYTES SOAK_DURATION WRK_THREADS H2_CONNECTIONS H2_STREAMS; do
   [[ "${!var}" =~ ^[1-9][0-9]*$ ]] || die "$var must be a positive whole number, got '${!var}'"
 done
 (( SOAK_DURATION >= 10 )) || die "SOAK_DURATION must be at least 10 (seconds)"
@@ -108,17 +143,37 @@ done
 (( WS_BYTES <= 16777216 )) || die "WS_BYTES must be at most 16777216 (the backend's message limit)"
 IFS=, read -r -a SCENARIOS <<<"$SCENARIO"
 for s in "${SCENARIOS[@]}"; do
-  [[ "$s" =~ ^(throughput|slow|bigbody|soak|algorithms|websocket|tls)$ ]] || die "unknown scenario '$s'"
+  [[ "$s" =~ ^(throughput|slow|bigbody|soak|algorithms|websocket|tls|h2|grpc)$ ]] || die "unknown scenario '$s'"
 done
-# Which load generators the chosen scenarios need: wsload for websocket, wrk for
-# every other; tls needs a certificate and HTTPS listeners besides.
+# Which load generators the chosen scenarios need: wsload for websocket, h2load
+# for h2 and grpc, wrk for every other; tls needs a certificate and HTTPS
+# listeners besides, h2 and grpc HTTP/2 listeners, grpc gRPC servers.
 NEED_WRK=0
 NEED_WSLOAD=0
 NEED_TLS=0
+NEED_H2LOAD=0
+NEED_H2=0
+NEED_GRPC=0
 for s in "${SCENARIOS[@]}"; do
-  if [[ "$s" == websocket ]]; then NEED_WSLOAD=1; else NEED_WRK=1; fi
+  case "$s" in
+    websocket) NEED_WSLOAD=1 ;;
+    h2) NEED_H2LOAD=1; NEED_H2=1 ;;
+    grpc) NEED_H2LOAD=1; NEED_GRPC=1 ;;
+    *) NEED_WRK=1 ;;
+  esac
   [[ "$s" == tls ]] && NEED_TLS=1
 done
+GRPC_ADDRS=()
+if [[ -n "$GRPC_BACKENDS" ]]; then
+  IFS=, read -r -a GRPC_ADDRS <<<"$GRPC_BACKENDS"
+  (( ${#GRPC_ADDRS[@]} == 3 )) || die "GRPC_BACKENDS must name three HOST:PORT, got '$GRPC_BACKENDS'"
+  for a in "${GRPC_ADDRS[@]}"; do
+    [[ "$a" =~ ^127\.[0-9]+\.[0-9]+\.[0-9]+:[1-9][0-9]*$ ]] ||
+      die "GRPC_BACKENDS: '$a' is not HOST:PORT on loopback (127.x.x.x)"
+  done
+fi
+# The gRPC method every grpc call asks for, and the frame of its empty request.
+GRPC_PATH=/identity.v1.Identity/Get
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$PWD"
@@ -126,6 +181,8 @@ PATH="$PATH:/usr/sbin:/sbin"
 COMMAND="SCENARIO=$SCENARIO DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=$CONNECTIONS"
 COMMAND+=" SLOW_CONNECTIONS=$SLOW_CONNECTIONS BIG_CONNECTIONS=$BIG_CONNECTIONS"
 (( NEED_WSLOAD )) && COMMAND+=" WS_CONNECTIONS=$WS_CONNECTIONS WS_BYTES=$WS_BYTES"
+(( NEED_H2LOAD )) && COMMAND+=" H2_CONNECTIONS=$H2_CONNECTIONS H2_STREAMS=$H2_STREAMS"
+[[ -n "$GRPC_BACKENDS" ]] && COMMAND+=" GRPC_BACKENDS=$GRPC_BACKENDS"
 COMMAND+=" WRK_THREADS=$WRK_THREADS scripts/bench.sh"
 
 # --- tools -------------------------------------------------------------------
@@ -149,6 +206,7 @@ ensure_tool() {
   command -v "$tool" >/dev/null || die "could not install $tool"
 }
 (( NEED_WRK )) && ensure_tool wrk wrk
+(( NEED_H2LOAD )) && ensure_tool h2load nghttp2-client
 ensure_tool nginx nginx-light nginx
 ensure_tool haproxy haproxy
 (( NEED_TLS )) && ensure_tool openssl openssl
@@ -225,44 +283,163 @@ port() {
   printf -v "$1" '%d' "$NEXT_PORT"
   NEXT_PORT=$((NEXT_PORT + 1))
 }
+# The variables port sets by name, declared for shellcheck, which cannot follow
+# printf -v.
+p=0 tp=0 hp=0 gp=0 admin=0
 
-# await_200 URL PID LOG: up to 15 s for URL to answer 200 while PID lives.
-await_200() {
-  local url="$1" pid="$2" log="$3" _
+# wait_200 URL PID: up to 15 s for URL to answer 200 while PID lives; returns 1
+# if PID exits first, 2 if the time runs out.
+wait_200() {
+  local url="$1" pid="$2" _
   for _ in $(seq 150); do
-    kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; die "process for $url exited (log above)"; }
+    kill -0 "$pid" 2>/dev/null || return 1
     # -k: the tls scenario's certificate is self-signed.
     [[ "$(curl -sk -o /dev/null -w '%{http_code}' "$url" || true)" == 200 ]] && return
     sleep 0.1
   done
-  cat "$log" >&2
-  die "$url did not answer 200"
+  return 2
 }
 
-say "starting three backends (logLevel warn)"
+# await_200 URL PID LOG: wait_200, and on failure the log and the end of the run.
+await_200() {
+  local rc=0
+  wait_200 "$1" "$2" || rc=$?
+  (( rc == 0 )) && return
+  cat "$3" >&2
+  (( rc == 1 )) && die "process for $1 exited (log above)"
+  die "$1 did not answer 200"
+}
+
+# last_line LOG: the log's last non-empty line, cut to 300 characters, with the
+# run's directory left out of the paths in it (the line goes into the report):
+# why a process that was allowed to fail (h2 and grpc targets) did.
+last_line() {
+  awk -v work="$WORK/" 'NF { line = $0 }
+    END { while ((i = index(line, work)) > 0) line = substr(line, 1, i - 1) substr(line, i + length(work))
+          print substr(line, 1, 300) }' "$1"
+}
+
+# The 5-byte gRPC frame of an empty message (GetRequest): not compressed, length 0.
+printf '\0\0\0\0\0' >"$WORK/grpc-body.bin"
+
+# h2_probe URL: one GET / over h2c with prior knowledge; prints why it failed, or
+# nothing when the answer was 200.
+h2_probe() {
+  local code rc=0
+  code="$(curl -sS --http2-prior-knowledge --max-time 5 -o /dev/null -w '%{http_code}' "$1/" \
+    2>"$WORK/curl.err")" || rc=$?
+  if (( rc )); then
+    echo "GET / over h2c failed: $(last_line "$WORK/curl.err")"
+  elif [[ "$code" != 200 ]]; then
+    echo "GET / over h2c answered $code"
+  fi
+}
+
+# grpc_probe URL: one unary call to GRPC_PATH; prints why it failed, or nothing
+# when the answer was 200 with grpc-status 0 in its trailers. h2load sees only
+# the HTTP status, and a failed gRPC call is a 200 too (UNIMPLEMENTED, say).
+grpc_probe() {
+  local head rc=0 code grpc_status
+  head="$(curl -sS --http2-prior-knowledge --max-time 5 -H 'content-type: application/grpc' \
+    -H 'te: trailers' --data-binary @"$WORK/grpc-body.bin" -D - -o /dev/null "$1$GRPC_PATH" \
+    2>"$WORK/curl.err")" || rc=$?
+  if (( rc )); then
+    echo "a gRPC call over h2c failed: $(last_line "$WORK/curl.err")"
+    return
+  fi
+  code="$(awk 'NR == 1 { print $2 }' <<<"$head")"
+  grpc_status="$(awk -F': *' 'tolower($1) == "grpc-status" { sub(/\r$/, "", $2); print $2 }' <<<"$head")"
+  if [[ "$code" != 200 ]]; then
+    echo "a gRPC call answered HTTP $code"
+  elif [[ "$grpc_status" != 0 ]]; then
+    echo "a gRPC call ended with grpc-status ${grpc_status:-(none)}$(awk -F': *' \
+      'tolower($1) == "grpc-message" { sub(/\r$/, "", $2); print ": " $2 }' <<<"$head")"
+  fi
+}
+
+# Why the grpc scenario cannot run, when it cannot (the run goes on without it).
+GRPC_SKIP=""
+# grpc: the backends serve gRPC on a port of their own (`grpcPort`), unless
+# GRPC_BACKENDS names other servers.
+BACKEND_GRPC=0
+(( NEED_GRPC )) && (( ${#GRPC_ADDRS[@]} == 0 )) && BACKEND_GRPC=1
+
+# start_backend NAME PORT GRPC_PORT: one backend (GRPC_PORT 0: no gRPC listener),
+# its pid in STARTED_PID; returns wait_200's status for its GET /.
+start_backend() {
+  local grpc=""
+  (( $3 )) && grpc=", \"grpcPort\": $3"
+  printf '{"port": %d, "serviceName": "bench", "logLevel": "warn"%s}\n' "$2" "$grpc" >"$WORK/$1.json"
+  POD_NAME="$1" POD_IP=127.0.0.1 CONFIG_PATH="$WORK/$1.json" "$BACKEND_BIN" >"$WORK/$1.log" 2>&1 &
+  PIDS+=("$!")
+  STARTED_PID="$!"
+  wait_200 "http://127.0.0.1:$2/" "$STARTED_PID"
+}
+
+say "starting three backends (logLevel warn$( (( BACKEND_GRPC )) && echo ", each with a gRPC port"))"
 BACKEND_PORTS=()
 BACKEND_PIDS=()
 for i in 1 2 3; do
   port p
-  printf '{"port": %d, "serviceName": "bench", "logLevel": "warn"}\n' "$p" >"$WORK/backend-$i.json"
-  POD_NAME="backend-$i" POD_IP=127.0.0.1 CONFIG_PATH="$WORK/backend-$i.json" \
-    "$BACKEND_BIN" >"$WORK/backend-$i.log" 2>&1 &
-  PIDS+=("$!")
-  await_200 "http://127.0.0.1:$p/" "$!" "$WORK/backend-$i.log"
+  gp=0
+  (( BACKEND_GRPC )) && port gp
+  if ! start_backend "backend-$i" "$p" "$gp"; then
+    # A backend without the gRPC service rejects the key it does not know; the
+    # other scenarios can still run.
+    if (( gp )) && grep -q grpcPort "$WORK/backend-$i.log"; then
+      GRPC_SKIP="the backend does not take grpcPort (no gRPC service in this build: $(last_line "$WORK/backend-$i.log")); GRPC_BACKENDS can name other h2c gRPC servers"
+      say "grpc: $GRPC_SKIP"
+      BACKEND_GRPC=0
+      GRPC_ADDRS=()
+      kill "$STARTED_PID" 2>/dev/null || true
+      gp=0
+      start_backend "backend-$i" "$p" 0 || { cat "$WORK/backend-$i.log" >&2; die "backend-$i did not start (log above)"; }
+    else
+      cat "$WORK/backend-$i.log" >&2
+      die "backend-$i did not start (log above)"
+    fi
+  fi
   BACKEND_PORTS+=("$p")
-  BACKEND_PIDS+=("$!")
+  BACKEND_PIDS+=("$STARTED_PID")
+  (( gp )) && GRPC_ADDRS+=("127.0.0.1:$gp")
 done
+
+# The gRPC servers must answer a call before any proxy is put in front of them;
+# the backend's gRPC listener may come up a moment after its HTTP one.
+if (( NEED_GRPC )) && [[ -z "$GRPC_SKIP" ]]; then
+  for a in "${GRPC_ADDRS[@]}"; do
+    for _ in $(seq 50); do
+      why="$(grpc_probe "http://$a")"
+      [[ -z "$why" ]] && break
+      sleep 0.1
+    done
+    if [[ -n "$why" ]]; then
+      GRPC_SKIP="the gRPC server at $a does not serve $GRPC_PATH: $why"
+      say "grpc: $GRPC_SKIP"
+      break
+    fi
+  done
+  [[ -z "$GRPC_SKIP" ]] && say "grpc: servers at ${GRPC_ADDRS[*]} answer $GRPC_PATH"
+fi
+(( NEED_GRPC )) && [[ -n "$GRPC_SKIP" ]] && NEED_GRPC=0
 
 # URL: plain HTTP; TLS_URL: the same target over HTTPS (tls scenario only).
 declare -A URL PID TLS_URL
 URL[direct]="http://127.0.0.1:${BACKEND_PORTS[0]}"
 PID[direct]="${PIDS[0]}"
 
-# fill TEMPLATE PORT [TLS_PORT]: the template with every @NAME@ replaced.
+# fill TEMPLATE NAME=VALUE...: the template with each given @NAME@ replaced, and
+# @WORK@, @THREADS@, @MAXCONN@, @KEEPALIVE@, the backends' ports @B1@ to @B3@ and
+# the gRPC servers' HOST:PORT @G1@ to @G3@.
 fill() {
-  sed -e "s|@WORK@|$WORK|g" -e "s|@PORT@|$2|g" -e "s|@TLS_PORT@|${3:-0}|g" -e "s|@THREADS@|$CORES|g" -e "s|@MAXCONN@|$MAXCONN|g" \
+  local template="$1" arg names=()
+  shift
+  for arg in "$@"; do names+=(-e "s|@${arg%%=*}@|${arg#*=}|g"); done
+  sed "${names[@]}" -e "s|@WORK@|$WORK|g" -e "s|@THREADS@|$CORES|g" -e "s|@MAXCONN@|$MAXCONN|g" \
+    -e "s|@KEEPALIVE@|$((H2_CONNECTIONS * H2_STREAMS))|g" \
     -e "s|@B1@|${BACKEND_PORTS[0]}|g" -e "s|@B2@|${BACKEND_PORTS[1]}|g" \
-    -e "s|@B3@|${BACKEND_PORTS[2]}|g" "$1"
+    -e "s|@B3@|${BACKEND_PORTS[2]}|g" -e "s|@G1@|${GRPC_ADDRS[0]:-}|g" \
+    -e "s|@G2@|${GRPC_ADDRS[1]:-}|g" -e "s|@G3@|${GRPC_ADDRS[2]:-}|g" "$template"
 }
 
 say "starting our load balancer (static discovery, logLevel warn, one runtime worker per core)"
@@ -293,17 +470,69 @@ PID[ours]="$!"
 URL[ours]="http://127.0.0.1:$p"
 await_200 "http://127.0.0.1:$admin/readyz" "${PID[ours]}" "$WORK/ours.log"
 (( NEED_TLS )) && await_200 "${TLS_URL[ours]}/" "${PID[ours]}" "$WORK/ours.log"
+# h2: the same port; HTTP/1.1 and h2c with prior knowledge are told apart by
+# the connection's first bytes.
+URL[h2:ours]="${URL[ours]}"
+
+# Why a target of the h2 or grpc scenario was not measured ("SCENARIO:TARGET").
+declare -A UNAVAILABLE
+
+# grpc: a second instance of ours, as a user serving only gRPC would set it up:
+# its main port, and the gRPC servers as static backends spoken to over h2c.
+# A build that does not know the keys exits at once; the grpc scenario then
+# goes on with nginx and HAProxy and says why ours is missing.
+if (( NEED_GRPC )); then
+  say "starting a second load balancer for grpc (backendProtocol h2c to the gRPC ports)"
+  port p
+  port admin
+  cat >"$WORK/ours-grpc.json" <<JSON
+{
+  "port": $p,
+  "adminPort": $admin,
+  "backendServiceName": "bench",
+  "backendPort": ${GRPC_ADDRS[0]##*:},
+  "backendProtocol": "h2c",
+  "discovery": "static",
+  "staticBackends": ["${GRPC_ADDRS[0]}", "${GRPC_ADDRS[1]}", "${GRPC_ADDRS[2]}"],
+  "logLevel": "warn"
+}
+JSON
+  CONFIG_PATH="$WORK/ours-grpc.json" "$LB_BIN" >"$WORK/ours-grpc.log" 2>&1 &
+  PIDS+=("$!")
+  PID[grpc:ours]="$!"
+  URL[grpc:ours]="http://127.0.0.1:$p"
+  rc=0
+  wait_200 "http://127.0.0.1:$admin/readyz" "${PID[grpc:ours]}" || rc=$?
+  if (( rc == 1 )); then
+    UNAVAILABLE[grpc:ours]="did not start: $(last_line "$WORK/ours-grpc.log")"
+    say "grpc: ours ${UNAVAILABLE[grpc:ours]}"
+  elif (( rc == 2 )); then
+    # Not fatal: the probe before the scenario says whether calls get through.
+    say "grpc: ours did not report ready on /readyz within 15 s"
+  fi
+fi
 
 if [[ "${SCENARIOS[*]}" != soak ]]; then
   say "starting nginx (worker_processes auto) and HAProxy (nbthread $CORES)"
   port p
   mkdir -m 777 "$WORK/nginx-tmp"
-  fill bench/nginx.conf "$p" >"$WORK/nginx.conf"
+  fill bench/nginx.conf PORT="$p" >"$WORK/nginx.conf"
   if (( NEED_TLS )); then
     # nginx.conf includes $WORK/nginx-tls*.conf: the HTTPS server.
     port tp
-    fill bench/nginx-tls.conf "$p" "$tp" >"$WORK/nginx-tls.conf"
+    fill bench/nginx-tls.conf TLS_PORT="$tp" >"$WORK/nginx-tls.conf"
     TLS_URL[nginx]="https://127.0.0.1:$tp"
+  fi
+  # h2 and grpc: servers of their own, nginx.conf includes them the same way.
+  if (( NEED_H2 )); then
+    port hp
+    fill bench/nginx-h2.conf H2_PORT="$hp" >"$WORK/nginx-h2.conf"
+    URL[h2:nginx]="http://127.0.0.1:$hp"
+  fi
+  if (( NEED_GRPC )); then
+    port gp
+    fill bench/nginx-grpc.conf GRPC_PORT="$gp" >"$WORK/nginx-grpc.conf"
+    URL[grpc:nginx]="http://127.0.0.1:$gp"
   fi
   nginx -p "$WORK" -e "$WORK/nginx-error.log" -c "$WORK/nginx.conf" >"$WORK/nginx.log" 2>&1 &
   PIDS+=("$!")
@@ -314,13 +543,25 @@ if [[ "${SCENARIOS[*]}" != soak ]]; then
 
   port p
   haproxy_files=(-f "$WORK/haproxy.cfg")
-  fill bench/haproxy.cfg "$p" >"$WORK/haproxy.cfg"
+  fill bench/haproxy.cfg PORT="$p" >"$WORK/haproxy.cfg"
   if (( NEED_TLS )); then
     # The HTTPS frontend, a second configuration file.
     port tp
-    fill bench/haproxy-tls.cfg "$p" "$tp" >"$WORK/haproxy-tls.cfg"
+    fill bench/haproxy-tls.cfg TLS_PORT="$tp" >"$WORK/haproxy-tls.cfg"
     haproxy_files+=(-f "$WORK/haproxy-tls.cfg")
     TLS_URL[haproxy]="https://127.0.0.1:$tp"
+  fi
+  if (( NEED_H2 )); then
+    port hp
+    fill bench/haproxy-h2.cfg H2_PORT="$hp" >"$WORK/haproxy-h2.cfg"
+    haproxy_files+=(-f "$WORK/haproxy-h2.cfg")
+    URL[h2:haproxy]="http://127.0.0.1:$hp"
+  fi
+  if (( NEED_GRPC )); then
+    port gp
+    fill bench/haproxy-grpc.cfg GRPC_PORT="$gp" >"$WORK/haproxy-grpc.cfg"
+    haproxy_files+=(-f "$WORK/haproxy-grpc.cfg")
+    URL[grpc:haproxy]="http://127.0.0.1:$gp"
   fi
   haproxy -db "${haproxy_files[@]}" >"$WORK/haproxy.log" 2>&1 &
   PIDS+=("$!")
@@ -354,11 +595,11 @@ machine_ticks() { awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 }' /proc/stat;
 # status_kib PID FIELD: a VmRSS / VmHWM line of /proc/PID/status, in KiB.
 status_kib() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"; }
 
-# rss_kib TARGET: VmRSS of the target's process and its children (nginx workers)
-# summed, in KiB. Pages the processes share (nginx's code) count once per process,
-# so nginx's figure is an upper bound.
+# rss_kib PID: VmRSS of the process and its children (nginx workers) summed, in
+# KiB. Pages the processes share (nginx's code) count once per process, so
+# nginx's figure is an upper bound.
 rss_kib() {
-  local main="${PID[$1]}" pid total=0 kib
+  local main="$1" pid total=0 kib
   for pid in "$main" $(pgrep -P "$main" || true); do
     kib="$(status_kib "$pid" VmRSS 2>/dev/null)" || continue
     total=$((total + ${kib:-0}))
@@ -366,16 +607,61 @@ rss_kib() {
   echo "$total"
 }
 
+# pid_of SCENARIO TARGET, url_of SCENARIO TARGET: the target's process and base
+# URL in the scenario; h2 and grpc have listeners of their own (and grpc a
+# second instance of ours), named "SCENARIO:TARGET" in PID and URL.
+pid_of() { echo "${PID[$1:$2]:-${PID[$2]}}"; }
+url_of() { echo "${URL[$1:$2]:-${URL[$2]}}"; }
+
+# h2_scenario SCENARIO: whether it is one that h2load drives.
+h2_scenario() { [[ "$1" == h2 || "$1" == grpc ]]; }
+
+# h2load_run SCENARIO URL CONNECTIONS SECONDS PATH: h2load over h2c with prior
+# knowledge, H2_STREAMS streams per connection (grpc: POSTs of the empty
+# request's frame as application/grpc), then one line "H2LOAD key=value ...":
+# requests (answers with a 2xx status), duration_us, bytes, errors (h2load's
+# failed requests, which take in network errors, time-outs and 4xx/5xx, and
+# 3xx), and p50_us, p99_us, p999_us from the per-request log. Fails when h2load
+# printed no summary.
+h2load_run() {
+  local scenario="$1" url="$2" conns="$3" secs="$4" path="$5" rc=0 extra=()
+  local threads="$WRK_THREADS"
+  (( threads <= conns )) || threads="$conns"
+  [[ "$scenario" == grpc ]] &&
+    extra=(-d "$WORK/grpc-body.bin" -H 'content-type: application/grpc' -H 'te: trailers')
+  rm -f "$WORK/h2load.tsv"
+  h2load -t "$threads" -c "$conns" -m "$H2_STREAMS" -D "$secs" "${extra[@]}" \
+    --log-file="$WORK/h2load.tsv" "$url$path" >"$WORK/h2load.out" 2>&1 || rc=$?
+  cat "$WORK/h2load.out"
+  grep -q '^requests: ' "$WORK/h2load.out" || { echo "h2load exited with $rc and no summary"; return 1; }
+  # Durations (µs) of the requests answered with a 2xx status, in order.
+  awk -F'\t' '$2 >= 200 && $2 < 300 { print $3 }' "$WORK/h2load.tsv" 2>/dev/null | sort -n >"$WORK/h2load.sorted"
+  awk -v sorted="$WORK/h2load.sorted" '
+    function pct(p,    i) { i = int(n * p / 100); if (i < n * p / 100) i++; return n ? d[i < 1 ? 1 : i] : 0 }
+    /^finished in / { secs = $3; sub(/s,$/, "", secs); if ($3 ~ /ms,$/) secs /= 1000 }
+    /^requests: / { failed = $10 }
+    /^status codes: / { ok = $3; redirect = $5 }
+    /^traffic: / { bytes = $3; gsub(/[()]/, "", bytes) }
+    END {
+      while ((getline line < sorted) > 0) d[++n] = line
+      printf "H2LOAD requests=%d duration_us=%d bytes=%d errors=%d p50_us=%d p99_us=%d p999_us=%d\n",
+        ok, secs * 1e6, bytes, failed + redirect, pct(50), pct(99), pct(99.9)
+    }' "$WORK/h2load.out"
+}
+
 # generate SCENARIO TARGET CONNECTIONS SECONDS PATH: the scenario's load against
 # TARGET, in the foreground, ending with one line of "key=value ..." (wrk's begins
-# with `BENCH `, see bench/report.lua). wsload (backend/examples/wsload.rs)
-# drives the websocket scenario, wrk every other; tls and tls-handshake go to the
+# with `BENCH `, see bench/report.lua; h2load's with `H2LOAD `). wsload
+# (backend/examples/wsload.rs) drives the websocket scenario, h2load h2 and grpc,
+# wrk every other; tls and tls-handshake go to the
 # target's HTTPS port, tls-handshake with `Connection: close`, so that the proxy
 # closes each connection after one answer and wrk opens a new one (a new TLS
 # handshake) for the next request.
 generate() {
   local scenario="$1" target="$2" conns="$3" secs="$4" path="$5"
-  if [[ "$scenario" == websocket ]]; then
+  if h2_scenario "$scenario"; then
+    h2load_run "$scenario" "$(url_of "$scenario" "$target")" "$conns" "$secs" "$path"
+  elif [[ "$scenario" == websocket ]]; then
     "$WSLOAD_BIN" --url "ws://${URL[$target]#http://}$path" --connections "$conns" \
       --duration "$secs" --size "$WS_BYTES" --threads "$WRK_THREADS"
   elif [[ "$scenario" == tls ]]; then
@@ -390,16 +676,44 @@ generate() {
   fi
 }
 
+# served SCENARIO: what each of the three backends has served so far, from its
+# /metrics, as "N1 N2 N3 FAILED": h2 counts `backend_requests_total{path="/"}`,
+# grpc `backend_grpc_requests_total{method="Get"}` (FAILED: the calls among them
+# whose status was not OK). Prints nothing where the backends cannot tell (the
+# gRPC servers of GRPC_BACKENDS are not the script's backends) or a scrape fails.
+served() {
+  local port text counts=() failed=0 n f
+  [[ "$1" == grpc && "$BACKEND_GRPC" != 1 ]] && return
+  for port in "${BACKEND_PORTS[@]}"; do
+    text="$(curl -sf --max-time 5 "http://127.0.0.1:$port/metrics")" || return 0
+    if [[ "$1" == grpc ]]; then
+      read -r n f < <(awk '/^backend_grpc_requests_total\{/ && /method="Get"/ {
+          n += $NF; if ($0 !~ /code="OK"/) f += $NF }
+        END { print n + 0, f + 0 }' <<<"$text")
+      failed=$((failed + f))
+    else
+      n="$(awk '/^backend_requests_total\{/ && /path="\/"[,}]/ { n += $NF } END { print n + 0 }' <<<"$text")"
+    fi
+    counts+=("$n")
+  done
+  echo "${counts[*]} $failed"
+}
+
 # measure SCENARIO TARGET ROUND CONNECTIONS SECONDS PATH: one run of the load
 # generator; appends "TARGET key=value ..." to $WORK/SCENARIO.raw. Each proxy's RSS
 # (and our open descriptors) is also sampled half-way through, while the load is on.
+# h2 and grpc also record what each backend served in the run (served=N1,N2,N3,
+# and grpc_failed), and a failed run there is noted in $WORK/SCENARIO.notes and
+# left out rather than ending the whole benchmark.
 measure() {
   local scenario="$1" target="$2" round="$3" conns="$4" secs="$5" path="$6"
-  local load_pid line mid=""
+  local load_pid line mid="" pid spread="" before=() after=()
   local user0 sys0 user1 sys1 backends0 backends1 machine0 machine1
+  pid="$(pid_of "$scenario" "$target")"
   # Direct has no proxy process: its own backend is counted under backends.
   local proxy_pids=()
-  [[ "$target" != direct ]] && proxy_pids=("${PID[$target]}")
+  [[ "$target" != direct ]] && proxy_pids=("$pid")
+  if h2_scenario "$scenario"; then read -r -a before < <(served "$scenario") || true; fi
   read -r user0 sys0 < <(cpu_ticks "${proxy_pids[@]}")
   read -r backends0 < <(cpu_ticks "${BACKEND_PIDS[@]}" | awk '{ print $1 + $2 }')
   machine0="$(machine_ticks)"
@@ -407,20 +721,34 @@ measure() {
   load_pid=$!
   if [[ "$target" != direct ]]; then
     sleep "$(awk -v s="$secs" 'BEGIN { print s / 2 }')"
-    mid="rss_mid_kib=$(rss_kib "$target")"
-    [[ "$target" == ours ]] && mid+=" fds_mid=$(find "/proc/${PID[ours]}/fd" -mindepth 1 | wc -l)"
+    mid="rss_mid_kib=$(rss_kib "$pid")"
+    [[ "$target" == ours ]] && mid+=" fds_mid=$(find "/proc/$pid/fd" -mindepth 1 | wc -l)"
   fi
-  wait "$load_pid" || { cat "$WORK/load.out" >&2; die "the load generator failed against $target"; }
+  if ! wait "$load_pid"; then
+    cat "$WORK/load.out" >&2
+    h2_scenario "$scenario" || die "the load generator failed against $target"
+    echo "- $target, round $round: h2load failed: $(last_line "$WORK/load.out")" >>"$WORK/$scenario.notes"
+    say "$target, round $round: h2load failed, left out (the run goes on)"
+    return 0
+  fi
   machine1="$(machine_ticks)"
   read -r user1 sys1 < <(cpu_ticks "${proxy_pids[@]}")
   read -r backends1 < <(cpu_ticks "${BACKEND_PIDS[@]}" | awk '{ print $1 + $2 }')
-  line="$(grep -E '^(BENCH |messages=)' "$WORK/load.out")" ||
+  if h2_scenario "$scenario"; then
+    read -r -a after < <(served "$scenario") || true
+    if (( ${#before[@]} == 4 && ${#after[@]} == 4 )); then
+      spread="served=$((after[0] - before[0])),$((after[1] - before[1])),$((after[2] - before[2]))"
+      spread+=" grpc_failed=$((after[3] - before[3]))"
+    fi
+  fi
+  line="$(grep -E '^(BENCH |H2LOAD |messages=)' "$WORK/load.out")" ||
     { cat "$WORK/load.out" >&2; die "no report from the load generator"; }
   line="${line#BENCH }"
+  line="${line#H2LOAD }"
   echo "$target round=$round user_ticks=$((user1 - user0)) sys_ticks=$((sys1 - sys0))" \
     "backend_ticks=$((backends1 - backends0)) machine_ticks=$((machine1 - machine0))" \
-    "$line $mid" >>"$WORK/$scenario.raw"
-  # wrk reports requests and duration_us, wsload messages and seconds.
+    "$line $mid $spread" >>"$WORK/$scenario.raw"
+  # wrk and h2load report requests and duration_us, wsload messages and seconds.
   printf '    round %d %-8s %s\n' "$round" "$target" \
     "$(awk '{ for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
               if ("messages" in v) printf "%.0f msg/s", v["messages"] / v["seconds"]
@@ -431,13 +759,27 @@ measure() {
 
 # table SCENARIO: the markdown table for the scenario's raw lines. Counts are
 # requests, for websocket round-trip messages, for tls-handshake handshakes (one
-# request each); wrk reports requests and duration_us, wsload messages and seconds.
+# request each), for grpc calls; wrk and h2load report requests and duration_us,
+# wsload messages and seconds. h2 and grpc add the spread over the backends and
+# a targets line; a target whose runs all failed shows no latency or CPU.
 table() {
   local unit=request
   [[ "$1" == websocket ]] && unit=message
   [[ "$1" == tls-handshake ]] && unit=handshake
+  [[ "$1" == grpc ]] && unit=call
   awk -v tck="$CLK_TCK" -v cores="$CORES" -v unit="$unit" -v scenario="$1" '
     function busy(t) { return 100 * machine[t] / tck / (us[t] / 1e6) / cores }
+    # The shares of the three backends, "34.1/33.0/32.9 %", and whether each is
+    # within 5 % of a third; "-" where the backends could not be read.
+    function spread(t,    n) {
+      n = s1[t] + s2[t] + s3[t]
+      if (counted[t] < rounds[t] || n == 0) { even[t] = -1; return "-" }
+      even[t] = within(s1[t] / n) && within(s2[t] / n) && within(s3[t] / n)
+      return sprintf("%.1f/%.1f/%.1f %% %s", 100 * s1[t] / n, 100 * s2[t] / n, 100 * s3[t] / n, even[t] ? "even" : "uneven")
+    }
+    function within(share,    d) { d = share - 1 / 3; return (d < 0 ? -d : d) <= 0.05 / 3 }
+    function ratio(a, b) { return b ? a / b : 0 }
+    function met(ok) { return ok ? "met" : "not met" }
     function median(list,    n, a, i, j, t) {
       n = split(list, a, " ")
       for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j] + 0 < a[j - 1] + 0; j--) {
@@ -448,41 +790,56 @@ table() {
     {
       t = $1
       if (!(t in seen)) { seen[t] = 1; order[++count] = t }
+      split("", v)
       for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
       req[t] += v["requests"] + v["messages"]; us[t] += v["duration_us"] + v["seconds"] * 1e6
       bytes[t] += v["bytes"]
       err[t] += v["err_connect"] + v["err_read"] + v["err_write"] + v["err_status"] + v["err_timeout"] + v["errors"]
+      # grpc: calls that the backends ended with a status other than OK, which
+      # h2load counts as answered (HTTP 200).
+      err[t] += v["grpc_failed"]
+      rounds[t]++
+      if ("served" in v) {
+        split(v["served"], sv, ",")
+        s1[t] += sv[1]; s2[t] += sv[2]; s3[t] += sv[3]; counted[t]++
+      }
       user[t] += v["user_ticks"]; sys[t] += v["sys_ticks"]
       backend[t] += v["backend_ticks"]; machine[t] += v["machine_ticks"]
       if (v["rss_mid_kib"] > rss[t]) rss[t] = v["rss_mid_kib"]
       p50[t] = p50[t] " " v["p50_us"]; p99[t] = p99[t] " " v["p99_us"]; p999[t] = p999[t] " " v["p999_us"]
     }
     END {
-      short = (unit == "message") ? "msg" : (unit == "handshake") ? "hs" : "req"
-      for (k = 1; k <= count; k++) { t = order[k]; rps[t] = req[t] / (us[t] / 1e6) }
-      printf "| target | %ss/s | p50 ms | p99 ms | p99.9 ms | errors | vs direct | vs ours | CPU s / 100k %s | MiB/s | RSS MiB |\n", unit, short
-      print "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+      short = (unit == "message") ? "msg" : (unit == "handshake") ? "hs" : (unit == "call") ? "calls" : "req"
+      h2 = (scenario == "h2" || scenario == "grpc")
+      for (k = 1; k <= count; k++) {
+        t = order[k]; rps[t] = req[t] / (us[t] / 1e6)
+        pcpu[t] = req[t] ? (user[t] + sys[t]) / tck / req[t] * 1e5 : 0
+      }
+      printf "| target | %ss/s | p50 ms | p99 ms | p99.9 ms | errors | vs direct | vs ours | CPU s / 100k %s | MiB/s | RSS MiB |%s\n",
+        unit, short, h2 ? " spread over the backends |" : ""
+      print "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|" (h2 ? "--:|" : "")
       for (k = 1; k <= count; k++) {
         t = order[k]
-        vd = ("direct" in rps) ? sprintf("%.2f", rps[t] / rps["direct"]) : "-"
-        vo = ("ours" in rps) ? sprintf("%.2f", rps[t] / rps["ours"]) : "-"
-        cpu = (t == "direct") ? "-" : sprintf("%.2f", (user[t] + sys[t]) / tck / req[t] * 1e5)
+        vd = (rps["direct"] > 0) ? sprintf("%.2f", rps[t] / rps["direct"]) : "-"
+        vo = (rps["ours"] > 0) ? sprintf("%.2f", rps[t] / rps["ours"]) : "-"
+        cpu = (t == "direct" || !req[t]) ? "-" : sprintf("%.2f", pcpu[t])
         mem = (t == "direct") ? "-" : sprintf("%.1f", rss[t] / 1024)
-        printf "| %s | %.0f | %.2f | %.2f | %.2f | %d | %s | %s | %s | %.1f | %s |\n", t, rps[t],
-          median(p50[t]) / 1000, median(p99[t]) / 1000, median(p999[t]) / 1000, err[t],
-          vd, vo, cpu, bytes[t] / (us[t] / 1e6) / 1048576, mem
+        lat = req[t] ? sprintf("%.2f | %.2f | %.2f", median(p50[t]) / 1000, median(p99[t]) / 1000, median(p999[t]) / 1000) : "- | - | -"
+        printf "| %s | %.0f | %s | %d | %s | %s | %s | %.1f | %s |%s\n", t, rps[t], lat, err[t],
+          vd, vo, cpu, bytes[t] / (us[t] / 1e6) / 1048576, mem, h2 ? " " spread(t) " |" : ""
       }
       # Where the CPU went. When the machine is saturated, requests/s is its busy
       # time over the whole chain'"'"'s cost per request, so a proxy gains throughput
       # only by what it takes off that sum, not off its own cost alone.
       print ""
       printf "CPU per %s, in µs: the proxy (user, kernel), the three backends, everything else (%s, interrupts), and the machine in all; busy is the share of all cores in use.\n",
-        unit, (unit == "message") ? "wsload" : "wrk"
+        unit, (unit == "message") ? "wsload" : h2 ? "h2load" : "wrk"
       print ""
       print "| target | proxy user | proxy kernel | backends | rest | machine | busy |"
       print "|---|--:|--:|--:|--:|--:|--:|"
       for (k = 1; k <= count; k++) {
         t = order[k]
+        if (!req[t]) { printf "| %s | - | - | - | - | - | %.0f %% |\n", t, busy(t); continue }
         f = 1e6 / tck / req[t]
         pu = (t == "direct") ? "-" : sprintf("%.1f", user[t] * f)
         pk = (t == "direct") ? "-" : sprintf("%.1f", sys[t] * f)
@@ -493,7 +850,7 @@ table() {
       }
       # Only where the machine was the limit: otherwise requests/s is bound by
       # something else (the backends sleeping, in the slow scenario).
-      if (("ours" in rps) && best != "" && busy("ours") >= 95 && busy(best) >= 95) {
+      if (req["ours"] > 0 && best != "" && busy("ours") >= 95 && busy(best) >= 95) {
         # At the same cost per request for everything but ours, ours must spend
         # this much at most for the machine to serve 1.1 times the best one.
         need = machine[best] / req[best] / 1.1 - (machine["ours"] - user["ours"] - sys["ours"]) / req["ours"]
@@ -519,13 +876,45 @@ table() {
           rps["ours"] / rps[fast], unit, fast, rps[fast], median(p99["ours"]) / median(p99[low]), low, median(p99[low]) / 1000,
           pcpu["ours"] / pcpu[lean], unit, lean, pcpu[lean], unit
       }
+      # h2 and grpc: the targets of the issue, each marked. Ours against the
+      # better peer on each measure (the one with more requests/s, the one with
+      # the lower p99, the one that spent less CPU per request; not always the
+      # same one), and an even spread for every target.
+      if (h2) {
+        fast = low = lean = ""
+        for (k = 1; k <= count; k++) {
+          t = order[k]
+          if (t == "ours" || t == "direct" || !req[t]) continue
+          if (fast == "" || rps[t] > rps[fast]) fast = t
+          if (low == "" || median(p99[t]) < median(p99[low])) low = t
+          if (lean == "" || pcpu[t] < pcpu[lean]) lean = t
+        }
+        printf "\nTargets: "
+        if (!req["ours"]) print "not checked, ours was not measured or answered nothing (see below)."
+        else if (fast == "") print "not checked, neither nginx nor HAProxy answered (see below)."
+        else {
+          printf "%ss/s %.2f× %s (%.0f), %s; p99 %.2f× %s (%.2f ms), %s; CPU per %s %.2f× %s (%.2f s / 100k), %s",
+            unit, ratio(rps["ours"], rps[fast]), fast, rps[fast], met(rps["ours"] >= rps[fast]),
+            ratio(median(p99["ours"]), median(p99[low])), low, median(p99[low]) / 1000, met(median(p99["ours"]) <= median(p99[low])),
+            unit, ratio(pcpu["ours"], pcpu[lean]), lean, pcpu[lean], met(pcpu["ours"] <= pcpu[lean])
+          printf "; spread over the backends:"
+          sep = " "
+          for (k = 1; k <= count; k++) {
+            t = order[k]
+            if (!req[t]) continue
+            printf "%s%s %s", sep, t, (even[t] < 0) ? "not counted" : met(even[t])
+            sep = ", "
+          }
+          printf ". (Ours against the better of nginx and HAProxy on each measure: at or above 1.00× on %ss/s, at or below on p99 and CPU; each backend within 5 %% of a third, 31.7 to 35.0 %%.)\n", unit
+        }
+      }
     }' "$WORK/$1.raw"
 }
 
 # ours_note SCENARIO: one line on our memory during the scenario.
 ours_note() {
   local hwm
-  hwm="$(status_kib "${PID[ours]}" VmHWM)"
+  hwm="$(status_kib "$(pid_of "$1" ours)" VmHWM)"
   awk -v hwm="$hwm" -v s="$1" '$1 == "ours" {
       for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
       if (v["rss_mid_kib"] > rss) { rss = v["rss_mid_kib"]; fds = v["fds_mid"] }
@@ -551,13 +940,57 @@ run_scenario() {
   {
     echo "### $name: GET $path, $conns connections, $rounds × ${DURATION}s per target"
     echo
-    table "$name"
-    echo
-    if [[ " $* " == *" ours "* ]]; then
+    # h2 and grpc go on when a target fails: there may be nothing to tabulate.
+    if [[ -s "$WORK/$name.raw" ]]; then
+      table "$name"
+      echo
+    fi
+    if [[ " $* " == *" ours "* ]] && grep -q '^ours ' "$WORK/$name.raw" 2>/dev/null; then
       ours_note "$name"
       echo
     fi
+    notes "$name"
   } >"$WORK/$name.md"
+}
+
+# notes SCENARIO: the targets of h2 or grpc that were not measured, or whose
+# load generator failed, and why.
+notes() {
+  [[ -s "$WORK/$1.notes" ]] || return 0
+  echo "Not measured, or failed:"
+  echo
+  cat "$WORK/$1.notes"
+  echo
+}
+
+# run_h2 SCENARIO PATH: h2 or grpc. Each of ours, nginx and HAProxy is first
+# tried with one curl request (grpc: one call, whose grpc-status must be 0);
+# those that fail it are noted and left out, the rest measured like throughput.
+run_h2() {
+  local name="$1" path="$2" target why targets=()
+  for target in ours nginx haproxy; do
+    why="${UNAVAILABLE[$name:$target]:-}"
+    if [[ -z "$why" && "$name" == grpc ]]; then
+      why="$(grpc_probe "$(url_of "$name" "$target")")"
+    elif [[ -z "$why" ]]; then
+      why="$(h2_probe "$(url_of "$name" "$target")")"
+    fi
+    if [[ -n "$why" ]]; then
+      say "$name: $target not measured: $why"
+      echo "- $target: not measured: $why" >>"$WORK/$name.notes"
+    else
+      targets+=("$target")
+    fi
+  done
+  if (( ${#targets[@]} )); then
+    run_scenario "$name" "$H2_CONNECTIONS" "$ROUNDS" "$path" "${targets[@]}"
+  else
+    { echo "### $name: GET $path"; echo; notes "$name"; } >"$WORK/$name.md"
+  fi
+  local what="GET $path over h2c (prior knowledge)"
+  [[ "$name" == grpc ]] && what="gRPC unary calls to $path (empty GetRequest) over h2c"
+  sed -i "s|^### $name: GET $path, $H2_CONNECTIONS connections, |### $name: $what, $H2_CONNECTIONS connections × $H2_STREAMS streams, |;
+    s|^### $name: GET $path\$|### $name: $what|" "$WORK/$name.md"
 }
 
 # soak: ours alone for SOAK_DURATION seconds; VmRSS at start, middle and end.
@@ -668,6 +1101,14 @@ for s in "${SCENARIOS[@]}"; do
       ;;
     soak) run_soak ;;
     algorithms) run_algorithms ;;
+    h2) run_h2 h2 / ;;
+    grpc)
+      if [[ -n "$GRPC_SKIP" ]]; then
+        printf '### grpc: not run\n\nNo gRPC servers to measure against: %s.\n\n' "$GRPC_SKIP" >"$WORK/grpc.md"
+      else
+        run_h2 grpc "$GRPC_PATH"
+      fi
+      ;;
   esac
 done
 
@@ -678,6 +1119,11 @@ done
   if (( NEED_WRK )); then
     echo "Load generator: $(wrk -v 2>&1 | head -n 1 | awk '{ print $1, $2 }'), $WRK_THREADS threads, keep-alive, on the same cores."
     (( NEED_TLS )) && echo "HTTPS: one ECDSA P-256 certificate for all; wrk linked against $(ldd "$(command -v wrk)" | awk '/libssl/ { print $1; exit }')."
+  fi
+  if (( NEED_H2LOAD )); then
+    echo "HTTP/2 load generator: $(h2load --version | awk '{ print $1, $2 }'), $WRK_THREADS threads, $H2_CONNECTIONS connections × $H2_STREAMS concurrent streams, h2c with prior knowledge, on the same cores."
+    [[ " ${SCENARIOS[*]} " == *" grpc "* && -n "$GRPC_BACKENDS" ]] &&
+      echo "gRPC servers: GRPC_BACKENDS ($GRPC_BACKENDS), not the script's backends: their CPU is under rest, not backends, and their spread is not counted."
   fi
   if (( NEED_WSLOAD )); then
     echo "WebSocket load generator: wsload (backend/examples/wsload.rs), $WRK_THREADS threads, one message in flight per connection, on the same cores."
@@ -700,6 +1146,8 @@ if [[ "$NO_WRITE" != 1 ]]; then
   [[ "${SCENARIOS[*]}" == soak ]] && block=soak
   [[ "${SCENARIOS[*]}" == websocket ]] && block=websocket
   [[ "${SCENARIOS[*]}" == tls ]] && block=tls
+  # h2 and grpc, alone or together, keep a block of their own.
+  [[ " ${SCENARIOS[*]} " =~ ^(\ (h2|grpc))+\ $ ]] && block=h2
   results=docs/bench-results.md
   [[ -f "$results" ]] ||
     printf '# Benchmark results\n\nThe latest make bench run, as scripts/bench.sh writes it; [Performance](performance.md) explains it. Back to the [README](../README.md).\n' >"$results"
