@@ -478,7 +478,8 @@ URL[h2:ours]="${URL[ours]}"
 declare -A UNAVAILABLE
 
 # grpc: a second instance of ours, as a user serving only gRPC would set it up:
-# its main port, and the gRPC servers as static backends spoken to over h2c.
+# its main port, and the gRPC servers as static backends spoken to over h2c,
+# health-checked with grpc.health.v1.
 # A build that does not know the keys exits at once; the grpc scenario then
 # goes on with nginx and HAProxy and says why ours is missing.
 if (( NEED_GRPC )); then
@@ -494,6 +495,7 @@ if (( NEED_GRPC )); then
   "backendProtocol": "h2c",
   "discovery": "static",
   "staticBackends": ["${GRPC_ADDRS[0]}", "${GRPC_ADDRS[1]}", "${GRPC_ADDRS[2]}"],
+  "healthCheck": {"grpcService": ""},
   "logLevel": "warn"
 }
 JSON
