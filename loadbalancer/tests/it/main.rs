@@ -17,6 +17,7 @@ mod discovery;
 mod dockerfile;
 mod docs_links;
 mod hardening;
+mod http2;
 mod kubernetes_e2e;
 mod logs;
 mod manifests;
