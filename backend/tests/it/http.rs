@@ -3,10 +3,14 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{Method, StatusCode};
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, Version};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
+use tokio::net::TcpStream;
 
-use crate::support::{Conn, TestServer, get, test_identity};
+use crate::support::{Conn, PATIENCE, TestServer, get, test_identity};
 
 #[tokio::test]
 async fn root_answers_with_the_identity_as_json() {
@@ -36,6 +40,35 @@ async fn root_answers_with_the_identity_as_json() {
         at + Duration::from_millis(1) >= before && at <= after,
         "{timestamp} is not the time of the request"
     );
+}
+
+/// The backend serves HTTP/2 on the same port, through the shared accept loop:
+/// a client with prior knowledge (h2c) gets the identity as any other.
+#[tokio::test]
+async fn an_http2_client_with_prior_knowledge_gets_the_identity() {
+    let server = TestServer::start_default().await;
+    let exchange = async {
+        let tcp = TcpStream::connect(server.addr).await.expect("connected");
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .expect("the HTTP/2 handshake");
+        tokio::spawn(connection);
+        let request = Request::get(format!("http://{}/", server.addr))
+            .body(Empty::<Bytes>::new())
+            .expect("a valid request");
+        let response = sender.send_request(request).await.expect("answered");
+        let version = response.version();
+        let status = response.status();
+        let body = response.into_body().collect().await.expect("the body");
+        (version, status, body.to_bytes())
+    };
+    let (version, status, body) = tokio::time::timeout(PATIENCE, exchange)
+        .await
+        .expect("answered within PATIENCE");
+    assert_eq!((version, status), (Version::HTTP_2, StatusCode::OK));
+    let body: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(body["podName"], json!(test_identity().pod_name));
 }
 
 #[tokio::test]

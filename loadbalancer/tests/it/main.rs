@@ -18,6 +18,7 @@ mod dockerfile;
 mod docs_links;
 mod grpc;
 mod hardening;
+mod http2;
 mod kubernetes_e2e;
 mod logs;
 mod manifests;

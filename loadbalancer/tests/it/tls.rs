@@ -1,49 +1,21 @@
-//! HTTPS through the load balancer's [`App`], with rustls clients and
+//! HTTPS through the load balancer's `App`, with rustls clients and
 //! certificates made in the tests: plain HTTP and HTTPS side by side, SNI,
 //! ALPN, session resumption, refused protocol versions, stalled and garbage
 //! handshakes, `X-Forwarded-Proto`, the redirect to HTTPS, and certificate
 //! rotation through a Secret-style symlink swap under load.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::StatusCode;
-use loadbalancer::app::{App, Options};
-use loadbalancer::config::Config;
 use rustls::pki_types::pem::PemObject;
 
 use crate::support::configmap::ConfigMapDir;
 use crate::support::raw::RawConn;
-use crate::support::tls::{TestCert, TlsClient, rotate, secret_mount, tls_block};
-use crate::support::{PATIENCE, Upstream, get, metric, start_backend, wait_for_metric};
-
-/// The load balancer over `upstream`, on loopback, with `extra` config keys.
-async fn start(upstream: &Upstream, extra: &str) -> anyhow::Result<App> {
-    let json = format!(
-        r#"{{"port": 0, "adminPort": 0, "bindAddress": "127.0.0.1",
-            "backendServiceName": "web", "backendPort": 80, "discovery": "static",
-            "staticBackends": ["{}"], "headerReadTimeoutMs": 500 {extra}}}"#,
-        upstream.addr
-    );
-    let config = Config::parse(&json, Path::new("config.json")).expect("a valid test config");
-    let options = Options {
-        workers: std::num::NonZeroUsize::MIN,
-        health_checks: false,
-        ..Options::default()
-    };
-    App::start(config, options).await
-}
-
-async fn https(upstream: &Upstream, mount: &ConfigMapDir, extra: &str) -> (App, SocketAddr) {
-    let app = start(upstream, &format!(", {}", tls_block(mount, extra)))
-        .await
-        .expect("the load balancer starts with TLS");
-    let addr = app.tls_addr().expect("an HTTPS port");
-    (app, addr)
-}
+use crate::support::tls::{TestCert, TlsClient, https, rotate, secret_mount, start, tls_block};
+use crate::support::{PATIENCE, get, metric, start_backend, wait_for_metric};
 
 #[tokio::test]
 async fn plain_http_and_https_serve_side_by_side_and_the_backend_hears_which() {

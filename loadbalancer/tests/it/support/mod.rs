@@ -10,6 +10,8 @@
 //! * [`fake_apiserver`]: a fake Kubernetes API server for discovery tests.
 //! * [`process`]: the `loadbalancer` binary as a child process.
 //! * [`raw`]: a raw TCP client, for requests no HTTP library would send.
+//! * [`h2frames`]: HTTP/2 frames by hand (floods, resets, endless header
+//!   blocks), and hyper's HTTP/2 client for the well-behaved side.
 //! * [`load`]: a bounded load generator that tallies what came back (chaos tests).
 //! * [`faults`]: backends that fail in other ways (one that never answers), and
 //!   the real `backend` crate's server in-process, on a chosen address.
@@ -25,6 +27,7 @@ pub(crate) mod configmap;
 pub(crate) mod dockerfile;
 pub(crate) mod fake_apiserver;
 pub(crate) mod faults;
+pub(crate) mod h2frames;
 pub(crate) mod load;
 pub(crate) mod process;
 pub(crate) mod raw;
@@ -391,6 +394,21 @@ pub(crate) struct Reply {
 }
 
 impl Reply {
+    /// `response` with its body read whole.
+    pub(crate) async fn read(response: http::Response<hyper::body::Incoming>) -> Self {
+        let (parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .expect("the body arrives whole")
+            .to_bytes();
+        Self {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
     pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).expect("response body is JSON")
     }
@@ -433,17 +451,7 @@ pub(crate) async fn send(
             .request(req)
             .await
             .expect("the load balancer answers");
-        let (parts, body) = response.into_parts();
-        let body = body
-            .collect()
-            .await
-            .expect("the body arrives whole")
-            .to_bytes();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        }
+        Reply::read(response).await
     };
     tokio::time::timeout(PATIENCE, exchange)
         .await

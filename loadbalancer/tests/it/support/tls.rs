@@ -3,19 +3,23 @@
 //! HTTPS client that reports what the handshake agreed on.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+use loadbalancer::app::{App, Options};
+use loadbalancer::config::Config;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
-use super::PATIENCE;
 use super::configmap::ConfigMapDir;
+use super::{PATIENCE, Upstream};
 
 /// A self-signed ECDSA P-256 certificate and its key, in PEM.
 #[derive(Debug, Clone)]
@@ -99,7 +103,7 @@ pub(crate) struct TlsReply {
 }
 
 /// An HTTPS client that trusts the given certificates and offers ALPN
-/// `http/1.1`.
+/// `http/1.1` (or `h2`, [`TlsClient::offering_h2`]).
 #[derive(Clone)]
 pub(crate) struct TlsClient {
     connector: TlsConnector,
@@ -117,6 +121,13 @@ impl TlsClient {
     /// the one it started with).
     pub(crate) fn trusting(certs: &[&TestCert]) -> Self {
         Self::build(certs, rustls::client::Resumption::disabled())
+    }
+
+    /// A client like [`TlsClient::trusting`] that offers ALPN `h2` alone, as
+    /// an HTTP/2 client does.
+    pub(crate) fn offering_h2(certs: &[&TestCert]) -> Self {
+        let roots = certs.iter().map(|cert| cert.der.clone()).collect();
+        Self::configured(roots, rustls::client::Resumption::disabled(), b"h2")
     }
 
     /// A client that remembers its sessions and resumes them.
@@ -140,6 +151,14 @@ impl TlsClient {
         certs: Vec<CertificateDer<'static>>,
         resumption: rustls::client::Resumption,
     ) -> Self {
+        Self::configured(certs, resumption, b"http/1.1")
+    }
+
+    fn configured(
+        certs: Vec<CertificateDer<'static>>,
+        resumption: rustls::client::Resumption,
+        alpn: &[u8],
+    ) -> Self {
         let mut roots = RootCertStore::empty();
         for cert in certs {
             roots.add(cert).expect("a valid certificate");
@@ -150,7 +169,7 @@ impl TlsClient {
             .expect("default versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![alpn.to_vec()];
         config.resumption = resumption;
         Self {
             connector: TlsConnector::from(Arc::new(config)),
@@ -166,15 +185,7 @@ impl TlsClient {
         path: &str,
     ) -> Result<TlsReply, String> {
         let exchange = async {
-            let tcp = TcpStream::connect(addr)
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            let name = ServerName::try_from(server_name.to_owned()).map_err(|e| e.to_string())?;
-            let tls = self
-                .connector
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("handshake: {e}"))?;
+            let tls = self.connect(addr, server_name).await?;
             let (_, session) = tls.get_ref();
             let peer_cert = session
                 .peer_certificates()
@@ -215,4 +226,52 @@ impl TlsClient {
             .await
             .map_err(|_| "no answer within PATIENCE".to_owned())?
     }
+
+    /// A TLS connection to `addr`, asking for `server_name` by SNI; an error
+    /// names the step that failed.
+    pub(crate) async fn connect(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<TlsStream<TcpStream>, String> {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let name = ServerName::try_from(server_name.to_owned()).map_err(|e| e.to_string())?;
+        self.connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))
+    }
+}
+
+/// The load balancer over `upstream`, on loopback, with `extra` config keys.
+pub(crate) async fn start(upstream: &Upstream, extra: &str) -> anyhow::Result<App> {
+    let json = format!(
+        r#"{{"port": 0, "adminPort": 0, "bindAddress": "127.0.0.1",
+            "backendServiceName": "web", "backendPort": 80, "discovery": "static",
+            "staticBackends": ["{}"], "headerReadTimeoutMs": 500 {extra}}}"#,
+        upstream.addr
+    );
+    let config = Config::parse(&json, Path::new("config.json")).expect("a valid test config");
+    let options = Options {
+        workers: std::num::NonZeroUsize::MIN,
+        health_checks: false,
+        ..Options::default()
+    };
+    App::start(config, options).await
+}
+
+/// The load balancer over `upstream` with HTTPS on, its certificate the one in
+/// `mount`, and its HTTPS address.
+pub(crate) async fn https(
+    upstream: &Upstream,
+    mount: &ConfigMapDir,
+    extra: &str,
+) -> (App, SocketAddr) {
+    let app = start(upstream, &format!(", {}", tls_block(mount, extra)))
+        .await
+        .expect("the load balancer starts with TLS");
+    let addr = app.tls_addr().expect("an HTTPS port");
+    (app, addr)
 }
