@@ -43,6 +43,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::{FutureExt, future};
 use http::header::ALLOW;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
@@ -1011,36 +1012,48 @@ impl Proxy {
 
     /// Sends one request to `addr` in `protocol`, and returns the response
     /// head.
-    async fn exchange(
-        &self,
+    ///
+    /// A plain function returning one of two futures, not an `async fn`: an
+    /// `async fn` would keep its arguments (the body among them) in a slot of
+    /// its own beside the inner future they move into, and every request's
+    /// future, which hyper moves and keeps while the request is in flight,
+    /// would carry the copy.
+    fn exchange<'a>(
+        &'a self,
         protocol: BackendProtocol,
         addr: SocketAddr,
         connect_timeout: Duration,
-        head: &UpstreamHead,
+        head: &'a UpstreamHead,
         body: AttemptBody<IdleTimeout<Incoming>>,
-    ) -> Result<Response<UpstreamBody>, Failure> {
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, Failure>> + 'a {
         let shared = &*self.shared;
         match protocol {
             // HTTP/2 cannot carry an upgrade (a WebSocket): such a request goes
             // over HTTP/1.1, the only way it can succeed at all.
             BackendProtocol::H2c if !head.asks_upgrade() => {
-                let request = match head.to_http2(addr) {
-                    Ok(request) => request.map(|()| body),
-                    Err(error) => return Err(Failure::Exchange(error.into())),
-                };
-                match shared.http2.send(addr, connect_timeout, request).await {
-                    Ok(response) => Ok(response.map(UpstreamBody::Http2)),
-                    Err(error) if error.is_connect() => Err(Failure::Connect(error.into())),
-                    Err(error) if error.was_not_processed() => Err(Failure::Refused(error.into())),
-                    Err(error) => Err(Failure::Exchange(error.into())),
-                }
+                let request = head.to_http2(addr).map(|request| request.map(|()| body));
+                // Boxed: the HTTP/2 exchange's future is large, and inline it
+                // would grow every request's future, HTTP/1.1 ones too.
+                future::Either::Left(Box::pin(async move {
+                    let request = request.map_err(|error| Failure::Exchange(error.into()))?;
+                    match shared.http2.send(addr, connect_timeout, request).await {
+                        Ok(response) => Ok(response.map(UpstreamBody::Http2)),
+                        Err(error) if error.is_connect() => Err(Failure::Connect(error.into())),
+                        Err(error) if error.was_not_processed() => {
+                            Err(Failure::Refused(error.into()))
+                        }
+                        Err(error) => Err(Failure::Exchange(error.into())),
+                    }
+                }))
             }
             BackendProtocol::Http1 | BackendProtocol::H2c => {
-                match shared.pool.send(addr, connect_timeout, head, body).await {
-                    Ok(response) => Ok(response.map(UpstreamBody::Http1)),
-                    Err(error) if error.is_connect() => Err(Failure::Connect(error.into())),
-                    Err(error) => Err(Failure::Exchange(error.into())),
-                }
+                future::Either::Right(shared.pool.send(addr, connect_timeout, head, body).map(
+                    |result| match result {
+                        Ok(response) => Ok(response.map(UpstreamBody::Http1)),
+                        Err(error) if error.is_connect() => Err(Failure::Connect(error.into())),
+                        Err(error) => Err(Failure::Exchange(error.into())),
+                    },
+                ))
             }
         }
     }
