@@ -8,15 +8,29 @@
 #   ours     our load balancer, static discovery over the three
 #   nginx    round-robin over the three, upstream keep-alive  (bench/nginx.conf)
 #   haproxy  round-robin over the three, http-reuse always    (bench/haproxy.cfg)
+# nginx and HAProxy do the same header work as ours (X-Forwarded-*, a request id
+# both ways): like-for-like. throughput and churn also measure them as users run
+# them, with no header additions and upstream keep-alive as before:
+#   nginx-plain    bench/nginx-plain.conf
+#   haproxy-plain  bench/haproxy-plain.cfg
 # Targets run interleaved in rounds (direct ours nginx haproxy, direct ours ...)
 # so drift in the machine's load hits all of them alike. Prints one table per
 # scenario and writes the same to docs/bench-results.md.
 #
 # Scenarios (--scenario a,b,...; env SCENARIO; default throughput,slow,bigbody):
 #   throughput  GET /, small JSON answers: proxy overhead per request
+#   churn       GET / like throughput, with `Connection: close`: a new client
+#               connection per request (upstream keep-alive as before); ROUNDS
+#               rounds like throughput
 #   slow        GET /work?sleep_ms=50 over 1000 connections: many requests in flight
 #   bigbody     GET /work?bytes=1048576: 1 MiB responses, streaming throughput
 #   soak        ours only, 60 s: VmRSS at start, middle and end (should stay flat)
+#   idle        IDLE_CONNECTIONS (6000) keep-alive client connections opened to
+#               each of ours, nginx and HAProxy, one GET / on each, then held
+#               quiet (bench/idle.py, python3): VmRSS before and after, and the
+#               difference per idle connection. Mind the open-file limit: the
+#               script raises it to 2 × IDLE_CONNECTIONS + 1024 (HAProxy takes
+#               two descriptors per connection)
 #   algorithms  ours with round_robin against ours with least_request, over two
 #               backends and one that answers SLOW_BACKEND_MS (20) late: p99
 #   websocket   WebSocket echo on /ws over WS_CONNECTIONS (64) connections, each
@@ -57,8 +71,7 @@
 #   each of the three backends served, from their /metrics before and after each
 #   run (`backend_requests_total{path="/"}`, for grpc
 #   `backend_grpc_requests_total{method="Get"}`), marked even when each share is
-#   within 5 % of a third (31.7 to 35.0 %); a targets line sets ours against the
-#   better of nginx and HAProxy on requests/s, p99 and CPU per request.
+#   within 5 % of a third (31.7 to 35.0 %), which their targets line adds.
 #
 # Usage: scripts/bench.sh [options]       (make bench passes the env variables)
 #   --scenario LIST     see above                               (env SCENARIO)
@@ -77,6 +90,9 @@
 #                       backend's gRPC ports (they must serve
 #                       identity.v1.Identity/Get); their spread and CPU are not
 #                       counted, as they are not the script's backends
+#   env BASELINE_BIN    throughput, churn and idle: a second build of the load balancer
+#                       (say, the one before a change), measured as `baseline`
+#                       in the same rounds as ours
 #   --skip-build        use the release binaries already built  (env SKIP_BUILD=1);
 #                       they are looked for in $CARGO_TARGET_DIR (default target/)
 #   --no-write          print only; leave docs/bench-results.md alone (env NO_WRITE=1)
@@ -89,10 +105,15 @@
 # processes) half-way through its run, the highest of the rounds. A second table
 # splits each target's CPU per request into the proxy's user and kernel time, the
 # backends', the rest (the load generator, interrupts) and the machine's in all
-# (/proc/stat), and says what ours would have to cost for 1.1 times the best
-# other proxy's throughput when the machine is the limit; for websocket a line
-# gives ours against the better of nginx and HAProxy on messages/s and on p99,
-# for tls also on CPU per request.
+# (/proc/stat).
+# Targets: every scenario's table ends with a line setting ours against the
+# better of nginx and HAProxy on each measure (the peer with more requests/s,
+# the one with the lower p99, the one with less proxy CPU per request), each
+# marked met or not: at or above 1.00× on requests/s, at or below on p99 and CPU;
+# then our errors (met at zero) and RSS against the leanest peer's. throughput and
+# churn print it twice: against the like-for-like peers (at or above) and the
+# plain ones (within 3 %: at or above 0.97×, at or below 1.03×). algorithms sets
+# least_request against round_robin; soak checks errors and a flat RSS.
 # The load generator shares the machine's cores with everything else, equally in
 # every target. Our access log is at `info`, so logLevel `warn` switches it off,
 # like `access_log off` in nginx and no `log` line in HAProxy.
@@ -109,11 +130,13 @@ BIG_BYTES="${BIG_BYTES:-1048576}"
 WS_CONNECTIONS="${WS_CONNECTIONS:-64}"
 WS_BYTES="${WS_BYTES:-32}"
 SOAK_DURATION="${SOAK_DURATION:-60}"
+IDLE_CONNECTIONS="${IDLE_CONNECTIONS:-6000}"
 SLOW_BACKEND_MS="${SLOW_BACKEND_MS:-20}"
 WRK_THREADS="${WRK_THREADS:-2}"
 H2_CONNECTIONS="${H2_CONNECTIONS:-16}"
 H2_STREAMS="${H2_STREAMS:-16}"
 GRPC_BACKENDS="${GRPC_BACKENDS:-}"
+BASELINE_BIN="${BASELINE_BIN:-}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 NO_WRITE="${NO_WRITE:-0}"
 
@@ -135,7 +158,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 for var in DURATION ROUNDS CONNECTIONS SLOW_CONNECTIONS SLOW_SLEEP_MS BIG_CONNECTIONS \
-  BIG_BYTES WS_CONNECTIONS WS_BYTES SOAK_DURATION WRK_THREADS H2_CONNECTIONS H2_STREAMS; do
+  BIG_BYTES WS_CONNECTIONS WS_BYTES SOAK_DURATION WRK_THREADS H2_CONNECTIONS H2_STREAMS IDLE_CONNECTIONS; do
   [[ "${!var}" =~ ^[1-9][0-9]*$ ]] || die "$var must be a positive whole number, got '${!var}'"
 done
 (( SOAK_DURATION >= 10 )) || die "SOAK_DURATION must be at least 10 (seconds)"
@@ -143,7 +166,7 @@ done
 (( WS_BYTES <= 16777216 )) || die "WS_BYTES must be at most 16777216 (the backend's message limit)"
 IFS=, read -r -a SCENARIOS <<<"$SCENARIO"
 for s in "${SCENARIOS[@]}"; do
-  [[ "$s" =~ ^(throughput|slow|bigbody|soak|algorithms|websocket|tls|h2|grpc)$ ]] || die "unknown scenario '$s'"
+  [[ "$s" =~ ^(throughput|churn|slow|bigbody|soak|algorithms|websocket|tls|h2|grpc|idle)$ ]] || die "unknown scenario '$s'"
 done
 # Which load generators the chosen scenarios need: wsload for websocket, h2load
 # for h2 and grpc, wrk for every other; tls needs a certificate and HTTPS
@@ -154,14 +177,19 @@ NEED_TLS=0
 NEED_H2LOAD=0
 NEED_H2=0
 NEED_GRPC=0
+NEED_PLAIN=0
+NEED_IDLE=0
 for s in "${SCENARIOS[@]}"; do
   case "$s" in
     websocket) NEED_WSLOAD=1 ;;
     h2) NEED_H2LOAD=1; NEED_H2=1 ;;
     grpc) NEED_H2LOAD=1; NEED_GRPC=1 ;;
+    idle) NEED_IDLE=1 ;;
     *) NEED_WRK=1 ;;
   esac
   [[ "$s" == tls ]] && NEED_TLS=1
+  # throughput and churn measure nginx and HAProxy in both configurations.
+  [[ "$s" == throughput || "$s" == churn ]] && NEED_PLAIN=1
 done
 GRPC_ADDRS=()
 if [[ -n "$GRPC_BACKENDS" ]]; then
@@ -211,6 +239,7 @@ ensure_tool nginx nginx-light nginx
 ensure_tool haproxy haproxy
 (( NEED_TLS )) && ensure_tool openssl openssl
 command -v curl >/dev/null || die "curl is required"
+if (( NEED_IDLE )); then command -v python3 >/dev/null || die "python3 is required for idle (bench/idle.py)"; fi
 
 if [[ "$SKIP_BUILD" != 1 ]]; then
   say "building release binaries (lto = fat, codegen-units = 1: the first build is slow)"
@@ -231,6 +260,8 @@ fi
 
 # 1000 client connections plus as many upstream ones per proxy need descriptors.
 NEED_FDS=$((4 * SLOW_CONNECTIONS + 1024))
+# idle: the client holds IDLE_CONNECTIONS, HAProxy two descriptors for each.
+if (( NEED_IDLE && 2 * IDLE_CONNECTIONS + 1024 > NEED_FDS )); then NEED_FDS=$((2 * IDLE_CONNECTIONS + 1024)); fi
 if (( $(ulimit -n) < NEED_FDS )); then
   ulimit -n "$NEED_FDS" 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 fi
@@ -474,6 +505,23 @@ await_200 "http://127.0.0.1:$admin/readyz" "${PID[ours]}" "$WORK/ours.log"
 # the connection's first bytes.
 URL[h2:ours]="${URL[ours]}"
 
+# BASELINE_BIN: another build of the load balancer (the one before a change),
+# run with the same configuration on ports of its own as target `baseline`,
+# beside ours in throughput and churn: before and after in one interleaved run.
+if [[ -n "$BASELINE_BIN" ]]; then
+  [[ -x "$BASELINE_BIN" ]] || die "BASELINE_BIN: $BASELINE_BIN is not an executable"
+  say "starting the baseline load balancer ($BASELINE_BIN)"
+  port p
+  port admin
+  sed -e "s|\"port\": [0-9]*,|\"port\": $p,|" -e "s|\"adminPort\": [0-9]*,|\"adminPort\": $admin,|" \
+    -e '/"tls":/d' "$WORK/loadbalancer.json" >"$WORK/baseline.json"
+  CONFIG_PATH="$WORK/baseline.json" "$BASELINE_BIN" >"$WORK/baseline.log" 2>&1 &
+  PIDS+=("$!")
+  PID[baseline]="$!"
+  URL[baseline]="http://127.0.0.1:$p"
+  await_200 "http://127.0.0.1:$admin/readyz" "${PID[baseline]}" "$WORK/baseline.log"
+fi
+
 # Why a target of the h2 or grpc scenario was not measured ("SCENARIO:TARGET").
 declare -A UNAVAILABLE
 
@@ -573,6 +621,27 @@ if [[ "${SCENARIOS[*]}" != soak ]]; then
   (( NEED_TLS )) && await_200 "${TLS_URL[haproxy]}/" "${PID[haproxy]}" "$WORK/haproxy.log"
 fi
 
+# throughput and churn: nginx and HAProxy a second time each, in their plain
+# configuration (bench/nginx-plain.conf, bench/haproxy-plain.cfg).
+if (( NEED_PLAIN )); then
+  say "starting nginx and HAProxy in their plain configuration (no header additions)"
+  port p
+  mkdir -m 777 "$WORK/nginx-plain-tmp"
+  fill bench/nginx-plain.conf PORT="$p" >"$WORK/nginx-plain.conf"
+  nginx -p "$WORK" -e "$WORK/nginx-plain-error.log" -c "$WORK/nginx-plain.conf" >"$WORK/nginx-plain.log" 2>&1 &
+  PIDS+=("$!")
+  PID[nginx-plain]="$!"
+  URL[nginx-plain]="http://127.0.0.1:$p"
+  await_200 "${URL[nginx-plain]}/" "${PID[nginx-plain]}" "$WORK/nginx-plain-error.log"
+  port p
+  fill bench/haproxy-plain.cfg PORT="$p" >"$WORK/haproxy-plain.cfg"
+  haproxy -db -f "$WORK/haproxy-plain.cfg" >"$WORK/haproxy-plain.log" 2>&1 &
+  PIDS+=("$!")
+  PID[haproxy-plain]="$!"
+  URL[haproxy-plain]="http://127.0.0.1:$p"
+  await_200 "${URL[haproxy-plain]}/" "${PID[haproxy-plain]}" "$WORK/haproxy-plain.log"
+fi
+
 # --- measuring ---------------------------------------------------------------
 
 # cpu_ticks PID...: "utime stime" of the given processes and their children (nginx
@@ -655,7 +724,8 @@ h2load_run() {
 # TARGET, in the foreground, ending with one line of "key=value ..." (wrk's begins
 # with `BENCH `, see bench/report.lua; h2load's with `H2LOAD `). wsload
 # (backend/examples/wsload.rs) drives the websocket scenario, h2load h2 and grpc,
-# wrk every other; tls and tls-handshake go to the
+# wrk every other; churn sends `Connection: close`, so that every request comes
+# on a new client connection; tls and tls-handshake go to the
 # target's HTTPS port, tls-handshake with `Connection: close`, so that the proxy
 # closes each connection after one answer and wrk opens a new one (a new TLS
 # handshake) for the next request.
@@ -672,6 +742,9 @@ generate() {
   elif [[ "$scenario" == tls-handshake ]]; then
     wrk -t "$WRK_THREADS" -c "$conns" -d "${secs}s" --timeout 10s -s bench/report.lua \
       -H 'Connection: close' "${TLS_URL[$target]}$path"
+  elif [[ "$scenario" == churn ]]; then
+    wrk -t "$WRK_THREADS" -c "$conns" -d "${secs}s" --timeout 10s -s bench/report.lua \
+      -H 'Connection: close' "${URL[$target]}$path"
   else
     wrk -t "$WRK_THREADS" -c "$conns" -d "${secs}s" --timeout 10s -s bench/report.lua \
       "${URL[$target]}$path"
@@ -762,14 +835,23 @@ measure() {
 # table SCENARIO: the markdown table for the scenario's raw lines. Counts are
 # requests, for websocket round-trip messages, for tls-handshake handshakes (one
 # request each), for grpc calls; wrk and h2load report requests and duration_us,
-# wsload messages and seconds. h2 and grpc add the spread over the backends and
-# a targets line; a target whose runs all failed shows no latency or CPU.
+# wsload messages and seconds. h2 and grpc add the spread over the backends;
+# every scenario ends with its targets line (targets_line), throughput and churn
+# with two, against the like-for-like and the plain peers. A target whose runs
+# all failed shows no latency or CPU.
 table() {
   local unit=request
   [[ "$1" == websocket ]] && unit=message
   [[ "$1" == tls-handshake ]] && unit=handshake
   [[ "$1" == grpc ]] && unit=call
-  awk -v tck="$CLK_TCK" -v cores="$CORES" -v unit="$unit" -v scenario="$1" '
+  # Whom the targets line sets against whom: ours against nginx and HAProxy,
+  # in throughput and churn also against their plain configurations; in
+  # algorithms least_request against round_robin.
+  local me=ours peers="nginx haproxy" plain_peers=""
+  [[ "$1" == throughput || "$1" == churn ]] && plain_peers="nginx-plain haproxy-plain"
+  [[ "$1" == algorithms ]] && { me=least_request; peers=round_robin; }
+  awk -v tck="$CLK_TCK" -v cores="$CORES" -v unit="$unit" -v scenario="$1" -v me="$me" \
+    -v peers="$peers" -v plain_peers="$plain_peers" '
     function busy(t) { return 100 * machine[t] / tck / (us[t] / 1e6) / cores }
     # The shares of the three backends, "34.1/33.0/32.9 %", and whether each is
     # within 5 % of a third; "-" where the backends could not be read.
@@ -782,6 +864,46 @@ table() {
     function within(share,    d) { d = share - 1 / 3; return (d < 0 ? -d : d) <= 0.05 / 3 }
     function ratio(a, b) { return b ? a / b : 0 }
     function met(ok) { return ok ? "met" : "not met" }
+    # targets_line(LABEL, PEERS, TOLERANCE): one line setting `me` (ours; in
+    # algorithms least_request) against the better of PEERS (the names of their
+    # rows, space-separated) on each measure: the peer with more requests/s,
+    # the one with the lower p99, the one that spent less proxy CPU per
+    # request (not always the same one), each marked met or not: at or above
+    # 1 - TOLERANCE times on requests/s, at or below 1 + TOLERANCE times on p99
+    # and CPU; then our errors (met at zero), RSS against that of the leanest peer
+    # (no target here; idle has one), and for h2 and grpc the spread.
+    function targets_line(label, list, tol,    n, a, i, k, t, fast, low, lean, thin, sep) {
+      fast = low = lean = thin = ""
+      n = split(list, a, " ")
+      for (i = 1; i <= n; i++) {
+        t = a[i]
+        if (!req[t]) continue
+        if (fast == "" || rps[t] > rps[fast]) fast = t
+        if (low == "" || median(p99[t]) < median(p99[low])) low = t
+        if (lean == "" || pcpu[t] < pcpu[lean]) lean = t
+        if (thin == "" || rss[t] < rss[thin]) thin = t
+      }
+      printf "\nTargets%s: ", label == "" ? "" : " against the " label " peers"
+      if (!req[me]) { printf "not checked, %s was not measured or answered nothing%s.\n", me, h2 ? " (see below)" : ""; return }
+      if (fast == "") { printf "not checked, none of %s answered%s.\n", list, h2 ? " (see below)" : ""; return }
+      printf "%ss/s %.2f× %s (%.0f), %s; p99 %.2f× %s (%.2f ms), %s; CPU per %s %.2f× %s (%.2f s / 100k), %s; errors %d, %s; RSS %.1f MiB, %.2f× %s (%.1f MiB)",
+        unit, ratio(rps[me], rps[fast]), fast, rps[fast], met(rps[me] >= (1 - tol) * rps[fast]),
+        ratio(median(p99[me]), median(p99[low])), low, median(p99[low]) / 1000, met(median(p99[me]) <= (1 + tol) * median(p99[low])),
+        unit, ratio(pcpu[me], pcpu[lean]), lean, pcpu[lean], met(pcpu[me] <= (1 + tol) * pcpu[lean]),
+        err[me], met(err[me] == 0), rss[me] / 1024, ratio(rss[me], rss[thin]), thin, rss[thin] / 1024
+      if (h2) {
+        printf "; spread over the backends:"
+        sep = " "
+        for (k = 1; k <= count; k++) {
+          t = order[k]
+          if (!req[t]) continue
+          printf "%s%s %s", sep, t, (even[t] < 0) ? "not counted" : met(even[t])
+          sep = ", "
+        }
+      }
+      if (tol) printf ". (%s against the better of %s on each measure: within %d %%, at or above %.2f× on %ss/s, at or below %.2f× on p99 and CPU.)\n", me, list, tol * 100, 1 - tol, unit, 1 + tol
+      else printf ". (%s against the better of %s on each measure: at or above 1.00× on %ss/s, at or below on p99 and CPU%s.)\n", me, list, unit, h2 ? "; each backend within 5 % of a third, 31.7 to 35.0 %" : ""
+    }
     function median(list,    n, a, i, j, t) {
       n = split(list, a, " ")
       for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j] + 0 < a[j - 1] + 0; j--) {
@@ -848,68 +970,10 @@ table() {
         printf "| %s | %s | %s | %.1f | %.1f | %.1f | %.0f %% |\n", t, pu, pk, backend[t] * f,
           (machine[t] - user[t] - sys[t] - backend[t]) * f, machine[t] * f,
           busy(t)
-        if (t != "direct" && t != "ours" && (best == "" || machine[t] / req[t] < machine[best] / req[best])) best = t
       }
-      # Only where the machine was the limit: otherwise requests/s is bound by
-      # something else (the backends sleeping, in the slow scenario).
-      if (req["ours"] > 0 && best != "" && busy("ours") >= 95 && busy(best) >= 95) {
-        # At the same cost per request for everything but ours, ours must spend
-        # this much at most for the machine to serve 1.1 times the best one.
-        need = machine[best] / req[best] / 1.1 - (machine["ours"] - user["ours"] - sys["ours"]) / req["ours"]
-        printf "\nFor 1.1× the cheapest other proxy (%s, %.1f µs of machine per %s) with the rest costing what it did, ours would have to spend at most %.1f µs per %s; it spent %.1f.\n",
-          best, machine[best] * 1e6 / tck / req[best], unit, need * 1e6 / tck, unit, (user["ours"] + sys["ours"]) * 1e6 / tck / req["ours"]
-      }
-      # WebSocket: ours against the better peer on each measure, the one with
-      # more messages/s and the one with the lower p99 (not always the same).
-      if (unit == "message" && ("ours" in rps) && ("nginx" in rps) && ("haproxy" in rps)) {
-        fast = (rps["nginx"] >= rps["haproxy"]) ? "nginx" : "haproxy"
-        low = (median(p99["nginx"]) <= median(p99["haproxy"])) ? "nginx" : "haproxy"
-        printf "\nOurs against the better peer: %.2f× the messages/s of %s (%.0f), %.2f× the p99 of %s (%.2f ms); at or above 1.00× on messages/s and at or below 1.00× on p99 meets the target.\n",
-          rps["ours"] / rps[fast], fast, rps[fast], median(p99["ours"]) / median(p99[low]), low, median(p99[low]) / 1000
-      }
-      # TLS: the same, and on CPU per request (per handshake) of the proxy, against
-      # the peer that spent less.
-      if (scenario ~ /^tls/ && ("ours" in rps) && ("nginx" in rps) && ("haproxy" in rps)) {
-        fast = (rps["nginx"] >= rps["haproxy"]) ? "nginx" : "haproxy"
-        low = (median(p99["nginx"]) <= median(p99["haproxy"])) ? "nginx" : "haproxy"
-        for (k = 1; k <= count; k++) { t = order[k]; pcpu[t] = (user[t] + sys[t]) / tck / req[t] * 1e5 }
-        lean = (pcpu["nginx"] <= pcpu["haproxy"]) ? "nginx" : "haproxy"
-        printf "\nOurs against the better peer: %.2f× the %ss/s of %s (%.0f), %.2f× the p99 of %s (%.2f ms), %.2f× the CPU per %s of %s (%.2f s / 100k); at or above 1.00× on %ss/s and at or below 1.00× on p99 and CPU meets the target.\n",
-          rps["ours"] / rps[fast], unit, fast, rps[fast], median(p99["ours"]) / median(p99[low]), low, median(p99[low]) / 1000,
-          pcpu["ours"] / pcpu[lean], unit, lean, pcpu[lean], unit
-      }
-      # h2 and grpc: the targets of the issue, each marked. Ours against the
-      # better peer on each measure (the one with more requests/s, the one with
-      # the lower p99, the one that spent less CPU per request; not always the
-      # same one), and an even spread for every target.
-      if (h2) {
-        fast = low = lean = ""
-        for (k = 1; k <= count; k++) {
-          t = order[k]
-          if (t == "ours" || t == "direct" || !req[t]) continue
-          if (fast == "" || rps[t] > rps[fast]) fast = t
-          if (low == "" || median(p99[t]) < median(p99[low])) low = t
-          if (lean == "" || pcpu[t] < pcpu[lean]) lean = t
-        }
-        printf "\nTargets: "
-        if (!req["ours"]) print "not checked, ours was not measured or answered nothing (see below)."
-        else if (fast == "") print "not checked, neither nginx nor HAProxy answered (see below)."
-        else {
-          printf "%ss/s %.2f× %s (%.0f), %s; p99 %.2f× %s (%.2f ms), %s; CPU per %s %.2f× %s (%.2f s / 100k), %s",
-            unit, ratio(rps["ours"], rps[fast]), fast, rps[fast], met(rps["ours"] >= rps[fast]),
-            ratio(median(p99["ours"]), median(p99[low])), low, median(p99[low]) / 1000, met(median(p99["ours"]) <= median(p99[low])),
-            unit, ratio(pcpu["ours"], pcpu[lean]), lean, pcpu[lean], met(pcpu["ours"] <= pcpu[lean])
-          printf "; spread over the backends:"
-          sep = " "
-          for (k = 1; k <= count; k++) {
-            t = order[k]
-            if (!req[t]) continue
-            printf "%s%s %s", sep, t, (even[t] < 0) ? "not counted" : met(even[t])
-            sep = ", "
-          }
-          printf ". (Ours against the better of nginx and HAProxy on each measure: at or above 1.00× on %ss/s, at or below on p99 and CPU; each backend within 5 %% of a third, 31.7 to 35.0 %%.)\n", unit
-        }
-      }
+      # The targets line(s): ours against the better peer on each measure.
+      targets_line(plain_peers == "" ? "" : "like-for-like", peers, 0)
+      if (plain_peers != "") targets_line("plain", plain_peers, 0.03)
     }' "$WORK/$1.raw"
 }
 
@@ -1020,9 +1084,69 @@ run_soak() {
         print "| requests/s | errors | VmRSS at 2 s | at middle | 2 s before end |"
         print "|--:|--:|--:|--:|--:|"
         printf "| %.0f | %d | %.1f MiB | %.1f MiB | %.1f MiB |\n", v["requests"] / (v["duration_us"] / 1e6), e, a / 1024, b / 1024, c / 1024
+        # No peers here: the targets are no errors and a flat RSS (the end
+        # within 5 % of the middle).
+        printf "\nTargets: errors %d, %s; RSS 2 s before the end %.2f× that at the middle, %s (at or below 1.05×).\n",
+          e, e ? "not met" : "met", b ? c / b : 0, (b && c <= 1.05 * b) ? "met" : "not met"
       }' "$WORK/soak.raw"
     echo
   } >"$WORK/soak.md"
+}
+
+# idle: IDLE_CONNECTIONS keep-alive clients on each of ours, nginx and HAProxy,
+# one request each, then held quiet by bench/idle.py; VmRSS (of all the
+# target's processes) before they open and a second after the last has its
+# answer. The memory a proxy frees when they close may be kept by its allocator
+# and reused by the next run, so idle is best run first or alone.
+run_idle() {
+  local target pid before after line holder _
+  say "scenario idle: $IDLE_CONNECTIONS idle keep-alive connections to each of ours, nginx, haproxy"
+  : >"$WORK/idle.raw"
+  local targets=(ours nginx haproxy)
+  [[ -n "$BASELINE_BIN" ]] && targets=(baseline ours nginx haproxy)
+  for target in "${targets[@]}"; do
+    pid="${PID[$target]}"
+    before="$(rss_kib "$pid")"
+    python3 bench/idle.py 127.0.0.1 "${URL[$target]##*:}" "$IDLE_CONNECTIONS" >"$WORK/idle.out" 2>&1 &
+    holder=$!
+    for _ in $(seq 1200); do
+      grep -q '^IDLE ' "$WORK/idle.out" && break
+      kill -0 "$holder" 2>/dev/null || break
+      sleep 0.1
+    done
+    line="$(grep '^IDLE ' "$WORK/idle.out")" ||
+      { kill "$holder" 2>/dev/null; cat "$WORK/idle.out" >&2; die "idle clients failed against $target"; }
+    sleep 1
+    after="$(rss_kib "$pid")"
+    kill "$holder" 2>/dev/null || true
+    wait "$holder" 2>/dev/null || true
+    echo "$target before_kib=$before after_kib=$after ${line#IDLE }" >>"$WORK/idle.raw"
+    say "    $target: ${line#IDLE }, VmRSS $before -> $after KiB"
+    # Let the proxy close them before the next target opens its own.
+    sleep 1
+  done
+  {
+    echo "### idle: $IDLE_CONNECTIONS keep-alive client connections per target, one GET / each, then quiet"
+    echo
+    awk '{
+        t = $1; order[++n] = t
+        for (i = 2; i <= NF; i++) { split($i, kv, "="); v[t, kv[1]] = kv[2] }
+        per[t] = v[t, "opened"] ? (v[t, "after_kib"] - v[t, "before_kib"]) / v[t, "opened"] : 0
+      }
+      END {
+        print "| target | held | failed | VmRSS before MiB | VmRSS after MiB | KiB per idle connection |"
+        print "|---|--:|--:|--:|--:|--:|"
+        for (k = 1; k <= n; k++) {
+          t = order[k]
+          printf "| %s | %d | %d | %.1f | %.1f | %.2f |\n", t, v[t, "opened"], v[t, "failed"],
+            v[t, "before_kib"] / 1024, v[t, "after_kib"] / 1024, per[t]
+          if (t != "ours" && t != "baseline" && (best == "" || per[t] < per[best])) best = t
+        }
+        printf "\nTargets: RSS per idle connection %.2f× %s (%.2f KiB), %s; failed connections %d, %s. (At or below 1.00× the leaner of nginx and HAProxy; nginx counts every process, so its figure is an upper bound.)\n\n",
+          per[best] ? per["ours"] / per[best] : 0, best, per[best], per["ours"] <= per[best] ? "met" : "not met",
+          v["ours", "failed"], v["ours", "failed"] ? "not met" : "met"
+      }' "$WORK/idle.raw"
+  } >"$WORK/idle.md"
 }
 
 # algorithms: our load balancer twice more, over two normal backends and one slow
@@ -1081,9 +1205,17 @@ tls_negotiated() {
 }
 
 PROXIES=(direct ours nginx haproxy)
+# throughput and churn: the peers in both configurations.
+BOTH=(direct ours nginx haproxy nginx-plain haproxy-plain)
+[[ -n "$BASELINE_BIN" ]] && BOTH=(direct baseline ours nginx haproxy nginx-plain haproxy-plain)
 for s in "${SCENARIOS[@]}"; do
   case "$s" in
-    throughput) run_scenario throughput "$CONNECTIONS" "$ROUNDS" "/" "${PROXIES[@]}" ;;
+    throughput) run_scenario throughput "$CONNECTIONS" "$ROUNDS" "/" "${BOTH[@]}" ;;
+    churn)
+      run_scenario churn "$CONNECTIONS" "$ROUNDS" "/" "${BOTH[@]}"
+      sed -i "s|^### churn: GET /, |### churn: GET / with \`Connection: close\` (a new client connection per request, upstream keep-alive), |" \
+        "$WORK/churn.md"
+      ;;
     slow) run_scenario slow "$SLOW_CONNECTIONS" 1 "/work?sleep_ms=$SLOW_SLEEP_MS" "${PROXIES[@]}" ;;
     bigbody) run_scenario bigbody "$BIG_CONNECTIONS" 1 "/work?bytes=$BIG_BYTES" "${PROXIES[@]}" ;;
     websocket)
@@ -1102,6 +1234,7 @@ for s in "${SCENARIOS[@]}"; do
       cat "$WORK/tls-handshake.md" >>"$WORK/tls.md"
       ;;
     soak) run_soak ;;
+    idle) run_idle ;;
     algorithms) run_algorithms ;;
     h2) run_h2 h2 / ;;
     grpc)
@@ -1143,11 +1276,13 @@ cat "$WORK/report.md"
 # markers), so the hand-written notes around it survive; docs/performance.md
 # explains the figures.
 if [[ "$NO_WRITE" != 1 ]]; then
-  # Soak and websocket on their own keep the block of the main run.
+  # Soak, websocket, tls, churn and idle on their own keep the block of the main run.
   block=run
   [[ "${SCENARIOS[*]}" == soak ]] && block=soak
   [[ "${SCENARIOS[*]}" == websocket ]] && block=websocket
   [[ "${SCENARIOS[*]}" == tls ]] && block=tls
+  [[ "${SCENARIOS[*]}" == churn ]] && block=churn
+  [[ "${SCENARIOS[*]}" == idle ]] && block=idle
   # h2 and grpc, alone or together, keep a block of their own.
   [[ " ${SCENARIOS[*]} " =~ ^(\ (h2|grpc))+\ $ ]] && block=h2
   results=docs/bench-results.md
