@@ -31,6 +31,7 @@
 //! protocol ([`TrackedIo::protocol`]), and hands them to hyper afterwards.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -43,7 +44,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::Slot;
-use super::wire::{PREFACE, Protocol, Wire};
+use super::wire::{Protocol, Wire};
 
 /// Which limit a connection has outlived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,14 +280,21 @@ pub(crate) struct TrackedIo<T> {
     _slot: Slot,
 }
 
-/// The first bytes of a connection: at most a preface's worth.
+/// The bytes read to tell the protocol, until hyper has taken them; then
+/// freed, so that a connection holds none of them once served.
 #[derive(Debug, Default)]
 struct Sniffed {
-    bytes: [u8; PREFACE.len()],
-    /// `bytes[handed..read]` are still to be handed out.
+    bytes: Vec<u8>,
+    /// `bytes[handed..]` are still to be handed out.
     handed: usize,
-    read: usize,
 }
+
+/// How much the first read of a connection may take. A whole request head
+/// usually fits, so hyper finds it all in the bytes handed over and need not
+/// read the socket again: one `read` per short-lived connection instead of two
+/// (the first of which took only a preface's length, 24 bytes). Read into the
+/// stack and kept on the heap only as long as the bytes read, until handed over.
+const SNIFF_READ: usize = 4096;
 
 impl<T> TrackedIo<T> {
     pub(crate) fn new(inner: T, activity: Arc<Activity>, slot: Slot) -> Self {
@@ -313,17 +321,16 @@ impl<T: AsyncRead + Unpin> TrackedIo<T> {
             if let Some(protocol) = self.wire.protocol() {
                 return Poll::Ready(Ok(Some(protocol)));
             }
-            // While sniffing, every byte read matched the preface, which is
-            // as long as the buffer: there is room.
-            let start = self.sniffed.read;
-            let mut buf = ReadBuf::new(&mut self.sniffed.bytes[start..]);
+            let mut space = [MaybeUninit::<u8>::uninit(); SNIFF_READ];
+            let mut buf = ReadBuf::uninit(&mut space);
             ready!(Pin::new(&mut self.inner).poll_read(cx, &mut buf))?;
-            let read = buf.filled().len();
-            if read == 0 {
+            let bytes = buf.filled();
+            if bytes.is_empty() {
                 return Poll::Ready(Ok(None));
             }
-            self.sniffed.read += read;
-            let bytes = &self.sniffed.bytes[start..start + read];
+            self.sniffed.bytes.extend_from_slice(bytes);
+            // The wire reads past the preface, into the first frames, if the
+            // read went that far.
             if self.wire.read(bytes, &self.activity).is_err() {
                 return Poll::Ready(Err(self.flooded()));
             }
@@ -344,10 +351,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let sniffed = &mut this.sniffed;
-        if sniffed.handed < sniffed.read {
-            let count = (sniffed.read - sniffed.handed).min(buf.remaining());
+        if sniffed.handed < sniffed.bytes.len() {
+            let count = (sniffed.bytes.len() - sniffed.handed).min(buf.remaining());
             buf.put_slice(&sniffed.bytes[sniffed.handed..sniffed.handed + count]);
             sniffed.handed += count;
+            if sniffed.handed == sniffed.bytes.len() {
+                *sniffed = Sniffed::default();
+            }
             return Poll::Ready(Ok(()));
         }
         if this.activity.flooded() {
