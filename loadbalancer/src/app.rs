@@ -169,6 +169,8 @@ impl App {
             sockets.push((grpc, Entry::Grpc));
         }
         let routing = Routing::from(&config.discovery);
+        // One policy for all workers: the limits count the process's requests.
+        let policy = config.policy.build();
         let mut proxies = Vec::with_capacity(options.workers.get());
         let workers = Workers::start(
             options.workers,
@@ -182,6 +184,7 @@ impl App {
                     Arc::clone(&metrics),
                 );
                 proxy.set_routing(routing);
+                proxy.set_policy(policy.clone());
                 proxies.push(proxy.clone());
                 proxy
             },

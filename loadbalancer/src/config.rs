@@ -29,13 +29,16 @@ use serde_json::{Map, Value};
 pub use service_kit::logging::{LogFormat, LogLevel};
 
 pub use crate::balancer::{Algorithm, BalancerConfig};
+pub use crate::client_ip::{Cidr, TrustedProxies};
 pub use crate::discovery::{
     AddrError, DiscoveryConfig, DiscoveryMode, parse_backend_addr, parse_backend_list,
 };
 pub use crate::health::HealthCheckConfig;
 pub use crate::outlier::OutlierConfig;
+use crate::proxy::Policy;
 pub use crate::proxy::ProxyConfig;
 use crate::proxy::Resilience;
+pub use crate::ratelimit::{ClientKey, LimitConfig, PerClientConfig, RateLimitConfig, RateLimiter};
 pub use crate::retry::RetriesConfig;
 use crate::server::{Http2Limits, ServerLimits};
 pub use crate::tls::{CertPair, TlsConfig};
@@ -74,6 +77,32 @@ pub struct Config {
     /// `tls`: HTTPS beside plain HTTP, when present.
     #[serde(flatten)]
     pub tls: TlsSection,
+    /// `rateLimit`, `trustedProxies`: what each client may do.
+    #[serde(flatten)]
+    pub policy: PolicyConfig,
+}
+
+/// The per-client policies: rate limits, and whose `X-Forwarded-For` to believe.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PolicyConfig {
+    /// See [`RateLimitConfig`]; absent: no limit.
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Address blocks (`10.0.0.0/8`) of proxies in front of this one whose
+    /// `X-Forwarded-For` names the client. Default: none.
+    pub trusted_proxies: TrustedProxies,
+}
+
+impl PolicyConfig {
+    /// The policy these settings describe, for every worker's proxy to share;
+    /// `None` when nothing is limited.
+    pub fn build(&self) -> Option<std::sync::Arc<Policy>> {
+        let limiter = RateLimiter::new(self.rate_limit.as_ref()?)?;
+        Some(std::sync::Arc::new(Policy {
+            limiter,
+            trusted: self.trusted_proxies.clone(),
+        }))
+    }
 }
 
 /// The `tls` block; without it, the load balancer speaks plain HTTP only.
@@ -397,6 +426,7 @@ impl Config {
             resilience: section(&file, path)?,
             balancing: section(&file, path)?,
             tls: section(&file, path)?,
+            policy: section(&file, path)?,
         };
         // Every section wrote back all of its keys: what is left over is unknown.
         let known = to_object(&config);
@@ -449,6 +479,7 @@ impl Config {
             resilience,
             balancing,
             tls,
+            policy,
         } = self;
         let mut changes = Changes::default();
         changes.compare(Applies::AtRestart, listen, &new.listen);
@@ -462,6 +493,8 @@ impl Config {
         // The HTTPS port is bound at start-up; rotated certificate files are
         // followed by the TLS listener itself, without a reload.
         changes.compare(Applies::AtRestart, tls, &new.tls);
+        // A changed policy starts with fresh limits: a short grace, not a lockout.
+        changes.compare(Applies::Live, policy, &new.policy);
         changes
     }
 
@@ -473,6 +506,9 @@ impl Config {
         self.health.health_check.validate()?;
         self.resilience.outlier.validate()?;
         self.resilience.retries.validate()?;
+        if let Some(rate_limit) = &self.policy.rate_limit {
+            rate_limit.validate()?;
+        }
         Ok(())
     }
 }
@@ -959,7 +995,10 @@ mod tests {
         "retries": {"attempts": 3, "budgetPercent": 20},
         "algorithm": "round_robin", "weights": {},
         "tls": {"port": 8443, "certFile": "/etc/tls/tls.crt", "keyFile": "/etc/tls/tls.key",
-                "certificates": [], "redirectHttp": false}
+                "certificates": [], "redirectHttp": false},
+        "rateLimit": {"perClient": {"requestsPerSecond": 10, "burst": 20, "key": "sourceIp"},
+                      "global": {"requestsPerSecond": 1000, "burst": 2000}},
+        "trustedProxies": ["10.0.0.0/8"]
     }"#;
     const OTHER: &str = r#"{
         "port": 8081, "adminPort": 9091, "bindAddress": "127.0.0.1", "grpcPort": 9001,
@@ -981,7 +1020,11 @@ mod tests {
         "algorithm": "least_request", "weights": {"127.0.0.1": 2},
         "tls": {"port": 9443, "certFile": "/tls/a.crt", "keyFile": "/tls/a.key",
                 "certificates": [{"certFile": "/tls/b.crt", "keyFile": "/tls/b.key"}],
-                "redirectHttp": true}
+                "redirectHttp": true},
+        "rateLimit": {"perClient": {"requestsPerSecond": 11, "burst": 21,
+                                    "key": {"header": "X-Api-Key"}},
+                      "global": {"requestsPerSecond": 1001, "burst": 2001}},
+        "trustedProxies": ["192.168.0.0/16"]
     }"#;
 
     /// Every key path of a JSON object, nested blocks as `block.key`.

@@ -36,6 +36,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::ratelimit::Limit;
+
 /// Upper bounds of the request duration buckets, in seconds: from half a
 /// millisecond (a loopback hop) to the 30 s default request timeout, roughly
 /// ×2.5 apart, so both a fast cluster and a struggling backend land in useful buckets.
@@ -84,6 +86,23 @@ pub struct Metrics {
     /// The series of requests that are not gRPC calls, by [`ClientProtocol`],
     /// resolved once: most requests count here without a family lookup.
     plain_by_protocol: [Counter; 2],
+    /// `loadbalancer_rate_limited_total{limit}`.
+    rate_limited: Family<LimitLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LimitLabels {
+    limit: LimitLabel,
+}
+
+/// Which rate limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct LimitLabel(Limit);
+
+impl EncodeLabelValue for LimitLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        encoder.write_str(self.0.as_str())
+    }
 }
 
 /// What the client spoke to the load balancer.
@@ -405,6 +424,12 @@ impl Metrics {
                 grpc_status: GrpcStatusLabel(None),
             })
         });
+        let rate_limited = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429 by a rate limit, by the limit (client, global)",
+            rate_limited.clone(),
+        );
         registry.register(
             "build",
             "The running version",
@@ -430,6 +455,7 @@ impl Metrics {
             certificate_reloads,
             by_protocol,
             plain_by_protocol,
+            rate_limited,
         }
     }
 
@@ -511,6 +537,15 @@ impl Metrics {
                 })
                 .inc(),
         };
+    }
+
+    /// Counts one request refused by the `limit` rate limit.
+    pub fn record_rate_limited(&self, limit: Limit) {
+        self.rate_limited
+            .get_or_create(&LimitLabels {
+                limit: LimitLabel(limit),
+            })
+            .inc();
     }
 
     /// Counts one retry: a request sent again to another backend.

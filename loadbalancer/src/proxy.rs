@@ -57,9 +57,11 @@ use tracing::{info, warn};
 use crate::backend_state::{BackendState, OwnedInFlight};
 use crate::backends::{BackendProtocol, Backends, LearnedProtocols};
 use crate::balancer::{self, Balancer, NoBackend};
+use crate::client_ip::TrustedProxies;
 use crate::discovery::DiscoveryConfig;
 use crate::metrics::{ClientProtocol, Metrics};
 use crate::outlier::{Admission, Outcome, OutlierDetector, OutlierSettings};
+use crate::ratelimit::{RateLimiter, Refusal};
 use crate::response;
 use crate::retry::body::{AttemptBody, RetryBody};
 use crate::retry::{RetryPolicy, RetryReason, RetrySettings};
@@ -233,6 +235,9 @@ pub enum ProxyError {
     /// a forward proxy's job, not a reverse proxy's: 405.
     #[error("CONNECT is not supported")]
     ConnectMethod,
+    /// Over a rate limit (`rateLimit`): 429, with when to come back.
+    #[error("over the {} rate limit", .0.limit.as_str())]
+    RateLimited(Refusal),
 }
 
 impl From<NoBackend> for ProxyError {
@@ -251,6 +256,7 @@ impl ProxyError {
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::RequestBodyIdle { .. } => StatusCode::REQUEST_TIMEOUT,
         }
     }
@@ -264,7 +270,7 @@ impl ProxyError {
             | ProxyError::Upstream { backend, .. }
             | ProxyError::Timeout { backend, .. }
             | ProxyError::RequestBodyIdle { backend, .. } => Some(*backend),
-            ProxyError::NoBackend | ProxyError::ConnectMethod => None,
+            ProxyError::NoBackend | ProxyError::ConnectMethod | ProxyError::RateLimited(_) => None,
         }
     }
 
@@ -297,6 +303,11 @@ impl ProxyError {
             ProxyError::RequestBodyIdle { timeout, .. } => {
                 format!("the request body stalled for {} ms", timeout.as_millis())
             }
+            ProxyError::RateLimited(refusal) => format!(
+                "too many requests ({} limit); retry after {} s",
+                refusal.limit.as_str(),
+                retry_after_seconds(refusal)
+            ),
         }
     }
 
@@ -307,6 +318,7 @@ impl ProxyError {
                 grpc::Code::DeadlineExceeded
             }
             ProxyError::ConnectMethod => grpc::Code::Unimplemented,
+            ProxyError::RateLimited(_) => grpc::Code::ResourceExhausted,
             ProxyError::NoBackend
             | ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
@@ -316,9 +328,18 @@ impl ProxyError {
     }
 
     fn to_response(&self, request_id: &HeaderValue, grpc: bool) -> Response<Full<Bytes>> {
-        if grpc {
-            return grpc::error_response(self.grpc_code(), &self.public_message());
+        let mut response = if grpc {
+            grpc::error_response(self.grpc_code(), &self.public_message())
+        } else {
+            self.json_response(request_id)
+        };
+        if let ProxyError::RateLimited(refusal) = self {
+            rate_limit_headers(response.headers_mut(), refusal);
         }
+        response
+    }
+
+    fn json_response(&self, request_id: &HeaderValue) -> Response<Full<Bytes>> {
         let status = self.status();
         let mut response = response::json(
             status,
@@ -395,6 +416,8 @@ impl Routing {
 /// Built once per connection and shared by every request on it.
 #[derive(Debug, Clone)]
 pub struct ClientConn {
+    /// The connection's peer, as the per-client policies start from.
+    peer: std::net::IpAddr,
     /// The client's IP, ready to append to `X-Forwarded-For`.
     ip: HeaderValue,
     /// How the client reached us, for `X-Forwarded-Proto`.
@@ -418,6 +441,7 @@ impl ClientConn {
     /// whose requests are redirected to HTTPS on `https_redirect` if that is set.
     pub fn new(peer: SocketAddr, scheme: Scheme, https_redirect: Option<u16>) -> Self {
         Self {
+            peer: peer.ip(),
             ip: headers::ip_header_value(peer.ip()),
             scheme,
             https_redirect,
@@ -465,6 +489,20 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// The tunnels of upgraded requests (WebSockets), closed when the proxy stops.
     tunnels: Tunnels,
+    /// The rate limits in force, shared by every worker's proxy (their state
+    /// is the process's), and replaced whole by a reload; `None` without
+    /// `rateLimit`. Read-locked once per request, never across an `.await`.
+    policy: RwLock<Option<Arc<Policy>>>,
+}
+
+/// What the per-client policies need: the limits and whose
+/// `X-Forwarded-For` to believe.
+#[derive(Debug)]
+pub struct Policy {
+    /// The limits, with their state.
+    pub limiter: RateLimiter,
+    /// `trustedProxies`.
+    pub trusted: TrustedProxies,
 }
 
 impl Shared {
@@ -578,6 +616,7 @@ impl Proxy {
                 retry: RetryPolicy::new(resilience.retry_settings()),
                 metrics,
                 tunnels: Tunnels::new(),
+                policy: RwLock::new(None),
             }),
         }
     }
@@ -621,6 +660,7 @@ impl Proxy {
             }
             _ => None,
         };
+        let refused = self.rate_limited(client, &parts.headers);
         headers::use_target_authority(&mut parts);
         headers::join_cookies(&mut parts.headers);
         let redirect = client
@@ -633,7 +673,13 @@ impl Proxy {
             if let Some(location) = redirect {
                 return proxy.redirect(&head, location, &request_id, started);
             }
-            let Forwarded { attempts, result } = if head.method() == Method::CONNECT {
+            let Forwarded { attempts, result } = if let Some(refusal) = refused {
+                proxy.shared.metrics.record_rate_limited(refusal.limit);
+                Forwarded {
+                    attempts: 0,
+                    result: Err(ProxyError::RateLimited(refusal)),
+                }
+            } else if head.method() == Method::CONNECT {
                 Forwarded {
                     attempts: 0,
                     result: Err(ProxyError::ConnectMethod),
@@ -738,6 +784,18 @@ impl Proxy {
             response.headers_mut().insert(X_REQUEST_ID, request_id);
             response
         }
+    }
+
+    /// Whether a rate limit refuses this request, from `client` with these
+    /// headers.
+    fn rate_limited(&self, client: &ClientConn, headers: &http::HeaderMap) -> Option<Refusal> {
+        let policy = self.shared.policy.read().unwrap_or_else(|p| p.into_inner());
+        let policy = policy.as_ref()?;
+        let client_ip = policy.trusted.client(client.peer, headers);
+        policy
+            .limiter
+            .check(client_ip, headers, Instant::now())
+            .err()
     }
 
     /// Answers a plain-HTTP request with `tls.redirectHttp` on: 308 to `location`
@@ -1081,6 +1139,17 @@ impl Proxy {
         *tuning = Tuning::new(settings, resilience.outlier, tuning.routing);
     }
 
+    /// Applies rate limits (`rateLimit`, `trustedProxies`) from the next
+    /// request on; `None` lifts them. Every worker's proxy gets the same
+    /// `Arc`, so the limits count the process's requests.
+    pub fn set_policy(&self, policy: Option<Arc<Policy>>) {
+        *self
+            .shared
+            .policy
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
     /// Applies `backendProtocol` and `backendGrpcPort` from the next attempt
     /// on: at start, and when a reload changes them.
     pub fn set_routing(&self, routing: Routing) {
@@ -1186,6 +1255,32 @@ fn retry_reason(result: &Result<Response<UpstreamBody>, ProxyError>) -> Option<R
         Err(ProxyError::Upstream { .. }) => Some(RetryReason::Reset),
         Err(ProxyError::Refused { .. }) => Some(RetryReason::Refused),
         Err(_) => None,
+    }
+}
+
+/// Whole seconds until a refused client may try again, rounded up (a
+/// `Retry-After` of 0 would invite an immediate retry).
+fn retry_after_seconds(refusal: &Refusal) -> u64 {
+    let retry_after = refusal.retry_after;
+    retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)
+}
+
+/// `Retry-After` and the IETF `RateLimit-Policy` and `RateLimit` fields
+/// (draft-ietf-httpapi-ratelimit-headers): the limit's quota per one-second
+/// window, none of it left, and when more is.
+fn rate_limit_headers(headers: &mut http::HeaderMap, refusal: &Refusal) {
+    let seconds = retry_after_seconds(refusal);
+    let name = refusal.limit.as_str();
+    headers.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+    let policy = format!(
+        "\"{name}\";q={};w=1;burst={}",
+        refusal.requests_per_second, refusal.burst
+    );
+    let state = format!("\"{name}\";r=0;t={seconds}");
+    for (field, value) in [("ratelimit-policy", policy), ("ratelimit", state)] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(http::HeaderName::from_static(field), value);
+        }
     }
 }
 

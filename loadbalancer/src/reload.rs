@@ -16,6 +16,8 @@
 //!
 //! * log level and format: through the [`LogHandle`];
 //! * algorithm and weights: a new balancer swapped into every [`Proxy`];
+//! * rate limits and trusted proxies: a new policy, shared by every proxy,
+//!   counting from zero ([`Proxy::set_policy`]);
 //! * upstream timeouts, retries and outlier settings: [`Proxy::reconfigure`],
 //!   from each proxy's next attempt on (the retry budget and each backend's
 //!   outlier counters carry over);
@@ -175,6 +177,7 @@ impl Reloader {
             resilience,
             balancing,
             tls: _,
+            policy,
         } = &new;
         if *balancing != old.balancing {
             let chosen = balancing.build();
@@ -186,6 +189,12 @@ impl Reloader {
             let (settings, resilience) = (ProxySettings::from(proxy), Resilience::from(resilience));
             for proxy in &live.proxies {
                 proxy.reconfigure(settings, resilience);
+            }
+        }
+        if *policy != old.policy {
+            let built = policy.build();
+            for proxy in &live.proxies {
+                proxy.set_policy(built.clone());
             }
         }
         if *discovery != old.discovery {

@@ -41,6 +41,8 @@ const GRPC_TIMEOUT: &str = "grpc-timeout";
 pub(super) enum Code {
     /// The deadline passed before the backend answered.
     DeadlineExceeded = 4,
+    /// A rate limit refused the call.
+    ResourceExhausted = 8,
     /// The proxy cannot serve this kind of request at all.
     Unimplemented = 12,
     /// No backend could take the call; a client may try again later.

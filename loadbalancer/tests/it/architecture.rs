@@ -32,7 +32,15 @@ use std::path::{Path, PathBuf};
 /// The load balancer's layers, bottom first; `docs/architecture.md` says what
 /// each layer is for.
 const LOADBALANCER_LAYERS: &[&[&str]] = &[
-    &["metrics", "shutdown", "response", "balancer", "retry"],
+    &[
+        "metrics",
+        "shutdown",
+        "response",
+        "balancer",
+        "retry",
+        "ratelimit",
+        "client_ip",
+    ],
     &["backend_state"],
     &["backends"],
     &["outlier", "discovery", "upstream", "tls"],

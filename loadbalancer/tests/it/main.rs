@@ -23,6 +23,7 @@ mod kubernetes_e2e;
 mod logs;
 mod manifests;
 mod metrics;
+mod policy;
 mod pool;
 mod proxy;
 mod reload;
