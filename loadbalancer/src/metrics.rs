@@ -93,6 +93,17 @@ pub struct Metrics {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct LimitLabels {
     limit: LimitLabel,
+    key: KeyKindLabel,
+}
+
+/// What told the clients of a limit apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct KeyKindLabel(Limit);
+
+impl EncodeLabelValue for KeyKindLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        encoder.write_str(self.0.key_kind())
+    }
 }
 
 /// Which rate limit refused a request.
@@ -427,7 +438,8 @@ impl Metrics {
         let rate_limited = Family::<LimitLabels, Counter>::default();
         registry.register(
             "rate_limited",
-            "Requests refused with 429 by a rate limit, by the limit (client, global)",
+            "Requests refused with 429 by a rate limit, by the limit (client, global) and \
+             what tells clients apart (sourceIp, header; none for global)",
             rate_limited.clone(),
         );
         registry.register(
@@ -544,6 +556,7 @@ impl Metrics {
         self.rate_limited
             .get_or_create(&LimitLabels {
                 limit: LimitLabel(limit),
+                key: KeyKindLabel(limit),
             })
             .inc();
     }

@@ -163,8 +163,9 @@ impl Gcra {
 /// Which limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Limit {
-    /// The client's own.
-    PerClient,
+    /// The client's own, the client told apart by its address or, with
+    /// `by_header`, by a header.
+    PerClient { by_header: bool },
     /// The replica's.
     Global,
 }
@@ -173,8 +174,17 @@ impl Limit {
     /// How headers, logs and metrics name it.
     pub fn as_str(self) -> &'static str {
         match self {
-            Limit::PerClient => "client",
+            Limit::PerClient { .. } => "client",
             Limit::Global => "global",
+        }
+    }
+
+    /// What tells the clients of this limit apart, as metrics name it.
+    pub fn key_kind(self) -> &'static str {
+        match self {
+            Limit::PerClient { by_header: false } => "sourceIp",
+            Limit::PerClient { by_header: true } => "header",
+            Limit::Global => "none",
         }
     }
 }
@@ -282,9 +292,10 @@ impl RateLimiter {
                 return Ok(());
             }
         }
+        let by_header = !matches!(client, Client::Ip(_));
         let tat = table.entry(client).or_insert(now);
         gcra.admit(tat, now)
-            .map_err(|retry_after| refusal(Limit::PerClient, gcra, retry_after))
+            .map_err(|retry_after| refusal(Limit::PerClient { by_header }, gcra, retry_after))
     }
 
     /// Clients tracked now.
@@ -347,7 +358,7 @@ mod tests {
         let refused = limiter
             .check(ip(1), &none, start)
             .expect_err("over the burst");
-        assert_eq!(refused.limit, Limit::PerClient);
+        assert_eq!(refused.limit, Limit::PerClient { by_header: false });
         assert_eq!(refused.retry_after, Duration::from_millis(100));
         // Another client has its own burst.
         assert!(limiter.check(ip(2), &none, start).is_ok());

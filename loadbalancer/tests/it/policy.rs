@@ -62,7 +62,7 @@ async fn a_client_over_its_burst_gets_429_while_another_is_served() {
 
     let counted = metric(
         lb.admin_addr,
-        r#"loadbalancer_rate_limited_total{limit="client"}"#,
+        r#"loadbalancer_rate_limited_total{limit="client",key="sourceIp"}"#,
     )
     .await;
     assert_eq!(counted, 2.0);
