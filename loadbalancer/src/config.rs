@@ -18,7 +18,7 @@
 //! serving and which only at the next start; live reload follows it.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv6Addr};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -96,8 +96,10 @@ pub struct Listen {
     /// from client traffic so that probes are never queued behind it. Default 9090.
     #[serde(default = "default_admin_port")]
     pub admin_port: u16,
-    /// The address both listeners bind: `0.0.0.0` (every IPv4 address) by
-    /// default, `127.0.0.1` to keep a laptop's load balancer to itself.
+    /// The address both listeners bind: `::` by default, every IPv4 and IPv6
+    /// address (one dual-stack socket per port; IPv4 only, `0.0.0.0`, where the
+    /// host has no IPv6), `0.0.0.0` for IPv4 only, `127.0.0.1` to keep a
+    /// laptop's load balancer to itself.
     #[serde(default = "default_bind_address")]
     pub bind_address: IpAddr,
     /// A second proxy port for gRPC clients (HTTP/2 or HTTP/1.1, like `port`),
@@ -112,7 +114,7 @@ fn default_admin_port() -> u16 {
 }
 
 fn default_bind_address() -> IpAddr {
-    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
 }
 
 /// How the logs are written.

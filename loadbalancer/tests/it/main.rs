@@ -16,6 +16,7 @@ mod config_reference;
 mod discovery;
 mod dockerfile;
 mod docs_links;
+mod dual_stack;
 mod grpc;
 mod hardening;
 mod http2;
