@@ -39,6 +39,7 @@ use crate::proxy::Resilience;
 pub use crate::retry::RetriesConfig;
 use crate::server::{Http2Limits, ServerLimits};
 pub use crate::tls::{CertPair, TlsConfig};
+pub use crate::topology::TopologyConfig;
 
 /// Where the ConfigMap is mounted inside the pod.
 pub const DEFAULT_PATH: &str = "/etc/config/config.json";
@@ -74,6 +75,9 @@ pub struct Config {
     /// `tls`: HTTPS beside plain HTTP, when present.
     #[serde(flatten)]
     pub tls: TlsSection,
+    /// `zone`, `topologyAware`: this replica's zone, for topology-aware routing.
+    #[serde(flatten)]
+    pub topology: TopologyConfig,
 }
 
 /// The `tls` block; without it, the load balancer speaks plain HTTP only.
@@ -399,6 +403,7 @@ impl Config {
             resilience: section(&file, path)?,
             balancing: section(&file, path)?,
             tls: section(&file, path)?,
+            topology: section(&file, path)?,
         };
         // Every section wrote back all of its keys: what is left over is unknown.
         let known = to_object(&config);
@@ -451,6 +456,7 @@ impl Config {
             resilience,
             balancing,
             tls,
+            topology,
         } = self;
         let mut changes = Changes::default();
         changes.compare(Applies::AtRestart, listen, &new.listen);
@@ -464,6 +470,8 @@ impl Config {
         // The HTTPS port is bound at start-up; rotated certificate files are
         // followed by the TLS listener itself, without a reload.
         changes.compare(Applies::AtRestart, tls, &new.tls);
+        // The reloader learns the zone again, from the new key or the Node.
+        changes.compare(Applies::Live, topology, &new.topology);
         changes
     }
 
@@ -961,7 +969,8 @@ mod tests {
         "retries": {"attempts": 3, "budgetPercent": 20},
         "algorithm": "round_robin", "weights": {},
         "tls": {"port": 8443, "certFile": "/etc/tls/tls.crt", "keyFile": "/etc/tls/tls.key",
-                "certificates": [], "redirectHttp": false}
+                "certificates": [], "redirectHttp": false},
+        "zone": "zone-a", "topologyAware": true
     }"#;
     const OTHER: &str = r#"{
         "port": 8081, "adminPort": 9091, "bindAddress": "127.0.0.1", "grpcPort": 9001,
@@ -983,7 +992,8 @@ mod tests {
         "algorithm": "least_request", "weights": {"127.0.0.1": 2},
         "tls": {"port": 9443, "certFile": "/tls/a.crt", "keyFile": "/tls/a.key",
                 "certificates": [{"certFile": "/tls/b.crt", "keyFile": "/tls/b.key"}],
-                "redirectHttp": true}
+                "redirectHttp": true},
+        "zone": "zone-b", "topologyAware": false
     }"#;
 
     /// Every key path of a JSON object, nested blocks as `block.key`.

@@ -32,7 +32,11 @@ use std::path::{Path, PathBuf};
 /// The load balancer's layers, bottom first; `docs/architecture.md` says what
 /// each layer is for.
 const LOADBALANCER_LAYERS: &[&[&str]] = &[
-    &["metrics", "shutdown", "response", "balancer", "retry"],
+    // `topology` is a leaf: the routing that reads its locality lives in the
+    // balancer and the backend list, below whatever learns it.
+    &[
+        "metrics", "shutdown", "response", "balancer", "retry", "topology",
+    ],
     &["backend_state"],
     &["backends"],
     &["outlier", "discovery", "upstream", "tls"],

@@ -30,6 +30,7 @@ mod reload;
 mod server;
 mod status_page;
 mod tls;
+mod topology;
 mod tunnels;
 mod upstream_wire;
 mod websocket;

@@ -356,6 +356,7 @@ fn test_config(settings: ProxySettings, limits: ServerLimits) -> Config {
         resilience: Default::default(),
         balancing: Default::default(),
         tls: Default::default(),
+        topology: Default::default(),
     }
 }
 
