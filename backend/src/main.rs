@@ -2,7 +2,7 @@
 //! and serves until SIGTERM or Ctrl-C. Everything with logic in it lives in the
 //! library; this file only wires it together.
 
-use std::net::Ipv4Addr;
+use std::net::Ipv6Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -46,12 +46,14 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        let listener = server::bind((Ipv4Addr::UNSPECIFIED, config.port).into())
+        // `[::]`: every IPv4 and IPv6 address, so the pod serves in an
+        // IPv6-only or dual-stack cluster too; IPv4 only where IPv6 is absent.
+        let listener = server::bind((Ipv6Addr::UNSPECIFIED, config.port).into())
             .with_context(|| format!("listening on port {}", config.port))?;
         let grpc_listener = config
             .grpc_port
             .map(|port| {
-                server::bind((Ipv4Addr::UNSPECIFIED, port).into())
+                server::bind((Ipv6Addr::UNSPECIFIED, port).into())
                     .with_context(|| format!("listening on grpcPort {port}"))
             })
             .transpose()?;

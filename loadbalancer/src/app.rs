@@ -33,7 +33,7 @@ use tracing::info;
 use crate::admin::{self, Admin};
 use crate::backends::{Backends, BackendsWriter};
 use crate::balancer::Balancer;
-use crate::config::Config;
+use crate::config::{Config, DiscoveryMode};
 use crate::discovery::DiscoveryTask;
 use crate::health::{HealthCheckSettings, HealthTask};
 use crate::metrics::Metrics;
@@ -42,6 +42,7 @@ use crate::reload::{self, Live, Reloader};
 use crate::server::{self, Entry, ServerLimits};
 use crate::shutdown::Shutdown;
 use crate::tls::Tls;
+use crate::topology::{Locality, LocalityLookup, NodeClient};
 use crate::workers::{self, Workers};
 
 /// What the app needs besides the config: what the binary learns from its flags
@@ -70,6 +71,11 @@ pub struct Options {
     pub resilience: Option<Resilience>,
     /// Whether active health checks run.
     pub health_checks: bool,
+    /// The Node this replica runs on (the Downward API's `NODE_NAME`), whose
+    /// zone label is this replica's zone unless the config sets `zone`.
+    pub node_name: Option<String>,
+    /// The client for that Node lookup; `None` builds one as discovery does.
+    pub kube_client: Option<NodeClient>,
 }
 
 impl Default for Options {
@@ -84,6 +90,8 @@ impl Default for Options {
             balancer: None,
             resilience: None,
             health_checks: true,
+            node_name: None,
+            kube_client: None,
         }
     }
 }
@@ -114,6 +122,8 @@ pub struct App {
     live: JoinHandle<()>,
     /// Errors of a discovery that failed; `None` when discovery does not run.
     discovery_failures: Option<mpsc::UnboundedReceiver<anyhow::Error>>,
+    /// This replica's zone and node, once learned.
+    locality: LocalityLookup,
 }
 
 impl App {
@@ -236,6 +246,14 @@ impl App {
             }
             None => (None, None),
         };
+        // Learned in the background: an API call must not hold up serving,
+        // and until it answers routing ignores zones, which is always correct.
+        let locality = LocalityLookup::new(options.node_name, options.kube_client);
+        {
+            let (lookup, topology) = (locality.clone(), config.topology.clone());
+            let kubernetes = config.discovery.discovery == DiscoveryMode::Kubernetes;
+            tokio::spawn(async move { lookup.update(&topology, kubernetes).await });
+        }
         let drain = config.limits.drain();
         let live = Live {
             proxies: proxies.clone(),
@@ -244,6 +262,7 @@ impl App {
             health,
             discovery,
             namespace: options.namespace,
+            locality: Some(locality.clone()),
         };
         let live = match options.config_path {
             Some(path) => {
@@ -268,6 +287,7 @@ impl App {
             certificate_watch,
             live,
             discovery_failures,
+            locality,
         })
     }
 
@@ -355,6 +375,17 @@ impl App {
     /// Each worker's proxy, for its counters.
     pub fn proxies(&self) -> &[Proxy] {
         &self.proxies
+    }
+
+    /// This replica's zone and node, `None` until learned or when they cannot
+    /// be (see [`crate::topology`]): for `/debug/backends` and the routing.
+    pub fn locality(&self) -> Option<Locality> {
+        self.locality.current()
+    }
+
+    /// Follows [`Self::locality`] as start-up and reloads learn it.
+    pub fn locality_updates(&self) -> tokio::sync::watch::Receiver<Option<Locality>> {
+        self.locality.subscribe()
     }
 
     /// The shutdown signal the listeners follow.

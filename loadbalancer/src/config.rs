@@ -18,7 +18,7 @@
 //! serving and which only at the next start; live reload follows it.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv6Addr};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -42,6 +42,7 @@ pub use crate::ratelimit::{ClientKey, LimitConfig, PerClientConfig, RateLimitCon
 pub use crate::retry::RetriesConfig;
 use crate::server::{Http2Limits, ServerLimits};
 pub use crate::tls::{CertPair, TlsConfig};
+pub use crate::topology::TopologyConfig;
 
 /// Where the ConfigMap is mounted inside the pod.
 pub const DEFAULT_PATH: &str = "/etc/config/config.json";
@@ -80,6 +81,9 @@ pub struct Config {
     /// `rateLimit`, `trustedProxies`: what each client may do.
     #[serde(flatten)]
     pub policy: PolicyConfig,
+    /// `zone`, `topologyAware`: this replica's zone, for topology-aware routing.
+    #[serde(flatten)]
+    pub topology: TopologyConfig,
 }
 
 /// The per-client policies: rate limits, and whose `X-Forwarded-For` to believe.
@@ -125,8 +129,10 @@ pub struct Listen {
     /// from client traffic so that probes are never queued behind it. Default 9090.
     #[serde(default = "default_admin_port")]
     pub admin_port: u16,
-    /// The address both listeners bind: `0.0.0.0` (every IPv4 address) by
-    /// default, `127.0.0.1` to keep a laptop's load balancer to itself.
+    /// The address both listeners bind: `::` by default, every IPv4 and IPv6
+    /// address (one dual-stack socket per port; IPv4 only, `0.0.0.0`, where the
+    /// host has no IPv6), `0.0.0.0` for IPv4 only, `127.0.0.1` to keep a
+    /// laptop's load balancer to itself.
     #[serde(default = "default_bind_address")]
     pub bind_address: IpAddr,
     /// A second proxy port for gRPC clients (HTTP/2 or HTTP/1.1, like `port`),
@@ -141,7 +147,7 @@ fn default_admin_port() -> u16 {
 }
 
 fn default_bind_address() -> IpAddr {
-    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
 }
 
 /// How the logs are written.
@@ -427,6 +433,7 @@ impl Config {
             balancing: section(&file, path)?,
             tls: section(&file, path)?,
             policy: section(&file, path)?,
+            topology: section(&file, path)?,
         };
         // Every section wrote back all of its keys: what is left over is unknown.
         let known = to_object(&config);
@@ -480,6 +487,7 @@ impl Config {
             balancing,
             tls,
             policy,
+            topology,
         } = self;
         let mut changes = Changes::default();
         changes.compare(Applies::AtRestart, listen, &new.listen);
@@ -495,6 +503,8 @@ impl Config {
         changes.compare(Applies::AtRestart, tls, &new.tls);
         // A changed policy starts with fresh limits: a short grace, not a lockout.
         changes.compare(Applies::Live, policy, &new.policy);
+        // The reloader learns the zone again, from the new key or the Node.
+        changes.compare(Applies::Live, topology, &new.topology);
         changes
     }
 
@@ -998,7 +1008,8 @@ mod tests {
                 "certificates": [], "redirectHttp": false},
         "rateLimit": {"perClient": {"requestsPerSecond": 10, "burst": 20, "key": "sourceIp"},
                       "global": {"requestsPerSecond": 1000, "burst": 2000}},
-        "trustedProxies": ["10.0.0.0/8"]
+        "trustedProxies": ["10.0.0.0/8"],
+        "zone": "zone-a", "topologyAware": true
     }"#;
     const OTHER: &str = r#"{
         "port": 8081, "adminPort": 9091, "bindAddress": "127.0.0.1", "grpcPort": 9001,
@@ -1024,7 +1035,8 @@ mod tests {
         "rateLimit": {"perClient": {"requestsPerSecond": 11, "burst": 21,
                                     "key": {"header": "X-Api-Key"}},
                       "global": {"requestsPerSecond": 1001, "burst": 2001}},
-        "trustedProxies": ["192.168.0.0/16"]
+        "trustedProxies": ["192.168.0.0/16"],
+        "zone": "zone-b", "topologyAware": false
     }"#;
 
     /// Every key path of a JSON object, nested blocks as `block.key`.

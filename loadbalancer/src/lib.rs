@@ -15,6 +15,8 @@
 //! background, `outlier` ejects backends whose requests keep failing (both mark
 //! each backend's [`backend_state::BackendState`], which the balancer reads), and
 //! `retry` decides when the proxy repeats a failed attempt on another backend.
+//! `topology` learns this replica's zone and node, for routing that prefers
+//! backends close by.
 //!
 //! [`app::App`] owns start-up and the shutdown order, `reload` applies a changed
 //! config file while serving, and `main.rs` only parses flags, loads the config
@@ -42,5 +44,6 @@ pub mod retry;
 pub mod server;
 pub mod shutdown;
 pub mod tls;
+pub mod topology;
 pub mod upstream;
 pub mod workers;

@@ -10,6 +10,7 @@ use clap::Parser;
 use loadbalancer::app::{App, Options};
 use loadbalancer::config::{self, Config};
 use loadbalancer::shutdown::Signals;
+use loadbalancer::topology;
 use service_kit::logging;
 
 /// Kubernetes-aware HTTP load balancer.
@@ -54,6 +55,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         flag_backends,
         namespace: std::env::var("NAMESPACE").ok().filter(|ns| !ns.is_empty()),
         log: Some(log),
+        node_name: std::env::var(topology::NODE_NAME_VARIABLE)
+            .ok()
+            .filter(|node| !node.is_empty()),
         ..Options::default()
     };
     let app = App::start(config, options).await?;

@@ -26,7 +26,9 @@
 //!   until the new source's first complete list; `backendProtocol` and
 //!   `backendGrpcPort` go to every proxy ([`Proxy::set_routing`]);
 //! * health-check settings: the checker task is restarted (verdicts live in each
-//!   backend's state and carry over).
+//!   backend's state and carry over);
+//! * this replica's zone (`zone`, `topologyAware`, or the Node's label): learned
+//!   again on every reload, in the background.
 //!
 //! What is baked into listening sockets and server settings at start-up (ports,
 //! connection limits, server timeouts) needs a restart; a change to one of them
@@ -44,11 +46,12 @@ pub use service_kit::config_watch::POLL_INTERVAL;
 use service_kit::logging::LogHandle;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, DiscoveryMode};
 use crate::discovery::DiscoveryTask;
 use crate::health::{HealthCheckSettings, HealthTask};
 use crate::metrics::{Metrics, ReloadResult};
 use crate::proxy::{Proxy, ProxySettings, Resilience, Routing};
+use crate::topology::LocalityLookup;
 
 /// The running parts a reload can change. Whoever holds it keeps health checks
 /// and discovery running: dropping it stops both.
@@ -69,6 +72,10 @@ pub struct Live {
     pub discovery: Option<DiscoveryTask>,
     /// The pod's namespace, for a new Kubernetes source.
     pub namespace: Option<String>,
+    /// This replica's zone and node, learned again on every reload (from a
+    /// changed `zone`, or a Node whose label changed); `None` in tests that
+    /// leave it out.
+    pub locality: Option<LocalityLookup>,
 }
 
 /// Watches one config file and applies its changes to [`Live`].
@@ -178,6 +185,7 @@ impl Reloader {
             balancing,
             tls: _,
             policy,
+            topology,
         } = &new;
         if *balancing != old.balancing {
             let chosen = balancing.build();
@@ -205,6 +213,13 @@ impl Reloader {
             if let Some(task) = &live.discovery {
                 task.set_source(discovery.source(live.namespace.clone()));
             }
+        }
+        if let Some(lookup) = &live.locality {
+            let (lookup, topology) = (lookup.clone(), topology.clone());
+            let kubernetes = discovery.discovery == DiscoveryMode::Kubernetes;
+            // An API call: it must not hold up the reload, and until it
+            // answers the locality in force stays.
+            tokio::spawn(async move { lookup.update(&topology, kubernetes).await });
         }
         // A health check speaks what the backends speak.
         if (*health != old.health || discovery.backend_protocol != old.discovery.backend_protocol)
@@ -281,6 +296,7 @@ mod tests {
             health: None,
             discovery: Some(discovery),
             namespace: None,
+            locality: None,
         };
         wait_for_list(&backends, &[addr(A)]).await;
         (Reloader::new(path, None, config, live), backends, metrics)

@@ -74,7 +74,7 @@ mod watchdog;
 mod wire;
 
 use std::io;
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener as StdTcpListener};
 use std::ops::RangeInclusive;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -117,12 +117,44 @@ pub const LISTEN_BACKLOG: i32 = 1024;
 /// [`LISTEN_BACKLOG`]. Several runtimes can accept from it through clones of it
 /// (`try_clone`): they share its one backlog (the load balancer's per-core
 /// workers).
+///
+/// `[::]` means every IPv4 and IPv6 address: the socket is dual-stack
+/// (`IPV6_V6ONLY` off, whatever the host's `net.ipv6.bindv6only` says), so an
+/// IPv4 client arrives as `::ffff:a.b.c.d` (the accept loop turns that back
+/// into `a.b.c.d`). On a host without IPv6 (the module not loaded, or disabled
+/// at boot) the same port is bound on `0.0.0.0` instead, with a warning.
 pub fn listening_socket(addr: SocketAddr) -> io::Result<StdTcpListener> {
+    if addr.ip() != IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        return socket_on(addr);
+    }
+    match socket_on(addr) {
+        Ok(socket) => Ok(socket),
+        // A port in use or a missing permission would fail on IPv4 too, and
+        // the IPv6 error names the real problem.
+        Err(error)
+            if !matches!(
+                error.kind(),
+                io::ErrorKind::AddrInUse | io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            let ipv4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
+            warn!(%error, %addr, fallback = %ipv4, "IPv6 unavailable, listening on IPv4 only");
+            socket_on(ipv4)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// [`listening_socket`] on exactly `addr`.
+fn socket_on(addr: SocketAddr) -> io::Result<StdTcpListener> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
     // SO_REUSEADDR lets a restarted process bind while old connections linger
     // in TIME_WAIT.
     socket.set_reuse_address(true)?;
@@ -540,9 +572,15 @@ pub async fn serve_connections<M, S, B, L, H>(
             () = lifecycle.stopped() => break,
         };
         let (stream, peer) = match accepted {
-            Ok(accepted) => {
+            Ok((stream, peer)) => {
                 backoff = ACCEPT_BACKOFF_START;
-                accepted
+                // An IPv4 client of a dual-stack socket arrives as
+                // `::ffff:a.b.c.d`; logs, `X-Forwarded-For` and whatever else
+                // names the client should say `a.b.c.d`, as on an IPv4 socket.
+                (
+                    stream,
+                    SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+                )
             }
             Err(error) => {
                 warn!(%error, retry_in_ms = backoff.as_millis(), "accept failed");

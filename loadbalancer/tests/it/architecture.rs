@@ -32,6 +32,8 @@ use std::path::{Path, PathBuf};
 /// The load balancer's layers, bottom first; `docs/architecture.md` says what
 /// each layer is for.
 const LOADBALANCER_LAYERS: &[&[&str]] = &[
+    // `topology` is a leaf: the routing that reads its locality lives in the
+    // balancer and the backend list, below whatever learns it.
     &[
         "metrics",
         "shutdown",
@@ -40,6 +42,7 @@ const LOADBALANCER_LAYERS: &[&[&str]] = &[
         "retry",
         "ratelimit",
         "client_ip",
+        "topology",
     ],
     &["backend_state"],
     &["backends"],

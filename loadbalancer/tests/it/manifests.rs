@@ -4,7 +4,9 @@
 //!
 //! Users deploy with `kubectl apply -f k8s/`, so every file there must hold
 //! Kubernetes objects only. That apply is not recursive: `k8s/tls/` holds the
-//! opt-in TLS config, applied on its own once its Secret exists, and is checked
+//! opt-in TLS config, applied on its own once its Secret exists, and
+//! `k8s/production/` the production extras (disruption budgets, the autoscaler),
+//! applied with `kubectl apply -f k8s/ -f k8s/production/`; both are checked
 //! against the rest here too. Each YAML document is parsed into its k8s-openapi type
 //! (chosen by `apiVersion` and `kind`; anything else fails), and serialised back: a
 //! field the type does not know would vanish in that round trip, so a misspelt or
@@ -23,11 +25,13 @@ use backend::handlers::App;
 use backend::identity::Identity;
 use http::{Request, StatusCode};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, PodSpec, Probe, SecretVolumeSource, Service, ServiceAccount, ServicePort,
     VolumeMount,
 };
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::{Metadata, Resource};
@@ -64,6 +68,9 @@ const KIND_HOST_PORT: u64 = 8080;
 
 /// The host port `kind/cluster.yaml` maps the load balancer's TLS NodePort to.
 const KIND_TLS_HOST_PORT: u64 = 8443;
+
+/// The production extras: `kubectl apply -f k8s/ -f k8s/production/`.
+const PRODUCTION_DIR: &str = "k8s/production";
 
 /// The opt-in TLS config: `kubectl apply -f k8s/tls/`, after the Secret exists.
 const TLS_DIR: &str = "k8s/tls";
@@ -140,8 +147,12 @@ macro_rules! known_kinds {
 }
 
 known_kinds!(
+    ClusterRole,
+    ClusterRoleBinding,
     ConfigMap,
     Deployment,
+    HorizontalPodAutoscaler,
+    PodDisruptionBudget,
     Role,
     RoleBinding,
     Service,
@@ -782,6 +793,43 @@ fn the_role_grants_only_reading_endpointslices_to_the_loadbalancer() {
 }
 
 #[test]
+fn the_cluster_role_grants_only_getting_nodes_to_the_loadbalancer() {
+    let manifests = Manifests::load();
+    assert_eq!(manifests.all::<ClusterRole>().len(), 1, "one ClusterRole");
+    let role = manifests.all::<ClusterRole>()[0];
+    let rules = role.rules.as_deref().unwrap_or_default();
+    assert_eq!(
+        rules,
+        [PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["nodes".to_owned()]),
+            verbs: vec!["get".to_owned()],
+            ..PolicyRule::default()
+        }],
+        "get on nodes, nothing else"
+    );
+    let bindings = manifests.all::<ClusterRoleBinding>();
+    assert_eq!(bindings.len(), 1, "one ClusterRoleBinding");
+    let binding = bindings[0];
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(Some(&binding.role_ref.name), role.metadata.name.as_ref());
+    let (pod, _) = manifests.app(LOADBALANCER);
+    let subjects = binding.subjects.as_deref().unwrap_or_default();
+    assert_eq!(subjects.len(), 1, "{subjects:?}");
+    assert_eq!(
+        (subjects[0].kind.as_str(), subjects[0].name.as_str()),
+        (
+            "ServiceAccount",
+            pod.service_account_name.as_deref().unwrap_or_default()
+        )
+    );
+    assert!(
+        subjects[0].namespace.is_some(),
+        "a ClusterRoleBinding must name its ServiceAccount's namespace"
+    );
+}
+
+#[test]
 fn every_pod_runs_restricted() {
     let manifests = Manifests::load();
     for deployment in manifests.all::<Deployment>() {
@@ -850,6 +898,8 @@ fn loadbalancer_pods_learn_their_namespace_and_name_from_the_downward_api() {
     };
     assert_eq!(field("NAMESPACE").as_deref(), Some("metadata.namespace"));
     assert_eq!(field("POD_NAME").as_deref(), Some("metadata.name"));
+    // The node, whose zone label is the replica's own zone.
+    assert_eq!(field("NODE_NAME").as_deref(), Some("spec.nodeName"));
 }
 
 #[test]
@@ -1094,4 +1144,194 @@ fn make_tls_cert_names_the_loadbalancer_service() {
     ] {
         assert!(names.contains(&expected), "{expected} is not in {names:?}");
     }
+}
+
+// --- the production extras (k8s/production/) ----------------------------------------
+
+/// Whether `selector` (a `matchLabels` selector, all these manifests use) picks
+/// the pods of `deployment`, and not every pod.
+fn selects(
+    selector: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    deployment: &Deployment,
+) -> bool {
+    let Some(selector) = selector else {
+        return false;
+    };
+    let labels = pod_labels(deployment);
+    let wanted = selector.match_labels.clone().unwrap_or_default();
+    selector.match_expressions.is_none()
+        && !wanted.is_empty()
+        && wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// The fewest replicas `deployment` may run: its `replicas`, or the
+/// autoscaler's `minReplicas` when one scales it.
+fn fewest_replicas(deployment: &Deployment, production: &Manifests) -> i32 {
+    let name = deployment.metadata.name.as_deref();
+    let scaled = production
+        .all::<HorizontalPodAutoscaler>()
+        .into_iter()
+        .filter_map(|hpa| hpa.spec.as_ref())
+        .find(|spec| Some(spec.scale_target_ref.name.as_str()) == name)
+        .map(|spec| spec.min_replicas.unwrap_or(1));
+    scaled.unwrap_or_else(|| {
+        deployment
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.replicas)
+            .unwrap_or(1)
+    })
+}
+
+#[test]
+fn the_production_directory_holds_only_known_kubernetes_objects() {
+    let production = Manifests::load_dir(PRODUCTION_DIR);
+    assert_eq!(production.all::<PodDisruptionBudget>().len(), 2);
+    assert_eq!(production.all::<HorizontalPodAutoscaler>().len(), 1);
+    // Deployments stay in k8s/: applying both directories must not leave two
+    // definitions of one Deployment fighting over it.
+    assert!(production.all::<Deployment>().is_empty());
+}
+
+#[test]
+fn each_deployment_has_a_disruption_budget_that_never_blocks_every_eviction() {
+    let (base, production) = (Manifests::load(), Manifests::load_dir(PRODUCTION_DIR));
+    for deployment in base.all::<Deployment>() {
+        let name = deployment.metadata.name.clone().unwrap_or_default();
+        let budgets: Vec<_> = production
+            .all::<PodDisruptionBudget>()
+            .into_iter()
+            .filter(|pdb| {
+                selects(
+                    pdb.spec.as_ref().and_then(|s| s.selector.as_ref()),
+                    deployment,
+                )
+            })
+            .collect();
+        assert_eq!(budgets.len(), 1, "{name}: exactly one PodDisruptionBudget");
+        let spec = budgets[0].spec.as_ref().expect("a budget has a spec");
+        let replicas = fewest_replicas(deployment, &production);
+        // An eviction is allowed while more than minAvailable pods are up, or
+        // fewer than maxUnavailable are down.
+        let evictable = match (&spec.min_available, &spec.max_unavailable) {
+            (Some(IntOrString::Int(min)), None) => *min < replicas,
+            (None, Some(IntOrString::Int(max))) => *max >= 1,
+            other => {
+                panic!("{name}: give one of minAvailable or maxUnavailable, as a number: {other:?}")
+            }
+        };
+        assert!(
+            evictable,
+            "{name}: the budget blocks every eviction at {replicas} replicas"
+        );
+    }
+}
+
+#[test]
+fn the_autoscaler_scales_the_backend_on_cpu_that_its_pods_request() {
+    let (base, production) = (Manifests::load(), Manifests::load_dir(PRODUCTION_DIR));
+    let hpa = production.get::<HorizontalPodAutoscaler>(BACKEND);
+    let spec = hpa.spec.as_ref().expect("an autoscaler has a spec");
+    let target = &spec.scale_target_ref;
+    assert_eq!(
+        (
+            target.api_version.as_deref(),
+            target.kind.as_str(),
+            target.name.as_str()
+        ),
+        (Some("apps/v1"), "Deployment", BACKEND)
+    );
+    let min = spec.min_replicas.unwrap_or(1);
+    assert!(
+        min >= 2 && min <= spec.max_replicas,
+        "{min}..{}",
+        spec.max_replicas
+    );
+    let metrics = spec.metrics.as_deref().unwrap_or_default();
+    let cpu = metrics
+        .iter()
+        .filter_map(|metric| metric.resource.as_ref())
+        .find(|resource| resource.name == "cpu")
+        .expect("the autoscaler scales on CPU");
+    assert_eq!(cpu.target.type_, "Utilization");
+    assert!(
+        cpu.target
+            .average_utilization
+            .is_some_and(|u| (1..=100).contains(&u))
+    );
+    // Utilization is a share of the request: without one it cannot be computed.
+    let (_, container) = base.app(BACKEND);
+    let requests = container
+        .resources
+        .as_ref()
+        .and_then(|resources| resources.requests.as_ref());
+    assert!(
+        requests.is_some_and(|requests| requests.contains_key("cpu")),
+        "backend: the autoscaler needs a CPU request"
+    );
+}
+
+#[test]
+fn both_deployments_spread_over_zones_and_nodes_without_ever_blocking() {
+    let manifests = Manifests::load();
+    for deployment in manifests.all::<Deployment>() {
+        let name = deployment.metadata.name.clone().unwrap_or_default();
+        let constraints = pod_spec(deployment)
+            .topology_spread_constraints
+            .as_deref()
+            .unwrap_or_default();
+        let keys: BTreeSet<&str> = constraints
+            .iter()
+            .map(|c| c.topology_key.as_str())
+            .collect();
+        assert_eq!(
+            keys,
+            BTreeSet::from(["topology.kubernetes.io/zone", "kubernetes.io/hostname"]),
+            "{name}"
+        );
+        for constraint in constraints {
+            // DoNotSchedule would leave pods pending on a one-node cluster.
+            assert_eq!(constraint.when_unsatisfiable, "ScheduleAnyway", "{name}");
+            assert!(
+                selects(constraint.label_selector.as_ref(), deployment),
+                "{name}: the spread counts its own pods"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_rolling_update_of_the_loadbalancer_loses_no_request() {
+    let manifests = Manifests::load();
+    let deployment = manifests.get::<Deployment>(LOADBALANCER);
+    let spec = deployment.spec.as_ref().expect("a Deployment has a spec");
+    assert!(
+        spec.replicas.unwrap_or(1) >= 2,
+        "one replica serves while another restarts"
+    );
+    let rolling = spec
+        .strategy
+        .as_ref()
+        .and_then(|strategy| strategy.rolling_update.as_ref())
+        .expect("a RollingUpdate strategy");
+    // A new pod is ready before an old one stops.
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    // The old pod drains, then finishes what it holds, before SIGKILL.
+    let config = manifests.loadbalancer_config();
+    let (pod, container) = manifests.app(LOADBALANCER);
+    let pre_stop = container
+        .lifecycle
+        .as_ref()
+        .and_then(|lifecycle| lifecycle.pre_stop.as_ref());
+    assert!(
+        pre_stop.is_none(),
+        "the process drains itself; a preStop would add to it"
+    );
+    let grace = pod.termination_grace_period_seconds.unwrap_or(30);
+    let needed = config.limits.drain_seconds + config.limits.shutdown_timeout_seconds;
+    assert!(
+        u64::try_from(grace).is_ok_and(|grace| grace > needed),
+        "grace {grace}s must exceed drainSeconds + shutdownTimeoutSeconds = {needed}s"
+    );
 }

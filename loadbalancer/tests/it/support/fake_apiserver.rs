@@ -22,6 +22,10 @@
 //! HTTP `410` *response* to the watch request is treated as a failed watch start and
 //! retried with the same `resourceVersion`, so this server never answers a watch that way.
 //!
+//! * **get node**: `GET /api/v1/nodes/{name}` answers a Node added with
+//!   [`FakeApiServer::add_node`] (its zone label set), 404 for another name, or
+//!   403 `Forbidden`, as RBAC does, after [`FakeApiServer::refuse_nodes`].
+//!
 //! What it leaves out: a label selector may only use `key=value` terms (what discovery
 //! sends); `limit` is recorded but every list fits in one page; `timeoutSeconds` is not
 //! enforced (tests end long before 290 s); a change of a slice's labels does not turn
@@ -260,6 +264,26 @@ impl FakeApiServer {
         kube::Client::try_from(config).expect("a client builds from the generated kubeconfig")
     }
 
+    /// Adds Node `name`, labelled with `zone` (no label when `None`).
+    pub(crate) fn add_node(&self, name: &str, zone: Option<&str>) {
+        let labels = zone.map_or_else(
+            || json!({"kubernetes.io/hostname": name}),
+            |zone| json!({"kubernetes.io/hostname": name, "topology.kubernetes.io/zone": zone}),
+        );
+        let node = json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name, "labels": labels, "resourceVersion": "1"},
+        });
+        self.store().nodes.insert(name.to_owned(), node);
+    }
+
+    /// Refuses `get nodes` from now on with 403, as RBAC does for an account
+    /// that was not granted it.
+    pub(crate) fn refuse_nodes(&self) {
+        self.store().refuse_nodes = true;
+    }
+
     /// Creates or replaces a slice (by namespace and name; namespace defaults to
     /// [`NAMESPACE`]) and sends ADDED or MODIFIED to matching watches.
     pub(crate) fn apply(&self, mut slice: EndpointSlice) {
@@ -390,6 +414,11 @@ struct Store {
     watches: Vec<Watch>,
     /// Every request, for tests to assert on.
     requests: Vec<RecordedRequest>,
+    /// Nodes by name, as JSON: only `get` is served.
+    nodes: BTreeMap<String, serde_json::Value>,
+    /// Whether `get nodes` is refused with 403, as for an account without the
+    /// ClusterRole.
+    refuse_nodes: bool,
 }
 
 impl Default for Store {
@@ -401,6 +430,8 @@ impl Default for Store {
             history: Vec::new(),
             watches: Vec::new(),
             requests: Vec::new(),
+            nodes: BTreeMap::new(),
+            refuse_nodes: false,
         }
     }
 }
@@ -610,6 +641,9 @@ fn handle(state: &Mutex<Store>, request: Request<Incoming>) -> Response<Body> {
     let mut store = lock(state);
     store.requests.push(recorded.clone());
 
+    if let Some(name) = recorded.path.strip_prefix("/api/v1/nodes/") {
+        return get_node(&store, name);
+    }
     let Some(namespace) = recorded
         .path
         .strip_prefix(API_PREFIX)
@@ -636,6 +670,24 @@ fn handle(state: &Mutex<Store>, request: Request<Incoming>) -> Response<Body> {
         watch(&mut store, namespace, selector, &recorded)
     } else {
         list(&store, namespace, &selector)
+    }
+}
+
+/// `get` on one Node, as an API server with RBAC answers it.
+fn get_node(store: &Store, name: &str) -> Response<Body> {
+    if store.refuse_nodes {
+        let message = format!(
+            "nodes \"{name}\" is forbidden: User \"system:serviceaccount:{NAMESPACE}:loadbalancer-sa\" \
+             cannot get resource \"nodes\" in API group \"\" at the cluster scope"
+        );
+        return json_response(StatusCode::FORBIDDEN, status(403, "Forbidden", &message));
+    }
+    match store.nodes.get(name) {
+        Some(node) => json_response(StatusCode::OK, node.clone()),
+        None => {
+            let message = format!("nodes \"{name}\" not found");
+            json_response(StatusCode::NOT_FOUND, status(404, "NotFound", &message))
+        }
     }
 }
 

@@ -82,9 +82,13 @@ pub(crate) struct Upstream {
 impl Upstream {
     /// Starts an upstream that calls itself `pod_name`.
     pub(crate) async fn start(pod_name: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a loopback port");
+        Self::start_on(pod_name, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts an upstream that calls itself `pod_name`, listening on `addr`
+    /// (an IPv6 backend on `[::1]:0`, say).
+    pub(crate) async fn start_on(pod_name: &str, addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind a loopback port");
         let addr = listener.local_addr().expect("bound socket has an address");
         let (count_tx, received) = watch::channel(0usize);
         let log = Arc::new(Mutex::new(Vec::new()));
