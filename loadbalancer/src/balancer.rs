@@ -18,6 +18,14 @@
 //! too few hosts are healthy; here the threshold is zero healthy hosts.)
 
 mod least_request;
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "the consistent_hash algorithm comes with hashOn (issue #22)"
+    )
+)]
+mod maglev;
 mod weighted;
 
 use std::fmt;
