@@ -5,18 +5,24 @@
 //! `Clone`, and everything else (the balancer, health checks, metrics, the admin
 //! endpoints) holds a [`Backends`], which can read and cannot write.
 //! kube-runtime's `reflector::store()` hands out its `Writer` and `Store` the same
-//! way. Discovery builds a complete new list off to the side and swaps it in with
-//! one write, so a reader never sees half an update. Request handlers (many tasks)
-//! take the read lock only long enough to pick an address and copy it out.
+//! way. Each change is made under one write lock, so a reader never sees half an
+//! update. Request handlers (many tasks) take the read lock only long enough to
+//! pick an address and copy it out.
 //!
 //! The lock is a `std::sync::RwLock`, not tokio's: it is held for nanoseconds and
 //! never across an `.await`, which is exactly the case where a blocking lock is the
 //! right (and faster) choice.
 //!
-//! Beside the list sits one [`BackendState`] per address (counters, health,
-//! ejection). `replace` keeps the two in step: states for new addresses exist
-//! before the list that names them is published, and states of removed addresses
-//! are dropped after.
+//! Beside each address sits its [`BackendState`] (counters, health, ejection), in
+//! the same table under the same lock: `addrs[i]` is described by `states[i]`.
+//! A change costs work in proportion to what changed, not to the list:
+//! [`BackendsWriter::change`] inserts and removes the given addresses (a binary
+//! search and a move of the tail each, microseconds at 10,000 backends), creates
+//! states for the added ones, drops those of the removed ones, and leaves every
+//! other state alone, in-flight counts, outlier history and health verdicts
+//! included. [`BackendsWriter::replace`] publishes a whole new list (a static
+//! source, a re-list) with one merge of old and new, keeping the states of the
+//! addresses in both.
 //!
 //! Every list discovery publishes also stamps the [`DiscoveryStatus`] carried here,
 //! so the admin endpoints and metrics can tell how fresh the list is without
@@ -25,6 +31,7 @@
 mod protocol;
 mod status;
 
+use std::cell::Cell;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,6 +48,11 @@ use prometheus_client::registry::Unit;
 use crate::backend_state::BackendState;
 pub use protocol::{BackendProtocol, LearnedProtocols};
 pub use status::{DiscoveryError, DiscoveryStatus, SourceKind};
+
+/// Above this many addresses changed at once, [`BackendsWriter::change`] merges
+/// the whole list once instead of moving its tail for each address: at 10,000
+/// backends one move of the tail costs about what a merge costs per 8 addresses.
+const MERGE_ABOVE: usize = 8;
 
 /// The one handle that changes the list; see the module docs. Dropping it leaves
 /// the list as it was.
@@ -65,6 +77,14 @@ impl BackendsWriter {
     /// the old one, so callers can log changes and stay quiet otherwise.
     pub fn replace(&self, addrs: Vec<SocketAddr>) -> bool {
         self.list.replace(addrs)
+    }
+
+    /// Adds `added` to the list and takes `removed` out of it, in one write, at a
+    /// cost in proportion to the two (see the module docs). Addresses already in
+    /// the list (added) or not in it (removed) are left as they are. Returns
+    /// whether the list changed.
+    pub fn change(&self, added: &[SocketAddr], removed: &[SocketAddr]) -> bool {
+        self.list.change(added, removed)
     }
 
     /// Publishes what the EndpointSlices say the backend ports speak.
@@ -97,19 +117,14 @@ impl BackendsWriter {
 /// A cheaply clonable read handle on the current backend addresses.
 #[derive(Debug, Clone, Default)]
 pub struct Backends {
-    /// The addresses requests may go to, sorted and without duplicates.
-    addrs: Arc<RwLock<Vec<SocketAddr>>>,
+    /// The addresses requests may go to and the runtime state of each, shared
+    /// with the proxy (counters), health checks and the admin endpoints.
+    table: Arc<RwLock<Table>>,
     /// Set once discovery has delivered its first complete list, so `/readyz` can
     /// keep the load balancer out of rotation until it knows where to send traffic.
     synced: Arc<AtomicBool>,
-    /// The runtime state of each address in `addrs`, shared with the proxy (counters),
-    /// health checks and the admin endpoints. Sorted by address: the balancer looks
-    /// a state up for every candidate of every pick, and a binary search over a
-    /// handful of entries costs a few comparisons where a `HashMap` would SipHash
-    /// the whole address each time.
-    states: Arc<RwLock<StateTable>>,
-    /// How discovery is doing: stamped by `replace` and `mark_synced`, read by the
-    /// admin endpoints and metrics.
+    /// How discovery is doing: stamped by `replace`, `change` and `mark_synced`,
+    /// read by the admin endpoints and metrics.
     discovery: Arc<DiscoveryStatus>,
     /// What the backend ports speak, as the EndpointSlices say.
     protocols: Arc<RwLock<LearnedProtocols>>,
@@ -128,49 +143,87 @@ impl Backends {
     fn replace(&self, mut addrs: Vec<SocketAddr>) -> bool {
         addrs.sort_unstable();
         addrs.dedup();
-        let changed = *read(&self.addrs) != addrs;
-        self.discovery.record_sync(changed);
-        if !changed {
-            return false;
-        }
-        // Only discovery writes, from one task, so nothing can slip in between these
-        // steps; the order only matters to readers: a published address always has
-        // its state already.
-        {
-            let mut states = write(&self.states);
-            for addr in &addrs {
-                states.get_or_insert(*addr);
+        let changed = {
+            let mut table = write(&self.table);
+            table.addrs != addrs && {
+                table.rebuild(addrs);
+                true
             }
-        }
-        *write(&self.addrs) = addrs;
-        let addrs = read(&self.addrs);
-        write(&self.states).retain(|addr| addrs.binary_search(addr).is_ok());
-        true
+        };
+        self.discovery.record_sync(changed);
+        changed
     }
 
-    /// The runtime state of `addr`. An address that was just removed from the list
-    /// (a request racing a discovery update) gets a fresh state, which the next
-    /// `replace` drops again, so the caller never has to handle a missing one.
+    /// See [`BackendsWriter::change`]; only the writer calls it.
+    fn change(&self, added: &[SocketAddr], removed: &[SocketAddr]) -> bool {
+        let changed = {
+            let mut table = write(&self.table);
+            if added.len() + removed.len() > MERGE_ABOVE {
+                let sorted = |list: &[SocketAddr]| {
+                    let mut list = list.to_vec();
+                    list.sort_unstable();
+                    list
+                };
+                let (added, removed) = (sorted(added), sorted(removed));
+                let mut addrs: Vec<SocketAddr> = table
+                    .addrs
+                    .iter()
+                    .filter(|addr| removed.binary_search(addr).is_err())
+                    .chain(&added)
+                    .copied()
+                    .collect();
+                addrs.sort_unstable();
+                addrs.dedup();
+                table.addrs != addrs && {
+                    table.rebuild(addrs);
+                    true
+                }
+            } else {
+                // Removals first, as in the merge: an address in both lists ends
+                // up listed.
+                let removed = removed.iter().filter(|addr| table.remove(**addr)).count();
+                let added = added.iter().filter(|addr| table.insert(**addr)).count();
+                removed + added > 0
+            }
+        };
+        self.discovery.record_sync(changed);
+        changed
+    }
+
+    /// The runtime state of `addr`. An address that is not in the list (a request
+    /// racing a discovery update that removed it) gets a fresh state of its own,
+    /// kept nowhere, so the caller never has to handle a missing one.
     pub fn state(&self, addr: SocketAddr) -> Arc<BackendState> {
-        if let Some(state) = read(&self.states).get(addr) {
-            return Arc::clone(state);
-        }
-        Arc::clone(write(&self.states).get_or_insert(addr))
+        read(&self.table)
+            .get(addr, &Cell::new(0))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Every current address with its state, in list order: for health checks and
     /// the admin endpoints.
     pub fn states(&self) -> Vec<(SocketAddr, Arc<BackendState>)> {
-        let addrs = self.snapshot();
-        addrs
-            .into_iter()
-            .map(|addr| (addr, self.state(addr)))
+        let table = read(&self.table);
+        table
+            .addrs
+            .iter()
+            .copied()
+            .zip(table.states.iter().cloned())
             .collect()
+    }
+
+    /// Whether `addr` is in the list with `state` as its state right now, i.e. it
+    /// has not been removed (and perhaps added again, with a new state) since
+    /// `state` was read.
+    pub fn is_current(&self, addr: SocketAddr, state: &Arc<BackendState>) -> bool {
+        read(&self.table)
+            .get(addr, &Cell::new(0))
+            .is_some_and(|current| Arc::ptr_eq(current, state))
     }
 
     /// A copy of the current list, for logging, admin pages and tests.
     pub fn snapshot(&self) -> Vec<SocketAddr> {
-        read(&self.addrs).clone()
+        read(&self.table).addrs.clone()
     }
 
     /// Runs `f` on the current list under the read lock, without copying it.
@@ -178,15 +231,12 @@ impl Backends {
     /// `f` is a plain closure, not a future, so the guard cannot be held across an
     /// `.await` by construction.
     pub fn with<R>(&self, f: impl FnOnce(&[SocketAddr]) -> R) -> R {
-        f(&read(&self.addrs))
+        f(&read(&self.table).addrs)
     }
 
     /// Like [`Backends::with`], and `f` also gets whether each address is
     /// available at `now` ([`BackendState::is_available`]): what the balancer
     /// needs to skip unhealthy and ejected backends without copying anything.
-    ///
-    /// Lock order is list, then states; nothing takes the list while holding the
-    /// states, so the two cannot deadlock.
     pub fn with_availability<R>(
         &self,
         now: Instant,
@@ -198,9 +248,9 @@ impl Backends {
     /// Like [`Backends::with_availability`], for a pick: `f` also gets each
     /// address's requests in flight ([`BackendState::in_flight`]), what
     /// load-aware balancing needs, with no copy and no allocation. `f` chooses an
-    /// address, and it comes back with its state, found under the same locks. The
+    /// address, and it comes back with its state, found under the same lock. The
     /// proxy needs that state for outlier admission and the in-flight count of
-    /// the attempt, and this saves it taking the locks again for it.
+    /// the attempt, and this saves it taking the lock again for it.
     pub fn pick_with_state<E>(
         &self,
         now: Instant,
@@ -210,17 +260,23 @@ impl Backends {
             &dyn Fn(SocketAddr) -> u64,
         ) -> Result<SocketAddr, E>,
     ) -> Result<(SocketAddr, Arc<BackendState>), E> {
-        let (addr, state) = self.with_load_states(now, |addrs, available, in_flight, states| {
-            f(addrs, available, in_flight).map(|addr| (addr, states.get(addr).cloned()))
+        let (addr, state) = self.with_load_states(now, |addrs, available, in_flight, state| {
+            f(addrs, available, in_flight).map(|addr| (addr, state(addr)))
         })?;
-        // No state yet: `replace` is adding the address right now (or a racing
-        // update just removed it); `state` handles both, off the read locks.
-        Ok((addr, state.unwrap_or_else(|| self.state(addr))))
+        // Only a balancer that answered with an address from outside the list
+        // can get here without a state; it gets a fresh one, as from `state`.
+        Ok((addr, state.unwrap_or_default()))
     }
 
-    /// Takes the list and state locks (in that order) and runs `f` with the
-    /// availability and in-flight lookups that [`Backends::pick_with_state`]
-    /// promises, and the state table.
+    /// Takes the read lock and runs `f` with the availability and in-flight
+    /// lookups that [`Backends::pick_with_state`] promises, and a lookup of the
+    /// state itself.
+    ///
+    /// Each lookup is a binary search over the list, except that it first tries
+    /// where the previous one landed and the place after it: a scan over the list
+    /// in order (a round-robin count, a pick among a few backends) then costs one
+    /// comparison per address, and the state of the address just chosen is found
+    /// at once.
     fn with_load_states<R>(
         &self,
         now: Instant,
@@ -228,16 +284,15 @@ impl Backends {
             &[SocketAddr],
             &dyn Fn(SocketAddr) -> bool,
             &dyn Fn(SocketAddr) -> u64,
-            &StateTable,
+            &dyn Fn(SocketAddr) -> Option<Arc<BackendState>>,
         ) -> R,
     ) -> R {
-        let addrs = read(&self.addrs);
-        let states = read(&self.states);
-        // An address without a state is one `replace` is adding right now: new
-        // endpoints are available, and idle.
-        let available = |addr| states.get(addr).is_none_or(|s| s.is_available(now));
-        let in_flight = |addr| states.get(addr).map_or(0, |s| s.in_flight());
-        f(&addrs, &available, &in_flight, &states)
+        let table = read(&self.table);
+        let hint = Cell::new(0);
+        let available = |addr| table.get(addr, &hint).is_none_or(|s| s.is_available(now));
+        let in_flight = |addr| table.get(addr, &hint).map_or(0, |s| s.in_flight());
+        let state = |addr| table.get(addr, &hint).cloned();
+        f(&table.addrs, &available, &in_flight, &state)
     }
 
     /// Whether discovery has delivered a complete list at least once.
@@ -314,34 +369,77 @@ impl Collector for BackendGauges {
     }
 }
 
-/// Each address's state, sorted by address (see the `states` field of [`Backends`]).
+/// The list and the state of each address (see the `table` field of [`Backends`]).
 #[derive(Debug, Default)]
-struct StateTable(Vec<(SocketAddr, Arc<BackendState>)>);
+struct Table {
+    /// The addresses requests may go to, sorted and without duplicates.
+    addrs: Vec<SocketAddr>,
+    /// `states[i]` is the state of `addrs[i]`. Two vectors rather than one of
+    /// pairs: the balancer and every lookup search `addrs`, and packed tight they
+    /// take half the cache lines.
+    states: Vec<Arc<BackendState>>,
+}
 
-impl StateTable {
-    fn get(&self, addr: SocketAddr) -> Option<&Arc<BackendState>> {
-        let index = self.0.binary_search_by_key(&addr, |(a, _)| *a).ok()?;
-        self.0.get(index).map(|(_, state)| state)
-    }
-
-    fn get_or_insert(&mut self, addr: SocketAddr) -> &Arc<BackendState> {
-        let index = match self.0.binary_search_by_key(&addr, |(a, _)| *a) {
-            Ok(index) => index,
-            Err(index) => {
-                self.0.insert(index, (addr, Arc::default()));
-                index
-            }
+impl Table {
+    /// The state of `addr`, looked up as [`Backends::with_load_states`] describes;
+    /// `hint` is where the previous lookup landed.
+    fn get(&self, addr: SocketAddr, hint: &Cell<usize>) -> Option<&Arc<BackendState>> {
+        let guess = hint.get();
+        let index = if self.addrs.get(guess) == Some(&addr) {
+            guess
+        } else if self.addrs.get(guess + 1) == Some(&addr) {
+            guess + 1
+        } else {
+            self.addrs.binary_search(&addr).ok()?
         };
-        &self.0[index].1
+        hint.set(index);
+        self.states.get(index)
     }
 
-    fn retain(&mut self, keep: impl Fn(&SocketAddr) -> bool) {
-        self.0.retain(|(addr, _)| keep(addr));
+    /// Adds `addr` with a fresh state; false if it is listed already.
+    fn insert(&mut self, addr: SocketAddr) -> bool {
+        let Err(index) = self.addrs.binary_search(&addr) else {
+            return false;
+        };
+        self.addrs.insert(index, addr);
+        self.states.insert(index, Arc::default());
+        true
+    }
+
+    /// Removes `addr` and drops its state; false if it is not listed.
+    fn remove(&mut self, addr: SocketAddr) -> bool {
+        let Ok(index) = self.addrs.binary_search(&addr) else {
+            return false;
+        };
+        self.addrs.remove(index);
+        self.states.remove(index);
+        true
+    }
+
+    /// Makes `addrs` (sorted, without duplicates) the list, in one merge of the
+    /// old list and the new: addresses in both keep their states, new ones get
+    /// fresh states.
+    fn rebuild(&mut self, addrs: Vec<SocketAddr>) {
+        let mut old = std::mem::take(&mut self.addrs)
+            .into_iter()
+            .zip(std::mem::take(&mut self.states))
+            .peekable();
+        self.states = addrs
+            .iter()
+            .map(|addr| {
+                while old.next_if(|(listed, _)| listed < addr).is_some() {}
+                old.next_if(|(listed, _)| listed == addr)
+                    .map(|(_, state)| state)
+                    .unwrap_or_default()
+            })
+            .collect();
+        self.addrs = addrs;
     }
 }
 
 // A poisoned lock means a writer panicked mid-update; what it guards is still valid
-// (lists are swapped whole, states are inserted or removed whole), so keep serving it.
+// (an address and its state are inserted or removed together, a rebuilt list is
+// swapped in whole), so keep serving it.
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -442,6 +540,110 @@ mod tests {
                 "{line:?} missing in\n{text}"
             );
         }
+    }
+
+    fn numbered(first: [u8; 4], n: u16) -> Vec<SocketAddr> {
+        (0..n)
+            .map(|i| SocketAddr::from((first, 8000 + i)))
+            .collect()
+    }
+
+    /// The incremental update: a change inserts and removes the addresses it
+    /// names and leaves every other state as it was (the same object, with its
+    /// requests in flight), one address at a time and as one merge alike.
+    #[test]
+    fn a_change_touches_only_the_addresses_it_names() {
+        for n in [1, MERGE_ABOVE + 1, 40] {
+            let list = BackendsWriter::new();
+            let all = numbered([10, 0, 0, 1], 100);
+            list.replace(all.clone());
+            let backends = list.reader();
+            let before = backends.states();
+            let in_flight: Vec<_> = before.iter().map(|(_, s)| s.start_request()).collect();
+            let removed = &all[10..10 + n];
+            let added = numbered([10, 0, 0, 2], u16::try_from(n).expect("small"));
+
+            assert!(list.change(&added, removed), "{n}");
+            let after = backends.states();
+            let listed: Vec<SocketAddr> = after.iter().map(|(a, _)| *a).collect();
+            let mut expected: Vec<SocketAddr> = all
+                .iter()
+                .filter(|a| !removed.contains(a))
+                .chain(&added)
+                .copied()
+                .collect();
+            expected.sort_unstable();
+            assert_eq!(listed, expected, "{n}");
+            for (addr, state) in &after {
+                match before.iter().find(|(a, _)| a == addr) {
+                    Some((_, old)) => {
+                        assert!(Arc::ptr_eq(old, state), "{addr} lost its state");
+                        assert_eq!(state.in_flight(), 1);
+                    }
+                    None => assert_eq!((state.requests(), state.in_flight()), (0, 0)),
+                }
+            }
+            // Already applied: nothing left to change.
+            assert!(!list.change(&added, removed), "{n}");
+            drop(in_flight);
+        }
+    }
+
+    #[test]
+    fn an_address_both_removed_and_added_stays_listed() {
+        let list = BackendsWriter::new();
+        list.replace(vec![addr("10.0.0.1:80")]);
+        list.change(&[addr("10.0.0.1:80")], &[addr("10.0.0.1:80")]);
+        assert_eq!(list.snapshot(), vec![addr("10.0.0.1:80")]);
+    }
+
+    /// Lookups start where the previous one landed; whatever the order of the
+    /// questions, the answers are each address's own.
+    #[test]
+    fn availability_is_each_addresss_own_in_any_order_of_asking() {
+        let all = numbered([10, 0, 0, 1], 200);
+        let backends = Backends::new(all.clone());
+        for addr in all.iter().step_by(3) {
+            backends.state(*addr).set_healthy(false);
+        }
+        let expected = |i: usize| !i.is_multiple_of(3);
+        let now = Instant::now();
+        backends.with_availability(now, |list, available| {
+            let orders: [Vec<usize>; 3] = [
+                (0..200).collect(),
+                (0..200).rev().collect(),
+                (0..200).map(|i| i * 7 % 200).collect(),
+            ];
+            for order in orders {
+                for i in order {
+                    assert_eq!(available(list[i]), expected(i), "{}", list[i]);
+                }
+            }
+            assert!(
+                available(addr("10.9.9.9:1")),
+                "an unlisted address is no state"
+            );
+        });
+        let (addr, state) = backends
+            .pick_with_state(now, |list, _, _| Ok::<_, ()>(list[42]))
+            .expect("picked");
+        assert!(Arc::ptr_eq(&state, &backends.state(addr)));
+    }
+
+    #[test]
+    fn a_state_read_before_a_change_is_current_until_its_address_goes() {
+        let list = BackendsWriter::new();
+        list.replace(vec![addr("10.0.0.1:80")]);
+        let backends = list.reader();
+        let state = backends.state(addr("10.0.0.1:80"));
+        assert!(backends.is_current(addr("10.0.0.1:80"), &state));
+        list.change(&[], &[addr("10.0.0.1:80")]);
+        assert!(!backends.is_current(addr("10.0.0.1:80"), &state));
+        list.change(&[addr("10.0.0.1:80")], &[]);
+        assert!(
+            !backends.is_current(addr("10.0.0.1:80"), &state),
+            "added again, it has a new state"
+        );
     }
 
     /// The balancer picks under the list's read lock; these check that it

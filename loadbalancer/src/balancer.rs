@@ -16,6 +16,24 @@
 //! all of them: health state is a hint, and acting on it must never turn a
 //! degraded service into a dead one. (Envoy's "panic threshold" does the same when
 //! too few hosts are healthy; here the threshold is zero healthy hosts.)
+//!
+//! **Cost of a pick.** Up to [`SCAN_LIMIT`] backends (a handful is the common
+//! case) a pick scans the list, which is what makes each algorithm exact over
+//! whichever backends are eligible. Beyond it a scan would cost a lookup per
+//! backend per request (at 10,000 backends, a tenth of a millisecond), so picks
+//! *sample* instead: round-robin takes its ticket's backend and, if that one is
+//! not eligible, random ones ([`PROBES`] at most); least-request draws its two
+//! candidates at random; weighted round-robin draws at random with each backend
+//! kept in proportion to its weight (see [`WeightedRoundRobin`]). Each draw
+//! succeeds with the share of backends that are eligible, so a pick costs O(1)
+//! lookups (each a binary search, O(log n)) as long as a fair share is.
+//!
+//! When the draws all miss, few backends are eligible or none (many unhealthy,
+//! the panic case): one pass over the list finds the eligible ones, and the
+//! picks of the next [`PASS_REUSE`] take turns among what it found instead of
+//! each making the same pass. So a pass costs O(n) at most a hundred times a
+//! second, whatever the request rate; a backend that comes back in between is
+//! found by the draws or by the next pass.
 
 mod least_request;
 #[cfg_attr(
@@ -30,10 +48,12 @@ mod weighted;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub use least_request::LeastRequest;
+pub(crate) use least_request::random_below;
 pub use weighted::{WeightError, WeightedRoundRobin, Weights};
 
 use serde::{Deserialize, Serialize};
@@ -148,6 +168,15 @@ pub fn pick_for_attempt(
         .or_else(|NoBackend| balancer.pick_among(backends, &|_| true, in_flight))
 }
 
+/// Lists up to this long are scanned at each pick, which keeps every algorithm
+/// exact; longer ones are sampled (see the module docs).
+pub const SCAN_LIMIT: usize = 64;
+
+/// Random draws a pick from a long list makes for an eligible backend before it
+/// falls back to one pass over the list: with half the backends out, all of
+/// them miss once in 65,536 picks.
+pub const PROBES: usize = 16;
+
 /// Round-robin: each pick takes the next ticket from an atomic counter and uses
 /// the ticket modulo the number of eligible backends in the current list.
 ///
@@ -156,17 +185,80 @@ pub fn pick_for_attempt(
 /// threads. Taking the modulo of the *current* count means a list that shrank
 /// between two picks can never be indexed out of bounds. Finding the ticket's
 /// backend is two scans of the list (count, then find), with no allocation.
+///
+/// Above [`SCAN_LIMIT`] backends the ticket is taken modulo the whole list, so
+/// the rotation stays exact while every backend is eligible, and the turn of
+/// one that is not goes to a random eligible one (not to its neighbour in the
+/// list, which would double that neighbour's share, or a hundredfold when a whole
+/// node's pods, adjacent in the sorted list, are out).
 #[derive(Debug, Default)]
 pub struct RoundRobin {
     /// The next ticket. `fetch_add` wraps around at `usize::MAX`; the rotation
     /// then restarts at index 0, a single skipped turn every 2^64 requests.
     next: AtomicUsize,
+    /// What the last pass over a long list found (see the module docs).
+    pass: Mutex<Option<Pass>>,
+}
+
+/// How long the eligible backends one pass over a long list found stand in for
+/// another pass: a pass at most a hundred times a second.
+pub const PASS_REUSE: Duration = Duration::from_millis(10);
+
+/// The eligible backends of a long list, as one pass found them.
+#[derive(Debug)]
+struct Pass {
+    at: Instant,
+    /// Their places in the list. Checked again at each pick: a list that
+    /// changed since only makes a place name another backend, eligible or not.
+    found: Vec<usize>,
 }
 
 impl RoundRobin {
     /// A round-robin balancer whose first pick is the first backend.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A pick from a long list whose draws all missed: in turn among the
+    /// eligible backends a recent pass found, else from a new pass. `None`
+    /// when the pass found none, or none of what it found is eligible now
+    /// (this request tried them, or they went down since: the next pass will
+    /// tell).
+    pub(crate) fn after_a_pass(
+        &self,
+        backends: &[SocketAddr],
+        eligible: &dyn Fn(SocketAddr) -> bool,
+    ) -> Option<SocketAddr> {
+        let ticket = self.next.fetch_add(1, Ordering::Relaxed);
+        self.after_a_pass_at(ticket, backends, eligible)
+    }
+
+    /// [`RoundRobin::after_a_pass`] with the pick's own `ticket`, so that the
+    /// turns among what the pass found follow the round-robin ones.
+    fn after_a_pass_at(
+        &self,
+        ticket: usize,
+        backends: &[SocketAddr],
+        eligible: &dyn Fn(SocketAddr) -> bool,
+    ) -> Option<SocketAddr> {
+        let now = Instant::now();
+        // A poisoned lock holds a whole pass or none: keep using it.
+        let mut pass = self.pass.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(recent) = pass
+            .as_ref()
+            .filter(|p| now.saturating_duration_since(p.at) < PASS_REUSE)
+        {
+            let found = &recent.found;
+            return (0..found.len().min(PROBES))
+                .filter_map(|k| backends.get(found[(ticket + k) % found.len()]).copied())
+                .find(|&addr| eligible(addr));
+        }
+        let found: Vec<usize> = (0..backends.len())
+            .filter(|&i| eligible(backends[i]))
+            .collect();
+        let pick = found.get(ticket % found.len().max(1)).map(|&i| backends[i]);
+        *pass = Some(Pass { at: now, found });
+        pick
     }
 }
 
@@ -177,12 +269,22 @@ impl Balancer for RoundRobin {
         eligible: &dyn Fn(SocketAddr) -> bool,
         _in_flight: &dyn Fn(SocketAddr) -> u64,
     ) -> Result<SocketAddr, NoBackend> {
+        if backends.len() > SCAN_LIMIT {
+            // Relaxed is enough: the counter orders nothing but itself, and each
+            // fetch_add still returns a distinct ticket.
+            let ticket = self.next.fetch_add(1, Ordering::Relaxed);
+            return backends
+                .get(ticket % backends.len())
+                .copied()
+                .filter(|&addr| eligible(addr))
+                .or_else(|| draw(backends, eligible))
+                .or_else(|| self.after_a_pass_at(ticket, backends, eligible))
+                .ok_or(NoBackend);
+        }
         let count = backends.iter().filter(|&&addr| eligible(addr)).count();
         if count == 0 {
             return Err(NoBackend);
         }
-        // Relaxed is enough: the counter orders nothing but itself, and each
-        // fetch_add still returns a distinct ticket.
         let ticket = self.next.fetch_add(1, Ordering::Relaxed);
         backends
             .iter()
@@ -194,6 +296,19 @@ impl Balancer for RoundRobin {
             .or_else(|| backends.get(ticket % backends.len()).copied())
             .ok_or(NoBackend)
     }
+}
+
+/// A random eligible backend, found in at most [`PROBES`] draws.
+pub(crate) fn draw(
+    backends: &[SocketAddr],
+    eligible: &dyn Fn(SocketAddr) -> bool,
+) -> Option<SocketAddr> {
+    if backends.is_empty() {
+        return None;
+    }
+    (0..PROBES)
+        .filter_map(|_| backends.get(random_below(backends.len())).copied())
+        .find(|&addr| eligible(addr))
 }
 
 #[cfg(test)]
@@ -336,5 +451,219 @@ mod tests {
         let two = &five[..2];
         let pick = balancer.pick(two).expect("list is not empty");
         assert!(two.contains(&pick));
+    }
+
+    /// Picks from 10,000 backends, counted in lookups (calls of `eligible` and
+    /// `in_flight`, each a binary search in the proxy's list) rather than
+    /// timed: see the module docs for the algorithms' costs, and the `scale`
+    /// benchmark for the times.
+    mod at_scale {
+        use std::cell::Cell;
+        use std::net::{Ipv4Addr, SocketAddr};
+
+        use super::count;
+        use crate::balancer::{
+            Balancer, LeastRequest, NoBackend, PASS_REUSE, PROBES, RoundRobin, WeightedRoundRobin,
+            Weights,
+        };
+
+        const N: usize = 10_000;
+
+        fn addrs(n: usize) -> Vec<SocketAddr> {
+            let base = u32::from(Ipv4Addr::new(10, 0, 0, 0));
+            (0..n)
+                .map(|i| {
+                    let i = u32::try_from(i).expect("fits");
+                    SocketAddr::from((Ipv4Addr::from(base + i), 8080))
+                })
+                .collect()
+        }
+
+        /// `picks` picks by `balancer`; the average lookups per pick.
+        fn lookups_per_pick(
+            balancer: &dyn Balancer,
+            backends: &[SocketAddr],
+            eligible: impl Fn(SocketAddr) -> bool,
+            picks: usize,
+        ) -> f64 {
+            let lookups = Cell::new(0usize);
+            let eligible = |addr| {
+                lookups.set(lookups.get() + 1);
+                eligible(addr)
+            };
+            let in_flight = |_| {
+                lookups.set(lookups.get() + 1);
+                0
+            };
+            for _ in 0..picks {
+                let pick = balancer
+                    .pick_among(backends, &eligible, &in_flight)
+                    .expect("some are eligible");
+                assert!(eligible(pick), "{pick} is not eligible");
+                lookups.set(lookups.get() - 1);
+            }
+            lookups.get() as f64 / picks as f64
+        }
+
+        fn algorithms() -> Vec<(&'static str, Box<dyn Balancer>)> {
+            let canary = Weights::from_map([("10.0.0.7:8080", 5)]).expect("valid");
+            vec![
+                ("round_robin", Box::new(RoundRobin::new())),
+                ("least_request", Box::new(LeastRequest::new())),
+                (
+                    "weighted_round_robin",
+                    Box::new(WeightedRoundRobin::new(Weights::default())),
+                ),
+                (
+                    "weighted_round_robin (a canary weighs 5)",
+                    Box::new(WeightedRoundRobin::new(canary)),
+                ),
+            ]
+        }
+
+        /// Bound asserted: with every backend eligible, round-robin and
+        /// unweighted weighted round-robin look up exactly the one backend they
+        /// pick; least-request its two candidates (eligibility and load of
+        /// each); the weighted draw only the backend it keeps.
+        #[test]
+        fn a_pick_among_10_000_backends_costs_a_constant_number_of_lookups() {
+            let backends = addrs(N);
+            for ((name, balancer), expected) in algorithms().iter().zip([1.0, 4.0, 1.0, 1.0]) {
+                let cost = lookups_per_pick(&**balancer, &backends, |_| true, 10_000);
+                assert_eq!(cost, expected, "{name}");
+            }
+        }
+
+        /// Bound asserted: with one backend in ten out (spread over the list,
+        /// or a run of 1,000 adjacent ones, a node's pods), a pick still costs
+        /// a few lookups on average: each draw hits an eligible backend nine
+        /// times in ten.
+        #[test]
+        fn ineligible_backends_cost_a_few_more_lookups_not_a_scan() {
+            let backends = addrs(N);
+            // Which backends are out, by their place in the list.
+            type Out = fn(usize) -> bool;
+            let outs: [(&str, Out); 2] = [
+                ("every tenth", |i| i % 10 == 5),
+                ("a run of 1,000", |i| (2_000..3_000).contains(&i)),
+            ];
+            let place = |a: SocketAddr| backends.binary_search(&a).expect("listed");
+            for (out_name, out) in &outs {
+                for (name, balancer) in algorithms() {
+                    let cost = lookups_per_pick(&*balancer, &backends, |a| !out(place(a)), 10_000);
+                    assert!(
+                        cost < 6.0,
+                        "{name}, {out_name} out: {cost} lookups per pick"
+                    );
+                }
+            }
+        }
+
+        /// Bound asserted: exact, as over a short list. While every backend
+        /// is eligible, round-robin over 10,000 still gives each one its turn.
+        #[test]
+        fn round_robin_over_10_000_is_exact_while_all_are_eligible() {
+            let backends = addrs(N);
+            let balancer = RoundRobin::new();
+            let picks = (0..2 * N).map(|_| balancer.pick(&backends).expect("not empty"));
+            let counts = count(picks);
+            assert_eq!(counts.len(), N);
+            assert!(counts.values().all(|&c| c == 2));
+        }
+
+        /// Bound asserted: the degraded case, no backend eligible, costs the
+        /// draws (the weighted ones look up only the draws their weight keeps,
+        /// a fifth of at most 80 here) and one pass over the list, and finds
+        /// nothing; the picks after it, for the next 10 ms, only the draws.
+        #[test]
+        fn with_nothing_eligible_a_pass_serves_the_picks_of_the_next_10_ms() {
+            let backends = addrs(N);
+            for (name, balancer) in algorithms() {
+                let lookups = Cell::new(0usize);
+                let none = |_| {
+                    lookups.set(lookups.get() + 1);
+                    false
+                };
+                let started = std::time::Instant::now();
+                assert_eq!(
+                    balancer.pick_among(&backends, &none, &|_| 0),
+                    Err(NoBackend)
+                );
+                assert!(
+                    lookups.get() <= N + 1 + 5 * PROBES,
+                    "{name}: {}",
+                    lookups.get()
+                );
+                lookups.set(0);
+                let mut picks = 0;
+                while started.elapsed() < PASS_REUSE / 2 || picks == 0 {
+                    assert_eq!(
+                        balancer.pick_among(&backends, &none, &|_| 0),
+                        Err(NoBackend)
+                    );
+                    picks += 1;
+                }
+                if started.elapsed() < PASS_REUSE {
+                    let per_pick = lookups.get() / picks;
+                    assert!(per_pick <= 1 + 5 * PROBES, "{name}: {per_pick}");
+                }
+            }
+        }
+
+        /// Bound asserted: 10 ± 5 picks each of 50. With five backends of
+        /// 10,000 available, the draws miss (all but about one pick in 125,
+        /// which goes to one of the five at random), and the picks take turns
+        /// among the five a pass found.
+        #[test]
+        fn a_few_eligible_among_10_000_take_turns() {
+            let backends = addrs(N);
+            let up: Vec<SocketAddr> = [17, 2_000, 2_001, 7_777, 9_999]
+                .iter()
+                .map(|&i| backends[i])
+                .collect();
+            let balancer = RoundRobin::new();
+            let picks = (0..50).map(|_| {
+                balancer
+                    .pick_among(&backends, &|a| up.contains(&a), &|_| 0)
+                    .expect("five are eligible")
+            });
+            let counts = count(picks);
+            assert_eq!(counts.len(), 5, "{counts:?}");
+            assert!(
+                counts.values().all(|&c| (5..=15).contains(&c)),
+                "{counts:?}"
+            );
+        }
+
+        /// Bound asserted: ±20 % around 5 / 1,004 of the picks, more than six
+        /// standard deviations (~22 picks) wide.
+        #[test]
+        fn a_weight_holds_among_a_thousand_backends() {
+            let backends = addrs(1_000);
+            let weights = Weights::from_map([("10.0.0.7:8080", 5)]).expect("valid");
+            let balancer = WeightedRoundRobin::new(weights);
+            let canary = backends[7];
+            let picks = 100_000;
+            let canary_picks = (0..picks)
+                .filter(|_| balancer.pick(&backends) == Ok(canary))
+                .count();
+            let expected = picks as f64 * 5.0 / 1_004.0;
+            assert!(
+                (canary_picks as f64 - expected).abs() < expected * 0.2,
+                "{canary_picks}, expected about {expected:.0}"
+            );
+        }
+
+        #[test]
+        fn least_request_at_scale_never_picks_the_busiest_while_others_are_idle() {
+            let backends = addrs(N);
+            let busy = backends[4_321];
+            let balancer = LeastRequest::new();
+            let load = |a: SocketAddr| u64::from(a == busy);
+            for _ in 0..10_000 {
+                let pick = balancer.pick_among(&backends, &|_| true, &load);
+                assert_ne!(pick, Ok(busy));
+            }
+        }
     }
 }

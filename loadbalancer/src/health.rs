@@ -41,11 +41,12 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
-use tokio::time::MissedTickBehavior;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::backend_state::BackendState;
 use crate::backends::{BackendProtocol, Backends};
+use crate::balancer::random_below;
 use crate::upstream::{Http2Pool, UpstreamError, UpstreamHead, UpstreamPool};
 
 /// Probes in flight at once, whatever the number of backends: enough for
@@ -185,14 +186,25 @@ pub struct HealthChecker {
     /// The list to probe (read each round) and where verdicts go.
     backends: Backends,
     settings: HealthCheckSettings,
+    /// What sends the probes, shared with the round's probe futures so that
+    /// results can be applied while the round goes on.
+    prober: Arc<Prober>,
+    /// Consecutive results per backend, pruned to the current list every round.
+    streaks: HashMap<SocketAddr, Streak>,
+}
+
+/// What a probe needs.
+#[derive(Debug)]
+struct Prober {
+    /// Where the backend port's protocol, as the EndpointSlices say, is read.
+    backends: Backends,
+    settings: HealthCheckSettings,
     /// The probe request, encoded once.
     request: UpstreamHead,
     /// Probes' own connections: never the proxy's pool (see the module docs).
     pool: UpstreamPool,
     /// The same for gRPC health checks, over HTTP/2.
     http2: Http2Pool<Full<Bytes>>,
-    /// Consecutive results per backend, pruned to the current list every round.
-    streaks: HashMap<SocketAddr, Streak>,
 }
 
 /// A backend's current run of probe results.
@@ -219,82 +231,91 @@ impl HealthChecker {
             .unwrap_or_default()
             .into_parts();
         Self {
+            prober: Arc::new(Prober {
+                backends: backends.clone(),
+                settings: settings.clone(),
+                request: UpstreamHead::new(&request, &body),
+                pool: UpstreamPool::new(),
+                http2: Http2Pool::new(1),
+            }),
             backends,
-            request: UpstreamHead::new(&request, &body),
             settings,
-            pool: UpstreamPool::new(),
-            http2: Http2Pool::new(1),
             streaks: HashMap::new(),
         }
     }
 
-    /// Probes every backend each interval, forever; spawn it on its own task.
+    /// Probes every backend each interval, spread over it, forever; spawn it on
+    /// its own task.
     pub async fn run(mut self) {
         info!(
             path = %self.settings.path, interval_ms = self.settings.interval.as_millis(),
             timeout_ms = self.settings.timeout.as_millis(), "active health checks started"
         );
-        // The first round comes one interval after start, not at once: every
-        // backend starts healthy, so an immediate probe could only confirm that.
-        let start = tokio::time::Instant::now() + self.settings.interval;
-        let mut interval = tokio::time::interval_at(start, self.settings.interval);
-        // A round that overran (many slow backends) delays the next one instead
-        // of triggering a burst of catch-up rounds.
-        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let interval = self.settings.interval;
+        // The first round begins one interval after start, not at once: every
+        // backend starts healthy, so an early probe could only confirm that.
+        let mut start = Instant::now() + interval;
         loop {
-            interval.tick().await;
-            self.round().await;
+            tokio::time::sleep_until(start).await;
+            self.spread_round(start).await;
+            // A round that overran (slow backends holding the concurrency
+            // bound) delays the next one instead of being followed by a burst.
+            start = (start + interval).max(Instant::now());
         }
     }
 
-    /// One round: probes each current backend once and applies the verdicts.
+    /// One round over the interval from `start`: each current backend is probed
+    /// at a random point of its own slot (see the module docs).
+    async fn spread_round(&mut self, start: Instant) {
+        let current = self.backends.states();
+        let slots = current.len();
+        let interval = self.settings.interval;
+        self.probe_each(current, |slot| {
+            let jitter = random_below(1 << 20) as f64 / f64::from(1 << 20);
+            on_tick(start, slot_time(start, interval, slot, slots, jitter))
+        })
+        .await;
+    }
+
+    /// Probes each current backend once, all at once (as many at a time as
+    /// [`MAX_CONCURRENT_PROBES`] allows), and applies the verdicts: a round
+    /// without the slots [`HealthChecker::run`] spreads its rounds over.
     pub async fn round(&mut self) {
         let current = self.backends.states();
-        let results: Vec<_> = futures::stream::iter(current.iter().cloned())
-            .map(|(addr, state)| {
-                let probe = self.probe(addr);
-                async move { (addr, state, probe.await) }
-            })
-            .buffer_unordered(MAX_CONCURRENT_PROBES)
-            .collect()
-            .await;
+        let now = Instant::now();
+        self.probe_each(current, |_| now).await;
+    }
+
+    /// Probes each of `current` (the list, as [`Backends::states`] gives it) at
+    /// the time `at` gives for its place in it, applying each result as it comes.
+    async fn probe_each(
+        &mut self,
+        current: Vec<(SocketAddr, Arc<BackendState>)>,
+        at: impl Fn(usize) -> Instant,
+    ) {
         // `current` is in list order, which is sorted.
         self.streaks
             .retain(|addr, _| current.binary_search_by_key(addr, |(a, _)| *a).is_ok());
-        for (addr, state, result) in results {
-            self.apply(addr, state, result);
-        }
-    }
-
-    /// `GET <path>` on `addr` (or the gRPC health check); the body is read to the end so the connection can
-    /// be reused for the next probe.
-    fn probe(&self, addr: SocketAddr) -> impl Future<Output = Result<(), ProbeError>> + use<> {
-        // Both clones share: the pool its connections, the head its bytes.
-        let (pool, request) = (self.pool.clone(), self.request.clone());
-        let (http2, grpc_service) = (self.http2.clone(), self.settings.grpc_service.clone());
-        let over_http2 = self
-            .settings
-            .backend_protocol
-            .or(self.backends.protocols().backend_port)
-            == Some(BackendProtocol::H2c);
-        let path = self.settings.path.clone();
-        let timeout = self.settings.timeout;
-        async move {
-            let exchange = async {
-                if let Some(service) = grpc_service {
-                    return grpc::probe(&http2, addr, &service, timeout).await;
+        let prober = Arc::clone(&self.prober);
+        let mut results = futures::stream::iter(current.into_iter().enumerate())
+            .map(|(slot, (addr, state))| {
+                let (when, prober) = (at(slot), Arc::clone(&prober));
+                async move {
+                    tokio::time::sleep_until(when).await;
+                    // Removed (or removed and added again) since the round
+                    // began: a verdict on it would be thrown away.
+                    if !prober.backends.is_current(addr, &state) {
+                        return None;
+                    }
+                    let result = prober.probe(addr).await;
+                    Some((addr, state, result))
                 }
-                if over_http2 {
-                    return grpc::get(&http2, addr, &path, timeout).await;
-                }
-                let response = pool
-                    .send(addr, timeout, &request, Empty::<Bytes>::new())
-                    .await?;
-                judge_status(response).await
-            };
-            tokio::time::timeout(timeout, exchange)
-                .await
-                .unwrap_or(Err(ProbeError::Timeout(timeout)))
+            })
+            .buffer_unordered(MAX_CONCURRENT_PROBES);
+        while let Some(outcome) = results.next().await {
+            if let Some((addr, state, result)) = outcome {
+                self.apply(addr, state, result);
+            }
         }
     }
 
@@ -348,6 +369,59 @@ impl Streak {
             failures: 0,
         }
     }
+}
+
+impl Prober {
+    /// `GET <path>` on `addr` (or the gRPC health check); the body is read to
+    /// the end so the connection can be reused for the next probe.
+    async fn probe(&self, addr: SocketAddr) -> Result<(), ProbeError> {
+        let settings = &self.settings;
+        let timeout = settings.timeout;
+        let over_http2 = settings
+            .backend_protocol
+            .or(self.backends.protocols().backend_port)
+            == Some(BackendProtocol::H2c);
+        let exchange = async {
+            if let Some(service) = &settings.grpc_service {
+                return grpc::probe(&self.http2, addr, service, timeout).await;
+            }
+            if over_http2 {
+                return grpc::get(&self.http2, addr, &settings.path, timeout).await;
+            }
+            let response = self
+                .pool
+                .send(addr, timeout, &self.request, Empty::<Bytes>::new())
+                .await?;
+            judge_status(response).await
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(ProbeError::Timeout(timeout)))
+    }
+}
+
+/// Probes due within one tick of a round go out together, at its start: one
+/// wake-up of the task for them all rather than one each (at 10,000 endpoints
+/// every 5 s, a wake-up of its own cost a probe as much again as the refused
+/// connection itself), and still a hundred small groups a second, not a burst.
+const PROBE_TICK: Duration = Duration::from_millis(10);
+
+/// The start of the tick of the round from `start` that `due` falls in.
+fn on_tick(start: Instant, due: Instant) -> Instant {
+    let ticks = due.saturating_duration_since(start).as_nanos() / PROBE_TICK.as_nanos();
+    start + PROBE_TICK * u32::try_from(ticks).unwrap_or(u32::MAX)
+}
+
+/// When the probe of `slot` (of `slots`) goes out in a round of `interval` from
+/// `start`: `jitter` (from 0 up to 1) of the way through its slot.
+fn slot_time(
+    start: Instant,
+    interval: Duration,
+    slot: usize,
+    slots: usize,
+    jitter: f64,
+) -> Instant {
+    start + interval.mul_f64((slot as f64 + jitter) / slots as f64)
 }
 
 /// The verdict on an HTTP answer: any 2xx passes. The body is read to the
@@ -466,6 +540,26 @@ mod tests {
         let fresh = backends.state(addr());
         checker.apply(addr(), Arc::clone(&fresh), fail());
         assert!(fresh.is_healthy(), "the old state's failure does not count");
+    }
+
+    /// Bound asserted: exact. Each backend's probe falls in its own slot of
+    /// the interval, so 10,000 probes every 5 s leave one per half millisecond
+    /// rather than all at once.
+    #[test]
+    fn a_rounds_probes_are_spread_over_its_interval_one_per_slot() {
+        let (start, interval, slots) = (Instant::now(), Duration::from_secs(5), 10_000);
+        let slot = interval / 10_000;
+        for i in 0..slots {
+            // Off the slot's edges, where float rounding could go either way.
+            let jitter = (random_below(1_000) as f64 + 0.5) / 1_000.0;
+            let at = slot_time(start, interval, i, slots, jitter) - start;
+            let own = slot * u32::try_from(i).expect("fits");
+            assert!(own <= at && at < own + slot, "probe {i} at {at:?}");
+        }
+        assert_eq!(slot_time(start, interval, 0, slots, 0.0), start);
+        let late = start + PROBE_TICK * 3 + PROBE_TICK / 2;
+        assert_eq!(on_tick(start, late), start + PROBE_TICK * 3);
+        assert!(slot_time(start, interval, slots - 1, slots, 0.999_999) < start + interval);
     }
 
     #[tokio::test]

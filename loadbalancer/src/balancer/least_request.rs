@@ -14,14 +14,15 @@ use std::cell::Cell;
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 
-use super::{Balancer, NoBackend, RoundRobin};
+use super::{Balancer, NoBackend, RoundRobin, SCAN_LIMIT, draw};
 
 /// Power-of-two-choices over requests in flight. Stateless apart from the
 /// per-thread random generator, so concurrent picks never contend.
 #[derive(Debug, Default)]
 pub struct LeastRequest {
     /// Picks when there is nothing to draw from (fewer than two eligible
-    /// backends), with the same empty-list and race handling as round-robin.
+    /// backends, or from a long list when its draws miss), with the same
+    /// empty-list and race handling as round-robin.
     fallback: RoundRobin,
 }
 
@@ -39,6 +40,22 @@ impl Balancer for LeastRequest {
         eligible: &dyn Fn(SocketAddr) -> bool,
         in_flight: &dyn Fn(SocketAddr) -> u64,
     ) -> Result<SocketAddr, NoBackend> {
+        if backends.len() > SCAN_LIMIT {
+            // Two random eligible backends, drawn rather than counted (see the
+            // balancer's module docs). The second is drawn without the first,
+            // so that with one eligible backend left the draw does not spend
+            // its probes on finding it again.
+            let Some(a) = draw(backends, eligible) else {
+                return self
+                    .fallback
+                    .after_a_pass(backends, eligible)
+                    .ok_or(NoBackend);
+            };
+            let Some(b) = draw(backends, &|addr| addr != a && eligible(addr)) else {
+                return Ok(a);
+            };
+            return Ok(less_loaded(a, b, in_flight));
+        }
         let count = backends.iter().filter(|&&addr| eligible(addr)).count();
         if count < 2 {
             // Nothing to compare: zero or one candidate.
@@ -57,17 +74,22 @@ impl Balancer for LeastRequest {
         let (Some(a), Some(b)) = (nth(first), nth(second)) else {
             return self.fallback.pick_among(backends, eligible, in_flight);
         };
-        Ok(match in_flight(a).cmp(&in_flight(b)) {
-            std::cmp::Ordering::Less => a,
-            std::cmp::Ordering::Greater => b,
-            std::cmp::Ordering::Equal => {
-                if random_below(2) == 0 {
-                    a
-                } else {
-                    b
-                }
+        Ok(less_loaded(a, b, in_flight))
+    }
+}
+
+/// Whichever of `a` and `b` has fewer requests in flight; a coin decides a tie.
+fn less_loaded(a: SocketAddr, b: SocketAddr, in_flight: &dyn Fn(SocketAddr) -> u64) -> SocketAddr {
+    match in_flight(a).cmp(&in_flight(b)) {
+        std::cmp::Ordering::Less => a,
+        std::cmp::Ordering::Greater => b,
+        std::cmp::Ordering::Equal => {
+            if random_below(2) == 0 {
+                a
+            } else {
+                b
             }
-        })
+        }
     }
 }
 
@@ -86,9 +108,10 @@ fn seed() -> u64 {
     hasher.finish() | 1
 }
 
-/// A uniform-enough random number in `0..n` (`n > 0`). The modulo bias is below
+/// A uniform-enough random number in `0..n` (`n > 0`), from a generator of
+/// this thread's own. The modulo bias is below
 /// n / 2^64, far under anything a balancer could notice.
-fn random_below(n: usize) -> usize {
+pub(crate) fn random_below(n: usize) -> usize {
     let x = RNG.with(|state| {
         let mut x = state.get();
         x ^= x >> 12;

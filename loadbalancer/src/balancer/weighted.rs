@@ -13,6 +13,19 @@
 //! only for the few additions of one pick, never across an `.await`. They are
 //! rebuilt (scores back to zero) whenever the backend list differs from the one
 //! they were built for.
+//!
+//! That is O(n) per pick, and so is noticing that the list changed. Above
+//! [`SCAN_LIMIT`] backends picks therefore sample instead, with no state: with no
+//! weights configured, every backend weighs 1 and the pick is [`RoundRobin`]'s;
+//! otherwise a backend is drawn at random and kept with probability
+//! `weight / heaviest weight` (rejection sampling), else drawn again. Each
+//! backend's share is then its weight over the total, as in the smooth
+//! algorithm, in expectation rather than exactly per cycle, and a pick costs
+//! `heaviest / mean weight` draws on average whatever the list's length: five
+//! for a canary weighted 5 among thousands of 1s. Draws stop after
+//! [`PROBES`] times the heaviest weight (at most 1,024); then the pick
+//! is round-robin's after a pass (see the balancer's module docs), weights
+//! aside.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -20,7 +33,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{Balancer, NoBackend};
+use super::{Balancer, NoBackend, PROBES, RoundRobin, SCAN_LIMIT, random_below};
 
 /// Configured weights: an exact `IP:port` entry wins over an IP entry, which
 /// wins over the default of 1.
@@ -63,6 +76,22 @@ impl Weights {
         Ok(weights)
     }
 
+    /// The heaviest configured weight, or 1 with none configured.
+    pub fn heaviest(&self) -> u32 {
+        self.by_addr
+            .values()
+            .chain(self.by_ip.values())
+            .copied()
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
+
+    /// Whether any weight is configured (else every backend weighs 1).
+    pub fn is_empty(&self) -> bool {
+        self.by_addr.is_empty() && self.by_ip.is_empty()
+    }
+
     /// The weight of `addr`.
     pub fn of(&self, addr: SocketAddr) -> u32 {
         self.by_addr
@@ -89,14 +118,22 @@ impl Serialize for Weights {
     }
 }
 
+/// Draws a sampled pick makes at most, however heavy the heaviest weight.
+const MAX_DRAWS: usize = 1024;
+
 /// Smooth weighted round-robin over the current list.
 #[derive(Debug, Default)]
 pub struct WeightedRoundRobin {
     /// Where each weight comes from; fixed for the balancer's life (a reload
     /// builds a new balancer).
     weights: Weights,
+    /// `weights.heaviest()`, for the sampled picks.
+    heaviest: u32,
     /// The running scores, for the list they were built for.
     state: Mutex<Scores>,
+    /// Long lists with no weights configured, where every backend weighs 1,
+    /// and those whose draws miss.
+    unweighted: RoundRobin,
 }
 
 /// The per-backend scores of the smooth algorithm.
@@ -114,9 +151,32 @@ impl WeightedRoundRobin {
     /// A balancer using `weights`.
     pub fn new(weights: Weights) -> Self {
         Self {
+            heaviest: weights.heaviest(),
             weights,
             state: Mutex::default(),
+            unweighted: RoundRobin::new(),
         }
+    }
+
+    /// A pick from a long list: see the module docs.
+    fn sample(
+        &self,
+        backends: &[SocketAddr],
+        eligible: &dyn Fn(SocketAddr) -> bool,
+    ) -> Result<SocketAddr, NoBackend> {
+        if self.weights.is_empty() {
+            return self.unweighted.pick_among(backends, eligible, &|_| 0);
+        }
+        let heaviest = usize::try_from(self.heaviest).unwrap_or(usize::MAX);
+        let draws = PROBES.saturating_mul(heaviest).min(MAX_DRAWS);
+        (0..draws)
+            .filter_map(|_| backends.get(random_below(backends.len())).copied())
+            .find(|&addr| {
+                let weight = usize::try_from(self.weights.of(addr)).unwrap_or(usize::MAX);
+                random_below(heaviest) < weight && eligible(addr)
+            })
+            .or_else(|| self.unweighted.after_a_pass(backends, eligible))
+            .ok_or(NoBackend)
     }
 
     fn scores(&self) -> MutexGuard<'_, Scores> {
@@ -135,6 +195,9 @@ impl Balancer for WeightedRoundRobin {
         eligible: &dyn Fn(SocketAddr) -> bool,
         _in_flight: &dyn Fn(SocketAddr) -> u64,
     ) -> Result<SocketAddr, NoBackend> {
+        if backends.len() > SCAN_LIMIT {
+            return self.sample(backends, eligible);
+        }
         let mut scores = self.scores();
         if scores.backends != backends {
             // Discovery changed the list: start a fresh cycle. This allocates,

@@ -1,8 +1,9 @@
 //! The Kubernetes rules for turning EndpointSlices into backend addresses.
 //!
 //! Discovery's watch loop ([`super::kubernetes`]) keeps one [`SliceEndpoints`] per
-//! slice and, after every change, [`merge`]s them into the list the balancer uses.
-//! Both steps are plain functions so that each rule below has a unit test of its own:
+//! slice and feeds each slice's change into [`MergedEndpoints`], which keeps the
+//! list the balancer uses and says how a change alters it. Both are plain code
+//! with no I/O, so that each rule below has a unit test of its own:
 //!
 //! * **Ready**: an endpoint takes traffic when `conditions.ready` is true or absent
 //!   (the API says a nil `ready` means true).
@@ -22,8 +23,20 @@
 //!   ([`BackendProtocol::from_app_protocol`]); the first slice that names one for
 //!   the backend port (or the gRPC port) decides, since every slice of a Service
 //!   lists the same ports.
+//! * **Duplicates**: an address listed by two slices (a pod the controller is
+//!   moving between them) is one backend, listed until neither slice has it.
+//!
+//! **Cost.** A Service may have thousands of endpoints in a hundred slices, and
+//! each change of one slice must cost in proportion to that slice, not to the
+//! Service. [`MergedEndpoints`] counts, per address, the slices that list it
+//! ready (and, apart, serving but terminating); a slice's change compares its
+//! old and new endpoints and moves only the counts of those that differ. An
+//! address whose count leaves or reaches zero joins or leaves the list, and that
+//! difference is all that is published ([`ListChange::Delta`]). Only a switch
+//! into or out of the terminating fallback, and a re-list, publish the whole
+//! list ([`ListChange::Whole`]).
 
-use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
@@ -42,17 +55,126 @@ pub(crate) struct SliceEndpoints {
     pub(crate) protocols: LearnedProtocols,
 }
 
-/// The list to publish, and which rule produced it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Merged {
-    /// Sorted, without duplicates (a pod may briefly appear in two slices while the
-    /// EndpointSlice controller moves it).
-    pub(crate) addrs: Vec<SocketAddr>,
-    /// True when `addrs` are serving-but-terminating endpoints because none is ready,
-    /// so the watch loop can say so in the logs.
-    pub(crate) terminating_fallback: bool,
-    /// What the backend ports speak, from the first slice that says.
-    pub(crate) protocols: LearnedProtocols,
+/// How a slice's change alters the published list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ListChange {
+    /// These addresses join the list, those leave it; the rest stay as they are.
+    Delta {
+        added: Vec<SocketAddr>,
+        removed: Vec<SocketAddr>,
+    },
+    /// The list is now this one, sorted and without duplicates.
+    Whole(Vec<SocketAddr>),
+}
+
+/// Every slice's endpoints merged into the list the balancer should use, kept
+/// current one slice at a time (see the module docs).
+#[derive(Debug, Default)]
+pub(crate) struct MergedEndpoints {
+    /// How many slices list each address as ready.
+    ready: HashMap<SocketAddr, u32>,
+    /// How many slices list each address as serving but terminating.
+    serving_terminating: HashMap<SocketAddr, u32>,
+    /// Whether the list is the serving-terminating endpoints, no endpoint
+    /// being ready (with none of those either, the list is empty).
+    fallback: bool,
+}
+
+impl MergedEndpoints {
+    /// The merge of `slices`, built from nothing.
+    pub(crate) fn of<'a>(slices: impl IntoIterator<Item = &'a SliceEndpoints>) -> Self {
+        let mut merged = Self::default();
+        for slice in slices {
+            count(&mut merged.ready, &[], &slice.ready);
+            count(
+                &mut merged.serving_terminating,
+                &[],
+                &slice.serving_terminating,
+            );
+        }
+        merged.fallback = merged.ready.is_empty();
+        merged
+    }
+
+    /// Replaces what one slice contributes: `old` (`None`: the slice is new)
+    /// becomes `new` (`None`: the slice was deleted). Returns how the list changes.
+    pub(crate) fn replace_slice(
+        &mut self,
+        old: Option<&SliceEndpoints>,
+        new: Option<&SliceEndpoints>,
+    ) -> ListChange {
+        let nothing = SliceEndpoints::default();
+        let (old, new) = (old.unwrap_or(&nothing), new.unwrap_or(&nothing));
+        let ready = count(&mut self.ready, &old.ready, &new.ready);
+        let serving_terminating = count(
+            &mut self.serving_terminating,
+            &old.serving_terminating,
+            &new.serving_terminating,
+        );
+        let fallback = self.ready.is_empty();
+        if fallback != self.fallback {
+            self.fallback = fallback;
+            return ListChange::Whole(self.addrs());
+        }
+        let (added, removed) = if fallback { serving_terminating } else { ready };
+        ListChange::Delta { added, removed }
+    }
+
+    /// The list, sorted.
+    pub(crate) fn addrs(&self) -> Vec<SocketAddr> {
+        let listed = if self.fallback {
+            &self.serving_terminating
+        } else {
+            &self.ready
+        };
+        let mut addrs: Vec<SocketAddr> = listed.keys().copied().collect();
+        addrs.sort_unstable();
+        addrs
+    }
+
+    /// True when the list is serving-but-terminating endpoints because none is
+    /// ready, so the watch loop can say so in the logs.
+    pub(crate) fn terminating_fallback(&self) -> bool {
+        self.fallback && !self.serving_terminating.is_empty()
+    }
+}
+
+/// Moves the slice counts in `counts` from a slice's `old` endpoints to its
+/// `new` ones, touching only the addresses in one and not the other. Returns
+/// the addresses whose count rose from zero and those whose count fell to it.
+fn count(
+    counts: &mut HashMap<SocketAddr, u32>,
+    old: &[SocketAddr],
+    new: &[SocketAddr],
+) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+    let (old, new) = (sorted(old), sorted(new));
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    for addr in new.iter().filter(|addr| old.binary_search(addr).is_err()) {
+        let slices = counts.entry(*addr).or_insert(0);
+        *slices += 1;
+        if *slices == 1 {
+            added.push(*addr);
+        }
+    }
+    for addr in old.iter().filter(|addr| new.binary_search(addr).is_err()) {
+        if let Some(slices) = counts.get_mut(addr) {
+            *slices -= 1;
+            if *slices == 0 {
+                counts.remove(addr);
+                removed.push(*addr);
+            }
+        }
+    }
+    (added, removed)
+}
+
+/// A sorted copy of `addrs` without duplicates (an address listed twice in one
+/// slice counts once).
+fn sorted(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut addrs = addrs.to_vec();
+    addrs.sort_unstable();
+    addrs.dedup();
+    addrs
 }
 
 /// How one endpoint's conditions classify it.
@@ -141,38 +263,18 @@ fn lists_port(slice: &EndpointSlice, port: u16) -> bool {
     }
 }
 
-/// Merges every slice's endpoints into the one list the balancer should use.
-pub(crate) fn merge<'a>(slices: impl IntoIterator<Item = &'a SliceEndpoints> + Clone) -> Merged {
-    let protocols = slices
-        .clone()
+/// What the backend ports speak, from the first of `slices` that names it.
+pub(crate) fn protocols<'a>(
+    slices: impl IntoIterator<Item = &'a SliceEndpoints>,
+) -> LearnedProtocols {
+    slices
         .into_iter()
         .fold(LearnedProtocols::default(), |known, slice| {
             LearnedProtocols {
                 backend_port: known.backend_port.or(slice.protocols.backend_port),
                 grpc_port: known.grpc_port.or(slice.protocols.grpc_port),
             }
-        });
-    let ready: BTreeSet<SocketAddr> = slices
-        .clone()
-        .into_iter()
-        .flat_map(|s| s.ready.iter().copied())
-        .collect();
-    if !ready.is_empty() {
-        return Merged {
-            addrs: ready.into_iter().collect(),
-            terminating_fallback: false,
-            protocols,
-        };
-    }
-    let serving: BTreeSet<SocketAddr> = slices
-        .into_iter()
-        .flat_map(|s| s.serving_terminating.iter().copied())
-        .collect();
-    Merged {
-        terminating_fallback: !serving.is_empty(),
-        addrs: serving.into_iter().collect(),
-        protocols,
-    }
+        })
 }
 
 #[cfg(test)]
@@ -385,42 +487,129 @@ mod tests {
             ..endpoints(&["10.0.0.1:8080"], &[])
         };
         let unnamed = endpoints(&["10.0.0.2:8080"], &[]);
-        assert_eq!(merge([&unnamed, &named]).protocols, protocols);
+        assert_eq!(super::protocols([&unnamed, &named]), protocols);
     }
 
     #[test]
     fn merge_sorts_and_deduplicates_across_slices() {
         let a = endpoints(&["10.0.0.3:80", "10.0.0.1:80"], &[]);
         let b = endpoints(&["10.0.0.2:80", "10.0.0.1:80"], &[]);
-        let merged = merge([&a, &b]);
+        let merged = MergedEndpoints::of([&a, &b]);
         assert_eq!(
-            merged.addrs,
+            merged.addrs(),
             addrs(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"])
         );
-        assert!(!merged.terminating_fallback);
+        assert!(!merged.terminating_fallback());
     }
 
     #[test]
     fn merge_ignores_terminating_endpoints_while_any_endpoint_is_ready() {
         let old = endpoints(&[], &["10.0.0.1:80"]);
         let new = endpoints(&["10.0.0.2:80"], &[]);
-        assert_eq!(merge([&old, &new]).addrs, addrs(&["10.0.0.2:80"]));
+        assert_eq!(
+            MergedEndpoints::of([&old, &new]).addrs(),
+            addrs(&["10.0.0.2:80"])
+        );
     }
 
     #[test]
     fn merge_falls_back_to_serving_terminating_endpoints_when_none_is_ready() {
         let a = endpoints(&[], &["10.0.0.2:80"]);
         let b = endpoints(&[], &["10.0.0.1:80", "10.0.0.2:80"]);
-        let merged = merge([&a, &b]);
-        assert_eq!(merged.addrs, addrs(&["10.0.0.1:80", "10.0.0.2:80"]));
-        assert!(merged.terminating_fallback);
+        let merged = MergedEndpoints::of([&a, &b]);
+        assert_eq!(merged.addrs(), addrs(&["10.0.0.1:80", "10.0.0.2:80"]));
+        assert!(merged.terminating_fallback());
     }
 
     #[test]
     fn merge_of_nothing_is_an_empty_list() {
+        let merged = MergedEndpoints::of(std::iter::empty::<&SliceEndpoints>());
+        assert_eq!(merged.addrs(), vec![]);
+        assert!(!merged.terminating_fallback());
+    }
+
+    fn delta(added: &[&str], removed: &[&str]) -> ListChange {
+        ListChange::Delta {
+            added: addrs(added),
+            removed: addrs(removed),
+        }
+    }
+
+    #[test]
+    fn a_slice_change_publishes_only_its_own_difference() {
+        let a = endpoints(&["10.0.0.1:80", "10.0.0.2:80"], &[]);
+        let b = endpoints(&["10.0.1.1:80"], &[]);
+        let mut merged = MergedEndpoints::of([&a, &b]);
+        let changed = endpoints(&["10.0.0.2:80", "10.0.0.3:80"], &[]);
         assert_eq!(
-            merge(std::iter::empty::<&SliceEndpoints>()),
-            Merged::default()
+            merged.replace_slice(Some(&a), Some(&changed)),
+            delta(&["10.0.0.3:80"], &["10.0.0.1:80"])
         );
+        // The same slice again, reordered: nothing to publish.
+        let reordered = endpoints(&["10.0.0.3:80", "10.0.0.2:80"], &[]);
+        assert_eq!(
+            merged.replace_slice(Some(&changed), Some(&reordered)),
+            delta(&[], &[])
+        );
+        assert_eq!(
+            merged.addrs(),
+            addrs(&["10.0.0.2:80", "10.0.0.3:80", "10.0.1.1:80"])
+        );
+    }
+
+    #[test]
+    fn new_and_deleted_slices_add_and_remove_their_endpoints() {
+        let a = endpoints(&["10.0.0.1:80"], &[]);
+        let mut merged = MergedEndpoints::of([&a]);
+        let b = endpoints(&["10.0.1.1:80", "10.0.1.2:80"], &[]);
+        assert_eq!(
+            merged.replace_slice(None, Some(&b)),
+            delta(&["10.0.1.1:80", "10.0.1.2:80"], &[])
+        );
+        assert_eq!(
+            merged.replace_slice(Some(&b), None),
+            delta(&[], &["10.0.1.1:80", "10.0.1.2:80"])
+        );
+    }
+
+    #[test]
+    fn an_address_in_two_slices_stays_until_neither_lists_it() {
+        let a = endpoints(&["10.0.0.1:80"], &[]);
+        let b = endpoints(&["10.0.0.1:80", "10.0.0.2:80"], &[]);
+        let mut merged = MergedEndpoints::of([&a, &b]);
+        let none = endpoints(&[], &[]);
+        assert_eq!(merged.replace_slice(Some(&a), Some(&none)), delta(&[], &[]));
+        let c = endpoints(&["10.0.1.1:80"], &[]);
+        merged.replace_slice(None, Some(&c));
+        assert_eq!(
+            merged.replace_slice(Some(&b), None),
+            delta(&[], &["10.0.0.1:80", "10.0.0.2:80"])
+        );
+    }
+
+    #[test]
+    fn the_terminating_fallback_starts_and_ends_with_a_whole_list() {
+        let serving = endpoints(&["10.0.0.1:80"], &["10.0.0.2:80"]);
+        let mut merged = MergedEndpoints::of([&serving]);
+        // The last ready endpoint goes: the terminating ones are the list.
+        let terminating = endpoints(&[], &["10.0.0.1:80", "10.0.0.2:80"]);
+        assert_eq!(
+            merged.replace_slice(Some(&serving), Some(&terminating)),
+            ListChange::Whole(addrs(&["10.0.0.1:80", "10.0.0.2:80"]))
+        );
+        assert!(merged.terminating_fallback());
+        // Within the fallback, terminating endpoints come and go by delta.
+        let fewer = endpoints(&[], &["10.0.0.2:80"]);
+        assert_eq!(
+            merged.replace_slice(Some(&terminating), Some(&fewer)),
+            delta(&[], &["10.0.0.1:80"])
+        );
+        // A ready endpoint is back: it alone is the list.
+        let ready = endpoints(&["10.0.0.3:80"], &["10.0.0.2:80"]);
+        assert_eq!(
+            merged.replace_slice(Some(&fewer), Some(&ready)),
+            ListChange::Whole(addrs(&["10.0.0.3:80"]))
+        );
+        assert!(!merged.terminating_fallback());
     }
 }

@@ -13,12 +13,16 @@
 //!   simply not in it, so it disappears. The first `InitDone` marks the list synced.
 //! * `Apply` / `Delete` patch one slice by name.
 //!
-//! After each change the merged list (rules in [`super::endpoints`]) is published in
-//! one write. Errors never touch the list: while the API server is unreachable the
-//! last known backends keep serving, and the watcher's backoff (0.8 s doubling to 30 s,
-//! with jitter) keeps the retries from spinning.
+//! After each change what it does to the merged list (rules in [`super::endpoints`])
+//! is published in one write: for `Apply` and `Delete` only the addresses that
+//! joined or left, so that with 10,000 endpoints in 100 slices an update costs
+//! in proportion to its slice, and the other backends' states are left alone;
+//! for `InitDone` the whole list. Errors never touch the list: while the API
+//! server is unreachable the last known backends keep serving, and the watcher's
+//! backoff (0.8 s doubling to 30 s, with jitter) keeps the retries from spinning.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 
 use futures::StreamExt;
@@ -28,8 +32,11 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 
 use super::KubernetesSource;
-use super::endpoints::{Merged, SliceEndpoints, merge, slice_endpoints, slice_protocols};
+use super::endpoints::{
+    ListChange, MergedEndpoints, SliceEndpoints, protocols, slice_endpoints, slice_protocols,
+};
 use crate::backends::BackendsWriter;
+use crate::backends::LearnedProtocols;
 
 /// The label the EndpointSlice controller puts on every slice of a Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -98,15 +105,19 @@ fn root_cause<'a>(
     cause
 }
 
-/// A list to publish, produced by a state change.
+/// A change to publish, produced by a state change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Update {
-    merged: Merged,
+    change: ListChange,
+    /// Whether the list is serving-but-terminating endpoints, none being ready.
+    terminating_fallback: bool,
+    /// What the backend ports speak, from the first slice that says.
+    protocols: LearnedProtocols,
     /// True at `InitDone`: the state now reflects a complete list from the API server.
     complete: bool,
 }
 
-/// The endpoints of every known slice, by slice name.
+/// The endpoints of every known slice, by slice name, and their merge.
 #[derive(Debug)]
 struct SliceStore {
     /// Every address gets this port (see [`super::endpoints`]).
@@ -115,6 +126,8 @@ struct SliceStore {
     grpc_port: Option<u16>,
     /// The current state; `Apply` and `Delete` patch it by slice name.
     slices: BTreeMap<String, SliceEndpoints>,
+    /// The list `slices` make, kept in step with each patch.
+    merged: MergedEndpoints,
     /// A re-list in progress (between `Init` and `InitDone`). Built off to the side so
     /// the current state keeps serving until the new one is complete.
     relist: Option<BTreeMap<String, SliceEndpoints>>,
@@ -126,11 +139,12 @@ impl SliceStore {
             port,
             grpc_port,
             slices: BTreeMap::new(),
+            merged: MergedEndpoints::default(),
             relist: None,
         }
     }
 
-    /// Applies one watcher event; returns the list to publish when the state changed.
+    /// Applies one watcher event; returns the change to publish when the state changed.
     fn handle(&mut self, event: Event<EndpointSlice>) -> Option<Update> {
         match event {
             Event::Init => {
@@ -147,16 +161,22 @@ impl SliceStore {
             }
             Event::InitDone => {
                 self.slices = self.relist.take().unwrap_or_default();
-                Some(self.update(true))
+                self.merged = MergedEndpoints::of(self.slices.values());
+                Some(self.update(ListChange::Whole(self.merged.addrs()), true))
             }
             Event::Apply(slice) => {
+                let name = slice.name_any();
                 let endpoints = self.read(&slice);
-                self.slices.insert(slice.name_any(), endpoints);
-                Some(self.update(false))
+                let change = self
+                    .merged
+                    .replace_slice(self.slices.get(&name), Some(&endpoints));
+                self.slices.insert(name, endpoints);
+                Some(self.update(change, false))
             }
             Event::Delete(slice) => {
-                self.slices.remove(&slice.name_any());
-                Some(self.update(false))
+                let old = self.slices.remove(&slice.name_any());
+                let change = self.merged.replace_slice(old.as_ref(), None);
+                Some(self.update(change, false))
             }
         }
     }
@@ -169,9 +189,12 @@ impl SliceStore {
         }
     }
 
-    fn update(&self, complete: bool) -> Update {
+    fn update(&self, change: ListChange, complete: bool) -> Update {
         Update {
-            merged: merge(self.slices.values()),
+            change,
+            terminating_fallback: self.merged.terminating_fallback(),
+            // One step per slice, not per endpoint.
+            protocols: protocols(self.slices.values()),
             complete,
         }
     }
@@ -199,11 +222,16 @@ impl<'a> Publisher<'a> {
     }
 
     fn publish(&mut self, update: Update) {
-        let Update { merged, complete } = update;
+        let Update {
+            change,
+            terminating_fallback,
+            protocols,
+            complete,
+        } = update;
         let service = self.service.as_str();
-        if merged.terminating_fallback != self.terminating_fallback {
-            self.terminating_fallback = merged.terminating_fallback;
-            if merged.terminating_fallback {
+        if terminating_fallback != self.terminating_fallback {
+            self.terminating_fallback = terminating_fallback;
+            if terminating_fallback {
                 tracing::warn!(
                     service = %service,
                     "no endpoint is ready; using serving endpoints that are terminating"
@@ -215,44 +243,85 @@ impl<'a> Publisher<'a> {
                 );
             }
         }
-        self.backends.set_protocols(merged.protocols);
-        let old = self.backends.snapshot();
-        if self.backends.replace(merged.addrs.clone()) {
-            let (added, removed) = diff(&old, &merged.addrs);
+        self.backends.set_protocols(protocols);
+        let changed = match change {
+            ListChange::Delta { added, removed } => self
+                .backends
+                .change(&added, &removed)
+                .then_some((added, removed)),
+            ListChange::Whole(addrs) => {
+                let old = self.backends.snapshot();
+                let (added, removed) = diff(&old, &addrs);
+                self.backends.replace(addrs).then_some((added, removed))
+            }
+        };
+        let backends = self.backends.reader().with(<[_]>::len);
+        if let Some((added, removed)) = changed {
             tracing::info!(
                 service = %service,
-                added = ?added,
-                removed = ?removed,
-                backends = merged.addrs.len(),
+                added = %Preview(&added),
+                removed = %Preview(&removed),
+                backends,
                 "backend list changed"
             );
         }
         if complete && !self.backends.is_synced() {
-            tracing::info!(service = %service, backends = ?merged.addrs, "first complete EndpointSlice list received");
+            tracing::info!(service = %service, backends, "first complete EndpointSlice list received");
             self.backends.mark_synced();
         }
     }
 }
 
-/// The addresses in `new` but not `old`, and those in `old` but not `new`. Both
-/// inputs are sorted (the published list always is), so the outputs are too.
+/// The addresses in `new` but not `old`, and those in `old` but not `new`, in one
+/// walk over both. Both inputs are sorted (the published list always is), so the
+/// outputs are too.
 fn diff(old: &[SocketAddr], new: &[SocketAddr]) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
-    let added = new
-        .iter()
-        .filter(|a| old.binary_search(a).is_err())
-        .copied()
-        .collect();
-    let removed = old
-        .iter()
-        .filter(|a| new.binary_search(a).is_err())
-        .copied()
-        .collect();
-    (added, removed)
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    let (mut old, mut new) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (old.peek(), new.peek()) {
+            (Some(o), Some(n)) if o == n => {
+                old.next();
+                new.next();
+            }
+            (Some(o), Some(n)) if o < n => removed.extend(old.next()),
+            (_, Some(_)) => added.extend(new.next()),
+            (Some(_), None) => removed.extend(old.next()),
+            (None, None) => return (added, removed),
+        }
+    }
+}
+
+/// Up to this many addresses of a change are written in its log line; a change
+/// of thousands (a first list, a re-list) would otherwise make a line of
+/// hundreds of kilobytes.
+const LOGGED_ADDRESSES: usize = 16;
+
+/// A list of addresses for the log: `[a, b]`, or the first
+/// [`LOGGED_ADDRESSES`] of a longer one and how many more there are.
+struct Preview<'a>(&'a [SocketAddr]);
+
+impl fmt::Display for Preview<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[")?;
+        for (i, addr) in self.0.iter().take(LOGGED_ADDRESSES).enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{addr}")?;
+        }
+        match self.0.len().checked_sub(LOGGED_ADDRESSES) {
+            Some(more) if more > 0 => write!(f, ", and {more} more]"),
+            _ => f.write_str("]"),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::discovery::v1::Endpoint;
+    use std::sync::Arc;
+
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     use super::*;
@@ -280,8 +349,22 @@ mod tests {
         }
     }
 
-    fn addrs(update: Option<Update>) -> Vec<SocketAddr> {
-        update.expect("the event changes the state").merged.addrs
+    /// Publishes what `event` changes into `list`; the list afterwards.
+    fn published(
+        store: &mut SliceStore,
+        list: &BackendsWriter,
+        event: Event<EndpointSlice>,
+    ) -> Vec<SocketAddr> {
+        let update = store.handle(event).expect("the event changes the state");
+        Publisher::new("web", list).publish(update);
+        list.snapshot()
+    }
+
+    fn whole(update: Option<Update>) -> Vec<SocketAddr> {
+        match update.expect("the event changes the state").change {
+            ListChange::Whole(addrs) => addrs,
+            change => panic!("expected a whole list, got {change:?}"),
+        }
     }
 
     #[test]
@@ -294,7 +377,7 @@ mod tests {
         );
         let done = store.handle(Event::InitDone).expect("InitDone publishes");
         assert!(done.complete);
-        assert_eq!(done.merged.addrs, vec![addr("10.0.0.1:80")]);
+        assert_eq!(whole(Some(done)), vec![addr("10.0.0.1:80")]);
     }
 
     #[test]
@@ -305,7 +388,7 @@ mod tests {
         store.handle(Event::Init);
         store.handle(Event::InitApply(slice("a", &["10.0.0.1"])));
         assert_eq!(
-            addrs(store.handle(Event::InitDone)),
+            whole(store.handle(Event::InitDone)),
             vec![addr("10.0.0.1:80")]
         );
     }
@@ -315,28 +398,29 @@ mod tests {
         let mut store = SliceStore::new(80, None);
         store.handle(Event::Apply(slice("a", &["10.0.0.1"])));
         store.handle(Event::Init);
-        assert_eq!(addrs(store.handle(Event::InitDone)), vec![]);
+        assert_eq!(whole(store.handle(Event::InitDone)), vec![]);
     }
 
     #[test]
     fn apply_replaces_one_slice_by_name() {
-        let mut store = SliceStore::new(80, None);
-        store.handle(Event::Apply(slice("a", &["10.0.0.1"])));
-        store.handle(Event::Apply(slice("b", &["10.0.0.2"])));
-        let update = store.handle(Event::Apply(slice("a", &["10.0.0.3"])));
+        let (mut store, list) = (SliceStore::new(80, None), BackendsWriter::new());
+        published(&mut store, &list, Event::Apply(slice("a", &["10.0.0.1"])));
+        published(&mut store, &list, Event::Apply(slice("b", &["10.0.0.2"])));
         assert_eq!(
-            addrs(update),
+            published(&mut store, &list, Event::Apply(slice("a", &["10.0.0.3"]))),
             vec![addr("10.0.0.2:80"), addr("10.0.0.3:80")]
         );
     }
 
     #[test]
     fn delete_removes_one_slice_by_name() {
-        let mut store = SliceStore::new(80, None);
-        store.handle(Event::Apply(slice("a", &["10.0.0.1"])));
-        store.handle(Event::Apply(slice("b", &["10.0.0.2"])));
-        let update = store.handle(Event::Delete(slice("a", &[])));
-        assert_eq!(addrs(update), vec![addr("10.0.0.2:80")]);
+        let (mut store, list) = (SliceStore::new(80, None), BackendsWriter::new());
+        published(&mut store, &list, Event::Apply(slice("a", &["10.0.0.1"])));
+        published(&mut store, &list, Event::Apply(slice("b", &["10.0.0.2"])));
+        assert_eq!(
+            published(&mut store, &list, Event::Delete(slice("a", &[]))),
+            vec![addr("10.0.0.2:80")]
+        );
     }
 
     #[test]
@@ -363,13 +447,112 @@ mod tests {
         assert!(backends.snapshot().is_empty());
     }
 
+    /// 100 slices of 100 endpoints, `10.<slice>.0.<endpoint>`, all ready.
+    fn service() -> Vec<EndpointSlice> {
+        (0..100)
+            .map(|s| {
+                let ips: Vec<String> = (1..=100).map(|e| format!("10.{s}.0.{e}")).collect();
+                let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+                slice(&format!("web-{s}"), &ips)
+            })
+            .collect()
+    }
+
+    /// The incremental update: a change to one slice of 10,000 endpoints
+    /// publishes that slice's difference and nothing else, and every other
+    /// backend keeps its state (the same object, with its requests in flight,
+    /// health verdict and ejection).
+    #[test]
+    fn a_slice_update_touches_only_its_own_endpoints() {
+        let (mut store, list) = (SliceStore::new(80, None), BackendsWriter::new());
+        store.handle(Event::Init);
+        let mut slices = service();
+        for slice in &slices {
+            store.handle(Event::InitApply(slice.clone()));
+        }
+        assert_eq!(published(&mut store, &list, Event::InitDone).len(), 10_000);
+        let backends = list.reader();
+        let before = backends.states();
+        let in_flight: Vec<_> = before.iter().map(|(_, s)| s.start_request()).collect();
+        let now = std::time::Instant::now();
+        before[17].1.set_healthy(false);
+        before[5_000]
+            .1
+            .eject_until(now + std::time::Duration::from_secs(60));
+
+        // Slice 42: endpoint 7 turns not ready, a new endpoint 101 joins.
+        let endpoints = &mut slices[42].endpoints;
+        endpoints[6].conditions = Some(EndpointConditions {
+            ready: Some(false),
+            ..EndpointConditions::default()
+        });
+        endpoints.push(Endpoint {
+            addresses: vec!["10.42.0.101".to_owned()],
+            ..Endpoint::default()
+        });
+        let update = store
+            .handle(Event::Apply(slices[42].clone()))
+            .expect("Apply publishes");
+        assert_eq!(
+            update.change,
+            ListChange::Delta {
+                added: vec![addr("10.42.0.101:80")],
+                removed: vec![addr("10.42.0.7:80")],
+            }
+        );
+        Publisher::new("web", &list).publish(update);
+
+        let after = backends.states();
+        assert_eq!(after.len(), 10_000);
+        let (gone, new) = (addr("10.42.0.7:80"), addr("10.42.0.101:80"));
+        for (addr, state) in &before {
+            let kept = after.iter().find(|(a, _)| a == addr);
+            match kept {
+                Some((_, kept)) => assert!(Arc::ptr_eq(kept, state), "{addr} lost its state"),
+                None => assert_eq!(*addr, gone),
+            }
+        }
+        let fresh = backends.state(new);
+        assert_eq!((fresh.in_flight(), fresh.requests()), (0, 0));
+        assert!(after.iter().all(|(a, s)| *a == new || s.in_flight() == 1));
+        assert!(!backends.state(before[17].0).is_healthy());
+        assert!(backends.state(before[5_000].0).ejected_until(now).is_some());
+        drop(in_flight);
+    }
+
     #[test]
     fn diff_lists_added_and_removed_addresses() {
-        let old = [addr("10.0.0.1:80"), addr("10.0.0.2:80")];
-        let new = [addr("10.0.0.2:80"), addr("10.0.0.3:80")];
+        let old = [
+            addr("10.0.0.1:80"),
+            addr("10.0.0.2:80"),
+            addr("10.0.0.4:80"),
+        ];
+        let new = [
+            addr("10.0.0.2:80"),
+            addr("10.0.0.3:80"),
+            addr("10.0.0.5:80"),
+        ];
         assert_eq!(
             diff(&old, &new),
-            (vec![addr("10.0.0.3:80")], vec![addr("10.0.0.1:80")])
+            (
+                vec![addr("10.0.0.3:80"), addr("10.0.0.5:80")],
+                vec![addr("10.0.0.1:80"), addr("10.0.0.4:80")]
+            )
         );
+        assert_eq!(diff(&[], &old), (old.to_vec(), vec![]));
+        assert_eq!(diff(&old, &[]), (vec![], old.to_vec()));
+    }
+
+    #[test]
+    fn a_long_change_is_logged_with_its_first_addresses_and_a_count() {
+        let few = [addr("10.0.0.1:80"), addr("10.0.0.2:80")];
+        assert_eq!(Preview(&few).to_string(), "[10.0.0.1:80, 10.0.0.2:80]");
+        assert_eq!(Preview(&[]).to_string(), "[]");
+        let many: Vec<SocketAddr> = (1..=20)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 80)))
+            .collect();
+        let line = Preview(&many).to_string();
+        assert!(line.starts_with("[10.0.0.1:80, 10.0.0.2:80, "), "{line}");
+        assert!(line.ends_with("10.0.0.16:80, and 4 more]"), "{line}");
     }
 }

@@ -611,6 +611,10 @@ async fn serve(listener: TcpListener, state: Arc<Mutex<Store>>) {
                 continue;
             }
         };
+        // As a real API server does (Go sets it on every TCP connection): without
+        // it, Nagle's algorithm holds a watch event back until the client's delayed
+        // ACK of the previous one, up to 40 ms.
+        let _ = stream.set_nodelay(true);
         // Reap finished connections so the set does not grow without bound.
         while connections.try_join_next().is_some() {}
         let state = Arc::clone(&state);
