@@ -249,7 +249,8 @@ async fn a_rotated_secret_serves_new_handshakes_with_no_failed_request_and_a_bro
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) && sent.load(Ordering::Relaxed) < 2_000 {
                 sent.fetch_add(1, Ordering::Relaxed);
-                if client.get(addr, "localhost", "/").await.is_err() {
+                if let Err(error) = client.get(addr, "localhost", "/").await {
+                    eprintln!("request failed: {error:?}");
                     failed.fetch_add(1, Ordering::Relaxed);
                 }
             }
