@@ -34,6 +34,13 @@
 #               connection (handshakes/s; wrk reuses each connection's last
 #               session, so these are mostly resumed handshakes, see
 #               docs/performance.md)
+#   scale       ours alone, no load generator: discovery of 10,000 endpoints in
+#               100 EndpointSlices from the tests' fake API server, 300 slice
+#               updates (loadbalancer/examples/scale.rs): CPU per update, time
+#               until the balancer sees it, cost of a pick, health-check CPU at
+#               rest, RSS, with the targets of issue 20 marked met or not;
+#               SCALE_SLICES, SCALE_ENDPOINTS (per slice), SCALE_UPDATES,
+#               SCALE_HEALTH_SECONDS (20) change it; about a minute
 #
 # Usage: scripts/bench.sh [options]       (make bench passes the env variables)
 #   --scenario LIST     see above                               (env SCENARIO)
@@ -108,7 +115,7 @@ done
 (( WS_BYTES <= 16777216 )) || die "WS_BYTES must be at most 16777216 (the backend's message limit)"
 IFS=, read -r -a SCENARIOS <<<"$SCENARIO"
 for s in "${SCENARIOS[@]}"; do
-  [[ "$s" =~ ^(throughput|slow|bigbody|soak|algorithms|websocket|tls)$ ]] || die "unknown scenario '$s'"
+  [[ "$s" =~ ^(throughput|slow|bigbody|soak|algorithms|websocket|tls|scale)$ ]] || die "unknown scenario '$s'"
 done
 # Which load generators the chosen scenarios need: wsload for websocket, wrk for
 # every other; tls needs a certificate and HTTPS listeners besides.
@@ -645,6 +652,24 @@ tls_negotiated() {
   echo
 }
 
+# scale: discovery and health checks at 10,000 endpoints, in a program of its own
+# (loadbalancer/examples/scale.rs, see its docs) that runs the real discovery
+# against the tests' fake API server in a child process; it writes its table.
+run_scale() {
+  local bin="$TARGET_DIR/release/examples/scale"
+  if [[ "$SKIP_BUILD" != 1 ]]; then
+    say "building the scale benchmark (loadbalancer/examples/scale.rs)"
+    cargo build --release --locked -p loadbalancer --example scale
+  fi
+  [[ -x "$bin" ]] || die "$bin missing; run without --skip-build"
+  say "scenario scale: ${SCALE_SLICES:-100} slices of ${SCALE_ENDPOINTS:-100} endpoints, ${SCALE_UPDATES:-300} updates, then health checks (about a minute)"
+  "$bin" --slices "${SCALE_SLICES:-100}" --endpoints-per-slice "${SCALE_ENDPOINTS:-100}" \
+    --updates "${SCALE_UPDATES:-300}" --health-seconds "${SCALE_HEALTH_SECONDS:-20}" \
+    --report "$WORK/scale.md" >"$WORK/scale.log" 2>"$WORK/scale.err" ||
+    { tail -n 20 "$WORK/scale.err" >&2; die "the scale benchmark failed"; }
+  echo >>"$WORK/scale.md"
+}
+
 PROXIES=(direct ours nginx haproxy)
 for s in "${SCENARIOS[@]}"; do
   case "$s" in
@@ -668,6 +693,7 @@ for s in "${SCENARIOS[@]}"; do
       ;;
     soak) run_soak ;;
     algorithms) run_algorithms ;;
+    scale) run_scale ;;
   esac
 done
 
@@ -700,6 +726,7 @@ if [[ "$NO_WRITE" != 1 ]]; then
   [[ "${SCENARIOS[*]}" == soak ]] && block=soak
   [[ "${SCENARIOS[*]}" == websocket ]] && block=websocket
   [[ "${SCENARIOS[*]}" == tls ]] && block=tls
+  [[ "${SCENARIOS[*]}" == scale ]] && block=scale
   results=docs/bench-results.md
   [[ -f "$results" ]] ||
     printf '# Benchmark results\n\nThe latest make bench run, as scripts/bench.sh writes it; [Performance](performance.md) explains it. Back to the [README](../README.md).\n' >"$results"
