@@ -72,6 +72,13 @@
 #   run (`backend_requests_total{path="/"}`, for grpc
 #   `backend_grpc_requests_total{method="Get"}`), marked even when each share is
 #   within 5 % of a third (31.7 to 35.0 %), which their targets line adds.
+#   scale       ours alone, no load generator: discovery of 10,000 endpoints in
+#               100 EndpointSlices from the tests' fake API server, 300 slice
+#               updates (loadbalancer/examples/scale.rs): CPU per update, time
+#               until the balancer sees it, cost of a pick, health-check CPU at
+#               rest, RSS, with the targets of issue 20 marked met or not;
+#               SCALE_SLICES, SCALE_ENDPOINTS (per slice), SCALE_UPDATES,
+#               SCALE_HEALTH_SECONDS (20) change it; about a minute
 #
 # Usage: scripts/bench.sh [options]       (make bench passes the env variables)
 #   --scenario LIST     see above                               (env SCENARIO)
@@ -166,7 +173,7 @@ done
 (( WS_BYTES <= 16777216 )) || die "WS_BYTES must be at most 16777216 (the backend's message limit)"
 IFS=, read -r -a SCENARIOS <<<"$SCENARIO"
 for s in "${SCENARIOS[@]}"; do
-  [[ "$s" =~ ^(throughput|churn|slow|bigbody|soak|algorithms|websocket|tls|h2|grpc|idle)$ ]] || die "unknown scenario '$s'"
+  [[ "$s" =~ ^(throughput|churn|slow|bigbody|soak|algorithms|websocket|tls|h2|grpc|idle|scale)$ ]] || die "unknown scenario '$s'"
 done
 # Which load generators the chosen scenarios need: wsload for websocket, h2load
 # for h2 and grpc, wrk for every other; tls needs a certificate and HTTPS
@@ -1204,6 +1211,24 @@ tls_negotiated() {
   echo
 }
 
+# scale: discovery and health checks at 10,000 endpoints, in a program of its own
+# (loadbalancer/examples/scale.rs, see its docs) that runs the real discovery
+# against the tests' fake API server in a child process; it writes its table.
+run_scale() {
+  local bin="$TARGET_DIR/release/examples/scale"
+  if [[ "$SKIP_BUILD" != 1 ]]; then
+    say "building the scale benchmark (loadbalancer/examples/scale.rs)"
+    cargo build --release --locked -p loadbalancer --example scale
+  fi
+  [[ -x "$bin" ]] || die "$bin missing; run without --skip-build"
+  say "scenario scale: ${SCALE_SLICES:-100} slices of ${SCALE_ENDPOINTS:-100} endpoints, ${SCALE_UPDATES:-300} updates, then health checks (about a minute)"
+  "$bin" --slices "${SCALE_SLICES:-100}" --endpoints-per-slice "${SCALE_ENDPOINTS:-100}" \
+    --updates "${SCALE_UPDATES:-300}" --health-seconds "${SCALE_HEALTH_SECONDS:-20}" \
+    --report "$WORK/scale.md" >"$WORK/scale.log" 2>"$WORK/scale.err" ||
+    { tail -n 20 "$WORK/scale.err" >&2; die "the scale benchmark failed"; }
+  echo >>"$WORK/scale.md"
+}
+
 PROXIES=(direct ours nginx haproxy)
 # throughput and churn: the peers in both configurations.
 BOTH=(direct ours nginx haproxy nginx-plain haproxy-plain)
@@ -1244,6 +1269,7 @@ for s in "${SCENARIOS[@]}"; do
         run_h2 grpc "$GRPC_PATH"
       fi
       ;;
+    scale) run_scale ;;
   esac
 done
 
@@ -1285,6 +1311,7 @@ if [[ "$NO_WRITE" != 1 ]]; then
   [[ "${SCENARIOS[*]}" == idle ]] && block=idle
   # h2 and grpc, alone or together, keep a block of their own.
   [[ " ${SCENARIOS[*]} " =~ ^(\ (h2|grpc))+\ $ ]] && block=h2
+  [[ "${SCENARIOS[*]}" == scale ]] && block=scale
   results=docs/bench-results.md
   [[ -f "$results" ]] ||
     printf '# Benchmark results\n\nThe latest make bench run, as scripts/bench.sh writes it; [Performance](performance.md) explains it. Back to the [README](../README.md).\n' >"$results"
