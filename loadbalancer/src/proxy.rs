@@ -71,6 +71,9 @@ use crate::upstream::{
 };
 pub use body::InFlightBody;
 use body::{Completion, UpstreamBody};
+/// The `grpc-status` of a gRPC answer's head or trailers, for the health
+/// checks' gRPC probe too.
+pub(crate) use grpc::status as grpc_status;
 use headers::X_REQUEST_ID;
 pub use idle::BodyIdle;
 use idle::IdleTimeout;
@@ -568,6 +571,14 @@ struct Call {
     deadline: Option<Duration>,
 }
 
+impl Call {
+    /// The `grpc-status` in `headers` of this call's answer; `None` when the
+    /// request is not a gRPC call.
+    fn grpc_status(&self, headers: &http::HeaderMap) -> Option<u16> {
+        self.grpc.then(|| grpc::status(headers)).flatten()
+    }
+}
+
 /// How forwarding ended: the last attempt's result and how many attempts it took.
 struct Forwarded {
     attempts: u32,
@@ -736,10 +747,7 @@ impl Proxy {
                         grpc::announce_trailers(response.headers_mut());
                     }
                     // Logged and counted when the body ends, by its outcome.
-                    let grpc_status = call
-                        .grpc
-                        .then(|| grpc::status(response.headers()))
-                        .flatten();
+                    let grpc_status = call.grpc_status(response.headers());
                     let completion = Completion {
                         shared: Arc::clone(&proxy.shared),
                         head,
@@ -765,10 +773,7 @@ impl Proxy {
                 }
                 Err(error) => {
                     let response = error.to_response(&request_id, call.grpc);
-                    let grpc_status = call
-                        .grpc
-                        .then(|| grpc::status(response.headers()))
-                        .flatten();
+                    let grpc_status = call.grpc_status(response.headers());
                     warn!(
                         target: "loadbalancer::access",
                         method = %head.method(), path = head.path(), backend = %MaybeAddr(error.backend()),

@@ -12,10 +12,11 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{CONTENT_TYPE, TE};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, Request, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 
 use super::{ProbeError, judge_status};
+use crate::proxy::grpc_status;
 use crate::upstream::Http2Pool;
 
 /// The method every gRPC server with health checking serves.
@@ -128,10 +129,6 @@ fn serving_status(frame: &[u8]) -> Option<u64> {
         rest = tail;
     }
     Some(status)
-}
-
-fn grpc_status(headers: &HeaderMap) -> Option<u16> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
 fn put_varint(buf: &mut BytesMut, mut value: u64) {

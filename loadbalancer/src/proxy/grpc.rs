@@ -107,7 +107,7 @@ pub(super) fn announce_trailers(headers: &mut HeaderMap) {
 }
 
 /// The status a gRPC response head or trailer carries, if any.
-pub(super) fn status(headers: &HeaderMap) -> Option<u16> {
+pub(crate) fn status(headers: &HeaderMap) -> Option<u16> {
     headers.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
