@@ -97,6 +97,15 @@ wait_for() {
   die "$name did not become ready at $url"
 }
 
+# start_loadbalancer NAME ADMIN_PORT: runs the load balancer with $WORK/NAME.json,
+# logging to $WORK/NAME.log, and waits until its /readyz on ADMIN_PORT says ready.
+start_loadbalancer() {
+  local name="$1" admin_port="$2"
+  CONFIG_PATH="$WORK/$name.json" "$LB_BIN" >"$WORK/$name.log" 2>&1 &
+  PIDS+=("$!")
+  wait_for "http://127.0.0.1:$admin_port/readyz" "$!" "$name"
+}
+
 echo "==> Starting three backends"
 BACKEND_ADDRS=()
 GRPC_ADDRS=()
@@ -128,9 +137,7 @@ cat >"$WORK/loadbalancer.json" <<JSON
   "logLevel": "info"
 }
 JSON
-CONFIG_PATH="$WORK/loadbalancer.json" "$LB_BIN" >"$WORK/loadbalancer.log" 2>&1 &
-PIDS+=("$!")
-wait_for "http://127.0.0.1:$ADMIN_PORT/readyz" "$!" loadbalancer
+start_loadbalancer loadbalancer "$ADMIN_PORT"
 echo "    proxy on 127.0.0.1:$LB_PORT, admin (/healthz, /readyz) on 127.0.0.1:$ADMIN_PORT"
 
 echo "==> Sending $REQUESTS requests to http://127.0.0.1:$LB_PORT/"
@@ -184,9 +191,7 @@ cat >"$WORK/loadbalancer-grpc.json" <<JSON
   "logLevel": "warn"
 }
 JSON
-CONFIG_PATH="$WORK/loadbalancer-grpc.json" "$LB_BIN" >"$WORK/loadbalancer-grpc.log" 2>&1 &
-PIDS+=("$!")
-wait_for "http://127.0.0.1:$GRPC_ADMIN_PORT/readyz" "$!" loadbalancer-grpc
+start_loadbalancer loadbalancer-grpc "$GRPC_ADMIN_PORT"
 echo "==> 30 gRPC calls on ONE HTTP/2 connection to 127.0.0.1:$GRPC_LB_PORT (each balanced on its own)"
 if ! "$GRPC_CLIENT" --addr "http://127.0.0.1:$GRPC_LB_PORT" --calls 30 --health 2>&1; then
   failed=$((failed + 1))
