@@ -38,7 +38,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use http::uri::PathAndQuery;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -204,7 +204,7 @@ struct Prober {
     /// Probes' own connections: never the proxy's pool (see the module docs).
     pool: UpstreamPool,
     /// The same for gRPC health checks, over HTTP/2.
-    http2: Http2Pool<Full<Bytes>>,
+    http2: Http2Pool,
 }
 
 /// A backend's current run of probe results.

@@ -477,7 +477,7 @@ struct Shared {
     /// Keep-alive connections to the backends, by address.
     pool: UpstreamPool,
     /// Multiplexed connections to the backends that speak HTTP/2.
-    http2: Http2Pool<AttemptBody<IdleTimeout<Incoming>>>,
+    http2: Http2Pool,
     /// The timeouts and the outlier detector in force. Behind a lock so a
     /// config reload can replace them ([`Proxy::reconfigure`]); each attempt
     /// copies them out once and never holds the guard across an `.await`.
@@ -1241,8 +1241,8 @@ fn attempt_failed(result: &Result<Response<UpstreamBody>, ProxyError>) -> bool {
 }
 
 /// Whether the exchange failed because the client's upload stalled: the
-/// HTTP/1.1 client says so in its error, hyper's HTTP/2 client in the chain
-/// of sources.
+/// HTTP/1.1 client says so in its error, the HTTP/2 client among its error's
+/// sources.
 fn request_body_stalled(error: &(dyn std::error::Error + 'static)) -> bool {
     if let Some(UpstreamError::Exchange(ExchangeError::RequestBody(cause))) =
         error.downcast_ref::<UpstreamError>()

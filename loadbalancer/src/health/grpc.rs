@@ -30,7 +30,7 @@ const SERVING: u64 = 1;
 
 /// Asks `addr` over HTTP/2 whether `service` is serving.
 pub(super) async fn probe(
-    pool: &Http2Pool<Full<Bytes>>,
+    pool: &Http2Pool,
     addr: SocketAddr,
     service: &str,
     connect_timeout: Duration,
@@ -74,7 +74,7 @@ pub(super) async fn probe(
 
 /// `GET <path>` over HTTP/2: any 2xx passes.
 pub(super) async fn get(
-    pool: &Http2Pool<Full<Bytes>>,
+    pool: &Http2Pool,
     addr: SocketAddr,
     path: &PathAndQuery,
     connect_timeout: Duration,

@@ -6,10 +6,18 @@
 //! once on one connection, each a stream, so a handful of connections carry
 //! what HTTP/1.1 needs one connection per request in flight for, and gRPC,
 //! which needs HTTP/2 end to end (trailers, bodies streaming both ways at
-//! once), can pass through. The exchange itself is hyper's
-//! (`hyper::client::conn::http2`): unlike HTTP/1.1, where the proxy's own
-//! client saves hyper's per-connection cost, here that cost is paid by a few
-//! connections, not one per request.
+//! once), can pass through.
+//!
+//! Why the `h2` crate itself rather than hyper's client on top of it: hyper
+//! hands each request to the connection's task through a channel and runs
+//! two more tasks per request, one that waits for the response and one that
+//! copies the request body, so every call crossed four tasks. Here the
+//! request's own task opens the stream, sends a body that has already
+//! arrived whole (a unary gRPC call's one message, a small form) together
+//! with the head, and waits for the response itself; the connection's task
+//! is the only other one. A body still arriving gets a task that copies it
+//! ([`copy_body`]), since it must keep flowing while the response streams
+//! back. (The HTTP/1.1 client is the proxy's own for the same reason.)
 //!
 //! The shape:
 //!
@@ -18,18 +26,17 @@
 //!   fewest streams in flight that has room under the server's
 //!   `SETTINGS_MAX_CONCURRENT_STREAMS`; when none has room, another
 //!   connection is opened if the backend has fewer than its share, and
-//!   otherwise the request waits inside hyper, on the least loaded one, for
-//!   a stream to end;
+//!   otherwise the request waits inside `h2`, on the least loaded one, for a
+//!   stream to end;
 //! * one connect at a time per backend: it runs in a task of its own, and
 //!   every request that needs a connection meanwhile waits for that one and
 //!   goes on it. So a burst to a backend with no connection opens one, not
 //!   one per request, and a backend that is down fails the whole burst after
 //!   one connect timeout, each request with [`Http2Error::Connect`];
-//! * a connection leaves the pool as soon as it is known to be closed: when
-//!   it breaks or the backend closes it, when it has had no stream for
-//!   [`IDLE_TIMEOUT`], and after a GOAWAY, once hyper has seen it (at the
-//!   next request sent there, which it hands back unsent, or when the backend
-//!   closes the connection, whichever comes first). The next request opens a
+//! * a connection leaves the pool as soon as it is known to take no more
+//!   streams: when it breaks or the backend closes it, when it has had no
+//!   stream for [`IDLE_TIMEOUT`], and after a GOAWAY, once a request has
+//!   found the connection refusing new streams. The next request opens a
 //!   new one. The streams a GOAWAY let through (at or below its last stream
 //!   id) finish on the old connection, which closes after them;
 //! * a stream counts against its connection from the moment a request takes
@@ -37,9 +44,9 @@
 //!
 //! What went wrong decides what the proxy may do next ([`Http2Error`]):
 //!
-//! * a request hyper hands back untouched, because its connection closed
-//!   before the request went out (the GOAWAY raced it), is sent again here on
-//!   another connection, a few times at most, since nothing of it was used;
+//! * a request whose connection already refused new streams (a GOAWAY or a
+//!   break raced it) is sent again here on another connection, a few times
+//!   at most, since nothing of it went out;
 //! * a request the backend refused with `REFUSED_STREAM`, or whose stream is
 //!   above a GOAWAY's last stream id, was not processed: RFC 9113 sections
 //!   8.7 and 6.8 guarantee the backend did nothing with it. Its body is gone
@@ -48,8 +55,7 @@
 //!   ([`Http2Error::was_not_processed`]);
 //! * a request whose body failed on the client's side (it went away, or its
 //!   upload stalled) is the client's doing, not the backend's
-//!   ([`Http2Error::RequestBody`]); hyper only logs such an error, so the
-//!   pool keeps it on the way ([`WatchedBody`]);
+//!   ([`Http2Error::RequestBody`]);
 //! * anything else once the request went out may have been processed
 //!   ([`Http2Error::Other`]), like a broken HTTP/1.1 exchange.
 //!
@@ -64,15 +70,17 @@ use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::{FutureExt, Shared};
+use futures::FutureExt;
+use futures::future::Shared;
+use h2::client::{self, SendRequest};
+use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
 use http::{Request, Response};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http2::{self, Connection, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame};
 use service_kit::BoxError;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -101,13 +109,22 @@ const STREAM_WINDOW: u32 = 1024 * 1024;
 /// stall every other stream on the connection.
 const CONNECTION_WINDOW: u32 = 4 * STREAM_WINDOW;
 
-/// How long a connection with streams open may go without a frame from the
-/// backend before a PING asks whether it is still there. Five minutes is the
-/// shortest interval gRPC servers accept by default (grpc-go's
-/// `MinTime`, grpc-java's `permitKeepAliveTime`); they answer more frequent
-/// pings with a GOAWAY (`too_many_pings`) that would kill long-lived streams.
-/// Requests and bodies that stall have their own, shorter timeouts in the
-/// proxy; the ping is for a stream that is quiet on purpose (a watch).
+/// Streams a new connection may open before the server's SETTINGS say how
+/// many it allows: the spec's recommended minimum, as hyper and browsers
+/// assume.
+const INITIAL_MAX_STREAMS: usize = 100;
+
+/// How much of the request bodies a connection buffers for the backend
+/// before a body copy waits for it to read: hyper's figure.
+const MAX_SEND_BUFFER: usize = 400 * 1024;
+
+/// How often a connection with streams open PINGs the backend to learn
+/// whether it is still there. Five minutes is the shortest interval gRPC
+/// servers accept by default (grpc-go's `MinTime`, grpc-java's
+/// `permitKeepAliveTime`); they answer more frequent pings with a GOAWAY
+/// (`too_many_pings`) that would kill long-lived streams. Requests and
+/// bodies that stall have their own, shorter timeouts in the proxy; the ping
+/// is for a stream that is quiet on purpose (a watch).
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(300);
 
 /// How long the PING's answer may take before the connection is taken for
@@ -115,7 +132,7 @@ const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(300);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The largest response head (its fields, as HTTP/2 counts them) taken from
-/// a backend: the HTTP/1.1 client's bound rather than hyper's 16 KiB, so that
+/// a backend: the HTTP/1.1 client's bound rather than h2's 16 KiB, so that
 /// an answer does not pass over one protocol and fail over the other.
 const MAX_RESPONSE_HEAD: u32 = MAX_HEAD_BYTES as u32;
 
@@ -123,8 +140,8 @@ const MAX_RESPONSE_HEAD: u32 = MAX_HEAD_BYTES as u32;
 /// than this many ticks is closed, so it was idle between 60 and 80 s.
 const TICKS_PER_IDLE_TIMEOUT: u32 = 3;
 
-/// How many connections one request is handed to before it gives up, when
-/// each hands it back unsent (it closed before the request went out).
+/// How many connections one request tries before it gives up, when each
+/// turns out to refuse new streams.
 const MAX_SENDS: usize = 3;
 
 /// Why an HTTP/2 request failed. The proxy tells "nothing was sent"
@@ -137,13 +154,13 @@ pub enum Http2Error {
     Connect(#[source] Http2ConnectError),
     /// The backend did not process the request: it refused the stream
     /// (`REFUSED_STREAM`), its GOAWAY left the stream out, or every
-    /// connection tried closed before the request went out.
+    /// connection tried refused new streams.
     #[error("the backend did not process the request")]
-    NotProcessed(#[source] hyper::Error),
+    NotProcessed(#[source] h2::Error),
     /// The exchange failed after the request went out: a reset, a broken
     /// connection, a response that is not HTTP/2.
     #[error("the HTTP/2 exchange failed")]
-    Other(#[source] hyper::Error),
+    Other(#[source] h2::Error),
     /// The client's request body failed (the client went away mid-upload, or
     /// its upload stalled), so the request was reset: not the backend's doing.
     /// The body's own error, as [`ExchangeError::RequestBody`] holds it.
@@ -166,33 +183,30 @@ impl Http2Error {
         matches!(self, Http2Error::NotProcessed(_))
     }
 
-    /// Sorts the error of a request that hyper took: see the module doc.
-    fn of_exchange(error: hyper::Error) -> Self {
-        // hyper cancels only a request it never gave to the connection.
-        if error.is_canceled() || backend_did_not_process(&error) {
+    /// Sorts the error of a stream that was opened: see the module doc.
+    fn of_exchange(error: h2::Error) -> Self {
+        // h2 fails the streams above a received GOAWAY's last stream id with
+        // that GOAWAY (remote); the streams below it finish, or fail with the
+        // connection's own error when it closes.
+        let refused = error.is_remote()
+            && (error.is_go_away() || error.reason() == Some(Reason::REFUSED_STREAM));
+        if refused {
             Http2Error::NotProcessed(error)
         } else {
             Http2Error::Other(error)
         }
     }
-}
 
-/// Whether the backend refused the request's stream or left it out of its
-/// GOAWAY. Read from the h2 error in hyper's chain of sources, which hyper
-/// offers no accessor for: the reason for `h2` being a direct dependency.
-fn backend_did_not_process(error: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            // h2 fails the streams above a received GOAWAY's last stream id
-            // with that GOAWAY (remote); the streams below it finish, or fail
-            // with the connection's own error when it closes.
-            return h2.is_remote()
-                && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM));
+    /// Sorts the error of a stream that could not be opened: the connection
+    /// had gone away or broken, so nothing went out; anything else (a head
+    /// that HTTP/2 cannot carry) would fail on every backend alike.
+    fn of_opening(error: h2::Error) -> Self {
+        if error.is_go_away() || error.is_io() {
+            Http2Error::NotProcessed(error)
+        } else {
+            Http2Error::Other(error)
         }
-        source = cause.source();
     }
-    false
 }
 
 /// Why a connection could not be opened. Cloneable, because every request
@@ -208,7 +222,7 @@ pub enum Http2ConnectError {
     Timeout(Duration),
     /// The HTTP/2 connection preface could not be sent.
     #[error("the HTTP/2 handshake failed")]
-    Handshake(#[source] Arc<hyper::Error>),
+    Handshake(#[source] Arc<h2::Error>),
     /// The task opening the connection ended without an answer: the runtime
     /// is shutting down (or the task panicked).
     #[error("the connection attempt was abandoned")]
@@ -226,27 +240,20 @@ pub struct Http2Stats {
 }
 
 /// Multiplexed HTTP/2 connections to the backends, one pool per proxy
-/// worker. Clones share the pool. `B` is the request body type.
-pub(crate) struct Http2Pool<B> {
-    inner: Arc<Inner<B>>,
+/// worker. Clones share the pool.
+#[derive(Clone)]
+pub(crate) struct Http2Pool {
+    inner: Arc<Inner>,
 }
 
-impl<B> Clone for Http2Pool<B> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: Arc::clone(&self.inner),
-        }
-    }
-}
-
-struct Inner<B> {
+struct Inner {
     /// The connections by backend. A plain mutex: it is held to pick a
     /// connection or to add or drop one, never across an `.await`, and each
     /// worker has its own pool.
-    backends: Mutex<HashMap<SocketAddr, Backend<B>>>,
+    backends: Mutex<HashMap<SocketAddr, Backend>>,
     connections_per_backend: usize,
-    /// hyper's connection settings, the same for every connection.
-    settings: http2::Builder<TokioExecutor>,
+    /// The connection settings, the same for every connection.
+    settings: client::Builder,
     /// How long a connection may carry no stream before it is closed.
     idle_timeout: Duration,
     /// Whether the reaper task runs; started by the first connect, from
@@ -254,55 +261,41 @@ struct Inner<B> {
     reaper_started: AtomicBool,
 }
 
-struct Backend<B> {
+#[derive(Default)]
+struct Backend {
     /// Open connections (and, briefly, ones that just closed).
-    connections: Vec<Multiplexed<B>>,
+    connections: Vec<Multiplexed>,
     /// The connect under way, if any, which every request that needs a new
     /// connection waits for.
-    opening: Option<Opening<B>>,
-}
-
-impl<B> Default for Backend<B> {
-    fn default() -> Self {
-        Self {
-            connections: Vec::new(),
-            opening: None,
-        }
-    }
+    opening: Option<Opening>,
 }
 
 /// A connect's outcome, shared by everyone waiting for it.
-type Opening<B> = Shared<oneshot::Receiver<Result<Opened<B>, Http2ConnectError>>>;
+type Opening = Shared<oneshot::Receiver<Result<Opened, Http2ConnectError>>>;
+
+/// Where a connection's requests go: `h2`'s handle, cheap to clone.
+type Sender = SendRequest<Bytes>;
 
 /// A connection just opened, as handed to the requests that waited for it.
-struct Opened<B> {
-    sender: Sender<B>,
+#[derive(Clone)]
+struct Opened {
+    sender: Sender,
     load: Arc<Load>,
 }
 
-impl<B> Clone for Opened<B> {
-    fn clone(&self) -> Self {
-        Self {
-            sender: self.sender.clone(),
-            load: Arc::clone(&self.load),
-        }
-    }
-}
-
 /// One open connection in the pool.
-struct Multiplexed<B> {
-    /// Where requests go; dropping the pool's sender (and the requests'
-    /// short-lived clones) lets hyper close the connection once its last
-    /// stream ends.
-    sender: Sender<B>,
+struct Multiplexed {
+    /// Where requests go; once the pool's sender and the requests' short-lived
+    /// clones are dropped, `h2` closes the connection after its last stream.
+    sender: Sender,
     load: Arc<Load>,
     /// Reaper ticks in a row that found the connection with no stream.
     idle_ticks: u32,
 }
 
-impl<B> Multiplexed<B> {
-    /// One reaper tick: whether the connection is still open and has carried
-    /// a stream within the idle timeout.
+impl Multiplexed {
+    /// One reaper tick: whether the connection still takes streams and has
+    /// carried one within the idle timeout.
     fn keep_after_tick(&mut self) -> bool {
         let used = self.load.used.swap(false, Ordering::Relaxed);
         if used || self.load.streams() > 0 {
@@ -310,25 +303,37 @@ impl<B> Multiplexed<B> {
         } else {
             self.idle_ticks += 1;
         }
-        !self.sender.is_closed() && self.idle_ticks <= TICKS_PER_IDLE_TIMEOUT
+        !self.load.is_closed() && self.idle_ticks <= TICKS_PER_IDLE_TIMEOUT
     }
 }
 
 /// What a connection's requests and the pool share about it. The pool counts
-/// streams itself because hyper's `SendRequest::ready` never waits on HTTP/2:
-/// a request beyond the server's limit just queues on the connection.
+/// streams itself because `h2` opens a stream beyond the server's limit
+/// anyway: it just waits on the connection for another to end.
 #[derive(Debug)]
 struct Load {
     /// Requests on the connection, counted by their [`StreamSlot`]s.
     streams: AtomicUsize,
-    /// The server's `SETTINGS_MAX_CONCURRENT_STREAMS` as hyper last saw it
-    /// (100 until the server's SETTINGS arrive).
+    /// The server's `SETTINGS_MAX_CONCURRENT_STREAMS` as last seen
+    /// ([`INITIAL_MAX_STREAMS`] until the server's SETTINGS arrive).
     max_streams: AtomicUsize,
     /// A request took a stream since the reaper last looked.
     used: AtomicBool,
+    /// The connection takes no new stream: it ended, or a request found it
+    /// refusing streams (after a GOAWAY).
+    closed: AtomicBool,
 }
 
 impl Load {
+    fn new() -> Self {
+        Self {
+            streams: AtomicUsize::new(0),
+            max_streams: AtomicUsize::new(INITIAL_MAX_STREAMS),
+            used: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        }
+    }
+
     fn streams(&self) -> usize {
         self.streams.load(Ordering::Relaxed)
     }
@@ -336,6 +341,14 @@ impl Load {
     /// Whether another stream fits under the server's limit.
     fn has_room(&self) -> bool {
         self.streams() < self.max_streams.load(Ordering::Relaxed)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
     }
 
     fn take_stream(self: &Arc<Self>) -> StreamSlot {
@@ -356,25 +369,18 @@ impl Drop for StreamSlot {
     }
 }
 
-/// hyper's side of a connection, to which the requests go.
-type Sender<B> = SendRequest<WatchedBody<B>>;
-
-/// hyper's connection task, for requests with bodies of type `B`.
-type HyperConnection<B> = Connection<TokioIo<TcpStream>, WatchedBody<B>, TokioExecutor>;
+/// `h2`'s side of a connection, which its task drives.
+type Connection = client::Connection<TcpStream, Bytes>;
 
 /// Where a request goes next.
-enum Choice<B> {
+enum Choice {
     /// On this connection, now.
-    Send(Sender<B>, StreamSlot),
+    Send(Sender, StreamSlot),
     /// On the connection being opened, once it is.
-    Wait(Opening<B>),
+    Wait(Opening),
 }
 
-impl<B> Http2Pool<B>
-where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
+impl Http2Pool {
     /// An empty pool that opens at most `connections_per_backend` (at least
     /// one) connections to each backend.
     pub(crate) fn new(connections_per_backend: usize) -> Self {
@@ -382,17 +388,14 @@ where
     }
 
     fn with_idle_timeout(connections_per_backend: usize, idle_timeout: Duration) -> Self {
-        let mut settings = http2::Builder::new(TokioExecutor::new());
+        let mut settings = client::Builder::new();
         settings
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-            // Pings on a connection with no stream would only keep alive what
-            // the reaper is about to close, and gRPC servers count them as abuse.
-            .keep_alive_while_idle(false)
-            .max_header_list_size(MAX_RESPONSE_HEAD);
+            .initial_max_send_streams(INITIAL_MAX_STREAMS)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .max_header_list_size(MAX_RESPONSE_HEAD)
+            .enable_push(false);
         Self {
             inner: Arc::new(Inner {
                 backends: Mutex::new(HashMap::new()),
@@ -410,40 +413,60 @@ where
     /// (`http://authority/path`, the authority going out as `:authority`) and
     /// it has no connection-specific fields
     /// ([`UpstreamHead::to_http2`](super::UpstreamHead::to_http2) builds one).
-    pub(crate) async fn send(
+    pub(crate) async fn send<B>(
         &self,
         backend: SocketAddr,
         connect_timeout: Duration,
         request: Request<B>,
-    ) -> Result<Response<Http2Body>, Http2Error> {
-        let failed_upload = Arc::new(Mutex::new(None));
-        let mut request = request.map(|body| WatchedBody {
-            body,
-            failure: Arc::clone(&failed_upload),
-        });
+    ) -> Result<Response<Http2Body>, Http2Error>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (head, body) = request.into_parts();
+        let (mut sender, slot) = self.ready_stream_to(backend, connect_timeout).await?;
+        let end_of_stream = body.is_end_stream();
+        let (response, stream) = sender
+            .send_request(Request::from_parts(head, ()), end_of_stream)
+            .map_err(Http2Error::of_opening)?;
+        // Done with once the stream is open: only the pool's own sender
+        // should keep a connection taking requests, so that one the pool let
+        // go of winds down with its last stream.
+        drop(sender);
+        let upload = if end_of_stream {
+            None
+        } else {
+            Some(send_body(body, stream))
+        };
+        match response.await {
+            Ok(response) => Ok(response.map(|body| Http2Body::new(body, slot))),
+            Err(error) => Err(match upload.and_then(|upload| lock(&upload).take()) {
+                Some(cause) => Http2Error::RequestBody(cause),
+                None => Http2Error::of_exchange(error),
+            }),
+        }
+    }
+
+    /// A connection to `backend` ready to open one more stream, and the
+    /// stream's place there. A connection that refuses new streams leaves
+    /// the pool, and the next one is tried.
+    async fn ready_stream_to(
+        &self,
+        backend: SocketAddr,
+        connect_timeout: Duration,
+    ) -> Result<(Sender, StreamSlot), Http2Error> {
         let mut sends = 1;
         loop {
-            let (mut sender, slot) = self.stream_to(backend, connect_timeout).await?;
-            let sending = sender.try_send_request(request);
-            // Done with once the request is handed over: only the pool's own
-            // sender should keep a connection taking requests, so that one
-            // the pool let go of winds down with its last stream.
-            drop(sender);
-            let mut error = match sending.await {
-                Ok(response) => return Ok(response.map(|body| Http2Body::new(body, slot))),
-                Err(error) => error,
-            };
-            match error.take_message() {
-                Some(unsent) if sends < MAX_SENDS => {
-                    debug!(backend = %backend, "connection closed before the request went out, sending it on another");
-                    request = unsent;
+            let (sender, slot) = self.stream_to(backend, connect_timeout).await?;
+            match sender.ready().await {
+                Ok(sender) => return Ok((sender, slot)),
+                Err(error) => {
+                    slot.0.close();
+                    if sends >= MAX_SENDS {
+                        return Err(Http2Error::NotProcessed(error));
+                    }
+                    debug!(backend = %backend, %error, "connection refuses new streams, trying another");
                     sends += 1;
-                }
-                _ => {
-                    return Err(match lock(&failed_upload).take() {
-                        Some(cause) => Http2Error::RequestBody(cause),
-                        None => Http2Error::of_exchange(error.into_error()),
-                    });
                 }
             }
         }
@@ -454,13 +477,13 @@ where
         &self,
         backend: SocketAddr,
         connect_timeout: Duration,
-    ) -> Result<(Sender<B>, StreamSlot), Http2Error> {
+    ) -> Result<(Sender, StreamSlot), Http2Error> {
         let opening = match self.choose(backend, connect_timeout) {
             Choice::Send(sender, slot) => return Ok((sender, slot)),
             Choice::Wait(opening) => opening,
         };
         // Everyone who waited goes on the new connection, room or not: it has
-        // the most, and hyper holds back what the server's limit does not let through.
+        // the most, and h2 holds back what the server's limit does not let through.
         match opening.await {
             Ok(Ok(opened)) => Ok((opened.sender, opened.load.take_stream())),
             Ok(Err(error)) => Err(Http2Error::Connect(error)),
@@ -470,10 +493,10 @@ where
 
     /// Picks the connection for a request to `backend`, or starts opening
     /// one: see the module doc for the order.
-    fn choose(&self, backend: SocketAddr, connect_timeout: Duration) -> Choice<B> {
+    fn choose(&self, backend: SocketAddr, connect_timeout: Duration) -> Choice {
         let mut backends = lock(&self.inner.backends);
         let entry = backends.entry(backend).or_default();
-        entry.connections.retain(|c| !c.sender.is_closed());
+        entry.connections.retain(|c| !c.load.is_closed());
         let with_room = entry
             .connections
             .iter()
@@ -502,7 +525,7 @@ where
     /// Starts opening a connection to `backend` in a task of its own, which
     /// then drives it: the connect finishes even if the request that asked
     /// for it goes away, for the others waiting.
-    fn open(&self, backend: SocketAddr, connect_timeout: Duration) -> Opening<B> {
+    fn open(&self, backend: SocketAddr, connect_timeout: Duration) -> Opening {
         let (opened, opening) = oneshot::channel();
         tokio::spawn(run_connection(
             Arc::downgrade(&self.inner),
@@ -521,16 +544,14 @@ where
         }
         tokio::spawn(reap(Arc::downgrade(&self.inner)));
     }
-}
 
-impl<B> Http2Pool<B> {
     /// Open connections and streams in flight per backend, for the status page.
     pub(crate) fn stats(&self) -> Vec<(SocketAddr, Http2Stats)> {
         let backends = lock(&self.inner.backends);
         backends
             .iter()
             .map(|(&backend, entry)| {
-                let open = entry.connections.iter().filter(|c| !c.sender.is_closed());
+                let open = entry.connections.iter().filter(|c| !c.load.is_closed());
                 let stats = open.fold(Http2Stats::default(), |stats, c| Http2Stats {
                     connections: stats.connections + 1,
                     streams: stats.streams + c.load.streams(),
@@ -541,7 +562,7 @@ impl<B> Http2Pool<B> {
     }
 }
 
-impl<B> fmt::Debug for Http2Pool<B> {
+impl fmt::Debug for Http2Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let backends = lock(&self.inner.backends);
         f.debug_struct("Http2Pool")
@@ -559,18 +580,14 @@ impl<B> fmt::Debug for Http2Pool<B> {
 
 /// A connection's life: opens it, tells the requests waiting for it, puts
 /// it in the pool, drives it until it ends, and takes it out again.
-async fn run_connection<B>(
-    pool: Weak<Inner<B>>,
-    settings: http2::Builder<TokioExecutor>,
+async fn run_connection(
+    pool: Weak<Inner>,
+    settings: client::Builder,
     backend: SocketAddr,
     connect_timeout: Duration,
-    opened: oneshot::Sender<Result<Opened<B>, Http2ConnectError>>,
-) where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
-    let connected = connect(&settings, backend, connect_timeout).await;
-    let (sender, connection) = match connected {
+    opened: oneshot::Sender<Result<Opened, Http2ConnectError>>,
+) {
+    let (sender, connection) = match connect(&settings, backend, connect_timeout).await {
         Ok(connected) => connected,
         Err(error) => {
             debug!(backend = %backend, %error, "HTTP/2 connect failed");
@@ -583,11 +600,7 @@ async fn run_connection<B>(
             return;
         }
     };
-    let load = Arc::new(Load {
-        streams: AtomicUsize::new(0),
-        max_streams: AtomicUsize::new(connection.current_max_send_streams()),
-        used: AtomicBool::new(false),
-    });
+    let load = Arc::new(Load::new());
     if let Some(pool) = pool.upgrade()
         // A backend dropped from the pool meanwhile gets no connection in it:
         // the requests that waited use this one, and it closes after them.
@@ -606,6 +619,7 @@ async fn run_connection<B>(
     }));
     debug!(backend = %backend, "HTTP/2 connection opened");
     drive(connection, &load, backend).await;
+    load.close();
     if let Some(pool) = pool.upgrade()
         && let Some(entry) = lock(&pool.backends).get_mut(&backend)
     {
@@ -613,17 +627,13 @@ async fn run_connection<B>(
     }
 }
 
-/// A TCP connection to `backend` with TCP_NODELAY, and hyper's HTTP/2
+/// A TCP connection to `backend` with TCP_NODELAY, and the HTTP/2
 /// handshake on it, within `connect_timeout`.
-async fn connect<B>(
-    settings: &http2::Builder<TokioExecutor>,
+async fn connect(
+    settings: &client::Builder,
     backend: SocketAddr,
     connect_timeout: Duration,
-) -> Result<(Sender<B>, HyperConnection<B>), Http2ConnectError>
-where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
+) -> Result<(Sender, Connection), Http2ConnectError> {
     let tcp_error = |error| Http2ConnectError::Tcp(Arc::new(error));
     let connecting = async {
         let stream = TcpStream::connect(backend).await.map_err(tcp_error)?;
@@ -631,7 +641,7 @@ where
         // ACKs of earlier ones under Nagle's algorithm.
         stream.set_nodelay(true).map_err(tcp_error)?;
         settings
-            .handshake(TokioIo::new(stream))
+            .handshake(stream)
             .await
             .map_err(|error| Http2ConnectError::Handshake(Arc::new(error)))
     };
@@ -640,34 +650,60 @@ where
         .map_err(|_elapsed| Http2ConnectError::Timeout(connect_timeout))?
 }
 
-/// Drives hyper's side of a connection (it hands requests to the HTTP/2
-/// connection, which hyper runs in a task of its own) until it ends: on a
-/// GOAWAY, when the connection closes or breaks, or when no sender is left.
-/// Meanwhile keeps the server's stream limit current in `load`, since hyper
-/// offers it only here.
-async fn drive<B>(connection: HyperConnection<B>, load: &Load, backend: SocketAddr)
-where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
+/// Drives a connection (reads and writes its frames for every stream) until
+/// it ends: when the connection closes or breaks, after a GOAWAY once its
+/// last stream is done, when no sender is left and no stream, or when the
+/// backend does not answer a keep-alive PING. Meanwhile keeps the server's
+/// stream limit current in `load`.
+async fn drive(mut connection: Connection, load: &Load, backend: SocketAddr) {
+    let pings = connection.ping_pong();
     let mut connection = pin!(connection);
-    let ended = poll_fn(|cx| {
+    let running = poll_fn(|cx| {
         let polled = connection.as_mut().poll(cx);
         load.max_streams
-            .store(connection.current_max_send_streams(), Ordering::Relaxed);
+            .store(connection.max_concurrent_send_streams(), Ordering::Relaxed);
         polled
-    })
-    .await;
-    match ended {
-        Ok(()) => debug!(backend = %backend, "HTTP/2 connection closed"),
-        Err(error) => debug!(backend = %backend, %error, "HTTP/2 connection failed"),
+    });
+    let silent = async {
+        match pings {
+            Some(pings) => keep_alive(pings, load).await,
+            // Taken only once, and only here.
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        ended = running => match ended {
+            Ok(()) => debug!(backend = %backend, "HTTP/2 connection closed"),
+            Err(error) => debug!(backend = %backend, %error, "HTTP/2 connection failed"),
+        },
+        () = silent => debug!(backend = %backend, "no answer to a keep-alive PING, closing the HTTP/2 connection"),
+    }
+}
+
+/// PINGs the backend every [`KEEP_ALIVE_INTERVAL`] while the connection
+/// has streams; returns when an answer does not come within
+/// [`KEEP_ALIVE_TIMEOUT`]. An idle connection is not pinged: the reaper is
+/// about to close it, and gRPC servers count such pings as abuse.
+async fn keep_alive(mut pings: PingPong, load: &Load) {
+    let mut ticks = tokio::time::interval(KEEP_ALIVE_INTERVAL);
+    // The first tick completes at once; the first PING waits a whole interval.
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        if load.streams() == 0 {
+            continue;
+        }
+        let answered = tokio::time::timeout(KEEP_ALIVE_TIMEOUT, pings.ping(Ping::opaque())).await;
+        if !matches!(answered, Ok(Ok(_pong))) {
+            return;
+        }
     }
 }
 
 /// Closes the pool's connections that carried no stream for the idle
 /// timeout, until the pool is gone. Holds only a weak reference, so it never
 /// keeps a pool alive.
-async fn reap<B>(pool: Weak<Inner<B>>) {
+async fn reap(pool: Weak<Inner>) {
     let Some(idle_timeout) = pool.upgrade().map(|pool| pool.idle_timeout) else {
         return;
     };
@@ -685,80 +721,191 @@ async fn reap<B>(pool: Weak<Inner<B>>) {
     }
 }
 
-/// The client's request body on its way to hyper, which reports a body's
-/// failure only to its log (and resets the stream): this keeps the error, so
-/// that a failed upload is told from a failed backend.
-struct WatchedBody<B> {
-    body: B,
-    /// The body's error, once it failed.
-    failure: Arc<Mutex<Option<BoxError>>>,
+/// Where a request body's failure is kept, so that a failed upload is told
+/// from a failed backend: `h2` only sees the stream reset that follows it.
+type UploadFailure = Arc<Mutex<Option<BoxError>>>;
+
+/// Sends a request body that did not end with the head. A body already
+/// arrived whole goes out at once, from the request's own task; one still
+/// arriving is copied by a task of its own ([`copy_body`]).
+fn send_body<B>(mut body: B, mut stream: SendStream<Bytes>) -> UploadFailure
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let failure = UploadFailure::default();
+    // Polled without a waker that matters: if the body is not ready, the
+    // copying task polls it again with its own.
+    let first = match body.frame().now_or_never() {
+        Some(Some(Ok(frame))) if body.is_end_stream() => {
+            send_last(&mut stream, frame);
+            return failure;
+        }
+        Some(None) => {
+            let _ = stream.send_data(Bytes::new(), true);
+            return failure;
+        }
+        Some(Some(Err(error))) => {
+            *lock(&failure) = Some(error.into());
+            stream.send_reset(Reason::CANCEL);
+            return failure;
+        }
+        Some(Some(Ok(frame))) => Some(frame),
+        None => None,
+    };
+    tokio::spawn(copy_body(body, stream, first, Arc::clone(&failure)));
+    failure
 }
 
-/// What hyper hears of a request body's failure; the error itself stays in
-/// [`WatchedBody::failure`].
-#[derive(Debug, thiserror::Error)]
-#[error("the request body failed")]
-struct RequestBodyFailed;
+/// Sends the body's last frame, ending the stream.
+fn send_last(stream: &mut SendStream<Bytes>, frame: Frame<Bytes>) {
+    // A send fails only when the stream is already reset, which the
+    // response future reports.
+    let _ = match frame.into_data() {
+        Ok(data) => stream.send_data(data, true),
+        Err(frame) => match frame.into_trailers() {
+            Ok(trailers) => stream.send_trailers(trailers),
+            Err(_unknown) => stream.send_data(Bytes::new(), true),
+        },
+    };
+}
 
-impl<B> Body for WatchedBody<B>
+/// Copies a request body into its stream as the body arrives, starting
+/// with `first` if the body's first frame was read already, and reading
+/// the client no faster than the backend takes it (flow control). Stops when
+/// the body ends or fails, or when the backend resets the stream: an
+/// answer that came early needs no more of the body.
+async fn copy_body<B>(
+    mut body: B,
+    mut stream: SendStream<Bytes>,
+    mut next: Option<Frame<Bytes>>,
+    failure: UploadFailure,
+) where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    loop {
+        if !room_to_send(&mut stream).await {
+            return;
+        }
+        let frame = match next.take() {
+            Some(frame) => frame,
+            None => match poll_fn(|cx| poll_frame_unless_reset(&mut body, &mut stream, cx)).await {
+                None => {
+                    let _ = stream.send_data(Bytes::new(), true);
+                    return;
+                }
+                Some(Err(error)) => {
+                    *lock(&failure) = Some(error);
+                    stream.send_reset(Reason::CANCEL);
+                    return;
+                }
+                Some(Ok(frame)) => frame,
+            },
+        };
+        if body.is_end_stream() || !frame.is_data() {
+            send_last(&mut stream, frame);
+            return;
+        }
+        if let Ok(data) = frame.into_data()
+            && stream.send_data(data, false).is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Waits until the backend's flow-control window lets more of the body go
+/// out; false if the stream can take no more (it was reset, or ended).
+async fn room_to_send(stream: &mut SendStream<Bytes>) -> bool {
+    stream.reserve_capacity(1);
+    while stream.capacity() == 0 {
+        match poll_fn(|cx| stream.poll_capacity(cx)).await {
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return false,
+        }
+    }
+    true
+}
+
+/// The body's next frame, or `None` once it ends or the backend reset the
+/// stream.
+fn poll_frame_unless_reset<B>(
+    body: &mut B,
+    stream: &mut SendStream<Bytes>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    type Data = Bytes;
-    type Error = RequestBodyFailed;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyFailed>>> {
-        // Both fields are `Unpin`, so `self` derefs mutably.
-        let this = self.get_mut();
-        Pin::new(&mut this.body).poll_frame(cx).map_err(|error| {
-            *lock(&this.failure) = Some(error.into());
-            RequestBodyFailed
-        })
+    if stream.poll_reset(cx).is_ready() {
+        return Poll::Ready(None);
     }
-
-    // hyper reads these to send `END_STREAM` with the head of a bodiless
-    // request, and a `Content-Length` the client did not send.
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
+    Pin::new(body)
+        .poll_frame(cx)
+        .map(|frame| frame.map(|frame| frame.map_err(Into::into)))
 }
 
 /// A backend's response body over HTTP/2, holding the request's place on its
 /// connection until the body ends (or is dropped).
 #[derive(Debug)]
 pub(crate) struct Http2Body {
-    body: Incoming,
+    body: RecvStream,
+    /// The data is done; trailers (if any) come next.
+    data_done: bool,
     /// `None` once the body has ended.
     slot: Option<StreamSlot>,
 }
 
 impl Http2Body {
-    fn new(body: Incoming, slot: StreamSlot) -> Self {
+    fn new(body: RecvStream, slot: StreamSlot) -> Self {
         // A response with no body (`HEAD`, `204`) ends with its head.
         let slot = Some(slot).filter(|_| !body.is_end_stream());
-        Self { body, slot }
+        Self {
+            body,
+            data_done: false,
+            slot,
+        }
     }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match ready!(self.body.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Read, so the backend may send as much again: the
+                    // window opens as the client takes the data.
+                    let _ = self.body.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(error)) => return Poll::Ready(stopped_early(error)),
+                None => self.data_done = true,
+            }
+        }
+        Poll::Ready(match ready!(self.body.poll_trailers(cx)) {
+            Ok(trailers) => trailers.map(|trailers| Ok(Frame::trailers(trailers))),
+            Err(error) => stopped_early(error),
+        })
+    }
+}
+
+/// A stream reset with `NO_ERROR` once the response is complete only tells
+/// the client to stop sending (RFC 9113 section 8.1): the body ends there.
+/// Any other error fails it.
+fn stopped_early(error: h2::Error) -> Option<Result<Frame<Bytes>, h2::Error>> {
+    (error.reason() != Some(Reason::NO_ERROR)).then_some(Err(error))
 }
 
 impl Body for Http2Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h2::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        // Both fields are `Unpin`, so `self` derefs mutably.
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let polled = this.poll_next(cx);
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) || this.body.is_end_stream() {
             this.slot = None;
         }
@@ -767,10 +914,6 @@ impl Body for Http2Body {
 
     fn is_end_stream(&self) -> bool {
         self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 
@@ -783,8 +926,10 @@ mod tests {
     use http::{HeaderMap, HeaderValue, StatusCode};
     use http_body_util::combinators::UnsyncBoxBody;
     use http_body_util::{BodyExt, Empty, Full, StreamBody};
+    use hyper::body::Incoming;
     use hyper::server::conn::http2 as server;
     use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use tokio::sync::Notify;
@@ -977,7 +1122,7 @@ mod tests {
         };
         let backend = TestBackend::start(settings, ok_after(Duration::from_millis(20))).await;
         let addr = backend.addr;
-        let pool = Http2Pool::<TestBody>::new(2);
+        let pool = Http2Pool::new(2);
         let burst = || join_all((0..10).map(|_| pool.send(addr, CONNECT_TIMEOUT, get(addr))));
 
         // Before any connection exists, a burst waits for one connect.
@@ -1009,7 +1154,7 @@ mod tests {
     async fn a_stream_counts_until_its_response_body_ends() {
         let backend = TestBackend::start(ServerSettings::default(), ok_after(Duration::ZERO)).await;
         let addr = backend.addr;
-        let pool = Http2Pool::<TestBody>::new(2);
+        let pool = Http2Pool::new(2);
         let response = pool
             .send(addr, CONNECT_TIMEOUT, get(addr))
             .await
@@ -1032,7 +1177,7 @@ mod tests {
         };
         let backend = TestBackend::start(settings, ok_after(Duration::from_millis(20))).await;
         let addr = backend.addr;
-        let pool = Http2Pool::<TestBody>::new(2);
+        let pool = Http2Pool::new(2);
         // Requests keep arriving, a few milliseconds apart, while each
         // connection goes away after its tenth with others in flight.
         let requests = (0..50u64).map(|i| {
@@ -1079,7 +1224,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_stream_was_not_processed() {
         let addr = resetting_backend(h2::Reason::REFUSED_STREAM).await;
-        let pool = Http2Pool::<TestBody>::new(2);
+        let pool = Http2Pool::new(2);
         let error = pool
             .send(addr, CONNECT_TIMEOUT, post(addr, small_body()))
             .await
@@ -1091,7 +1236,7 @@ mod tests {
     #[tokio::test]
     async fn a_stream_reset_for_another_reason_may_have_been_processed() {
         let addr = resetting_backend(h2::Reason::INTERNAL_ERROR).await;
-        let pool = Http2Pool::<TestBody>::new(2);
+        let pool = Http2Pool::new(2);
         let error = pool
             .send(addr, CONNECT_TIMEOUT, post(addr, small_body()))
             .await
@@ -1157,7 +1302,7 @@ mod tests {
     #[tokio::test]
     async fn a_stream_above_the_goaway_last_stream_id_was_not_processed() {
         let (addr, _) = going_away(true).await;
-        let pool = Http2Pool::<TestBody>::new(2);
+        let pool = Http2Pool::new(2);
         let error = pool
             .send(addr, CONNECT_TIMEOUT, post(addr, small_body()))
             .await
@@ -1168,7 +1313,7 @@ mod tests {
     #[tokio::test]
     async fn a_backend_that_always_goes_away_gets_a_request_a_few_times_then_not_processed() {
         let (addr, accepted) = going_away(false).await;
-        let pool = Http2Pool::<TestBody>::new(2);
+        let pool = Http2Pool::new(2);
         // Whether hyper sees the GOAWAY before the request goes out (and
         // hands it back for another connection) or after (the stream is
         // above the last stream id), it was never processed.
@@ -1188,7 +1333,7 @@ mod tests {
     async fn a_refused_connection_fails_every_waiting_request_as_connect() {
         let (listener, addr) = listen().await;
         drop(listener);
-        let pool = Http2Pool::<TestBody>::new(2);
+        let pool = Http2Pool::new(2);
         let burst = (0..5).map(|_| pool.send(addr, CONNECT_TIMEOUT, get(addr)));
         for result in join_all(burst).await {
             let error = result.expect_err("nothing listens there");
@@ -1205,7 +1350,7 @@ mod tests {
     async fn an_upload_that_fails_is_told_from_a_failing_backend() {
         let backend = TestBackend::start(ServerSettings::default(), read_then_ok()).await;
         let addr = backend.addr;
-        let pool = Http2Pool::<TestBody>::new(2);
+        let pool = Http2Pool::new(2);
         let frames = futures::stream::iter([
             Ok(Frame::data(Bytes::from_static(b"first part"))),
             Err(BoxError::from("the client went away")),
@@ -1238,7 +1383,7 @@ mod tests {
         const SIZE: usize = 8 * 1024 * 1024;
         let backend = TestBackend::start(ServerSettings::default(), echo_with_trailers()).await;
         let addr = backend.addr;
-        let pool = Http2Pool::<TestBody>::new(2);
+        let pool = Http2Pool::new(2);
         let sent = Bytes::from(pattern(SIZE));
         let (upload, chunks) = tokio::sync::mpsc::channel::<Bytes>(4);
         let frames = futures::stream::unfold(chunks, |mut chunks| async move {
@@ -1293,7 +1438,7 @@ mod tests {
     async fn idle_connections_are_closed() {
         let backend = TestBackend::start(ServerSettings::default(), ok_after(Duration::ZERO)).await;
         let addr = backend.addr;
-        let pool = Http2Pool::<TestBody>::with_idle_timeout(2, Duration::from_millis(300));
+        let pool = Http2Pool::with_idle_timeout(2, Duration::from_millis(300));
         expect_ok(pool.send(addr, CONNECT_TIMEOUT, get(addr)).await).await;
         assert_eq!(pool.stats().len(), 1);
         // Closed after four idle ticks of 100 ms.
