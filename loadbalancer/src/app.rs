@@ -238,22 +238,23 @@ impl App {
                     .speaking(config.discovery.backend_protocol),
             )
         });
-        let (discovery, discovery_failures) = match writer {
-            Some(writer) => {
-                let source = config.discovery.source(options.namespace.clone());
-                let (task, failures) = DiscoveryTask::spawn(source, writer);
-                (Some(task), Some(failures))
-            }
-            None => (None, None),
-        };
         // Learned in the background: an API call must not hold up serving,
         // and until it answers routing ignores zones, which is always correct.
+        // Discovery follows it, for topology-aware routing.
         let locality = LocalityLookup::new(options.node_name, options.kube_client);
         {
             let (lookup, topology) = (locality.clone(), config.topology.clone());
             let kubernetes = config.discovery.discovery == DiscoveryMode::Kubernetes;
             tokio::spawn(async move { lookup.update(&topology, kubernetes).await });
         }
+        let (discovery, discovery_failures) = match writer {
+            Some(writer) => {
+                let source = config.discovery.source(options.namespace.clone());
+                let (task, failures) = DiscoveryTask::spawn(source, writer, locality.subscribe());
+                (Some(task), Some(failures))
+            }
+            None => (None, None),
+        };
         let drain = config.limits.drain();
         let live = Live {
             proxies: proxies.clone(),

@@ -16,6 +16,7 @@
 //! list replaces it.
 
 mod endpoints;
+pub mod hints;
 pub mod kubernetes;
 
 use std::fmt;
@@ -28,6 +29,7 @@ use tokio::task::JoinHandle;
 
 pub use crate::backends::SourceKind;
 use crate::backends::{BackendProtocol, BackendsWriter};
+use crate::topology::Locality;
 
 /// Where the load balancer learns its backend addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,7 +205,14 @@ fn serialize_addrs<S: Serializer>(addrs: &[SocketAddr], ser: S) -> Result<S::Ok,
 /// `KUBECONFIG` or `~/.kube/config` if there is one, else the in-cluster service
 /// account), then watches forever; it only returns if the watch stream ends, which
 /// the watcher's retry-forever backoff should never let happen.
-pub async fn run(source: Source, backends: &BackendsWriter) -> anyhow::Result<()> {
+///
+/// `locality` is this replica's zone and node, which Kubernetes discovery
+/// follows for topology-aware routing ([`hints`]).
+pub async fn run(
+    source: Source,
+    backends: &BackendsWriter,
+    locality: watch::Receiver<Option<Locality>>,
+) -> anyhow::Result<()> {
     backends.discovery_status().set_source(source.kind());
     match source {
         Source::Static(addrs) => {
@@ -222,7 +231,7 @@ pub async fn run(source: Source, backends: &BackendsWriter) -> anyhow::Result<()
                      KUBECONFIG or ~/.kube/config nor an in-cluster service account): {error}"
                 )
             })?;
-            kubernetes::watch_endpoint_slices(client, &source, backends)
+            kubernetes::watch_endpoint_slices(client, &source, backends, locality)
                 .await
                 .with_context(|| format!("discovery of Service {:?}", source.service_name))
         }
@@ -245,16 +254,18 @@ pub struct DiscoveryTask {
 }
 
 impl DiscoveryTask {
-    /// Starts discovery from `source`, writing through `backends`; the receiver
-    /// gets the error of any source that fails (the process cannot serve
-    /// without its backend list, so the caller ends it).
+    /// Starts discovery from `source`, writing through `backends` and
+    /// following this replica's `locality`; the receiver gets the error of
+    /// any source that fails (the process cannot serve without its backend
+    /// list, so the caller ends it).
     pub fn spawn(
         source: Source,
         backends: BackendsWriter,
+        locality: watch::Receiver<Option<Locality>>,
     ) -> (Self, mpsc::UnboundedReceiver<anyhow::Error>) {
         let (failures, failed) = mpsc::unbounded_channel();
         let (sources, current) = watch::channel(source);
-        let task = tokio::spawn(follow(current, backends, failures));
+        let task = tokio::spawn(follow(current, backends, locality, failures));
         (Self { sources, task }, failed)
     }
 
@@ -279,12 +290,13 @@ impl Drop for DiscoveryTask {
 async fn follow(
     mut sources: watch::Receiver<Source>,
     backends: BackendsWriter,
+    locality: watch::Receiver<Option<Locality>>,
     failures: mpsc::UnboundedSender<anyhow::Error>,
 ) {
     loop {
         let source = sources.borrow_and_update().clone();
         tokio::select! {
-            outcome = run(source, &backends) => {
+            outcome = run(source, &backends, locality.clone()) => {
                 if let Err(error) = outcome {
                     // Nobody listening means the process is already stopping.
                     let _ = failures.send(error);
@@ -314,9 +326,13 @@ mod tests {
             "127.0.0.1:9002".parse().expect("literal address parses"),
             "127.0.0.1:9001".parse().expect("literal address parses"),
         ];
-        run(Source::Static(addrs.clone()), &backends)
-            .await
-            .expect("a static source cannot fail");
+        run(
+            Source::Static(addrs.clone()),
+            &backends,
+            watch::channel(None).1,
+        )
+        .await
+        .expect("a static source cannot fail");
         assert!(backends.is_synced());
         assert_eq!(backends.snapshot(), vec![addrs[1], addrs[0]]);
     }

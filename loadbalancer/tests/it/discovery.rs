@@ -10,6 +10,8 @@ use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use loadbalancer::backends::{BackendProtocol, Backends, BackendsWriter, LearnedProtocols};
 use loadbalancer::discovery::KubernetesSource;
 use loadbalancer::discovery::kubernetes::watch_endpoint_slices;
+use loadbalancer::topology::Locality;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::support::fake_apiserver::EndpointState::{self, NotReady, Ready, Terminating, Unset};
@@ -22,8 +24,10 @@ const PORT: u16 = 8080;
 const GRPC_PORT: u16 = 9000;
 
 /// Discovery running in a task against a fake server; aborted when dropped.
-struct Discovery {
-    backends: Backends,
+pub(crate) struct Discovery {
+    pub(crate) backends: Backends,
+    /// This replica's zone and node, as discovery follows them.
+    pub(crate) locality: watch::Sender<Option<Locality>>,
     task: JoinHandle<()>,
 }
 
@@ -39,6 +43,15 @@ async fn discover(server: &FakeApiServer) -> Discovery {
 }
 
 async fn discover_in(server: &FakeApiServer, namespace: Option<&str>) -> Discovery {
+    discover_at(server, namespace, None).await
+}
+
+/// Starts discovery of [`SERVICE`] for a replica at `here`.
+pub(crate) async fn discover_at(
+    server: &FakeApiServer,
+    namespace: Option<&str>,
+    here: Option<Locality>,
+) -> Discovery {
     let client = server.client().await;
     let source = KubernetesSource {
         namespace: namespace.map(str::to_owned),
@@ -48,11 +61,16 @@ async fn discover_in(server: &FakeApiServer, namespace: Option<&str>) -> Discove
     };
     let writer = BackendsWriter::new();
     let backends = writer.reader();
+    let (locality, following) = watch::channel(here);
     let task = tokio::spawn(async move {
-        let ended = watch_endpoint_slices(client, &source, &writer).await;
+        let ended = watch_endpoint_slices(client, &source, &writer, following).await;
         panic!("discovery returned {ended:?}; it should watch forever");
     });
-    Discovery { backends, task }
+    Discovery {
+        backends,
+        locality,
+        task,
+    }
 }
 
 /// A slice of [`SERVICE`] with the backends on [`PORT`].
@@ -82,12 +100,20 @@ impl Discovery {
     }
 }
 
+/// The EndpointSlice requests among `requests` (discovery watches the
+/// Service too).
+fn of_slices(requests: &[RecordedRequest]) -> impl Iterator<Item = &RecordedRequest> {
+    requests
+        .iter()
+        .filter(|r| r.path.ends_with("/endpointslices"))
+}
+
 fn lists(requests: &[RecordedRequest]) -> usize {
-    requests.iter().filter(|r| !r.is_watch()).count()
+    of_slices(requests).filter(|r| !r.is_watch()).count()
 }
 
 fn watches(requests: &[RecordedRequest]) -> usize {
-    requests.iter().filter(|r| r.is_watch()).count()
+    of_slices(requests).filter(|r| r.is_watch()).count()
 }
 
 /// Starts discovery and waits until it has published `ips` and is watching, so that
@@ -140,7 +166,8 @@ async fn initial_list_is_published_and_marks_the_list_synced() {
     let discovery = watching(&server, &["10.0.0.1", "10.0.0.2"]).await;
     assert!(discovery.backends.is_synced());
 
-    let first = &server.requests()[0];
+    let requests = server.requests();
+    let first = of_slices(&requests).next().expect("a request for slices");
     assert_eq!(
         first.path,
         format!("/apis/discovery.k8s.io/v1/namespaces/{NAMESPACE}/endpointslices"),
@@ -243,7 +270,7 @@ async fn slices_of_another_service_are_never_requested() {
         lists(&requests) >= 1 && watches(&requests) >= 1,
         "{requests:?}"
     );
-    for request in &requests {
+    for request in of_slices(&requests) {
         assert_eq!(
             request.param("labelSelector"),
             Some("kubernetes.io/service-name=web"),
