@@ -291,7 +291,7 @@ mod tests {
         let (discovery, _) = DiscoveryTask::spawn(
             config.discovery.source(None),
             writer,
-            tokio::sync::watch::channel(None).1,
+            crate::discovery::Cluster::default(),
         );
         let live = Live {
             proxies: vec![proxy],

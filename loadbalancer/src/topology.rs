@@ -135,8 +135,8 @@ where
         .ok_or_else(|| format!("node {name:?} has no {ZONE_LABEL} label"))
 }
 
-/// The kube client for the Node lookup; kube's own type has no `Debug`, and
-/// the structs that hold it want one.
+/// A kube client (for the Node lookup, and discovery's when one is handed
+/// in); kube's own type has no `Debug`, and the structs that hold it want one.
 #[derive(Clone)]
 pub struct NodeClient(pub kube::Client);
 

@@ -10,7 +10,6 @@ use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use loadbalancer::backends::{BackendProtocol, Backends, BackendsWriter, LearnedProtocols};
 use loadbalancer::discovery::KubernetesSource;
 use loadbalancer::discovery::kubernetes::watch_endpoint_slices;
-use loadbalancer::topology::Locality;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -24,10 +23,8 @@ const PORT: u16 = 8080;
 const GRPC_PORT: u16 = 9000;
 
 /// Discovery running in a task against a fake server; aborted when dropped.
-pub(crate) struct Discovery {
-    pub(crate) backends: Backends,
-    /// This replica's zone and node, as discovery follows them.
-    pub(crate) locality: watch::Sender<Option<Locality>>,
+struct Discovery {
+    backends: Backends,
     task: JoinHandle<()>,
 }
 
@@ -43,15 +40,6 @@ async fn discover(server: &FakeApiServer) -> Discovery {
 }
 
 async fn discover_in(server: &FakeApiServer, namespace: Option<&str>) -> Discovery {
-    discover_at(server, namespace, None).await
-}
-
-/// Starts discovery of [`SERVICE`] for a replica at `here`.
-pub(crate) async fn discover_at(
-    server: &FakeApiServer,
-    namespace: Option<&str>,
-    here: Option<Locality>,
-) -> Discovery {
     let client = server.client().await;
     let source = KubernetesSource {
         namespace: namespace.map(str::to_owned),
@@ -61,16 +49,13 @@ pub(crate) async fn discover_at(
     };
     let writer = BackendsWriter::new();
     let backends = writer.reader();
-    let (locality, following) = watch::channel(here);
+    // No locality: topology-aware routing has its own tests.
+    let locality = watch::channel(None).1;
     let task = tokio::spawn(async move {
-        let ended = watch_endpoint_slices(client, &source, &writer, following).await;
+        let ended = watch_endpoint_slices(client, &source, &writer, locality).await;
         panic!("discovery returned {ended:?}; it should watch forever");
     });
-    Discovery {
-        backends,
-        locality,
-        task,
-    }
+    Discovery { backends, task }
 }
 
 /// A slice of [`SERVICE`] with the backends on [`PORT`].

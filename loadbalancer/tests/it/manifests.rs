@@ -756,13 +756,15 @@ fn the_role_grants_only_reading_endpointslices_and_services_to_the_loadbalancer(
     let rules = role.rules.as_deref().unwrap_or_default();
     // The slices name the backends; the Service says whether to route by
     // topology (its trafficDistribution or topology annotation).
+    fn one(list: Option<&[String]>) -> &str {
+        match list {
+            Some([only]) => only,
+            other => panic!("one API group and one resource per rule: {other:?}"),
+        }
+    }
     let granted: Vec<(&str, &str)> = rules
         .iter()
         .map(|rule| {
-            let one = |list: Option<&[String]>| match list {
-                Some([only]) => only.as_str(),
-                other => panic!("one API group and one resource per rule: {other:?}"),
-            };
             (
                 one(rule.api_groups.as_deref()),
                 one(rule.resources.as_deref()),

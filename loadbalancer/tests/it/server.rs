@@ -27,7 +27,7 @@ async fn healthz_is_ok_and_readyz_waits_for_the_first_discovery_sync() {
     discovery::run(
         Source::Static(addrs),
         &writer,
-        tokio::sync::watch::channel(None).1,
+        loadbalancer::discovery::Cluster::default(),
     )
     .await
     .expect("static discovery cannot fail");

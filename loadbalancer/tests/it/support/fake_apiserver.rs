@@ -389,15 +389,7 @@ impl FakeApiServer {
     /// The number of EndpointSlice watches currently streaming (whose client is
     /// still there as far as the server knows).
     pub(crate) fn open_watches(&self) -> usize {
-        self.open(Resource::EndpointSlices)
-    }
-
-    /// The number of Service watches currently streaming.
-    pub(crate) fn open_service_watches(&self) -> usize {
-        self.open(Resource::Services)
-    }
-
-    fn open(&self, resource: Resource) -> usize {
+        let resource = Resource::EndpointSlices;
         let mut store = self.store();
         store.watches.retain(|watch| !watch.events.is_closed());
         store

@@ -367,7 +367,7 @@ async fn static_backends(addrs: Vec<SocketAddr>) -> BackendsWriter {
     discovery::run(
         Source::Static(addrs),
         &backends,
-        tokio::sync::watch::channel(None).1,
+        loadbalancer::discovery::Cluster::default(),
     )
     .await
     .expect("static discovery cannot fail");
