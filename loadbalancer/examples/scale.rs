@@ -27,7 +27,7 @@
 //!    thread every 100 µs; p50, p99, max). That time includes the fake server
 //!    encoding the event, a tenth of a millisecond;
 //! 3. the cost of one pick at this size for each algorithm, through the calls the
-//!    proxy makes (`pick_with_state` and `pick_for_attempt`), against a list of
+//!    proxy makes (`pick_with_state` and `pick_nearest_for_attempt`), against a list of
 //!    three backends, with every backend available and with none (the panic case);
 //! 4. health checks at rest: the checker with `--health-interval-ms` over every
 //!    endpoint (each probe is refused: nothing listens), given one interval per
@@ -63,7 +63,7 @@ use clap::Parser;
 use fake_apiserver::{EndpointState, FakeApiServer, slice};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use loadbalancer::backends::{Backends, BackendsWriter};
-use loadbalancer::balancer::{Algorithm, BalancerConfig, pick_for_attempt};
+use loadbalancer::balancer::{Algorithm, BalancerConfig, pick_nearest_for_attempt};
 use loadbalancer::discovery::KubernetesSource;
 use loadbalancer::discovery::kubernetes::watch_endpoint_slices;
 use loadbalancer::health::{HealthCheckConfig, HealthCheckSettings, HealthChecker};
@@ -147,7 +147,13 @@ fn main() -> anyhow::Result<()> {
                 .await
                 .expect("the fake server's kubeconfig is valid");
         let client = kube::Client::try_from(config).expect("a client builds from it");
-        let ended = watch_endpoint_slices(client, &source, &writer).await;
+        let ended = watch_endpoint_slices(
+            client,
+            &source,
+            &writer,
+            tokio::sync::watch::channel(None).1,
+        )
+        .await;
         eprintln!("scale: discovery ended: {ended:?}");
     });
     say(&format!(
@@ -567,8 +573,8 @@ fn measure_picks(backends: &Backends) -> Picks {
             while picks < 1_000 || start.elapsed() < Duration::from_millis(300) {
                 for _ in 0..100 {
                     let now = Instant::now();
-                    let picked = list.pick_with_state(now, |addrs, available, in_flight| {
-                        pick_for_attempt(&*balancer, addrs, available, in_flight, &[])
+                    let picked = list.pick_with_state(now, |near, addrs, available, in_flight| {
+                        pick_nearest_for_attempt(&*balancer, near, addrs, available, in_flight, &[])
                     });
                     std::hint::black_box(picked.ok());
                 }
@@ -733,7 +739,7 @@ fn report(args: &Args, figures: &Figures) -> String {
     );
     let _ = writeln!(
         out,
-        "Cost of one pick (the proxy's `pick_with_state` and `pick_for_attempt`), every backend available{}:\n",
+        "Cost of one pick (the proxy's `pick_with_state` and `pick_nearest_for_attempt`), every backend available{}:\n",
         if figures.panic_picks.is_some() {
             ", and with every one unhealthy (after the health checks: the proxy then picks among all)"
         } else {

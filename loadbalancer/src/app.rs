@@ -34,7 +34,7 @@ use crate::admin::{self, Admin};
 use crate::backends::{Backends, BackendsWriter};
 use crate::balancer::Balancer;
 use crate::config::{Config, DiscoveryMode};
-use crate::discovery::DiscoveryTask;
+use crate::discovery::{Cluster, DiscoveryTask};
 use crate::health::{HealthCheckSettings, HealthTask};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxySettings, Resilience, Routing};
@@ -74,7 +74,8 @@ pub struct Options {
     /// The Node this replica runs on (the Downward API's `NODE_NAME`), whose
     /// zone label is this replica's zone unless the config sets `zone`.
     pub node_name: Option<String>,
-    /// The client for that Node lookup; `None` builds one as discovery does.
+    /// The Kubernetes API client, for discovery and that Node lookup; `None`
+    /// builds one from the environment ([`kube::Client::try_default`]).
     pub kube_client: Option<NodeClient>,
 }
 
@@ -238,22 +239,27 @@ impl App {
                     .speaking(config.discovery.backend_protocol),
             )
         });
-        let (discovery, discovery_failures) = match writer {
-            Some(writer) => {
-                let source = config.discovery.source(options.namespace.clone());
-                let (task, failures) = DiscoveryTask::spawn(source, writer);
-                (Some(task), Some(failures))
-            }
-            None => (None, None),
-        };
         // Learned in the background: an API call must not hold up serving,
         // and until it answers routing ignores zones, which is always correct.
-        let locality = LocalityLookup::new(options.node_name, options.kube_client);
+        // Discovery follows it, for topology-aware routing.
+        let locality = LocalityLookup::new(options.node_name, options.kube_client.clone());
         {
             let (lookup, topology) = (locality.clone(), config.topology.clone());
             let kubernetes = config.discovery.discovery == DiscoveryMode::Kubernetes;
             tokio::spawn(async move { lookup.update(&topology, kubernetes).await });
         }
+        let (discovery, discovery_failures) = match writer {
+            Some(writer) => {
+                let source = config.discovery.source(options.namespace.clone());
+                let cluster = Cluster {
+                    locality: locality.subscribe(),
+                    client: options.kube_client,
+                };
+                let (task, failures) = DiscoveryTask::spawn(source, writer, cluster);
+                (Some(task), Some(failures))
+            }
+            None => (None, None),
+        };
         let drain = config.limits.drain();
         let live = Live {
             proxies: proxies.clone(),

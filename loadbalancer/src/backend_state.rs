@@ -12,11 +12,12 @@
 //! `healthy`, outlier detection `ejected_until`), so no update ever overwrites
 //! another's.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::metrics::BackendMetrics;
+use crate::topology::{Place, Proximity};
 
 /// What the load balancer knows about one backend right now.
 #[derive(Debug)]
@@ -49,6 +50,13 @@ pub struct BackendState {
     /// that recording later ones needs no label lookup (see
     /// [`Metrics::record_backend_request`](crate::metrics::Metrics::record_backend_request)).
     metrics: OnceLock<BackendMetrics>,
+    /// Where the backend runs (its EndpointSlice's `zone` and `nodeName`),
+    /// written by discovery, read by the admin endpoints. A mutex: it holds
+    /// strings, and nothing on the request path reads it.
+    place: Mutex<Option<Arc<Place>>>,
+    /// `place`'s proximity, as a [`Proximity`] index: the proxy counts every
+    /// request by it, so it is an atomic rather than behind the mutex.
+    proximity: AtomicU8,
 }
 
 /// The per-backend counters behind outlier detection's ejection decisions; one
@@ -136,6 +144,8 @@ impl BackendState {
             ejected_until_ms: AtomicU64::new(0),
             outlier: OutlierState::default(),
             metrics: OnceLock::new(),
+            place: Mutex::new(None),
+            proximity: AtomicU8::new(Proximity::Other as u8),
         }
     }
 
@@ -281,6 +291,26 @@ impl BackendState {
         &self.outlier
     }
 
+    /// Records where the backend runs (discovery).
+    pub fn set_place(&self, place: Arc<Place>) {
+        self.proximity
+            .store(place.proximity as u8, Ordering::Relaxed);
+        *self.place.lock().unwrap_or_else(|p| p.into_inner()) = Some(place);
+    }
+
+    /// Where the backend runs, if discovery said.
+    pub fn place(&self) -> Option<Arc<Place>> {
+        self.place.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// How close the backend runs to this replica.
+    pub fn proximity(&self) -> Proximity {
+        Proximity::ALL
+            .get(usize::from(self.proximity.load(Ordering::Relaxed)))
+            .copied()
+            .unwrap_or_default()
+    }
+
     /// Whether the balancer may pick this backend at `now`: healthy and not ejected.
     pub fn is_available(&self, now: Instant) -> bool {
         self.is_healthy() && self.ejected_until(now).is_none()
@@ -348,6 +378,20 @@ mod tests {
         assert!(state.is_available(now + Duration::from_secs(11)));
         state.clear_ejection();
         assert_eq!(state.ejected_until(now), None);
+    }
+
+    #[test]
+    fn a_place_sets_the_proximity_the_proxy_counts_by() {
+        let state = BackendState::new();
+        assert_eq!((state.proximity(), state.place()), (Proximity::Other, None));
+        let place = Arc::new(Place {
+            zone: Some("zone-a".to_owned()),
+            node: None,
+            proximity: Proximity::SameZone,
+        });
+        state.set_place(Arc::clone(&place));
+        assert_eq!(state.proximity(), Proximity::SameZone);
+        assert_eq!(state.place(), Some(place));
     }
 
     #[test]

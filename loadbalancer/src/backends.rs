@@ -46,6 +46,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Unit;
 
 use crate::backend_state::BackendState;
+use crate::topology::{Place, TopologyStatus};
 pub use protocol::{BackendProtocol, LearnedProtocols};
 pub use status::{DiscoveryError, DiscoveryStatus, SourceKind};
 
@@ -85,6 +86,15 @@ impl BackendsWriter {
     /// whether the list changed.
     pub fn change(&self, added: &[SocketAddr], removed: &[SocketAddr]) -> bool {
         self.list.change(added, removed)
+    }
+
+    /// Publishes which backends the routing prefers and where each runs, in
+    /// one write, after the [`change`](Self::change) or
+    /// [`replace`](Self::replace) that listed them. The preferred sets change
+    /// by delta as the list does, so a slice's change still costs in
+    /// proportion to the slice.
+    pub fn set_topology(&self, update: TopologyUpdate) {
+        self.list.set_topology(update);
     }
 
     /// Publishes what the EndpointSlices say the backend ports speak.
@@ -159,21 +169,7 @@ impl Backends {
         let changed = {
             let mut table = write(&self.table);
             if added.len() + removed.len() > MERGE_ABOVE {
-                let sorted = |list: &[SocketAddr]| {
-                    let mut list = list.to_vec();
-                    list.sort_unstable();
-                    list
-                };
-                let (added, removed) = (sorted(added), sorted(removed));
-                let mut addrs: Vec<SocketAddr> = table
-                    .addrs
-                    .iter()
-                    .filter(|addr| removed.binary_search(addr).is_err())
-                    .chain(&added)
-                    .copied()
-                    .collect();
-                addrs.sort_unstable();
-                addrs.dedup();
+                let addrs = merged(&table.addrs, added, removed);
                 table.addrs != addrs && {
                     table.rebuild(addrs);
                     true
@@ -188,6 +184,30 @@ impl Backends {
         };
         self.discovery.record_sync(changed);
         changed
+    }
+
+    /// See [`BackendsWriter::set_topology`]; only the writer calls it.
+    fn set_topology(&self, update: TopologyUpdate) {
+        let mut table = write(&self.table);
+        let TopologyUpdate {
+            for_node,
+            for_zone,
+            prefer_node,
+            prefer_zone,
+            places,
+            status,
+        } = update;
+        let near = &mut table.near;
+        for_node.apply(&mut near.for_node);
+        for_zone.apply(&mut near.for_zone);
+        (near.prefer_node, near.prefer_zone) = (prefer_node, prefer_zone);
+        let hint = Cell::new(0);
+        for (addr, place) in places {
+            if let Some(state) = table.get(addr, &hint) {
+                state.set_place(place);
+            }
+        }
+        table.topology = status;
     }
 
     /// The runtime state of `addr`. An address that is not in the list (a request
@@ -242,12 +262,14 @@ impl Backends {
         now: Instant,
         f: impl FnOnce(&[SocketAddr], &dyn Fn(SocketAddr) -> bool) -> R,
     ) -> R {
-        self.with_load_states(now, |addrs, available, _, _| f(addrs, available))
+        self.with_load_states(now, |_, addrs, available, _, _| f(addrs, available))
     }
 
-    /// Like [`Backends::with_availability`], for a pick: `f` also gets each
-    /// address's requests in flight ([`BackendState::in_flight`]), what
-    /// load-aware balancing needs, with no copy and no allocation. `f` chooses an
+    /// Like [`Backends::with_availability`], for a pick: `f` also gets the
+    /// preferred backends, nearest first (see [`TopologyUpdate`]; none while
+    /// topology is off), and each address's requests in flight
+    /// ([`BackendState::in_flight`]), what load-aware balancing needs, with no
+    /// copy and no allocation. `f` chooses an
     /// address, and it comes back with its state, found under the same lock. The
     /// proxy needs that state for outlier admission and the in-flight count of
     /// the attempt, and this saves it taking the lock again for it.
@@ -255,14 +277,16 @@ impl Backends {
         &self,
         now: Instant,
         f: impl FnOnce(
+            &[&[SocketAddr]],
             &[SocketAddr],
             &dyn Fn(SocketAddr) -> bool,
             &dyn Fn(SocketAddr) -> u64,
         ) -> Result<SocketAddr, E>,
     ) -> Result<(SocketAddr, Arc<BackendState>), E> {
-        let (addr, state) = self.with_load_states(now, |addrs, available, in_flight, state| {
-            f(addrs, available, in_flight).map(|addr| (addr, state(addr)))
-        })?;
+        let (addr, state) =
+            self.with_load_states(now, |near, addrs, available, in_flight, state| {
+                f(near, addrs, available, in_flight).map(|addr| (addr, state(addr)))
+            })?;
         // Only a balancer that answered with an address from outside the list
         // can get here without a state; it gets a fresh one, as from `state`.
         Ok((addr, state.unwrap_or_default()))
@@ -281,6 +305,7 @@ impl Backends {
         &self,
         now: Instant,
         f: impl FnOnce(
+            &[&[SocketAddr]],
             &[SocketAddr],
             &dyn Fn(SocketAddr) -> bool,
             &dyn Fn(SocketAddr) -> u64,
@@ -292,7 +317,19 @@ impl Backends {
         let available = |addr| table.get(addr, &hint).is_none_or(|s| s.is_available(now));
         let in_flight = |addr| table.get(addr, &hint).map_or(0, |s| s.in_flight());
         let state = |addr| table.get(addr, &hint).cloned();
-        f(&table.addrs, &available, &in_flight, &state)
+        let (tiers, preferred) = table.near.tiers();
+        f(
+            &tiers[..preferred],
+            &table.addrs,
+            &available,
+            &in_flight,
+            &state,
+        )
+    }
+
+    /// The topology the routing follows now, for the admin endpoints.
+    pub fn topology(&self) -> TopologyStatus {
+        read(&self.table).topology.clone()
     }
 
     /// Whether discovery has delivered a complete list at least once.
@@ -378,6 +415,130 @@ struct Table {
     /// pairs: the balancer and every lookup search `addrs`, and packed tight they
     /// take half the cache lines.
     states: Vec<Arc<BackendState>>,
+    /// The backends the routing prefers, kept sorted as `addrs` is.
+    near: Near,
+    /// Why `near` prefers what it does, for the admin endpoints.
+    topology: TopologyStatus,
+}
+
+/// The preferred subsets of the list: the backends whose EndpointSlice hints
+/// name this replica's Node, and those that name its zone. Discovery keeps
+/// both current whether or not they are in use, so that switching topology on
+/// or off (an endpoint losing its hint, the Service changing) costs nothing
+/// but the two flags.
+#[derive(Debug, Default)]
+struct Near {
+    /// Hinted for this replica's Node, sorted.
+    for_node: Vec<SocketAddr>,
+    /// Hinted for this replica's zone, sorted.
+    for_zone: Vec<SocketAddr>,
+    /// Whether picks try `for_node` first.
+    prefer_node: bool,
+    /// Whether picks try `for_zone` first (after `for_node`, if that is tried).
+    prefer_zone: bool,
+}
+
+impl Near {
+    /// The sets a pick tries before the whole list, nearest first: the first
+    /// `n` of the array. An array, so that a pick allocates nothing.
+    fn tiers(&self) -> ([&[SocketAddr]; 2], usize) {
+        let mut tiers: [&[SocketAddr]; 2] = [&[], &[]];
+        let mut n = 0;
+        for (prefer, set) in [
+            (self.prefer_node, &self.for_node),
+            (self.prefer_zone, &self.for_zone),
+        ] {
+            if prefer {
+                tiers[n] = set;
+                n += 1;
+            }
+        }
+        (tiers, n)
+    }
+}
+
+/// How one of the preferred sets changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetChange {
+    /// These addresses join the set, those leave it.
+    Delta {
+        added: Vec<SocketAddr>,
+        removed: Vec<SocketAddr>,
+    },
+    /// The set is now this one (any order).
+    Whole(Vec<SocketAddr>),
+}
+
+impl Default for SetChange {
+    fn default() -> Self {
+        SetChange::Delta {
+            added: Vec::new(),
+            removed: Vec::new(),
+        }
+    }
+}
+
+impl SetChange {
+    /// Applies the change to `set` (sorted, without duplicates).
+    fn apply(self, set: &mut Vec<SocketAddr>) {
+        match self {
+            SetChange::Whole(mut addrs) => {
+                addrs.sort_unstable();
+                addrs.dedup();
+                *set = addrs;
+            }
+            SetChange::Delta { added, removed } if added.len() + removed.len() > MERGE_ABOVE => {
+                *set = merged(set, &added, &removed);
+            }
+            // A few addresses: a binary search and a move of the tail each,
+            // as for the list itself.
+            SetChange::Delta { added, removed } => {
+                for addr in removed {
+                    if let Ok(index) = set.binary_search(&addr) {
+                        set.remove(index);
+                    }
+                }
+                for addr in added {
+                    if let Err(index) = set.binary_search(&addr) {
+                        set.insert(index, addr);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What discovery publishes about topology with each change of the list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopologyUpdate {
+    /// The backends hinted for this replica's Node.
+    pub for_node: SetChange,
+    /// The backends hinted for this replica's zone.
+    pub for_zone: SetChange,
+    /// Whether picks prefer those hinted for the Node.
+    pub prefer_node: bool,
+    /// Whether picks prefer those hinted for the zone.
+    pub prefer_zone: bool,
+    /// Where these backends run (those of the slice that changed, or all).
+    pub places: Vec<(SocketAddr, Arc<Place>)>,
+    /// What is in use and why.
+    pub status: TopologyStatus,
+}
+
+/// `list` (sorted, without duplicates) less `removed`, plus `added`: one pass
+/// and one sort, whatever the size of the change.
+fn merged(list: &[SocketAddr], added: &[SocketAddr], removed: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut removed = removed.to_vec();
+    removed.sort_unstable();
+    let mut addrs: Vec<SocketAddr> = list
+        .iter()
+        .filter(|addr| removed.binary_search(addr).is_err())
+        .chain(added)
+        .copied()
+        .collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    addrs
 }
 
 impl Table {
@@ -625,7 +786,7 @@ mod tests {
             );
         });
         let (addr, state) = backends
-            .pick_with_state(now, |list, _, _| Ok::<_, ()>(list[42]))
+            .pick_with_state(now, |_, list, _, _| Ok::<_, ()>(list[42]))
             .expect("picked");
         assert!(Arc::ptr_eq(&state, &backends.state(addr)));
     }

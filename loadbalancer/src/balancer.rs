@@ -168,6 +168,37 @@ pub fn pick_for_attempt(
         .or_else(|NoBackend| balancer.pick_among(backends, &|_| true, in_flight))
 }
 
+/// [`pick_for_attempt`] with topology: first among the `near` sets, nearest
+/// first (the backends hinted for this replica's Node, then for its zone; see
+/// [`Backends::pick_with_state`](crate::backends::Backends::pick_with_state)),
+/// an available one this request has not tried; only when a set has none,
+/// the next, and after the last the whole list as [`pick_for_attempt`] does.
+///
+/// So health and outlier state apply within the preferred set, and a set
+/// whose backends are all down or tried widens rather than fails. Each set is
+/// handed to the algorithm as a list of its own, so round-robin is exact over
+/// it and a long list's random draws land in it.
+pub fn pick_nearest_for_attempt(
+    balancer: &dyn Balancer,
+    near: &[&[SocketAddr]],
+    backends: &[SocketAddr],
+    available: &dyn Fn(SocketAddr) -> bool,
+    in_flight: &dyn Fn(SocketAddr) -> u64,
+    tried: &[SocketAddr],
+) -> Result<SocketAddr, NoBackend> {
+    let untried_and_available = |addr: SocketAddr| !tried.contains(&addr) && available(addr);
+    near.iter()
+        .find_map(|set| {
+            balancer
+                .pick_among(set, &untried_and_available, in_flight)
+                .ok()
+        })
+        .map_or_else(
+            || pick_for_attempt(balancer, backends, available, in_flight, tried),
+            Ok,
+        )
+}
+
 /// Lists up to this long are scanned at each pick, which keeps every algorithm
 /// exact; longer ones are sampled (see the module docs).
 pub const SCAN_LIMIT: usize = 64;
@@ -437,6 +468,52 @@ mod tests {
         assert_eq!(
             pick_for_attempt(&balancer, &[], &|_| true, &idle, &[]),
             Err(NoBackend)
+        );
+    }
+
+    /// Bound asserted: exact. The zone's two backends take every pick in
+    /// turn while they are up; one down, the other takes them all; both down,
+    /// the whole list does.
+    #[test]
+    fn the_nearest_set_takes_the_picks_and_widens_when_it_is_down() {
+        let backends = addrs(5);
+        let zone = [backends[1], backends[3]];
+        let balancer = RoundRobin::new();
+        let pick = |available: &dyn Fn(SocketAddr) -> bool| {
+            pick_nearest_for_attempt(&balancer, &[&zone], &backends, available, &idle, &[])
+                .expect("some backend")
+        };
+        let picks = count((0..10).map(|_| pick(&|_| true)));
+        assert_eq!(picks, HashMap::from([(zone[0], 5), (zone[1], 5)]));
+        assert!((0..4).all(|_| pick(&|addr| addr != zone[0]) == zone[1]));
+        let widened = count((0..9).map(|_| pick(&|addr| !zone.contains(&addr))));
+        assert_eq!(widened.len(), 3, "{widened:?}");
+        assert!(widened.keys().all(|addr| !zone.contains(addr)));
+    }
+
+    #[test]
+    fn the_node_set_comes_before_the_zone_set_and_a_retry_moves_outward() {
+        let backends = addrs(4);
+        let (node, zone) = ([backends[2]], [backends[1], backends[2]]);
+        let balancer = RoundRobin::new();
+        let pick = |tried: &[SocketAddr]| {
+            pick_nearest_for_attempt(
+                &balancer,
+                &[&node, &zone],
+                &backends,
+                &|_| true,
+                &idle,
+                tried,
+            )
+        };
+        assert_eq!(pick(&[]), Ok(backends[2]));
+        assert_eq!(pick(&[backends[2]]), Ok(backends[1]));
+        let outside = pick(&[backends[1], backends[2]]).expect("picks");
+        assert!([backends[0], backends[3]].contains(&outside), "{outside}");
+        // No set at all: the plain pick.
+        assert_eq!(
+            pick_nearest_for_attempt(&balancer, &[], &backends[..1], &|_| true, &idle, &[]),
+            Ok(backends[0])
         );
     }
 

@@ -37,6 +37,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::ratelimit::Limit;
+use crate::topology::Proximity;
 
 /// Upper bounds of the request duration buckets, in seconds: from half a
 /// millisecond (a loopback hop) to the 30 s default request timeout, roughly
@@ -88,6 +89,20 @@ pub struct Metrics {
     plain_by_protocol: [Counter; 2],
     /// `loadbalancer_rate_limited_total{limit}`.
     rate_limited: Family<LimitLabels, Counter>,
+    /// `loadbalancer_requests_by_locality_total{locality}`, one series per
+    /// [`Proximity`], resolved once so that counting needs no family lookup.
+    by_locality: [Counter; 3],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LocalityLabels {
+    locality: Proximity,
+}
+
+impl EncodeLabelValue for Proximity {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        encoder.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -442,6 +457,15 @@ impl Metrics {
              what tells clients apart (sourceIp, header; none for global)",
             rate_limited.clone(),
         );
+        let by_locality = Family::<LocalityLabels, Counter>::default();
+        registry.register(
+            "requests_by_locality",
+            "Attempts sent to a backend, by where it runs: on this replica's node \
+             (same_node), in its zone (same_zone), elsewhere or not known (other)",
+            by_locality.clone(),
+        );
+        let by_locality = Proximity::ALL
+            .map(|locality| by_locality.get_or_create_owned(&LocalityLabels { locality }));
         registry.register(
             "build",
             "The running version",
@@ -468,6 +492,7 @@ impl Metrics {
             by_protocol,
             plain_by_protocol,
             rate_limited,
+            by_locality,
         }
     }
 
@@ -559,6 +584,11 @@ impl Metrics {
                 key: KeyKindLabel(limit),
             })
             .inc();
+    }
+
+    /// Counts one attempt sent to a backend that runs at `locality`.
+    pub fn record_locality(&self, locality: Proximity) {
+        self.by_locality[locality as usize].inc();
     }
 
     /// Counts one retry: a request sent again to another backend.

@@ -891,6 +891,7 @@ impl Proxy {
                 admission,
             } = chosen;
             tried.push(backend);
+            shared.metrics.record_locality(state.proximity());
             // Counted at the backend from here until the response body ends; a
             // failed attempt's guard drops when its result is replaced.
             let in_flight = state.start_owned_request();
@@ -965,8 +966,10 @@ impl Proxy {
             let current = shared.balancer.read().unwrap_or_else(|p| p.into_inner());
             shared
                 .backends
-                .pick_with_state(now, |list, available, in_flight| {
-                    balancer::pick_for_attempt(&**current, list, available, in_flight, skip)
+                .pick_with_state(now, |near, list, available, in_flight| {
+                    balancer::pick_nearest_for_attempt(
+                        &**current, near, list, available, in_flight, skip,
+                    )
                 })
         };
         let (backend, state) = pick(tried)?;

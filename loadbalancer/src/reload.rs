@@ -288,7 +288,11 @@ mod tests {
             settings,
             Arc::clone(&metrics),
         );
-        let (discovery, _) = DiscoveryTask::spawn(config.discovery.source(None), writer);
+        let (discovery, _) = DiscoveryTask::spawn(
+            config.discovery.source(None),
+            writer,
+            crate::discovery::Cluster::default(),
+        );
         let live = Live {
             proxies: vec![proxy],
             log: None,

@@ -135,8 +135,8 @@ where
         .ok_or_else(|| format!("node {name:?} has no {ZONE_LABEL} label"))
 }
 
-/// The kube client for the Node lookup; kube's own type has no `Debug`, and
-/// the structs that hold it want one.
+/// A kube client (for the Node lookup, and discovery's when one is handed
+/// in); kube's own type has no `Debug`, and the structs that hold it want one.
 #[derive(Clone)]
 pub struct NodeClient(pub kube::Client);
 
@@ -198,5 +198,108 @@ impl LocalityLookup {
     /// Follows the locality as reloads change it.
     pub fn subscribe(&self) -> watch::Receiver<Option<Locality>> {
         self.current.subscribe()
+    }
+}
+
+/// How close a backend runs to this replica: the `locality` label of
+/// `loadbalancer_requests_by_locality_total`, and what `/status` shows beside
+/// each backend. Read from the endpoint's own `nodeName` and `zone`, not from
+/// its hints: it says where a request went, whatever the routing preferred.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Proximity {
+    /// On this replica's Node.
+    SameNode,
+    /// In this replica's zone, on another Node.
+    SameZone,
+    /// Anywhere else, or not known to be close (no zone learned, or the
+    /// endpoint names none).
+    #[default]
+    Other,
+}
+
+impl Proximity {
+    /// Every value, in the order of the metric's series.
+    pub const ALL: [Proximity; 3] = [Proximity::SameNode, Proximity::SameZone, Proximity::Other];
+
+    /// How close an endpoint on `node` in `zone` is to `here`.
+    pub fn of(here: Option<&Locality>, zone: Option<&str>, node: Option<&str>) -> Self {
+        let Some(here) = here else {
+            return Proximity::Other;
+        };
+        if node.is_some() && node == here.node.as_deref() {
+            Proximity::SameNode
+        } else if zone == Some(here.zone.as_str()) {
+            Proximity::SameZone
+        } else {
+            Proximity::Other
+        }
+    }
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proximity::SameNode => "same_node",
+            Proximity::SameZone => "same_zone",
+            Proximity::Other => "other",
+        }
+    }
+}
+
+/// Where one backend runs, as its EndpointSlice says, and how close that is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Place {
+    /// The endpoint's `zone`.
+    pub zone: Option<String>,
+    /// The endpoint's `nodeName`.
+    pub node: Option<String>,
+    /// How close that is to this replica.
+    pub proximity: Proximity,
+}
+
+/// Which backends the routing prefers right now (kube-proxy's rules; see
+/// `discovery::hints`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InUse {
+    /// Those hinted for this replica's Node first, then for its zone (when
+    /// zone hints apply too), then all.
+    Node,
+    /// Those hinted for this replica's zone first, then all.
+    Zone,
+    /// Every backend alike: topology is off or does not apply.
+    #[default]
+    All,
+}
+
+/// The routing's topology in force, for `/status` and `/debug/backends`
+/// (whose keys are snake_case).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TopologyStatus {
+    /// This replica's zone, once learned.
+    pub zone: Option<String>,
+    /// This replica's Node, when `NODE_NAME` is set.
+    pub node: Option<String>,
+    /// What the Service asks for: its `trafficDistribution`, or its
+    /// topology annotation as `annotation=value`; `None` when it asks for
+    /// nothing or cannot be read.
+    pub mode: Option<String>,
+    /// Which set is preferred.
+    pub in_use: InUse,
+    /// Why, in a sentence: the rule that decided.
+    pub reason: String,
+}
+
+impl Default for TopologyStatus {
+    /// Before Kubernetes discovery has published anything, or with a static list.
+    fn default() -> Self {
+        Self {
+            zone: None,
+            node: None,
+            mode: None,
+            in_use: InUse::All,
+            reason: "no EndpointSlice read yet (or static discovery): every backend alike"
+                .to_owned(),
+        }
     }
 }

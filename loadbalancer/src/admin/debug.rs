@@ -15,6 +15,7 @@ use crate::backend_state::BackendState;
 use crate::backends::Backends;
 use crate::backends::SourceKind;
 use crate::tls::CertInfo;
+use crate::topology::{Proximity, TopologyStatus};
 use crate::upstream::Http2Stats;
 
 /// The whole document.
@@ -23,6 +24,9 @@ pub(super) struct Snapshot {
     /// In list order (sorted by address), so the status page's rows never jump.
     backends: Vec<BackendView>,
     discovery: DiscoveryView,
+    /// Topology-aware routing: this replica's zone and node, what the Service
+    /// asks for, which set is in use (`node`, `zone` or `all`) and why.
+    topology: TopologyStatus,
     /// The HTTPS listener's certificates in force; absent without `tls`.
     #[serde(skip_serializing_if = "Option::is_none")]
     certificates: Option<Vec<CertInfo>>,
@@ -57,6 +61,12 @@ struct BackendView {
     requests: u64,
     failures: u64,
     last_latency_ms: Option<f64>,
+    /// Its EndpointSlice's `zone`, if discovery read one.
+    zone: Option<String>,
+    /// Its EndpointSlice's `nodeName`, if discovery read one.
+    node: Option<String>,
+    /// How close that is to this replica: `same_node`, `same_zone`, `other`.
+    locality: Proximity,
 }
 
 #[derive(Debug, Serialize)]
@@ -102,6 +112,7 @@ impl Snapshot {
                     message: error.message,
                 }),
             },
+            topology: backends.topology(),
             certificates,
             http2: http2
                 .into_iter()
@@ -118,6 +129,8 @@ impl Snapshot {
 impl BackendView {
     fn of(address: SocketAddr, state: &BackendState, now: Instant, wall_now: SystemTime) -> Self {
         let ejected_until = state.ejected_until(now);
+        let place = state.place();
+        let place = place.as_deref();
         Self {
             address,
             healthy: state.is_healthy(),
@@ -131,6 +144,9 @@ impl BackendView {
             last_latency_ms: state
                 .last_latency()
                 .map(|latency| latency.as_secs_f64() * 1000.0),
+            zone: place.and_then(|p| p.zone.clone()),
+            node: place.and_then(|p| p.node.clone()),
+            locality: state.proximity(),
         }
     }
 }
@@ -160,6 +176,8 @@ mod tests {
         assert_eq!(backend["available"], false);
         assert!(backend["ejected_until"].is_string(), "{backend}");
         assert_eq!(json["discovery"]["source"], serde_json::Value::Null);
+        assert_eq!(backend["locality"], "other");
+        assert_eq!(json["topology"]["in_use"], "all");
     }
 
     #[test]

@@ -41,6 +41,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
 
+use super::hints::Placement;
 use crate::backends::{BackendProtocol, LearnedProtocols};
 
 /// What one EndpointSlice contributes to the backend list.
@@ -53,6 +54,18 @@ pub(crate) struct SliceEndpoints {
     pub(crate) serving_terminating: Vec<SocketAddr>,
     /// What the slice's ports say they speak.
     pub(crate) protocols: LearnedProtocols,
+    /// Where each ready endpoint runs and what its hints say:
+    /// `placements[i]` is `ready[i]`'s.
+    pub(crate) placements: Vec<Placement>,
+}
+
+impl SliceEndpoints {
+    /// The ready endpoints with their placements.
+    pub(crate) fn ready_placements(
+        &self,
+    ) -> impl Iterator<Item = (SocketAddr, &Placement)> + Clone {
+        self.ready.iter().copied().zip(&self.placements)
+    }
 }
 
 /// How a slice's change alters the published list.
@@ -142,7 +155,7 @@ impl MergedEndpoints {
 /// Moves the slice counts in `counts` from a slice's `old` endpoints to its
 /// `new` ones, touching only the addresses in one and not the other. Returns
 /// the addresses whose count rose from zero and those whose count fell to it.
-fn count(
+pub(crate) fn count(
     counts: &mut HashMap<SocketAddr, u32>,
     old: &[SocketAddr],
     new: &[SocketAddr],
@@ -226,7 +239,10 @@ pub(crate) fn slice_endpoints(slice: &EndpointSlice, port: u16) -> SliceEndpoint
         };
         let addr = SocketAddr::new(ip, port);
         match usability(endpoint.conditions.as_ref()) {
-            Usability::Ready => out.ready.push(addr),
+            Usability::Ready => {
+                out.ready.push(addr);
+                out.placements.push(Placement::of(endpoint));
+            }
             Usability::ServingTerminating => out.serving_terminating.push(addr),
             Usability::Unusable => {}
         }
@@ -361,8 +377,8 @@ mod tests {
             slice_endpoints(&s, 8080),
             SliceEndpoints {
                 ready: vec![addr("10.0.0.1:8080")],
-                serving_terminating: vec![],
-                protocols: LearnedProtocols::default(),
+                placements: vec![Placement::default()],
+                ..SliceEndpoints::default()
             }
         );
     }
@@ -454,7 +470,7 @@ mod tests {
         SliceEndpoints {
             ready: addrs(ready),
             serving_terminating: addrs(terminating),
-            protocols: LearnedProtocols::default(),
+            ..SliceEndpoints::default()
         }
     }
 

@@ -25,18 +25,23 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 
+use std::sync::Arc;
+
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
+use tokio::sync::watch;
 
 use super::KubernetesSource;
 use super::endpoints::{
     ListChange, MergedEndpoints, SliceEndpoints, protocols, slice_endpoints, slice_protocols,
 };
-use crate::backends::BackendsWriter;
-use crate::backends::LearnedProtocols;
+use super::hints::{Distribution, HintChange, HintIndex};
+use crate::backends::{BackendsWriter, LearnedProtocols, TopologyUpdate};
+use crate::topology::{Locality, Place};
 
 /// The label the EndpointSlice controller puts on every slice of a Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -50,47 +55,129 @@ pub struct WatchEnded;
 /// Watches the EndpointSlices of `source.service_name` and keeps `backends` current.
 ///
 /// The namespace is `source.namespace`, else the client's default namespace (the
-/// kubeconfig context's, or the pod's own in-cluster). Runs until the task is dropped.
+/// kubeconfig context's, or the pod's own in-cluster). Beside the slices it
+/// watches the Service itself, for what it asks of topology-aware routing
+/// ([`super::hints`]), and follows `locality`, this replica's zone and node,
+/// as start-up and reloads learn it. Runs until the task is dropped.
 pub async fn watch_endpoint_slices(
     client: Client,
     source: &KubernetesSource,
     backends: &BackendsWriter,
+    mut locality: watch::Receiver<Option<Locality>>,
 ) -> Result<(), WatchEnded> {
     let namespace = source
         .namespace
         .clone()
         .unwrap_or_else(|| client.default_namespace().to_owned());
     let service = source.service_name.as_str();
-    let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
+    let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &namespace);
     // The selector goes to the API server, so slices of other Services never reach us.
     let selector = format!("{SERVICE_NAME_LABEL}={service}");
     let config = watcher::Config::default().labels(&selector);
+    // One object, selected by name: a watch rather than a get, so that a
+    // change of `trafficDistribution` applies within a second.
+    let services: Api<Service> = Api::namespaced(client, &namespace);
+    let by_name = watcher::Config::default().fields(&format!("metadata.name={service}"));
     tracing::info!(namespace = %namespace, service = %service, port = source.port, "watching EndpointSlices");
 
     // `default_backoff` sleeps between retries after an error; the stream holds that
     // timer, so it is pinned (on the stack: it lives exactly as long as this loop).
     let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
-    let mut store = SliceStore::new(source.port, source.grpc_port);
+    let mut service_events = std::pin::pin!(watcher::watcher(services, by_name).default_backoff());
+    let mut asked = ServiceWatch::default();
+    let here = locality.borrow_and_update().clone();
+    let mut store = SliceStore::new(source.port, source.grpc_port, here);
     let mut publisher = Publisher::new(service, backends);
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(event) => {
-                if let Some(update) = store.handle(event) {
-                    publisher.publish(update);
+    // A dropped sender (tests, shutdown) leaves the locality as it is.
+    let mut following_locality = true;
+    loop {
+        let update = tokio::select! {
+            event = events.next() => match event {
+                None => break,
+                Some(Ok(event)) => store.handle(event),
+                Some(Err(err)) => {
+                    tracing::warn!(
+                        service = %service,
+                        error = %err,
+                        cause = %root_cause(&err),
+                        "EndpointSlice watch failed; keeping the last known backends and retrying with backoff"
+                    );
+                    publisher.backends.discovery_status().record_error(&err);
+                    None
                 }
+            },
+            Some(event) = service_events.next() => asked
+                .handle(service, event)
+                .map(|distribution| store.set_distribution(distribution)),
+            changed = locality.changed(), if following_locality => match changed {
+                Ok(()) => {
+                    let here = locality.borrow_and_update().clone();
+                    Some(store.set_locality(here))
+                }
+                Err(_) => {
+                    following_locality = false;
+                    None
+                }
+            },
+        };
+        if let Some(update) = update {
+            publisher.publish(update);
+        }
+    }
+    Err(WatchEnded)
+}
+
+/// What the Service asks of the routing, as its watch reports it.
+#[derive(Debug, Default)]
+struct ServiceWatch {
+    /// A re-list in progress: what it found so far.
+    relist: Option<Distribution>,
+    /// Whether a failed watch was logged at `warn` already: the watcher retries
+    /// forever, and an account without `watch` on `services` would otherwise
+    /// log one line per retry.
+    warned: bool,
+}
+
+impl ServiceWatch {
+    /// What the Service asks for after `event`, when that is known.
+    fn handle(
+        &mut self,
+        service: &str,
+        event: Result<Event<Service>, watcher::Error>,
+    ) -> Option<Distribution> {
+        match event {
+            Ok(Event::Init) => {
+                self.relist = Some(Distribution::Default);
+                None
             }
-            Err(err) => {
+            Ok(Event::InitApply(object)) => {
+                self.relist = Some(Distribution::of(&object));
+                None
+            }
+            Ok(Event::InitDone) => {
+                self.warned = false;
+                Some(self.relist.take().unwrap_or_default())
+            }
+            Ok(Event::Apply(object)) => Some(Distribution::of(&object)),
+            Ok(Event::Delete(_)) => Some(Distribution::Default),
+            Err(err) if !self.warned => {
+                self.warned = true;
                 tracing::warn!(
                     service = %service,
                     error = %err,
                     cause = %root_cause(&err),
-                    "EndpointSlice watch failed; keeping the last known backends and retrying with backoff"
+                    "cannot watch the Service (the account needs get, list and watch on \
+                     services, k8s/loadbalancer-rbac.yaml); EndpointSlice hints alone \
+                     decide topology-aware routing"
                 );
-                publisher.backends.discovery_status().record_error(&err);
+                None
+            }
+            Err(err) => {
+                tracing::debug!(service = %service, error = %err, "Service watch failed again");
+                None
             }
         }
     }
-    Err(WatchEnded)
 }
 
 /// The innermost error, which usually names the real problem ("Connection refused")
@@ -115,6 +202,8 @@ struct Update {
     protocols: LearnedProtocols,
     /// True at `InitDone`: the state now reflects a complete list from the API server.
     complete: bool,
+    /// Which backends the routing prefers and where they run.
+    topology: TopologyUpdate,
 }
 
 /// The endpoints of every known slice, by slice name, and their merge.
@@ -131,17 +220,59 @@ struct SliceStore {
     /// A re-list in progress (between `Init` and `InitDone`). Built off to the side so
     /// the current state keeps serving until the new one is complete.
     relist: Option<BTreeMap<String, SliceEndpoints>>,
+    /// The hints of `slices`, counted for this replica's locality.
+    hints: HintIndex,
+    /// What the Service asks for.
+    asked: Distribution,
 }
 
 impl SliceStore {
-    fn new(port: u16, grpc_port: Option<u16>) -> Self {
+    fn new(port: u16, grpc_port: Option<u16>, here: Option<Locality>) -> Self {
         Self {
             port,
             grpc_port,
             slices: BTreeMap::new(),
             merged: MergedEndpoints::default(),
             relist: None,
+            hints: HintIndex::of(here, []),
+            asked: Distribution::default(),
         }
+    }
+
+    /// A new locality: every hint and proximity is counted again.
+    fn set_locality(&mut self, here: Option<Locality>) -> Update {
+        self.hints = HintIndex::of(here, self.slices.values());
+        let no_change = ListChange::Delta {
+            added: Vec::new(),
+            removed: Vec::new(),
+        };
+        self.update(no_change, self.hints.whole(), self.all_places(), false)
+    }
+
+    /// The Service asks for something new: only the decision changes.
+    fn set_distribution(&mut self, asked: Distribution) -> Update {
+        self.asked = asked;
+        let no_change = ListChange::Delta {
+            added: Vec::new(),
+            removed: Vec::new(),
+        };
+        self.update(no_change, HintChange::default(), Vec::new(), false)
+    }
+
+    /// Where the ready endpoints of `slice` run.
+    fn places(&self, slice: &SliceEndpoints) -> Vec<(SocketAddr, Arc<Place>)> {
+        slice
+            .ready_placements()
+            .map(|(addr, placement)| (addr, placement.place(self.hints.here())))
+            .collect()
+    }
+
+    /// Where every ready endpoint runs.
+    fn all_places(&self) -> Vec<(SocketAddr, Arc<Place>)> {
+        self.slices
+            .values()
+            .flat_map(|slice| self.places(slice))
+            .collect()
     }
 
     /// Applies one watcher event; returns the change to publish when the state changed.
@@ -162,21 +293,25 @@ impl SliceStore {
             Event::InitDone => {
                 self.slices = self.relist.take().unwrap_or_default();
                 self.merged = MergedEndpoints::of(self.slices.values());
-                Some(self.update(ListChange::Whole(self.merged.addrs()), true))
+                self.hints = HintIndex::of(self.hints.here().cloned(), self.slices.values());
+                let change = ListChange::Whole(self.merged.addrs());
+                Some(self.update(change, self.hints.whole(), self.all_places(), true))
             }
             Event::Apply(slice) => {
                 let name = slice.name_any();
                 let endpoints = self.read(&slice);
-                let change = self
-                    .merged
-                    .replace_slice(self.slices.get(&name), Some(&endpoints));
+                let old = self.slices.get(&name);
+                let change = self.merged.replace_slice(old, Some(&endpoints));
+                let hints = self.hints.replace_slice(old, Some(&endpoints));
+                let places = self.places(&endpoints);
                 self.slices.insert(name, endpoints);
-                Some(self.update(change, false))
+                Some(self.update(change, hints, places, false))
             }
             Event::Delete(slice) => {
                 let old = self.slices.remove(&slice.name_any());
                 let change = self.merged.replace_slice(old.as_ref(), None);
-                Some(self.update(change, false))
+                let hints = self.hints.replace_slice(old.as_ref(), None);
+                Some(self.update(change, hints, Vec::new(), false))
             }
         }
     }
@@ -189,13 +324,28 @@ impl SliceStore {
         }
     }
 
-    fn update(&self, change: ListChange, complete: bool) -> Update {
+    fn update(
+        &self,
+        change: ListChange,
+        hints: HintChange,
+        places: Vec<(SocketAddr, Arc<Place>)>,
+        complete: bool,
+    ) -> Update {
+        let decision = self.hints.decide(&self.asked);
         Update {
             change,
             terminating_fallback: self.merged.terminating_fallback(),
             // One step per slice, not per endpoint.
             protocols: protocols(self.slices.values()),
             complete,
+            topology: TopologyUpdate {
+                for_node: hints.for_node,
+                for_zone: hints.for_zone,
+                prefer_node: decision.prefer_node,
+                prefer_zone: decision.prefer_zone,
+                places,
+                status: decision.status,
+            },
         }
     }
 }
@@ -227,6 +377,7 @@ impl<'a> Publisher<'a> {
             terminating_fallback,
             protocols,
             complete,
+            topology,
         } = update;
         let service = self.service.as_str();
         if terminating_fallback != self.terminating_fallback {
@@ -255,6 +406,21 @@ impl<'a> Publisher<'a> {
                 self.backends.replace(addrs).then_some((added, removed))
             }
         };
+        // After the list: the places it sets belong to states the change made.
+        let (status, before) = (&topology.status, self.backends.reader().topology());
+        if (status.in_use, &status.mode, &status.zone)
+            != (before.in_use, &before.mode, &before.zone)
+        {
+            tracing::info!(
+                service = %service,
+                in_use = ?status.in_use,
+                mode = status.mode.as_deref(),
+                zone = status.zone.as_deref(),
+                reason = %status.reason,
+                "topology-aware routing"
+            );
+        }
+        self.backends.set_topology(topology);
         let backends = self.backends.reader().with(<[_]>::len);
         if let Some((added, removed)) = changed {
             tracing::info!(
@@ -369,7 +535,7 @@ mod tests {
 
     #[test]
     fn a_relist_publishes_nothing_until_init_done() {
-        let mut store = SliceStore::new(80, None);
+        let mut store = SliceStore::new(80, None, None);
         assert_eq!(store.handle(Event::Init), None);
         assert_eq!(
             store.handle(Event::InitApply(slice("a", &["10.0.0.1"]))),
@@ -382,7 +548,7 @@ mod tests {
 
     #[test]
     fn a_relist_replaces_the_whole_state() {
-        let mut store = SliceStore::new(80, None);
+        let mut store = SliceStore::new(80, None, None);
         store.handle(Event::Apply(slice("a", &["10.0.0.1"])));
         store.handle(Event::Apply(slice("gone", &["10.0.0.2"])));
         store.handle(Event::Init);
@@ -395,7 +561,7 @@ mod tests {
 
     #[test]
     fn an_empty_relist_empties_the_list() {
-        let mut store = SliceStore::new(80, None);
+        let mut store = SliceStore::new(80, None, None);
         store.handle(Event::Apply(slice("a", &["10.0.0.1"])));
         store.handle(Event::Init);
         assert_eq!(whole(store.handle(Event::InitDone)), vec![]);
@@ -403,7 +569,7 @@ mod tests {
 
     #[test]
     fn apply_replaces_one_slice_by_name() {
-        let (mut store, list) = (SliceStore::new(80, None), BackendsWriter::new());
+        let (mut store, list) = (SliceStore::new(80, None, None), BackendsWriter::new());
         published(&mut store, &list, Event::Apply(slice("a", &["10.0.0.1"])));
         published(&mut store, &list, Event::Apply(slice("b", &["10.0.0.2"])));
         assert_eq!(
@@ -414,7 +580,7 @@ mod tests {
 
     #[test]
     fn delete_removes_one_slice_by_name() {
-        let (mut store, list) = (SliceStore::new(80, None), BackendsWriter::new());
+        let (mut store, list) = (SliceStore::new(80, None, None), BackendsWriter::new());
         published(&mut store, &list, Event::Apply(slice("a", &["10.0.0.1"])));
         published(&mut store, &list, Event::Apply(slice("b", &["10.0.0.2"])));
         assert_eq!(
@@ -425,7 +591,7 @@ mod tests {
 
     #[test]
     fn watch_events_are_not_complete_lists() {
-        let mut store = SliceStore::new(80, None);
+        let mut store = SliceStore::new(80, None, None);
         let update = store.handle(Event::Apply(slice("a", &["10.0.0.1"])));
         assert!(!update.expect("Apply publishes").complete);
     }
@@ -434,7 +600,7 @@ mod tests {
     fn publishing_marks_synced_only_at_a_complete_list() {
         let backends = BackendsWriter::new();
         let mut publisher = Publisher::new("web", &backends);
-        let mut store = SliceStore::new(80, None);
+        let mut store = SliceStore::new(80, None, None);
         publisher.publish(
             store
                 .handle(Event::Apply(slice("a", &["10.0.0.1"])))
@@ -464,7 +630,7 @@ mod tests {
     /// health verdict and ejection).
     #[test]
     fn a_slice_update_touches_only_its_own_endpoints() {
-        let (mut store, list) = (SliceStore::new(80, None), BackendsWriter::new());
+        let (mut store, list) = (SliceStore::new(80, None, None), BackendsWriter::new());
         store.handle(Event::Init);
         let mut slices = service();
         for slice in &slices {

@@ -16,6 +16,7 @@
 //! list replaces it.
 
 mod endpoints;
+pub mod hints;
 pub mod kubernetes;
 
 use std::fmt;
@@ -28,6 +29,7 @@ use tokio::task::JoinHandle;
 
 pub use crate::backends::SourceKind;
 use crate::backends::{BackendProtocol, BackendsWriter};
+use crate::topology::{Locality, NodeClient};
 
 /// Where the load balancer learns its backend addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,6 +198,27 @@ fn serialize_addrs<S: Serializer>(addrs: &[SocketAddr], ser: S) -> Result<S::Ok,
     ser.collect_seq(addrs.iter().map(ToString::to_string))
 }
 
+/// What Kubernetes discovery needs besides its [`Source`].
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// This replica's zone and node, followed for topology-aware routing
+    /// ([`hints`]); a closed channel leaves topology off.
+    pub locality: watch::Receiver<Option<Locality>>,
+    /// The API client; `None` builds one with [`kube::Client::try_default`].
+    /// Tests hand in one for their fake API server.
+    pub client: Option<NodeClient>,
+}
+
+impl Default for Cluster {
+    /// No locality, and the client from the environment.
+    fn default() -> Self {
+        Self {
+            locality: watch::channel(None).1,
+            client: None,
+        }
+    }
+}
+
 /// Fills the list behind `backends` from `source`.
 ///
 /// Static: publishes the list, marks it synced and returns `Ok` at once.
@@ -203,7 +226,13 @@ fn serialize_addrs<S: Serializer>(addrs: &[SocketAddr], ser: S) -> Result<S::Ok,
 /// `KUBECONFIG` or `~/.kube/config` if there is one, else the in-cluster service
 /// account), then watches forever; it only returns if the watch stream ends, which
 /// the watcher's retry-forever backoff should never let happen.
-pub async fn run(source: Source, backends: &BackendsWriter) -> anyhow::Result<()> {
+///
+/// `cluster` is what Kubernetes discovery needs besides its source.
+pub async fn run(
+    source: Source,
+    backends: &BackendsWriter,
+    cluster: Cluster,
+) -> anyhow::Result<()> {
     backends.discovery_status().set_source(source.kind());
     match source {
         Source::Static(addrs) => {
@@ -216,13 +245,16 @@ pub async fn run(source: Source, backends: &BackendsWriter) -> anyhow::Result<()
             // kube's config error already spells out every cause in its own message
             // (in-cluster: ..., kubeconfig: ...); keeping it as the source as well would
             // make `{:#}` print the whole chain two more times.
-            let client = kube::Client::try_default().await.map_err(|error| {
-                anyhow::anyhow!(
-                    "no Kubernetes client configuration (neither a kubeconfig from \
-                     KUBECONFIG or ~/.kube/config nor an in-cluster service account): {error}"
-                )
-            })?;
-            kubernetes::watch_endpoint_slices(client, &source, backends)
+            let client = match cluster.client {
+                Some(NodeClient(client)) => client,
+                None => kube::Client::try_default().await.map_err(|error| {
+                    anyhow::anyhow!(
+                        "no Kubernetes client configuration (neither a kubeconfig from \
+                         KUBECONFIG or ~/.kube/config nor an in-cluster service account): {error}"
+                    )
+                })?,
+            };
+            kubernetes::watch_endpoint_slices(client, &source, backends, cluster.locality)
                 .await
                 .with_context(|| format!("discovery of Service {:?}", source.service_name))
         }
@@ -245,16 +277,17 @@ pub struct DiscoveryTask {
 }
 
 impl DiscoveryTask {
-    /// Starts discovery from `source`, writing through `backends`; the receiver
-    /// gets the error of any source that fails (the process cannot serve
-    /// without its backend list, so the caller ends it).
+    /// Starts discovery from `source`, writing through `backends`, in
+    /// `cluster`; the receiver gets the error of any source that fails (the
+    /// process cannot serve without its backend list, so the caller ends it).
     pub fn spawn(
         source: Source,
         backends: BackendsWriter,
+        cluster: Cluster,
     ) -> (Self, mpsc::UnboundedReceiver<anyhow::Error>) {
         let (failures, failed) = mpsc::unbounded_channel();
         let (sources, current) = watch::channel(source);
-        let task = tokio::spawn(follow(current, backends, failures));
+        let task = tokio::spawn(follow(current, backends, cluster, failures));
         (Self { sources, task }, failed)
     }
 
@@ -279,12 +312,13 @@ impl Drop for DiscoveryTask {
 async fn follow(
     mut sources: watch::Receiver<Source>,
     backends: BackendsWriter,
+    cluster: Cluster,
     failures: mpsc::UnboundedSender<anyhow::Error>,
 ) {
     loop {
         let source = sources.borrow_and_update().clone();
         tokio::select! {
-            outcome = run(source, &backends) => {
+            outcome = run(source, &backends, cluster.clone()) => {
                 if let Err(error) = outcome {
                     // Nobody listening means the process is already stopping.
                     let _ = failures.send(error);
@@ -314,7 +348,7 @@ mod tests {
             "127.0.0.1:9002".parse().expect("literal address parses"),
             "127.0.0.1:9001".parse().expect("literal address parses"),
         ];
-        run(Source::Static(addrs.clone()), &backends)
+        run(Source::Static(addrs.clone()), &backends, Cluster::default())
             .await
             .expect("a static source cannot fail");
         assert!(backends.is_synced());

@@ -381,8 +381,15 @@ async fn rolling_replacement_through_discovery_fails_no_client_request() {
         grpc_port: None,
     };
     let client = server.client().await;
-    let discovery =
-        tokio::spawn(async move { watch_endpoint_slices(client, &source, &writer).await });
+    let discovery = tokio::spawn(async move {
+        watch_endpoint_slices(
+            client,
+            &source,
+            &writer,
+            tokio::sync::watch::channel(None).1,
+        )
+        .await
+    });
     let lb = TestLb::start_unsynced_with(backends.clone(), TestLb::SETTINGS, resilience()).await;
     slice.publish().await;
 

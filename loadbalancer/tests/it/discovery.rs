@@ -10,6 +10,7 @@ use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use loadbalancer::backends::{BackendProtocol, Backends, BackendsWriter, LearnedProtocols};
 use loadbalancer::discovery::KubernetesSource;
 use loadbalancer::discovery::kubernetes::watch_endpoint_slices;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::support::fake_apiserver::EndpointState::{self, NotReady, Ready, Terminating, Unset};
@@ -48,8 +49,10 @@ async fn discover_in(server: &FakeApiServer, namespace: Option<&str>) -> Discove
     };
     let writer = BackendsWriter::new();
     let backends = writer.reader();
+    // No locality: topology-aware routing has its own tests.
+    let locality = watch::channel(None).1;
     let task = tokio::spawn(async move {
-        let ended = watch_endpoint_slices(client, &source, &writer).await;
+        let ended = watch_endpoint_slices(client, &source, &writer, locality).await;
         panic!("discovery returned {ended:?}; it should watch forever");
     });
     Discovery { backends, task }
@@ -82,12 +85,20 @@ impl Discovery {
     }
 }
 
+/// The EndpointSlice requests among `requests` (discovery watches the
+/// Service too).
+fn of_slices(requests: &[RecordedRequest]) -> impl Iterator<Item = &RecordedRequest> {
+    requests
+        .iter()
+        .filter(|r| r.path.ends_with("/endpointslices"))
+}
+
 fn lists(requests: &[RecordedRequest]) -> usize {
-    requests.iter().filter(|r| !r.is_watch()).count()
+    of_slices(requests).filter(|r| !r.is_watch()).count()
 }
 
 fn watches(requests: &[RecordedRequest]) -> usize {
-    requests.iter().filter(|r| r.is_watch()).count()
+    of_slices(requests).filter(|r| r.is_watch()).count()
 }
 
 /// Starts discovery and waits until it has published `ips` and is watching, so that
@@ -140,7 +151,8 @@ async fn initial_list_is_published_and_marks_the_list_synced() {
     let discovery = watching(&server, &["10.0.0.1", "10.0.0.2"]).await;
     assert!(discovery.backends.is_synced());
 
-    let first = &server.requests()[0];
+    let requests = server.requests();
+    let first = of_slices(&requests).next().expect("a request for slices");
     assert_eq!(
         first.path,
         format!("/apis/discovery.k8s.io/v1/namespaces/{NAMESPACE}/endpointslices"),
@@ -243,7 +255,7 @@ async fn slices_of_another_service_are_never_requested() {
         lists(&requests) >= 1 && watches(&requests) >= 1,
         "{requests:?}"
     );
-    for request in &requests {
+    for request in of_slices(&requests) {
         assert_eq!(
             request.param("labelSelector"),
             Some("kubernetes.io/service-name=web"),

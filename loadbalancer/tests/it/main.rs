@@ -32,6 +32,7 @@ mod server;
 mod status_page;
 mod tls;
 mod topology;
+mod topology_routing;
 mod tunnels;
 mod upstream_wire;
 mod websocket;

@@ -748,26 +748,39 @@ fn images_match_the_makefile_and_the_dockerfiles() {
 }
 
 #[test]
-fn the_role_grants_only_reading_endpointslices_to_the_loadbalancer() {
+fn the_role_grants_only_reading_endpointslices_and_services_to_the_loadbalancer() {
     let manifests = Manifests::load();
     assert_eq!(manifests.all::<Role>().len(), 1, "one Role");
     assert_eq!(manifests.all::<RoleBinding>().len(), 1, "one RoleBinding");
     let role = manifests.all::<Role>()[0];
     let rules = role.rules.as_deref().unwrap_or_default();
-    assert_eq!(rules.len(), 1, "exactly one rule: {rules:?}");
-    let rule = &rules[0];
+    // The slices name the backends; the Service says whether to route by
+    // topology (its trafficDistribution or topology annotation).
+    fn one(list: Option<&[String]>) -> &str {
+        match list {
+            Some([only]) => only,
+            other => panic!("one API group and one resource per rule: {other:?}"),
+        }
+    }
+    let granted: Vec<(&str, &str)> = rules
+        .iter()
+        .map(|rule| {
+            (
+                one(rule.api_groups.as_deref()),
+                one(rule.resources.as_deref()),
+            )
+        })
+        .collect();
     assert_eq!(
-        rule.api_groups.as_deref(),
-        Some(&["discovery.k8s.io".to_owned()][..])
+        granted,
+        [("discovery.k8s.io", "endpointslices"), ("", "services")]
     );
-    assert_eq!(
-        rule.resources.as_deref(),
-        Some(&["endpointslices".to_owned()][..])
-    );
-    let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
-    assert_eq!(verbs, BTreeSet::from(["get", "list", "watch"]));
-    assert_eq!(rule.verbs.len(), 3, "no verb twice: {:?}", rule.verbs);
-    assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+    for rule in rules {
+        let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
+        assert_eq!(verbs, BTreeSet::from(["get", "list", "watch"]));
+        assert_eq!(rule.verbs.len(), 3, "no verb twice: {:?}", rule.verbs);
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+    }
 
     // The binding gives that Role to the account the load balancer pods run as.
     let binding = manifests.all::<RoleBinding>()[0];

@@ -24,9 +24,13 @@ async fn healthz_is_ok_and_readyz_waits_for_the_first_discovery_sync() {
     assert_eq!(not_ready.json()["reason"], "discovery has not synced yet");
 
     let addrs = upstreams.iter().map(|u| u.addr).collect();
-    discovery::run(Source::Static(addrs), &writer)
-        .await
-        .expect("static discovery cannot fail");
+    discovery::run(
+        Source::Static(addrs),
+        &writer,
+        loadbalancer::discovery::Cluster::default(),
+    )
+    .await
+    .expect("static discovery cannot fail");
     let ready = get(&lb.admin_url("/readyz")).await;
     assert_eq!(ready.status, StatusCode::OK);
     assert_eq!(ready.json()["backends"], 2);

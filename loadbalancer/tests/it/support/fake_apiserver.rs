@@ -22,12 +22,15 @@
 //! HTTP `410` *response* to the watch request is treated as a failed watch start and
 //! retried with the same `resourceVersion`, so this server never answers a watch that way.
 //!
+//! * **services**: the same list and watch, on `/api/v1/namespaces/{ns}/services`,
+//!   for Services added with [`FakeApiServer::apply_service`]; a `fieldSelector`
+//!   of `metadata.name=<name>` (what discovery sends) selects one.
 //! * **get node**: `GET /api/v1/nodes/{name}` answers a Node added with
 //!   [`FakeApiServer::add_node`] (its zone label set), 404 for another name, or
 //!   403 `Forbidden`, as RBAC does, after [`FakeApiServer::refuse_nodes`].
 //!
-//! What it leaves out: a label selector may only use `key=value` terms (what discovery
-//! sends); `limit` is recorded but every list fits in one page; `timeoutSeconds` is not
+//! What it leaves out: a label selector may only use `key=value` terms, a field
+//! selector only `metadata.name` and `metadata.namespace` (what discovery sends); `limit` is recorded but every list fits in one page; `timeoutSeconds` is not
 //! enforced (tests end long before 290 s); a change of a slice's labels does not turn
 //! into ADDED/DELETED for watches whose selector it enters or leaves.
 //!
@@ -52,6 +55,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::config::{
@@ -67,7 +71,56 @@ use tokio::task::{JoinHandle, JoinSet};
 /// without one.
 pub(crate) const NAMESPACE: &str = "lb-test";
 
-const API_PREFIX: &str = "/apis/discovery.k8s.io/v1";
+/// The kinds of object the server lists and watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Resource {
+    EndpointSlices,
+    Services,
+}
+
+impl Resource {
+    /// The resource whose namespaced collection `path` names, and the namespace.
+    fn of_path(path: &str) -> Option<(Self, &str)> {
+        [Resource::EndpointSlices, Resource::Services]
+            .into_iter()
+            .find_map(|resource| {
+                let namespace = path
+                    .strip_prefix(resource.prefix())?
+                    .strip_prefix("/namespaces/")?
+                    .strip_suffix(resource.plural())?
+                    .strip_suffix('/')?;
+                (!namespace.contains('/')).then_some((resource, namespace))
+            })
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Resource::EndpointSlices => "/apis/discovery.k8s.io/v1",
+            Resource::Services => "/api/v1",
+        }
+    }
+
+    fn plural(self) -> &'static str {
+        match self {
+            Resource::EndpointSlices => "endpointslices",
+            Resource::Services => "services",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Resource::EndpointSlices => "discovery.k8s.io/v1",
+            Resource::Services => "v1",
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Resource::EndpointSlices => "EndpointSlice",
+            Resource::Services => "Service",
+        }
+    }
+}
 
 /// A running fake API server. Dropping it stops the server and removes its kubeconfig.
 #[derive(Debug)]
@@ -286,18 +339,21 @@ impl FakeApiServer {
 
     /// Creates or replaces a slice (by namespace and name; namespace defaults to
     /// [`NAMESPACE`]) and sends ADDED or MODIFIED to matching watches.
-    pub(crate) fn apply(&self, mut slice: EndpointSlice) {
-        slice
-            .metadata
-            .namespace
-            .get_or_insert_with(|| NAMESPACE.to_owned());
-        self.store().apply(slice);
+    pub(crate) fn apply(&self, slice: EndpointSlice) {
+        self.store()
+            .apply(Resource::EndpointSlices, to_object(slice));
+    }
+
+    /// Creates or replaces a Service, as [`Self::apply`] does a slice.
+    pub(crate) fn apply_service(&self, service: Service) {
+        self.store().apply(Resource::Services, to_object(service));
     }
 
     /// Deletes slice `name` in [`NAMESPACE`] and sends DELETED to matching watches.
     /// Panics if there is no such slice: that is a mistake in the test.
     pub(crate) fn delete(&self, name: &str) {
-        self.store().delete(NAMESPACE, name);
+        self.store()
+            .delete(Resource::EndpointSlices, NAMESPACE, name);
     }
 
     /// Sends a BOOKMARK at the current revision to every watch that allows them, so
@@ -330,12 +386,17 @@ impl FakeApiServer {
         self.store().watches.clear();
     }
 
-    /// The number of watches currently streaming (whose client is still there as far
-    /// as the server knows).
+    /// The number of EndpointSlice watches currently streaming (whose client is
+    /// still there as far as the server knows).
     pub(crate) fn open_watches(&self) -> usize {
+        let resource = Resource::EndpointSlices;
         let mut store = self.store();
         store.watches.retain(|watch| !watch.events.is_closed());
-        store.watches.len()
+        store
+            .watches
+            .iter()
+            .filter(|watch| watch.query.resource == resource)
+            .count()
     }
 
     /// Every request received so far, oldest first.
@@ -406,8 +467,8 @@ struct Store {
     revision: u64,
     /// Watches from a resourceVersion below this get 410: their history is gone.
     compacted: u64,
-    /// Current objects by (namespace, name).
-    objects: BTreeMap<(String, String), EndpointSlice>,
+    /// Current objects, as JSON, by resource, namespace and name.
+    objects: BTreeMap<(Resource, String, String), serde_json::Value>,
     /// Every change after `compacted`, oldest first, for watches that resume.
     history: Vec<Change>,
     /// Open watch streams.
@@ -440,68 +501,83 @@ impl Default for Store {
 struct Change {
     revision: u64,
     kind: &'static str,
-    object: EndpointSlice,
+    resource: Resource,
+    object: serde_json::Value,
+}
+
+/// What a list or watch request selects.
+#[derive(Debug)]
+struct Query {
+    resource: Resource,
+    namespace: String,
+    selector: Selector,
+    fields: Selector,
 }
 
 /// One open watch stream.
 #[derive(Debug)]
 struct Watch {
-    namespace: String,
-    selector: Selector,
+    query: Query,
     bookmarks: bool,
     /// Event lines for the response body; dropping the sender ends the stream.
     events: mpsc::UnboundedSender<Bytes>,
 }
 
 impl Store {
-    fn apply(&mut self, mut slice: EndpointSlice) {
+    fn apply(&mut self, resource: Resource, mut object: serde_json::Value) {
         self.revision += 1;
-        slice.metadata.resource_version = Some(self.revision.to_string());
-        let key = key(&slice);
+        object["metadata"]["resourceVersion"] = json!(self.revision.to_string());
+        let key = key(resource, &object);
         let kind = if self.objects.contains_key(&key) {
             "MODIFIED"
         } else {
             "ADDED"
         };
-        self.objects.insert(key, slice.clone());
-        self.record(kind, slice);
+        self.objects.insert(key, object.clone());
+        self.record(kind, resource, object);
     }
 
-    fn delete(&mut self, namespace: &str, name: &str) {
-        let mut slice = self
+    fn delete(&mut self, resource: Resource, namespace: &str, name: &str) {
+        let mut object = self
             .objects
-            .remove(&(namespace.to_owned(), name.to_owned()))
-            .unwrap_or_else(|| panic!("fake API server: no slice {namespace}/{name} to delete"));
+            .remove(&(resource, namespace.to_owned(), name.to_owned()))
+            .unwrap_or_else(|| {
+                panic!("fake API server: no {resource:?} {namespace}/{name} to delete")
+            });
         self.revision += 1;
         // A DELETED event carries the object as last seen, at the deletion's revision.
-        slice.metadata.resource_version = Some(self.revision.to_string());
-        self.record("DELETED", slice);
+        object["metadata"]["resourceVersion"] = json!(self.revision.to_string());
+        self.record("DELETED", resource, object);
     }
 
-    fn record(&mut self, kind: &'static str, object: EndpointSlice) {
+    fn record(&mut self, kind: &'static str, resource: Resource, object: serde_json::Value) {
         let change = Change {
             revision: self.revision,
             kind,
+            resource,
             object,
         };
         // Drop watches whose client went away (their receiver is gone).
         self.watches.retain(|watch| {
-            !watch.matches(&change.object) || watch.events.send(change.line()).is_ok()
+            !watch.matches(change.resource, &change.object)
+                || watch.events.send(change.line()).is_ok()
         });
         self.history.push(change);
     }
 
     fn bookmark(&mut self) {
-        let line = event_line(
-            "BOOKMARK",
-            json!({
-                "apiVersion": "discovery.k8s.io/v1",
-                "kind": "EndpointSlice",
-                "metadata": { "resourceVersion": self.revision.to_string() },
-            }),
-        );
-        self.watches
-            .retain(|watch| !watch.bookmarks || watch.events.send(line.clone()).is_ok());
+        let revision = self.revision.to_string();
+        self.watches.retain(|watch| {
+            let line = event_line(
+                "BOOKMARK",
+                json!({
+                    "apiVersion": watch.query.resource.api_version(),
+                    "kind": watch.query.resource.kind(),
+                    "metadata": { "resourceVersion": revision },
+                }),
+            );
+            !watch.bookmarks || watch.events.send(line).is_ok()
+        });
     }
 
     fn compact(&mut self) {
@@ -512,24 +588,41 @@ impl Store {
 
 impl Change {
     fn line(&self) -> Bytes {
-        event_line(
-            self.kind,
-            serde_json::to_value(&self.object).expect("an EndpointSlice serialises"),
-        )
+        event_line(self.kind, self.object.clone())
     }
 }
 
 impl Watch {
-    fn matches(&self, slice: &EndpointSlice) -> bool {
-        slice.metadata.namespace.as_deref() == Some(self.namespace.as_str())
-            && self.selector.matches(slice)
+    fn matches(&self, resource: Resource, object: &serde_json::Value) -> bool {
+        self.query.matches(resource, object)
     }
 }
 
-fn key(slice: &EndpointSlice) -> (String, String) {
+impl Query {
+    fn matches(&self, resource: Resource, object: &serde_json::Value) -> bool {
+        resource == self.resource
+            && object["metadata"]["namespace"].as_str() == Some(self.namespace.as_str())
+            && self.selector.matches_labels(object)
+            && self.fields.matches_fields(object)
+    }
+}
+
+/// `object` as the JSON the server stores, in [`NAMESPACE`] unless it names one.
+fn to_object(object: impl serde::Serialize) -> serde_json::Value {
+    let mut object = serde_json::to_value(object).expect("a Kubernetes object serialises");
+    let metadata = &mut object["metadata"];
+    if metadata["namespace"].is_null() {
+        metadata["namespace"] = json!(NAMESPACE);
+    }
+    object
+}
+
+fn key(resource: Resource, object: &serde_json::Value) -> (Resource, String, String) {
+    let field = |name: &str| object["metadata"][name].as_str().map(str::to_owned);
     (
-        slice.metadata.namespace.clone().unwrap_or_default(),
-        slice.metadata.name.clone().expect("a slice has a name"),
+        resource,
+        field("namespace").unwrap_or_default(),
+        field("name").expect("an object has a name"),
     )
 }
 
@@ -565,7 +658,8 @@ fn status(code: u16, reason: &str, message: &str) -> serde_json::Value {
     })
 }
 
-/// An equality-based label selector: `k=v` or `k==v` terms joined by commas.
+/// An equality-based label or field selector: `k=v` or `k==v` terms joined by
+/// commas.
 #[derive(Debug, Clone, Default)]
 struct Selector(Vec<(String, String)>);
 
@@ -585,13 +679,19 @@ impl Selector {
         Ok(Self(terms))
     }
 
-    fn matches(&self, slice: &EndpointSlice) -> bool {
-        let labels = slice.metadata.labels.as_ref();
+    fn matches_labels(&self, object: &serde_json::Value) -> bool {
+        self.0
+            .iter()
+            .all(|(key, value)| object["metadata"]["labels"][key].as_str() == Some(value.as_str()))
+    }
+
+    /// `metadata.name` and `metadata.namespace` are the only fields known.
+    fn matches_fields(&self, object: &serde_json::Value) -> bool {
         self.0.iter().all(|(key, value)| {
-            labels
-                .and_then(|labels| labels.get(key))
-                .map(String::as_str)
-                == Some(value.as_str())
+            let field = key
+                .strip_prefix("metadata.")
+                .map(|name| &object["metadata"][name]);
+            field.and_then(serde_json::Value::as_str) == Some(value.as_str())
         })
     }
 }
@@ -648,13 +748,7 @@ fn handle(state: &Mutex<Store>, request: Request<Incoming>) -> Response<Body> {
     if let Some(name) = recorded.path.strip_prefix("/api/v1/nodes/") {
         return get_node(&store, name);
     }
-    let Some(namespace) = recorded
-        .path
-        .strip_prefix(API_PREFIX)
-        .and_then(|rest| rest.strip_prefix("/namespaces/"))
-        .and_then(|rest| rest.strip_suffix("/endpointslices"))
-        .filter(|namespace| !namespace.contains('/'))
-    else {
+    let Some((resource, namespace)) = Resource::of_path(&recorded.path) else {
         let message = format!("the fake API server does not serve {}", recorded.path);
         return json_response(StatusCode::NOT_FOUND, status(404, "NotFound", &message));
     };
@@ -664,16 +758,27 @@ fn handle(state: &Mutex<Store>, request: Request<Incoming>) -> Response<Body> {
             status(405, "MethodNotAllowed", "the fake API server only reads"),
         );
     }
-    let selector = match Selector::parse(recorded.param("labelSelector").unwrap_or_default()) {
-        Ok(selector) => selector,
+    let selectors =
+        Selector::parse(recorded.param("labelSelector").unwrap_or_default()).and_then(|labels| {
+            Selector::parse(recorded.param("fieldSelector").unwrap_or_default())
+                .map(|fields| (labels, fields))
+        });
+    let (selector, fields) = match selectors {
+        Ok(selectors) => selectors,
         Err(message) => {
             return json_response(StatusCode::BAD_REQUEST, status(400, "BadRequest", &message));
         }
     };
+    let query = Query {
+        resource,
+        namespace: namespace.to_owned(),
+        selector,
+        fields,
+    };
     if recorded.is_watch() {
-        watch(&mut store, namespace, selector, &recorded)
+        start_watch(&mut store, query, &recorded)
     } else {
-        list(&store, namespace, &selector)
+        list(&store, &query)
     }
 }
 
@@ -695,18 +800,19 @@ fn get_node(store: &Store, name: &str) -> Response<Body> {
     }
 }
 
-fn list(store: &Store, namespace: &str, selector: &Selector) -> Response<Body> {
-    let items: Vec<&EndpointSlice> = store
+/// Lists what `query` selects.
+fn list(store: &Store, query: &Query) -> Response<Body> {
+    let items: Vec<&serde_json::Value> = store
         .objects
         .iter()
-        .filter(|((ns, _), slice)| ns == namespace && selector.matches(slice))
-        .map(|(_, slice)| slice)
+        .filter(|((resource, _, _), object)| query.matches(*resource, object))
+        .map(|(_, object)| object)
         .collect();
     json_response(
         StatusCode::OK,
         json!({
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSliceList",
+            "apiVersion": query.resource.api_version(),
+            "kind": format!("{}List", query.resource.kind()),
             "metadata": { "resourceVersion": store.revision.to_string() },
             "items": items,
         }),
@@ -715,25 +821,20 @@ fn list(store: &Store, namespace: &str, selector: &Selector) -> Response<Body> {
 
 /// Starts a watch stream: replays the history after the requested resourceVersion,
 /// then registers for live changes, all under the store lock so nothing slips between.
-fn watch(
-    store: &mut Store,
-    namespace: &str,
-    selector: Selector,
-    request: &RecordedRequest,
-) -> Response<Body> {
+fn start_watch(store: &mut Store, query: Query, request: &RecordedRequest) -> Response<Body> {
     let (events, receiver) = mpsc::unbounded_channel();
     let watch = Watch {
-        namespace: namespace.to_owned(),
-        selector,
+        query,
         bookmarks: request.param("allowWatchBookmarks") == Some("true"),
         events,
     };
     match request.param("resourceVersion").unwrap_or("0") {
         // "Any version": start with the current objects as ADDED, as a real server does.
         "" | "0" => {
-            for slice in store.objects.values().filter(|slice| watch.matches(slice)) {
-                let added = event_line("ADDED", serde_json::to_value(slice).expect("serialises"));
-                let _ = watch.events.send(added);
+            for ((resource, _, _), object) in &store.objects {
+                if watch.matches(*resource, object) {
+                    let _ = watch.events.send(event_line("ADDED", object.clone()));
+                }
             }
             store.watches.push(watch);
         }
@@ -748,7 +849,7 @@ fn watch(
                 let _ = watch.events.send(expired_event(from, store.revision));
             } else {
                 for change in store.history.iter().filter(|c| c.revision > from) {
-                    if watch.matches(&change.object) {
+                    if watch.matches(change.resource, &change.object) {
                         let _ = watch.events.send(change.line());
                     }
                 }

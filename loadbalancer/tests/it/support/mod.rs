@@ -364,9 +364,13 @@ fn test_config(settings: ProxySettings, limits: ServerLimits) -> Config {
 /// A backend list filled by static discovery, as `--backends` would.
 async fn static_backends(addrs: Vec<SocketAddr>) -> BackendsWriter {
     let backends = BackendsWriter::new();
-    discovery::run(Source::Static(addrs), &backends)
-        .await
-        .expect("static discovery cannot fail");
+    discovery::run(
+        Source::Static(addrs),
+        &backends,
+        loadbalancer::discovery::Cluster::default(),
+    )
+    .await
+    .expect("static discovery cannot fail");
     backends
 }
 
