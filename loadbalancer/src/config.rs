@@ -30,14 +30,15 @@ pub use service_kit::logging::{LogFormat, LogLevel};
 
 pub use crate::balancer::{Algorithm, BalancerConfig};
 pub use crate::client_ip::{Cidr, TrustedProxies};
+pub use crate::concurrency::ConcurrencyConfig;
 pub use crate::discovery::{
     AddrError, DiscoveryConfig, DiscoveryMode, parse_backend_addr, parse_backend_list,
 };
 pub use crate::health::HealthCheckConfig;
 pub use crate::outlier::OutlierConfig;
-use crate::proxy::Policy;
 pub use crate::proxy::ProxyConfig;
 use crate::proxy::Resilience;
+use crate::proxy::{Policy, PolicyStatus};
 pub use crate::ratelimit::{ClientKey, LimitConfig, PerClientConfig, RateLimitConfig, RateLimiter};
 pub use crate::retry::RetriesConfig;
 use crate::server::{Http2Limits, ServerLimits};
@@ -78,7 +79,8 @@ pub struct Config {
     /// `tls`: HTTPS beside plain HTTP, when present.
     #[serde(flatten)]
     pub tls: TlsSection,
-    /// `rateLimit`, `trustedProxies`: what each client may do.
+    /// `rateLimit`, `trustedProxies`, `maxRequestsPerBackend`,
+    /// `queueTimeoutMs`: what each client may do, and each backend take.
     #[serde(flatten)]
     pub policy: PolicyConfig,
     /// `zone`, `topologyAware`: this replica's zone, for topology-aware routing.
@@ -86,7 +88,8 @@ pub struct Config {
     pub topology: TopologyConfig,
 }
 
-/// The per-client policies: rate limits, and whose `X-Forwarded-For` to believe.
+/// The traffic policies: rate limits, whose `X-Forwarded-For` to believe,
+/// and the per-backend concurrency limit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct PolicyConfig {
@@ -95,16 +98,28 @@ pub struct PolicyConfig {
     /// Address blocks (`10.0.0.0/8`) of proxies in front of this one whose
     /// `X-Forwarded-For` names the client. Default: none.
     pub trusted_proxies: TrustedProxies,
+    /// `maxRequestsPerBackend`, `queueTimeoutMs`.
+    #[serde(flatten)]
+    pub concurrency: ConcurrencyConfig,
 }
 
 impl PolicyConfig {
     /// The policy these settings describe, for every worker's proxy to share;
-    /// `None` when nothing is limited.
-    pub fn build(&self) -> Option<std::sync::Arc<Policy>> {
-        let limiter = RateLimiter::new(self.rate_limit.as_ref()?)?;
+    /// `balancing` is shown beside it on the status page.
+    pub fn build(&self, balancing: &BalancerConfig) -> Option<std::sync::Arc<Policy>> {
         Some(std::sync::Arc::new(Policy {
-            limiter,
+            limiter: self.rate_limit.as_ref().and_then(RateLimiter::new),
             trusted: self.trusted_proxies.clone(),
+            concurrency: self.concurrency.limit(),
+            status: PolicyStatus {
+                algorithm: balancing.algorithm,
+                hash_on: balancing.hash_on.clone(),
+                rate_limit: self.rate_limit.clone(),
+                trusted_proxies: self.trusted_proxies.clone(),
+                max_requests_per_backend: self.concurrency.max_requests_per_backend,
+                queue_timeout_ms: self.concurrency.queue_timeout_ms,
+                queue_length: 0,
+            },
         }))
     }
 }
@@ -519,6 +534,8 @@ impl Config {
         if let Some(rate_limit) = &self.policy.rate_limit {
             rate_limit.validate()?;
         }
+        self.policy.concurrency.validate()?;
+        self.balancing.validate()?;
         Ok(())
     }
 }
@@ -835,6 +852,28 @@ mod tests {
                 with_guide_keys(r#""discovery": "static""#),
                 "staticBackends",
             ),
+            (
+                with_guide_keys(r#""algorithm": "consistent_hash""#),
+                "hashOn",
+            ),
+            (
+                with_guide_keys(
+                    r#""algorithm": "consistent_hash", "hashOn": {"header": "x", "cookie": "y"}"#,
+                ),
+                "exactly one of",
+            ),
+            (
+                with_guide_keys(r#""hashOn": {"header": "x", "ttlSeconds": 5}"#),
+                "hashOn.ttlSeconds",
+            ),
+            (
+                with_guide_keys(r#""maxRequestsPerBackend": 0"#),
+                "maxRequestsPerBackend",
+            ),
+            (
+                with_guide_keys(r#""maxRequestsPerBackend": 2, "queueTimeoutMs": 60001"#),
+                "queueTimeoutMs",
+            ),
         ];
         for (text, field) in cases {
             assert_error_mentions(&text, &[field]);
@@ -1004,11 +1043,13 @@ mod tests {
         "outlier": {"consecutiveFailures": 5, "baseEjectionMs": 5000, "maxEjectionMs": 60000},
         "retries": {"attempts": 3, "budgetPercent": 20},
         "algorithm": "round_robin", "weights": {},
+        "hashOn": {"cookie": "lb", "ttlSeconds": 3600},
         "tls": {"port": 8443, "certFile": "/etc/tls/tls.crt", "keyFile": "/etc/tls/tls.key",
                 "certificates": [], "redirectHttp": false},
         "rateLimit": {"perClient": {"requestsPerSecond": 10, "burst": 20, "key": "sourceIp"},
                       "global": {"requestsPerSecond": 1000, "burst": 2000}},
         "trustedProxies": ["10.0.0.0/8"],
+        "maxRequestsPerBackend": 8, "queueTimeoutMs": 1000,
         "zone": "zone-a", "topologyAware": true
     }"#;
     const OTHER: &str = r#"{
@@ -1029,6 +1070,7 @@ mod tests {
         "outlier": {"consecutiveFailures": 6, "baseEjectionMs": 5001, "maxEjectionMs": 60001},
         "retries": {"attempts": 4, "budgetPercent": 21},
         "algorithm": "least_request", "weights": {"127.0.0.1": 2},
+        "hashOn": {"cookie": "lb2", "ttlSeconds": 3601},
         "tls": {"port": 9443, "certFile": "/tls/a.crt", "keyFile": "/tls/a.key",
                 "certificates": [{"certFile": "/tls/b.crt", "keyFile": "/tls/b.key"}],
                 "redirectHttp": true},
@@ -1036,6 +1078,7 @@ mod tests {
                                     "key": {"header": "X-Api-Key"}},
                       "global": {"requestsPerSecond": 1001, "burst": 2001}},
         "trustedProxies": ["192.168.0.0/16"],
+        "maxRequestsPerBackend": 9, "queueTimeoutMs": 1001,
         "zone": "zone-b", "topologyAware": false
     }"#;
 
