@@ -79,17 +79,19 @@ pub struct Config {
     /// `tls`: HTTPS beside plain HTTP, when present.
     #[serde(flatten)]
     pub tls: TlsSection,
-    /// `rateLimit`, `trustedProxies`, `maxRequestsPerBackend`,
-    /// `queueTimeoutMs`: what each client may do, and each backend take.
+    /// `rateLimit`, `trustedProxies`: what each client may do.
     #[serde(flatten)]
     pub policy: PolicyConfig,
+    /// `maxRequestsPerBackend`, `queueTimeoutMs`: what each backend may take.
+    #[serde(flatten)]
+    pub concurrency: ConcurrencyConfig,
     /// `zone`, `topologyAware`: this replica's zone, for topology-aware routing.
     #[serde(flatten)]
     pub topology: TopologyConfig,
 }
 
-/// The traffic policies: rate limits, whose `X-Forwarded-For` to believe,
-/// and the per-backend concurrency limit.
+/// The per-client policies: rate limits, and whose `X-Forwarded-For` to
+/// believe.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct PolicyConfig {
@@ -98,26 +100,28 @@ pub struct PolicyConfig {
     /// Address blocks (`10.0.0.0/8`) of proxies in front of this one whose
     /// `X-Forwarded-For` names the client. Default: none.
     pub trusted_proxies: TrustedProxies,
-    /// `maxRequestsPerBackend`, `queueTimeoutMs`.
-    #[serde(flatten)]
-    pub concurrency: ConcurrencyConfig,
 }
 
 impl PolicyConfig {
-    /// The policy these settings describe, for every worker's proxy to share;
-    /// `balancing` is shown beside it on the status page.
-    pub fn build(&self, balancing: &BalancerConfig) -> Option<std::sync::Arc<Policy>> {
+    /// The traffic policy these settings and `concurrency` describe, for
+    /// every worker's proxy to share; `balancing` is shown beside it on the
+    /// status page.
+    pub fn build(
+        &self,
+        concurrency: &ConcurrencyConfig,
+        balancing: &BalancerConfig,
+    ) -> Option<std::sync::Arc<Policy>> {
         Some(std::sync::Arc::new(Policy {
             limiter: self.rate_limit.as_ref().and_then(RateLimiter::new),
             trusted: self.trusted_proxies.clone(),
-            concurrency: self.concurrency.limit(),
+            concurrency: concurrency.limit(),
             status: PolicyStatus {
                 algorithm: balancing.algorithm,
                 hash_on: balancing.hash_on.clone(),
                 rate_limit: self.rate_limit.clone(),
                 trusted_proxies: self.trusted_proxies.clone(),
-                max_requests_per_backend: self.concurrency.max_requests_per_backend,
-                queue_timeout_ms: self.concurrency.queue_timeout_ms,
+                max_requests_per_backend: concurrency.max_requests_per_backend,
+                queue_timeout_ms: concurrency.queue_timeout_ms,
                 queue_length: 0,
             },
         }))
@@ -448,6 +452,7 @@ impl Config {
             balancing: section(&file, path)?,
             tls: section(&file, path)?,
             policy: section(&file, path)?,
+            concurrency: section(&file, path)?,
             topology: section(&file, path)?,
         };
         // Every section wrote back all of its keys: what is left over is unknown.
@@ -502,6 +507,7 @@ impl Config {
             balancing,
             tls,
             policy,
+            concurrency,
             topology,
         } = self;
         let mut changes = Changes::default();
@@ -518,6 +524,8 @@ impl Config {
         changes.compare(Applies::AtRestart, tls, &new.tls);
         // A changed policy starts with fresh limits: a short grace, not a lockout.
         changes.compare(Applies::Live, policy, &new.policy);
+        // Requests already waiting keep the limit they started with.
+        changes.compare(Applies::Live, concurrency, &new.concurrency);
         // The reloader learns the zone again, from the new key or the Node.
         changes.compare(Applies::Live, topology, &new.topology);
         changes
@@ -534,7 +542,7 @@ impl Config {
         if let Some(rate_limit) = &self.policy.rate_limit {
             rate_limit.validate()?;
         }
-        self.policy.concurrency.validate()?;
+        self.concurrency.validate()?;
         self.balancing.validate()?;
         Ok(())
     }

@@ -186,6 +186,7 @@ impl Reloader {
             balancing,
             tls: _,
             policy,
+            concurrency,
             topology,
         } = &new;
         if *balancing != old.balancing {
@@ -201,8 +202,8 @@ impl Reloader {
             }
         }
         // The status page shows the algorithm beside the policy.
-        if *policy != old.policy || *balancing != old.balancing {
-            let built = policy.build(balancing);
+        if *policy != old.policy || *concurrency != old.concurrency || *balancing != old.balancing {
+            let built = policy.build(concurrency, balancing);
             for proxy in &live.proxies {
                 proxy.set_policy(built.clone());
             }

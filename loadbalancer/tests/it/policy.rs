@@ -289,7 +289,7 @@ async fn a_full_backend_passes_requests_on_and_when_all_are_full_they_queue() {
             header: Some("x-user".to_owned()),
             ..HashOn::default()
         });
-        config.policy.concurrency = ConcurrencyConfig {
+        config.concurrency = ConcurrencyConfig {
             max_requests_per_backend: Some(2),
             queue_timeout_ms: 300,
         };

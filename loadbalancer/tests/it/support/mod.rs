@@ -352,6 +352,7 @@ fn test_config(settings: ProxySettings, limits: ServerLimits) -> Config {
         balancing: Default::default(),
         tls: Default::default(),
         policy: Default::default(),
+        concurrency: Default::default(),
         topology: Default::default(),
     }
 }
