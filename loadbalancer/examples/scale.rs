@@ -63,7 +63,7 @@ use clap::Parser;
 use fake_apiserver::{EndpointState, FakeApiServer, slice};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use loadbalancer::backends::{Backends, BackendsWriter};
-use loadbalancer::balancer::{Algorithm, BalancerConfig, pick_nearest_for_attempt};
+use loadbalancer::balancer::{Algorithm, BalancerConfig, PickContext, pick_nearest_for_attempt};
 use loadbalancer::discovery::KubernetesSource;
 use loadbalancer::discovery::kubernetes::watch_endpoint_slices;
 use loadbalancer::health::{HealthCheckConfig, HealthCheckSettings, HealthChecker};
@@ -574,7 +574,16 @@ fn measure_picks(backends: &Backends) -> Picks {
                 for _ in 0..100 {
                     let now = Instant::now();
                     let picked = list.pick_with_state(now, |near, addrs, available, in_flight| {
-                        pick_nearest_for_attempt(&*balancer, near, addrs, available, in_flight, &[])
+                        let keyless = PickContext::default();
+                        pick_nearest_for_attempt(
+                            &*balancer,
+                            near,
+                            addrs,
+                            available,
+                            in_flight,
+                            &[],
+                            &keyless,
+                        )
                     });
                     std::hint::black_box(picked.ok());
                 }

@@ -9,8 +9,8 @@
 //! The rest is for operators: `/metrics` for Prometheus (OpenMetrics text),
 //! `/debug/backends` (JSON, see [`debug`]) for people and scripts, and `/status`,
 //! a self-contained HTML page embedded in the binary that polls `/debug/backends`
-//! and draws each backend's share of the traffic, so it works offline and through
-//! `kubectl port-forward`.
+//! and draws each backend's share of the traffic and the traffic policies in
+//! force, so it works offline and through `kubectl port-forward`.
 
 mod debug;
 
@@ -100,7 +100,8 @@ impl Admin {
     fn debug_backends(&self) -> Response<Full<Bytes>> {
         let certificates = self.tls.as_ref().map(Tls::certificates);
         let http2 = Proxy::http2_stats(&self.proxies);
-        let snapshot = debug::Snapshot::of(&self.backends, certificates, http2);
+        let policy = self.proxies.first().map(Proxy::policy_status);
+        let snapshot = debug::Snapshot::of(&self.backends, certificates, http2, policy);
         match serde_json::to_vec(&snapshot) {
             Ok(body) => {
                 let mut response = response::typed(StatusCode::OK, "application/json", body);

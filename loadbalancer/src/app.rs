@@ -181,7 +181,7 @@ impl App {
         }
         let routing = Routing::from(&config.discovery);
         // One policy for all workers: the limits count the process's requests.
-        let policy = config.policy.build();
+        let policy = config.policy.build(&config.concurrency, &config.balancing);
         let mut proxies = Vec::with_capacity(options.workers.get());
         let workers = Workers::start(
             options.workers,

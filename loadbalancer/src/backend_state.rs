@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::concurrency::Queue;
 use crate::metrics::BackendMetrics;
 use crate::topology::{Place, Proximity};
 
@@ -91,18 +92,23 @@ impl Drop for InFlight<'_> {
 /// the backend: the proxy moves it into the streamed body, so the request counts as
 /// in flight until the last byte has gone to the client, not just the head.
 #[derive(Debug)]
-pub struct OwnedInFlight(Arc<BackendState>);
+pub struct OwnedInFlight {
+    state: Arc<BackendState>,
+    /// For a request that took one of a limited number of slots: the queue
+    /// told when the slot is free again. `None` without a limit.
+    queue: Option<Arc<Queue>>,
+}
 
 impl OwnedInFlight {
     /// The state this request is counted in, e.g. to `record` its outcome.
     pub fn state(&self) -> &BackendState {
-        &self.0
+        &self.state
     }
 
     /// The request became a tunnel (its backend switched protocols): it stays
     /// in flight, and counts as an open tunnel, until the tunnel closes.
     pub fn into_tunnel(self) -> OpenTunnel {
-        self.0.tunnels.fetch_add(1, Ordering::Relaxed);
+        self.state.tunnels.fetch_add(1, Ordering::Relaxed);
         OpenTunnel(self)
     }
 }
@@ -114,13 +120,16 @@ pub struct OpenTunnel(OwnedInFlight);
 
 impl Drop for OpenTunnel {
     fn drop(&mut self) {
-        (self.0).0.tunnels.fetch_sub(1, Ordering::Relaxed);
+        self.0.state.tunnels.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Drop for OwnedInFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(queue) = &self.queue {
+            queue.release();
+        }
     }
 }
 
@@ -159,7 +168,31 @@ impl BackendState {
     /// Like [`start_request`](Self::start_request), with a guard that owns the state.
     pub fn start_owned_request(self: Arc<Self>) -> OwnedInFlight {
         self.enter();
-        OwnedInFlight(self)
+        OwnedInFlight {
+            state: self,
+            queue: None,
+        }
+    }
+
+    /// Like [`start_owned_request`](Self::start_owned_request), if fewer than
+    /// `max` requests are in flight here; `None` if `max` are. The check and
+    /// the count are one atomic step, so racing requests never take more than
+    /// `max` slots between them. `queue` hears when the slot is free again.
+    pub fn start_limited_request(
+        self: Arc<Self>,
+        max: u64,
+        queue: &Arc<Queue>,
+    ) -> Option<OwnedInFlight> {
+        self.in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Some(OwnedInFlight {
+            state: self,
+            queue: Some(Arc::clone(queue)),
+        })
     }
 
     fn enter(&self) {
@@ -351,6 +384,27 @@ mod tests {
         assert_eq!((state.in_flight(), guard.state().requests()), (1, 1));
         drop(guard);
         assert_eq!(state.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_limited_request_takes_a_slot_only_below_the_limit() {
+        let state = Arc::new(BackendState::new());
+        let queue = Arc::new(Queue::default());
+        let first = Arc::clone(&state).start_limited_request(2, &queue);
+        let second = Arc::clone(&state).start_limited_request(2, &queue);
+        assert!(first.is_some() && second.is_some());
+        assert!(
+            Arc::clone(&state)
+                .start_limited_request(2, &queue)
+                .is_none()
+        );
+        assert_eq!((state.in_flight(), state.requests()), (2, 2));
+        drop(first);
+        assert!(
+            Arc::clone(&state)
+                .start_limited_request(2, &queue)
+                .is_some()
+        );
     }
 
     #[test]

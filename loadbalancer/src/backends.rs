@@ -34,7 +34,7 @@ mod status;
 use std::cell::Cell;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Instant, UNIX_EPOCH};
 
@@ -46,6 +46,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Unit;
 
 use crate::backend_state::BackendState;
+use crate::concurrency::Queue;
 use crate::topology::{Place, TopologyStatus};
 pub use protocol::{BackendProtocol, LearnedProtocols};
 pub use status::{DiscoveryError, DiscoveryStatus, SourceKind};
@@ -138,6 +139,13 @@ pub struct Backends {
     discovery: Arc<DiscoveryStatus>,
     /// What the backend ports speak, as the EndpointSlices say.
     protocols: Arc<RwLock<LearnedProtocols>>,
+    /// Incremented, under the write lock, by every change of the list: what
+    /// an algorithm that builds something from the list (a hash table) keys
+    /// it on, so it builds once per change rather than once per pick.
+    generation: Arc<AtomicU64>,
+    /// The requests waiting for a backend of this list to have room under a
+    /// concurrency limit; shared by every worker's proxy.
+    queue: Arc<Queue>,
 }
 
 impl Backends {
@@ -155,32 +163,32 @@ impl Backends {
         addrs.dedup();
         let changed = {
             let mut table = write(&self.table);
-            table.addrs != addrs && {
+            let changed = table.addrs != addrs && {
                 table.rebuild(addrs);
                 true
-            }
+            };
+            self.count_change(changed);
+            changed
         };
         self.discovery.record_sync(changed);
         changed
+    }
+
+    /// Moves to the next generation if the list `changed`; called with the
+    /// write lock held, so a reader sees a generation and its list together.
+    fn count_change(&self, changed: bool) {
+        if changed {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// See [`BackendsWriter::change`]; only the writer calls it.
     fn change(&self, added: &[SocketAddr], removed: &[SocketAddr]) -> bool {
         let changed = {
             let mut table = write(&self.table);
-            if added.len() + removed.len() > MERGE_ABOVE {
-                let addrs = merged(&table.addrs, added, removed);
-                table.addrs != addrs && {
-                    table.rebuild(addrs);
-                    true
-                }
-            } else {
-                // Removals first, as in the merge: an address in both lists ends
-                // up listed.
-                let removed = removed.iter().filter(|addr| table.remove(**addr)).count();
-                let added = added.iter().filter(|addr| table.insert(**addr)).count();
-                removed + added > 0
-            }
+            let changed = table.change(added, removed);
+            self.count_change(changed);
+            changed
         };
         self.discovery.record_sync(changed);
         changed
@@ -208,6 +216,18 @@ impl Backends {
             }
         }
         table.topology = status;
+    }
+
+    /// Which version of the list is current; see the `generation` field. Read
+    /// inside [`Backends::pick_with_state`]'s closure, it names the list the
+    /// closure sees.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// The requests waiting for room under a concurrency limit.
+    pub fn queue(&self) -> &Arc<Queue> {
+        &self.queue
     }
 
     /// The runtime state of `addr`. An address that is not in the list (a request
@@ -385,6 +405,13 @@ impl Collector for BackendGauges {
         for (state, count) in [("known", known), ("ready", ready), ("ejected", ejected)] {
             ConstGauge::new(count).encode(family.encode_family(&[("state", state)])?)?;
         }
+        let waiting = i64::try_from(self.backends.queue().len()).unwrap_or(i64::MAX);
+        ConstGauge::new(waiting).encode(encoder.encode_descriptor(
+            "queue_length",
+            "Requests waiting now for a backend below maxRequestsPerBackend.",
+            None,
+            MetricType::Gauge,
+        )?)?;
 
         let discovery = self.backends.discovery_status();
         ConstCounter::new(discovery.updates()).encode(encoder.encode_descriptor(
@@ -557,6 +584,24 @@ impl Table {
         self.states.get(index)
     }
 
+    /// Adds `added` and takes `removed` out, as [`Backends::change`]
+    /// describes; whether the list changed.
+    fn change(&mut self, added: &[SocketAddr], removed: &[SocketAddr]) -> bool {
+        if added.len() + removed.len() > MERGE_ABOVE {
+            let addrs = merged(&self.addrs, added, removed);
+            self.addrs != addrs && {
+                self.rebuild(addrs);
+                true
+            }
+        } else {
+            // Removals first, as in the merge: an address in both lists ends
+            // up listed.
+            let removed = removed.iter().filter(|addr| self.remove(**addr)).count();
+            let added = added.iter().filter(|addr| self.insert(**addr)).count();
+            removed + added > 0
+        }
+    }
+
     /// Adds `addr` with a fresh state; false if it is listed already.
     fn insert(&mut self, addr: SocketAddr) -> bool {
         let Err(index) = self.addrs.binary_search(&addr) else {
@@ -665,6 +710,20 @@ mod tests {
             "a kept address keeps its state"
         );
         assert_eq!(states[1].1.requests(), 0);
+    }
+
+    #[test]
+    fn the_generation_moves_with_every_change_and_only_then() {
+        let writer = BackendsWriter::new();
+        let reader = writer.reader();
+        let start = reader.generation();
+        writer.replace(vec![addr("10.0.0.1:80")]);
+        assert_eq!(reader.generation(), start + 1);
+        writer.replace(vec![addr("10.0.0.1:80")]);
+        writer.change(&[addr("10.0.0.1:80")], &[addr("10.0.0.9:80")]);
+        assert_eq!(reader.generation(), start + 1, "no change, same generation");
+        writer.change(&[addr("10.0.0.2:80")], &[]);
+        assert_eq!(reader.generation(), start + 2);
     }
 
     #[test]

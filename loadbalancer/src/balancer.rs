@@ -8,14 +8,22 @@
 //!
 //! Algorithms sit behind one small trait, so the proxy never knows which one it
 //! uses: [`RoundRobin`] (here), [`LeastRequest`] (power of two random choices
-//! over requests in flight) and [`WeightedRoundRobin`] (nginx's smooth weighted
-//! round-robin); [`BalancerConfig::build`] builds the configured one. An algorithm picks among the
+//! over requests in flight), [`WeightedRoundRobin`] (nginx's smooth weighted
+//! round-robin) and [`ConsistentHash`] (Maglev, for session affinity);
+//! [`BalancerConfig::build`] builds the configured one. An algorithm picks among the
 //! *eligible* members of the list; [`pick_for_attempt`] decides which those are:
 //! the backends that active health checks and outlier detection consider available,
 //! minus those a retry already tried. If no backend is available, it picks among
 //! all of them: health state is a hint, and acting on it must never turn a
 //! degraded service into a dead one. (Envoy's "panic threshold" does the same when
 //! too few hosts are healthy; here the threshold is zero healthy hosts.)
+//! A concurrency limit (`maxRequestsPerBackend`, in the [`PickContext`]) is not
+//! a hint: a backend at its limit is never eligible, in any tier, and when every
+//! backend is at its limit the pick fails and the proxy queues the request.
+//!
+//! What a pick knows about the request itself travels in a [`PickContext`]:
+//! the hash of its affinity key, which only [`ConsistentHash`] reads (the other
+//! algorithms take [`Balancer::pick_keyed`]'s default, which ignores it).
 //!
 //! **Cost of a pick.** Up to [`SCAN_LIMIT`] backends (a handful is the common
 //! case) a pick scans the list, which is what makes each algorithm exact over
@@ -35,14 +43,8 @@
 //! second, whatever the request rate; a backend that comes back in between is
 //! found by the draws or by the next pass.
 
+mod consistent_hash;
 mod least_request;
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the consistent_hash algorithm comes with hashOn (issue #22)"
-    )
-)]
 mod maglev;
 mod weighted;
 
@@ -52,8 +54,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use consistent_hash::{
+    Affinity, AffinityOutcome, ConsistentHash, HashOn, MAX_COOKIE_TTL_SECONDS, PickContext,
+};
 pub use least_request::LeastRequest;
 pub(crate) use least_request::random_below;
+pub use maglev::key_hash;
 pub use weighted::{WeightError, WeightedRoundRobin, Weights};
 
 use serde::{Deserialize, Serialize};
@@ -75,6 +81,24 @@ pub trait Balancer: Send + Sync + fmt::Debug {
         in_flight: &dyn Fn(SocketAddr) -> u64,
     ) -> Result<SocketAddr, NoBackend>;
 
+    /// Like [`Balancer::pick_among`], for a request `context` describes (its
+    /// affinity key). Only algorithms that route by the key override it.
+    fn pick_keyed(
+        &self,
+        backends: &[SocketAddr],
+        eligible: &dyn Fn(SocketAddr) -> bool,
+        in_flight: &dyn Fn(SocketAddr) -> u64,
+        _context: &PickContext,
+    ) -> Result<SocketAddr, NoBackend> {
+        self.pick_among(backends, eligible, in_flight)
+    }
+
+    /// Where the proxy finds the key [`Balancer::pick_keyed`] routes by;
+    /// `None` for algorithms that ignore keys.
+    fn affinity(&self) -> Option<&Affinity> {
+        None
+    }
+
     /// Picks one of `backends` for the next request, as if all were idle.
     fn pick(&self, backends: &[SocketAddr]) -> Result<SocketAddr, NoBackend> {
         self.pick_among(backends, &|_| true, &|_| 0)
@@ -93,6 +117,20 @@ impl<B: Balancer + ?Sized> Balancer for Arc<B> {
     ) -> Result<SocketAddr, NoBackend> {
         (**self).pick_among(backends, eligible, in_flight)
     }
+
+    fn pick_keyed(
+        &self,
+        backends: &[SocketAddr],
+        eligible: &dyn Fn(SocketAddr) -> bool,
+        in_flight: &dyn Fn(SocketAddr) -> u64,
+        context: &PickContext,
+    ) -> Result<SocketAddr, NoBackend> {
+        (**self).pick_keyed(backends, eligible, in_flight, context)
+    }
+
+    fn affinity(&self) -> Option<&Affinity> {
+        (**self).affinity()
+    }
 }
 
 /// `algorithm`: how the balancer chooses among the available backends.
@@ -106,6 +144,8 @@ pub enum Algorithm {
     LeastRequest,
     /// Smooth weighted round-robin over `weights`.
     WeightedRoundRobin,
+    /// Maglev consistent hashing on `hashOn`: session affinity.
+    ConsistentHash,
 }
 
 impl fmt::Display for Algorithm {
@@ -114,12 +154,13 @@ impl fmt::Display for Algorithm {
             Algorithm::RoundRobin => "round_robin",
             Algorithm::LeastRequest => "least_request",
             Algorithm::WeightedRoundRobin => "weighted_round_robin",
+            Algorithm::ConsistentHash => "consistent_hash",
         })
     }
 }
 
-/// The balancing keys of the config file: which algorithm, and the weights the
-/// weighted one uses.
+/// The balancing keys of the config file: which algorithm, the weights the
+/// weighted one uses and the key the consistent-hash one hashes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct BalancerConfig {
@@ -128,9 +169,28 @@ pub struct BalancerConfig {
     /// Weights for `weighted_round_robin`, keyed by `IP:port` or by IP (every
     /// port of that host); each at least 1. Unlisted backends weigh 1. Default empty.
     pub weights: Weights,
+    /// For `consistent_hash` (and required by it): what in a request is
+    /// hashed. Default: none.
+    pub hash_on: Option<HashOn>,
 }
 
 impl BalancerConfig {
+    /// Checks `hashOn`, which `consistent_hash` requires (and the other
+    /// algorithms ignore, so that switching the algorithm back and forth is a
+    /// one-key change); the error names the key and the reason.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        match (self.algorithm, &self.hash_on) {
+            (_, Some(hash_on)) => hash_on.affinity().map(|_| ()),
+            (Algorithm::ConsistentHash, None) => Err((
+                "hashOn",
+                "is required by `consistent_hash`: {\"header\": NAME}, {\"cookie\": NAME} \
+                 or {\"sourceIp\": true}"
+                    .to_owned(),
+            )),
+            (_, None) => Ok(()),
+        }
+    }
+
     /// The balancer this asks for, ready to share between worker threads.
     pub fn build(&self) -> Arc<dyn Balancer> {
         match self.algorithm {
@@ -139,6 +199,12 @@ impl BalancerConfig {
             Algorithm::WeightedRoundRobin => {
                 Arc::new(WeightedRoundRobin::new(self.weights.clone()))
             }
+            Algorithm::ConsistentHash => match self.hash_on.as_ref().map(HashOn::affinity) {
+                Some(Ok(affinity)) => Arc::new(ConsistentHash::new(affinity)),
+                // `validate` rejects a config without a valid `hashOn`; a
+                // config built in code without one gets the keyless fallback.
+                _ => Arc::new(RoundRobin::new()),
+            },
         }
     }
 }
@@ -146,7 +212,9 @@ impl BalancerConfig {
 /// Picks the backend for one attempt of a request: an available one that this
 /// request has not tried yet; failing that, any untried one (no backend is
 /// available: use them all rather than fail); failing that, any one at all (every
-/// backend was tried already, or there is only one).
+/// backend was tried already, or there is only one). In every tier, a backend
+/// at the `context`'s concurrency limit is left out: when all are at it, the
+/// answer is `NoBackend`.
 ///
 /// Each tier that has no candidate costs a scan but no round-robin turn, so the
 /// rotation stays exact over whichever set is in use.
@@ -156,16 +224,16 @@ pub fn pick_for_attempt(
     available: &dyn Fn(SocketAddr) -> bool,
     in_flight: &dyn Fn(SocketAddr) -> u64,
     tried: &[SocketAddr],
+    context: &PickContext,
 ) -> Result<SocketAddr, NoBackend> {
-    let untried = |addr: SocketAddr| !tried.contains(&addr);
-    balancer
-        .pick_among(
-            backends,
-            &|addr| untried(addr) && available(addr),
-            in_flight,
-        )
-        .or_else(|NoBackend| balancer.pick_among(backends, &untried, in_flight))
-        .or_else(|NoBackend| balancer.pick_among(backends, &|_| true, in_flight))
+    let room = |addr: SocketAddr| context.has_room(in_flight(addr));
+    let untried = |addr: SocketAddr| !tried.contains(&addr) && room(addr);
+    let pick = |eligible: &dyn Fn(SocketAddr) -> bool| {
+        balancer.pick_keyed(backends, eligible, in_flight, context)
+    };
+    pick(&|addr| untried(addr) && available(addr))
+        .or_else(|NoBackend| pick(&untried))
+        .or_else(|NoBackend| pick(&room))
 }
 
 /// [`pick_for_attempt`] with topology: first among the `near` sets, nearest
@@ -175,9 +243,14 @@ pub fn pick_for_attempt(
 /// the next, and after the last the whole list as [`pick_for_attempt`] does.
 ///
 /// So health and outlier state apply within the preferred set, and a set
-/// whose backends are all down or tried widens rather than fails. Each set is
-/// handed to the algorithm as a list of its own, so round-robin is exact over
-/// it and a long list's random draws land in it.
+/// whose backends are all down, tried or full widens rather than fails. Each
+/// set is handed to the algorithm as a list of its own, so round-robin is
+/// exact over it and a long list's random draws land in it.
+///
+/// A request with a hash key (`consistent_hash`) skips the sets: its backend
+/// is the key's over the whole list, the same from every replica whatever its
+/// zone, which is what affinity promises (Envoy, too, leaves its hash
+/// balancers out of zone-aware routing).
 pub fn pick_nearest_for_attempt(
     balancer: &dyn Balancer,
     near: &[&[SocketAddr]],
@@ -185,18 +258,21 @@ pub fn pick_nearest_for_attempt(
     available: &dyn Fn(SocketAddr) -> bool,
     in_flight: &dyn Fn(SocketAddr) -> u64,
     tried: &[SocketAddr],
+    context: &PickContext,
 ) -> Result<SocketAddr, NoBackend> {
-    let untried_and_available = |addr: SocketAddr| !tried.contains(&addr) && available(addr);
-    near.iter()
-        .find_map(|set| {
-            balancer
-                .pick_among(set, &untried_and_available, in_flight)
-                .ok()
-        })
-        .map_or_else(
-            || pick_for_attempt(balancer, backends, available, in_flight, tried),
-            Ok,
-        )
+    let eligible = |addr: SocketAddr| {
+        !tried.contains(&addr) && available(addr) && context.has_room(in_flight(addr))
+    };
+    let nearest = match context.key {
+        Some(_) => None,
+        None => near
+            .iter()
+            .find_map(|set| balancer.pick_among(set, &eligible, in_flight).ok()),
+    };
+    nearest.map_or_else(
+        || pick_for_attempt(balancer, backends, available, in_flight, tried, context),
+        Ok,
+    )
 }
 
 /// Lists up to this long are scanned at each pick, which keeps every algorithm
@@ -361,6 +437,11 @@ mod tests {
         0
     }
 
+    /// A request without a key, and no concurrency limit.
+    fn none() -> PickContext {
+        PickContext::default()
+    }
+
     fn count(picks: impl IntoIterator<Item = SocketAddr>) -> HashMap<SocketAddr, usize> {
         let mut counts = HashMap::new();
         for addr in picks {
@@ -426,7 +507,7 @@ mod tests {
         let balancer = RoundRobin::new();
         let available = |addr: SocketAddr| addr == backends[2];
         for _ in 0..5 {
-            let pick = pick_for_attempt(&balancer, &backends, &available, &idle, &[]);
+            let pick = pick_for_attempt(&balancer, &backends, &available, &idle, &[], &none());
             assert_eq!(pick, Ok(backends[2]));
         }
     }
@@ -436,7 +517,7 @@ mod tests {
         let backends = addrs(3);
         let balancer = RoundRobin::new();
         let picks = (0..6).map(|_| {
-            pick_for_attempt(&balancer, &backends, &|_| false, &idle, &[])
+            pick_for_attempt(&balancer, &backends, &|_| false, &idle, &[], &none())
                 .expect("panic mode picks")
         });
         assert!(count(picks).values().all(|&c| c == 2));
@@ -447,7 +528,14 @@ mod tests {
         let backends = addrs(3);
         let balancer = RoundRobin::new();
         for _ in 0..6 {
-            let pick = pick_for_attempt(&balancer, &backends, &|_| true, &idle, &backends[..2]);
+            let pick = pick_for_attempt(
+                &balancer,
+                &backends,
+                &|_| true,
+                &idle,
+                &backends[..2],
+                &none(),
+            );
             assert_eq!(pick, Ok(backends[2]));
         }
         // An untried but unavailable backend beats an available tried one.
@@ -457,16 +545,17 @@ mod tests {
             &|addr| addr != backends[2],
             &idle,
             &backends[..2],
+            &none(),
         );
         assert_eq!(pick, Ok(backends[2]));
         // Everything tried: any backend rather than none.
         let only = &backends[..1];
         assert_eq!(
-            pick_for_attempt(&balancer, only, &|_| true, &idle, only),
+            pick_for_attempt(&balancer, only, &|_| true, &idle, only, &none()),
             Ok(backends[0])
         );
         assert_eq!(
-            pick_for_attempt(&balancer, &[], &|_| true, &idle, &[]),
+            pick_for_attempt(&balancer, &[], &|_| true, &idle, &[], &none()),
             Err(NoBackend)
         );
     }
@@ -480,8 +569,16 @@ mod tests {
         let zone = [backends[1], backends[3]];
         let balancer = RoundRobin::new();
         let pick = |available: &dyn Fn(SocketAddr) -> bool| {
-            pick_nearest_for_attempt(&balancer, &[&zone], &backends, available, &idle, &[])
-                .expect("some backend")
+            pick_nearest_for_attempt(
+                &balancer,
+                &[&zone],
+                &backends,
+                available,
+                &idle,
+                &[],
+                &none(),
+            )
+            .expect("some backend")
         };
         let picks = count((0..10).map(|_| pick(&|_| true)));
         assert_eq!(picks, HashMap::from([(zone[0], 5), (zone[1], 5)]));
@@ -504,6 +601,7 @@ mod tests {
                 &|_| true,
                 &idle,
                 tried,
+                &none(),
             )
         };
         assert_eq!(pick(&[]), Ok(backends[2]));
@@ -512,9 +610,42 @@ mod tests {
         assert!([backends[0], backends[3]].contains(&outside), "{outside}");
         // No set at all: the plain pick.
         assert_eq!(
-            pick_nearest_for_attempt(&balancer, &[], &backends[..1], &|_| true, &idle, &[]),
+            pick_nearest_for_attempt(
+                &balancer,
+                &[],
+                &backends[..1],
+                &|_| true,
+                &idle,
+                &[],
+                &none()
+            ),
             Ok(backends[0])
         );
+    }
+
+    #[test]
+    fn a_backend_at_its_concurrency_limit_is_skipped_even_in_panic_mode() {
+        let backends = addrs(3);
+        let balancer = RoundRobin::new();
+        let limited = PickContext {
+            max_in_flight: Some(2),
+            ..PickContext::default()
+        };
+        let full = backends[0];
+        let load = |addr: SocketAddr| if addr == full { 2 } else { 1 };
+        let healthy: [&dyn Fn(SocketAddr) -> bool; 2] = [&|_| true, &|_| false];
+        for available in healthy {
+            for _ in 0..6 {
+                let pick = pick_for_attempt(&balancer, &backends, available, &load, &[], &limited);
+                assert!(pick.is_ok_and(|addr| addr != full), "{pick:?}");
+            }
+        }
+        // Every one at the limit: no backend, however unhealthy the rest.
+        let pick = pick_for_attempt(&balancer, &backends, &|_| false, &|_| 2, &[], &limited);
+        assert_eq!(pick, Err(NoBackend));
+        // Without a limit the same load is no obstacle.
+        let pick = pick_for_attempt(&balancer, &backends, &|_| true, &|_| 2, &[], &none());
+        assert!(pick.is_ok());
     }
 
     #[test]

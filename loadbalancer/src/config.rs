@@ -30,14 +30,15 @@ pub use service_kit::logging::{LogFormat, LogLevel};
 
 pub use crate::balancer::{Algorithm, BalancerConfig};
 pub use crate::client_ip::{Cidr, TrustedProxies};
+pub use crate::concurrency::ConcurrencyConfig;
 pub use crate::discovery::{
     AddrError, DiscoveryConfig, DiscoveryMode, parse_backend_addr, parse_backend_list,
 };
 pub use crate::health::HealthCheckConfig;
 pub use crate::outlier::OutlierConfig;
-use crate::proxy::Policy;
 pub use crate::proxy::ProxyConfig;
 use crate::proxy::Resilience;
+use crate::proxy::{Policy, PolicyStatus};
 pub use crate::ratelimit::{ClientKey, LimitConfig, PerClientConfig, RateLimitConfig, RateLimiter};
 pub use crate::retry::RetriesConfig;
 use crate::server::{Http2Limits, ServerLimits};
@@ -81,12 +82,16 @@ pub struct Config {
     /// `rateLimit`, `trustedProxies`: what each client may do.
     #[serde(flatten)]
     pub policy: PolicyConfig,
+    /// `maxRequestsPerBackend`, `queueTimeoutMs`: what each backend may take.
+    #[serde(flatten)]
+    pub concurrency: ConcurrencyConfig,
     /// `zone`, `topologyAware`: this replica's zone, for topology-aware routing.
     #[serde(flatten)]
     pub topology: TopologyConfig,
 }
 
-/// The per-client policies: rate limits, and whose `X-Forwarded-For` to believe.
+/// The per-client policies: rate limits, and whose `X-Forwarded-For` to
+/// believe.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct PolicyConfig {
@@ -98,13 +103,27 @@ pub struct PolicyConfig {
 }
 
 impl PolicyConfig {
-    /// The policy these settings describe, for every worker's proxy to share;
-    /// `None` when nothing is limited.
-    pub fn build(&self) -> Option<std::sync::Arc<Policy>> {
-        let limiter = RateLimiter::new(self.rate_limit.as_ref()?)?;
+    /// The traffic policy these settings and `concurrency` describe, for
+    /// every worker's proxy to share; `balancing` is shown beside it on the
+    /// status page.
+    pub fn build(
+        &self,
+        concurrency: &ConcurrencyConfig,
+        balancing: &BalancerConfig,
+    ) -> Option<std::sync::Arc<Policy>> {
         Some(std::sync::Arc::new(Policy {
-            limiter,
+            limiter: self.rate_limit.as_ref().and_then(RateLimiter::new),
             trusted: self.trusted_proxies.clone(),
+            concurrency: concurrency.limit(),
+            status: PolicyStatus {
+                algorithm: balancing.algorithm,
+                hash_on: balancing.hash_on.clone(),
+                rate_limit: self.rate_limit.clone(),
+                trusted_proxies: self.trusted_proxies.clone(),
+                max_requests_per_backend: concurrency.max_requests_per_backend,
+                queue_timeout_ms: concurrency.queue_timeout_ms,
+                queue_length: 0,
+            },
         }))
     }
 }
@@ -433,6 +452,7 @@ impl Config {
             balancing: section(&file, path)?,
             tls: section(&file, path)?,
             policy: section(&file, path)?,
+            concurrency: section(&file, path)?,
             topology: section(&file, path)?,
         };
         // Every section wrote back all of its keys: what is left over is unknown.
@@ -487,6 +507,7 @@ impl Config {
             balancing,
             tls,
             policy,
+            concurrency,
             topology,
         } = self;
         let mut changes = Changes::default();
@@ -503,6 +524,8 @@ impl Config {
         changes.compare(Applies::AtRestart, tls, &new.tls);
         // A changed policy starts with fresh limits: a short grace, not a lockout.
         changes.compare(Applies::Live, policy, &new.policy);
+        // Requests already waiting keep the limit they started with.
+        changes.compare(Applies::Live, concurrency, &new.concurrency);
         // The reloader learns the zone again, from the new key or the Node.
         changes.compare(Applies::Live, topology, &new.topology);
         changes
@@ -519,6 +542,8 @@ impl Config {
         if let Some(rate_limit) = &self.policy.rate_limit {
             rate_limit.validate()?;
         }
+        self.concurrency.validate()?;
+        self.balancing.validate()?;
         Ok(())
     }
 }
@@ -835,6 +860,28 @@ mod tests {
                 with_guide_keys(r#""discovery": "static""#),
                 "staticBackends",
             ),
+            (
+                with_guide_keys(r#""algorithm": "consistent_hash""#),
+                "hashOn",
+            ),
+            (
+                with_guide_keys(
+                    r#""algorithm": "consistent_hash", "hashOn": {"header": "x", "cookie": "y"}"#,
+                ),
+                "exactly one of",
+            ),
+            (
+                with_guide_keys(r#""hashOn": {"header": "x", "ttlSeconds": 5}"#),
+                "hashOn.ttlSeconds",
+            ),
+            (
+                with_guide_keys(r#""maxRequestsPerBackend": 0"#),
+                "maxRequestsPerBackend",
+            ),
+            (
+                with_guide_keys(r#""maxRequestsPerBackend": 2, "queueTimeoutMs": 60001"#),
+                "queueTimeoutMs",
+            ),
         ];
         for (text, field) in cases {
             assert_error_mentions(&text, &[field]);
@@ -1004,11 +1051,13 @@ mod tests {
         "outlier": {"consecutiveFailures": 5, "baseEjectionMs": 5000, "maxEjectionMs": 60000},
         "retries": {"attempts": 3, "budgetPercent": 20},
         "algorithm": "round_robin", "weights": {},
+        "hashOn": {"cookie": "lb", "ttlSeconds": 3600},
         "tls": {"port": 8443, "certFile": "/etc/tls/tls.crt", "keyFile": "/etc/tls/tls.key",
                 "certificates": [], "redirectHttp": false},
         "rateLimit": {"perClient": {"requestsPerSecond": 10, "burst": 20, "key": "sourceIp"},
                       "global": {"requestsPerSecond": 1000, "burst": 2000}},
         "trustedProxies": ["10.0.0.0/8"],
+        "maxRequestsPerBackend": 8, "queueTimeoutMs": 1000,
         "zone": "zone-a", "topologyAware": true
     }"#;
     const OTHER: &str = r#"{
@@ -1029,6 +1078,7 @@ mod tests {
         "outlier": {"consecutiveFailures": 6, "baseEjectionMs": 5001, "maxEjectionMs": 60001},
         "retries": {"attempts": 4, "budgetPercent": 21},
         "algorithm": "least_request", "weights": {"127.0.0.1": 2},
+        "hashOn": {"cookie": "lb2", "ttlSeconds": 3601},
         "tls": {"port": 9443, "certFile": "/tls/a.crt", "keyFile": "/tls/a.key",
                 "certificates": [{"certFile": "/tls/b.crt", "keyFile": "/tls/b.key"}],
                 "redirectHttp": true},
@@ -1036,6 +1086,7 @@ mod tests {
                                     "key": {"header": "X-Api-Key"}},
                       "global": {"requestsPerSecond": 1001, "burst": 2001}},
         "trustedProxies": ["192.168.0.0/16"],
+        "maxRequestsPerBackend": 9, "queueTimeoutMs": 1001,
         "zone": "zone-b", "topologyAware": false
     }"#;
 

@@ -15,6 +15,9 @@
 //! background, `outlier` ejects backends whose requests keep failing (both mark
 //! each backend's [`backend_state::BackendState`], which the balancer reads), and
 //! `retry` decides when the proxy repeats a failed attempt on another backend.
+//! Traffic policy sits there too: `ratelimit` refuses clients over their rate,
+//! and `concurrency` caps the requests in flight at each backend and queues
+//! the rest briefly.
 //! `topology` learns this replica's zone and node, for routing that prefers
 //! backends close by.
 //!
@@ -31,6 +34,7 @@ pub mod backend_state;
 pub mod backends;
 pub mod balancer;
 pub mod client_ip;
+pub mod concurrency;
 pub mod config;
 pub mod discovery;
 pub mod health;

@@ -36,6 +36,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::balancer::AffinityOutcome;
 use crate::ratelimit::Limit;
 use crate::topology::Proximity;
 
@@ -92,6 +93,17 @@ pub struct Metrics {
     /// `loadbalancer_requests_by_locality_total{locality}`, one series per
     /// [`Proximity`], resolved once so that counting needs no family lookup.
     by_locality: [Counter; 3],
+    /// `loadbalancer_affinity_total{result}`: requests routed by their
+    /// affinity key (`hit`), without one (`miss`), or to the next backend of
+    /// the key's sequence (`fallback`), indexed by [`AffinityOutcome`] so the
+    /// request path needs no family lookup.
+    affinity: [Counter; 3],
+    /// `loadbalancer_requests_queued_total`: requests that waited for a
+    /// backend under `maxRequestsPerBackend`.
+    queued: Counter,
+    /// `loadbalancer_requests_shed_total`: queued requests answered 503 after
+    /// `queueTimeoutMs`.
+    shed: Counter,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -104,6 +116,19 @@ impl EncodeLabelValue for Proximity {
         encoder.write_str(self.as_str())
     }
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AffinityLabels {
+    result: &'static str,
+}
+
+/// The `result` label of each [`AffinityOutcome`], in the order of
+/// [`Metrics`]'s `affinity` counters.
+const AFFINITY_RESULTS: [(AffinityOutcome, &str); 3] = [
+    (AffinityOutcome::Hit, "hit"),
+    (AffinityOutcome::Miss, "miss"),
+    (AffinityOutcome::Fallback, "fallback"),
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct LimitLabels {
@@ -466,6 +491,28 @@ impl Metrics {
         );
         let by_locality = Proximity::ALL
             .map(|locality| by_locality.get_or_create_owned(&LocalityLabels { locality }));
+        let affinity_family = Family::<AffinityLabels, Counter>::default();
+        registry.register(
+            "affinity",
+            "Requests of the consistent_hash algorithm, by how their hashOn key routed them: \
+             hit (to the key's backend), miss (no key: round-robin), fallback (the key's \
+             backend was unavailable or full: the next of its sequence)",
+            affinity_family.clone(),
+        );
+        let affinity = AFFINITY_RESULTS
+            .map(|(_, result)| affinity_family.get_or_create_owned(&AffinityLabels { result }));
+        let queued = Counter::default();
+        registry.register(
+            "requests_queued",
+            "Requests that found every backend at maxRequestsPerBackend and waited",
+            queued.clone(),
+        );
+        let shed = Counter::default();
+        registry.register(
+            "requests_shed",
+            "Queued requests answered 503 because no backend had room within queueTimeoutMs",
+            shed.clone(),
+        );
         registry.register(
             "build",
             "The running version",
@@ -493,6 +540,9 @@ impl Metrics {
             plain_by_protocol,
             rate_limited,
             by_locality,
+            affinity,
+            queued,
+            shed,
         }
     }
 
@@ -589,6 +639,25 @@ impl Metrics {
     /// Counts one attempt sent to a backend that runs at `locality`.
     pub fn record_locality(&self, locality: Proximity) {
         self.by_locality[locality as usize].inc();
+    }
+
+    /// Counts how one request's affinity key routed it.
+    pub fn record_affinity(&self, outcome: AffinityOutcome) {
+        let index = AFFINITY_RESULTS
+            .iter()
+            .position(|(listed, _)| *listed == outcome)
+            .unwrap_or(0);
+        self.affinity[index].inc();
+    }
+
+    /// Counts one request that waited for a backend with room.
+    pub fn record_queued(&self) {
+        self.queued.inc();
+    }
+
+    /// Counts one request shed after waiting `queueTimeoutMs`.
+    pub fn record_shed(&self) {
+        self.shed.inc();
     }
 
     /// Counts one retry: a request sent again to another backend.

@@ -20,6 +20,10 @@
 //! * resilience ([`Resilience`]): the balancer skips unavailable backends, every
 //!   attempt's outcome feeds [`outlier`](crate::outlier) detection, and a failed
 //!   attempt is repeated on another backend when [`retry`](crate::retry) allows it;
+//! * traffic policy ([`Policy`]): rate limits, the request's affinity key for
+//!   consistent hashing ([`affinity`]), and the per-backend concurrency limit,
+//!   under which a request that finds every backend full waits in the
+//!   [`concurrency`](crate::concurrency) queue, or is shed with a 503;
 //! * one access log line per request, with the number of attempts it took, and
 //!   the same outcome recorded once in the [`Metrics`]; every attempt is also
 //!   counted in its backend's [`BackendState`];
@@ -30,6 +34,7 @@
 //! which writes the access line, records the metrics and tells outlier detection
 //! how the body ended, at its last byte.
 
+mod affinity;
 mod body;
 mod grpc;
 mod headers;
@@ -56,12 +61,13 @@ use tracing::{info, warn};
 
 use crate::backend_state::{BackendState, OwnedInFlight};
 use crate::backends::{BackendProtocol, Backends, LearnedProtocols};
-use crate::balancer::{self, Balancer, NoBackend};
+use crate::balancer::{self, AffinityOutcome, Algorithm, Balancer, HashOn, NoBackend, PickContext};
 use crate::client_ip::TrustedProxies;
+use crate::concurrency::ConcurrencyLimit;
 use crate::discovery::DiscoveryConfig;
 use crate::metrics::{ClientProtocol, Metrics};
 use crate::outlier::{Admission, Outcome, OutlierDetector, OutlierSettings};
-use crate::ratelimit::{RateLimiter, Refusal};
+use crate::ratelimit::{RateLimitConfig, RateLimiter, Refusal};
 use crate::response;
 use crate::retry::body::{AttemptBody, RetryBody};
 use crate::retry::{RetryPolicy, RetryReason, RetrySettings};
@@ -241,6 +247,10 @@ pub enum ProxyError {
     /// Over a rate limit (`rateLimit`): 429, with when to come back.
     #[error("over the {} rate limit", .0.limit.as_str())]
     RateLimited(Refusal),
+    /// Every backend stayed at its concurrency limit (`maxRequestsPerBackend`)
+    /// for as long as the request could wait (`queueTimeoutMs`): 503.
+    #[error("every backend stayed at its concurrency limit for {} ms", waited.as_millis())]
+    Shed { waited: Duration },
 }
 
 impl From<NoBackend> for ProxyError {
@@ -253,9 +263,10 @@ impl ProxyError {
     /// The status code the client receives.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoBackend | ProxyError::Unreachable { .. } | ProxyError::Refused { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoBackend
+            | ProxyError::Unreachable { .. }
+            | ProxyError::Refused { .. }
+            | ProxyError::Shed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
@@ -273,7 +284,10 @@ impl ProxyError {
             | ProxyError::Upstream { backend, .. }
             | ProxyError::Timeout { backend, .. }
             | ProxyError::RequestBodyIdle { backend, .. } => Some(*backend),
-            ProxyError::NoBackend | ProxyError::ConnectMethod | ProxyError::RateLimited(_) => None,
+            ProxyError::NoBackend
+            | ProxyError::ConnectMethod
+            | ProxyError::RateLimited(_)
+            | ProxyError::Shed { .. } => None,
         }
     }
 
@@ -311,6 +325,10 @@ impl ProxyError {
                 refusal.limit.as_str(),
                 retry_after_seconds(refusal)
             ),
+            ProxyError::Shed { waited } => format!(
+                "every backend is at its concurrency limit; waited {} ms",
+                waited.as_millis()
+            ),
         }
     }
 
@@ -326,7 +344,8 @@ impl ProxyError {
             | ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::Refused { .. }
-            | ProxyError::Unreachable { .. } => grpc::Code::Unavailable,
+            | ProxyError::Unreachable { .. }
+            | ProxyError::Shed { .. } => grpc::Code::Unavailable,
         }
     }
 
@@ -492,20 +511,58 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// The tunnels of upgraded requests (WebSockets), closed when the proxy stops.
     tunnels: Tunnels,
-    /// The rate limits in force, shared by every worker's proxy (their state
-    /// is the process's), and replaced whole by a reload; `None` without
-    /// `rateLimit`. Read-locked once per request, never across an `.await`.
+    /// The traffic policy in force, shared by every worker's proxy (the rate
+    /// limits' state is the process's), and replaced whole by a reload; `None`
+    /// for none at all. Read-locked once per request, never across an `.await`.
     policy: RwLock<Option<Arc<Policy>>>,
 }
 
-/// What the per-client policies need: the limits and whose
-/// `X-Forwarded-For` to believe.
+/// The traffic policy: rate limits, whose `X-Forwarded-For` to believe, and
+/// the concurrency limit.
 #[derive(Debug)]
 pub struct Policy {
-    /// The limits, with their state.
-    pub limiter: RateLimiter,
-    /// `trustedProxies`.
+    /// The rate limits, with their state; `None` without `rateLimit`.
+    pub limiter: Option<RateLimiter>,
+    /// `trustedProxies`, for the rate limits and the `sourceIp` affinity key.
     pub trusted: TrustedProxies,
+    /// `maxRequestsPerBackend` and `queueTimeoutMs`; `None` without a limit.
+    pub concurrency: Option<ConcurrencyLimit>,
+    /// What the status page shows of it.
+    pub status: PolicyStatus,
+}
+
+/// The policies in force, as the status page shows them (the config's
+/// spelling); the queue's length is read when it is shown.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    pub algorithm: Algorithm,
+    pub hash_on: Option<HashOn>,
+    pub rate_limit: Option<RateLimitConfig>,
+    pub trusted_proxies: TrustedProxies,
+    pub max_requests_per_backend: Option<u64>,
+    pub queue_timeout_ms: u64,
+    /// Requests waiting for a backend with room, now.
+    pub queue_length: usize,
+}
+
+/// What the policy decided about a request when it arrived.
+#[derive(Debug)]
+struct Admitted {
+    /// The rate limit that refused it, if one did.
+    refused: Option<Refusal>,
+    /// Its affinity key.
+    key: affinity::Key,
+    /// The concurrency limit it is held to.
+    limit: Option<ConcurrencyLimit>,
+}
+
+/// What the pick of each attempt takes from [`Admitted`].
+#[derive(Debug, Clone, Copy)]
+struct Route {
+    /// The affinity key's hash.
+    key: Option<u64>,
+    limit: Option<ConcurrencyLimit>,
 }
 
 impl Shared {
@@ -671,7 +728,15 @@ impl Proxy {
             }
             _ => None,
         };
-        let refused = self.rate_limited(client, &parts.headers);
+        let Admitted {
+            refused,
+            key,
+            limit,
+        } = self.admit(client, &parts.headers);
+        let route = Route {
+            key: key.hash,
+            limit,
+        };
         headers::use_target_authority(&mut parts);
         headers::join_cookies(&mut parts.headers);
         let redirect = client
@@ -696,7 +761,9 @@ impl Proxy {
                     result: Err(ProxyError::ConnectMethod),
                 }
             } else {
-                proxy.forward(&head, body, call, &request_id, started).await
+                proxy
+                    .forward(&head, body, call, route, &request_id, started)
+                    .await
             };
             // One clock reading serves the log line and the histogram.
             let latency = started.elapsed();
@@ -764,6 +831,7 @@ impl Proxy {
                         grpc: call.grpc,
                     };
                     let body_idle_timeout = proxy.tuning().settings.body_idle_timeout;
+                    key.set_on(response.headers_mut());
                     response.map(|body| {
                         Either::Left(InFlightBody::new(
                             IdleTimeout::new(body, body_idle_timeout),
@@ -791,16 +859,32 @@ impl Proxy {
         }
     }
 
-    /// Whether a rate limit refuses this request, from `client` with these
-    /// headers.
-    fn rate_limited(&self, client: &ClientConn, headers: &http::HeaderMap) -> Option<Refusal> {
-        let policy = self.shared.policy.read().unwrap_or_else(|p| p.into_inner());
-        let policy = policy.as_ref()?;
-        let client_ip = policy.trusted.client(client.peer, headers);
-        policy
-            .limiter
-            .check(client_ip, headers, Instant::now())
-            .err()
+    /// What the policy in force says about this request, from `client` with
+    /// these headers: whether a rate limit refuses it, its affinity key, and
+    /// the concurrency limit.
+    fn admit(&self, client: &ClientConn, headers: &http::HeaderMap) -> Admitted {
+        let shared = &*self.shared;
+        let policy = shared.policy.read().unwrap_or_else(|p| p.into_inner());
+        let policy = policy.as_deref();
+        let trusted = policy.map(|policy| &policy.trusted);
+        let client_ip = || trusted.map_or(client.peer, |t| t.client(client.peer, headers));
+        let refused = policy
+            .and_then(|policy| policy.limiter.as_ref())
+            .and_then(|limiter| limiter.check(client_ip(), headers, Instant::now()).err());
+        let key = {
+            let balancer = shared.balancer.read().unwrap_or_else(|p| p.into_inner());
+            match balancer.affinity() {
+                Some(affinity) => affinity::Key::of(affinity, headers, client_ip, || {
+                    shared.request_ids.generate()
+                }),
+                None => affinity::Key::NONE,
+            }
+        };
+        Admitted {
+            refused,
+            key,
+            limit: policy.and_then(|policy| policy.concurrency),
+        }
     }
 
     /// Answers a plain-HTTP request with `tls.redirectHttp` on: 308 to `location`
@@ -858,6 +942,7 @@ impl Proxy {
         head: &UpstreamHead,
         body: Incoming,
         call: Call,
+        route: Route,
         request_id: &HeaderValue,
         started: Instant,
     ) -> Forwarded {
@@ -874,27 +959,37 @@ impl Proxy {
         let mut last = Err(ProxyError::NoBackend);
         let mut only_connect_failures = true;
         while let Some(attempt_body) = next_body.take() {
-            // One clock reading serves the pick, outlier admission and the
-            // attempt's latency.
-            let attempt_started = Instant::now();
             // Read once per attempt: a reload in between applies to the next one.
             let tuning = self.tuning();
-            let Ok(chosen) = self.choose(&tuning, &tried, attempt_started) else {
-                // An empty list: `last` is still `NoBackend` on a first attempt, and
-                // for a retry (racing discovery emptying the list) the previous
-                // attempt's answer is the best there is.
-                break;
-            };
+            // One clock reading (after any wait in the queue) serves the pick,
+            // outlier admission and the attempt's latency. The request is
+            // counted at the backend from the pick until the response body
+            // ends; a failed attempt's guard drops when its result is replaced.
+            let (chosen, in_flight, attempt_started) =
+                match self.choose_with_room(&tuning, &tried, route).await {
+                    Ok(found) => found,
+                    // An empty list: `last` is still `NoBackend` on a first
+                    // attempt, and for a retry (racing discovery emptying the
+                    // list, or every backend full) the previous attempt's
+                    // answer is the best there is.
+                    Err(Unchosen::NoBackend) => break,
+                    Err(Unchosen::Shed(waited)) => {
+                        last = Err(ProxyError::Shed { waited });
+                        break;
+                    }
+                };
             let Chosen {
                 backend,
                 state,
                 admission,
+                affinity,
             } = chosen;
+            // Counted once per request, by its first attempt's pick.
+            if let (Some(outcome), true) = (affinity, tried.is_empty()) {
+                shared.metrics.record_affinity(outcome);
+            }
             tried.push(backend);
             shared.metrics.record_locality(state.proximity());
-            // Counted at the backend from here until the response body ends; a
-            // failed attempt's guard drops when its result is replaced.
-            let in_flight = state.start_owned_request();
             let (result, finished) = self
                 .attempt(
                     &tuning,
@@ -950,15 +1045,77 @@ impl Proxy {
         self.shared.tuning()
     }
 
+    /// Picks the backend for the next attempt, with room for it under the
+    /// concurrency limit, and counts the request there. When every backend
+    /// is full, a first attempt waits in the queue (see
+    /// [`crate::concurrency`]) for at most the limit's `queue_timeout`; a
+    /// retry does not wait, it has an answer already. Returns the clock
+    /// reading the pick used.
+    async fn choose_with_room(
+        &self,
+        tuning: &Tuning,
+        tried: &[SocketAddr],
+        route: Route,
+    ) -> Result<(Chosen, OwnedInFlight, Instant), Unchosen> {
+        let shared = &*self.shared;
+        let Some(limit) = route.limit else {
+            let now = Instant::now();
+            let chosen = self.choose(tuning, tried, route, now)?;
+            let in_flight = Arc::clone(&chosen.state).start_owned_request();
+            return Ok((chosen, in_flight, now));
+        };
+        let queue = shared.backends.queue();
+        let mut waiting = None;
+        loop {
+            // Asked for before the pick, so that a slot freed after the pick
+            // still wakes this request.
+            let woken = queue.wake_up_call();
+            let now = Instant::now();
+            match self.choose(tuning, tried, route, now) {
+                Ok(chosen) => {
+                    let max = limit.max_requests_per_backend;
+                    match Arc::clone(&chosen.state).start_limited_request(max, queue) {
+                        Some(in_flight) => return Ok((chosen, in_flight, now)),
+                        // Another request took the last slot since the pick:
+                        // pick again, among what is left.
+                        None => continue,
+                    }
+                }
+                Err(NoBackend) if shared.backends.with(<[_]>::is_empty) => {
+                    return Err(Unchosen::NoBackend);
+                }
+                Err(NoBackend) => {}
+            }
+            let deadline = match &waiting {
+                _ if !tried.is_empty() => return Err(Unchosen::NoBackend),
+                Some((_, deadline)) => *deadline,
+                None => {
+                    // Counted first, then one more pick: a slot freed before
+                    // the count woke no one.
+                    waiting = Some((queue.join(), now + limit.queue_timeout));
+                    shared.metrics.record_queued();
+                    continue;
+                }
+            };
+            let deadline = tokio::time::Instant::from_std(deadline);
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                shared.metrics.record_shed();
+                return Err(Unchosen::Shed(limit.queue_timeout));
+            }
+        }
+    }
+
     /// Picks the backend for the next attempt at `now` and has outlier
     /// detection admit it.
     fn choose(
         &self,
         tuning: &Tuning,
         tried: &[SocketAddr],
+        route: Route,
         now: Instant,
     ) -> Result<Chosen, NoBackend> {
         let shared = &*self.shared;
+        let outcome = std::cell::Cell::new(None);
         // The read locks are held only inside this closure: the pick copies an
         // address and its state out, and the guards are gone before any `.await`.
         let pick = |skip: &[SocketAddr]| {
@@ -967,17 +1124,44 @@ impl Proxy {
             shared
                 .backends
                 .pick_with_state(now, |near, list, available, in_flight| {
-                    balancer::pick_nearest_for_attempt(
-                        &**current, near, list, available, in_flight, skip,
-                    )
+                    let context = PickContext {
+                        key: route.key,
+                        // Read under the list's lock: the generation of `list`.
+                        list_generation: shared.backends.generation(),
+                        max_in_flight: route.limit.map(|limit| limit.max_requests_per_backend),
+                        outcome: std::cell::Cell::new(None),
+                    };
+                    let pick = balancer::pick_nearest_for_attempt(
+                        &**current, near, list, available, in_flight, skip, &context,
+                    );
+                    outcome.set(context.outcome.get());
+                    pick
                 })
         };
+        let chosen = self.admit_chosen(tuning, tried, now, pick)?;
+        Ok(Chosen {
+            affinity: outcome.get(),
+            ..chosen
+        })
+    }
+
+    /// Has outlier detection admit the backend `pick` chose (skipping what
+    /// `tried` lists), or, when another request just made it a half-open
+    /// trial, the next one.
+    fn admit_chosen(
+        &self,
+        tuning: &Tuning,
+        tried: &[SocketAddr],
+        now: Instant,
+        pick: impl Fn(&[SocketAddr]) -> Result<(SocketAddr, Arc<BackendState>), NoBackend>,
+    ) -> Result<Chosen, NoBackend> {
         let (backend, state) = pick(tried)?;
         let Some(outlier) = &tuning.outlier else {
             return Ok(Chosen {
                 backend,
                 state,
                 admission: None,
+                affinity: None,
             });
         };
         if let Some(admission) = outlier.admit(&state, now) {
@@ -985,6 +1169,7 @@ impl Proxy {
                 backend,
                 state,
                 admission: Some(admission),
+                affinity: None,
             });
         }
         // Another request just became this backend's half-open trial; choose
@@ -996,6 +1181,7 @@ impl Proxy {
             backend,
             state,
             admission: Some(admission),
+            affinity: None,
         })
     }
 
@@ -1147,15 +1333,29 @@ impl Proxy {
         *tuning = Tuning::new(settings, resilience.outlier, tuning.routing);
     }
 
-    /// Applies rate limits (`rateLimit`, `trustedProxies`) from the next
-    /// request on; `None` lifts them. Every worker's proxy gets the same
-    /// `Arc`, so the limits count the process's requests.
+    /// Applies the traffic policy (`rateLimit`, `trustedProxies`,
+    /// `maxRequestsPerBackend`, `queueTimeoutMs`) from the next request on;
+    /// `None` lifts it. Every worker's proxy gets the same `Arc`, so the
+    /// limits count the process's requests.
     pub fn set_policy(&self, policy: Option<Arc<Policy>>) {
         *self
             .shared
             .policy
             .write()
             .unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    /// The policies in force, for the status page.
+    pub fn policy_status(&self) -> PolicyStatus {
+        let shared = &*self.shared;
+        let policy = shared.policy.read().unwrap_or_else(|p| p.into_inner());
+        PolicyStatus {
+            queue_length: shared.backends.queue().len(),
+            ..policy
+                .as_ref()
+                .map(|p| p.status.clone())
+                .unwrap_or_default()
+        }
     }
 
     /// Applies `backendProtocol` and `backendGrpcPort` from the next attempt
@@ -1217,6 +1417,20 @@ enum Failure {
     Exchange(BoxError),
 }
 
+/// Why no backend was chosen for an attempt.
+enum Unchosen {
+    /// The list is empty, or a retry found every backend full.
+    NoBackend,
+    /// Every backend stayed full for this long, the limit's `queue_timeout`.
+    Shed(Duration),
+}
+
+impl From<NoBackend> for Unchosen {
+    fn from(_: NoBackend) -> Self {
+        Unchosen::NoBackend
+    }
+}
+
 /// The backend for one attempt, with what outlier detection needs to hear back.
 struct Chosen {
     backend: SocketAddr,
@@ -1225,6 +1439,9 @@ struct Chosen {
     state: Arc<BackendState>,
     /// How outlier detection admitted the backend; `None` when it is off.
     admission: Option<Admission>,
+    /// How the request's affinity key fared in the pick; `None` when the
+    /// algorithm does not route by keys.
+    affinity: Option<AffinityOutcome>,
 }
 
 /// Attempts made so far; bounded by `retries.attempts` (at most 10).

@@ -16,8 +16,9 @@
 //!
 //! * log level and format: through the [`LogHandle`];
 //! * algorithm and weights: a new balancer swapped into every [`Proxy`];
-//! * rate limits and trusted proxies: a new policy, shared by every proxy,
-//!   counting from zero ([`Proxy::set_policy`]);
+//! * rate limits, trusted proxies and the concurrency limit: a new policy,
+//!   shared by every proxy, counting from zero ([`Proxy::set_policy`]);
+//!   requests waiting in the queue keep the limit they started with;
 //! * upstream timeouts, retries and outlier settings: [`Proxy::reconfigure`],
 //!   from each proxy's next attempt on (the retry budget and each backend's
 //!   outlier counters carry over);
@@ -185,6 +186,7 @@ impl Reloader {
             balancing,
             tls: _,
             policy,
+            concurrency,
             topology,
         } = &new;
         if *balancing != old.balancing {
@@ -199,8 +201,9 @@ impl Reloader {
                 proxy.reconfigure(settings, resilience);
             }
         }
-        if *policy != old.policy {
-            let built = policy.build();
+        // The status page shows the algorithm beside the policy.
+        if *policy != old.policy || *concurrency != old.concurrency || *balancing != old.balancing {
+            let built = policy.build(concurrency, balancing);
             for proxy in &live.proxies {
                 proxy.set_policy(built.clone());
             }

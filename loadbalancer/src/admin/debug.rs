@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::backend_state::BackendState;
 use crate::backends::Backends;
 use crate::backends::SourceKind;
+use crate::proxy::PolicyStatus;
 use crate::tls::CertInfo;
 use crate::topology::{Proximity, TopologyStatus};
 use crate::upstream::Http2Stats;
@@ -33,6 +34,10 @@ pub(super) struct Snapshot {
     /// Open HTTP/2 connections to backends, and streams in flight on them,
     /// summed over the proxy's workers; empty when no backend speaks h2c.
     http2: Vec<Http2View>,
+    /// The traffic policies in force (algorithm and `hashOn`, rate limits,
+    /// concurrency limit) and the queue's length; absent without a proxy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<PolicyStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -93,6 +98,7 @@ impl Snapshot {
         backends: &Backends,
         certificates: Option<Vec<CertInfo>>,
         http2: Vec<(SocketAddr, Http2Stats)>,
+        policy: Option<PolicyStatus>,
     ) -> Self {
         let (now, wall_now) = (Instant::now(), SystemTime::now());
         let status = backends.discovery_status();
@@ -122,6 +128,7 @@ impl Snapshot {
                     streams: stats.streams,
                 })
                 .collect(),
+            policy,
         }
     }
 }
@@ -168,8 +175,8 @@ mod tests {
         backends
             .state(addr)
             .eject_until(Instant::now() + Duration::from_secs(60));
-        let json =
-            serde_json::to_value(Snapshot::of(&backends, None, Vec::new())).expect("serializes");
+        let json = serde_json::to_value(Snapshot::of(&backends, None, Vec::new(), None))
+            .expect("serializes");
         let backend = &json["backends"][0];
         assert_eq!(backend["address"], "10.0.0.1:80");
         assert_eq!(backend["ejected"], true);
@@ -186,8 +193,8 @@ mod tests {
         let status = backends.discovery_status();
         status.set_source(SourceKind::Kubernetes);
         status.record_error(&std::io::Error::other("connection refused"));
-        let json =
-            serde_json::to_value(Snapshot::of(&backends, None, Vec::new())).expect("serializes");
+        let json = serde_json::to_value(Snapshot::of(&backends, None, Vec::new(), None))
+            .expect("serializes");
         let discovery = &json["discovery"];
         assert_eq!(discovery["source"], "kubernetes");
         assert_eq!(discovery["synced"], false);

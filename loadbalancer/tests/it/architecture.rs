@@ -43,6 +43,7 @@ const LOADBALANCER_LAYERS: &[&[&str]] = &[
         "ratelimit",
         "client_ip",
         "topology",
+        "concurrency",
     ],
     &["backend_state"],
     &["backends"],

@@ -1,13 +1,19 @@
 //! Traffic policy through the load balancer: rate limits per client and for
 //! the replica, with the client told apart by its address (through a trusted
-//! proxy's `X-Forwarded-For`) or by a header.
+//! proxy's `X-Forwarded-For`) or by a header; session affinity by consistent
+//! hashing (a cookie, a header, the client's address); and the per-backend
+//! concurrency limit with its queue.
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use loadbalancer::config::{Cidr, ClientKey, PerClientConfig, RateLimitConfig, TrustedProxies};
+use loadbalancer::balancer::HashOn;
+use loadbalancer::config::{
+    Algorithm, Cidr, ClientKey, ConcurrencyConfig, PerClientConfig, RateLimitConfig, TrustedProxies,
+};
 
-use crate::support::{self, TestLb, Upstream, metric};
+use crate::support::process::{Process, TempConfig, ready};
+use crate::support::{self, InFlight, TestLb, Upstream, metric};
 
 /// A `GET /` that a trusted proxy forwarded for `client`.
 async fn get_for(lb: &TestLb, client: &str) -> support::Reply {
@@ -97,4 +103,254 @@ async fn a_header_key_limits_each_key_and_grpc_hears_resource_exhausted() {
         "{:?}",
         other.headers
     );
+}
+
+/// `GET path` with `headers`, collected.
+async fn get_with(lb_url: String, headers: &[(&str, &str)]) -> support::Reply {
+    let request = headers
+        .iter()
+        .fold(Request::get(lb_url), |request, (name, value)| {
+            request.header(*name, *value)
+        })
+        .body(Full::<Bytes>::default())
+        .expect("a valid request");
+    support::send(&support::client(), request).await
+}
+
+/// The pods that answered `n` requests to `url` with `headers`, tallied.
+async fn pods(
+    url: &str,
+    headers: &[(&str, &str)],
+    n: usize,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut answered = Vec::new();
+    for _ in 0..n {
+        let reply = get_with(url.to_owned(), headers).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        answered.push(reply.pod_name());
+    }
+    support::tally(answered)
+}
+
+/// Three upstreams, `backend-1` to `backend-3`.
+async fn three_upstreams() -> Vec<Upstream> {
+    let mut upstreams = Vec::new();
+    for name in ["backend-1", "backend-2", "backend-3"] {
+        upstreams.push(Upstream::start(name).await);
+    }
+    upstreams
+}
+
+/// Through the real binary, as the issue asks: a session stays on one
+/// backend, moves to exactly one other when that backend dies, and stays
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_cookie_sticks_to_one_backend_and_moves_once_when_it_dies() {
+    let mut upstreams = three_upstreams().await;
+    let list: Vec<String> = upstreams
+        .iter()
+        .map(|u| format!("\"{}\"", u.addr))
+        .collect();
+    let config = TempConfig::new(&format!(
+        r#"{{"port": 0, "adminPort": 0, "bindAddress": "127.0.0.1",
+            "backendServiceName": "backend-service", "backendPort": 8080,
+            "logFormat": "json", "drainSeconds": 1, "discovery": "static",
+            "staticBackends": [{}], "algorithm": "consistent_hash",
+            "hashOn": {{"cookie": "session"}}}}"#,
+        list.join(", ")
+    ));
+    let mut process = Process::spawn(&["--config", config.path_str()]);
+    let lines = process.stdout_lines();
+    let proxy = ready(&lines).await.proxy;
+    let url = format!("http://{proxy}/");
+    let cookie = [("cookie", "theme=dark; session=cart-4711")];
+
+    let before = pods(&url, &cookie, 100).await;
+    assert_eq!(before.len(), 1, "one cookie, one backend: {before:?}");
+    let home = before.keys().next().expect("one pod").clone();
+
+    let dead = upstreams
+        .iter_mut()
+        .find(|u| u.pod_name == home)
+        .expect("the home backend is one of ours");
+    dead.stop().await;
+    let after = pods(&url, &cookie, 100).await;
+    assert_eq!(
+        after.len(),
+        1,
+        "the session moves to one backend: {after:?}"
+    );
+    assert!(!after.contains_key(&home), "{after:?}");
+
+    // Other sessions are spread, not all piled where this one went.
+    let mut spread = Vec::new();
+    for user in 0..30 {
+        let cookie = format!("session=user-{user}");
+        let reply = get_with(url.clone(), &[("cookie", &cookie)]).await;
+        spread.push(reply.pod_name());
+    }
+    assert_eq!(
+        support::tally(spread).len(),
+        2,
+        "two live backends share them"
+    );
+    process.terminate();
+    assert!(process.exited().await.success());
+}
+
+#[tokio::test]
+async fn a_missing_cookie_is_set_with_its_ttl_and_routes_the_session_from_the_start() {
+    let upstreams = three_upstreams().await;
+    let addrs = upstreams.iter().map(|u| u.addr).collect();
+    let lb = TestLb::start_configured(addrs, |config| {
+        config.balancing.algorithm = Algorithm::ConsistentHash;
+        config.balancing.hash_on = Some(HashOn {
+            cookie: Some("lb-session".to_owned()),
+            ttl_seconds: Some(600),
+            ..HashOn::default()
+        });
+    })
+    .await;
+
+    let first = get_with(lb.url("/"), &[]).await;
+    let set_cookie = first.headers["set-cookie"].to_str().expect("ASCII");
+    let (pair, attributes) = set_cookie.split_once("; ").expect("attributes follow");
+    assert_eq!(attributes, "Path=/; HttpOnly; Max-Age=600");
+    let value = pair.strip_prefix("lb-session=").expect("our cookie");
+    assert_eq!(value.len(), 32, "128 random bits in hex: {value}");
+    // The cookie it was given routes the rest of the session where its first
+    // request went, and is not set again.
+    let cookie = format!("lb-session={value}");
+    let rest = pods(&lb.url("/"), &[("cookie", &cookie)], 20).await;
+    assert_eq!(rest.keys().collect::<Vec<_>>(), [&first.pod_name()]);
+    let again = get_with(lb.url("/"), &[("cookie", &cookie)]).await;
+    assert!(!again.headers.contains_key("set-cookie"));
+    // Two new clients get two different cookies.
+    let second = get_with(lb.url("/"), &[]).await;
+    assert_ne!(second.headers["set-cookie"], first.headers["set-cookie"]);
+}
+
+#[tokio::test]
+async fn header_and_source_ip_keys_stick_and_keyless_requests_rotate() {
+    let upstreams = three_upstreams().await;
+    let addrs: Vec<_> = upstreams.iter().map(|u| u.addr).collect();
+    let by_header = TestLb::start_configured(addrs.clone(), |config| {
+        config.balancing.algorithm = Algorithm::ConsistentHash;
+        config.balancing.hash_on = Some(HashOn {
+            header: Some("x-user".to_owned()),
+            ..HashOn::default()
+        });
+    })
+    .await;
+    for user in ["ada", "grace", "edsger"] {
+        let landed = pods(&by_header.url("/"), &[("x-user", user)], 20).await;
+        assert_eq!(landed.len(), 1, "{user}: {landed:?}");
+    }
+    // No key: round-robin, each backend in turn.
+    let keyless = pods(&by_header.url("/"), &[], 30).await;
+    assert_eq!(keyless.values().collect::<Vec<_>>(), [&10, &10, &10]);
+    let hits = r#"loadbalancer_affinity_total{result="hit"}"#;
+    let misses = r#"loadbalancer_affinity_total{result="miss"}"#;
+    assert_eq!(metric(by_header.admin_addr, hits).await, 60.0);
+    assert_eq!(metric(by_header.admin_addr, misses).await, 30.0);
+
+    let by_address = TestLb::start_configured(addrs, |config| {
+        config.balancing.algorithm = Algorithm::ConsistentHash;
+        config.balancing.hash_on = Some(HashOn {
+            source_ip: true,
+            ..HashOn::default()
+        });
+        let loopback: Cidr = "127.0.0.0/8".parse().expect("a valid block");
+        config.policy.trusted_proxies = TrustedProxies::new(vec![loopback]);
+    })
+    .await;
+    // Through a trusted proxy, the forwarded-for client is the key.
+    let mut clients = Vec::new();
+    for client in ["203.0.113.1", "203.0.113.2", "198.51.100.7", "192.0.2.44"] {
+        let landed = pods(&by_address.url("/"), &[("x-forwarded-for", client)], 10).await;
+        assert_eq!(landed.len(), 1, "{client}: {landed:?}");
+        clients.extend(landed.into_keys());
+    }
+    assert!(support::tally(clients).len() > 1, "clients spread");
+}
+
+/// With `maxRequestsPerBackend: 2`: the key's backend takes two, the third
+/// goes to the next backend, and with every backend full a request waits
+/// `queueTimeoutMs` and is shed, or proceeds when a slot frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backend_passes_requests_on_and_when_all_are_full_they_queue() {
+    let (slow, other) = (
+        Upstream::start("slow").await,
+        Upstream::start("other").await,
+    );
+    let lb = TestLb::start_configured(vec![slow.addr, other.addr], |config| {
+        config.balancing.algorithm = Algorithm::ConsistentHash;
+        config.balancing.hash_on = Some(HashOn {
+            header: Some("x-user".to_owned()),
+            ..HashOn::default()
+        });
+        config.concurrency = ConcurrencyConfig {
+            max_requests_per_backend: Some(2),
+            queue_timeout_ms: 300,
+        };
+    })
+    .await;
+    // A user whose key lands on `slow`.
+    let mut user = 0;
+    let user = loop {
+        let name = format!("user-{user}");
+        if get_with(lb.url("/"), &[("x-user", &name)]).await.pod_name() == "slow" {
+            break name;
+        }
+        user += 1;
+    };
+    let keyed = |path: &str| {
+        Request::get(lb.url(path))
+            .header("x-user", &user)
+            .body(Full::<Bytes>::default())
+            .expect("a valid request")
+    };
+    let (at_slow, at_other) = (slow.received(), other.received());
+
+    let held_at_slow = [
+        InFlight::send(keyed("/hold")),
+        InFlight::send(keyed("/hold")),
+    ];
+    slow.wait_for_requests(at_slow + 2).await;
+    // `slow` is full: the third goes to the next backend of the key's sequence.
+    let third = InFlight::send(keyed("/hold"));
+    other.wait_for_requests(at_other + 1).await;
+    let fourth = InFlight::send(keyed("/hold"));
+    other.wait_for_requests(at_other + 2).await;
+    assert_eq!(slow.received(), at_slow + 2, "never more than two at once");
+
+    // Both full: the fifth waits 300 ms and is shed.
+    let started = std::time::Instant::now();
+    let shed = get_with(lb.url("/"), &[("x-user", &user)]).await;
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    shed.assert_proxy_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "every backend is at its concurrency limit; waited 300 ms",
+    );
+    // The sixth waits, and goes as soon as `slow` lets its two finish.
+    let sixth = InFlight::send(keyed("/"));
+    support::wait_for_metric(lb.admin_addr, "loadbalancer_requests_queued_total", |n| {
+        n >= 2.0
+    })
+    .await;
+    slow.release_held();
+    let served = sixth.finish().await;
+    assert_eq!(served.status, StatusCode::OK);
+    for held in held_at_slow {
+        assert_eq!(held.finish().await.status, StatusCode::OK);
+    }
+    other.release_held();
+    for held in [third, fourth] {
+        assert_eq!(held.finish().await.pod_name(), "other");
+    }
+    let admin = lb.admin_addr;
+    assert_eq!(metric(admin, "loadbalancer_requests_shed_total").await, 1.0);
+    assert_eq!(metric(admin, "loadbalancer_queue_length").await, 0.0);
+    let fallback = r#"loadbalancer_affinity_total{result="fallback"}"#;
+    assert!(metric(admin, fallback).await >= 2.0);
 }

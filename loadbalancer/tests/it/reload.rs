@@ -345,3 +345,41 @@ async fn a_new_connect_timeout_applies_to_the_next_connect() {
     assert_eq!(after.status, StatusCode::SERVICE_UNAVAILABLE, "{after:?}");
     assert_eq!(after.json()["message"], "no backend could be reached");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn affinity_and_the_concurrency_limit_apply_live() {
+    let upstreams = start_backends(2).await;
+    let backends: Vec<&Upstream> = upstreams.iter().collect();
+    let ports = (free_port(), free_port());
+    let mut mount = ConfigMapDir::new(&config(ports, "info", &backends, ""));
+    let (_lb, proxy, admin) = start(&mount, ports).await;
+    // The pods that answer ten requests of one user.
+    let one_user = || async {
+        let mut pods = Vec::new();
+        for _ in 0..10 {
+            let request = http::Request::get(format!("http://{proxy}/"))
+                .header("x-user", "ada")
+                .body(http_body_util::Full::<bytes::Bytes>::default())
+                .expect("a valid request");
+            pods.push(support::send(&support::client(), request).await.pod_name());
+        }
+        tally(pods)
+    };
+    assert_eq!(one_user().await.len(), 2, "round-robin spreads one user");
+
+    mount.update(&config(
+        ports,
+        "info",
+        &backends,
+        r#", "algorithm": "consistent_hash", "hashOn": {"header": "x-user"},
+            "maxRequestsPerBackend": 3, "queueTimeoutMs": 250"#,
+    ));
+    wait_for_reloads(admin, SUCCESSES, 1.0).await;
+    assert_eq!(one_user().await.len(), 1, "the user sticks to one backend");
+    let policy = get(&format!("http://{admin}/debug/backends")).await.json()["policy"].clone();
+    assert_eq!(policy["algorithm"], "consistent_hash");
+    assert_eq!(policy["hashOn"]["header"], "x-user");
+    assert_eq!(policy["maxRequestsPerBackend"], 3);
+    assert_eq!(policy["queueTimeoutMs"], 250);
+    assert_eq!(policy["queueLength"], 0);
+}

@@ -177,8 +177,8 @@ impl TestLb {
     }
 
     /// A load balancer over `addrs` with the test config changed by
-    /// `configure` (say, `backendProtocol` or `grpcPort`), retrying and
-    /// ejecting as that config says.
+    /// `configure` (say, `backendProtocol` or `grpcPort`), balancing,
+    /// retrying and ejecting as that config says.
     pub(crate) async fn start_configured(
         addrs: Vec<SocketAddr>,
         configure: impl FnOnce(&mut Config),
@@ -186,16 +186,11 @@ impl TestLb {
         let writer = static_backends(addrs).await;
         let mut config = test_config(Self::SETTINGS, ServerLimits::DEFAULT);
         configure(&mut config);
-        // As the binary would run it: with the config's retries and ejection.
+        // As the binary would run it: with the config's algorithm, retries
+        // and ejection.
         let resilience = Resilience::from(&config.resilience);
-        Self::launch_config(
-            writer.reader(),
-            Some(writer),
-            Arc::new(RoundRobin::new()),
-            resilience,
-            config,
-        )
-        .await
+        let balancer = config.balancing.build();
+        Self::launch_config(writer.reader(), Some(writer), balancer, resilience, config).await
     }
 
     /// A load balancer over `addrs` whose proxy listener has `limits`.
@@ -357,6 +352,7 @@ fn test_config(settings: ProxySettings, limits: ServerLimits) -> Config {
         balancing: Default::default(),
         tls: Default::default(),
         policy: Default::default(),
+        concurrency: Default::default(),
         topology: Default::default(),
     }
 }
@@ -481,6 +477,11 @@ impl InFlight {
     /// Starts `GET url` on its own task.
     pub(crate) fn start(url: String) -> Self {
         Self(tokio::spawn(async move { get(&url).await }))
+    }
+
+    /// Starts sending `request` on its own task.
+    pub(crate) fn send(request: Request<Full<Bytes>>) -> Self {
+        Self(tokio::spawn(async move { send(&client(), request).await }))
     }
 
     /// Waits for the response, within [`PATIENCE`].
