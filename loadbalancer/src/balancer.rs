@@ -442,7 +442,7 @@ mod tests {
         PickContext::default()
     }
 
-    fn count(picks: impl IntoIterator<Item = SocketAddr>) -> HashMap<SocketAddr, usize> {
+    pub(super) fn count(picks: impl IntoIterator<Item = SocketAddr>) -> HashMap<SocketAddr, usize> {
         let mut counts = HashMap::new();
         for addr in picks {
             *counts.entry(addr).or_default() += 1;

@@ -254,10 +254,9 @@ impl Balancer for ConsistentHash {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
 
     use super::*;
-    use crate::balancer::tests::addrs;
+    use crate::balancer::tests::{addrs, count};
     use crate::balancer::{key_hash, pick_for_attempt, pick_nearest_for_attempt};
 
     fn keyed(key: &str, generation: u64) -> PickContext {
@@ -328,14 +327,12 @@ mod tests {
     fn keys_spread_over_every_backend() {
         let backends = addrs(4);
         let balancer = balancer();
-        let mut counts: HashMap<SocketAddr, usize> = HashMap::new();
-        for user in 0..4_000 {
+        let counts = count((0..4_000).map(|user| {
             let context = keyed(&format!("user-{user}"), 1);
-            let pick = balancer
+            balancer
                 .pick_keyed(&backends, &|_| true, &|_| 0, &context)
-                .expect("a backend");
-            *counts.entry(pick).or_default() += 1;
-        }
+                .expect("a backend")
+        }));
         // About 1,000 each; Maglev keeps shares within a few percent.
         assert_eq!(counts.len(), 4);
         assert!(

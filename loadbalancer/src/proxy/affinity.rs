@@ -103,18 +103,7 @@ mod tests {
     use http::HeaderName;
 
     use super::*;
-
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        pairs
-            .iter()
-            .map(|(name, value)| {
-                (
-                    HeaderName::from_static(name),
-                    HeaderValue::from_static(value),
-                )
-            })
-            .collect()
-    }
+    use crate::proxy::headers::tests::headers;
 
     fn of(affinity: &Affinity, headers: &HeaderMap) -> Key {
         Key::of(

@@ -240,10 +240,12 @@ pub(crate) fn ip_header_value(ip: std::net::IpAddr) -> HeaderValue {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+    /// A header map of `pairs`, in order, repeated names appended: for the
+    /// tests of every module that reads request headers.
+    pub(in crate::proxy) fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (name, value) in pairs {
             map.append(
