@@ -254,7 +254,6 @@ impl Balancer for ConsistentHash {
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
     use crate::balancer::tests::{addrs, count};
     use crate::balancer::{key_hash, pick_for_attempt, pick_nearest_for_attempt};
