@@ -1156,10 +1156,34 @@ run_idle() {
   } >"$WORK/idle.md"
 }
 
+# start_ours NAME BACKENDS [KEYS]: another instance of our load balancer as
+# target NAME (PID[NAME], URL[NAME]), on ports of its own, with static discovery
+# over BACKENDS (their ports on 127.0.0.1, space-separated), logLevel warn, and
+# KEYS (more configuration, `"key": value, ...`) in $WORK/NAME.json; waits until
+# it is ready. algorithms and policy run several, one per configuration.
+start_ours() {
+  local name="$1" backends="$2" keys="${3:-}" p admin b list=""
+  for b in $backends; do list+="${list:+, }\"127.0.0.1:$b\""; done
+  port p
+  port admin
+  cat >"$WORK/$name.json" <<JSON
+{
+  "port": $p, "adminPort": $admin, "backendServiceName": "bench", "backendPort": ${backends##* },
+  "discovery": "static", "logLevel": "warn",${keys:+ $keys,}
+  "staticBackends": [$list]
+}
+JSON
+  CONFIG_PATH="$WORK/$name.json" "$LB_BIN" >"$WORK/$name.log" 2>&1 &
+  PIDS+=("$!")
+  PID[$name]="$!"
+  URL[$name]="http://127.0.0.1:$p"
+  await_200 "http://127.0.0.1:$admin/readyz" "${PID[$name]}" "$WORK/$name.log"
+}
+
 # algorithms: our load balancer twice more, over two normal backends and one slow
 # one (responseDelayMs), once with round_robin and once with least_request.
 run_algorithms() {
-  local algorithm p admin slow
+  local algorithm slow
   port slow
   printf '{"port": %d, "serviceName": "bench", "logLevel": "warn", "responseDelayMs": %d}\n' \
     "$slow" "$SLOW_BACKEND_MS" >"$WORK/backend-slow.json"
@@ -1168,20 +1192,7 @@ run_algorithms() {
   PIDS+=("$!")
   await_200 "http://127.0.0.1:$slow/" "$!" "$WORK/backend-slow.log"
   for algorithm in round_robin least_request; do
-    port p
-    port admin
-    cat >"$WORK/$algorithm.json" <<JSON
-{
-  "port": $p, "adminPort": $admin, "backendServiceName": "bench", "backendPort": $slow,
-  "discovery": "static", "logLevel": "warn", "algorithm": "$algorithm",
-  "staticBackends": ["127.0.0.1:${BACKEND_PORTS[0]}", "127.0.0.1:${BACKEND_PORTS[1]}", "127.0.0.1:$slow"]
-}
-JSON
-    CONFIG_PATH="$WORK/$algorithm.json" "$LB_BIN" >"$WORK/$algorithm.log" 2>&1 &
-    PIDS+=("$!")
-    PID[$algorithm]="$!"
-    URL[$algorithm]="http://127.0.0.1:$p"
-    await_200 "http://127.0.0.1:$admin/readyz" "${PID[$algorithm]}" "$WORK/$algorithm.log"
+    start_ours "$algorithm" "${BACKEND_PORTS[0]} ${BACKEND_PORTS[1]} $slow" "\"algorithm\": \"$algorithm\""
   done
   run_scenario algorithms "$CONNECTIONS" "$ROUNDS" "/" round_robin least_request
   sed -i "s|^### algorithms: |### algorithms (one of three backends answers ${SLOW_BACKEND_MS} ms late): |" \
