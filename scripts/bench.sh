@@ -33,6 +33,22 @@
 #               two descriptors per connection)
 #   algorithms  ours with round_robin against ours with least_request, over two
 #               backends and one that answers SLOW_BACKEND_MS (20) late: p99
+#   policy      the cost of traffic policy, GET / over CONNECTIONS keep-alive
+#               connections, ROUNDS rounds interleaved like throughput, wrk
+#               sending a different X-User on every request to every target
+#               (bench/policy.lua): ours three times, ours-rr (round_robin),
+#               ours-affinity (consistent_hash on the X-User header) and
+#               ours-ratelimit (round_robin behind a global and a perClient
+#               sourceIp rateLimit of 10,000,000 requests/s: checked on every
+#               request, never refusing); nginx and HAProxy set up as a user
+#               would for the same two (bench/nginx-policy.conf,
+#               bench/haproxy-policy.cfg: nginx-affinity, nginx-ratelimit,
+#               haproxy-affinity, haproxy-ratelimit), each against its plain
+#               configuration as round-robin baseline (nginx-rr, haproxy-rr:
+#               bench/nginx-plain.conf, bench/haproxy-plain.cfg, which the
+#               policy files copy but for the policy). Each policy's requests/s
+#               and p99 as a ratio of the same proxy's round-robin run; a 429
+#               counts as an error, so a limit that binds shows
 #   websocket   WebSocket echo on /ws over WS_CONNECTIONS (64) connections, each
 #               sending a WS_BYTES (32) binary message and awaiting its echo in
 #               a closed loop: messages/s and round-trip percentiles once the
@@ -120,7 +136,8 @@
 # then our errors (met at zero) and RSS against the leanest peer's. throughput and
 # churn print it twice: against the like-for-like peers (at or above) and the
 # plain ones (within 3 %: at or above 0.97×, at or below 1.03×). algorithms sets
-# least_request against round_robin; soak checks errors and a flat RSS.
+# least_request against round_robin; policy each policy of ours against ours-rr
+# (within 3 %, and no errors); soak checks errors and a flat RSS.
 # The load generator shares the machine's cores with everything else, equally in
 # every target. Our access log is at `info`, so logLevel `warn` switches it off,
 # like `access_log off` in nginx and no `log` line in HAProxy.
@@ -173,7 +190,7 @@ done
 (( WS_BYTES <= 16777216 )) || die "WS_BYTES must be at most 16777216 (the backend's message limit)"
 IFS=, read -r -a SCENARIOS <<<"$SCENARIO"
 for s in "${SCENARIOS[@]}"; do
-  [[ "$s" =~ ^(throughput|churn|slow|bigbody|soak|algorithms|websocket|tls|h2|grpc|idle|scale)$ ]] || die "unknown scenario '$s'"
+  [[ "$s" =~ ^(throughput|churn|slow|bigbody|soak|algorithms|policy|websocket|tls|h2|grpc|idle|scale)$ ]] || die "unknown scenario '$s'"
 done
 # Which load generators the chosen scenarios need: wsload for websocket, h2load
 # for h2 and grpc, wrk for every other; tls needs a certificate and HTTPS
@@ -195,8 +212,9 @@ for s in "${SCENARIOS[@]}"; do
     *) NEED_WRK=1 ;;
   esac
   [[ "$s" == tls ]] && NEED_TLS=1
-  # throughput and churn measure nginx and HAProxy in both configurations.
-  [[ "$s" == throughput || "$s" == churn ]] && NEED_PLAIN=1
+  # throughput and churn measure nginx and HAProxy in both configurations;
+  # policy takes the plain one as their round-robin baseline.
+  [[ "$s" == throughput || "$s" == churn || "$s" == policy ]] && NEED_PLAIN=1
 done
 GRPC_ADDRS=()
 if [[ -n "$GRPC_BACKENDS" ]]; then
@@ -628,8 +646,8 @@ if [[ "${SCENARIOS[*]}" != soak ]]; then
   (( NEED_TLS )) && await_200 "${TLS_URL[haproxy]}/" "${PID[haproxy]}" "$WORK/haproxy.log"
 fi
 
-# throughput and churn: nginx and HAProxy a second time each, in their plain
-# configuration (bench/nginx-plain.conf, bench/haproxy-plain.cfg).
+# throughput, churn and policy: nginx and HAProxy a second time each, in their
+# plain configuration (bench/nginx-plain.conf, bench/haproxy-plain.cfg).
 if (( NEED_PLAIN )); then
   say "starting nginx and HAProxy in their plain configuration (no header additions)"
   port p
@@ -735,7 +753,8 @@ h2load_run() {
 # on a new client connection; tls and tls-handshake go to the
 # target's HTTPS port, tls-handshake with `Connection: close`, so that the proxy
 # closes each connection after one answer and wrk opens a new one (a new TLS
-# handshake) for the next request.
+# handshake) for the next request. policy sends an X-User header that changes
+# with every request (bench/policy.lua), to every one of its targets.
 generate() {
   local scenario="$1" target="$2" conns="$3" secs="$4" path="$5"
   if h2_scenario "$scenario"; then
@@ -749,6 +768,9 @@ generate() {
   elif [[ "$scenario" == tls-handshake ]]; then
     wrk -t "$WRK_THREADS" -c "$conns" -d "${secs}s" --timeout 10s -s bench/report.lua \
       -H 'Connection: close' "${TLS_URL[$target]}$path"
+  elif [[ "$scenario" == policy ]]; then
+    wrk -t "$WRK_THREADS" -c "$conns" -d "${secs}s" --timeout 10s -s bench/policy.lua \
+      "${URL[$target]}$path"
   elif [[ "$scenario" == churn ]]; then
     wrk -t "$WRK_THREADS" -c "$conns" -d "${secs}s" --timeout 10s -s bench/report.lua \
       -H 'Connection: close' "${URL[$target]}$path"
@@ -844,8 +866,9 @@ measure() {
 # request each), for grpc calls; wrk and h2load report requests and duration_us,
 # wsload messages and seconds. h2 and grpc add the spread over the backends;
 # every scenario ends with its targets line (targets_line), throughput and churn
-# with two, against the like-for-like and the plain peers. A target whose runs
-# all failed shows no latency or CPU.
+# with two, against the like-for-like and the plain peers; policy with a table
+# of each proxy's policies against its round-robin run and a targets line of its
+# own (policy_lines). A target whose runs all failed shows no latency or CPU.
 table() {
   local unit=request
   [[ "$1" == websocket ]] && unit=message
@@ -871,6 +894,42 @@ table() {
     function within(share,    d) { d = share - 1 / 3; return (d < 0 ? -d : d) <= 0.05 / 3 }
     function ratio(a, b) { return b ? a / b : 0 }
     function met(ok) { return ok ? "met" : "not met" }
+    # policy: for each proxy P, the rows P-affinity and P-ratelimit against
+    # P-rr (ours-rr; for nginx and HAProxy their plain configuration), run in
+    # the same rounds: requests/s and the median p99 as ratios of round
+    # robin'"'"'s, in a table, then the targets line for ours: each policy within
+    # TOLERANCE of round robin (at or above 1 - TOLERANCE on requests/s, at or
+    # below 1 + TOLERANCE on p99), and no errors in any of the three rows (a 429
+    # is an error, so a limit that binds shows).
+    function policy_cell(t, rr) {
+      if (!req[t] || !req[rr]) return "- | -"
+      return sprintf("%.2f× | %.2f×", ratio(rps[t], rps[rr]), ratio(median(p99[t]), median(p99[rr])))
+    }
+    function policy_target(label, t, rr, tol,    r, q) {
+      if (!req[t] || !req[rr]) return sprintf("%s not checked, %s or %s answered nothing", label, t, rr)
+      r = ratio(rps[t], rps[rr]); q = ratio(median(p99[t]), median(p99[rr]))
+      return sprintf("%s %.2f× round robin on %ss/s, p99 %.2f×: %s (within %d %%)", label, r, unit, q,
+        met(r >= 1 - tol && q <= 1 + tol), tol * 100)
+    }
+    function policy_lines(tol,    n, a, i, x, e) {
+      printf "\nEach policy against the same proxy in round robin (nginx-rr and haproxy-rr: their plain configurations), same rounds: %ss/s and p99 as ratios of the round-robin run.\n\n", unit
+      print "| proxy | round robin " short "/s | round robin p99 ms | affinity " short "/s | affinity p99 | rate limit " short "/s | rate limit p99 | errors (all three) |"
+      print "|---|--:|--:|--:|--:|--:|--:|--:|"
+      n = split("ours nginx haproxy", a, " ")
+      for (i = 1; i <= n; i++) {
+        x = a[i]
+        if (!((x "-rr") in seen)) continue
+        printf "| %s | %s | %s | %s | %s | %d |\n", x,
+          req[x "-rr"] ? sprintf("%.0f", rps[x "-rr"]) : "-",
+          req[x "-rr"] ? sprintf("%.2f", median(p99[x "-rr"]) / 1000) : "-",
+          policy_cell(x "-affinity", x "-rr"), policy_cell(x "-ratelimit", x "-rr"),
+          err[x "-rr"] + err[x "-affinity"] + err[x "-ratelimit"]
+      }
+      e = err["ours-rr"] + err["ours-affinity"] + err["ours-ratelimit"]
+      printf "\nTargets: %s; %s; errors %d, %s. (ours-affinity and ours-ratelimit against ours-rr: at or above %.2f× on %ss/s, at or below %.2f× on p99; errors in the three, a 429 among them, met at zero.)\n",
+        policy_target("affinity", "ours-affinity", "ours-rr", tol),
+        policy_target("rate limit", "ours-ratelimit", "ours-rr", tol), e, met(e == 0), 1 - tol, unit, 1 + tol
+    }
     # targets_line(LABEL, PEERS, TOLERANCE): one line setting `me` (ours; in
     # algorithms least_request) against the better of PEERS (the names of their
     # rows, space-separated) on each measure: the peer with more requests/s,
@@ -946,13 +1005,15 @@ table() {
         t = order[k]; rps[t] = req[t] / (us[t] / 1e6)
         pcpu[t] = req[t] ? (user[t] + sys[t]) / tck / req[t] * 1e5 : 0
       }
-      printf "| target | %ss/s | p50 ms | p99 ms | p99.9 ms | errors | vs direct | vs ours | CPU s / 100k %s | MiB/s | RSS MiB |%s\n",
-        unit, short, h2 ? " spread over the backends |" : ""
+      # policy has no `ours`: its column is against ours-rr.
+      ref = (scenario == "policy") ? "ours-rr" : "ours"
+      printf "| target | %ss/s | p50 ms | p99 ms | p99.9 ms | errors | vs direct | vs %s | CPU s / 100k %s | MiB/s | RSS MiB |%s\n",
+        unit, ref, short, h2 ? " spread over the backends |" : ""
       print "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|" (h2 ? "--:|" : "")
       for (k = 1; k <= count; k++) {
         t = order[k]
         vd = (rps["direct"] > 0) ? sprintf("%.2f", rps[t] / rps["direct"]) : "-"
-        vo = (rps["ours"] > 0) ? sprintf("%.2f", rps[t] / rps["ours"]) : "-"
+        vo = (rps[ref] > 0) ? sprintf("%.2f", rps[t] / rps[ref]) : "-"
         cpu = (t == "direct" || !req[t]) ? "-" : sprintf("%.2f", pcpu[t])
         mem = (t == "direct") ? "-" : sprintf("%.1f", rss[t] / 1024)
         lat = req[t] ? sprintf("%.2f | %.2f | %.2f", median(p50[t]) / 1000, median(p99[t]) / 1000, median(p999[t]) / 1000) : "- | - | -"
@@ -978,9 +1039,13 @@ table() {
           (machine[t] - user[t] - sys[t] - backend[t]) * f, machine[t] * f,
           busy(t)
       }
-      # The targets line(s): ours against the better peer on each measure.
-      targets_line(plain_peers == "" ? "" : "like-for-like", peers, 0)
-      if (plain_peers != "") targets_line("plain", plain_peers, 0.03)
+      # The targets line(s): ours against the better peer on each measure;
+      # policy: each policy against round robin.
+      if (scenario == "policy") policy_lines(0.03)
+      else {
+        targets_line(plain_peers == "" ? "" : "like-for-like", peers, 0)
+        if (plain_peers != "") targets_line("plain", plain_peers, 0.03)
+      }
     }' "$WORK/$1.raw"
 }
 
@@ -1156,10 +1221,34 @@ run_idle() {
   } >"$WORK/idle.md"
 }
 
+# start_ours NAME BACKENDS [KEYS]: another instance of our load balancer as
+# target NAME (PID[NAME], URL[NAME]), on ports of its own, with static discovery
+# over BACKENDS (their ports on 127.0.0.1, space-separated), logLevel warn, and
+# KEYS (more configuration, `"key": value, ...`) in $WORK/NAME.json; waits until
+# it is ready. algorithms and policy run several, one per configuration.
+start_ours() {
+  local name="$1" backends="$2" keys="${3:-}" p admin b list=""
+  for b in $backends; do list+="${list:+, }\"127.0.0.1:$b\""; done
+  port p
+  port admin
+  cat >"$WORK/$name.json" <<JSON
+{
+  "port": $p, "adminPort": $admin, "backendServiceName": "bench", "backendPort": ${backends##* },
+  "discovery": "static", "logLevel": "warn",${keys:+ $keys,}
+  "staticBackends": [$list]
+}
+JSON
+  CONFIG_PATH="$WORK/$name.json" "$LB_BIN" >"$WORK/$name.log" 2>&1 &
+  PIDS+=("$!")
+  PID[$name]="$!"
+  URL[$name]="http://127.0.0.1:$p"
+  await_200 "http://127.0.0.1:$admin/readyz" "${PID[$name]}" "$WORK/$name.log"
+}
+
 # algorithms: our load balancer twice more, over two normal backends and one slow
 # one (responseDelayMs), once with round_robin and once with least_request.
 run_algorithms() {
-  local algorithm p admin slow
+  local algorithm slow
   port slow
   printf '{"port": %d, "serviceName": "bench", "logLevel": "warn", "responseDelayMs": %d}\n' \
     "$slow" "$SLOW_BACKEND_MS" >"$WORK/backend-slow.json"
@@ -1168,24 +1257,78 @@ run_algorithms() {
   PIDS+=("$!")
   await_200 "http://127.0.0.1:$slow/" "$!" "$WORK/backend-slow.log"
   for algorithm in round_robin least_request; do
-    port p
-    port admin
-    cat >"$WORK/$algorithm.json" <<JSON
-{
-  "port": $p, "adminPort": $admin, "backendServiceName": "bench", "backendPort": $slow,
-  "discovery": "static", "logLevel": "warn", "algorithm": "$algorithm",
-  "staticBackends": ["127.0.0.1:${BACKEND_PORTS[0]}", "127.0.0.1:${BACKEND_PORTS[1]}", "127.0.0.1:$slow"]
-}
-JSON
-    CONFIG_PATH="$WORK/$algorithm.json" "$LB_BIN" >"$WORK/$algorithm.log" 2>&1 &
-    PIDS+=("$!")
-    PID[$algorithm]="$!"
-    URL[$algorithm]="http://127.0.0.1:$p"
-    await_200 "http://127.0.0.1:$admin/readyz" "${PID[$algorithm]}" "$WORK/$algorithm.log"
+    start_ours "$algorithm" "${BACKEND_PORTS[0]} ${BACKEND_PORTS[1]} $slow" "\"algorithm\": \"$algorithm\""
   done
   run_scenario algorithms "$CONNECTIONS" "$ROUNDS" "/" round_robin least_request
   sed -i "s|^### algorithms: |### algorithms (one of three backends answers ${SLOW_BACKEND_MS} ms late): |" \
     "$WORK/algorithms.md"
+}
+
+# policy: the cost of affinity and of a rate limit in each proxy, against the
+# same proxy in round robin. Ours three times over the three backends; nginx and
+# HAProxy once more each with both policies on two ports (bench/nginx-policy.conf,
+# bench/haproxy-policy.cfg; RSS is then that one process's, in both rows), their
+# plain configuration as the round-robin baseline: the policy files are it plus
+# the policy, written as a user would, with no header additions, while ours does
+# its header work in all three of its rows alike. The rate limits are set far
+# above what the machine can do, so that they are checked on every request and
+# never refuse; every wrk connection comes from 127.0.0.1, so the per-client
+# limit is one client's: the most contended case.
+POLICY_RATE=10000000
+run_policy() {
+  local backends="${BACKEND_PORTS[*]}" ap rp target pods
+  local rate="\"requestsPerSecond\": $POLICY_RATE, \"burst\": $POLICY_RATE"
+  say "starting ours three more times for policy: round_robin, consistent_hash on X-User, a rate limit"
+  start_ours ours-rr "$backends" '"algorithm": "round_robin"'
+  start_ours ours-affinity "$backends" '"algorithm": "consistent_hash", "hashOn": {"header": "X-User"}'
+  start_ours ours-ratelimit "$backends" "\"algorithm\": \"round_robin\",
+  \"rateLimit\": {\"perClient\": {$rate, \"key\": \"sourceIp\"}, \"global\": {$rate}}"
+  say "starting nginx and HAProxy with affinity and a rate limit (bench/nginx-policy.conf, bench/haproxy-policy.cfg)"
+  port ap
+  port rp
+  mkdir -m 777 "$WORK/nginx-policy-tmp"
+  fill bench/nginx-policy.conf AFFINITY_PORT="$ap" RATELIMIT_PORT="$rp" >"$WORK/nginx-policy.conf"
+  nginx -p "$WORK" -e "$WORK/nginx-policy-error.log" -c "$WORK/nginx-policy.conf" >"$WORK/nginx-policy.log" 2>&1 &
+  PIDS+=("$!")
+  PID[nginx-affinity]="$!"
+  PID[nginx-ratelimit]="$!"
+  URL[nginx-affinity]="http://127.0.0.1:$ap"
+  URL[nginx-ratelimit]="http://127.0.0.1:$rp"
+  port ap
+  port rp
+  fill bench/haproxy-policy.cfg AFFINITY_PORT="$ap" RATELIMIT_PORT="$rp" >"$WORK/haproxy-policy.cfg"
+  haproxy -db -f "$WORK/haproxy-policy.cfg" >"$WORK/haproxy-policy.log" 2>&1 &
+  PIDS+=("$!")
+  PID[haproxy-affinity]="$!"
+  PID[haproxy-ratelimit]="$!"
+  URL[haproxy-affinity]="http://127.0.0.1:$ap"
+  URL[haproxy-ratelimit]="http://127.0.0.1:$rp"
+  for target in nginx-affinity nginx-ratelimit; do
+    await_200 "${URL[$target]}/" "${PID[$target]}" "$WORK/nginx-policy-error.log"
+  done
+  for target in haproxy-affinity haproxy-ratelimit; do
+    await_200 "${URL[$target]}/" "${PID[$target]}" "$WORK/haproxy-policy.log"
+  done
+  # The round-robin baselines of nginx and HAProxy: their plain instances.
+  for target in nginx haproxy; do
+    PID[$target-rr]="${PID[$target-plain]}"
+    URL[$target-rr]="${URL[$target-plain]}"
+  done
+  # Affinity that does not hold would make a cheap round robin look like it:
+  # six requests of one user must reach one backend (round robin: all three).
+  for target in ours-affinity nginx-affinity haproxy-affinity; do
+    pods="$(for _ in 1 2 3 4 5 6; do
+        curl -s --max-time 5 -H 'X-User: user-7' "${URL[$target]}/" | sed -n 's/.*"podName":"\([^"]*\)".*/\1/p'
+      done | sort -u | wc -l)"
+    if (( pods != 1 )); then
+      echo "- $target: six requests with one X-User reached $pods backends: not sticky" >>"$WORK/policy.notes"
+      say "policy: $target is not sticky ($pods backends for one X-User)"
+    fi
+  done
+  run_scenario policy "$CONNECTIONS" "$ROUNDS" "/" ours-rr ours-affinity ours-ratelimit \
+    nginx-rr nginx-affinity nginx-ratelimit haproxy-rr haproxy-affinity haproxy-ratelimit
+  sed -i "s|^### policy: GET /, |### policy: GET / with an X-User per request (bench/policy.lua), round robin, affinity on X-User, a rate limit that never binds, |" \
+    "$WORK/policy.md"
 }
 
 # tls_negotiated: what each proxy's HTTPS port settles on with an OpenSSL client
@@ -1261,6 +1404,7 @@ for s in "${SCENARIOS[@]}"; do
     soak) run_soak ;;
     idle) run_idle ;;
     algorithms) run_algorithms ;;
+    policy) run_policy ;;
     h2) run_h2 h2 / ;;
     grpc)
       if [[ -n "$GRPC_SKIP" ]]; then
@@ -1279,6 +1423,8 @@ done
   echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $CORES cores ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), Linux $(uname -r)."
   if (( NEED_WRK )); then
     echo "Load generator: $(wrk -v 2>&1 | head -n 1 | awk '{ print $1, $2 }'), $WRK_THREADS threads, keep-alive, on the same cores."
+    [[ " ${SCENARIOS[*]} " == *" policy "* ]] &&
+      echo "policy: wrk runs bench/policy.lua against every target, a Lua callback per request (an X-User header from 10,000 users in turn)."
     (( NEED_TLS )) && echo "HTTPS: one ECDSA P-256 certificate for all; wrk linked against $(ldd "$(command -v wrk)" | awk '/libssl/ { print $1; exit }')."
   fi
   if (( NEED_H2LOAD )); then
@@ -1302,13 +1448,15 @@ cat "$WORK/report.md"
 # markers), so the hand-written notes around it survive; docs/performance.md
 # explains the figures.
 if [[ "$NO_WRITE" != 1 ]]; then
-  # Soak, websocket, tls, churn and idle on their own keep the block of the main run.
+  # Soak, websocket, tls, churn, idle and policy on their own keep a block of
+  # their own, apart from the main run's.
   block=run
   [[ "${SCENARIOS[*]}" == soak ]] && block=soak
   [[ "${SCENARIOS[*]}" == websocket ]] && block=websocket
   [[ "${SCENARIOS[*]}" == tls ]] && block=tls
   [[ "${SCENARIOS[*]}" == churn ]] && block=churn
   [[ "${SCENARIOS[*]}" == idle ]] && block=idle
+  [[ "${SCENARIOS[*]}" == policy ]] && block=policy
   # h2 and grpc, alone or together, keep a block of their own.
   [[ " ${SCENARIOS[*]} " =~ ^(\ (h2|grpc))+\ $ ]] && block=h2
   [[ "${SCENARIOS[*]}" == scale ]] && block=scale
