@@ -315,6 +315,10 @@ pub const PASS_REUSE: Duration = Duration::from_millis(10);
 #[derive(Debug)]
 struct Pass {
     at: Instant,
+    /// Which list it was made over, by address and length: a pick over the
+    /// preferred set of a topology and one over the whole list each find
+    /// their own, rather than read places of one in the other.
+    list: (usize, usize),
     /// Their places in the list. Checked again at each pick: a list that
     /// changed since only makes a place name another backend, eligible or not.
     found: Vec<usize>,
@@ -349,11 +353,12 @@ impl RoundRobin {
         eligible: &dyn Fn(SocketAddr) -> bool,
     ) -> Option<SocketAddr> {
         let now = Instant::now();
+        let list = (backends.as_ptr() as usize, backends.len());
         // A poisoned lock holds a whole pass or none: keep using it.
         let mut pass = self.pass.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(recent) = pass
             .as_ref()
-            .filter(|p| now.saturating_duration_since(p.at) < PASS_REUSE)
+            .filter(|p| p.list == list && now.saturating_duration_since(p.at) < PASS_REUSE)
         {
             let found = &recent.found;
             return (0..found.len().min(PROBES))
@@ -364,7 +369,11 @@ impl RoundRobin {
             .filter(|&i| eligible(backends[i]))
             .collect();
         let pick = found.get(ticket % found.len().max(1)).map(|&i| backends[i]);
-        *pass = Some(Pass { at: now, found });
+        *pass = Some(Pass {
+            at: now,
+            list,
+            found,
+        });
         pick
     }
 }
@@ -777,6 +786,24 @@ mod tests {
             let counts = count(picks);
             assert_eq!(counts.len(), N);
             assert!(counts.values().all(|&c| c == 2));
+        }
+
+        /// Bound asserted: exact. Picks that alternate between two long lists
+        /// (a topology's preferred set and the whole list), each with one
+        /// eligible backend that the draws rarely find, always find it: each
+        /// list's pass is its own.
+        #[test]
+        fn passes_over_two_lists_do_not_mix() {
+            let whole = addrs(N);
+            let zone: Vec<SocketAddr> = whole.iter().step_by(10).copied().collect();
+            let (in_zone, elsewhere) = (zone[7], whole[N - 3]);
+            let balancer = RoundRobin::new();
+            for _ in 0..50 {
+                let near = balancer.pick_among(&zone, &|addr| addr == in_zone, &|_| 0);
+                assert_eq!(near, Ok(in_zone));
+                let far = balancer.pick_among(&whole, &|addr| addr == elsewhere, &|_| 0);
+                assert_eq!(far, Ok(elsewhere));
+            }
         }
 
         /// Bound asserted: the degraded case, no backend eligible, costs the
