@@ -33,12 +33,18 @@ impl RequestIds {
     /// its connection's read buffer, which the id would otherwise pin for as
     /// long as the request lives.
     pub(crate) fn keep_or_generate(&self, incoming: Option<&HeaderValue>) -> HeaderValue {
-        match incoming {
+        let mut id = match incoming {
             Some(id) if !id.is_empty() && id.len() <= MAX_INCOMING_LEN => {
                 HeaderValue::from_bytes(id.as_bytes()).unwrap_or_else(|_| self.generate())
             }
             _ => self.generate(),
-        }
+        };
+        // One value per request: HPACK would add each to an HTTP/2
+        // connection's table (and evict an older entry) for a value never
+        // sent again. A sensitive value goes out as a literal that is never
+        // indexed; HTTP/1.1 ignores the flag.
+        id.set_sensitive(true);
+        id
     }
 
     /// A fresh 32-hex-digit id.
