@@ -13,6 +13,13 @@
 //!
 //! Limits are per replica: with N replicas behind a Service, a client may get up
 //! to N times the limit, spread as the Service spreads its connections.
+//!
+//! Why not the `governor` crate, the ecosystem's usual choice: its keyed
+//! limiter keeps a state per key in a map that grows with every new key until
+//! the caller prunes it (`retain_recent`) on a timer of its own, so a flood of
+//! distinct keys between two prunes is unbounded; here the bound is kept at
+//! each insert. And GCRA itself is the few lines of [`Gcra`], which a reader
+//! of this project should see rather than take on trust.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
