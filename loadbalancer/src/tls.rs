@@ -230,21 +230,25 @@ impl Handshake for Tls {
         peer: SocketAddr,
         limit: Duration,
     ) -> Option<TlsStream<TcpStream>> {
-        let outcome = tokio::time::timeout(limit, self.acceptor.accept(stream)).await;
-        let failure = match outcome {
+        // The failed connection's socket is held until its failure is
+        // counted: a client that sees the close and then reads the metric
+        // finds it counted.
+        let accepting = tokio::time::timeout(limit, self.acceptor.accept(stream).into_fallible());
+        tokio::pin!(accepting);
+        let (failure, _socket) = match accepting.as_mut().await {
             Ok(Ok(stream)) => {
                 let version = TlsVersion::of(stream.get_ref().1.protocol_version());
                 self.metrics.record_handshake(version, None);
                 return Some(stream);
             }
-            Ok(Err(error)) => {
+            Ok(Err((error, socket))) => {
                 let failure = HandshakeFailure::of(&error);
                 debug!(%peer, %error, reason = failure.as_str(), "TLS handshake failed");
-                failure
+                (failure, Some(socket))
             }
             Err(_elapsed) => {
                 debug!(%peer, limit_ms = limit.as_millis(), reason = "timeout", "TLS handshake too slow, closing");
-                HandshakeFailure::Timeout
+                (HandshakeFailure::Timeout, None)
             }
         };
         self.metrics
