@@ -14,7 +14,7 @@
 //! them would only slow down scale-ups and rolling updates.
 //!
 //! With `grpcService` set, a probe is the standard gRPC health check instead
-//! (`grpc.health.v1.Health/Check` over HTTP/2, [`grpc_probe`]): it passes when
+//! (`grpc.health.v1.Health/Check` over HTTP/2, [`grpc::probe`]): it passes when
 //! the call succeeds with `SERVING`, so a gRPC server that reports itself
 //! `NOT_SERVING` (draining, say) leaves the rotation like one that fails.
 //!
