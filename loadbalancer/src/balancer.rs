@@ -226,14 +226,26 @@ pub fn pick_for_attempt(
     tried: &[SocketAddr],
     context: &PickContext,
 ) -> Result<SocketAddr, NoBackend> {
-    let room = |addr: SocketAddr| context.has_room(in_flight(addr));
+    let room = |addr: SocketAddr| context.has_room(addr, in_flight);
     let untried = |addr: SocketAddr| !tried.contains(&addr) && room(addr);
     let pick = |eligible: &dyn Fn(SocketAddr) -> bool| {
         balancer.pick_keyed(backends, eligible, in_flight, context)
     };
-    pick(&|addr| untried(addr) && available(addr))
+    pick(&first_choice(available, in_flight, tried, context))
         .or_else(|NoBackend| pick(&untried))
         .or_else(|NoBackend| pick(&room))
+}
+
+/// The backends an attempt's first choice is made among, in the whole list
+/// or in a preferred set: available, not tried yet by this request, and with
+/// room under the concurrency limit.
+fn first_choice<'a>(
+    available: &'a dyn Fn(SocketAddr) -> bool,
+    in_flight: &'a dyn Fn(SocketAddr) -> u64,
+    tried: &'a [SocketAddr],
+    context: &'a PickContext,
+) -> impl Fn(SocketAddr) -> bool + 'a {
+    move |addr| !tried.contains(&addr) && available(addr) && context.has_room(addr, in_flight)
 }
 
 /// [`pick_for_attempt`] with topology: first among the `near` sets, nearest
@@ -260,9 +272,7 @@ pub fn pick_nearest_for_attempt(
     tried: &[SocketAddr],
     context: &PickContext,
 ) -> Result<SocketAddr, NoBackend> {
-    let eligible = |addr: SocketAddr| {
-        !tried.contains(&addr) && available(addr) && context.has_room(in_flight(addr))
-    };
+    let eligible = first_choice(available, in_flight, tried, context);
     let nearest = match context.key {
         Some(_) => None,
         None => near

@@ -149,9 +149,11 @@ pub struct PickContext {
 }
 
 impl PickContext {
-    /// Whether a backend with `in_flight` requests may take one more.
-    pub fn has_room(&self, in_flight: u64) -> bool {
-        self.max_in_flight.is_none_or(|max| in_flight < max)
+    /// Whether `backend` may take one more request, `in_flight` telling how
+    /// many it has; without a limit it is not asked.
+    pub fn has_room(&self, backend: SocketAddr, in_flight: &dyn Fn(SocketAddr) -> u64) -> bool {
+        self.max_in_flight
+            .is_none_or(|max| in_flight(backend) < max)
     }
 }
 
