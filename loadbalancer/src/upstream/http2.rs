@@ -746,8 +746,7 @@ where
             return failure;
         }
         Some(Some(Err(error))) => {
-            *lock(&failure) = Some(error.into());
-            stream.send_reset(Reason::CANCEL);
+            fail_upload(&failure, &mut stream, error.into());
             return failure;
         }
         Some(Some(Ok(frame))) => Some(frame),
@@ -755,6 +754,13 @@ where
     };
     tokio::spawn(copy_body(body, stream, first, Arc::clone(&failure)));
     failure
+}
+
+/// The client's body failed: keeps its error for the request to report, and
+/// resets the stream so that the backend stops waiting for the rest.
+fn fail_upload(failure: &UploadFailure, stream: &mut SendStream<Bytes>, error: BoxError) {
+    *lock(failure) = Some(error);
+    stream.send_reset(Reason::CANCEL);
 }
 
 /// Sends the body's last frame, ending the stream.
@@ -796,8 +802,7 @@ async fn copy_body<B>(
                     return;
                 }
                 Some(Err(error)) => {
-                    *lock(&failure) = Some(error);
-                    stream.send_reset(Reason::CANCEL);
+                    fail_upload(&failure, &mut stream, error);
                     return;
                 }
                 Some(Ok(frame)) => frame,
