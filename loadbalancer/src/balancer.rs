@@ -469,6 +469,17 @@ mod tests {
         counts
     }
 
+    /// Asserts that the picks `counts` went to exactly `backends` backends,
+    /// each picked a number of times within `each`.
+    pub(super) fn assert_spread(
+        counts: &HashMap<SocketAddr, usize>,
+        backends: usize,
+        each: std::ops::RangeInclusive<usize>,
+    ) {
+        assert_eq!(counts.len(), backends, "{counts:?}");
+        assert!(counts.values().all(|c| each.contains(c)), "{counts:?}");
+    }
+
     #[test]
     fn k_times_n_sequential_picks_give_each_backend_exactly_k() {
         for n in 1..=5 {
@@ -477,9 +488,7 @@ mod tests {
             let k = 7;
             let picks = (0..k * usize::from(n))
                 .map(|_| balancer.pick(&backends).expect("list is not empty"));
-            let counts = count(picks);
-            assert_eq!(counts.len(), usize::from(n));
-            assert!(counts.values().all(|&c| c == k), "{counts:?}");
+            assert_spread(&count(picks), usize::from(n), k..=k);
         }
     }
 
@@ -688,7 +697,7 @@ mod tests {
         use std::cell::Cell;
         use std::net::{Ipv4Addr, SocketAddr};
 
-        use super::count;
+        use super::{assert_spread, count};
         use crate::balancer::{
             Balancer, LeastRequest, NoBackend, PASS_REUSE, PROBES, RoundRobin, WeightedRoundRobin,
             Weights,
@@ -793,9 +802,7 @@ mod tests {
             let backends = addrs(N);
             let balancer = RoundRobin::new();
             let picks = (0..2 * N).map(|_| balancer.pick(&backends).expect("not empty"));
-            let counts = count(picks);
-            assert_eq!(counts.len(), N);
-            assert!(counts.values().all(|&c| c == 2));
+            assert_spread(&count(picks), N, 2..=2);
         }
 
         /// Bound asserted: exact. Picks that alternate between two long lists
@@ -872,12 +879,7 @@ mod tests {
                     .pick_among(&backends, &|a| up.contains(&a), &|_| 0)
                     .expect("five are eligible")
             });
-            let counts = count(picks);
-            assert_eq!(counts.len(), 5, "{counts:?}");
-            assert!(
-                counts.values().all(|&c| (5..=15).contains(&c)),
-                "{counts:?}"
-            );
+            assert_spread(&count(picks), 5, 5..=15);
         }
 
         /// Bound asserted: ±20 % around 5 / 1,004 of the picks, more than six

@@ -325,7 +325,7 @@ impl Balancer for ConsistentHash {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balancer::tests::{addrs, count};
+    use crate::balancer::tests::{addrs, assert_spread, count};
     use crate::balancer::{key_hash, pick_for_attempt, pick_nearest_for_attempt};
 
     fn keyed(key: &str, generation: u64) -> PickContext {
@@ -433,11 +433,7 @@ mod tests {
                 .expect("a backend")
         }));
         // About 1,000 each; Maglev keeps shares within a few percent.
-        assert_eq!(counts.len(), 4);
-        assert!(
-            counts.values().all(|&c| (850..=1_150).contains(&c)),
-            "{counts:?}"
-        );
+        assert_spread(&counts, 4, 850..=1_150);
     }
 
     #[test]

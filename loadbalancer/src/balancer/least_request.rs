@@ -126,10 +126,8 @@ pub(crate) fn random_below(n: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
-    use crate::balancer::tests::addrs;
+    use crate::balancer::tests::{addrs, assert_spread, count};
 
     #[test]
     fn the_most_loaded_backend_is_never_picked_while_others_are_lighter() {
@@ -164,19 +162,13 @@ mod tests {
     fn equal_loads_spread_picks_over_every_backend() {
         let backends = addrs(3);
         let balancer = LeastRequest::new();
-        let mut counts: HashMap<SocketAddr, usize> = HashMap::new();
-        for _ in 0..3_000 {
-            let pick = balancer
+        let counts = count((0..3_000).map(|_| {
+            balancer
                 .pick_among(&backends, &|_| true, &|_| 0)
-                .expect("list is not empty");
-            *counts.entry(pick).or_default() += 1;
-        }
+                .expect("list is not empty")
+        }));
         // ~1 000 each; a stuck generator would give one backend all of them.
-        assert_eq!(counts.len(), 3);
-        assert!(
-            counts.values().all(|&c| (700..=1_300).contains(&c)),
-            "{counts:?}"
-        );
+        assert_spread(&counts, 3, 700..=1_300);
     }
 
     #[test]
