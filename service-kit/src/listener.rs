@@ -89,7 +89,7 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
-use hyper::service::{Service, service_fn};
+use hyper::service::{HttpService, Service, service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -106,7 +106,7 @@ pub use wire::{
 };
 
 use crate::BoxError;
-use crate::headers::framing_error;
+use crate::headers::{framing_error, list_items};
 
 /// Connections the kernel queues on a listening socket, accepted or not yet,
 /// before it drops new ones. It caps this at `net.core.somaxconn` (4096 by
@@ -594,21 +594,15 @@ pub async fn serve_connections<M, S, B, L, H>(
         };
         let slot = cap.admit(permit);
         let service = make_service(peer);
-        let (http, lifecycle, handshake) =
-            (Arc::clone(&http), lifecycle.clone(), handshake.clone());
-        connections.spawn(async move {
-            // Responses are written in one go; don't let Nagle delay the last segment.
-            if let Err(error) = stream.set_nodelay(true) {
-                debug!(%error, "cannot set TCP_NODELAY");
-            }
-            let Some(io) = handshake
-                .handshake(stream, peer, limits.header_read_timeout)
-                .await
-            else {
-                return;
-            };
-            serve_connection(&http, io, slot, peer, service, &lifecycle, &limits).await;
-        });
+        connections.spawn(serve_connection(
+            Arc::clone(&http),
+            handshake.clone(),
+            stream,
+            slot,
+            peer,
+            service,
+            lifecycle.clone(),
+        ));
         // Reap finished tasks as we go, so the set only holds open connections.
         while connections.try_join_next().is_some() {}
     }
@@ -636,10 +630,12 @@ pub async fn serve_connections<M, S, B, L, H>(
     }
 }
 
-/// hyper's servers for the two protocols, set up once per listener.
+/// hyper's servers for the two protocols and the limits they are held to, set
+/// up once per listener and shared by its connections.
 struct Builders {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    limits: ServerLimits,
 }
 
 impl Builders {
@@ -669,77 +665,109 @@ impl Builders {
             .max_send_buf_size(h2.max_send_buffer)
             .keep_alive_interval(h2.keep_alive_interval)
             .keep_alive_timeout(h2.keep_alive_timeout);
-        Self { http1, http2 }
+        Self {
+            http1,
+            http2,
+            limits: *limits,
+        }
     }
 }
 
-async fn serve_connection<S, B, L, I>(
-    http: &Builders,
-    stream: I,
+/// Serves one connection from `peer`, whichever protocol it speaks, until it
+/// closes: the connection's task.
+///
+/// Written as a block rather than an `async fn`, whose arguments rustc keeps
+/// twice in the future (as arguments and as locals), and with the HTTP/1.1
+/// loop inline rather than in a future of its own, which would keep the socket
+/// twice too: between requests this future is most of what a parked
+/// connection costs.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice"
+)]
+fn serve_connection<H, S, B, L>(
+    http: Arc<Builders>,
+    handshake: H,
+    stream: TcpStream,
     slot: Slot,
     peer: SocketAddr,
     service: S,
-    lifecycle: &L,
-    limits: &ServerLimits,
-) where
-    S: ConnectionService<B>,
+    lifecycle: L,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    H: Handshake,
+    S: ConnectionService<B> + Send + 'static,
     B: ResponseBody,
     L: Lifecycle,
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Activity::new();
-    // The socket holds its cap slot: the slot is freed for the next connection
-    // waiting in the backlog when the socket closes, whoever owns it by then.
-    let mut io = TrackedIo::new(stream, Arc::clone(&activity), slot);
-    // The first bytes tell HTTP/2 from HTTP/1.1 (see `wire`), under the same
-    // clocks as a request head; a connection that has sent nothing when the
-    // listener stops has asked for nothing and closes at once.
-    let protocol = tokio::select! {
-        protocol = io.protocol() => protocol,
-        () = lifecycle.stopped() => return,
-        expired = activity.expired(limits.idle_timeout, limits.header_read_timeout) => {
-            report_expired(expired, peer);
+    async move {
+        let limits = &http.limits;
+        // Responses are written in one go; don't let Nagle delay the last segment.
+        if let Err(error) = stream.set_nodelay(true) {
+            debug!(%error, "cannot set TCP_NODELAY");
+        }
+        let Some(stream) = handshake
+            .handshake(stream, peer, limits.header_read_timeout)
+            .await
+        else {
             return;
-        }
-    };
-    let protocol = match protocol {
-        Ok(Some(protocol)) => protocol,
-        Ok(None) => return,
-        Err(error) => {
-            report_end(&activity, peer, &error);
-            return;
-        }
-    };
-    let io = TokioIo::new(io);
-    let service = guarded(service, Arc::clone(&activity), lifecycle.clone());
-    let watch = Watch {
-        activity: &activity,
-        peer,
-        lifecycle,
-        limits,
-    };
-    match protocol {
-        // With upgrades, a `101` answer hands the connection over (to the
-        // proxy's tunnel, or the backend's WebSocket session) through
-        // `hyper::upgrade::on`. This future then ends, and with it the
-        // watchdog's timeouts and the shutdown's wait: the upgraded socket is
-        // the service's to bound and to close. It keeps its slot under the cap,
-        // which lives in the socket.
-        Protocol::Http1 => {
-            let connection = http.http1.serve_connection(io, service).with_upgrades();
-            watch
-                .drive(
-                    connection,
-                    http1::UpgradeableConnection::graceful_shutdown,
-                    false,
-                )
+        };
+        let activity = Activity::new();
+        // The socket holds its cap slot: the slot is freed for the next connection
+        // waiting in the backlog when the socket closes, whoever owns it by then.
+        let mut io = TrackedIo::new(stream, Arc::clone(&activity), slot);
+        // The first bytes tell HTTP/2 from HTTP/1.1 (see `wire`), under the same
+        // clocks as a request head; a connection that has sent nothing when the
+        // listener stops has asked for nothing and closes at once.
+        let protocol = tokio::select! {
+            protocol = io.protocol() => protocol,
+            () = lifecycle.stopped() => return,
+            expired = activity.expired(limits.idle_timeout, limits.header_read_timeout) => {
+                report_expired(expired, peer);
+                return;
+            }
+        };
+        let protocol = match protocol {
+            Ok(Some(protocol)) => protocol,
+            Ok(None) => return,
+            Err(error) => {
+                report_end(&activity, peer, &error);
+                return;
+            }
+        };
+        let mut service = guarded(service, Arc::clone(&activity), lifecycle.clone());
+        let watch = Watch {
+            activity: &activity,
+            peer,
+            lifecycle: &lifecycle,
+            limits,
+        };
+        match protocol {
+            // Served until idle, then parked (see `Watch::serve_http1`) until
+            // the next request arrives, over and over. Boxed, hyper's
+            // connection and its watch, so that a parked connection's task
+            // holds none of either.
+            Protocol::Http1 => loop {
+                let serving = Box::pin(watch.serve_http1(&http.http1, io, service));
+                (io, service) = match serving.await {
+                    Some(parked) => parked,
+                    None => return,
+                };
+                if !io.has_unread() && !watch.wait_for_next_request(&mut io).await {
+                    return;
+                }
+            },
+            // Boxed, so that an HTTP/1.1 connection's task is not as large.
+            Protocol::Http2 => {
+                Box::pin(async {
+                    let connection =
+                        std::pin::pin!(http.http2.serve_connection(TokioIo::new(io), service));
+                    watch
+                        .drive(connection, http2::Connection::graceful_shutdown, true)
+                        .await;
+                })
                 .await;
-        }
-        Protocol::Http2 => {
-            let connection = http.http2.serve_connection(io, service);
-            watch
-                .drive(connection, http2::Connection::graceful_shutdown, true)
-                .await;
+            }
         }
     }
 }
@@ -752,12 +780,97 @@ struct Watch<'a, L> {
     limits: &'a ServerLimits,
 }
 
+/// How hyper's side of a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Served {
+    /// The connection is closed, or handed over by an upgrade.
+    Closed,
+    /// An idle HTTP/1.1 connection was taken apart, its socket still open.
+    Parked,
+}
+
 impl<L: Lifecycle> Watch<'_, L> {
+    /// Serves HTTP/1.1 on `io` until the connection closes (`None`), or until
+    /// it is idle and parked: then the socket and the service are given back.
+    ///
+    /// hyper keeps a read and a write buffer (8 KiB or more each) for as long
+    /// as its connection lives, idle or not. So once the last response has
+    /// left and nothing more has arrived, hyper's connection is taken apart,
+    /// and the socket waits for the next request holding no buffer at all
+    /// ([`Self::wait_for_next_request`]); its first bytes start a new hyper
+    /// connection on the same socket. nginx treats keep-alive connections the
+    /// same way, which is what lets thousands of idle clients cost little. A
+    /// busy client pays for it with one new hyper connection (a few
+    /// allocations) per request.
+    ///
+    /// With upgrades, a `101` answer hands the connection over (to the proxy's
+    /// tunnel, or the backend's WebSocket session) through
+    /// `hyper::upgrade::on`. This future then ends, and with it the watchdog's
+    /// timeouts and the shutdown's wait: the upgraded socket is the service's
+    /// to bound and to close. It keeps its slot under the cap, which lives in
+    /// the socket.
+    async fn serve_http1<I, S>(
+        &self,
+        builder: &http1::Builder,
+        io: TrackedIo<I>,
+        service: S,
+    ) -> Option<(TrackedIo<I>, S)>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: HttpService<Incoming, Error: Into<BoxError>, ResBody: ResponseBody>,
+    {
+        let mut connection = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let graceful_shutdown = http1::UpgradeableConnection::graceful_shutdown;
+        if self
+            .drive(Pin::new(&mut connection), graceful_shutdown, false)
+            .await
+            == Served::Closed
+        {
+            return None;
+        }
+        // An upgraded connection has no parts left to take.
+        let parts = connection.into_parts()?;
+        self.activity.set_parking(false);
+        let mut io = parts.io.into_inner();
+        // Whatever hyper had read of a next request (nothing, as a rule) is
+        // handed to the next connection; its buffer is freed here.
+        io.unread(&parts.read_buf);
+        Some((io, parts.service))
+    }
+
+    /// Waits, holding no buffer, until a parked connection's client sends
+    /// more; `false` if the connection is to close instead: the client closed
+    /// it, the listener stopped, or it stayed idle too long.
+    async fn wait_for_next_request<I: AsyncRead + Unpin>(&self, io: &mut TrackedIo<I>) -> bool {
+        let limits = self.limits;
+        let next = tokio::select! {
+            next = io.next_bytes() => next,
+            () = self.lifecycle.stopped() => return false,
+            expired = self.activity.expired(limits.idle_timeout, limits.header_read_timeout) => {
+                report_expired(expired, self.peer);
+                return false;
+            }
+        };
+        next.unwrap_or_else(|error| {
+            report_end(self.activity, self.peer, &error);
+            false
+        })
+    }
+
     /// Runs hyper's `connection` to its end, stopping it gracefully
     /// (`graceful_shutdown`: the request in progress finishes, and an HTTP/2
     /// client is sent GOAWAY) when the listener stops or a response asks, and
-    /// closing it when the watchdog says it has been idle or slow too long.
-    async fn drive<C>(&self, connection: C, graceful_shutdown: fn(Pin<&mut C>), http2: bool)
+    /// closing it when the watchdog says it has been idle or slow too long. An
+    /// HTTP/1.1 connection is also stopped, and reported [`Served::Parked`],
+    /// as soon as it may be parked (see [`Activity::may_park`]).
+    async fn drive<C>(
+        &self,
+        mut connection: Pin<&mut C>,
+        graceful_shutdown: fn(Pin<&mut C>),
+        http2: bool,
+    ) -> Served
     where
         C: Future<Output = hyper::Result<()>>,
     {
@@ -767,8 +880,8 @@ impl<L: Lifecycle> Watch<'_, L> {
             lifecycle,
             limits,
         } = *self;
-        let mut connection = std::pin::pin!(connection);
         let mut stopping = false;
+        let (mut parked, mut park_failed) = (false, false);
         // Once an idle HTTP/2 connection has been sent GOAWAY, when to stop
         // waiting for the client to close it.
         let mut goaway_deadline = None;
@@ -779,8 +892,30 @@ impl<L: Lifecycle> Watch<'_, L> {
                     None => future::pending().await,
                 }
             };
+            // hyper is asked to stop the moment it is idle; with `parking`
+            // set, its closing `shutdown` leaves the socket open.
+            let may_park = !http2 && !stopping && !park_failed;
+            let serving = future::poll_fn(|cx| {
+                let poll = connection.as_mut().poll(cx);
+                if poll.is_pending() && may_park && activity.may_park() {
+                    activity.set_parking(true);
+                    graceful_shutdown(connection.as_mut());
+                    let poll = connection.as_mut().poll(cx);
+                    if poll.is_ready() {
+                        parked = true;
+                    } else {
+                        // hyper was not idle after all (it still had a request
+                        // body to read): it closes the connection once done,
+                        // as it would for `Connection: close`.
+                        activity.set_parking(false);
+                        park_failed = true;
+                    }
+                    return poll;
+                }
+                poll
+            });
             tokio::select! {
-                result = connection.as_mut() => break result,
+                result = serving => break result,
                 () = lifecycle.stopped(), if !stopping => {
                     stopping = true;
                     graceful_shutdown(connection.as_mut());
@@ -808,16 +943,21 @@ impl<L: Lifecycle> Watch<'_, L> {
                     // Nothing is in flight in either case, so dropping the
                     // connection (closing the socket) loses no response.
                     report_expired(expired, peer);
-                    return;
+                    return Served::Closed;
                 }
                 () = give_up => {
                     debug!(%peer, "idle HTTP/2 connection did not close after GOAWAY, closing it");
-                    return;
+                    return Served::Closed;
                 }
             }
         };
-        if let Err(error) = result {
-            report_end(activity, peer, &error);
+        match result {
+            Ok(()) if parked => Served::Parked,
+            Ok(()) => Served::Closed,
+            Err(error) => {
+                report_end(activity, peer, &error);
+                Served::Closed
+            }
         }
     }
 }
@@ -871,6 +1011,9 @@ where
         let request = activity.request_started();
         let lifecycle = lifecycle.clone();
         let http1 = req.version() < Version::HTTP_2;
+        let keep_alive = req.version() == Version::HTTP_11
+            && req.body().is_end_stream()
+            && !asks_to_close(req.headers());
         // Combinators, not an `async` block: a block would keep the inner
         // future twice, once as the value it captured and once as the future
         // it awaits (rustc gives the two separate slots), and hyper keeps this
@@ -904,9 +1047,21 @@ where
                         .insert(CONNECTION, HeaderValue::from_static("close"));
                 }
             }
+            if http1 {
+                request.reusable(
+                    keep_alive
+                        && response.status() != StatusCode::SWITCHING_PROTOCOLS
+                        && !asks_to_close(response.headers()),
+                );
+            }
             response.map(|body| TrackedBody::new(body, request))
         })
     })
+}
+
+/// Whether a message's `Connection` header closes the connection after it.
+fn asks_to_close(headers: &http::HeaderMap) -> bool {
+    list_items(headers, CONNECTION).any(|option| option.eq_ignore_ascii_case(b"close"))
 }
 
 /// The 400 for refused framing. The body was not read, so the connection cannot

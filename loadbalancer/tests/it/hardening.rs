@@ -296,6 +296,74 @@ async fn the_header_timeout_does_not_cut_a_keep_alive_connection_between_request
     }
 }
 
+/// Between requests an idle connection is parked: hyper's connection, with
+/// its buffers, is taken apart, and the socket waits for the next request.
+/// Whatever arrives, in whatever pieces, is still served as before.
+#[tokio::test]
+async fn a_parked_connection_serves_pipelined_trickled_and_upload_requests_alike() {
+    let limits = limits(|l| {
+        l.header_read_timeout = NEVER;
+        l.idle_timeout = NEVER;
+    });
+    let quiet_spell = Duration::from_millis(50);
+    for target in Target::both(limits).await {
+        let name = target.name();
+        let mut conn = RawConn::connect(target.addr()).await;
+        // Two requests in one write: the second arrives with the first.
+        conn.send(&[GOOD, GOOD].concat()).await;
+        for _ in 0..2 {
+            assert_eq!(
+                conn.response().await.expect("answered").status,
+                200,
+                "{name}"
+            );
+        }
+        // A head that begins while the connection is parked and ends later.
+        tokio::time::sleep(quiet_spell).await;
+        conn.send(&GOOD[..5]).await;
+        tokio::time::sleep(quiet_spell).await;
+        conn.send(&GOOD[5..]).await;
+        assert_eq!(
+            conn.response().await.expect("answered").status,
+            200,
+            "{name}"
+        );
+        // A request with a body (whatever its answer), then a quiet spell.
+        conn.send(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello")
+            .await;
+        assert!(
+            conn.response().await.is_some(),
+            "{name}: the upload is answered"
+        );
+        tokio::time::sleep(quiet_spell).await;
+        conn.send(GOOD).await;
+        assert_eq!(
+            conn.response().await.expect("answered").status,
+            200,
+            "{name}"
+        );
+    }
+}
+
+/// A parked connection keeps both clocks: a head that begins while parked
+/// and then stalls is cut at the header-read timeout.
+#[tokio::test]
+async fn a_head_begun_on_a_parked_connection_gets_the_header_timeout() {
+    let limits = limits(|l| {
+        l.header_read_timeout = Duration::from_millis(200);
+        l.idle_timeout = NEVER;
+    });
+    for target in Target::both(limits).await {
+        let mut conn = RawConn::connect(target.addr()).await;
+        conn.send(GOOD).await;
+        assert_eq!(conn.response().await.expect("answered").status, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        conn.send(&GOOD[..5]).await;
+        assert!(conn.closed().await.is_empty(), "{}", target.name());
+        assert_still_serves(target.addr()).await;
+    }
+}
+
 #[tokio::test]
 async fn at_max_connections_the_next_connection_waits_until_one_closes() {
     let limits = limits(|l| l.max_connections = 2);

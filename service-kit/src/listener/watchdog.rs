@@ -76,6 +76,14 @@ pub(crate) struct Activity {
     /// A response asked to end an HTTP/2 connection gracefully (GOAWAY), as
     /// `Connection: close` ends an HTTP/1.1 one.
     wind_down: Notify,
+    /// Whether the last HTTP/1.1 exchange leaves the connection fit to be
+    /// parked once idle (see [`Activity::may_park`]).
+    reusable: AtomicBool,
+    /// Bytes have been written to the socket and not yet flushed.
+    unflushed: AtomicBool,
+    /// The connection is being taken apart to be parked: hyper's closing
+    /// `shutdown` must not reach the socket.
+    parking: AtomicBool,
 }
 
 impl Activity {
@@ -88,6 +96,9 @@ impl Activity {
             answered: AtomicU64::new(0),
             flooded: AtomicBool::new(false),
             wind_down: Notify::new(),
+            reusable: AtomicBool::new(false),
+            unflushed: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
         })
     }
 
@@ -139,6 +150,27 @@ impl Activity {
         self.wind_down.notified().await;
     }
 
+    /// Whether an HTTP/1.1 connection can give hyper's buffers back now and wait
+    /// for its next request without them: it is idle (its last response is
+    /// written and nothing of a next request has arrived), everything written
+    /// has been flushed, and its last exchange keeps it open (see
+    /// [`RequestGuard::reusable`]).
+    pub(crate) fn may_park(&self) -> bool {
+        matches!(*self.state(), State::Idle { .. })
+            && self.reusable.load(Ordering::Relaxed)
+            && !self.unflushed.load(Ordering::Relaxed)
+    }
+
+    /// The connection is about to be taken apart for parking, or has been put
+    /// back together (`false`).
+    pub(crate) fn set_parking(&self, parking: bool) {
+        self.parking.store(parking, Ordering::Relaxed);
+    }
+
+    pub(crate) fn parking(&self) -> bool {
+        self.parking.load(Ordering::Relaxed)
+    }
+
     /// hyper has parsed a request head and called the service. The returned guard
     /// marks the request finished when it is dropped, which [`TrackedBody`] does
     /// once hyper has written (or abandoned) the response body.
@@ -181,25 +213,47 @@ impl Activity {
     /// to `header_read`: a look that happens to fall while the first head
     /// arrives, as it does when the connection's task starts the watch just
     /// after reading the first bytes.)
-    pub(crate) async fn expired(&self, idle: Duration, header_read: Duration) -> Expired {
-        let look_every = idle.min(header_read);
-        let timer = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(timer);
-        loop {
-            let now = Instant::now();
-            let next_look = match *self.state() {
-                State::Idle { since } if since + idle <= now => return Expired::Idle,
-                State::Idle { since } => (since + idle).min(now + look_every),
-                State::ReadingHead { since } if since + header_read <= now => {
-                    return Expired::HeaderRead;
-                }
-                State::ReadingHead { since } => (since + header_read).min(now + look_every),
-                State::Busy { .. } => now + look_every,
-            };
-            // One timer, moved rather than made anew.
-            timer.as_mut().reset(next_look);
-            timer.as_mut().await;
+    ///
+    /// A block rather than an `async fn` (which keeps its arguments twice): a
+    /// parked connection waits on this, and its size is part of what each
+    /// idle connection costs.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep its arguments twice"
+    )]
+    pub(crate) fn expired(
+        &self,
+        idle: Duration,
+        header_read: Duration,
+    ) -> impl Future<Output = Expired> + '_ {
+        async move {
+            let timer = tokio::time::sleep(Duration::ZERO);
+            tokio::pin!(timer);
+            loop {
+                let next_look = match self.next_look(idle, header_read) {
+                    Ok(next_look) => next_look,
+                    Err(expired) => return expired,
+                };
+                // One timer, moved rather than made anew.
+                timer.as_mut().reset(next_look);
+                timer.as_mut().await;
+            }
         }
+    }
+
+    /// When [`Self::expired`] should look again, or what has expired.
+    fn next_look(&self, idle: Duration, header_read: Duration) -> Result<Instant, Expired> {
+        let look_every = idle.min(header_read);
+        let now = Instant::now();
+        Ok(match *self.state() {
+            State::Idle { since } if since + idle <= now => return Err(Expired::Idle),
+            State::Idle { since } => (since + idle).min(now + look_every),
+            State::ReadingHead { since } if since + header_read <= now => {
+                return Err(Expired::HeaderRead);
+            }
+            State::ReadingHead { since } => (since + header_read).min(now + look_every),
+            State::Busy { .. } => now + look_every,
+        })
     }
 }
 
@@ -211,6 +265,14 @@ impl RequestGuard {
     /// The service has given its response.
     pub(crate) fn answered(&self) {
         self.0.answered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Says whether the exchange leaves an HTTP/1.1 connection open and in step
+    /// with hyper, so that it may be parked once idle: a keep-alive request
+    /// without a body (whether a body was read to its end, hyper alone knows),
+    /// answered without `Connection: close` and without switching protocols.
+    pub(crate) fn reusable(&self, reusable: bool) {
+        self.0.reusable.store(reusable, Ordering::Relaxed);
     }
 
     /// Asks the connection to end gracefully once its requests are done. A
@@ -321,20 +383,58 @@ impl<T: AsyncRead + Unpin> TrackedIo<T> {
             if let Some(protocol) = self.wire.protocol() {
                 return Poll::Ready(Ok(Some(protocol)));
             }
-            let mut space = [MaybeUninit::<u8>::uninit(); SNIFF_READ];
-            let mut buf = ReadBuf::uninit(&mut space);
-            ready!(Pin::new(&mut self.inner).poll_read(cx, &mut buf))?;
-            let bytes = buf.filled();
-            if bytes.is_empty() {
+            if !ready!(self.poll_read_ahead(cx))? {
                 return Poll::Ready(Ok(None));
             }
-            self.sniffed.bytes.extend_from_slice(bytes);
-            // The wire reads past the preface, into the first frames, if the
-            // read went that far.
-            if self.wire.read(bytes, &self.activity).is_err() {
-                return Poll::Ready(Err(self.flooded()));
-            }
         }
+    }
+
+    /// Waits, holding no buffer, until the client sends more; `false` if it
+    /// closed the connection instead. The bytes are read again by whoever
+    /// reads next. A parked connection waits here for its next request.
+    pub(crate) async fn next_bytes(&mut self) -> io::Result<bool> {
+        std::future::poll_fn(|cx| self.poll_read_ahead(cx)).await
+    }
+
+    /// Reads once into the stack, and keeps what was read (if anything) to be
+    /// handed out before the socket is read again.
+    fn poll_read_ahead(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let mut space = [MaybeUninit::<u8>::uninit(); SNIFF_READ];
+        let mut buf = ReadBuf::uninit(&mut space);
+        ready!(Pin::new(&mut self.inner).poll_read(cx, &mut buf))?;
+        let bytes = buf.filled();
+        if bytes.is_empty() {
+            return Poll::Ready(Ok(false));
+        }
+        self.sniffed.bytes.extend_from_slice(bytes);
+        // The wire reads past the preface, into the first frames, if the
+        // read went that far.
+        if self.wire.read(bytes, &self.activity).is_err() {
+            return Poll::Ready(Err(self.flooded()));
+        }
+        Poll::Ready(Ok(true))
+    }
+
+    /// Puts back `bytes` that were read but not used (what hyper had read of a
+    /// next request when its connection was taken apart), to be handed out
+    /// first.
+    pub(crate) fn unread(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let sniffed = &mut self.sniffed;
+        let mut unread = Vec::with_capacity(bytes.len() + sniffed.bytes.len() - sniffed.handed);
+        unread.extend_from_slice(bytes);
+        unread.extend_from_slice(&sniffed.bytes[sniffed.handed..]);
+        *sniffed = Sniffed {
+            bytes: unread,
+            handed: 0,
+        };
+    }
+
+    /// Whether bytes read ahead are waiting to be handed out.
+    pub(crate) fn has_unread(&self) -> bool {
+        self.sniffed.handed < self.sniffed.bytes.len()
     }
 
     fn flooded(&self) -> io::Error {
@@ -374,6 +474,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
     }
 }
 
+impl<T> TrackedIo<T> {
+    fn wrote(&mut self, bytes: usize) {
+        self.wire.wrote(bytes);
+        if bytes > 0 {
+            self.activity.unflushed.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -381,7 +490,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let written = ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
-        self.wire.wrote(written);
+        self.wrote(written);
         Poll::Ready(Ok(written))
     }
 
@@ -391,7 +500,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let written = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs))?;
-        self.wire.wrote(written);
+        self.wrote(written);
         Poll::Ready(Ok(written))
     }
 
@@ -399,11 +508,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         self.inner.is_write_vectored()
     }
 
+    // hyper flushes the socket only once its own buffer is empty, so a
+    // successful flush means that all of the response has left.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        self.activity.unflushed.store(false, Ordering::Relaxed);
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.activity.parking() {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

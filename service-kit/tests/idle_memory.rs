@@ -1,0 +1,126 @@
+//! What an idle keep-alive connection costs the server in heap memory, counted
+//! through the allocator: a parked connection (see the listener's
+//! `serve_http1`) holds no read or write buffer, so its whole cost is a few
+//! hundred bytes of bookkeeping, less than any one of hyper's 8 KiB buffers.
+//!
+//! A test binary of its own, because the counting allocator is process-wide.
+
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use service_kit::listener::{self, ConnectionCap, Lifecycle, Plain, ServerLimits};
+
+// dhat counts every allocation of the process (our `unsafe_code = "forbid"`
+// rules out writing the counting allocator here).
+#[global_allocator]
+static ALLOCATOR: dhat::Alloc = dhat::Alloc;
+
+/// The heap in use, in bytes.
+fn live_bytes() -> isize {
+    isize::try_from(dhat::HeapStats::get().curr_bytes).expect("fits")
+}
+
+/// A server that never stops.
+#[derive(Clone)]
+struct Forever;
+
+impl Lifecycle for Forever {
+    fn stopped(&self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
+
+    fn draining(&self) -> bool {
+        false
+    }
+}
+
+/// Connections held idle at once.
+const CONNECTIONS: usize = 200;
+
+/// The most heap one idle connection may hold: well under one of hyper's
+/// 8 KiB buffers. It covers the connection's task, its socket's registration
+/// with the runtime, its timers and its place under the cap.
+const MOST_BYTES_PER_IDLE_CONNECTION: isize = 2048;
+
+/// Sends one `GET /` on a new blocking connection (no heap of the client's
+/// in the count) and reads the whole answer.
+fn one_request(addr: SocketAddr) -> TcpStream {
+    let mut client = TcpStream::connect(addr).expect("connected");
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        .expect("request sent");
+    let mut answer = [0u8; 1024];
+    let mut read = 0;
+    while !answer[..read].ends_with(b"idle") {
+        let count = client.read(&mut answer[read..]).expect("answer read");
+        assert!(count > 0, "connection closed before the whole answer");
+        read += count;
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{:?}", &answer[..read]);
+    client
+}
+
+/// Waits until the heap in use has stopped shrinking (the server's tasks have
+/// parked their connections), and returns it.
+fn settled_live_bytes() -> isize {
+    let give_up = Instant::now() + Duration::from_secs(10);
+    let mut last = live_bytes();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = live_bytes();
+        if now >= last || Instant::now() > give_up {
+            return now;
+        }
+        last = now;
+    }
+}
+
+#[test]
+fn an_idle_keep_alive_connection_holds_no_buffers() {
+    let _profiler = dhat::Profiler::builder().testing().build();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let listener = runtime
+        .block_on(async { listener::bind(SocketAddr::from(([127, 0, 0, 1], 0))) })
+        .expect("bound");
+    let addr = listener.local_addr().expect("an address");
+    let make_service = |_peer| {
+        service_fn(|_request: Request<Incoming>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"idle"))))
+        })
+    };
+    let limits = ServerLimits::DEFAULT;
+    runtime.spawn(listener::serve_connections(
+        listener,
+        Plain,
+        make_service,
+        Forever,
+        limits,
+        ConnectionCap::new(limits.max_connections),
+    ));
+
+    // One connection first, so that whatever the server sets up once (the
+    // runtime's slabs, hyper's date cache) is not charged to the others.
+    let _warm = one_request(addr);
+    let before = settled_live_bytes();
+    let clients: Vec<TcpStream> = (0..CONNECTIONS).map(|_| one_request(addr)).collect();
+    let after = settled_live_bytes();
+
+    let per_connection = (after - before) / CONNECTIONS as isize;
+    println!("{CONNECTIONS} idle connections hold {per_connection} bytes of heap each");
+    assert!(
+        per_connection <= MOST_BYTES_PER_IDLE_CONNECTION,
+        "an idle connection holds {per_connection} bytes, more than {MOST_BYTES_PER_IDLE_CONNECTION}"
+    );
+    drop(clients);
+}
