@@ -11,9 +11,10 @@
 //! channel: the admin endpoint reads the current phase for `/readyz`, the accept
 //! loops and connection tasks wait for [`Phase::Stopping`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::info;
 
 /// Where the process is in its shutdown sequence. Phases only move forward.
@@ -35,6 +36,10 @@ pub struct Shutdown {
     /// accepted a moment before the signal) still see the current phase, and
     /// nobody can miss a message.
     phase: watch::Sender<Phase>,
+    /// Woken once, when the phase becomes [`Phase::Stopping`]. Every idle
+    /// connection waits on it, and a `Notify` waiter is a third of the size
+    /// of a watch receiver's wait.
+    stopping: Arc<Notify>,
 }
 
 impl Default for Shutdown {
@@ -48,6 +53,7 @@ impl Shutdown {
     pub fn new() -> Self {
         Self {
             phase: watch::Sender::new(Phase::Serving),
+            stopping: Arc::new(Notify::new()),
         }
     }
 
@@ -84,19 +90,26 @@ impl Shutdown {
 
     /// Resolves once [`Shutdown::stop`] has been called (at once if it already was).
     pub async fn stopped(&self) {
-        let mut phase = self.phase.subscribe();
-        // `wait_for` only fails when the sender is gone, and `self` holds one.
-        let _ = phase.wait_for(|phase| *phase == Phase::Stopping).await;
+        let notified = self.stopping.notified();
+        let mut notified = std::pin::pin!(notified);
+        // Registered before the phase is read, so a stop in between is not missed.
+        notified.as_mut().enable();
+        if self.phase() != Phase::Stopping {
+            notified.await;
+        }
     }
 
     fn advance_to(&self, next: Phase) {
-        self.phase.send_if_modified(|phase| {
+        let moved = self.phase.send_if_modified(|phase| {
             let moved = next > *phase;
             if moved {
                 *phase = next;
             }
             moved
         });
+        if moved && next == Phase::Stopping {
+            self.stopping.notify_waiters();
+        }
     }
 }
 

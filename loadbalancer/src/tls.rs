@@ -232,9 +232,12 @@ impl Handshake for Tls {
     ) -> Option<TlsStream<TcpStream>> {
         // The failed connection's socket is held until its failure is
         // counted: a client that sees the close and then reads the metric
-        // finds it counted.
-        let accepting = tokio::time::timeout(limit, self.acceptor.accept(stream).into_fallible());
-        tokio::pin!(accepting);
+        // finds it counted. Boxed: the handshake's state is large, and the
+        // connection's task would otherwise keep room for it for its life.
+        let mut accepting = Box::pin(tokio::time::timeout(
+            limit,
+            self.acceptor.accept(stream).into_fallible(),
+        ));
         let (failure, _socket) = match accepting.as_mut().await {
             Ok(Ok(stream)) => {
                 let version = TlsVersion::of(stream.get_ref().1.protocol_version());

@@ -82,8 +82,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::TryFutureExt;
 use futures::future;
+use futures::{FutureExt, TryFutureExt};
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
@@ -406,6 +406,18 @@ pub(crate) struct Slot {
     _open: Option<Opened>,
 }
 
+#[cfg(test)]
+impl Slot {
+    /// A place under a cap of its own, for tests of one connection.
+    pub(crate) fn unlimited() -> Self {
+        let cap = ConnectionCap::new(1);
+        let permit = Arc::clone(&cap.slots)
+            .try_acquire_owned()
+            .expect("a free slot");
+        cap.admit(permit)
+    }
+}
+
 impl ServerLimits {
     /// The documented defaults. Drain 5 s + shutdown timeout 20 s fit inside
     /// Kubernetes' `terminationGracePeriodSeconds` of 30.
@@ -438,8 +450,35 @@ impl Default for ServerLimits {
     }
 }
 
+/// What [`guarded`] makes of a connection's service, as hyper's servers take
+/// it; named, like [`ConnectionService`], to write its bounds once.
+pub(crate) trait GuardedService:
+    HttpService<
+        Incoming,
+        Error: Into<BoxError> + Send + 'static,
+        ResBody: ResponseBody,
+        Future: Send + 'static,
+    > + Send
+    + Unpin
+    + 'static
+{
+}
+
+impl<G> GuardedService for G where
+    G: HttpService<
+            Incoming,
+            Error: Into<BoxError> + Send + 'static,
+            ResBody: ResponseBody,
+            Future: Send + 'static,
+        > + Send
+        + Unpin
+        + 'static
+{
+}
+
 /// A service the accept loop can serve: it answers each request of a connection
-/// with a `Response<B>`, and its futures may move between tasks. Implemented for
+/// with a `Response<B>`, and it and its futures may move between tasks (and
+/// out of a parked connection's hyper server, hence `Unpin`). Implemented for
 /// every such service; it exists to name the bounds once instead of in every
 /// function on the way from `serve` to hyper.
 pub trait ConnectionService<B>:
@@ -448,13 +487,15 @@ pub trait ConnectionService<B>:
         Response = Response<B>,
         Error: Into<BoxError> + Send + 'static,
         Future: Send + 'static,
-    >
+    > + Send
+    + Unpin
+    + 'static
 {
 }
 
 impl<S, B> ConnectionService<B> for S
 where
-    S: Service<Request<Incoming>, Response = Response<B>>,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + Unpin + 'static,
     S::Error: Into<BoxError> + Send + 'static,
     S::Future: Send + 'static,
 {
@@ -506,7 +547,7 @@ where
 }
 
 /// Where the owning server is in its shutdown, as the accept loop needs to know.
-pub trait Lifecycle: Clone + Send + Sync + 'static {
+pub trait Lifecycle: Clone + Send + Sync + Unpin + 'static {
     /// Resolves once the listener must stop accepting (at once if it already
     /// must).
     fn stopped(&self) -> impl Future<Output = ()> + Send;
@@ -592,14 +633,14 @@ pub async fn serve_connections<M, S, B, L, H>(
                 continue;
             }
         };
-        let slot = cap.admit(permit);
-        let service = make_service(peer);
+        let activity = Activity::new(cap.admit(permit));
+        let service = guarded(make_service(peer), Arc::clone(&activity), lifecycle.clone());
         connections.spawn(serve_connection(
             Arc::clone(&http),
             handshake.clone(),
             stream,
-            slot,
             peer,
+            activity,
             service,
             lifecycle.clone(),
         ));
@@ -674,7 +715,40 @@ impl Builders {
 }
 
 /// Serves one connection from `peer`, whichever protocol it speaks, until it
-/// closes: the connection's task.
+/// closes: the connection's task. First the handshake, then HTTP
+/// ([`serve_http`]), as two stages that share their place in the task: the
+/// handshake's state (a TLS handshake's is large) is gone once HTTP begins.
+fn serve_connection<H, G, L>(
+    http: Arc<Builders>,
+    handshake: H,
+    stream: TcpStream,
+    peer: SocketAddr,
+    activity: Arc<Activity>,
+    service: G,
+    lifecycle: L,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    H: Handshake,
+    G: GuardedService,
+    L: Lifecycle,
+{
+    // Responses are written in one go; don't let Nagle delay the last segment.
+    if let Err(error) = stream.set_nodelay(true) {
+        debug!(%error, "cannot set TCP_NODELAY");
+    }
+    let limit = http.limits.header_read_timeout;
+    let handshaken = async move { handshake.handshake(stream, peer, limit).await };
+    handshaken.then(move |stream| match stream {
+        Some(stream) => {
+            let io = TrackedIo::new(stream, Arc::clone(&activity));
+            future::Either::Left(serve_http(http, io, peer, activity, service, lifecycle))
+        }
+        None => future::Either::Right(future::ready(())),
+    })
+}
+
+/// Serves HTTP on `io`, whichever protocol it speaks, until the connection
+/// closes.
 ///
 /// Written as a block rather than an `async fn`, whose arguments rustc keeps
 /// twice in the future (as arguments and as locals), and with the HTTP/1.1
@@ -685,62 +759,28 @@ impl Builders {
     clippy::manual_async_fn,
     reason = "an async fn would keep its arguments twice"
 )]
-fn serve_connection<H, S, B, L>(
+fn serve_http<I, G, L>(
     http: Arc<Builders>,
-    handshake: H,
-    stream: TcpStream,
-    slot: Slot,
+    mut io: TrackedIo<I>,
     peer: SocketAddr,
-    service: S,
+    activity: Arc<Activity>,
+    mut service: G,
     lifecycle: L,
 ) -> impl Future<Output = ()> + Send + 'static
 where
-    H: Handshake,
-    S: ConnectionService<B> + Send + 'static,
-    B: ResponseBody,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    G: GuardedService,
     L: Lifecycle,
 {
     async move {
-        let limits = &http.limits;
-        // Responses are written in one go; don't let Nagle delay the last segment.
-        if let Err(error) = stream.set_nodelay(true) {
-            debug!(%error, "cannot set TCP_NODELAY");
-        }
-        let Some(stream) = handshake
-            .handshake(stream, peer, limits.header_read_timeout)
-            .await
-        else {
-            return;
-        };
-        let activity = Activity::new();
-        // The socket holds its cap slot: the slot is freed for the next connection
-        // waiting in the backlog when the socket closes, whoever owns it by then.
-        let mut io = TrackedIo::new(stream, Arc::clone(&activity), slot);
-        // The first bytes tell HTTP/2 from HTTP/1.1 (see `wire`), under the same
-        // clocks as a request head; a connection that has sent nothing when the
-        // listener stops has asked for nothing and closes at once.
-        let protocol = tokio::select! {
-            protocol = io.protocol() => protocol,
-            () = lifecycle.stopped() => return,
-            expired = activity.expired(limits.idle_timeout, limits.header_read_timeout) => {
-                report_expired(expired, peer);
-                return;
-            }
-        };
-        let protocol = match protocol {
-            Ok(Some(protocol)) => protocol,
-            Ok(None) => return,
-            Err(error) => {
-                report_end(&activity, peer, &error);
-                return;
-            }
-        };
-        let mut service = guarded(service, Arc::clone(&activity), lifecycle.clone());
         let watch = Watch {
             activity: &activity,
-            peer,
+            peer: &peer,
             lifecycle: &lifecycle,
-            limits,
+            limits: &http.limits,
+        };
+        let Some(protocol) = watch.protocol(&mut io).await else {
+            return;
         };
         match protocol {
             // Served until idle, then parked (see `Watch::serve_http1`) until
@@ -753,7 +793,8 @@ where
                     Some(parked) => parked,
                     None => return,
                 };
-                if !io.has_unread() && !watch.wait_for_next_request(&mut io).await {
+                // Parked: waiting for the next request, holding no buffer.
+                if !io.has_unread() && !watch.next_bytes(&mut io).await {
                     return;
                 }
             },
@@ -775,7 +816,7 @@ where
 /// What a connection's task keeps an eye on while hyper serves it.
 struct Watch<'a, L> {
     activity: &'a Activity,
-    peer: SocketAddr,
+    peer: &'a SocketAddr,
     lifecycle: &'a L,
     limits: &'a ServerLimits,
 }
@@ -797,7 +838,7 @@ impl<L: Lifecycle> Watch<'_, L> {
     /// as its connection lives, idle or not. So once the last response has
     /// left and nothing more has arrived, hyper's connection is taken apart,
     /// and the socket waits for the next request holding no buffer at all
-    /// ([`Self::wait_for_next_request`]); its first bytes start a new hyper
+    /// ([`Self::next_bytes`]); its first bytes start a new hyper
     /// connection on the same socket. nginx treats keep-alive connections the
     /// same way, which is what lets thousands of idle clients cost little. A
     /// busy client pays for it with one new hyper connection (a few
@@ -840,23 +881,62 @@ impl<L: Lifecycle> Watch<'_, L> {
         Some((io, parts.service))
     }
 
-    /// Waits, holding no buffer, until a parked connection's client sends
-    /// more; `false` if the connection is to close instead: the client closed
-    /// it, the listener stopped, or it stayed idle too long.
-    async fn wait_for_next_request<I: AsyncRead + Unpin>(&self, io: &mut TrackedIo<I>) -> bool {
-        let limits = self.limits;
-        let next = tokio::select! {
-            next = io.next_bytes() => next,
-            () = self.lifecycle.stopped() => return false,
-            expired = self.activity.expired(limits.idle_timeout, limits.header_read_timeout) => {
-                report_expired(expired, self.peer);
-                return false;
+    /// Reads the first bytes until they tell HTTP/2 from HTTP/1.1 (see
+    /// `wire`), under the same clocks as a request head; `None` if the
+    /// connection is to close first. A connection that has sent nothing when
+    /// the listener stops has asked for nothing and closes at once.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep its arguments twice"
+    )]
+    fn protocol<'io, I: AsyncRead + Unpin>(
+        &self,
+        io: &'io mut TrackedIo<I>,
+    ) -> impl Future<Output = Option<Protocol>> + use<'_, 'io, I, L> {
+        async move {
+            loop {
+                if let Some(protocol) = io.protocol() {
+                    return Some(protocol);
+                }
+                if !self.next_bytes(io).await {
+                    return None;
+                }
             }
-        };
-        next.unwrap_or_else(|error| {
-            report_end(self.activity, self.peer, &error);
-            false
-        })
+        }
+    }
+
+    /// Waits until the client sends more, and reads it ahead; `false` if the
+    /// connection is to close instead: the client closed it, the listener
+    /// stopped, or the watchdog's clock for the connection's state ran out.
+    /// Between requests that is the idle timeout, within a head the
+    /// header-read timeout: one timer, set for whichever applies, where a
+    /// connection being served needs [`Activity::expired`]'s two clocks.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep its arguments twice"
+    )]
+    fn next_bytes<'io, I: AsyncRead + Unpin>(
+        &self,
+        io: &'io mut TrackedIo<I>,
+    ) -> impl Future<Output = bool> + use<'_, 'io, I, L> {
+        async move {
+            let limits = self.limits;
+            let (deadline, expiring) = self
+                .activity
+                .deadline(limits.idle_timeout, limits.header_read_timeout);
+            let next = tokio::select! {
+                next = io.next_bytes() => next,
+                () = self.lifecycle.stopped() => return false,
+                () = tokio::time::sleep_until(deadline) => {
+                    report_expired(expiring, *self.peer);
+                    return false;
+                }
+            };
+            next.unwrap_or_else(|error| {
+                report_end(self.activity, *self.peer, &error);
+                false
+            })
+        }
     }
 
     /// Runs hyper's `connection` to its end, stopping it gracefully
@@ -942,7 +1022,7 @@ impl<L: Lifecycle> Watch<'_, L> {
                     }
                     // Nothing is in flight in either case, so dropping the
                     // connection (closing the socket) loses no response.
-                    report_expired(expired, peer);
+                    report_expired(expired, *peer);
                     return Served::Closed;
                 }
                 () = give_up => {
@@ -955,7 +1035,7 @@ impl<L: Lifecycle> Watch<'_, L> {
             Ok(()) if parked => Served::Parked,
             Ok(()) => Served::Closed,
             Err(error) => {
-                report_end(activity, peer, &error);
+                report_end(activity, *peer, &error);
                 Served::Closed
             }
         }

@@ -25,10 +25,14 @@
 //! to read, the service wrapper in `listener` marks requests in and out through
 //! [`Activity::request_started`] and the [`TrackedBody`] guard, and
 //! [`Activity::expired`] is a future that resolves when the current state has
-//! outlived its limit.
+//! outlived its limit ([`Activity::deadline`] when only one state can apply).
 //!
-//! [`TrackedIo`] also reads the first bytes before hyper does, to tell the
-//! protocol ([`TrackedIo::protocol`]), and hands them to hyper afterwards.
+//! [`TrackedIo`] also reads bytes before hyper does ([`TrackedIo::next_bytes`]),
+//! and hands them to hyper afterwards: the first bytes, to tell the protocol,
+//! and on a parked connection (one that hyper has let go of between requests,
+//! see `listener`) the first bytes of the next request. It keeps track of
+//! whether everything written has been flushed, and while a connection is
+//! being parked it keeps hyper's closing `shutdown` from the socket.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -84,11 +88,16 @@ pub(crate) struct Activity {
     /// The connection is being taken apart to be parked: hyper's closing
     /// `shutdown` must not reach the socket.
     parking: AtomicBool,
+    /// The connection's place under the cap. The socket holds its activity,
+    /// and so do the requests in flight, so the place is freed once the socket
+    /// has closed and the last request has ended, whoever owns the socket by
+    /// then (the proxy's tunnel, after an upgrade).
+    _slot: Slot,
 }
 
 impl Activity {
-    /// A fresh connection: idle from now.
-    pub(crate) fn new() -> Arc<Self> {
+    /// A fresh connection in `slot`: idle from now.
+    pub(crate) fn new(slot: Slot) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State::Idle {
                 since: Instant::now(),
@@ -99,6 +108,7 @@ impl Activity {
             reusable: AtomicBool::new(false),
             unflushed: AtomicBool::new(false),
             parking: AtomicBool::new(false),
+            _slot: slot,
         })
     }
 
@@ -241,6 +251,17 @@ impl Activity {
         }
     }
 
+    /// When the connection's current state runs out of time, and which limit
+    /// that is: `idle` after an idle spell began, `header_read` after a head
+    /// began. A busy connection has no limit here; it counts as idle from now.
+    pub(crate) fn deadline(&self, idle: Duration, header_read: Duration) -> (Instant, Expired) {
+        match *self.state() {
+            State::Idle { since } => (since + idle, Expired::Idle),
+            State::ReadingHead { since } => (since + header_read, Expired::HeaderRead),
+            State::Busy { .. } => (Instant::now() + idle, Expired::Idle),
+        }
+    }
+
     /// When [`Self::expired`] should look again, or what has expired.
     fn next_look(&self, idle: Duration, header_read: Duration) -> Result<Instant, Expired> {
         let look_every = idle.min(header_read);
@@ -336,10 +357,9 @@ pub(crate) struct TrackedIo<T> {
     inner: T,
     activity: Arc<Activity>,
     wire: Wire,
-    /// The bytes [`TrackedIo::protocol`] read, handed out before any others.
+    /// The bytes read ahead ([`TrackedIo::next_bytes`]), handed out before
+    /// any others.
     sniffed: Sniffed,
-    /// The connection's slot under the cap, held as long as the socket is open.
-    _slot: Slot,
 }
 
 /// The bytes read to tell the protocol, until hyper has taken them; then
@@ -359,34 +379,20 @@ struct Sniffed {
 const SNIFF_READ: usize = 4096;
 
 impl<T> TrackedIo<T> {
-    pub(crate) fn new(inner: T, activity: Arc<Activity>, slot: Slot) -> Self {
+    pub(crate) fn new(inner: T, activity: Arc<Activity>) -> Self {
         Self {
             inner,
             activity,
             wire: Wire::new(),
             sniffed: Sniffed::default(),
-            _slot: slot,
         }
     }
 }
 
 impl<T: AsyncRead + Unpin> TrackedIo<T> {
-    /// Reads the first bytes, until they tell the protocol; `None` if the
-    /// client closed the connection first. The bytes are read again by whoever
-    /// reads next.
-    pub(crate) async fn protocol(&mut self) -> io::Result<Option<Protocol>> {
-        std::future::poll_fn(|cx| self.poll_protocol(cx)).await
-    }
-
-    fn poll_protocol(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Protocol>>> {
-        loop {
-            if let Some(protocol) = self.wire.protocol() {
-                return Poll::Ready(Ok(Some(protocol)));
-            }
-            if !ready!(self.poll_read_ahead(cx))? {
-                return Poll::Ready(Ok(None));
-            }
-        }
+    /// The connection's protocol, once its first bytes have told it.
+    pub(crate) fn protocol(&self) -> Option<Protocol> {
+        self.wire.protocol()
     }
 
     /// Waits, holding no buffer, until the client sends more; `false` if it
@@ -529,20 +535,19 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::listener::ConnectionCap;
 
     const IDLE: Duration = Duration::from_secs(60);
     const HEADER: Duration = Duration::from_secs(10);
 
     #[tokio::test(start_paused = true)]
     async fn a_quiet_connection_expires_as_idle() {
-        let activity = Activity::new();
+        let activity = Activity::new(Slot::unlimited());
         assert_eq!(activity.expired(IDLE, HEADER).await, Expired::Idle);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_started_head_gets_the_header_timeout_not_the_idle_one() {
-        let activity = Activity::new();
+        let activity = Activity::new(Slot::unlimited());
         activity.head_begun();
         let started = Instant::now();
         assert_eq!(activity.expired(IDLE, HEADER).await, Expired::HeaderRead);
@@ -553,7 +558,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_quick_request_seen_mid_head_still_expires_as_idle_on_time() {
         let idle = Duration::from_millis(300);
-        let activity = Activity::new();
+        let activity = Activity::new(Slot::unlimited());
         activity.head_begun();
         let expired = activity.expired(idle, Duration::from_secs(3600));
         tokio::pin!(expired);
@@ -567,7 +572,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_busy_connection_never_expires_and_goes_idle_when_the_body_drops() {
-        let activity = Activity::new();
+        let activity = Activity::new(Slot::unlimited());
         let guard = activity.request_started();
         let waiting = tokio::time::timeout(IDLE * 10, activity.expired(IDLE, HEADER)).await;
         assert!(waiting.is_err(), "a busy connection expired: {waiting:?}");
@@ -579,15 +584,23 @@ mod tests {
 
     /// A connection over an in-memory pipe, and the client's end of it.
     fn tracked() -> (TrackedIo<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
-        let cap = ConnectionCap::new(1);
-        let permit = Arc::clone(&cap.slots)
-            .try_acquire_owned()
-            .expect("a free slot");
         let (client, server) = tokio::io::duplex(1024);
         (
-            TrackedIo::new(server, Activity::new(), cap.admit(permit)),
+            TrackedIo::new(server, Activity::new(Slot::unlimited())),
             client,
         )
+    }
+
+    /// Reads ahead until the protocol is known, as the listener does.
+    async fn told_protocol(
+        io: &mut TrackedIo<tokio::io::DuplexStream>,
+    ) -> io::Result<Option<Protocol>> {
+        while io.protocol().is_none() {
+            if !io.next_bytes().await? {
+                return Ok(None);
+            }
+        }
+        Ok(io.protocol())
     }
 
     #[tokio::test]
@@ -603,7 +616,7 @@ mod tests {
             // In two writes, the first shorter than the preface.
             client.write_all(&sent[..5]).await.expect("written");
             let told = tokio::spawn(async move {
-                let protocol = io.protocol().await;
+                let protocol = told_protocol(&mut io).await;
                 (io, protocol)
             });
             tokio::task::yield_now().await;
@@ -621,6 +634,6 @@ mod tests {
     async fn a_client_that_closes_at_once_tells_no_protocol() {
         let (mut io, client) = tracked();
         drop(client);
-        assert_eq!(io.protocol().await.expect("no error"), None);
+        assert_eq!(told_protocol(&mut io).await.expect("no error"), None);
     }
 }

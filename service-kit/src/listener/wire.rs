@@ -87,7 +87,9 @@ pub(crate) enum Wire {
         matched: usize,
     },
     Http1,
-    Http2(Frames),
+    /// Boxed: most connections are HTTP/1.1, and each byte here is a byte of
+    /// every idle connection.
+    Http2(Box<Frames>),
 }
 
 impl Wire {
@@ -124,7 +126,7 @@ impl Wire {
                     return Ok(());
                 }
                 activity.preface_received();
-                let mut frames = Frames::new();
+                let mut frames = Box::new(Frames::new());
                 let read = frames.read(&bytes[common..], activity);
                 *self = Self::Http2(frames);
                 read
@@ -257,6 +259,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::listener::Slot;
 
     /// A frame header, and `payload` zero bytes after it.
     fn frame(kind: u8, flags: u8, payload: usize) -> Vec<u8> {
@@ -270,7 +273,7 @@ mod tests {
     const SETTINGS: u8 = 0x4;
 
     fn http2() -> (Wire, std::sync::Arc<Activity>) {
-        let activity = Activity::new();
+        let activity = Activity::new(Slot::unlimited());
         let mut wire = Wire::new();
         wire.read(PREFACE, &activity)
             .expect("the preface is no flood");
@@ -280,7 +283,7 @@ mod tests {
 
     #[test]
     fn the_first_differing_byte_makes_http1_and_a_whole_preface_http2() {
-        let activity = Activity::new();
+        let activity = Activity::new(Slot::unlimited());
         let mut wire = Wire::new();
         wire.read(b"PRI * HTTP/2", &activity).expect("no flood");
         assert_eq!(
