@@ -83,6 +83,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future;
+use futures::future::FusedFuture;
 use futures::{FutureExt, TryFutureExt};
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -773,10 +774,14 @@ where
     L: Lifecycle,
 {
     async move {
-        let watch = Watch {
+        // One wait for the listener to stop, for the connection's whole life:
+        // registering a new one for each request would take the shutdown's
+        // lock twice per request.
+        let stopped = std::pin::pin!(lifecycle.stopped().fuse());
+        let mut watch = Watch {
             activity: &activity,
             peer: &peer,
-            lifecycle: &lifecycle,
+            stopped,
             limits: &http.limits,
         };
         let Some(protocol) = watch.protocol(&mut io).await else {
@@ -787,24 +792,40 @@ where
             // the next request arrives, over and over. Boxed, hyper's
             // connection and its watch, so that a parked connection's task
             // holds none of either.
-            Protocol::Http1 => loop {
-                let serving = Box::pin(watch.serve_http1(&http.http1, io, service));
-                (io, service) = match serving.await {
-                    Some(parked) => parked,
-                    None => return,
-                };
-                // Parked: waiting for the next request, holding no buffer.
-                if !io.has_unread() && !watch.next_bytes(&mut io).await {
-                    return;
+            Protocol::Http1 => {
+                let mut parking = Parking::AtOnce;
+                loop {
+                    let serving = Box::pin(watch.serve_http1(&http.http1, io, service, parking));
+                    (io, service) = match serving.await {
+                        Some(parked) => parked,
+                        None => return,
+                    };
+                    if io.has_unread() {
+                        continue;
+                    }
+                    // Parked: waiting for the next request, holding no buffer.
+                    let parked_at = tokio::time::Instant::now();
+                    if !watch.next_bytes(&mut io).await {
+                        return;
+                    }
+                    parking = if parked_at.elapsed() < QUICK_RETURN {
+                        Parking::WhenQuiet
+                    } else {
+                        Parking::AtOnce
+                    };
                 }
-            },
+            }
             // Boxed, so that an HTTP/1.1 connection's task is not as large.
             Protocol::Http2 => {
                 Box::pin(async {
                     let connection =
                         std::pin::pin!(http.http2.serve_connection(TokioIo::new(io), service));
                     watch
-                        .drive(connection, http2::Connection::graceful_shutdown, true)
+                        .drive(
+                            connection,
+                            http2::Connection::graceful_shutdown,
+                            Parking::Never,
+                        )
                         .await;
                 })
                 .await;
@@ -814,12 +835,35 @@ where
 }
 
 /// What a connection's task keeps an eye on while hyper serves it.
-struct Watch<'a, L> {
+struct Watch<'a> {
     activity: &'a Activity,
     peer: &'a SocketAddr,
-    lifecycle: &'a L,
+    /// Resolves once the listener stops (and stays pending after).
+    stopped: Pin<&'a mut (dyn FusedFuture<Output = ()> + Send)>,
     limits: &'a ServerLimits,
 }
+
+/// When an idle HTTP/1.1 connection is parked (see [`Watch::serve_http1`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parking {
+    /// As soon as it is idle. A connection starts so, and goes on so while
+    /// its client leaves time between one answer and its next request.
+    AtOnce,
+    /// Once it has been quiet for [`PARK_WHEN_QUIET_FOR`]: its client sent
+    /// this request within [`QUICK_RETURN`] of the last answer, as busy
+    /// clients do, and it would pay for a new hyper connection per request.
+    WhenQuiet,
+    /// Never: HTTP/2, which hyper serves as a whole.
+    Never,
+}
+
+/// A request that arrives this soon after a connection was parked marks its
+/// client as busy ([`Parking::WhenQuiet`]).
+const QUICK_RETURN: Duration = Duration::from_millis(100);
+
+/// How long a busy client's connection stays with hyper, quiet, before it is
+/// parked after all.
+const PARK_WHEN_QUIET_FOR: Duration = Duration::from_secs(1);
 
 /// How hyper's side of a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -830,7 +874,7 @@ enum Served {
     Parked,
 }
 
-impl<L: Lifecycle> Watch<'_, L> {
+impl Watch<'_> {
     /// Serves HTTP/1.1 on `io` until the connection closes (`None`), or until
     /// it is idle and parked: then the socket and the service are given back.
     ///
@@ -838,11 +882,15 @@ impl<L: Lifecycle> Watch<'_, L> {
     /// as its connection lives, idle or not. So once the last response has
     /// left and nothing more has arrived, hyper's connection is taken apart,
     /// and the socket waits for the next request holding no buffer at all
-    /// ([`Self::next_bytes`]); its first bytes start a new hyper
-    /// connection on the same socket. nginx treats keep-alive connections the
-    /// same way, which is what lets thousands of idle clients cost little. A
-    /// busy client pays for it with one new hyper connection (a few
-    /// allocations) per request.
+    /// ([`Self::next_bytes`]); its first bytes start a new hyper connection on
+    /// the same socket. nginx treats keep-alive connections the same way,
+    /// which is what lets thousands of idle clients cost little.
+    ///
+    /// A new hyper connection per request would cost a busy client about a
+    /// tenth more CPU per request (measured: fresh buffers, timers and
+    /// state). So `parking` says when: at once for a client that left time
+    /// between its requests, and after [`PARK_WHEN_QUIET_FOR`] of quiet for
+    /// one whose request followed the last answer within [`QUICK_RETURN`].
     ///
     /// With upgrades, a `101` answer hands the connection over (to the proxy's
     /// tunnel, or the backend's WebSocket session) through
@@ -851,10 +899,11 @@ impl<L: Lifecycle> Watch<'_, L> {
     /// to bound and to close. It keeps its slot under the cap, which lives in
     /// the socket.
     async fn serve_http1<I, S>(
-        &self,
+        &mut self,
         builder: &http1::Builder,
         io: TrackedIo<I>,
         service: S,
+        parking: Parking,
     ) -> Option<(TrackedIo<I>, S)>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -865,7 +914,7 @@ impl<L: Lifecycle> Watch<'_, L> {
             .with_upgrades();
         let graceful_shutdown = http1::UpgradeableConnection::graceful_shutdown;
         if self
-            .drive(Pin::new(&mut connection), graceful_shutdown, false)
+            .drive(Pin::new(&mut connection), graceful_shutdown, parking)
             .await
             == Served::Closed
         {
@@ -889,10 +938,10 @@ impl<L: Lifecycle> Watch<'_, L> {
         clippy::manual_async_fn,
         reason = "an async fn would keep its arguments twice"
     )]
-    fn protocol<'io, I: AsyncRead + Unpin>(
-        &self,
-        io: &'io mut TrackedIo<I>,
-    ) -> impl Future<Output = Option<Protocol>> + use<'_, 'io, I, L> {
+    fn protocol<I: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut TrackedIo<I>,
+    ) -> impl Future<Output = Option<Protocol>> {
         async move {
             loop {
                 if let Some(protocol) = io.protocol() {
@@ -915,10 +964,10 @@ impl<L: Lifecycle> Watch<'_, L> {
         clippy::manual_async_fn,
         reason = "an async fn would keep its arguments twice"
     )]
-    fn next_bytes<'io, I: AsyncRead + Unpin>(
-        &self,
-        io: &'io mut TrackedIo<I>,
-    ) -> impl Future<Output = bool> + use<'_, 'io, I, L> {
+    fn next_bytes<I: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut TrackedIo<I>,
+    ) -> impl Future<Output = bool> {
         async move {
             let limits = self.limits;
             let (deadline, expiring) = self
@@ -926,7 +975,7 @@ impl<L: Lifecycle> Watch<'_, L> {
                 .deadline(limits.idle_timeout, limits.header_read_timeout);
             let next = tokio::select! {
                 next = io.next_bytes() => next,
-                () = self.lifecycle.stopped() => return false,
+                () = self.stopped.as_mut() => return false,
                 () = tokio::time::sleep_until(deadline) => {
                     report_expired(expiring, *self.peer);
                     return false;
@@ -946,10 +995,10 @@ impl<L: Lifecycle> Watch<'_, L> {
     /// HTTP/1.1 connection is also stopped, and reported [`Served::Parked`],
     /// as soon as it may be parked (see [`Activity::may_park`]).
     async fn drive<C>(
-        &self,
+        &mut self,
         mut connection: Pin<&mut C>,
         graceful_shutdown: fn(Pin<&mut C>),
-        http2: bool,
+        parking: Parking,
     ) -> Served
     where
         C: Future<Output = hyper::Result<()>>,
@@ -957,11 +1006,12 @@ impl<L: Lifecycle> Watch<'_, L> {
         let Self {
             activity,
             peer,
-            lifecycle,
+            ref mut stopped,
             limits,
         } = *self;
+        let http2 = parking == Parking::Never;
         let mut stopping = false;
-        let (mut parked, mut park_failed) = (false, false);
+        let mut park_failed = false;
         // Once an idle HTTP/2 connection has been sent GOAWAY, when to stop
         // waiting for the client to close it.
         let mut goaway_deadline = None;
@@ -972,21 +1022,18 @@ impl<L: Lifecycle> Watch<'_, L> {
                     None => future::pending().await,
                 }
             };
-            // hyper is asked to stop the moment it is idle; with `parking`
-            // set, its closing `shutdown` leaves the socket open.
-            let may_park = !http2 && !stopping && !park_failed;
+            // hyper is asked to stop the moment it is idle, if it is to be
+            // parked at once; with `parking` set, its closing `shutdown`
+            // leaves the socket open.
+            let park_at_once = parking == Parking::AtOnce && !stopping && !park_failed;
+            let park_when_quiet = parking == Parking::WhenQuiet && !stopping && !park_failed;
             let serving = future::poll_fn(|cx| {
                 let poll = connection.as_mut().poll(cx);
-                if poll.is_pending() && may_park && activity.may_park() {
+                if poll.is_pending() && park_at_once && activity.may_park() {
                     activity.set_parking(true);
                     graceful_shutdown(connection.as_mut());
                     let poll = connection.as_mut().poll(cx);
-                    if poll.is_ready() {
-                        parked = true;
-                    } else {
-                        // hyper was not idle after all (it still had a request
-                        // body to read): it closes the connection once done,
-                        // as it would for `Connection: close`.
+                    if poll.is_pending() {
                         activity.set_parking(false);
                         park_failed = true;
                     }
@@ -996,7 +1043,20 @@ impl<L: Lifecycle> Watch<'_, L> {
             });
             tokio::select! {
                 result = serving => break result,
-                () = lifecycle.stopped(), if !stopping => {
+                () = activity.quiet_for(PARK_WHEN_QUIET_FOR), if park_when_quiet => {
+                    if activity.may_park() {
+                        activity.set_parking(true);
+                        graceful_shutdown(connection.as_mut());
+                        if let Some(result) = connection.as_mut().now_or_never() {
+                            break result;
+                        }
+                        activity.set_parking(false);
+                        park_failed = true;
+                    } else {
+                        park_failed = true;
+                    }
+                }
+                () = stopped.as_mut(), if !stopping => {
                     stopping = true;
                     graceful_shutdown(connection.as_mut());
                 }
@@ -1031,8 +1091,11 @@ impl<L: Lifecycle> Watch<'_, L> {
                 }
             }
         };
+        // A park that failed (hyper was not idle after all: it still had a
+        // request body to read) leaves hyper to close the connection once
+        // done, as it would for `Connection: close`.
         match result {
-            Ok(()) if parked => Served::Parked,
+            Ok(()) if activity.parking() => Served::Parked,
             Ok(()) => Served::Closed,
             Err(error) => {
                 report_end(activity, *peer, &error);

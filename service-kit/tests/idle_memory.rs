@@ -49,10 +49,17 @@ const CONNECTIONS: usize = 200;
 /// with the runtime, its timers and its place under the cap.
 const MOST_BYTES_PER_IDLE_CONNECTION: isize = 2048;
 
-/// Sends one `GET /` on a new blocking connection (no heap of the client's
-/// in the count) and reads the whole answer.
-fn one_request(addr: SocketAddr) -> TcpStream {
+/// Sends `requests` `GET /`s one after the other on a new blocking connection
+/// (no heap of the client's in the count), reading each whole answer.
+fn requests(addr: SocketAddr, requests: usize) -> TcpStream {
     let mut client = TcpStream::connect(addr).expect("connected");
+    for _ in 0..requests {
+        one_request(&mut client);
+    }
+    client
+}
+
+fn one_request(client: &mut TcpStream) {
     client
         .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
         .expect("request sent");
@@ -64,7 +71,6 @@ fn one_request(addr: SocketAddr) -> TcpStream {
         read += count;
     }
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{:?}", &answer[..read]);
-    client
 }
 
 /// Waits until the heap in use has stopped shrinking (the server's tasks have
@@ -111,16 +117,29 @@ fn an_idle_keep_alive_connection_holds_no_buffers() {
 
     // One connection first, so that whatever the server sets up once (the
     // runtime's slabs, hyper's date cache) is not charged to the others.
-    let _warm = one_request(addr);
-    let before = settled_live_bytes();
-    let clients: Vec<TcpStream> = (0..CONNECTIONS).map(|_| one_request(addr)).collect();
-    let after = settled_live_bytes();
+    let _warm = requests(addr, 1);
 
-    let per_connection = (after - before) / CONNECTIONS as isize;
-    println!("{CONNECTIONS} idle connections hold {per_connection} bytes of heap each");
+    // Clients that sent one request and went quiet: parked at once.
+    let before = settled_live_bytes();
+    let quiet: Vec<TcpStream> = (0..CONNECTIONS).map(|_| requests(addr, 1)).collect();
+    let after = settled_live_bytes();
+    assert_idle_connections_are_lean("quiet", after - before);
+
+    // Busy clients, each request on the heels of the last: their connections
+    // stay with hyper while busy, and are parked after a second of quiet.
+    let before = after;
+    let busy: Vec<TcpStream> = (0..CONNECTIONS).map(|_| requests(addr, 3)).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = settled_live_bytes();
+    assert_idle_connections_are_lean("busy, then quiet", after - before);
+    drop((quiet, busy));
+}
+
+fn assert_idle_connections_are_lean(clients: &str, heap: isize) {
+    let per_connection = heap / CONNECTIONS as isize;
+    println!("{CONNECTIONS} idle connections ({clients}) hold {per_connection} bytes of heap each");
     assert!(
         per_connection <= MOST_BYTES_PER_IDLE_CONNECTION,
-        "an idle connection holds {per_connection} bytes, more than {MOST_BYTES_PER_IDLE_CONNECTION}"
+        "an idle connection ({clients}) holds {per_connection} bytes, more than {MOST_BYTES_PER_IDLE_CONNECTION}"
     );
-    drop(clients);
 }

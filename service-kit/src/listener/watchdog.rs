@@ -262,6 +262,24 @@ impl Activity {
         }
     }
 
+    /// Resolves once the connection has been idle for `quiet`. It looks
+    /// again every `quiet` while the connection is not idle, so that it need
+    /// not be woken when the state changes (see [`Self::expired`]).
+    pub(crate) async fn quiet_for(&self, quiet: Duration) {
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        loop {
+            let now = Instant::now();
+            let next_look = match *self.state() {
+                State::Idle { since } if since + quiet <= now => return,
+                State::Idle { since } => since + quiet,
+                State::ReadingHead { .. } | State::Busy { .. } => now + quiet,
+            };
+            timer.as_mut().reset(next_look);
+            timer.as_mut().await;
+        }
+    }
+
     /// When [`Self::expired`] should look again, or what has expired.
     fn next_look(&self, idle: Duration, header_read: Duration) -> Result<Instant, Expired> {
         let look_every = idle.min(header_read);
