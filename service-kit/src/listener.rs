@@ -108,7 +108,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use watchdog::{Activity, Expired, TrackedBody, TrackedIo};
+use watchdog::{Activity, Expired, Parking, TrackedBody, TrackedIo};
 use wire::Protocol;
 pub use wire::{
     BYTES_PER_CONTROL_FRAME, CONTROL_FRAME_BURST, CONTROL_FRAMES_PER_RESPONSE,
@@ -852,20 +852,6 @@ struct Watch<'a> {
     limits: &'a ServerLimits,
 }
 
-/// When an idle HTTP/1.1 connection is parked (see [`Watch::serve_http1`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Parking {
-    /// As soon as it is idle. A connection starts so, and goes on so while
-    /// its client leaves time between one answer and its next request.
-    AtOnce,
-    /// Once it has been quiet for [`PARK_WHEN_QUIET_FOR`]: its client sent
-    /// this request within [`QUICK_RETURN`] of the last answer, as busy
-    /// clients do, and it would pay for a new hyper connection per request.
-    WhenQuiet,
-    /// Never: HTTP/2, which hyper serves as a whole.
-    Never,
-}
-
 /// A request that arrives this soon after a connection was parked marks its
 /// client as busy ([`Parking::WhenQuiet`]).
 const QUICK_RETURN: Duration = Duration::from_millis(100);
@@ -899,7 +885,9 @@ impl Watch<'_> {
     /// tenth more CPU per request (measured: fresh buffers, timers and
     /// state). So `parking` says when: at once for a client that left time
     /// between its requests, and after [`PARK_WHEN_QUIET_FOR`] of quiet for
-    /// one whose request followed the last answer within [`QUICK_RETURN`].
+    /// one whose request followed the last answer within [`QUICK_RETURN`]. The
+    /// exchange may allow less (an upload is parked after the quiet spell too,
+    /// a connection that is to close never; see `RequestGuard::parks`).
     ///
     /// With upgrades, a `101` answer hands the connection over (to the proxy's
     /// tunnel, or the backend's WebSocket session) through
@@ -1034,11 +1022,19 @@ impl Watch<'_> {
             // hyper is asked to stop the moment it is idle, if it is to be
             // parked at once; with `parking` set, its closing `shutdown`
             // leaves the socket open.
-            let park_at_once = parking == Parking::AtOnce && !stopping && !park_failed;
-            let park_when_quiet = parking == Parking::WhenQuiet && !stopping && !park_failed;
+            // How soon the client's pattern lets the connection be parked
+            // (the exchange may allow less; see `Activity::may_park`).
+            let client_parks = if stopping || park_failed {
+                Parking::Never
+            } else {
+                parking
+            };
             let serving = future::poll_fn(|cx| {
                 let poll = connection.as_mut().poll(cx);
-                if poll.is_pending() && park_at_once && activity.may_park() {
+                if poll.is_pending()
+                    && client_parks == Parking::AtOnce
+                    && activity.may_park() == Parking::AtOnce
+                {
                     activity.set_parking(true);
                     graceful_shutdown(connection.as_mut());
                     let poll = connection.as_mut().poll(cx);
@@ -1052,8 +1048,8 @@ impl Watch<'_> {
             });
             tokio::select! {
                 result = serving => break result,
-                () = activity.quiet_for(PARK_WHEN_QUIET_FOR), if park_when_quiet => {
-                    if activity.may_park() {
+                () = activity.quiet_for(PARK_WHEN_QUIET_FOR), if client_parks != Parking::Never => {
+                    if activity.may_park() != Parking::Never {
                         activity.set_parking(true);
                         graceful_shutdown(connection.as_mut());
                         if let Some(result) = connection.as_mut().now_or_never() {
@@ -1163,9 +1159,8 @@ where
         let request = activity.request_started();
         let lifecycle = lifecycle.clone();
         let http1 = req.version() < Version::HTTP_2;
-        let keep_alive = req.version() == Version::HTTP_11
-            && req.body().is_end_stream()
-            && !asks_to_close(req.headers());
+        let keep_alive = req.version() == Version::HTTP_11 && !asks_to_close(req.headers());
+        let upload = !req.body().is_end_stream();
         // Combinators, not an `async` block: a block would keep the inner
         // future twice, once as the value it captured and once as the future
         // it awaits (rustc gives the two separate slots), and hyper keeps this
@@ -1200,11 +1195,14 @@ where
                 }
             }
             if http1 {
-                request.reusable(
-                    keep_alive
-                        && response.status() != StatusCode::SWITCHING_PROTOCOLS
-                        && !asks_to_close(response.headers()),
-                );
+                let stays_open = keep_alive
+                    && response.status() != StatusCode::SWITCHING_PROTOCOLS
+                    && !asks_to_close(response.headers());
+                request.parks(match (stays_open, upload) {
+                    (false, _) => Parking::Never,
+                    (true, true) => Parking::WhenQuiet,
+                    (true, false) => Parking::AtOnce,
+                });
             }
             response.map(|body| TrackedBody::new(body, request))
         })

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use service_kit::listener::{self, ConnectionCap, Lifecycle, Plain, ServerLimits};
@@ -59,10 +59,24 @@ fn requests(addr: SocketAddr, requests: usize) -> TcpStream {
     client
 }
 
-fn one_request(client: &mut TcpStream) {
+/// Sends one `POST /` with a small body on a new connection and reads the
+/// whole answer.
+fn upload(addr: SocketAddr) -> TcpStream {
+    let mut client = TcpStream::connect(addr).expect("connected");
+    exchange(
+        &mut client,
+        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello",
+    );
     client
-        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
-        .expect("request sent");
+}
+
+fn one_request(client: &mut TcpStream) {
+    exchange(client, b"GET / HTTP/1.1\r\nHost: test\r\n\r\n");
+}
+
+/// Sends `request` and reads the whole answer.
+fn exchange(client: &mut TcpStream, request: &[u8]) {
+    client.write_all(request).expect("request sent");
     let mut answer = [0u8; 1024];
     let mut read = 0;
     while !answer[..read].ends_with(b"idle") {
@@ -101,7 +115,9 @@ fn an_idle_keep_alive_connection_holds_no_buffers() {
         .expect("bound");
     let addr = listener.local_addr().expect("an address");
     let make_service = |_peer| {
-        service_fn(|_request: Request<Incoming>| async {
+        // Reads the request's body, as a proxy does, then answers.
+        service_fn(|request: Request<Incoming>| async {
+            let _body = request.into_body().collect().await;
             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"idle"))))
         })
     };
@@ -132,7 +148,14 @@ fn an_idle_keep_alive_connection_holds_no_buffers() {
     std::thread::sleep(Duration::from_millis(1500));
     let after = settled_live_bytes();
     assert_idle_connections_are_lean("busy, then quiet", after - before);
-    drop((quiet, busy));
+
+    // Clients that sent a body: parked after the same quiet spell.
+    let before = after;
+    let uploads: Vec<TcpStream> = (0..CONNECTIONS).map(|_| upload(addr)).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = settled_live_bytes();
+    assert_idle_connections_are_lean("after an upload", after - before);
+    drop((quiet, busy, uploads));
 }
 
 fn assert_idle_connections_are_lean(clients: &str, heap: isize) {

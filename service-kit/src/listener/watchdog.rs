@@ -37,7 +37,7 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -49,6 +49,20 @@ use tokio::time::Instant;
 
 use super::Slot;
 use super::wire::{Protocol, Wire};
+
+/// When an idle HTTP/1.1 connection is parked: its buffers let go, its
+/// socket waiting for the next request (see `listener`). The later of two
+/// answers is the lesser one (`min`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Parking {
+    /// Never: HTTP/2, which hyper serves as a whole, or a connection that is
+    /// to close.
+    Never,
+    /// Once it has been quiet for a while.
+    WhenQuiet,
+    /// As soon as it is idle.
+    AtOnce,
+}
 
 /// Which limit a connection has outlived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,9 +94,9 @@ pub(crate) struct Activity {
     /// A response asked to end an HTTP/2 connection gracefully (GOAWAY), as
     /// `Connection: close` ends an HTTP/1.1 one.
     wind_down: Notify,
-    /// Whether the last HTTP/1.1 exchange leaves the connection fit to be
-    /// parked once idle (see [`Activity::may_park`]).
-    reusable: AtomicBool,
+    /// How soon the last HTTP/1.1 exchange lets the connection be parked
+    /// once idle (a [`Parking`]; see [`RequestGuard::parks`]).
+    exchange_parks: AtomicU8,
     /// Bytes have been written to the socket and not yet flushed.
     unflushed: AtomicBool,
     /// The connection is being taken apart to be parked: hyper's closing
@@ -105,7 +119,7 @@ impl Activity {
             answered: AtomicU64::new(0),
             flooded: AtomicBool::new(false),
             wind_down: Notify::new(),
-            reusable: AtomicBool::new(false),
+            exchange_parks: AtomicU8::new(Parking::Never as u8),
             unflushed: AtomicBool::new(false),
             parking: AtomicBool::new(false),
             _slot: slot,
@@ -160,15 +174,21 @@ impl Activity {
         self.wind_down.notified().await;
     }
 
-    /// Whether an HTTP/1.1 connection can give hyper's buffers back now and wait
-    /// for its next request without them: it is idle (its last response is
-    /// written and nothing of a next request has arrived), everything written
-    /// has been flushed, and its last exchange keeps it open (see
-    /// [`RequestGuard::reusable`]).
-    pub(crate) fn may_park(&self) -> bool {
-        matches!(*self.state(), State::Idle { .. })
-            && self.reusable.load(Ordering::Relaxed)
-            && !self.unflushed.load(Ordering::Relaxed)
+    /// How soon an HTTP/1.1 connection may give hyper's buffers back and
+    /// wait for its next request without them, as things stand: never unless
+    /// it is idle (its last response is written and nothing of a next request
+    /// has arrived) and everything written has been flushed; then as its last
+    /// exchange allows (see [`RequestGuard::parks`]).
+    pub(crate) fn may_park(&self) -> Parking {
+        let idle = matches!(*self.state(), State::Idle { .. });
+        if !idle || self.unflushed.load(Ordering::Relaxed) {
+            return Parking::Never;
+        }
+        match self.exchange_parks.load(Ordering::Relaxed) {
+            parks if parks == Parking::AtOnce as u8 => Parking::AtOnce,
+            parks if parks == Parking::WhenQuiet as u8 => Parking::WhenQuiet,
+            _ => Parking::Never,
+        }
     }
 
     /// The connection is about to be taken apart for parking, or has been put
@@ -306,12 +326,20 @@ impl RequestGuard {
         self.0.answered.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Says whether the exchange leaves an HTTP/1.1 connection open and in step
-    /// with hyper, so that it may be parked once idle: a keep-alive request
-    /// without a body (whether a body was read to its end, hyper alone knows),
-    /// answered without `Connection: close` and without switching protocols.
-    pub(crate) fn reusable(&self, reusable: bool) {
-        self.0.reusable.store(reusable, Ordering::Relaxed);
+    /// Says how soon the exchange lets an HTTP/1.1 connection be parked once
+    /// idle: never unless the connection stays open (a keep-alive request,
+    /// answered without `Connection: close` and without switching protocols);
+    /// at once after a request without a body; after a quiet spell after an
+    /// upload. Whether a body was read to its end is hyper's to know: if not,
+    /// hyper closes the connection by itself once the answer has left, or,
+    /// while more of the body is on its way, it is not idle and a park fails
+    /// (see `listener`). A quiet spell first lets the rest of a body that is
+    /// still coming arrive (which makes the connection busy again), rather
+    /// than end a connection that would have stayed open.
+    pub(crate) fn parks(&self, parking: Parking) {
+        self.0
+            .exchange_parks
+            .store(parking as u8, Ordering::Relaxed);
     }
 
     /// Asks the connection to end gracefully once its requests are done. A
