@@ -967,9 +967,17 @@ impl Watch<'_> {
     ) -> impl Future<Output = bool> {
         async move {
             let limits = self.limits;
+            // A connection waiting for bytes is never busy; were it, the
+            // wait would count as idle from now.
             let (deadline, expiring) = self
                 .activity
-                .deadline(limits.idle_timeout, limits.header_read_timeout);
+                .deadline(limits.idle_timeout, limits.header_read_timeout)
+                .unwrap_or_else(|| {
+                    (
+                        tokio::time::Instant::now() + limits.idle_timeout,
+                        Expired::Idle,
+                    )
+                });
             let next = tokio::select! {
                 next = io.next_bytes() => next,
                 () = self.stopped.as_mut() => return false,

@@ -271,15 +271,32 @@ impl Activity {
         }
     }
 
-    /// When the connection's current state runs out of time, and which limit
-    /// that is: `idle` after an idle spell began, `header_read` after a head
-    /// began. A busy connection has no limit here; it counts as idle from now.
-    pub(crate) fn deadline(&self, idle: Duration, header_read: Duration) -> (Instant, Expired) {
+    /// When the connection's current spell began, and which limit bounds it:
+    /// an idle spell the idle timeout, a head the header-read timeout; `None`
+    /// while busy, which has no limit here.
+    fn spell(&self) -> Option<(Instant, Expired)> {
         match *self.state() {
-            State::Idle { since } => (since + idle, Expired::Idle),
-            State::ReadingHead { since } => (since + header_read, Expired::HeaderRead),
-            State::Busy { .. } => (Instant::now() + idle, Expired::Idle),
+            State::Idle { since } => Some((since, Expired::Idle)),
+            State::ReadingHead { since } => Some((since, Expired::HeaderRead)),
+            State::Busy { .. } => None,
         }
+    }
+
+    /// When the connection's current spell runs out of time, and which limit
+    /// that is: `idle` after an idle spell began, `header_read` after a head
+    /// began; `None` while busy.
+    pub(crate) fn deadline(
+        &self,
+        idle: Duration,
+        header_read: Duration,
+    ) -> Option<(Instant, Expired)> {
+        self.spell().map(|(since, spell)| {
+            let limit = match spell {
+                Expired::Idle => idle,
+                Expired::HeaderRead => header_read,
+            };
+            (since + limit, spell)
+        })
     }
 
     /// Resolves once the connection has been idle for `quiet`. It looks
@@ -290,10 +307,10 @@ impl Activity {
         tokio::pin!(timer);
         loop {
             let now = Instant::now();
-            let next_look = match *self.state() {
-                State::Idle { since } if since + quiet <= now => return,
-                State::Idle { since } => since + quiet,
-                State::ReadingHead { .. } | State::Busy { .. } => now + quiet,
+            let next_look = match self.spell() {
+                Some((since, Expired::Idle)) if since + quiet <= now => return,
+                Some((since, Expired::Idle)) => since + quiet,
+                Some((_, Expired::HeaderRead)) | None => now + quiet,
             };
             timer.as_mut().reset(next_look);
             timer.as_mut().await;
@@ -304,15 +321,11 @@ impl Activity {
     fn next_look(&self, idle: Duration, header_read: Duration) -> Result<Instant, Expired> {
         let look_every = idle.min(header_read);
         let now = Instant::now();
-        Ok(match *self.state() {
-            State::Idle { since } if since + idle <= now => return Err(Expired::Idle),
-            State::Idle { since } => (since + idle).min(now + look_every),
-            State::ReadingHead { since } if since + header_read <= now => {
-                return Err(Expired::HeaderRead);
-            }
-            State::ReadingHead { since } => (since + header_read).min(now + look_every),
-            State::Busy { .. } => now + look_every,
-        })
+        match self.deadline(idle, header_read) {
+            Some((deadline, expired)) if deadline <= now => Err(expired),
+            Some((deadline, _)) => Ok(deadline.min(now + look_every)),
+            None => Ok(now + look_every),
+        }
     }
 }
 
