@@ -340,6 +340,16 @@ mod tests {
         ConsistentHash::new(Affinity::SourceIp)
     }
 
+    /// A keyed pick with every backend available and idle, as
+    /// [`Balancer::pick`] is for a pick without a key.
+    fn pick_idle(
+        balancer: &ConsistentHash,
+        backends: &[SocketAddr],
+        context: &PickContext,
+    ) -> Result<SocketAddr, NoBackend> {
+        balancer.pick_keyed(backends, &|_| true, &|_| 0, context)
+    }
+
     /// Bound asserted: exact, and the new table within 60 s (it takes
     /// milliseconds). Past `BUILD_INLINE_UP_TO` backends a change of the list
     /// does not wait for its table: picks go on with the old one, never to
@@ -375,11 +385,9 @@ mod tests {
         let backends = addrs(5);
         let balancer = balancer();
         let context = keyed("user-7", 1);
-        let first = balancer
-            .pick_keyed(&backends, &|_| true, &|_| 0, &context)
-            .expect("a backend");
+        let first = pick_idle(&balancer, &backends, &context).expect("a backend");
         for _ in 0..100 {
-            let pick = balancer.pick_keyed(&backends, &|_| true, &|_| 0, &context);
+            let pick = pick_idle(&balancer, &backends, &context);
             assert_eq!(pick, Ok(first));
         }
         assert_eq!(context.outcome.get(), Some(AffinityOutcome::Hit));
@@ -428,9 +436,7 @@ mod tests {
         let balancer = balancer();
         let counts = count((0..4_000).map(|user| {
             let context = keyed(&format!("user-{user}"), 1);
-            balancer
-                .pick_keyed(&backends, &|_| true, &|_| 0, &context)
-                .expect("a backend")
+            pick_idle(&balancer, &backends, &context).expect("a backend")
         }));
         // About 1,000 each; Maglev keeps shares within a few percent.
         assert_spread(&counts, 4, 850..=1_150);
@@ -442,11 +448,7 @@ mod tests {
         let balancer = balancer();
         let context = PickContext::default();
         let picks: Vec<_> = (0..6)
-            .map(|_| {
-                balancer
-                    .pick_keyed(&backends, &|_| true, &|_| 0, &context)
-                    .expect("a backend")
-            })
+            .map(|_| pick_idle(&balancer, &backends, &context).expect("a backend"))
             .collect();
         let expected: Vec<_> = backends.iter().chain(&backends).copied().collect();
         assert_eq!(picks, expected);
@@ -458,9 +460,7 @@ mod tests {
         let backends = addrs(5);
         let balancer = balancer();
         let context = keyed("cart-1", 1);
-        let home = balancer
-            .pick_keyed(&backends, &|_| true, &|_| 0, &context)
-            .expect("a backend");
+        let home = pick_idle(&balancer, &backends, &context).expect("a backend");
         let down = |addr: SocketAddr| addr != home;
         let moved = pick_for_attempt(&balancer, &backends, &down, &|_| 0, &[], &context);
         assert_ne!(moved, Ok(home));
