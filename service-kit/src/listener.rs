@@ -88,6 +88,7 @@ use std::ops::RangeInclusive;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -1027,11 +1028,9 @@ impl Watch<'_> {
                     None => future::pending().await,
                 }
             };
-            // hyper is asked to stop the moment it is idle, if it is to be
-            // parked at once; with `parking` set, its closing `shutdown`
-            // leaves the socket open.
             // How soon the client's pattern lets the connection be parked
-            // (the exchange may allow less; see `Activity::may_park`).
+            // (the exchange may allow less; see `Activity::may_park`): at
+            // once, the moment hyper is idle, or after a quiet spell.
             let client_parks = if stopping || park_failed {
                 Parking::Never
             } else {
@@ -1043,11 +1042,13 @@ impl Watch<'_> {
                     && client_parks == Parking::AtOnce
                     && activity.may_park() == Parking::AtOnce
                 {
-                    activity.set_parking(true);
-                    graceful_shutdown(connection.as_mut());
-                    let poll = connection.as_mut().poll(cx);
+                    let poll = park(
+                        activity,
+                        connection.as_mut(),
+                        graceful_shutdown,
+                        |connection| connection.poll(cx),
+                    );
                     if poll.is_pending() {
-                        activity.set_parking(false);
                         park_failed = true;
                     }
                     return poll;
@@ -1058,16 +1059,14 @@ impl Watch<'_> {
                 result = serving => break result,
                 () = activity.quiet_for(PARK_WHEN_QUIET_FOR), if client_parks != Parking::Never => {
                     if activity.may_park() != Parking::Never {
-                        activity.set_parking(true);
-                        graceful_shutdown(connection.as_mut());
-                        if let Some(result) = connection.as_mut().now_or_never() {
+                        let ended = park(activity, connection.as_mut(), graceful_shutdown, |connection| {
+                            connection.now_or_never().map_or(Poll::Pending, Poll::Ready)
+                        });
+                        if let Poll::Ready(result) = ended {
                             break result;
                         }
-                        activity.set_parking(false);
-                        park_failed = true;
-                    } else {
-                        park_failed = true;
                     }
+                    park_failed = true;
                 }
                 () = stopped.as_mut(), if !stopping => {
                     stopping = true;
@@ -1104,9 +1103,8 @@ impl Watch<'_> {
                 }
             }
         };
-        // A park that failed (hyper was not idle after all: it still had a
-        // request body to read) leaves hyper to close the connection once
-        // done, as it would for `Connection: close`.
+        // Parked only if the `parking` flag is still set: a park that failed
+        // (see `park`) took it back.
         match result {
             Ok(()) if activity.parking() => Served::Parked,
             Ok(()) => Served::Closed,
@@ -1116,6 +1114,27 @@ impl Watch<'_> {
             }
         }
     }
+}
+
+/// Asks an idle hyper `connection` to end, so that its socket can be parked,
+/// and polls it once more (`poll_once`), returning what that gave. With
+/// the activity's `parking` flag set meanwhile, hyper's closing `shutdown`
+/// leaves the socket open. If hyper was not idle after all (it still had a
+/// request body to read), the flag is taken back: hyper closes the connection
+/// once done, as it would for `Connection: close`.
+fn park<C: Future>(
+    activity: &Activity,
+    mut connection: Pin<&mut C>,
+    graceful_shutdown: fn(Pin<&mut C>),
+    poll_once: impl FnOnce(Pin<&mut C>) -> Poll<C::Output>,
+) -> Poll<C::Output> {
+    activity.set_parking(true);
+    graceful_shutdown(connection.as_mut());
+    let polled = poll_once(connection);
+    if polled.is_pending() {
+        activity.set_parking(false);
+    }
+    polled
 }
 
 fn report_expired(expired: Expired, peer: SocketAddr) {
