@@ -5,13 +5,13 @@
 //! response); [`serve_connections`] does the rest.
 //!
 //! The shape follows mini-redis's listener and hyper's graceful_shutdown example.
-//! One task is spawned per connection, so a slow client never holds up the others.
-//! Each connection task races hyper's connection future against the shutdown
-//! signal; when the signal wins, `graceful_shutdown()` lets the request in progress
-//! finish and closes the connection instead of dropping it mid-response (an idle
-//! keep-alive connection closes at once). The tasks live in a `JoinSet`, so
-//! [`serve_connections`] can wait for the last one and, if they outlast the
-//! shutdown timeout, close the rest by force.
+//! One task is spawned per connection being served, so a slow client never
+//! holds up the others. Each connection task races hyper's connection future
+//! against the shutdown signal; when the signal wins, `graceful_shutdown()` lets
+//! the request in progress finish and closes the connection instead of dropping
+//! it mid-response (an idle keep-alive connection closes at once). The tasks
+//! live in a `JoinSet`, so [`serve_connections`] can wait for the last one and,
+//! if they outlast the shutdown timeout, close the rest by force.
 //!
 //! Every connection speaks HTTP/1.1 or HTTP/2, on the same port: the first bytes
 //! tell them apart (HTTP/2 with prior knowledge opens with a fixed preface; see
@@ -23,13 +23,15 @@
 //! of its own, spawned on the connection's runtime.
 //!
 //! An idle HTTP/1.1 connection is *parked*: hyper's connection, which holds
-//! 16 KiB of buffers for as long as it lives, is taken apart between requests
-//! and the socket waits for the next one holding none; the next request's
-//! first bytes start a new hyper connection on the same socket. A client that
-//! left time between its requests is parked as soon as its answer has left, a
-//! busy one after a second of quiet (see `Watch::serve_http1`). An idle client
-//! then costs its task, its socket's registration with the runtime and a few
-//! counters: about 1 KiB, where hyper alone kept 16.
+//! 16 KiB of buffers for as long as it lives, is taken apart between requests,
+//! the connection's task ends, and the socket waits for the next request in the
+//! accept loop's *lot*, holding no buffer (`Parked`); the next request's first
+//! bytes start a new task and a new hyper connection on the same socket. A
+//! client that left time between its requests is parked as soon as its answer
+//! has left, a busy one after a second of quiet (see `Watch::serve_http1`). An
+//! idle client then costs its place in the lot, its socket's registration with
+//! the runtime and a few counters: about 800 bytes, where hyper alone kept 16
+//! KiB.
 //!
 //! Around that skeleton sit the limits a server facing the network needs
 //! ([`ServerLimits`]):
@@ -94,7 +96,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future;
 use futures::future::FusedFuture;
-use futures::{FutureExt, TryFutureExt};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt, TryFutureExt};
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
@@ -567,7 +570,8 @@ pub trait Lifecycle: Clone + Send + Sync + Unpin + 'static {
 }
 
 /// Accepts connections on `listener` and serves each with the service that
-/// `make_service` builds for its peer address. Returns once `lifecycle` has
+/// `make_service` builds for its peer address (built again each time a parked
+/// connection has a new request). Returns once `lifecycle` has
 /// stopped the listener and every connection has finished its last request, or
 /// been closed by force after `limits.shutdown_timeout`.
 pub async fn serve_connections<M, S, B, L, H>(
@@ -586,81 +590,68 @@ pub async fn serve_connections<M, S, B, L, H>(
 {
     let http = Arc::new(Builders::new(&limits));
     let mut connections = JoinSet::new();
-    let mut backoff = ACCEPT_BACKOFF_START;
-    let mut at_cap = false;
+    // Idle HTTP/1.1 connections, waiting for their next request without a
+    // task of their own (see `Parked`).
+    let mut lot = FuturesUnordered::new();
+    let acceptor = Acceptor {
+        listener,
+        cap,
+        backoff: ACCEPT_BACKOFF_START,
+        at_cap: false,
+    };
+    let mut accepting = Box::pin(acceptor.accept(lifecycle.clone()));
 
     loop {
-        if let Some(spread) = &cap.spread {
-            tokio::select! {
-                () = spread.turn() => {}
-                () = lifecycle.stopped() => break,
+        tokio::select! {
+            (acceptor, accepted) = &mut accepting => {
+                // Stopped: the acceptor, dropped here, closes the listener,
+                // and the kernel refuses new connections from here on.
+                let Some((stream, peer, slot)) = accepted else { break };
+                accepting.set(acceptor.accept(lifecycle.clone()));
+                let activity = Activity::new(slot);
+                let service = guarded(make_service(peer), Arc::clone(&activity), lifecycle.clone());
+                connections.spawn(serve_connection(
+                    Arc::clone(&http),
+                    handshake.clone(),
+                    stream,
+                    peer,
+                    activity,
+                    service,
+                    lifecycle.clone(),
+                ));
+            }
+            Some(ended) = connections.join_next() => {
+                // A task that panicked has dropped its connection already.
+                if let Ok(Some(parked)) = ended {
+                    lot.push(parked.next_request(&http.limits));
+                }
+            }
+            Some(woken) = lot.next() => {
+                if let Some(parked) = woken {
+                    let Parked { io, peer, since } = parked;
+                    let activity = Arc::clone(io.activity());
+                    let service = guarded(make_service(peer), Arc::clone(&activity), lifecycle.clone());
+                    let parking = if since.elapsed() < QUICK_RETURN {
+                        Parking::WhenQuiet
+                    } else {
+                        Parking::AtOnce
+                    };
+                    connections.spawn(serve_http(
+                        Arc::clone(&http),
+                        io,
+                        peer,
+                        activity,
+                        service,
+                        lifecycle.clone(),
+                        parking,
+                    ));
+                }
             }
         }
-        let permit = match Arc::clone(&cap.slots).try_acquire_owned() {
-            Ok(permit) => {
-                at_cap = false;
-                permit
-            }
-            Err(_) => {
-                if !at_cap {
-                    at_cap = true;
-                    warn!(
-                        max_connections = cap.max,
-                        "connection limit reached; new connections wait in the listen backlog"
-                    );
-                }
-                tokio::select! {
-                    permit = Arc::clone(&cap.slots).acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        // Only a closed semaphore fails, and this one is never closed.
-                        Err(_) => break,
-                    },
-                    () = lifecycle.stopped() => break,
-                }
-            }
-        };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = lifecycle.stopped() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok((stream, peer)) => {
-                backoff = ACCEPT_BACKOFF_START;
-                // An IPv4 client of a dual-stack socket arrives as
-                // `::ffff:a.b.c.d`; logs, `X-Forwarded-For` and whatever else
-                // names the client should say `a.b.c.d`, as on an IPv4 socket.
-                (
-                    stream,
-                    SocketAddr::new(peer.ip().to_canonical(), peer.port()),
-                )
-            }
-            Err(error) => {
-                warn!(%error, retry_in_ms = backoff.as_millis(), "accept failed");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = lifecycle.stopped() => break,
-                }
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                continue;
-            }
-        };
-        let activity = Activity::new(cap.admit(permit));
-        let service = guarded(make_service(peer), Arc::clone(&activity), lifecycle.clone());
-        connections.spawn(serve_connection(
-            Arc::clone(&http),
-            handshake.clone(),
-            stream,
-            peer,
-            activity,
-            service,
-            lifecycle.clone(),
-        ));
-        // Reap finished tasks as we go, so the set only holds open connections.
-        while connections.try_join_next().is_some() {}
     }
+    // Idle connections have nothing in flight: they close at once.
+    drop(lot);
 
-    // Closing the listener makes the kernel refuse new connections from here on.
-    drop(listener);
     if !connections.is_empty() {
         info!(
             connections = connections.len(),
@@ -668,6 +659,7 @@ pub async fn serve_connections<M, S, B, L, H>(
         );
     }
     let finished = tokio::time::timeout(limits.shutdown_timeout, async {
+        // A connection parked meanwhile is dropped, which closes it.
         while connections.join_next().await.is_some() {}
     })
     .await;
@@ -679,6 +671,88 @@ pub async fn serve_connections<M, S, B, L, H>(
         );
         // Aborting a task drops its connection, which closes the socket.
         connections.shutdown().await;
+    }
+}
+
+/// The listening socket and what accepting from it needs to remember.
+struct Acceptor {
+    listener: TcpListener,
+    cap: ConnectionCap,
+    /// The pause before retrying after the next failed `accept`.
+    backoff: Duration,
+    /// The cap was reached, and said so in the log.
+    at_cap: bool,
+}
+
+impl Acceptor {
+    /// Waits for the next connection and takes a slot under the cap for it
+    /// first; `None` once `lifecycle` stops the listener. Takes the acceptor
+    /// and gives it back, so that the accept loop can keep this future while
+    /// it attends to its connections.
+    async fn accept<L: Lifecycle>(
+        mut self,
+        lifecycle: L,
+    ) -> (Self, Option<(TcpStream, SocketAddr, Slot)>) {
+        let accepted = self.next(&lifecycle).await;
+        (self, accepted)
+    }
+
+    async fn next<L: Lifecycle>(&mut self, lifecycle: &L) -> Option<(TcpStream, SocketAddr, Slot)> {
+        let cap = &self.cap;
+        loop {
+            if let Some(spread) = &cap.spread {
+                tokio::select! {
+                    () = spread.turn() => {}
+                    () = lifecycle.stopped() => return None,
+                }
+            }
+            let permit = match Arc::clone(&cap.slots).try_acquire_owned() {
+                Ok(permit) => {
+                    self.at_cap = false;
+                    permit
+                }
+                Err(_) => {
+                    if !self.at_cap {
+                        self.at_cap = true;
+                        warn!(
+                            max_connections = cap.max,
+                            "connection limit reached; new connections wait in the listen backlog"
+                        );
+                    }
+                    tokio::select! {
+                        permit = Arc::clone(&cap.slots).acquire_owned() => match permit {
+                            Ok(permit) => permit,
+                            // Only a closed semaphore fails, and this one is never closed.
+                            Err(_) => return None,
+                        },
+                        () = lifecycle.stopped() => return None,
+                    }
+                }
+            };
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                () = lifecycle.stopped() => return None,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    self.backoff = ACCEPT_BACKOFF_START;
+                    // An IPv4 client of a dual-stack socket arrives as
+                    // `::ffff:a.b.c.d`; logs, `X-Forwarded-For` and whatever
+                    // else names the client should say `a.b.c.d`, as on an
+                    // IPv4 socket.
+                    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+                    return Some((stream, peer, cap.admit(permit)));
+                }
+                Err(error) => {
+                    warn!(%error, retry_in_ms = self.backoff.as_millis(), "accept failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(self.backoff) => {}
+                        () = lifecycle.stopped() => return None,
+                    }
+                    self.backoff = (self.backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+            }
+        }
     }
 }
 
@@ -737,7 +811,7 @@ fn serve_connection<H, G, L>(
     activity: Arc<Activity>,
     service: G,
     lifecycle: L,
-) -> impl Future<Output = ()> + Send + 'static
+) -> impl Future<Output = Option<Parked<H::Io>>> + Send + 'static
 where
     H: Handshake,
     G: GuardedService,
@@ -752,9 +826,17 @@ where
     handshaken.then(move |stream| match stream {
         Some(stream) => {
             let io = TrackedIo::new(stream, Arc::clone(&activity));
-            future::Either::Left(serve_http(http, io, peer, activity, service, lifecycle))
+            future::Either::Left(serve_http(
+                http,
+                io,
+                peer,
+                activity,
+                service,
+                lifecycle,
+                Parking::AtOnce,
+            ))
         }
-        None => future::Either::Right(future::ready(())),
+        None => future::Either::Right(future::ready(None)),
     })
 }
 
@@ -777,7 +859,8 @@ fn serve_http<I, G, L>(
     activity: Arc<Activity>,
     mut service: G,
     lifecycle: L,
-) -> impl Future<Output = ()> + Send + 'static
+    parking: Parking,
+) -> impl Future<Output = Option<Parked<I>>> + Send + 'static
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     G: GuardedService,
@@ -794,37 +877,25 @@ where
             stopped,
             limits: &http.limits,
         };
-        let Some(protocol) = watch.protocol(&mut io).await else {
-            return;
-        };
+        let protocol = watch.protocol(&mut io).await?;
         match protocol {
-            // Served until idle, then parked (see `Watch::serve_http1`) until
-            // the next request arrives, over and over. Boxed, hyper's
-            // connection and its watch, so that a parked connection's task
-            // holds none of either.
-            Protocol::Http1 => {
-                let mut parking = Parking::AtOnce;
-                loop {
-                    let serving = Box::pin(watch.serve_http1(&http.http1, io, service, parking));
-                    (io, service) = match serving.await {
-                        Some(parked) => parked,
-                        None => return,
-                    };
-                    if io.has_unread() {
-                        continue;
-                    }
-                    // Parked: waiting for the next request, holding no buffer.
-                    let parked_at = tokio::time::Instant::now();
-                    if !watch.next_bytes(&mut io).await {
-                        return;
-                    }
-                    parking = if parked_at.elapsed() < QUICK_RETURN {
-                        Parking::WhenQuiet
-                    } else {
-                        Parking::AtOnce
-                    };
+            // Served until idle, then parked (see `Watch::serve_http1`): the
+            // task ends, giving the socket back to the accept loop. Boxed,
+            // hyper's connection and its watch, so that the task is not as
+            // large.
+            Protocol::Http1 => loop {
+                let serving = Box::pin(watch.serve_http1(&http.http1, io, service, parking));
+                (io, service) = serving.await?;
+                // Pipelined: the next request is here already.
+                if io.has_unread() {
+                    continue;
                 }
-            }
+                return Some(Parked {
+                    io,
+                    peer,
+                    since: tokio::time::Instant::now(),
+                });
+            },
             // Boxed, so that an HTTP/1.1 connection's task is not as large.
             Protocol::Http2 => {
                 Box::pin(async {
@@ -839,9 +910,69 @@ where
                         .await;
                 })
                 .await;
+                None
             }
         }
     }
+}
+
+/// An idle HTTP/1.1 connection, taken from hyper between requests (see
+/// `Watch::serve_http1`): the socket and what was read ahead, nothing else.
+/// It has no task of its own; it waits in the accept loop's lot
+/// ([`Parked::next_request`]), and its next request starts a new task with a
+/// new hyper connection and a service freshly made for its peer. nginx keeps
+/// keep-alive connections the same way, which is what lets thousands of idle
+/// clients cost little.
+struct Parked<I> {
+    io: TrackedIo<I>,
+    peer: SocketAddr,
+    /// When it was parked, to tell a busy client from one that leaves time
+    /// between its requests (see [`QUICK_RETURN`]).
+    since: tokio::time::Instant,
+}
+
+impl<I: AsyncRead + Unpin> Parked<I> {
+    /// Waits, holding no buffer, until the client sends its next request,
+    /// and gives the connection back to be served; `None` if it is to close
+    /// instead: the client closed it, or its idle time ran out.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep its arguments twice"
+    )]
+    fn next_request(mut self, limits: &ServerLimits) -> impl Future<Output = Option<Self>> {
+        let (deadline, expiring) = waiting_deadline(self.io.activity(), limits);
+        async move {
+            let next = tokio::select! {
+                next = self.io.next_bytes() => next,
+                () = tokio::time::sleep_until(deadline) => {
+                    report_expired(expiring, self.peer);
+                    return None;
+                }
+            };
+            match next {
+                Ok(more) => more.then_some(self),
+                Err(error) => {
+                    report_end(self.io.activity(), self.peer, &error);
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// When a connection waiting for bytes is to close, and why: at the end of
+/// its idle time between requests, of its header-read time within a head.
+fn waiting_deadline(activity: &Activity, limits: &ServerLimits) -> (tokio::time::Instant, Expired) {
+    // A connection waiting for bytes is never busy; were it, the wait would
+    // count as idle from now.
+    activity
+        .deadline(limits.idle_timeout, limits.header_read_timeout)
+        .unwrap_or_else(|| {
+            (
+                tokio::time::Instant::now() + limits.idle_timeout,
+                Expired::Idle,
+            )
+        })
 }
 
 /// What a connection's task keeps an eye on while hyper serves it.
@@ -878,9 +1009,8 @@ impl Watch<'_> {
     /// as its connection lives, idle or not. So once the last response has
     /// left and nothing more has arrived, hyper's connection is taken apart,
     /// and the socket waits for the next request holding no buffer at all
-    /// ([`Self::next_bytes`]); its first bytes start a new hyper connection on
-    /// the same socket. nginx treats keep-alive connections the same way,
-    /// which is what lets thousands of idle clients cost little.
+    /// ([`Parked`]); its first bytes start a new hyper connection on the same
+    /// socket.
     ///
     /// A new hyper connection per request would cost a busy client about a
     /// tenth more CPU per request (measured: fresh buffers, timers and
@@ -967,18 +1097,7 @@ impl Watch<'_> {
         io: &mut TrackedIo<I>,
     ) -> impl Future<Output = bool> {
         async move {
-            let limits = self.limits;
-            // A connection waiting for bytes is never busy; were it, the
-            // wait would count as idle from now.
-            let (deadline, expiring) = self
-                .activity
-                .deadline(limits.idle_timeout, limits.header_read_timeout)
-                .unwrap_or_else(|| {
-                    (
-                        tokio::time::Instant::now() + limits.idle_timeout,
-                        Expired::Idle,
-                    )
-                });
+            let (deadline, expiring) = waiting_deadline(self.activity, self.limits);
             let next = tokio::select! {
                 next = io.next_bytes() => next,
                 () = self.stopped.as_mut() => return false,

@@ -448,6 +448,13 @@ impl<T> TrackedIo<T> {
     }
 }
 
+impl<T> TrackedIo<T> {
+    /// The connection's activity, which the socket keeps.
+    pub(crate) fn activity(&self) -> &Arc<Activity> {
+        &self.activity
+    }
+}
+
 impl<T: AsyncRead + Unpin> TrackedIo<T> {
     /// The connection's protocol, once its first bytes have told it.
     pub(crate) fn protocol(&self) -> Option<Protocol> {
