@@ -81,6 +81,7 @@
 //! client that opens a connection and sends nothing (or half a ClientHello) is
 //! closed on time as one that trickles a request head is.
 
+mod lot;
 mod watchdog;
 mod wire;
 
@@ -96,8 +97,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future;
 use futures::future::FusedFuture;
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt, TryFutureExt};
+use futures::{FutureExt, TryFutureExt};
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
@@ -112,6 +112,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use lot::{Lot, Parked};
 use watchdog::{Activity, Expired, Parking, TrackedBody, TrackedIo};
 use wire::Protocol;
 pub use wire::{
@@ -591,8 +592,8 @@ pub async fn serve_connections<M, S, B, L, H>(
     let http = Arc::new(Builders::new(&limits));
     let mut connections = JoinSet::new();
     // Idle HTTP/1.1 connections, waiting for their next request without a
-    // task of their own (see `Parked`).
-    let mut lot = FuturesUnordered::new();
+    // task of their own.
+    let mut lot = Lot::new();
     let acceptor = Acceptor {
         listener,
         cap,
@@ -623,29 +624,27 @@ pub async fn serve_connections<M, S, B, L, H>(
             Some(ended) = connections.join_next() => {
                 // A task that panicked has dropped its connection already.
                 if let Ok(Some(parked)) = ended {
-                    lot.push(parked.next_request(&http.limits));
+                    let (deadline, expiring) = waiting_deadline(parked.io.activity(), &http.limits);
+                    lot.park(parked, deadline, expiring);
                 }
             }
-            Some(woken) = lot.next() => {
-                if let Some(parked) = woken {
-                    let Parked { io, peer, since } = parked;
-                    let activity = Arc::clone(io.activity());
-                    let service = guarded(make_service(peer), Arc::clone(&activity), lifecycle.clone());
-                    let parking = if since.elapsed() < QUICK_RETURN {
-                        Parking::WhenQuiet
-                    } else {
-                        Parking::AtOnce
-                    };
-                    connections.spawn(serve_http(
-                        Arc::clone(&http),
-                        io,
-                        peer,
-                        activity,
-                        service,
-                        lifecycle.clone(),
-                        parking,
-                    ));
-                }
+            Parked { io, peer, since } = lot.next_request() => {
+                let activity = Arc::clone(io.activity());
+                let service = guarded(make_service(peer), Arc::clone(&activity), lifecycle.clone());
+                let parking = if since.elapsed() < QUICK_RETURN {
+                    Parking::WhenQuiet
+                } else {
+                    Parking::AtOnce
+                };
+                connections.spawn(serve_http(
+                    Arc::clone(&http),
+                    io,
+                    peer,
+                    activity,
+                    service,
+                    lifecycle.clone(),
+                    parking,
+                ));
             }
         }
     }
@@ -911,50 +910,6 @@ where
                 })
                 .await;
                 None
-            }
-        }
-    }
-}
-
-/// An idle HTTP/1.1 connection, taken from hyper between requests (see
-/// `Watch::serve_http1`): the socket and what was read ahead, nothing else.
-/// It has no task of its own; it waits in the accept loop's lot
-/// ([`Parked::next_request`]), and its next request starts a new task with a
-/// new hyper connection and a service freshly made for its peer. nginx keeps
-/// keep-alive connections the same way, which is what lets thousands of idle
-/// clients cost little.
-struct Parked<I> {
-    io: TrackedIo<I>,
-    peer: SocketAddr,
-    /// When it was parked, to tell a busy client from one that leaves time
-    /// between its requests (see [`QUICK_RETURN`]).
-    since: tokio::time::Instant,
-}
-
-impl<I: AsyncRead + Unpin> Parked<I> {
-    /// Waits, holding no buffer, until the client sends its next request,
-    /// and gives the connection back to be served; `None` if it is to close
-    /// instead: the client closed it, or its idle time ran out.
-    #[allow(
-        clippy::manual_async_fn,
-        reason = "an async fn would keep its arguments twice"
-    )]
-    fn next_request(mut self, limits: &ServerLimits) -> impl Future<Output = Option<Self>> {
-        let (deadline, expiring) = waiting_deadline(self.io.activity(), limits);
-        async move {
-            let next = tokio::select! {
-                next = self.io.next_bytes() => next,
-                () = tokio::time::sleep_until(deadline) => {
-                    report_expired(expiring, self.peer);
-                    return None;
-                }
-            };
-            match next {
-                Ok(more) => more.then_some(self),
-                Err(error) => {
-                    report_end(self.io.activity(), self.peer, &error);
-                    None
-                }
             }
         }
     }

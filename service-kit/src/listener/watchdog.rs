@@ -469,8 +469,9 @@ impl<T: AsyncRead + Unpin> TrackedIo<T> {
     }
 
     /// Reads once into the stack, and keeps what was read (if anything) to be
-    /// handed out before the socket is read again.
-    fn poll_read_ahead(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+    /// handed out before the socket is read again; `false` if the client
+    /// closed the connection instead.
+    pub(crate) fn poll_read_ahead(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         let mut space = [MaybeUninit::<u8>::uninit(); SNIFF_READ];
         let mut buf = ReadBuf::uninit(&mut space);
         ready!(Pin::new(&mut self.inner).poll_read(cx, &mut buf))?;
