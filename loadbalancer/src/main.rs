@@ -13,6 +13,15 @@ use loadbalancer::shutdown::Signals;
 use loadbalancer::topology;
 use service_kit::logging;
 
+// jemalloc rather than glibc's malloc. An idle client connection is a few
+// small, long-lived allocations left among the freed buffers of the requests
+// served around it, and glibc's malloc fragments around them: it kept 0.93 KiB
+// of RSS per idle connection for 0.65 KiB of heap, jemalloc 0.73 KiB. jemalloc
+// also took 5 % less CPU per keep-alive request, and the same per new
+// connection (docs/performance.md, Idle clients).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Kubernetes-aware HTTP load balancer.
 #[derive(Debug, Parser)]
 #[command(version, about)]
