@@ -345,6 +345,40 @@ async fn a_parked_connection_serves_pipelined_trickled_and_upload_requests_alike
     }
 }
 
+/// Parked connections are watched together: one whose client hangs up leaves
+/// the others' next requests served at once.
+#[tokio::test]
+async fn a_parked_connection_is_served_at_once_after_another_hung_up() {
+    let limits = limits(|l| {
+        l.header_read_timeout = NEVER;
+        l.idle_timeout = NEVER;
+    });
+    let quiet_spell = Duration::from_millis(50);
+    for target in Target::both(limits).await {
+        let name = target.name();
+        let mut stays = RawConn::connect(target.addr()).await;
+        let mut leaves = RawConn::connect(target.addr()).await;
+        for conn in [&mut stays, &mut leaves] {
+            conn.send(GOOD).await;
+            assert_eq!(
+                conn.response().await.expect("answered").status,
+                200,
+                "{name}"
+            );
+        }
+        // Both parked; then one hangs up, and the server sees it.
+        tokio::time::sleep(quiet_spell).await;
+        drop(leaves);
+        tokio::time::sleep(quiet_spell).await;
+        stays.send(GOOD).await;
+        let answer = stays
+            .response_within(Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("{name}: no answer within 5 s"));
+        assert_eq!(answer.expect("answered").status, 200, "{name}");
+    }
+}
+
 /// A parked connection keeps both clocks: a head that begins while parked
 /// and then stalls is cut at the header-read timeout.
 #[tokio::test]

@@ -78,8 +78,14 @@ impl<I: AsyncRead + Unpin> Lot<I> {
     pub(super) async fn next_request(&mut self) -> Parked<I> {
         loop {
             tokio::select! {
-                // `None` is a connection that closed: dropped already.
-                Some(Some(parked)) = self.waiting.next() => return parked,
+                // Matched here, not in the branch's pattern: a pattern that
+                // fails would leave the lot unwatched until the timer fires.
+                woken = self.waiting.next(), if !self.waiting.is_empty() => {
+                    // `None` is a connection that closed: dropped already.
+                    if let Some(Some(parked)) = woken {
+                        return parked;
+                    }
+                }
                 () = self.sweep.as_mut(), if self.next_sweep.is_some() => self.sweep(),
                 else => std::future::pending().await,
             }
@@ -195,9 +201,12 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn each_connection_closes_once_its_idle_time_runs_out_and_one_that_asks_is_served() {
+    async fn each_connection_closes_once_its_idle_time_runs_out_and_one_that_asks_is_served_at_once()
+     {
+        let start = Instant::now();
         let mut lot = Lot::new();
         let mut first = park(&mut lot, 1);
+        let hangs_up = park(&mut lot, 4);
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mut asks = park(&mut lot, 2);
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -206,14 +215,18 @@ mod tests {
         // The lot runs (as the accept loop would run it) while the clients wait.
         let lot = tokio::spawn(async move {
             let served = lot.next_request().await;
+            let served_after = start.elapsed();
             // Kept running, to close the others on time.
             tokio::select! {
                 _ = lot.next_request() => panic!("only one connection asked"),
                 () = tokio::time::sleep(Duration::from_secs(60)) => {}
             }
-            served
+            (served, served_after)
         });
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A connection that closes leaves the others watched.
+        drop(hangs_up);
+        tokio::time::sleep(Duration::from_millis(500)).await;
         asks.write_all(b"GET / HTTP/1.1\r\n").await.expect("sent");
 
         // Parked at 0 s, 1 s and 2 s with 5 s each; now is 3 s.
@@ -229,8 +242,9 @@ mod tests {
                 && last_closes <= Duration::from_secs(2) + SWEEP_SLACK,
             "{last_closes:?}"
         );
-        let served = lot.await.expect("lot ran");
+        let (served, served_after) = lot.await.expect("lot ran");
         assert_eq!(served.peer.port(), 2);
+        assert_eq!(served_after, Duration::from_secs(3), "handed back at once");
         assert!(served.io.has_unread(), "the request's first bytes are kept");
     }
 }
