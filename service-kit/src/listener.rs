@@ -845,8 +845,8 @@ where
 /// Written as a block rather than an `async fn`, whose arguments rustc keeps
 /// twice in the future (as arguments and as locals), and with the HTTP/1.1
 /// loop inline rather than in a future of its own, which would keep the socket
-/// twice too: between requests this future is most of what a parked
-/// connection costs.
+/// twice too: this future is most of the connection's task, whose cell is as
+/// large as its largest state.
 #[allow(
     clippy::manual_async_fn,
     reason = "an async fn would keep its arguments twice"

@@ -244,9 +244,9 @@ impl Activity {
     /// arrives, as it does when the connection's task starts the watch just
     /// after reading the first bytes.)
     ///
-    /// A block rather than an `async fn` (which keeps its arguments twice): a
-    /// parked connection waits on this, and its size is part of what each
-    /// idle connection costs.
+    /// A block rather than an `async fn` (which keeps its arguments twice):
+    /// every connection being served waits on this, and its size is part of
+    /// the connection's task.
     #[allow(
         clippy::manual_async_fn,
         reason = "an async fn would keep its arguments twice"
@@ -463,7 +463,7 @@ impl<T: AsyncRead + Unpin> TrackedIo<T> {
 
     /// Waits, holding no buffer, until the client sends more; `false` if it
     /// closed the connection instead. The bytes are read again by whoever
-    /// reads next. A parked connection waits here for its next request.
+    /// reads next. A parked connection waits the same way, in the lot.
     pub(crate) async fn next_bytes(&mut self) -> io::Result<bool> {
         std::future::poll_fn(|cx| self.poll_read_ahead(cx)).await
     }
