@@ -600,15 +600,17 @@ pub async fn serve_connections<M, S, B, L, H>(
         backoff: ACCEPT_BACKOFF_START,
         at_cap: false,
     };
-    let mut accepting = Box::pin(acceptor.accept(lifecycle.clone()));
+    let mut accepting = Box::pin(acceptor.accept());
+    // One wait for the stop, for the listener's life: a wait is a place in
+    // the shutdown's list of waiters, which every connection shares.
+    let mut stopped = std::pin::pin!(lifecycle.stopped());
 
     loop {
         tokio::select! {
+            () = &mut stopped => break,
             (acceptor, accepted) = &mut accepting => {
-                // Stopped: the acceptor, dropped here, closes the listener,
-                // and the kernel refuses new connections from here on.
                 let Some((stream, peer, slot)) = accepted else { break };
-                accepting.set(acceptor.accept(lifecycle.clone()));
+                accepting.set(acceptor.accept());
                 let activity = Activity::new(slot);
                 let service = guarded(make_service(peer), Arc::clone(&activity), lifecycle.clone());
                 connections.spawn(serve_connection(
@@ -648,7 +650,9 @@ pub async fn serve_connections<M, S, B, L, H>(
             }
         }
     }
-    // Idle connections have nothing in flight: they close at once.
+    // Closing the listener makes the kernel refuse new connections from here
+    // on; idle connections have nothing in flight, and close at once.
+    drop(accepting);
     drop(lot);
 
     if !connections.is_empty() {
@@ -685,25 +689,20 @@ struct Acceptor {
 
 impl Acceptor {
     /// Waits for the next connection and takes a slot under the cap for it
-    /// first; `None` once `lifecycle` stops the listener. Takes the acceptor
-    /// and gives it back, so that the accept loop can keep this future while
-    /// it attends to its connections.
-    async fn accept<L: Lifecycle>(
-        mut self,
-        lifecycle: L,
-    ) -> (Self, Option<(TcpStream, SocketAddr, Slot)>) {
-        let accepted = self.next(&lifecycle).await;
+    /// first. Takes the acceptor and gives it back, so that the accept loop
+    /// can keep this future while it attends to its connections (and drop
+    /// it, listener and all, when the server stops).
+    async fn accept(mut self) -> (Self, Option<(TcpStream, SocketAddr, Slot)>) {
+        let accepted = self.next().await;
         (self, accepted)
     }
 
-    async fn next<L: Lifecycle>(&mut self, lifecycle: &L) -> Option<(TcpStream, SocketAddr, Slot)> {
+    /// `None` if the cap's semaphore was closed, which never happens.
+    async fn next(&mut self) -> Option<(TcpStream, SocketAddr, Slot)> {
         let cap = &self.cap;
         loop {
             if let Some(spread) = &cap.spread {
-                tokio::select! {
-                    () = spread.turn() => {}
-                    () = lifecycle.stopped() => return None,
-                }
+                spread.turn().await;
             }
             let permit = match Arc::clone(&cap.slots).try_acquire_owned() {
                 Ok(permit) => {
@@ -718,21 +717,10 @@ impl Acceptor {
                             "connection limit reached; new connections wait in the listen backlog"
                         );
                     }
-                    tokio::select! {
-                        permit = Arc::clone(&cap.slots).acquire_owned() => match permit {
-                            Ok(permit) => permit,
-                            // Only a closed semaphore fails, and this one is never closed.
-                            Err(_) => return None,
-                        },
-                        () = lifecycle.stopped() => return None,
-                    }
+                    Arc::clone(&cap.slots).acquire_owned().await.ok()?
                 }
             };
-            let accepted = tokio::select! {
-                accepted = self.listener.accept() => accepted,
-                () = lifecycle.stopped() => return None,
-            };
-            match accepted {
+            match self.listener.accept().await {
                 Ok((stream, peer)) => {
                     self.backoff = ACCEPT_BACKOFF_START;
                     // An IPv4 client of a dual-stack socket arrives as
@@ -744,10 +732,7 @@ impl Acceptor {
                 }
                 Err(error) => {
                     warn!(%error, retry_in_ms = self.backoff.as_millis(), "accept failed");
-                    tokio::select! {
-                        () = tokio::time::sleep(self.backoff) => {}
-                        () = lifecycle.stopped() => return None,
-                    }
+                    tokio::time::sleep(self.backoff).await;
                     self.backoff = (self.backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 }
             }
