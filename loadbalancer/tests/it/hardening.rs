@@ -66,6 +66,18 @@ fn limits(change: impl FnOnce(&mut ServerLimits)) -> ServerLimits {
     limits
 }
 
+/// Limits without the idle and header-read timeouts, for tests of what a
+/// connection does between requests.
+fn untimed() -> ServerLimits {
+    limits(|l| {
+        l.header_read_timeout = NEVER;
+        l.idle_timeout = NEVER;
+    })
+}
+
+/// Long enough for a connection that has had its answer to be parked.
+const QUIET_SPELL: Duration = Duration::from_millis(50);
+
 /// A well-formed request on a fresh connection gets a 200 with a pod name.
 async fn assert_still_serves(addr: SocketAddr) {
     let mut conn = RawConn::connect(addr).await;
@@ -301,12 +313,7 @@ async fn the_header_timeout_does_not_cut_a_keep_alive_connection_between_request
 /// Whatever arrives, in whatever pieces, is still served as before.
 #[tokio::test]
 async fn a_parked_connection_serves_pipelined_trickled_and_upload_requests_alike() {
-    let limits = limits(|l| {
-        l.header_read_timeout = NEVER;
-        l.idle_timeout = NEVER;
-    });
-    let quiet_spell = Duration::from_millis(50);
-    for target in Target::both(limits).await {
+    for target in Target::both(untimed()).await {
         let name = target.name();
         let mut conn = RawConn::connect(target.addr()).await;
         // Two requests in one write: the second arrives with the first.
@@ -319,9 +326,9 @@ async fn a_parked_connection_serves_pipelined_trickled_and_upload_requests_alike
             );
         }
         // A head that begins while the connection is parked and ends later.
-        tokio::time::sleep(quiet_spell).await;
+        tokio::time::sleep(QUIET_SPELL).await;
         conn.send(&GOOD[..5]).await;
-        tokio::time::sleep(quiet_spell).await;
+        tokio::time::sleep(QUIET_SPELL).await;
         conn.send(&GOOD[5..]).await;
         assert_eq!(
             conn.response().await.expect("answered").status,
@@ -335,7 +342,7 @@ async fn a_parked_connection_serves_pipelined_trickled_and_upload_requests_alike
             conn.response().await.is_some(),
             "{name}: the upload is answered"
         );
-        tokio::time::sleep(quiet_spell).await;
+        tokio::time::sleep(QUIET_SPELL).await;
         conn.send(GOOD).await;
         assert_eq!(
             conn.response().await.expect("answered").status,
@@ -349,12 +356,7 @@ async fn a_parked_connection_serves_pipelined_trickled_and_upload_requests_alike
 /// the others' next requests served at once.
 #[tokio::test]
 async fn a_parked_connection_is_served_at_once_after_another_hung_up() {
-    let limits = limits(|l| {
-        l.header_read_timeout = NEVER;
-        l.idle_timeout = NEVER;
-    });
-    let quiet_spell = Duration::from_millis(50);
-    for target in Target::both(limits).await {
+    for target in Target::both(untimed()).await {
         let name = target.name();
         let mut stays = RawConn::connect(target.addr()).await;
         let mut leaves = RawConn::connect(target.addr()).await;
@@ -367,9 +369,9 @@ async fn a_parked_connection_is_served_at_once_after_another_hung_up() {
             );
         }
         // Both parked; then one hangs up, and the server sees it.
-        tokio::time::sleep(quiet_spell).await;
+        tokio::time::sleep(QUIET_SPELL).await;
         drop(leaves);
-        tokio::time::sleep(quiet_spell).await;
+        tokio::time::sleep(QUIET_SPELL).await;
         stays.send(GOOD).await;
         let answer = stays
             .response_within(Duration::from_secs(5))
