@@ -36,9 +36,10 @@ pub struct Shutdown {
     /// accepted a moment before the signal) still see the current phase, and
     /// nobody can miss a message.
     phase: watch::Sender<Phase>,
-    /// Woken once, when the phase becomes [`Phase::Stopping`]. Every idle
-    /// connection waits on it, and a `Notify` waiter is a third of the size
-    /// of a watch receiver's wait.
+    /// Woken once, when the phase becomes [`Phase::Stopping`]. Every accept
+    /// loop and every connection being served waits on it (a parked one waits
+    /// in its accept loop's lot), and a `Notify` waiter is a third of the size
+    /// of a watch receiver's wait, room every connection's task keeps.
     stopping: Arc<Notify>,
 }
 

@@ -30,8 +30,8 @@
 //! client that left time between its requests is parked as soon as its answer
 //! has left, a busy one after a second of quiet (see `Watch::serve_http1`). An
 //! idle client then costs its place in the lot, its socket's registration with
-//! the runtime and a few counters: about 800 bytes, where hyper alone kept 16
-//! KiB.
+//! the runtime and a few counters: about 650 bytes of heap, where hyper alone
+//! kept 16 KiB.
 //!
 //! Around that skeleton sit the limits a server facing the network needs
 //! ([`ServerLimits`]):
@@ -1025,9 +1025,10 @@ impl Watch<'_> {
     /// Waits until the client sends more, and reads it ahead; `false` if the
     /// connection is to close instead: the client closed it, the listener
     /// stopped, or the watchdog's clock for the connection's state ran out.
-    /// Between requests that is the idle timeout, within a head the
+    /// Before any byte has come that is the idle timeout, within a head the
     /// header-read timeout: one timer, set for whichever applies, where a
     /// connection being served needs [`Activity::expired`]'s two clocks.
+    /// (Between requests a connection waits in the lot instead.)
     #[allow(
         clippy::manual_async_fn,
         reason = "an async fn would keep its arguments twice"
