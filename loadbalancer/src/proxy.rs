@@ -761,9 +761,10 @@ impl Proxy {
                     result: Err(ProxyError::ConnectMethod),
                 }
             } else {
-                proxy
-                    .forward(&head, body, call, route, &request_id, started)
-                    .await
+                // Boxed: hyper keeps this future for the connection's life and
+                // moves it several times per request, while the exchange's
+                // state, most of its size, is needed only while one is in flight.
+                Box::pin(proxy.forward(&head, body, call, route, &request_id, started)).await
             };
             // One clock reading serves the log line and the histogram.
             let latency = started.elapsed();

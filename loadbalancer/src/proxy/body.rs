@@ -38,11 +38,6 @@ use crate::upstream::{Http2Body, PooledBody, Upgraded, UpstreamHead};
 /// A backend's response body, whichever protocol brought it. An enum rather
 /// than a boxed body: no allocation per response.
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "boxing the common HTTP/1.1 body would cost an allocation per response; \
-              the enum is one per response either way"
-)]
 pub(super) enum UpstreamBody {
     /// Read from an HTTP/1.1 connection lent by the pool, which it carries
     /// back at its end.
@@ -97,8 +92,9 @@ pub struct InFlightBody {
     /// The backend's body, streamed through untouched (and failed when it
     /// stalls); it returns its connection to the pool at its end.
     inner: IdleTimeout<UpstreamBody>,
-    /// Taken when the body ends, fails, or is dropped unfinished.
-    completion: Option<Completion>,
+    /// Taken when the body ends, fails, or is dropped unfinished. Boxed, so
+    /// that the response it rides in is small to move on its way to hyper.
+    completion: Option<Box<Completion>>,
 }
 
 /// Everything needed to log, count and judge a proxied request once its body
@@ -145,7 +141,7 @@ impl InFlightBody {
     pub(super) fn new(inner: IdleTimeout<UpstreamBody>, completion: Completion) -> Self {
         let mut body = Self {
             inner,
-            completion: Some(completion),
+            completion: Some(Box::new(completion)),
         };
         // HEAD, 204, 304, `Content-Length: 0`: hyper may never poll the body.
         if body.inner.is_end_stream() {

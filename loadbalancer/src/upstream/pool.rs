@@ -25,7 +25,6 @@
 //!   safe method (`GET`, `HEAD`, `OPTIONS`, `TRACE`) and no body, as Go's
 //!   `Transport` does. Anything else fails, and the proxy's retry policy decides.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -42,6 +41,7 @@ use service_kit::BoxError;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use super::ByBackend;
 use super::http1::{self, BodyReader, ExchangeError, Exchanged, RequestWriter, Step, UpstreamHead};
 
 /// Idle connections kept per backend (in each worker's pool). Enough for the
@@ -96,7 +96,7 @@ pub(crate) struct UpstreamPool {
 struct Inner {
     /// Idle connections by backend, newest last. A plain mutex: it is held for
     /// a push or a pop, never across an `.await`, and each worker has its own pool.
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    idle: Mutex<ByBackend<Vec<Idle>>>,
     /// The reaper's clock: bumped every tick, stamped on every returned
     /// connection, so a return costs an atomic load rather than a clock reading.
     tick: AtomicU64,
@@ -116,7 +116,7 @@ impl UpstreamPool {
     pub(crate) fn new() -> Self {
         Self {
             inner: Arc::new(Inner {
-                idle: Mutex::new(HashMap::new()),
+                idle: Mutex::new(ByBackend::default()),
                 tick: AtomicU64::new(0),
                 reaper_started: AtomicBool::new(false),
             }),
@@ -323,7 +323,7 @@ pub(crate) struct PooledBody<B> {
     reader: BodyReader,
     /// The rest of a request the backend answered before taking all of it,
     /// written as the response streams.
-    unsent: Option<RequestWriter<B>>,
+    unsent: Option<Box<RequestWriter<B>>>,
     /// The connection the body arrives on; `None` once the body has ended
     /// (given back, or closed).
     lease: Option<Lease>,
@@ -446,8 +446,11 @@ where
 /// Writes more of a request the backend answered early. A write that fails
 /// (the backend stopped reading and closed) does not fail the response, which
 /// may still arrive whole; the connection is just not reused.
-fn poll_unsent<B>(unsent: &mut Option<RequestWriter<B>>, lease: &mut Lease, cx: &mut Context<'_>)
-where
+fn poll_unsent<B>(
+    unsent: &mut Option<Box<RequestWriter<B>>>,
+    lease: &mut Lease,
+    cx: &mut Context<'_>,
+) where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {

@@ -92,8 +92,10 @@ pub(crate) struct Exchanged<B> {
     pub(crate) reader: BodyReader,
     /// The rest of the request, when the backend answered before taking all
     /// of it: it goes on streaming while the response does (an echo, a
-    /// transcoder), and the connection is reused only if it finishes.
-    pub(crate) unsent: Option<RequestWriter<B>>,
+    /// transcoder), and the connection is reused only if it finishes. Boxed:
+    /// it is rare, and the response body it rides in is moved several times
+    /// on its way to the client.
+    pub(crate) unsent: Option<Box<RequestWriter<B>>>,
     /// Whether the connection can carry another request once both messages
     /// have ended.
     pub(crate) reusable: bool,
@@ -146,7 +148,13 @@ where
         // A failed write leaves no writer, and the connection not reusable.
         (Ok(response), write_error) => {
             let request_intact = write_error.is_none();
-            finish_head(response, buf, is_head_request, writer, request_intact)
+            finish_head(
+                response,
+                buf,
+                is_head_request,
+                writer.map(Box::new),
+                request_intact,
+            )
         }
         // Not a byte of an answer, and the request could not be written: the
         // keep-alive race when the backend reset the connection, named by the
