@@ -12,6 +12,12 @@ mod http1;
 mod http2;
 mod pool;
 
+/// A map keyed by backend address, as both pools keep one, looked up on every
+/// request. Hashed with foldhash rather than std's SipHash, which costs more
+/// than the rest of the lookup; SipHash guards against keys chosen to collide,
+/// and these keys come from discovery, not from clients.
+type ByBackend<V> = std::collections::HashMap<std::net::SocketAddr, V, foldhash::fast::RandomState>;
+
 pub(crate) use http1::UpstreamHead;
 pub use http1::{ChunkedError, ExchangeError};
 pub use http2::{DEFAULT_CONNECTIONS_PER_BACKEND, Http2ConnectError, Http2Error, Http2Stats};

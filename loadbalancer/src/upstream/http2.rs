@@ -62,7 +62,6 @@
 //! The connection settings are sized for throughput, and tuned for what sits
 //! behind the proxy (gRPC servers among them); see the constants below.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::poll_fn;
 use std::io;
@@ -86,6 +85,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tracing::debug;
 
+use super::ByBackend;
 use super::http1::MAX_HEAD_BYTES;
 use super::pool::{IDLE_TIMEOUT, lock};
 
@@ -250,7 +250,7 @@ struct Inner {
     /// The connections by backend. A plain mutex: it is held to pick a
     /// connection or to add or drop one, never across an `.await`, and each
     /// worker has its own pool.
-    backends: Mutex<HashMap<SocketAddr, Backend>>,
+    backends: Mutex<ByBackend<Backend>>,
     connections_per_backend: usize,
     /// The connection settings, the same for every connection.
     settings: client::Builder,
@@ -398,7 +398,7 @@ impl Http2Pool {
             .enable_push(false);
         Self {
             inner: Arc::new(Inner {
-                backends: Mutex::new(HashMap::new()),
+                backends: Mutex::new(ByBackend::default()),
                 connections_per_backend: connections_per_backend.max(1),
                 settings,
                 idle_timeout,
