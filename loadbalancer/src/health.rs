@@ -234,7 +234,7 @@ impl HealthChecker {
             prober: Arc::new(Prober {
                 backends: backends.clone(),
                 settings: settings.clone(),
-                request: UpstreamHead::new(&request, &body),
+                request: UpstreamHead::new(&request, &body, &[]),
                 pool: UpstreamPool::new(),
                 http2: Http2Pool::new(1),
             }),

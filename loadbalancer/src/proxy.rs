@@ -80,7 +80,7 @@ use body::{Completion, UpstreamBody};
 /// The `grpc-status` of a gRPC answer's head or trailers, for the health
 /// checks' gRPC probe too.
 pub(crate) use grpc::status as grpc_status;
-use headers::X_REQUEST_ID;
+use headers::{OwnFields, X_REQUEST_ID};
 pub use idle::BodyIdle;
 use idle::IdleTimeout;
 use request_id::RequestIds;
@@ -716,7 +716,6 @@ impl Proxy {
             grpc,
             deadline: grpc.then(|| grpc::timeout(&parts.headers)).flatten(),
         };
-        parts.headers.insert(X_REQUEST_ID, request_id.clone());
         let hops = headers::remove_hop_by_hop(&mut parts.headers);
         hops.restore_trailers(&mut parts.headers);
         // An upgrade (a WebSocket) is passed on only if the client's connection
@@ -742,8 +741,8 @@ impl Proxy {
         let redirect = client
             .https_redirect
             .map(|port| headers::https_location(&parts, port));
-        headers::add_forwarding(&mut parts.headers, &client.ip, client.scheme);
-        let head = UpstreamHead::new(&parts, &body);
+        let own = OwnFields::new(&parts.headers, &request_id, &client.ip, client.scheme);
+        let head = UpstreamHead::new(&parts, &body, own.as_slice());
         let proxy = self.clone();
         async move {
             if let Some(location) = redirect {

@@ -152,36 +152,65 @@ fn is_proxy_header(name: &HeaderName) -> bool {
     name.as_str().starts_with("proxy-")
 }
 
-/// Tells the backend who the client is: appends the client's IP to
-/// `X-Forwarded-For` (keeping the hops before us), and sets `X-Forwarded-Proto`
-/// and `X-Forwarded-Host`. `Host` itself passes through untouched.
-pub(crate) fn add_forwarding(headers: &mut HeaderMap, client_ip: &HeaderValue, scheme: Scheme) {
-    match headers.entry(X_FORWARDED_FOR) {
-        Entry::Vacant(entry) => {
-            entry.insert(client_ip.clone());
-        }
-        Entry::Occupied(mut entry) => {
-            // Several X-Forwarded-For lines are one comma-separated list
-            // (RFC 9110 section 5.3); fold them into a single value.
-            let mut joined = BytesMut::new();
-            for value in entry.iter() {
-                joined.put_slice(value.as_bytes());
-                joined.put_slice(b", ");
-            }
-            joined.put_slice(client_ip.as_bytes());
-            if let Ok(value) = HeaderValue::from_maybe_shared(joined.freeze()) {
-                entry.insert(value);
-            }
+/// The header fields the proxy sets on every request it sends on, in place
+/// of any the client sent by the same names: the request id, and what tells
+/// the backend who the client is. `X-Forwarded-For` is the client's chain
+/// (the hops before us) with the client's IP appended; `X-Forwarded-Proto`
+/// the scheme it used; `X-Forwarded-Host` its `Host`, which itself passes
+/// through untouched. They go straight into the encoded head
+/// (`UpstreamHead::new`), not into the request's map.
+#[derive(Debug)]
+pub(crate) struct OwnFields {
+    fields: [(HeaderName, HeaderValue); 4],
+    /// How many of `fields` are set: `X-Forwarded-Host`, the last, only
+    /// when the request has a `Host`.
+    len: usize,
+}
+
+impl OwnFields {
+    pub(crate) fn new(
+        headers: &HeaderMap,
+        request_id: &HeaderValue,
+        client_ip: &HeaderValue,
+        scheme: Scheme,
+    ) -> Self {
+        let proto = match scheme {
+            Scheme::Http => PROTO_HTTP,
+            Scheme::Https => PROTO_HTTPS,
+        };
+        let host = headers.get(HOST);
+        Self {
+            fields: [
+                (X_REQUEST_ID, request_id.clone()),
+                (X_FORWARDED_FOR, forwarded_for(headers, client_ip)),
+                (X_FORWARDED_PROTO, proto),
+                (X_FORWARDED_HOST, host.cloned().unwrap_or(PROTO_HTTP)),
+            ],
+            len: if host.is_some() { 4 } else { 3 },
         }
     }
-    let proto = match scheme {
-        Scheme::Http => PROTO_HTTP,
-        Scheme::Https => PROTO_HTTPS,
-    };
-    headers.insert(X_FORWARDED_PROTO, proto);
-    if let Some(host) = headers.get(HOST).cloned() {
-        headers.insert(X_FORWARDED_HOST, host);
+
+    pub(crate) fn as_slice(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.fields[..self.len]
     }
+}
+
+/// The `X-Forwarded-For` to send on: the client's IP after the chain the
+/// request already has. Several X-Forwarded-For lines are one comma-separated
+/// list (RFC 9110 section 5.3), folded into a single value.
+fn forwarded_for(headers: &HeaderMap, client_ip: &HeaderValue) -> HeaderValue {
+    let mut chain = headers.get_all(X_FORWARDED_FOR).iter().peekable();
+    if chain.peek().is_none() {
+        return client_ip.clone();
+    }
+    let mut joined = BytesMut::new();
+    for value in chain {
+        joined.put_slice(value.as_bytes());
+        joined.put_slice(b", ");
+    }
+    joined.put_slice(client_ip.as_bytes());
+    // Header values joined by a comma and a space make a valid value.
+    HeaderValue::from_maybe_shared(joined.freeze()).unwrap_or_else(|_| client_ip.clone())
 }
 
 /// Gives a request in absolute form (`GET http://example.com/x`) the `Host` of
@@ -340,26 +369,38 @@ pub(super) mod tests {
         assert!(remove_hop_by_hop(&mut map).upgrade_is_h2c());
     }
 
+    /// The fields of `own` as text, in order.
+    fn fields(own: &OwnFields) -> Vec<(&str, &str)> {
+        own.as_slice()
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.to_str().expect("ASCII")))
+            .collect()
+    }
+
     #[test]
     fn forwarding_headers_extend_an_existing_chain() {
-        let mut map = headers(&[
+        let map = headers(&[
             ("x-forwarded-for", "203.0.113.7"),
             ("x-forwarded-for", "198.51.100.2"),
+            ("x-forwarded-proto", "https"),
+            ("x-request-id", "from-the-client"),
             ("host", "example.test"),
         ]);
-        add_forwarding(
-            &mut map,
+        let own = OwnFields::new(
+            &map,
+            &HeaderValue::from_static("ours"),
             &ip_header_value([127, 0, 0, 1].into()),
             Scheme::Http,
         );
         assert_eq!(
-            map["x-forwarded-for"],
-            "203.0.113.7, 198.51.100.2, 127.0.0.1"
+            fields(&own),
+            [
+                ("x-request-id", "ours"),
+                ("x-forwarded-for", "203.0.113.7, 198.51.100.2, 127.0.0.1"),
+                ("x-forwarded-proto", "http"),
+                ("x-forwarded-host", "example.test"),
+            ]
         );
-        assert_eq!(map.get_all("x-forwarded-for").iter().count(), 1);
-        assert_eq!(map["x-forwarded-proto"], "http");
-        assert_eq!(map["x-forwarded-host"], "example.test");
-        assert_eq!(map["host"], "example.test");
     }
 
     #[test]
@@ -395,14 +436,20 @@ pub(super) mod tests {
 
     #[test]
     fn forwarding_headers_start_a_chain() {
-        let mut map = HeaderMap::new();
-        add_forwarding(
-            &mut map,
+        let own = OwnFields::new(
+            &HeaderMap::new(),
+            &HeaderValue::from_static("ours"),
             &ip_header_value("::1".parse().expect("valid IP")),
             Scheme::Https,
         );
-        assert_eq!(map["x-forwarded-for"], "::1");
-        assert_eq!(map["x-forwarded-proto"], "https");
-        assert!(!map.contains_key("x-forwarded-host"));
+        assert_eq!(
+            fields(&own),
+            [
+                ("x-request-id", "ours"),
+                ("x-forwarded-for", "::1"),
+                ("x-forwarded-proto", "https"),
+            ],
+            "no Host, so no X-Forwarded-Host"
+        );
     }
 }

@@ -533,7 +533,7 @@ mod tests {
             .body(Empty::<Bytes>::new())
             .expect("valid request")
             .into_parts();
-        let head = UpstreamHead::new(&parts, &body);
+        let head = UpstreamHead::new(&parts, &body, &[]);
         pool.send(addr, Duration::from_secs(5), &head, body).await
     }
 

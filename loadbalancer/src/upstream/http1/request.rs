@@ -45,35 +45,47 @@ pub(crate) struct UpstreamHead {
 
 impl UpstreamHead {
     /// Encodes the head of a request with these (already filtered) header
-    /// fields and this body. The target becomes the origin form,
-    /// `/path?query`, whatever form the client used (absolute form through a
-    /// forward proxy, say).
-    pub(crate) fn new<B: Body>(request: &Parts, body: &B) -> Self {
+    /// fields and this body, and the fields of `own` in place of any the
+    /// request has by the same names: what the caller sets on every request
+    /// goes straight into the bytes, rather than into the request's map,
+    /// which would grow for the one reading that encodes it. The target
+    /// becomes the origin form, `/path?query`, whatever form the client used
+    /// (absolute form through a forward proxy, say).
+    pub(crate) fn new<B: Body>(
+        request: &Parts,
+        body: &B,
+        own: &[(HeaderName, HeaderValue)],
+    ) -> Self {
         let framing = RequestFraming::of(request, body);
         let target = request.uri.path_and_query().map_or("/", |p| p.as_str());
         let headers = &request.headers;
         let method = request.method.as_str();
-        let mut head = Vec::with_capacity(32 + target.len() + headers.len() * 48);
+        let mut head = Vec::with_capacity(32 + target.len() + (headers.len() + own.len()) * 48);
         head.extend_from_slice(method.as_bytes());
         head.push(b' ');
         head.extend_from_slice(target.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\n");
         let path_start = method.len() + 1;
         let path = path_start..path_start + request.uri.path().len().min(target.len());
+        // What the fields say about the head, noted in the same pass.
+        let (mut has_length, mut has_host, mut upgrade) = (false, false, false);
         for (name, value) in headers {
             // The proxy's own server answered the expectation, and the body
             // follows the head at once.
-            if name == EXPECT {
+            if name == EXPECT || own.iter().any(|(own, _)| own == name) {
                 continue;
             }
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
+            has_length |= name == CONTENT_LENGTH;
+            has_host |= name == HOST;
+            upgrade |= name == CONNECTION && value.as_bytes().eq_ignore_ascii_case(b"upgrade");
+            put_field(&mut head, name, value);
+        }
+        for (name, value) in own {
+            put_field(&mut head, name, value);
         }
         match framing {
             RequestFraming::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-            RequestFraming::Length(length) if !headers.contains_key(CONTENT_LENGTH) => {
+            RequestFraming::Length(length) if !has_length => {
                 head.extend_from_slice(format!("content-length: {length}\r\n").as_bytes());
             }
             _ => {}
@@ -83,11 +95,8 @@ impl UpstreamHead {
             path,
             method: request.method.clone(),
             framing,
-            needs_host: !headers.contains_key(HOST),
-            upgrade: headers
-                .get_all(CONNECTION)
-                .iter()
-                .any(|value| value.as_bytes().eq_ignore_ascii_case(b"upgrade")),
+            needs_host: !has_host,
+            upgrade,
         }
     }
 
@@ -357,6 +366,14 @@ where
 /// and a suffix (the chunk's CRLF), gathered into one write.
 type Piece = Chain<Chain<Bytes, Bytes>, &'static [u8]>;
 
+/// Appends `name: value` and its line end to an encoded head.
+fn put_field(head: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    head.extend_from_slice(name.as_str().as_bytes());
+    head.extend_from_slice(b": ");
+    head.extend_from_slice(value.as_bytes());
+    head.extend_from_slice(b"\r\n");
+}
+
 fn piece(prefix: Bytes, data: Bytes, suffix: &'static [u8]) -> Piece {
     prefix.chain(data).chain(suffix)
 }
@@ -374,7 +391,7 @@ mod tests {
 
     fn head_of<B: Body>(request: Request<B>) -> UpstreamHead {
         let (parts, body) = request.into_parts();
-        UpstreamHead::new(&parts, &body)
+        UpstreamHead::new(&parts, &body, &[])
     }
 
     fn written(head: &UpstreamHead, backend: &str) -> String {
@@ -396,6 +413,29 @@ mod tests {
         );
         assert_eq!(head.path(), "/a/b");
         assert!(!head.has_body());
+    }
+
+    #[test]
+    fn the_callers_own_fields_replace_the_requests_by_the_same_names() {
+        let (parts, body) = Request::post("/")
+            .header(HOST, "example.test")
+            .header("x-mine", "from the client")
+            .header("x-mine", "twice")
+            .header("content-length", "2")
+            .header("x-kept", "1")
+            .body(Full::new(Bytes::from_static(b"hi")))
+            .expect("valid request")
+            .into_parts();
+        let own = [(
+            HeaderName::from_static("x-mine"),
+            HeaderValue::from_static("ours"),
+        )];
+        let head = UpstreamHead::new(&parts, &body, &own);
+        assert_eq!(
+            written(&head, "10.0.0.1:8080"),
+            "POST / HTTP/1.1\r\nhost: example.test\r\ncontent-length: 2\r\nx-kept: 1\r\n\
+             x-mine: ours\r\n\r\n"
+        );
     }
 
     #[test]
