@@ -41,7 +41,7 @@ use crate::upstream::{Http2Body, PooledBody, Upgraded, UpstreamHead};
 pub(super) enum UpstreamBody {
     /// Read from an HTTP/1.1 connection lent by the pool, which it carries
     /// back at its end.
-    Http1(PooledBody<AttemptBody<IdleTimeout<Incoming>>>),
+    Http1(Box<PooledBody<AttemptBody<IdleTimeout<Incoming>>>>),
     /// A stream of a multiplexed HTTP/2 connection.
     Http2(Http2Body),
 }
@@ -50,7 +50,7 @@ impl UpstreamBody {
     /// The connection of a `101` response, for a tunnel. HTTP/2 has no `101`.
     pub(super) fn into_upgraded(self) -> Option<Upgraded> {
         match self {
-            Self::Http1(body) => body.into_upgraded(),
+            Self::Http1(body) => (*body).into_upgraded(),
             Self::Http2(_) => None,
         }
     }

@@ -133,7 +133,7 @@ impl UpstreamPool {
         connect_timeout: Duration,
         head: &UpstreamHead,
         body: B,
-    ) -> Result<Response<PooledBody<B>>, UpstreamError>
+    ) -> Result<Response<Box<PooledBody<B>>>, UpstreamError>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
@@ -189,13 +189,15 @@ impl UpstreamPool {
     }
 
     /// Puts `stream` in the response body, which gives it back at its end; a
-    /// response with no body at all gives it back at once.
+    /// response with no body at all gives it back at once. The body is boxed:
+    /// it holds the connection and the reader, and the response it rides in is
+    /// moved a dozen times on its way to the client.
     fn lease<B>(
         &self,
         backend: SocketAddr,
         stream: TcpStream,
         exchanged: Exchanged<B>,
-    ) -> Response<PooledBody<B>>
+    ) -> Response<Box<PooledBody<B>>>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
@@ -212,11 +214,11 @@ impl UpstreamPool {
             stream,
             reusable,
         };
-        let mut body = PooledBody {
+        let mut body = Box::new(PooledBody {
             reader,
             unsent,
             lease: Some(lease),
-        };
+        });
         // HEAD, 204, 304, `Content-Length: 0`: hyper may never poll the body.
         // A `101` keeps its connection for `into_upgraded`.
         if !body.reader.is_upgraded() {
@@ -525,7 +527,7 @@ mod tests {
         addr: SocketAddr,
         method: Method,
         path: &str,
-    ) -> Result<Response<PooledBody<Empty<Bytes>>>, UpstreamError> {
+    ) -> Result<Response<Box<PooledBody<Empty<Bytes>>>>, UpstreamError> {
         let (parts, body) = Request::builder()
             .method(method)
             .uri(path)
@@ -541,7 +543,7 @@ mod tests {
         pool: &UpstreamPool,
         addr: SocketAddr,
         path: &str,
-    ) -> Response<PooledBody<Empty<Bytes>>> {
+    ) -> Response<Box<PooledBody<Empty<Bytes>>>> {
         try_send(pool, addr, Method::GET, path)
             .await
             .expect("the server answers")
@@ -608,7 +610,7 @@ mod tests {
         addr
     }
 
-    async fn body_of(response: Response<PooledBody<Empty<Bytes>>>) -> Bytes {
+    async fn body_of(response: Response<Box<PooledBody<Empty<Bytes>>>>) -> Bytes {
         response.collect().await.expect("body arrives").to_bytes()
     }
 
