@@ -5,7 +5,7 @@
 BACKEND_IMAGE ?= backend:0.1.0
 LOADBALANCER_IMAGE ?= loadbalancer:0.1.0
 
-.PHONY: help demo test run-backend fmt lint image-backend image-loadbalancer images kind-up kind-down tls-cert bench
+.PHONY: help demo test run-backend fmt lint image-backend image-loadbalancer images kind-up kind-down tls-cert bench instructions
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -67,3 +67,7 @@ tls-cert: ## self-signed ECDSA P-256 certificate and key for localhost in tls/ (
 # scripts/bench.sh reads them (see its header for the scenarios).
 bench: ## benchmark against nginx and HAProxy (about 2 minutes; SCENARIO=churn, idle, soak, algorithms, policy, websocket, tls, h2,grpc or scale for more); writes docs/bench-results.md
 	bash scripts/bench.sh
+
+# `make instructions LB_BIN=path/to/an/older/loadbalancer` counts another build.
+instructions: ## user-space instructions per proxied request, by cachegrind: steady where times are noisy (about a minute; PROTOCOL=h2 for HTTP/2 clients)
+	bash scripts/instructions.sh
