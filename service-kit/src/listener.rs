@@ -81,6 +81,7 @@
 //! client that opens a connection and sends nothing (or half a ClientHello) is
 //! closed on time as one that trickles a request head is.
 
+mod gate;
 mod lot;
 mod watchdog;
 mod wire;
@@ -88,7 +89,7 @@ mod wire;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener as StdTcpListener};
 use std::ops::RangeInclusive;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
@@ -112,6 +113,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use gate::Gated;
 use lot::{Lot, Parked};
 use watchdog::{Activity, Expired, Parking, TrackedBody, TrackedIo};
 use wire::Protocol;
@@ -1082,12 +1084,6 @@ impl Watch<'_> {
         // waiting for the client to close it.
         let mut goaway_deadline = None;
         let result = loop {
-            let give_up = async {
-                match goaway_deadline {
-                    Some(deadline) => tokio::time::sleep_until(deadline).await,
-                    None => future::pending().await,
-                }
-            };
             // How soon the client's pattern lets the connection be parked
             // (the exchange may allow less; see `Activity::may_park`): at
             // once, the moment hyper is idle, or after a quiet spell.
@@ -1115,31 +1111,57 @@ impl Watch<'_> {
                 }
                 poll
             });
-            tokio::select! {
-                result = serving => break result,
-                () = activity.quiet_for(PARK_WHEN_QUIET_FOR), if client_parks != Parking::Never => {
+            // The watchers, polled only when one of them was woken (see
+            // `gate`), not at every wake-up of the connection's sockets. They
+            // are dropped, and their borrows end, before what woke them is
+            // acted on.
+            let watched = {
+                let watchers = pin!(async {
+                    tokio::select! {
+                        () = activity.quiet_for(PARK_WHEN_QUIET_FOR), if client_parks != Parking::Never => {
+                            Watched::Quiet
+                        }
+                        () = stopped.as_mut(), if !stopping => Watched::Stop,
+                        // HTTP/2's `Connection: close` (see `guarded`).
+                        () = activity.wind_down_asked(), if !stopping => Watched::Stop,
+                        expired = activity.expired(limits.idle_timeout, limits.header_read_timeout),
+                            if goaway_deadline.is_none() => Watched::Expired(expired),
+                        () = async {
+                            match goaway_deadline {
+                                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                                None => future::pending().await,
+                            }
+                        } => Watched::GaveUp,
+                    }
+                });
+                tokio::select! {
+                    biased;
+                    result = serving => break result,
+                    watched = Gated::new(watchers) => watched,
+                }
+            };
+            match watched {
+                Watched::Quiet => {
                     if activity.may_park() != Parking::Never {
-                        let ended = park(activity, connection.as_mut(), graceful_shutdown, |connection| {
-                            connection.now_or_never().map_or(Poll::Pending, Poll::Ready)
-                        });
+                        let ended = park(
+                            activity,
+                            connection.as_mut(),
+                            graceful_shutdown,
+                            |connection| {
+                                connection.now_or_never().map_or(Poll::Pending, Poll::Ready)
+                            },
+                        );
                         if let Poll::Ready(result) = ended {
                             break result;
                         }
                     }
                     park_failed = true;
                 }
-                () = stopped.as_mut(), if !stopping => {
+                Watched::Stop => {
                     stopping = true;
                     graceful_shutdown(connection.as_mut());
                 }
-                // HTTP/2's `Connection: close` (see `guarded`).
-                () = activity.wind_down_asked(), if !stopping => {
-                    stopping = true;
-                    graceful_shutdown(connection.as_mut());
-                }
-                expired = activity.expired(limits.idle_timeout, limits.header_read_timeout),
-                    if goaway_deadline.is_none() =>
-                {
+                Watched::Expired(expired) => {
                     // An idle HTTP/2 connection is sent GOAWAY, so that a
                     // request the client is just sending is known to be
                     // unserved and safe to retry elsewhere, then closed within
@@ -1157,7 +1179,7 @@ impl Watch<'_> {
                     report_expired(expired, *peer);
                     return Served::Closed;
                 }
-                () = give_up => {
+                Watched::GaveUp => {
                     debug!(%peer, "idle HTTP/2 connection did not close after GOAWAY, closing it");
                     return Served::Closed;
                 }
@@ -1174,6 +1196,18 @@ impl Watch<'_> {
             }
         }
     }
+}
+
+/// What woke a connection's watchers in [`Watch::drive`].
+enum Watched {
+    /// The connection has been idle for [`PARK_WHEN_QUIET_FOR`].
+    Quiet,
+    /// The listener stops, or a response asked the connection to wind down.
+    Stop,
+    /// A clock of the watchdog ran out.
+    Expired(Expired),
+    /// An idle HTTP/2 connection sent GOAWAY did not close in time.
+    GaveUp,
 }
 
 /// Asks an idle hyper `connection` to end, so that its socket can be parked,
