@@ -39,6 +39,48 @@ pub(super) struct Head {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
+    /// What its fields say of the framing, noted as they were parsed.
+    fields: FramingFields,
+}
+
+/// Which of the fields that decide a response's framing and reuse a head
+/// has, noted in the pass that parses it, so that deciding needs no lookups
+/// in the common case: a `Content-Length` of plain digits, nothing else.
+#[derive(Debug, Default)]
+struct FramingFields {
+    transfer_encoding: bool,
+    connection: bool,
+    /// How many `Content-Length` fields.
+    lengths: usize,
+    /// The first one's value, if it is plain digits.
+    length: Option<u64>,
+}
+
+impl FramingFields {
+    fn note(&mut self, name: &HeaderName, value: &HeaderValue) {
+        if name == CONTENT_LENGTH {
+            self.lengths += 1;
+            if self.lengths == 1 {
+                self.length = plain_length(value.as_bytes());
+            }
+        } else if name == TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+        } else if name == CONNECTION {
+            self.connection = true;
+        }
+    }
+}
+
+/// A length of 1 to 19 ASCII digits (no sign, no list, nothing around it).
+fn plain_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        value
+            .iter()
+            .fold(0, |length, digit| length * 10 + u64::from(digit - b'0')),
+    )
 }
 
 /// Reads until a final (non-interim) response head is complete, and leaves
@@ -172,17 +214,20 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ExchangeError> {
     };
     // One more: the proxy adds the request id.
     let mut headers = HeaderMap::with_capacity(count + 1);
+    let mut fields = FramingFields::default();
     for (name, value) in &places[..count] {
         let name = HeaderName::from_bytes(&bytes[name.clone()])
             .map_err(|_| ExchangeError::Invalid("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(bytes.slice(value.clone()))
             .map_err(|_| ExchangeError::Invalid("bad header value"))?;
+        fields.note(&name, &value);
         headers.append(name, value);
     }
     Ok(Some(Head {
         status,
         version,
         headers,
+        fields,
     }))
 }
 
@@ -199,6 +244,7 @@ pub(super) fn finish_head<B>(
         status,
         version,
         mut headers,
+        fields,
     } = head;
     let framing = if status == StatusCode::SWITCHING_PROTOCOLS {
         // What follows is the new protocol's, not a body: the connection is
@@ -209,7 +255,7 @@ pub(super) fn finish_head<B>(
         || status == StatusCode::NOT_MODIFIED
     {
         Framing::Length(0)
-    } else if headers.contains_key(TRANSFER_ENCODING) {
+    } else if fields.transfer_encoding {
         if version == Version::HTTP_10 {
             return Err(ExchangeError::Invalid("Transfer-Encoding in HTTP/1.0"));
         }
@@ -226,16 +272,21 @@ pub(super) fn finish_head<B>(
         // length the backend sent alongside would be a lie.
         headers.remove(CONTENT_LENGTH);
         Framing::Chunked(ChunkedDecoder::new())
-    } else if headers.contains_key(CONTENT_LENGTH) {
-        let length = content_length(&headers)
+    } else if fields.lengths > 0 {
+        // One length of plain digits, as noted; anything else (a list,
+        // several fields) by the general rule.
+        let length = fields
+            .length
+            .filter(|_| fields.lengths == 1)
+            .or_else(|| content_length(&headers))
             .ok_or(ExchangeError::Invalid("bad or conflicting Content-Length"))?;
         Framing::Length(length)
     } else {
         Framing::UntilClose
     };
     let keep_alive = match version {
-        Version::HTTP_10 => has_connection_option(&headers, "keep-alive"),
-        _ => !has_connection_option(&headers, "close"),
+        Version::HTTP_10 => fields.connection && has_connection_option(&headers, "keep-alive"),
+        _ => !(fields.connection && has_connection_option(&headers, "close")),
     };
     let reusable = keep_alive && request_intact && !matches!(framing, Framing::UntilClose);
     let mut response = Response::new(());
@@ -392,5 +443,81 @@ impl BodyReader {
                 Err(e) => Err(ExchangeError::Io(e)),
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::Empty;
+
+    use super::*;
+
+    /// The framing and reuse of a response with this head.
+    fn framing_of(head: &str) -> Result<(Framing, bool), ExchangeError> {
+        let mut buf = BytesMut::from(format!("{head}\r\n").as_str());
+        let head = parse_head(&mut buf)?.expect("a complete head");
+        let exchanged = finish_head::<Empty<Bytes>>(head, buf, false, None, true)?;
+        Ok((exchanged.reader.framing, exchanged.reusable))
+    }
+
+    fn length_of(head: &str) -> Option<u64> {
+        match framing_of(head) {
+            Ok((Framing::Length(length), _)) => Some(length),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn content_length_is_one_plain_number_however_it_is_written() {
+        assert_eq!(
+            length_of("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"),
+            Some(5)
+        );
+        assert_eq!(
+            length_of("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n"),
+            Some(5)
+        );
+        assert_eq!(
+            length_of("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n"),
+            Some(5)
+        );
+        assert_eq!(
+            length_of("HTTP/1.1 200 OK\r\ncontent-length: 18446744073709551615\r\n"),
+            Some(u64::MAX)
+        );
+        for bad in [
+            "5\r\nContent-Length: 6",
+            "5, 6",
+            "+5",
+            "-1",
+            "",
+            "5 5",
+            "0x5",
+        ] {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {bad}\r\n");
+            assert!(
+                matches!(framing_of(&head), Err(ExchangeError::Invalid(_))),
+                "{bad:?} was taken"
+            );
+        }
+    }
+
+    #[test]
+    fn the_connection_is_reused_as_the_version_and_connection_say() {
+        let reusable = |head: &str| framing_of(head).expect("a valid head").1;
+        assert!(reusable("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"));
+        assert!(!reusable(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n"
+        ));
+        assert!(!reusable("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n"));
+        assert!(reusable(
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n"
+        ));
+        // Read until the close: never reused.
+        assert!(!reusable("HTTP/1.1 200 OK\r\n"));
+        assert!(matches!(
+            framing_of("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n"),
+            Ok((Framing::Chunked(_), true))
+        ));
     }
 }
