@@ -18,7 +18,9 @@
 # Usage: scripts/instructions.sh [REQUESTS]   (make instructions)
 #   env LB_BIN     the load balancer binary to measure (default: a release build
 #                  of this tree), e.g. an older build to compare against
-#   env PROTOCOL   http1 (default) or h2: what the clients speak
+#   env PROTOCOL   what the clients speak: http1 (default), h2 (h2c with prior
+#                  knowledge, HTTP/1.1 to the backends), or grpc (unary calls of
+#                  identity.v1.Identity/Get, HTTP/2 to the backends' gRPC ports)
 #   env WARMUP     requests of the run that is subtracted (default 2000)
 #   env BASE_PORT  ports BASE_PORT to BASE_PORT+13 are used (default 19600)
 set -euo pipefail
@@ -50,10 +52,19 @@ ensure_tool() { # tool package
 ensure_tool valgrind valgrind
 ensure_tool h2load nghttp2-client
 
+# An empty GetRequest: a gRPC frame of no message bytes.
+printf '\0\0\0\0\0' >"$WORK/grpc-body.bin"
+TARGET_PATH=/
+BACKEND_PROTOCOL=http1
 case "$PROTOCOL" in
-  http1) H2LOAD_PROTOCOL=(--h1) ;;
-  h2) H2LOAD_PROTOCOL=() ;;
-  *) die "PROTOCOL is http1 or h2, not $PROTOCOL" ;;
+  http1) H2LOAD_ARGS=(--h1) ;;
+  h2) H2LOAD_ARGS=() ;;
+  grpc)
+    H2LOAD_ARGS=(-d "$WORK/grpc-body.bin" -H 'content-type: application/grpc' -H 'te: trailers')
+    TARGET_PATH=/identity.v1.Identity/Get
+    BACKEND_PROTOCOL=h2c
+    ;;
+  *) die "PROTOCOL is http1, h2 or grpc, not $PROTOCOL" ;;
 esac
 
 echo "==> building release binaries" >&2
@@ -73,18 +84,21 @@ wait_ready() {
 backends=()
 for i in 1 2 3; do
   port=$((BASE_PORT + 10 + i))
-  echo "{\"port\": $port, \"serviceName\": \"instructions\", \"logLevel\": \"warn\"}" \
+  grpc_port=$((port + 10))
+  echo "{\"port\": $port, \"grpcPort\": $grpc_port, \"serviceName\": \"instructions\", \"logLevel\": \"warn\"}" \
     >"$WORK/backend$i.json"
   CONFIG_PATH="$WORK/backend$i.json" POD_NAME="backend-$i" POD_IP=127.0.0.1 \
     "$BACKEND_BIN" >"$WORK/backend$i.log" 2>&1 &
   PIDS+=($!)
-  backends+=("\"127.0.0.1:$port\"")
   wait_ready "http://127.0.0.1:$port/"
+  if [[ $BACKEND_PROTOCOL == h2c ]]; then port=$grpc_port; fi
+  backends+=("\"127.0.0.1:$port\"")
 done
 LB_PORT=$BASE_PORT
 LB_ADMIN=$((BASE_PORT + 9))
 cat >"$WORK/lb.json" <<EOF
 {"port": $LB_PORT, "adminPort": $LB_ADMIN, "discovery": "static", "logLevel": "warn",
+ "backendProtocol": "$BACKEND_PROTOCOL",
  "backendServiceName": "instructions", "backendPort": $((BASE_PORT + 11)),
  "staticBackends": [$(IFS=,; echo "${backends[*]}")]}
 EOF
@@ -96,7 +110,13 @@ instructions() {
     --cachegrind-out-file="$WORK/cachegrind.out" "$LB_BIN" >"$WORK/lb.log" 2>&1 &
   local pid=$!
   wait_ready "http://127.0.0.1:$LB_ADMIN/readyz"
-  h2load "${H2LOAD_PROTOCOL[@]}" -n "$1" -c 16 -m 1 "http://127.0.0.1:$LB_PORT/" >"$WORK/h2load.log" \
+  # h2load counts every HTTP 200 a success, and a failed gRPC call is one too.
+  if [[ $PROTOCOL == grpc ]] && ! curl -sS --http2-prior-knowledge --max-time 10 \
+    -H 'content-type: application/grpc' -H 'te: trailers' --data-binary @"$WORK/grpc-body.bin" \
+    -D - -o /dev/null "http://127.0.0.1:$LB_PORT$TARGET_PATH" | grep -qi '^grpc-status: 0'; then
+    die "a gRPC call through the load balancer did not end with grpc-status 0"
+  fi
+  h2load "${H2LOAD_ARGS[@]}" -n "$1" -c 16 -m 1 "http://127.0.0.1:$LB_PORT$TARGET_PATH" >"$WORK/h2load.log" \
     || die "h2load failed: $(tail -3 "$WORK/h2load.log")"
   grep -q "^requests: .* $1 succeeded, 0 failed" "$WORK/h2load.log" \
     || die "not every request succeeded: $(grep '^requests:' "$WORK/h2load.log")"
