@@ -407,22 +407,33 @@ impl Balancer for RoundRobin {
                 .or_else(|| self.after_a_pass_at(ticket, backends, eligible))
                 .ok_or(NoBackend);
         }
-        let count = backends.iter().filter(|&&addr| eligible(addr)).count();
+        // One scan notes which backends are eligible, a bit each (the list is
+        // at most `SCAN_LIMIT` long); the ticket then takes its turn among them.
+        let mut eligible_set = 0u64;
+        for (index, &addr) in backends.iter().enumerate() {
+            if eligible(addr) {
+                eligible_set |= 1 << index;
+            }
+        }
+        let count = eligible_set.count_ones() as usize;
         if count == 0 {
             return Err(NoBackend);
         }
         let ticket = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut left = eligible_set;
+        for _ in 0..ticket % count {
+            // Drops the lowest eligible backend.
+            left &= left - 1;
+        }
         backends
-            .iter()
+            .get(left.trailing_zeros() as usize)
             .copied()
-            .filter(|&addr| eligible(addr))
-            .nth(ticket % count)
-            // Eligibility is read from atomics that may flip between the two
-            // scans; then any member of the list is an acceptable answer.
-            .or_else(|| backends.get(ticket % backends.len()).copied())
             .ok_or(NoBackend)
     }
 }
+
+// The round-robin scan keeps one bit per backend in a `u64`.
+const _: () = assert!(SCAN_LIMIT <= 64);
 
 /// A random eligible backend, found in at most [`PROBES`] draws.
 pub(crate) fn draw(
