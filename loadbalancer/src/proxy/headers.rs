@@ -38,9 +38,11 @@ pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-i
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+const HOPS: usize = 7;
+
 /// The hop-by-hop headers that are always removed. (`Connection` itself is
 /// removed separately, after the names it lists have been read.)
-const HOP_BY_HOP: [HeaderName; 7] = [
+const HOP_BY_HOP: [HeaderName; HOPS] = [
     KEEP_ALIVE,
     PROXY_CONNECTION,
     PROXY_AUTHENTICATE,
@@ -49,6 +51,9 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     TRANSFER_ENCODING,
     UPGRADE,
 ];
+/// Where `TE` and `Upgrade` are in [`HOP_BY_HOP`].
+const TE_INDEX: usize = 4;
+const UPGRADE_INDEX: usize = 6;
 
 const TRAILERS: HeaderValue = HeaderValue::from_static("trailers");
 const UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");
@@ -102,32 +107,65 @@ const PROTO_HTTPS: HeaderValue = HeaderValue::from_static("https");
 /// the proxy passes on ([`Hops`]).
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) -> Hops {
     // Most messages carry none: one pass over their few names, comparing
-    // constants, costs less than the ten lookups below.
-    if !headers.keys().any(is_hop_by_hop) {
-        return Hops::default();
+    // constants, costs less than a lookup.
+    if headers.keys().any(is_hop_by_hop) {
+        remove_present_hop_by_hop(headers)
+    } else {
+        Hops::default()
     }
-    let trailers =
-        list_items(headers, TE).any(|coding| coding.eq_ignore_ascii_case(TRAILERS.as_bytes()));
+}
+
+/// [`remove_hop_by_hop`] for a message that has some. They are one or two as
+/// a rule (`Connection: close`): a pass over the names notes which, so that
+/// only those are looked up and removed.
+fn remove_present_hop_by_hop(headers: &mut HeaderMap) -> Hops {
+    let mut fixed = [false; HOPS];
+    let (mut connection, mut proxy) = (false, false);
+    for name in headers.keys() {
+        if name == CONNECTION {
+            connection = true;
+        } else if let Some(index) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            fixed[index] = true;
+        } else if is_proxy_header(name) {
+            proxy = true;
+        }
+    }
+    let trailers = fixed[TE_INDEX]
+        && list_items(headers, TE).any(|coding| coding.eq_ignore_ascii_case(TRAILERS.as_bytes()));
     // The names must be read out before the headers they name can be removed
-    // from the same map. Collecting allocates only when `Connection` names
-    // something, which HTTP/1.1 clients rarely send. An invalid name matches no
-    // header, so it is simply skipped. The same pass notes an `upgrade` option.
+    // from the same map. The options that name no header of their own
+    // (`close`) or one of the fixed list are skipped, so collecting allocates
+    // only when `Connection` names something else, which clients rarely
+    // send. An invalid name matches no header, so it is simply skipped. The
+    // same pass notes an `upgrade` option.
     let mut upgrade_asked = false;
-    let named: Vec<HeaderName> = list_items(headers, CONNECTION)
-        .inspect(|option| upgrade_asked |= option.eq_ignore_ascii_case(UPGRADE_TOKEN.as_bytes()))
-        .filter_map(|name| HeaderName::from_bytes(name).ok())
-        .collect();
-    let upgrade = upgrade_asked
+    let mut named: Vec<HeaderName> = Vec::new();
+    if connection {
+        for option in list_items(headers, CONNECTION) {
+            upgrade_asked |= option.eq_ignore_ascii_case(UPGRADE_TOKEN.as_bytes());
+            if option.eq_ignore_ascii_case(b"close")
+                || HOP_BY_HOP
+                    .iter()
+                    .any(|hop| option.eq_ignore_ascii_case(hop.as_str().as_bytes()))
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(option) {
+                named.push(name);
+            }
+        }
+        headers.remove(CONNECTION);
+    }
+    let upgrade = (upgrade_asked && fixed[UPGRADE_INDEX])
         .then(|| headers.get(UPGRADE).cloned())
         .flatten();
-    headers.remove(CONNECTION);
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for (name, _) in HOP_BY_HOP.iter().zip(fixed).filter(|&(_, present)| present) {
         headers.remove(name);
     }
-    if headers.keys().any(is_proxy_header) {
+    if proxy {
         let proxy_headers: Vec<HeaderName> = headers
             .keys()
             .filter(|n| is_proxy_header(n))
