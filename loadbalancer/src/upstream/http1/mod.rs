@@ -167,18 +167,24 @@ where
     }
 }
 
+/// A length written as plain decimal digits, and nothing else: no sign (which
+/// `u64::from_str` would take), no space, not empty.
+fn plain_length(item: &[u8]) -> Option<u64> {
+    if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    item.iter().try_fold(0u64, |length, digit| {
+        length.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+    })
+}
+
 /// The one `Content-Length` of `headers`: every value (and every item of a
 /// comma-separated value) must be the same plain decimal number.
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     let mut length = None;
     for value in headers.get_all(CONTENT_LENGTH) {
         for item in value.to_str().ok()?.split(',') {
-            let item = item.trim();
-            // `u64::from_str` would take a leading `+`.
-            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            let parsed: u64 = item.parse().ok()?;
+            let parsed = plain_length(item.trim().as_bytes())?;
             if length.is_some_and(|known| known != parsed) {
                 return None;
             }

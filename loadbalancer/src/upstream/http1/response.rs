@@ -15,7 +15,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::chunked::{ChunkedDecoder, Decoded};
-use super::{ExchangeError, Exchanged, RequestWriter, content_length};
+use super::{ExchangeError, Exchanged, RequestWriter, content_length, plain_length};
 
 /// Header fields accepted in a response head, as in hyper.
 const MAX_HEADERS: usize = 100;
@@ -52,7 +52,7 @@ struct FramingFields {
     connection: bool,
     /// How many `Content-Length` fields.
     lengths: usize,
-    /// The first one's value, if it is plain digits.
+    /// The first one's value, if it is a plain number (see [`plain_length`]).
     length: Option<u64>,
 }
 
@@ -69,18 +69,6 @@ impl FramingFields {
             self.connection = true;
         }
     }
-}
-
-/// A length of 1 to 19 ASCII digits (no sign, no list, nothing around it).
-fn plain_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(
-        value
-            .iter()
-            .fold(0, |length, digit| length * 10 + u64::from(digit - b'0')),
-    )
 }
 
 /// Reads until a final (non-interim) response head is complete, and leaves
@@ -493,6 +481,7 @@ mod tests {
             "",
             "5 5",
             "0x5",
+            "18446744073709551616",
         ] {
             let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {bad}\r\n");
             assert!(
