@@ -51,9 +51,8 @@ const HOP_BY_HOP: [HeaderName; HOPS] = [
     TRANSFER_ENCODING,
     UPGRADE,
 ];
-/// Where `TE` and `Upgrade` are in [`HOP_BY_HOP`].
+/// Where `TE` is in [`HOP_BY_HOP`].
 const TE_INDEX: usize = 4;
-const UPGRADE_INDEX: usize = 6;
 
 const TRAILERS: HeaderValue = HeaderValue::from_static("trailers");
 const UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");
@@ -106,19 +105,9 @@ const PROTO_HTTPS: HeaderValue = HeaderValue::from_static("https");
 /// list above, and any other `Proxy-*` header. Returns what they asked for that
 /// the proxy passes on ([`Hops`]).
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) -> Hops {
-    // Most messages carry none: one pass over their few names, comparing
-    // constants, costs less than a lookup.
-    if headers.keys().any(is_hop_by_hop) {
-        remove_present_hop_by_hop(headers)
-    } else {
-        Hops::default()
-    }
-}
-
-/// [`remove_hop_by_hop`] for a message that has some. They are one or two as
-/// a rule (`Connection: close`): a pass over the names notes which, so that
-/// only those are looked up and removed.
-fn remove_present_hop_by_hop(headers: &mut HeaderMap) -> Hops {
+    // Which of them the message has, in one pass over its few names,
+    // comparing constants: most carry none, and the rest one or two
+    // (`Connection: close`), so only those are looked up and removed.
     let mut fixed = [false; HOPS];
     let (mut connection, mut proxy) = (false, false);
     for name in headers.keys() {
@@ -129,6 +118,9 @@ fn remove_present_hop_by_hop(headers: &mut HeaderMap) -> Hops {
         } else if is_proxy_header(name) {
             proxy = true;
         }
+    }
+    if !connection && !proxy && !fixed.contains(&true) {
+        return Hops::default();
     }
     let trailers = fixed[TE_INDEX]
         && list_items(headers, TE).any(|coding| coding.eq_ignore_ascii_case(TRAILERS.as_bytes()));
@@ -156,7 +148,7 @@ fn remove_present_hop_by_hop(headers: &mut HeaderMap) -> Hops {
         }
         headers.remove(CONNECTION);
     }
-    let upgrade = (upgrade_asked && fixed[UPGRADE_INDEX])
+    let upgrade = upgrade_asked
         .then(|| headers.get(UPGRADE).cloned())
         .flatten();
     for name in named {
@@ -176,13 +168,6 @@ fn remove_present_hop_by_hop(headers: &mut HeaderMap) -> Hops {
         }
     }
     Hops { trailers, upgrade }
-}
-
-/// Whether `name` is hop-by-hop whatever `Connection` says: `Connection`
-/// itself (which any other hop-by-hop name needs beside it), the fixed list,
-/// or a `Proxy-*` header.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == CONNECTION || HOP_BY_HOP.contains(name) || is_proxy_header(name)
 }
 
 fn is_proxy_header(name: &HeaderName) -> bool {
