@@ -115,7 +115,7 @@ use tracing::{debug, info, warn};
 
 use gate::Gated;
 use lot::{Lot, Parked};
-use watchdog::{Activity, Expired, Parking, TrackedBody, TrackedIo};
+use watchdog::{Activity, Expired, Lapse, Parking, TrackedBody, TrackedIo};
 use wire::Protocol;
 pub use wire::{
     BYTES_PER_CONTROL_FRAME, CONTROL_FRAME_BURST, CONTROL_FRAMES_PER_RESPONSE,
@@ -1117,15 +1117,16 @@ impl Watch<'_> {
             // acted on.
             let watched = {
                 let watchers = pin!(async {
+                    let quiet = (client_parks != Parking::Never).then_some(PARK_WHEN_QUIET_FOR);
                     tokio::select! {
-                        () = activity.quiet_for(PARK_WHEN_QUIET_FOR), if client_parks != Parking::Never => {
-                            Watched::Quiet
-                        }
                         () = stopped.as_mut(), if !stopping => Watched::Stop,
                         // HTTP/2's `Connection: close` (see `guarded`).
                         () = activity.wind_down_asked(), if !stopping => Watched::Stop,
-                        expired = activity.expired(limits.idle_timeout, limits.header_read_timeout),
-                            if goaway_deadline.is_none() => Watched::Expired(expired),
+                        lapse = activity.lapsed(limits.idle_timeout, limits.header_read_timeout, quiet),
+                            if goaway_deadline.is_none() => match lapse {
+                                Lapse::Quiet => Watched::Quiet,
+                                Lapse::Expired(expired) => Watched::Expired(expired),
+                            },
                         () = async {
                             match goaway_deadline {
                                 Some(deadline) => tokio::time::sleep_until(deadline).await,

@@ -73,6 +73,26 @@ pub(crate) enum Expired {
     HeaderRead,
 }
 
+impl Expired {
+    /// This limit's length, of the idle and header-read timeouts.
+    fn limit(self, idle: Duration, header_read: Duration) -> Duration {
+        match self {
+            Self::Idle => idle,
+            Self::HeaderRead => header_read,
+        }
+    }
+}
+
+/// What a connection's clocks found ([`Activity::lapsed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lapse {
+    /// The connection has been idle for the quiet spell after which it may
+    /// be parked.
+    Quiet,
+    /// A limit ran out.
+    Expired(Expired),
+}
+
 #[derive(Debug, Clone, Copy)]
 enum State {
     Idle { since: Instant },
@@ -228,19 +248,23 @@ impl Activity {
     }
 
     /// Resolves once the connection has stayed idle for `idle`, or has spent
-    /// `header_read` reading one request head. Never resolves while busy.
+    /// `header_read` reading one request head ([`Lapse::Expired`]), or, with
+    /// `quiet` given, once it has been idle for `quiet` ([`Lapse::Quiet`]: it
+    /// may park). Never resolves while busy. One timer serves all three
+    /// clocks: a connection that serves one request and closes arms it once.
     ///
     /// The state changes three times per request. Waking this future on every
     /// change (it runs in the connection's task, so every wake-up re-polls the
     /// whole connection) is work the request does not need, so it is never
-    /// woken: it sleeps until the current state's deadline, but never longer
-    /// than `min(idle, header_read)`, then looks again. That is still on
-    /// time: a head that begins at `t` must end by `t + header_read`, and the
-    /// last look before `t` was at most `header_read` earlier, so the next look
-    /// comes before that deadline and arms the timer for exactly it; the same
-    /// holds for an idle spell and `idle`. (Sleeping through a head's whole
-    /// deadline instead would miss the idle spell after a quick request by up
-    /// to `header_read`: a look that happens to fall while the first head
+    /// woken: it sleeps until the current state's nearest deadline, but never
+    /// longer than the shortest of the three durations, then looks again. That
+    /// is still on time: a head that begins at `t` must end by
+    /// `t + header_read`, and the last look before `t` was at most
+    /// `header_read` earlier, so the next look comes before that deadline and
+    /// arms the timer for exactly it; the same holds for an idle spell and
+    /// `idle` or `quiet`. (Sleeping through a head's whole deadline instead
+    /// would miss the idle spell after a quick request by up to
+    /// `header_read`: a look that happens to fall while the first head
     /// arrives, as it does when the connection's task starts the watch just
     /// after reading the first bytes.)
     ///
@@ -251,18 +275,19 @@ impl Activity {
         clippy::manual_async_fn,
         reason = "an async fn would keep its arguments twice"
     )]
-    pub(crate) fn expired(
+    pub(crate) fn lapsed(
         &self,
         idle: Duration,
         header_read: Duration,
-    ) -> impl Future<Output = Expired> + '_ {
+        quiet: Option<Duration>,
+    ) -> impl Future<Output = Lapse> + '_ {
         async move {
             let timer = tokio::time::sleep(Duration::ZERO);
             tokio::pin!(timer);
             loop {
-                let next_look = match self.next_look(idle, header_read) {
+                let next_look = match self.next_look(idle, header_read, quiet) {
                     Ok(next_look) => next_look,
-                    Err(expired) => return expired,
+                    Err(lapse) => return lapse,
                 };
                 // One timer, moved rather than made anew.
                 timer.as_mut().reset(next_look);
@@ -290,42 +315,39 @@ impl Activity {
         idle: Duration,
         header_read: Duration,
     ) -> Option<(Instant, Expired)> {
-        self.spell().map(|(since, spell)| {
-            let limit = match spell {
-                Expired::Idle => idle,
-                Expired::HeaderRead => header_read,
-            };
-            (since + limit, spell)
-        })
+        self.spell()
+            .map(|(since, spell)| (since + spell.limit(idle, header_read), spell))
     }
 
-    /// Resolves once the connection has been idle for `quiet`. It looks
-    /// again every `quiet` while the connection is not idle, so that it need
-    /// not be woken when the state changes (see [`Self::expired`]).
-    pub(crate) async fn quiet_for(&self, quiet: Duration) {
-        let timer = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(timer);
-        loop {
-            let now = Instant::now();
-            let next_look = match self.spell() {
-                Some((since, Expired::Idle)) if since + quiet <= now => return,
+    /// When [`Self::lapsed`] should look again, or what has lapsed. A limit
+    /// that ran out comes first: such a connection is closed, not parked.
+    fn next_look(
+        &self,
+        idle: Duration,
+        header_read: Duration,
+        quiet: Option<Duration>,
+    ) -> Result<Instant, Lapse> {
+        let now = Instant::now();
+        let spell = self.spell();
+        let mut next_look = now + idle.min(header_read);
+        if let Some((since, spell)) = spell {
+            let deadline = since + spell.limit(idle, header_read);
+            if deadline <= now {
+                return Err(Lapse::Expired(spell));
+            }
+            next_look = next_look.min(deadline);
+        }
+        if let Some(quiet) = quiet {
+            let quiet_from = match spell {
                 Some((since, Expired::Idle)) => since + quiet,
                 Some((_, Expired::HeaderRead)) | None => now + quiet,
             };
-            timer.as_mut().reset(next_look);
-            timer.as_mut().await;
+            if quiet_from <= now {
+                return Err(Lapse::Quiet);
+            }
+            next_look = next_look.min(quiet_from);
         }
-    }
-
-    /// When [`Self::expired`] should look again, or what has expired.
-    fn next_look(&self, idle: Duration, header_read: Duration) -> Result<Instant, Expired> {
-        let look_every = idle.min(header_read);
-        let now = Instant::now();
-        match self.deadline(idle, header_read) {
-            Some((deadline, expired)) if deadline <= now => Err(expired),
-            Some((deadline, _)) => Ok(deadline.min(now + look_every)),
-            None => Ok(now + look_every),
-        }
+        Ok(next_look)
     }
 }
 
@@ -609,7 +631,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_quiet_connection_expires_as_idle() {
         let activity = Activity::new(Slot::unlimited());
-        assert_eq!(activity.expired(IDLE, HEADER).await, Expired::Idle);
+        assert_eq!(
+            activity.lapsed(IDLE, HEADER, None).await,
+            Lapse::Expired(Expired::Idle)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -617,7 +642,10 @@ mod tests {
         let activity = Activity::new(Slot::unlimited());
         activity.head_begun();
         let started = Instant::now();
-        assert_eq!(activity.expired(IDLE, HEADER).await, Expired::HeaderRead);
+        assert_eq!(
+            activity.lapsed(IDLE, HEADER, None).await,
+            Lapse::Expired(Expired::HeaderRead)
+        );
         assert_eq!(started.elapsed(), HEADER);
     }
 
@@ -627,13 +655,13 @@ mod tests {
         let idle = Duration::from_millis(300);
         let activity = Activity::new(Slot::unlimited());
         activity.head_begun();
-        let expired = activity.expired(idle, Duration::from_secs(3600));
+        let expired = activity.lapsed(idle, Duration::from_secs(3600), None);
         tokio::pin!(expired);
         let looked = futures::FutureExt::now_or_never(expired.as_mut());
         assert_eq!(looked, None, "looked at the head and slept");
         drop(activity.request_started());
         let ended = Instant::now();
-        assert_eq!(expired.await, Expired::Idle);
+        assert_eq!(expired.await, Lapse::Expired(Expired::Idle));
         assert!(ended.elapsed() <= idle * 2, "{:?}", ended.elapsed());
     }
 
@@ -641,11 +669,14 @@ mod tests {
     async fn a_busy_connection_never_expires_and_goes_idle_when_the_body_drops() {
         let activity = Activity::new(Slot::unlimited());
         let guard = activity.request_started();
-        let waiting = tokio::time::timeout(IDLE * 10, activity.expired(IDLE, HEADER)).await;
+        let waiting = tokio::time::timeout(IDLE * 10, activity.lapsed(IDLE, HEADER, None)).await;
         assert!(waiting.is_err(), "a busy connection expired: {waiting:?}");
         drop(guard);
         let ended = Instant::now();
-        assert_eq!(activity.expired(IDLE, HEADER).await, Expired::Idle);
+        assert_eq!(
+            activity.lapsed(IDLE, HEADER, None).await,
+            Lapse::Expired(Expired::Idle)
+        );
         assert_eq!(ended.elapsed(), IDLE);
     }
 

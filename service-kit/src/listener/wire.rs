@@ -260,6 +260,7 @@ mod tests {
 
     use super::*;
     use crate::listener::Slot;
+    use crate::listener::watchdog::{Expired, Lapse};
 
     /// A frame header, and `payload` zero bytes after it.
     fn frame(kind: u8, flags: u8, payload: usize) -> Vec<u8> {
@@ -389,8 +390,8 @@ mod tests {
         wire.read(&frame(PING, 0, 8), &activity).expect("no flood");
         let started = Instant::now();
         assert_eq!(
-            activity.expired(idle, header_read).await,
-            super::super::watchdog::Expired::Idle
+            activity.lapsed(idle, header_read, None).await,
+            Lapse::Expired(Expired::Idle)
         );
         assert_eq!(started.elapsed(), idle);
 
@@ -400,8 +401,8 @@ mod tests {
             .expect("no flood");
         let started = Instant::now();
         assert_eq!(
-            activity.expired(idle, header_read).await,
-            super::super::watchdog::Expired::HeaderRead
+            activity.lapsed(idle, header_read, None).await,
+            Lapse::Expired(Expired::HeaderRead)
         );
         assert_eq!(started.elapsed(), header_read);
     }
