@@ -112,10 +112,12 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) -> Hops {
     // (`Connection: close`), so only those are looked up and removed.
     let mut fixed = [false; HOPS];
     let (mut connection, mut proxy) = (false, false);
+    // Bound once: each use of the constant array builds a copy and drops it.
+    let hop_by_hop = HOP_BY_HOP;
     for name in headers.keys() {
         if name == CONNECTION {
             connection = true;
-        } else if let Some(index) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+        } else if let Some(index) = hop_by_hop.iter().position(|hop| hop == name) {
             fixed[index] = true;
         } else if is_proxy_header(name) {
             proxy = true;
@@ -138,7 +140,7 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) -> Hops {
         for option in list_items(headers, CONNECTION) {
             upgrade_asked |= option.eq_ignore_ascii_case(UPGRADE_TOKEN.as_bytes());
             if option.eq_ignore_ascii_case(b"close")
-                || HOP_BY_HOP
+                || hop_by_hop
                     .iter()
                     .any(|hop| option.eq_ignore_ascii_case(hop.as_str().as_bytes()))
             {
@@ -156,7 +158,7 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) -> Hops {
     for name in named {
         headers.remove(name);
     }
-    for (name, _) in HOP_BY_HOP.iter().zip(fixed).filter(|&(_, present)| present) {
+    for (name, _) in hop_by_hop.iter().zip(fixed).filter(|&(_, present)| present) {
         headers.remove(name);
     }
     if proxy {
