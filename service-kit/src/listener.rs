@@ -9,9 +9,13 @@
 //! holds up the others. Each connection task races hyper's connection future
 //! against the shutdown signal; when the signal wins, `graceful_shutdown()` lets
 //! the request in progress finish and closes the connection instead of dropping
-//! it mid-response (an idle keep-alive connection closes at once). The tasks
-//! live in a `JoinSet`, so [`serve_connections`] can wait for the last one and,
-//! if they outlast the shutdown timeout, close the rest by force.
+//! it mid-response (an idle keep-alive connection closes at once), and a
+//! request that outlasts the shutdown timeout is cut. Each task holds a sender
+//! of the channel that hands parked sockets back to the accept loop, so
+//! [`serve_connections`] knows the last connection has ended when the channel
+//! closes. (A `JoinSet` would tell the same, at a lock, an allocation and a
+//! wake-up of the accept loop per connection: a tenth of the listener's work
+//! on a connection that serves one request.)
 //!
 //! Every connection speaks HTTP/1.1 or HTTP/2, on the same port: the first bytes
 //! tell them apart (HTTP/2 with prior knowledge opens with a fixed preface; see
@@ -109,8 +113,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{debug, info, warn};
 
 use gate::Gated;
@@ -592,7 +595,8 @@ pub async fn serve_connections<M, S, B, L, H>(
     H: Handshake,
 {
     let http = Arc::new(Builders::new(&limits));
-    let mut connections = JoinSet::new();
+    // Parked sockets coming back from their connections' tasks.
+    let (hand_back, mut handed_back) = mpsc::unbounded_channel();
     // Idle HTTP/1.1 connections, waiting for their next request without a
     // task of their own.
     let mut lot = Lot::new();
@@ -615,7 +619,7 @@ pub async fn serve_connections<M, S, B, L, H>(
                 accepting.set(acceptor.accept());
                 let activity = Activity::new(slot);
                 let service = guarded(make_service(peer), Arc::clone(&activity), lifecycle.clone());
-                connections.spawn(serve_connection(
+                let serving = serve_connection(
                     Arc::clone(&http),
                     handshake.clone(),
                     stream,
@@ -623,14 +627,12 @@ pub async fn serve_connections<M, S, B, L, H>(
                     activity,
                     service,
                     lifecycle.clone(),
-                ));
+                );
+                tokio::spawn(handing_back(serving, hand_back.clone()));
             }
-            Some(ended) = connections.join_next() => {
-                // A task that panicked has dropped its connection already.
-                if let Ok(Some(parked)) = ended {
-                    let (deadline, expiring) = waiting_deadline(parked.io.activity(), &http.limits);
-                    lot.park(parked, deadline, expiring);
-                }
+            Some(parked) = handed_back.recv() => {
+                let (deadline, expiring) = waiting_deadline(parked.io.activity(), &http.limits);
+                lot.park(parked, deadline, expiring);
             }
             Parked { io, peer, since } = lot.next_request() => {
                 let activity = Arc::clone(io.activity());
@@ -640,7 +642,7 @@ pub async fn serve_connections<M, S, B, L, H>(
                 } else {
                     Parking::AtOnce
                 };
-                connections.spawn(serve_http(
+                let serving = serve_http(
                     Arc::clone(&http),
                     io,
                     peer,
@@ -648,7 +650,8 @@ pub async fn serve_connections<M, S, B, L, H>(
                     service,
                     lifecycle.clone(),
                     parking,
-                ));
+                );
+                tokio::spawn(handing_back(serving, hand_back.clone()));
             }
         }
     }
@@ -656,27 +659,34 @@ pub async fn serve_connections<M, S, B, L, H>(
     // on; idle connections have nothing in flight, and close at once.
     drop(accepting);
     drop(lot);
-
-    if !connections.is_empty() {
+    // The accept loop's own sender goes; every other one is a connection's.
+    let open = hand_back.strong_count() - 1;
+    drop(hand_back);
+    if open > 0 {
         info!(
-            connections = connections.len(),
+            connections = open,
             "listener closed, finishing in-flight requests"
         );
     }
-    let finished = tokio::time::timeout(limits.shutdown_timeout, async {
-        // A connection parked meanwhile is dropped, which closes it.
-        while connections.join_next().await.is_some() {}
+    // Each connection ends by itself: its request finishes, or it is cut at
+    // the shutdown timeout (see `Watch::drive`). A connection parked
+    // meanwhile is dropped here, which closes it.
+    while handed_back.recv().await.is_some() {}
+}
+
+/// A connection's task: `serving`, then its socket handed back to the accept
+/// loop if it was parked. The sender lives as long as the task, so the
+/// channel closes when the last connection has ended.
+fn handing_back<I>(
+    serving: impl Future<Output = Option<Parked<I>>>,
+    hand_back: mpsc::UnboundedSender<Parked<I>>,
+) -> impl Future<Output = ()> {
+    serving.map(move |parked| {
+        if let Some(parked) = parked {
+            // Refused only once the listener has stopped: the socket closes.
+            let _ = hand_back.send(parked);
+        }
     })
-    .await;
-    if finished.is_err() {
-        warn!(
-            cut = connections.len(),
-            timeout_ms = limits.shutdown_timeout.as_millis(),
-            "shutdown timeout reached, closing connections with requests in flight"
-        );
-        // Aborting a task drops its connection, which closes the socket.
-        connections.shutdown().await;
-    }
 }
 
 /// The listening socket and what accepting from it needs to remember.
@@ -1083,6 +1093,8 @@ impl Watch<'_> {
         // Once an idle HTTP/2 connection has been sent GOAWAY, when to stop
         // waiting for the client to close it.
         let mut goaway_deadline = None;
+        // Once the listener has stopped, when the request in flight is cut.
+        let mut cut_at = None;
         let result = loop {
             // How soon the client's pattern lets the connection be parked
             // (the exchange may allow less; see `Activity::may_park`): at
@@ -1119,16 +1131,16 @@ impl Watch<'_> {
                 let watchers = pin!(async {
                     let quiet = (client_parks != Parking::Never).then_some(PARK_WHEN_QUIET_FOR);
                     tokio::select! {
-                        () = stopped.as_mut(), if !stopping => Watched::Stop,
+                        () = stopped.as_mut(), if cut_at.is_none() => Watched::Stop,
                         // HTTP/2's `Connection: close` (see `guarded`).
-                        () = activity.wind_down_asked(), if !stopping => Watched::Stop,
+                        () = activity.wind_down_asked(), if !stopping => Watched::WindDown,
                         lapse = activity.lapsed(limits.idle_timeout, limits.header_read_timeout, quiet),
                             if goaway_deadline.is_none() => match lapse {
                                 Lapse::Quiet => Watched::Quiet,
                                 Lapse::Expired(expired) => Watched::Expired(expired),
                             },
                         () = async {
-                            match goaway_deadline {
+                            match goaway_deadline.into_iter().chain(cut_at).min() {
                                 Some(deadline) => tokio::time::sleep_until(deadline).await,
                                 None => future::pending().await,
                             }
@@ -1159,6 +1171,13 @@ impl Watch<'_> {
                     park_failed = true;
                 }
                 Watched::Stop => {
+                    cut_at = Some(tokio::time::Instant::now() + limits.shutdown_timeout);
+                    if !stopping {
+                        stopping = true;
+                        graceful_shutdown(connection.as_mut());
+                    }
+                }
+                Watched::WindDown => {
                     stopping = true;
                     graceful_shutdown(connection.as_mut());
                 }
@@ -1181,7 +1200,15 @@ impl Watch<'_> {
                     return Served::Closed;
                 }
                 Watched::GaveUp => {
-                    debug!(%peer, "idle HTTP/2 connection did not close after GOAWAY, closing it");
+                    if cut_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                        warn!(
+                            %peer,
+                            timeout_ms = limits.shutdown_timeout.as_millis(),
+                            "shutdown timeout reached, closing a connection with a request in flight"
+                        );
+                    } else {
+                        debug!(%peer, "idle HTTP/2 connection did not close after GOAWAY, closing it");
+                    }
                     return Served::Closed;
                 }
             }
@@ -1203,11 +1230,15 @@ impl Watch<'_> {
 enum Watched {
     /// The connection has been idle for [`PARK_WHEN_QUIET_FOR`].
     Quiet,
-    /// The listener stops, or a response asked the connection to wind down.
+    /// The listener stops: the connection winds down, and what is in flight
+    /// gets the shutdown timeout.
     Stop,
+    /// A response asked the connection to wind down.
+    WindDown,
     /// A clock of the watchdog ran out.
     Expired(Expired),
-    /// An idle HTTP/2 connection sent GOAWAY did not close in time.
+    /// An idle HTTP/2 connection sent GOAWAY did not close in time, or a
+    /// request outlasted the shutdown timeout.
     GaveUp,
 }
 

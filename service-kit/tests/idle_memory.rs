@@ -48,7 +48,7 @@ const CONNECTIONS: usize = 200;
 /// 8 KiB buffers. It covers the connection's place in the listener's lot of
 /// parked connections, its socket's registration with the runtime and its
 /// watchdog state with its place under the cap; not a task of its own, whose
-/// cell alone (768 bytes) and `JoinSet` entry would go over.
+/// cell alone (768 bytes) would go over.
 const MOST_BYTES_PER_IDLE_CONNECTION: isize = 1024;
 
 /// Sends `requests` `GET /`s one after the other on a new blocking connection

@@ -497,3 +497,33 @@ async fn shutdown_sends_goaway_lets_the_request_in_flight_finish_and_refuses_new
         .expect("the load balancer stops once the request is done")
         .expect("no panic");
 }
+
+/// Shutdown: a stream that outlasts the shutdown timeout is cut, as an
+/// HTTP/1.1 request is, and serving returns without it.
+#[tokio::test]
+async fn a_stream_outlasting_the_shutdown_timeout_is_cut_and_serving_returns() {
+    let upstream = start_backend("held").await;
+    let mut limits = ServerLimits::DEFAULT;
+    // Whole seconds: the config carries `shutdownTimeoutSeconds`.
+    limits.shutdown_timeout = Duration::from_secs(1);
+    let lb = TestLb::start_with_limits(vec![upstream.addr], limits).await;
+    let mut conn = H2Conn::connect(lb.addr).await;
+    conn.send(&h2frames::get(1, "/hold", &lb.addr.to_string()))
+        .await;
+    upstream.wait_for_requests(1).await;
+
+    lb.shutdown.begin_draining();
+    lb.shutdown.stop();
+    // Returns within PATIENCE although the held request is never released.
+    lb.stopped().await;
+    let mut seen = Vec::new();
+    while let Some(frame) = conn.next_frame().await {
+        seen.push((frame.kind, frame.stream));
+    }
+    assert!(seen.contains(&(GOAWAY, 0)), "{seen:?}");
+    assert!(
+        !seen.contains(&(HEADERS, 1)),
+        "the held stream was answered: {seen:?}"
+    );
+    upstream.release_held();
+}
