@@ -1039,7 +1039,7 @@ impl Watch<'_> {
     /// stopped, or the watchdog's clock for the connection's state ran out.
     /// Before any byte has come that is the idle timeout, within a head the
     /// header-read timeout: one timer, set for whichever applies, where a
-    /// connection being served needs [`Activity::expired`]'s two clocks.
+    /// connection being served needs [`Activity::lapsed`]'s three clocks.
     /// (Between requests a connection waits in the lot instead.)
     #[allow(
         clippy::manual_async_fn,

@@ -24,8 +24,9 @@
 //! [`TrackedIo`] sees every byte read and hands it to the connection's `wire`
 //! to read, the service wrapper in `listener` marks requests in and out through
 //! [`Activity::request_started`] and the [`TrackedBody`] guard, and
-//! [`Activity::expired`] is a future that resolves when the current state has
-//! outlived its limit ([`Activity::deadline`] when only one state can apply).
+//! [`Activity::lapsed`] is a future that resolves when the current state has
+//! outlived its limit, or the connection has been quiet long enough to be
+//! parked ([`Activity::deadline`] when only one state can apply).
 //!
 //! [`TrackedIo`] also reads bytes before hyper does ([`TrackedIo::next_bytes`]),
 //! and hands them to hyper afterwards: the first bytes, to tell the protocol,
@@ -104,7 +105,7 @@ enum State {
 #[derive(Debug)]
 pub(crate) struct Activity {
     /// A plain mutex: it is held for a few instructions and never across `.await`.
-    /// Changing the state wakes nobody: [`Activity::expired`] reads it when its
+    /// Changing the state wakes nobody: [`Activity::lapsed`] reads it when its
     /// timer fires (see there why that is on time).
     state: Mutex<State>,
     /// Responses given so far, which earn an HTTP/2 client control frames.
