@@ -69,5 +69,5 @@ bench: ## benchmark against nginx and HAProxy (about 2 minutes; SCENARIO=churn, 
 	bash scripts/bench.sh
 
 # `make instructions LB_BIN=path/to/an/older/loadbalancer` counts another build.
-instructions: ## user-space instructions per proxied request, by cachegrind: steady where times are noisy (about a minute; PROTOCOL=h2 for HTTP/2 clients)
+instructions: ## user-space instructions per proxied request, by cachegrind: steady where times are noisy (about a minute; PROTOCOL=churn for a new connection per request, h2 or grpc for HTTP/2 clients)
 	bash scripts/instructions.sh

@@ -11,14 +11,17 @@
 #
 # Three backends and the load balancer (static discovery over them) run on
 # loopback; the load balancer runs under cachegrind, and h2load sends it
-# REQUESTS requests over 16 keep-alive connections, one at a time on each. The
-# count of a run of WARMUP requests is taken from that of a run of
-# WARMUP + REQUESTS, so start-up and shutdown cancel out.
+# REQUESTS requests over 16 keep-alive connections, one at a time on each (hey,
+# for a new connection per request). The count of a run of WARMUP requests is
+# taken from that of a run of WARMUP + REQUESTS, so start-up and shutdown
+# cancel out.
 #
 # Usage: scripts/instructions.sh [REQUESTS]   (make instructions)
 #   env LB_BIN     the load balancer binary to measure (default: a release build
 #                  of this tree), e.g. an older build to compare against
-#   env PROTOCOL   what the clients speak: http1 (default), h2 (h2c with prior
+#   env PROTOCOL   what the clients speak: http1 (default), churn (HTTP/1.1,
+#                  each request on a new connection with `Connection: close`,
+#                  as the benchmark's churn scenario), h2 (h2c with prior
 #                  knowledge, HTTP/1.1 to the backends), or grpc (unary calls of
 #                  identity.v1.Identity/Get, HTTP/2 to the backends' gRPC ports)
 #   env WARMUP     requests of the run that is subtracted (default 2000)
@@ -50,21 +53,21 @@ ensure_tool() { # tool package
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
 }
 ensure_tool valgrind valgrind
-ensure_tool h2load nghttp2-client
+if [[ $PROTOCOL == churn ]]; then ensure_tool hey hey; else ensure_tool h2load nghttp2-client; fi
 
 # An empty GetRequest: a gRPC frame of no message bytes.
 printf '\0\0\0\0\0' >"$WORK/grpc-body.bin"
 TARGET_PATH=/
 BACKEND_PROTOCOL=http1
 case "$PROTOCOL" in
-  http1) H2LOAD_ARGS=(--h1) ;;
+  http1 | churn) H2LOAD_ARGS=(--h1) ;;
   h2) H2LOAD_ARGS=() ;;
   grpc)
     H2LOAD_ARGS=(-d "$WORK/grpc-body.bin" -H 'content-type: application/grpc' -H 'te: trailers')
     TARGET_PATH=/identity.v1.Identity/Get
     BACKEND_PROTOCOL=h2c
     ;;
-  *) die "PROTOCOL is http1, h2 or grpc, not $PROTOCOL" ;;
+  *) die "PROTOCOL is http1, churn, h2 or grpc, not $PROTOCOL" ;;
 esac
 
 echo "==> building release binaries" >&2
@@ -103,6 +106,23 @@ cat >"$WORK/lb.json" <<EOF
  "staticBackends": [$(IFS=,; echo "${backends[*]}")]}
 EOF
 
+# load REQUESTS: sends REQUESTS requests to the load balancer and checks that
+# each was answered with a 200.
+load() {
+  if [[ $PROTOCOL == churn ]]; then
+    # Go's client, keep-alive off, sends `Connection: close` and dials anew.
+    hey -n "$1" -c 16 -disable-keepalive "http://127.0.0.1:$LB_PORT$TARGET_PATH" >"$WORK/load.log" \
+      || die "hey failed: $(tail -3 "$WORK/load.log")"
+    grep -Eq "^[[:space:]]*\[200\][[:space:]]+$1 responses" "$WORK/load.log" \
+      || die "not every request was answered 200: $(grep -A3 'Status code' "$WORK/load.log")"
+  else
+    h2load "${H2LOAD_ARGS[@]}" -n "$1" -c 16 -m 1 "http://127.0.0.1:$LB_PORT$TARGET_PATH" >"$WORK/load.log" \
+      || die "h2load failed: $(tail -3 "$WORK/load.log")"
+    grep -q "^requests: .* $1 succeeded, 0 failed" "$WORK/load.log" \
+      || die "not every request succeeded: $(grep '^requests:' "$WORK/load.log")"
+  fi
+}
+
 # instructions REQUESTS: the load balancer's user-space instructions over a run
 # of REQUESTS requests, start-up and shutdown included.
 instructions() {
@@ -116,10 +136,7 @@ instructions() {
     -D - -o /dev/null "http://127.0.0.1:$LB_PORT$TARGET_PATH" | grep -qi '^grpc-status: 0'; then
     die "a gRPC call through the load balancer did not end with grpc-status 0"
   fi
-  h2load "${H2LOAD_ARGS[@]}" -n "$1" -c 16 -m 1 "http://127.0.0.1:$LB_PORT$TARGET_PATH" >"$WORK/h2load.log" \
-    || die "h2load failed: $(tail -3 "$WORK/h2load.log")"
-  grep -q "^requests: .* $1 succeeded, 0 failed" "$WORK/h2load.log" \
-    || die "not every request succeeded: $(grep '^requests:' "$WORK/h2load.log")"
+  load "$1"
   kill -TERM "$pid"
   wait "$pid" || true
   awk '/^summary:/ { print $2 }' "$WORK/cachegrind.out"
