@@ -681,6 +681,54 @@ mod tests {
         assert_eq!(ended.elapsed(), IDLE);
     }
 
+    /// The quiet spell before parking runs on the same timer as the limits:
+    /// it counts from the start of the idle spell, never while busy.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_quiet_after_the_quiet_spell_of_idleness() {
+        const QUIET: Duration = Duration::from_secs(1);
+        let activity = Activity::new(Slot::unlimited());
+        let started = Instant::now();
+        assert_eq!(
+            activity.lapsed(IDLE, HEADER, Some(QUIET)).await,
+            Lapse::Quiet
+        );
+        assert_eq!(started.elapsed(), QUIET);
+
+        let guard = activity.request_started();
+        let waiting =
+            tokio::time::timeout(QUIET * 10, activity.lapsed(IDLE, HEADER, Some(QUIET))).await;
+        assert!(waiting.is_err(), "a busy connection was quiet: {waiting:?}");
+        drop(guard);
+        let ended = Instant::now();
+        assert_eq!(
+            activity.lapsed(IDLE, HEADER, Some(QUIET)).await,
+            Lapse::Quiet
+        );
+        assert_eq!(ended.elapsed(), QUIET);
+    }
+
+    /// A limit that runs out first closes the connection: it is not parked.
+    #[tokio::test(start_paused = true)]
+    async fn a_limit_shorter_than_the_quiet_spell_comes_first() {
+        let idle = Duration::from_millis(500);
+        let activity = Activity::new(Slot::unlimited());
+        assert_eq!(
+            activity
+                .lapsed(idle, HEADER, Some(Duration::from_secs(1)))
+                .await,
+            Lapse::Expired(Expired::Idle)
+        );
+        activity.head_begun();
+        let started = Instant::now();
+        assert_eq!(
+            activity
+                .lapsed(IDLE, HEADER, Some(Duration::from_secs(20)))
+                .await,
+            Lapse::Expired(Expired::HeaderRead)
+        );
+        assert_eq!(started.elapsed(), HEADER);
+    }
+
     /// A connection over an in-memory pipe, and the client's end of it.
     fn tracked() -> (TrackedIo<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
         let (client, server) = tokio::io::duplex(1024);
