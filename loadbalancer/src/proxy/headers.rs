@@ -244,13 +244,20 @@ fn forwarded_for(headers: &HeaderMap, client_ip: &HeaderValue) -> HeaderValue {
 /// its target: RFC 9112 section 3.2.2 has a proxy ignore the `Host` it received
 /// then, and the backend gets the origin form, in which `Host` is all it has.
 pub(crate) fn use_target_authority(request: &mut http::request::Parts) {
-    // The host and port only: an authority's `user:password@` is never a `Host`.
-    let host = match (request.uri.host(), request.uri.port_u16()) {
-        (Some(host), Some(port)) => format!("{host}:{port}"),
-        (Some(host), None) => host.to_owned(),
-        (None, _) => return,
+    let Some(authority) = request.uri.authority() else {
+        return;
     };
-    if let Ok(host) = HeaderValue::from_str(&host) {
+    // The host and port only, as the client wrote them: an authority's
+    // `user:password@` is never a `Host`. (Put together again with `format!`
+    // instead, they cost every HTTP/2 request a thousand instructions.)
+    let authority = authority.as_str();
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if host.is_empty() {
+        return;
+    }
+    if let Ok(host) = HeaderValue::from_str(host) {
         request.headers.insert(HOST, host);
     }
 }
@@ -463,6 +470,18 @@ pub(super) mod tests {
         let (mut parts, ()) = request.into_parts();
         use_target_authority(&mut parts);
         assert_eq!(parts.headers["host"], "example.com:8080");
+        for (target, host) in [
+            ("http://example.com/x", "example.com"),
+            ("http://[2001:db8::1]:8443/", "[2001:db8::1]:8443"),
+            ("http://a@b@example.com:81/", "example.com:81"),
+        ] {
+            let (mut parts, ()) = http::Request::get(target)
+                .body(())
+                .expect("valid request")
+                .into_parts();
+            use_target_authority(&mut parts);
+            assert_eq!(parts.headers["host"], host, "{target}");
+        }
         let request = http::Request::get("/x")
             .header("host", "kept.test")
             .body(());
