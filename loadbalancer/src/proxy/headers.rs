@@ -268,12 +268,14 @@ pub(crate) fn use_target_authority(request: &mut http::request::Parts) {
 /// but an HTTP/1.1 server expects one `Cookie` line (RFC 6265 section 5.4).
 /// Allocates only when there is more than one.
 pub(crate) fn join_cookies(headers: &mut HeaderMap) {
+    // Counted first: `entry` makes room for an insertion, and a full map (an
+    // HTTP/2 request's is made to measure) would grow for nothing.
+    if headers.get_all(COOKIE).iter().nth(1).is_none() {
+        return;
+    }
     let Entry::Occupied(mut entry) = headers.entry(COOKIE) else {
         return;
     };
-    if entry.iter().nth(1).is_none() {
-        return;
-    }
     let mut joined = BytesMut::new();
     for (index, crumb) in entry.iter().enumerate() {
         if index > 0 {
