@@ -449,7 +449,9 @@ async fn draining_answers_with_connection_close() {
 #[tokio::test]
 async fn requests_outlasting_the_shutdown_timeout_are_cut_and_serving_returns() {
     let upstream = start_backend("upstream-1").await;
-    let limits = limits(|l| l.shutdown_timeout = Duration::from_millis(300));
+    // Whole seconds: the config carries `shutdownTimeoutSeconds`, and a
+    // fraction would be cut to 0 s.
+    let limits = limits(|l| l.shutdown_timeout = Duration::from_secs(1));
     let lb = TestLb::start_with_limits(vec![upstream.addr], limits).await;
     let mut conn = RawConn::connect(lb.addr).await;
     conn.send(b"GET /slow?ms=15000 HTTP/1.1\r\nHost: test\r\n\r\n")
