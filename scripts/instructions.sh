@@ -41,30 +41,25 @@ cleanup() {
 }
 trap cleanup EXIT
 die() { echo "instructions: $*" >&2; exit 1; }
+say() { echo "==> $*" >&2; }
 
-# valgrind and h2load from Debian when they are missing.
-ensure_tool() { # tool package
-  command -v "$1" >/dev/null && return
-  command -v apt-get >/dev/null || die "$1 is missing and there is no apt-get; install $2 by hand"
-  echo "==> installing $2 (for $1)" >&2
-  local sudo=()
-  (( EUID == 0 )) || sudo=(sudo)
-  "${sudo[@]}" apt-get update -qq
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
-}
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
+# valgrind, and the load generator, from Debian when they are missing.
 ensure_tool valgrind valgrind
 if [[ $PROTOCOL == churn ]]; then ensure_tool hey hey; else ensure_tool h2load nghttp2-client; fi
 
 # An empty GetRequest: a gRPC frame of no message bytes.
 printf '\0\0\0\0\0' >"$WORK/grpc-body.bin"
 TARGET_PATH=/
+GRPC_PATH=/identity.v1.Identity/Get
 BACKEND_PROTOCOL=http1
 case "$PROTOCOL" in
   http1 | churn) H2LOAD_ARGS=(--h1) ;;
   h2) H2LOAD_ARGS=() ;;
   grpc)
     H2LOAD_ARGS=(-d "$WORK/grpc-body.bin" -H 'content-type: application/grpc' -H 'te: trailers')
-    TARGET_PATH=/identity.v1.Identity/Get
+    TARGET_PATH=$GRPC_PATH
     BACKEND_PROTOCOL=h2c
     ;;
   *) die "PROTOCOL is http1, churn, h2 or grpc, not $PROTOCOL" ;;
@@ -131,10 +126,10 @@ instructions() {
   local pid=$!
   wait_ready "http://127.0.0.1:$LB_ADMIN/readyz"
   # h2load counts every HTTP 200 a success, and a failed gRPC call is one too.
-  if [[ $PROTOCOL == grpc ]] && ! curl -sS --http2-prior-knowledge --max-time 10 \
-    -H 'content-type: application/grpc' -H 'te: trailers' --data-binary @"$WORK/grpc-body.bin" \
-    -D - -o /dev/null "http://127.0.0.1:$LB_PORT$TARGET_PATH" | grep -qi '^grpc-status: 0'; then
-    die "a gRPC call through the load balancer did not end with grpc-status 0"
+  if [[ $PROTOCOL == grpc ]]; then
+    local why
+    why="$(grpc_probe "http://127.0.0.1:$LB_PORT")"
+    [[ -z $why ]] || die "through the load balancer, $why"
   fi
   load "$1"
   kill -TERM "$pid"
