@@ -41,6 +41,24 @@ pub(crate) struct UpstreamHead {
     /// The request asks to switch protocols (`Connection: upgrade`), so a
     /// `101` is a possible answer rather than a broken one.
     upgrade: bool,
+    /// Which of the caller's own fields had sensitive values.
+    own: OwnFieldMarks,
+}
+
+/// Where the fields of [`UpstreamHead::new`]'s `own` lie in its bytes, and
+/// which of them had values marked sensitive: the bytes cannot carry the mark,
+/// and [`UpstreamHead::to_http2`] puts it back. HPACK never indexes a
+/// sensitive value; the request id is one, new on every request, which would
+/// otherwise take a place in the backend connection's table and push out
+/// fields that do repeat.
+#[derive(Debug, Clone, Copy, Default)]
+struct OwnFieldMarks {
+    /// The byte offsets of the first own field and of the line after the last.
+    start: u32,
+    end: u32,
+    /// Bit `i` is set when `own[i]` is sensitive, for the first eight (the
+    /// proxy sets four).
+    sensitive: u8,
 }
 
 impl UpstreamHead {
@@ -80,9 +98,17 @@ impl UpstreamHead {
             upgrade |= name == CONNECTION && value.as_bytes().eq_ignore_ascii_case(b"upgrade");
             put_field(&mut head, name, value);
         }
-        for (name, value) in own {
+        let mut marks = OwnFieldMarks {
+            start: offset(&head),
+            ..OwnFieldMarks::default()
+        };
+        for (i, (name, value)) in own.iter().enumerate() {
+            if value.is_sensitive() && i < 8 {
+                marks.sensitive |= 1 << i;
+            }
             put_field(&mut head, name, value);
         }
+        marks.end = offset(&head);
         match framing {
             RequestFraming::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
             RequestFraming::Length(length) if !has_length => {
@@ -97,6 +123,7 @@ impl UpstreamHead {
             framing,
             needs_host: !has_host,
             upgrade,
+            own: marks,
         }
     }
 
@@ -134,6 +161,7 @@ impl UpstreamHead {
     /// `Connection` and `Upgrade` of a protocol switch, which HTTP/2 cannot
     /// carry (such a request must go over HTTP/1.1; see [`asks_upgrade`]).
     /// `TE: trailers` stays, as gRPC needs it, and so does `Content-Length`.
+    /// The own fields that `new` got with sensitive values are sensitive again.
     ///
     /// Fails only when the client's `Host` is not a valid authority (or its
     /// target not a valid path), which no HTTP/2 request can carry.
@@ -148,7 +176,14 @@ impl UpstreamHead {
             ..request_line.end - " HTTP/1.1".len();
         let mut authority = None;
         let mut headers = HeaderMap::with_capacity(16);
+        // The marks of the own fields still to come, the next one lowest.
+        let mut own_marks = self.own.sensitive;
         for line in lines {
+            let own_field = (self.own.start..self.own.end).contains(&offset(&head[..line.start]));
+            let sensitive = own_field && own_marks & 1 == 1;
+            if own_field {
+                own_marks >>= 1;
+            }
             // A field line is `name: value`, as `new` wrote it; a name never
             // holds a colon.
             let colon = line.start
@@ -161,7 +196,9 @@ impl UpstreamHead {
             if name == HOST {
                 authority.get_or_insert(value);
             } else if !is_connection_specific(&name, &value) {
-                headers.append(name, HeaderValue::from_maybe_shared(value)?);
+                let mut value = HeaderValue::from_maybe_shared(value)?;
+                value.set_sensitive(sensitive);
+                headers.append(name, value);
             }
         }
         let authority = match authority {
@@ -190,6 +227,12 @@ impl UpstreamHead {
         };
         piece(self.bytes.clone(), host, b"\r\n")
     }
+}
+
+/// A byte offset in a head, as [`OwnFieldMarks`] keeps it (saturating at
+/// 4 GiB, far beyond any head hyper takes).
+fn offset(head: &[u8]) -> u32 {
+    u32::try_from(head.len()).unwrap_or(u32::MAX)
 }
 
 /// The lines of an encoded head, each without its CRLF, as ranges of it.
@@ -499,6 +542,45 @@ mod tests {
                 "te: trailers",
                 "content-type: application/grpc",
                 "x-forwarded-for: 10.1.2.3",
+            ]
+        );
+    }
+
+    #[test]
+    fn own_fields_with_sensitive_values_are_sensitive_again_in_the_http2_head() {
+        let (parts, body) = Request::post("/pkg.Service/Call")
+            .header(HOST, "api.example.test")
+            .header("x-request-id", "from-the-client")
+            .header("user-agent", "test")
+            .body(Full::new(Bytes::from_static(b"hello")))
+            .expect("valid request")
+            .into_parts();
+        let mut request_id = HeaderValue::from_static("0123abcd");
+        request_id.set_sensitive(true);
+        let own = [
+            (
+                HeaderName::from_static("x-forwarded-proto"),
+                HeaderValue::from_static("http"),
+            ),
+            (HeaderName::from_static("x-request-id"), request_id),
+        ];
+        let request = UpstreamHead::new(&parts, &body, &own)
+            .to_http2("10.0.0.1:50051".parse().expect("an address"))
+            .expect("a valid HTTP/2 head");
+        // The client's own id gave way to the proxy's; `content-length`,
+        // written after the own fields, is not one of them.
+        let marks: Vec<_> = request
+            .headers()
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.is_sensitive()))
+            .collect();
+        assert_eq!(
+            marks,
+            [
+                ("user-agent", false),
+                ("x-forwarded-proto", false),
+                ("x-request-id", true),
+                ("content-length", false),
             ]
         );
     }
