@@ -68,6 +68,7 @@ tls-cert: ## self-signed ECDSA P-256 certificate and key for localhost in tls/ (
 bench: ## benchmark against nginx and HAProxy (about 2 minutes; SCENARIO=churn, idle, soak, algorithms, policy, websocket, tls, h2,grpc or scale for more); writes docs/bench-results.md
 	bash scripts/bench.sh
 
-# `make instructions LB_BIN=path/to/an/older/loadbalancer` counts another build.
+# `make instructions LB_BIN=path/to/an/older/loadbalancer` counts another build,
+# `make instructions PEER=nginx` (haproxy, nginx-plain, haproxy-plain) a peer.
 instructions: ## user-space instructions per proxied request, by cachegrind: steady where times are noisy (about a minute; PROTOCOL=churn for a new connection per request, h2 or grpc for HTTP/2 clients)
 	bash scripts/instructions.sh

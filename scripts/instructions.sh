@@ -19,6 +19,12 @@
 # Usage: scripts/instructions.sh [REQUESTS]   (make instructions)
 #   env LB_BIN     the load balancer binary to measure (default: a release build
 #                  of this tree), e.g. an older build to compare against
+#   env PEER       count nginx or HAProxy instead, configured as the benchmark
+#                  runs them (bench/): nginx or haproxy (like-for-like), or
+#                  nginx-plain or haproxy-plain (http1 and churn only). In one
+#                  process each (nginx with `master_process off`, HAProxy with
+#                  one thread), because valgrind follows no fork; the count is
+#                  that of all threads either way.
 #   env PROTOCOL   what the clients speak: http1 (default), churn (HTTP/1.1,
 #                  each request on a new connection with `Connection: close`,
 #                  as the benchmark's churn scenario), h2 (h2c with prior
@@ -64,6 +70,15 @@ case "$PROTOCOL" in
     ;;
   *) die "PROTOCOL is http1, churn, h2 or grpc, not $PROTOCOL" ;;
 esac
+PEER=${PEER:-}
+case "$PEER" in
+  "" | nginx | haproxy) ;;
+  nginx-plain | haproxy-plain)
+    [[ $PROTOCOL == http1 || $PROTOCOL == churn ]] || die "PEER=$PEER has no $PROTOCOL listener"
+    ;;
+  *) die "PEER is nginx, haproxy, nginx-plain or haproxy-plain, not $PEER" ;;
+esac
+[[ -z $PEER ]] || ensure_tool "${PEER%-plain}" "${PEER%-plain}"
 
 echo "==> building release binaries" >&2
 cargo build --release --quiet -p backend -p loadbalancer
@@ -101,43 +116,90 @@ cat >"$WORK/lb.json" <<EOF
  "staticBackends": [$(IFS=,; echo "${backends[*]}")]}
 EOF
 
-# load REQUESTS: sends REQUESTS requests to the load balancer and checks that
-# each was answered with a 200.
+# A peer's configuration, from the benchmark's templates with their
+# placeholders filled in; h2 and grpc listen on a port of their own
+# (PEER_PORT), as in the benchmark. TARGET_PORT is where the load goes.
+PEER_PORT=$((BASE_PORT + 1))
+TARGET_PORT=$LB_PORT
+if [[ -n $PEER ]]; then
+  [[ $PROTOCOL == h2 || $PROTOCOL == grpc ]] && TARGET_PORT=$PEER_PORT
+  mkdir -p "$WORK/nginx-tmp" "$WORK/nginx-plain-tmp"
+  fill() {
+    sed -e "s|@WORK@|$WORK|g; s|@PORT@|$LB_PORT|g; s|@H2_PORT@|$PEER_PORT|g" \
+      -e "s|@GRPC_PORT@|$PEER_PORT|g; s|@THREADS@|1|g; s|@MAXCONN@|1000|g; s|@KEEPALIVE@|16|g" \
+      -e "s|@B1@|$((BASE_PORT + 11))|g; s|@B2@|$((BASE_PORT + 12))|g; s|@B3@|$((BASE_PORT + 13))|g" \
+      -e "s|@G1@|127.0.0.1:$((BASE_PORT + 21))|g; s|@G2@|127.0.0.1:$((BASE_PORT + 22))|g" \
+      -e "s|@G3@|127.0.0.1:$((BASE_PORT + 23))|g" \
+      -e 's|^worker_processes auto;|worker_processes 1;\nmaster_process off;|' "$1"
+  }
+  case "$PEER" in
+    nginx*)
+      fill "bench/$PEER.conf" >"$WORK/$PEER.conf"
+      # bench/nginx.conf includes these from the run's directory.
+      [[ $PROTOCOL == h2 || $PROTOCOL == grpc ]] \
+        && fill "bench/nginx-$PROTOCOL.conf" >"$WORK/nginx-$PROTOCOL.conf"
+      PEER_COMMAND=(nginx -p "$WORK" -e "$WORK/peer-error.log" -c "$WORK/$PEER.conf")
+      ;;
+    haproxy*)
+      fill "bench/$PEER.cfg" >"$WORK/$PEER.cfg"
+      PEER_COMMAND=(haproxy -db -f "$WORK/$PEER.cfg")
+      if [[ $PROTOCOL == h2 || $PROTOCOL == grpc ]]; then
+        fill "bench/haproxy-$PROTOCOL.cfg" >"$WORK/haproxy-$PROTOCOL.cfg"
+        PEER_COMMAND+=(-f "$WORK/haproxy-$PROTOCOL.cfg")
+      fi
+      ;;
+  esac
+fi
+
+# load REQUESTS: sends REQUESTS requests to the target and checks that each was
+# answered with a 200.
 load() {
   if [[ $PROTOCOL == churn ]]; then
     # Go's client, keep-alive off, sends `Connection: close` and dials anew.
-    hey -n "$1" -c 16 -disable-keepalive "http://127.0.0.1:$LB_PORT$TARGET_PATH" >"$WORK/load.log" \
+    hey -n "$1" -c 16 -disable-keepalive "http://127.0.0.1:$TARGET_PORT$TARGET_PATH" >"$WORK/load.log" \
       || die "hey failed: $(tail -3 "$WORK/load.log")"
     grep -Eq "^[[:space:]]*\[200\][[:space:]]+$1 responses" "$WORK/load.log" \
       || die "not every request was answered 200: $(grep -A3 'Status code' "$WORK/load.log")"
   else
-    h2load "${H2LOAD_ARGS[@]}" -n "$1" -c 16 -m 1 "http://127.0.0.1:$LB_PORT$TARGET_PATH" >"$WORK/load.log" \
+    h2load "${H2LOAD_ARGS[@]}" -n "$1" -c 16 -m 1 "http://127.0.0.1:$TARGET_PORT$TARGET_PATH" >"$WORK/load.log" \
       || die "h2load failed: $(tail -3 "$WORK/load.log")"
     grep -q "^requests: .* $1 succeeded, 0 failed" "$WORK/load.log" \
       || die "not every request succeeded: $(grep '^requests:' "$WORK/load.log")"
   fi
 }
 
-# instructions REQUESTS: the load balancer's user-space instructions over a run
-# of REQUESTS requests, start-up and shutdown included.
+# instructions REQUESTS: the target's user-space instructions over a run of
+# REQUESTS requests, start-up and shutdown included.
 instructions() {
-  CONFIG_PATH="$WORK/lb.json" valgrind --tool=cachegrind --cache-sim=no \
-    --cachegrind-out-file="$WORK/cachegrind.out" "$LB_BIN" >"$WORK/lb.log" 2>&1 &
-  local pid=$!
-  wait_ready "http://127.0.0.1:$LB_ADMIN/readyz"
+  local pid stop
+  if [[ -n $PEER ]]; then
+    valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$WORK/cachegrind.out" \
+      "${PEER_COMMAND[@]}" >"$WORK/peer.log" 2>&1 &
+    pid=$!
+    wait_ready "http://127.0.0.1:$LB_PORT/"
+    # A graceful stop for each: nginx's QUIT, HAProxy's soft stop.
+    stop=QUIT
+    [[ $PEER == haproxy* ]] && stop=USR1
+  else
+    CONFIG_PATH="$WORK/lb.json" valgrind --tool=cachegrind --cache-sim=no \
+      --cachegrind-out-file="$WORK/cachegrind.out" "$LB_BIN" >"$WORK/lb.log" 2>&1 &
+    pid=$!
+    wait_ready "http://127.0.0.1:$LB_ADMIN/readyz"
+    stop=TERM
+  fi
   # h2load counts every HTTP 200 a success, and a failed gRPC call is one too.
   if [[ $PROTOCOL == grpc ]]; then
     local why
-    why="$(grpc_probe "http://127.0.0.1:$LB_PORT")"
-    [[ -z $why ]] || die "through the load balancer, $why"
+    why="$(grpc_probe "http://127.0.0.1:$TARGET_PORT")"
+    [[ -z $why ]] || die "through ${PEER:-the load balancer}, $why"
   fi
   load "$1"
-  kill -TERM "$pid"
+  kill "-$stop" "$pid"
   wait "$pid" || true
   awk '/^summary:/ { print $2 }' "$WORK/cachegrind.out"
 }
 
-echo "==> $PROTOCOL: $WARMUP requests, then $((WARMUP + REQUESTS)), through $LB_BIN under cachegrind" >&2
+echo "==> $PROTOCOL: $WARMUP requests, then $((WARMUP + REQUESTS)), through ${PEER:-$LB_BIN} under cachegrind" >&2
 before=$(instructions "$WARMUP")
 after=$(instructions $((WARMUP + REQUESTS)))
-echo "instructions per request ($PROTOCOL, $REQUESTS requests): $(( (after - before) / REQUESTS ))"
+echo "instructions per request (${PEER:+$PEER, }$PROTOCOL, $REQUESTS requests): $(( (after - before) / REQUESTS ))"
