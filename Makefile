@@ -5,7 +5,7 @@
 BACKEND_IMAGE ?= backend:0.1.0
 LOADBALANCER_IMAGE ?= loadbalancer:0.1.0
 
-.PHONY: help demo test run-backend fmt lint image-backend image-loadbalancer images kind-up kind-down tls-cert bench instructions
+.PHONY: help demo test run-backend fmt lint doc image-backend image-loadbalancer images kind-up kind-down tls-cert bench instructions
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -26,6 +26,11 @@ fmt: ## format all code
 lint: ## what CI checks besides the tests
 	cargo fmt --all --check
 	cargo clippy --all-targets --locked -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --document-private-items --locked
+
+# The private modules are most of each crate, so they are documented too.
+doc: ## the crates' documentation, private modules included, opened in a browser
+	cargo doc --workspace --no-deps --document-private-items --locked --open
 
 # Without a Docker engine, any OCI builder can build it: buildah bud -f Dockerfile.backend .
 image-backend: ## build the backend image $(BACKEND_IMAGE)

@@ -2,7 +2,7 @@
 //! backends, one small pool per proxy worker.
 //!
 //! A pooled connection is just its socket: the exchange on it
-//! ([`http1`](super::http1)) runs in the request's own task, and the buffer it
+//! ([`http1`]) runs in the request's own task, and the buffer it
 //! reads into lives only as long as one response. So 1,000 idle connections
 //! cost 1,000 sockets, and 1,000 requests waiting on a slow backend cost their
 //! sockets and their futures (`docs/performance.md` compares the figures with
