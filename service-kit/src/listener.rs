@@ -494,7 +494,9 @@ pub async fn serve_connections<M, S, B, L, H>(
                     service,
                     lifecycle.clone(),
                 );
-                tokio::spawn(handing_back(serving, hand_back.clone()));
+                // Boxed: spawning moves the future into its task in several
+                // steps, and a connection's is large; a box moves as a pointer.
+                tokio::spawn(Box::pin(handing_back(serving, hand_back.clone())));
             }
             Some(parked) = handed_back.recv() => {
                 let (deadline, expiring) = waiting_deadline(parked.io.activity(), &http.limits);
@@ -517,7 +519,7 @@ pub async fn serve_connections<M, S, B, L, H>(
                     lifecycle.clone(),
                     parking,
                 );
-                tokio::spawn(handing_back(serving, hand_back.clone()));
+                tokio::spawn(Box::pin(handing_back(serving, hand_back.clone())));
             }
         }
     }
