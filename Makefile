@@ -75,5 +75,5 @@ bench: ## benchmark against nginx and HAProxy (about 2 minutes; SCENARIO=churn, 
 
 # `make instructions LB_BIN=path/to/an/older/loadbalancer` counts another build,
 # `make instructions PEER=nginx` (haproxy, nginx-plain, haproxy-plain) a peer.
-instructions: ## user-space instructions per proxied request, by cachegrind: steady where times are noisy (about a minute; PROTOCOL=churn for a new connection per request, h2 or grpc for HTTP/2 clients)
+instructions: ## user-space instructions per proxied request, by cachegrind: steady where times are noisy (about a minute; PROTOCOL=churn for a new connection per request, h2 or grpc for HTTP/2 clients; PEER=nginx, haproxy, nginx-plain or haproxy-plain to count a peer)
 	bash scripts/instructions.sh
