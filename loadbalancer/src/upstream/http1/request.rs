@@ -45,19 +45,19 @@ pub(crate) struct UpstreamHead {
     own: OwnFieldMarks,
 }
 
-/// Where the fields of [`UpstreamHead::new`]'s `own` lie in its bytes, and
+/// Where the fields of [`UpstreamHead::new`]'s `own` begin in its bytes, and
 /// which of them had values marked sensitive: the bytes cannot carry the mark,
 /// and [`UpstreamHead::to_http2`] puts it back. HPACK never indexes a
 /// sensitive value; the request id is one, new on every request, which would
 /// otherwise take a place in the backend connection's table and push out
 /// fields that do repeat.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct OwnFieldMarks {
-    /// The byte offsets of the first own field and of the line after the last.
-    start: u32,
-    end: u32,
+    /// The byte offset of the first own field.
+    start: usize,
     /// Bit `i` is set when `own[i]` is sensitive, for the first eight (the
-    /// proxy sets four).
+    /// proxy sets four). The lines after the own fields (the framing `new`
+    /// adds) find no bit left.
     sensitive: u8,
 }
 
@@ -99,8 +99,8 @@ impl UpstreamHead {
             put_field(&mut head, name, value);
         }
         let mut marks = OwnFieldMarks {
-            start: offset(&head),
-            ..OwnFieldMarks::default()
+            start: head.len(),
+            sensitive: 0,
         };
         for (i, (name, value)) in own.iter().enumerate() {
             if value.is_sensitive() && i < 8 {
@@ -108,7 +108,6 @@ impl UpstreamHead {
             }
             put_field(&mut head, name, value);
         }
-        marks.end = offset(&head);
         match framing {
             RequestFraming::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
             RequestFraming::Length(length) if !has_length => {
@@ -179,7 +178,7 @@ impl UpstreamHead {
         // The marks of the own fields still to come, the next one lowest.
         let mut own_marks = self.own.sensitive;
         for line in lines {
-            let own_field = (self.own.start..self.own.end).contains(&offset(&head[..line.start]));
+            let own_field = line.start >= self.own.start;
             let sensitive = own_field && own_marks & 1 == 1;
             if own_field {
                 own_marks >>= 1;
@@ -227,12 +226,6 @@ impl UpstreamHead {
         };
         piece(self.bytes.clone(), host, b"\r\n")
     }
-}
-
-/// A byte offset in a head, as [`OwnFieldMarks`] keeps it (saturating at
-/// 4 GiB, far beyond any head hyper takes).
-fn offset(head: &[u8]) -> u32 {
-    u32::try_from(head.len()).unwrap_or(u32::MAX)
 }
 
 /// The lines of an encoded head, each without its CRLF, as ranges of it.
