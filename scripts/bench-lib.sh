@@ -1,12 +1,14 @@
 # shellcheck shell=bash
 # Shared by scripts/bench.sh and scripts/instructions.sh (sourced, not run):
-# installing what they measure with, and checking that a gRPC call through a
-# target ends well before its load is counted.
+# installing what they measure with, filling in the peers' configuration
+# templates (bench/), and checking that a gRPC call through a target ends
+# well before its load is counted.
 #
 # The sourcing script defines `die MESSAGE` and `say MESSAGE`; before it calls
 # `last_line` or `grpc_probe`, WORK names its run's directory, which holds
 # `grpc-body.bin` (the 5-byte gRPC frame of an empty message), and GRPC_PATH
-# the method that `grpc_probe` calls.
+# the method that `grpc_probe` calls. `fill` reads the variables its comment
+# names.
 
 # ensure_tool COMMAND PACKAGE...: installs the first Debian package that works
 # if COMMAND is missing, and says so either way.
@@ -25,6 +27,22 @@ ensure_tool() {
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" && break
   done
   command -v "$tool" >/dev/null || die "could not install $tool"
+}
+
+# fill TEMPLATE NAME=VALUE...: the template with each given @NAME@ replaced, and
+# @WORK@ (WORK), @THREADS@ (CORES), @MAXCONN@ (MAXCONN), @KEEPALIVE@
+# (H2_CONNECTIONS × H2_STREAMS), the backends' ports @B1@ to @B3@
+# (BACKEND_PORTS) and the gRPC servers' HOST:PORT @G1@ to @G3@ (GRPC_ADDRS,
+# which may be empty).
+fill() {
+  local template="$1" arg names=()
+  shift
+  for arg in "$@"; do names+=(-e "s|@${arg%%=*}@|${arg#*=}|g"); done
+  sed "${names[@]}" -e "s|@WORK@|$WORK|g" -e "s|@THREADS@|$CORES|g" -e "s|@MAXCONN@|$MAXCONN|g" \
+    -e "s|@KEEPALIVE@|$((H2_CONNECTIONS * H2_STREAMS))|g" \
+    -e "s|@B1@|${BACKEND_PORTS[0]}|g" -e "s|@B2@|${BACKEND_PORTS[1]}|g" \
+    -e "s|@B3@|${BACKEND_PORTS[2]}|g" -e "s|@G1@|${GRPC_ADDRS[0]:-}|g" \
+    -e "s|@G2@|${GRPC_ADDRS[1]:-}|g" -e "s|@G3@|${GRPC_ADDRS[2]:-}|g" "$template"
 }
 
 # last_line LOG: the log's last non-empty line, cut to 300 characters, with the

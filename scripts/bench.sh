@@ -437,20 +437,6 @@ declare -A URL PID TLS_URL
 URL[direct]="http://127.0.0.1:${BACKEND_PORTS[0]}"
 PID[direct]="${PIDS[0]}"
 
-# fill TEMPLATE NAME=VALUE...: the template with each given @NAME@ replaced, and
-# @WORK@, @THREADS@, @MAXCONN@, @KEEPALIVE@, the backends' ports @B1@ to @B3@ and
-# the gRPC servers' HOST:PORT @G1@ to @G3@.
-fill() {
-  local template="$1" arg names=()
-  shift
-  for arg in "$@"; do names+=(-e "s|@${arg%%=*}@|${arg#*=}|g"); done
-  sed "${names[@]}" -e "s|@WORK@|$WORK|g" -e "s|@THREADS@|$CORES|g" -e "s|@MAXCONN@|$MAXCONN|g" \
-    -e "s|@KEEPALIVE@|$((H2_CONNECTIONS * H2_STREAMS))|g" \
-    -e "s|@B1@|${BACKEND_PORTS[0]}|g" -e "s|@B2@|${BACKEND_PORTS[1]}|g" \
-    -e "s|@B3@|${BACKEND_PORTS[2]}|g" -e "s|@G1@|${GRPC_ADDRS[0]:-}|g" \
-    -e "s|@G2@|${GRPC_ADDRS[1]:-}|g" -e "s|@G3@|${GRPC_ADDRS[2]:-}|g" "$template"
-}
-
 say "starting our load balancer (static discovery, logLevel warn, one runtime worker per core)"
 port p
 port admin

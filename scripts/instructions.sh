@@ -124,27 +124,32 @@ TARGET_PORT=$LB_PORT
 if [[ -n $PEER ]]; then
   [[ $PROTOCOL == h2 || $PROTOCOL == grpc ]] && TARGET_PORT=$PEER_PORT
   mkdir -p "$WORK/nginx-tmp" "$WORK/nginx-plain-tmp"
-  fill() {
-    sed -e "s|@WORK@|$WORK|g; s|@PORT@|$LB_PORT|g; s|@H2_PORT@|$PEER_PORT|g" \
-      -e "s|@GRPC_PORT@|$PEER_PORT|g; s|@THREADS@|1|g; s|@MAXCONN@|1000|g; s|@KEEPALIVE@|16|g" \
-      -e "s|@B1@|$((BASE_PORT + 11))|g; s|@B2@|$((BASE_PORT + 12))|g; s|@B3@|$((BASE_PORT + 13))|g" \
-      -e "s|@G1@|127.0.0.1:$((BASE_PORT + 21))|g; s|@G2@|127.0.0.1:$((BASE_PORT + 22))|g" \
-      -e "s|@G3@|127.0.0.1:$((BASE_PORT + 23))|g" \
-      -e 's|^worker_processes auto;|worker_processes 1;\nmaster_process off;|' "$1"
+  # What `fill` puts in: one thread, and the load's 16 connections, one
+  # request at a time on each.
+  CORES=1 MAXCONN=1000 H2_CONNECTIONS=16 H2_STREAMS=1
+  BACKEND_PORTS=($((BASE_PORT + 11)) $((BASE_PORT + 12)) $((BASE_PORT + 13)))
+  GRPC_ADDRS=()
+  for port in $((BASE_PORT + 21)) $((BASE_PORT + 22)) $((BASE_PORT + 23)); do
+    GRPC_ADDRS+=("127.0.0.1:$port")
+  done
+  # peer_config TEMPLATE: filled in, nginx in one process.
+  peer_config() {
+    fill "$1" PORT="$LB_PORT" H2_PORT="$PEER_PORT" GRPC_PORT="$PEER_PORT" \
+      | sed 's|^worker_processes auto;|worker_processes 1;\nmaster_process off;|'
   }
   case "$PEER" in
     nginx*)
-      fill "bench/$PEER.conf" >"$WORK/$PEER.conf"
+      peer_config "bench/$PEER.conf" >"$WORK/$PEER.conf"
       # bench/nginx.conf includes these from the run's directory.
       [[ $PROTOCOL == h2 || $PROTOCOL == grpc ]] \
-        && fill "bench/nginx-$PROTOCOL.conf" >"$WORK/nginx-$PROTOCOL.conf"
+        && peer_config "bench/nginx-$PROTOCOL.conf" >"$WORK/nginx-$PROTOCOL.conf"
       PEER_COMMAND=(nginx -p "$WORK" -e "$WORK/peer-error.log" -c "$WORK/$PEER.conf")
       ;;
     haproxy*)
-      fill "bench/$PEER.cfg" >"$WORK/$PEER.cfg"
+      peer_config "bench/$PEER.cfg" >"$WORK/$PEER.cfg"
       PEER_COMMAND=(haproxy -db -f "$WORK/$PEER.cfg")
       if [[ $PROTOCOL == h2 || $PROTOCOL == grpc ]]; then
-        fill "bench/haproxy-$PROTOCOL.cfg" >"$WORK/haproxy-$PROTOCOL.cfg"
+        peer_config "bench/haproxy-$PROTOCOL.cfg" >"$WORK/haproxy-$PROTOCOL.cfg"
         PEER_COMMAND+=(-f "$WORK/haproxy-$PROTOCOL.cfg")
       fi
       ;;
