@@ -494,9 +494,7 @@ pub async fn serve_connections<M, S, B, L, H>(
                     service,
                     lifecycle.clone(),
                 );
-                // Boxed: spawning moves the future into its task in several
-                // steps, and a connection's is large; a box moves as a pointer.
-                tokio::spawn(Box::pin(handing_back(serving, hand_back.clone())));
+                tokio::spawn(handing_back(serving, hand_back.clone()));
             }
             Some(parked) = handed_back.recv() => {
                 let (deadline, expiring) = waiting_deadline(parked.io.activity(), &http.limits);
@@ -519,7 +517,7 @@ pub async fn serve_connections<M, S, B, L, H>(
                     lifecycle.clone(),
                     parking,
                 );
-                tokio::spawn(Box::pin(handing_back(serving, hand_back.clone())));
+                tokio::spawn(handing_back(serving, hand_back.clone()));
             }
         }
     }
@@ -545,16 +543,19 @@ pub async fn serve_connections<M, S, B, L, H>(
 /// A connection's task: `serving`, then its socket handed back to the accept
 /// loop if it was parked. The sender lives as long as the task, so the
 /// channel closes when the last connection has ended.
+///
+/// Boxed: spawning moves the future into its task in several steps, and a
+/// connection's is large; a box moves as a pointer.
 fn handing_back<I>(
     serving: impl Future<Output = Option<Parked<I>>>,
     hand_back: mpsc::UnboundedSender<Parked<I>>,
-) -> impl Future<Output = ()> {
-    serving.map(move |parked| {
+) -> Pin<Box<impl Future<Output = ()>>> {
+    Box::pin(serving.map(move |parked| {
         if let Some(parked) = parked {
             // Refused only once the listener has stopped: the socket closes.
             let _ = hand_back.send(parked);
         }
-    })
+    }))
 }
 
 /// The listening socket and what accepting from it needs to remember.
