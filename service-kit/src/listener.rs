@@ -92,7 +92,7 @@ mod lot;
 mod watchdog;
 mod wire;
 
-use std::io::{self, Read};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener as StdTcpListener};
 use std::ops::RangeInclusive;
 use std::pin::{Pin, pin};
@@ -111,8 +111,8 @@ use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper::service::{HttpService, Service, service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use socket2::{Domain, SockRef, Socket, Type};
-use tokio::io::{AsyncRead, AsyncWrite, Interest};
+use socket2::{Domain, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -402,14 +402,6 @@ pub trait Handshake: Clone + Send + Sync + 'static {
         peer: SocketAddr,
         limit: Duration,
     ) -> impl Future<Output = Option<Self::Io>> + Send;
-
-    /// Reads into `buf` what the client has sent over `io` already, without
-    /// waiting for the runtime to say that the socket is readable: `None`
-    /// where the handshake's connection cannot be read that way (the default).
-    fn read_now(io: &Self::Io, buf: &mut [u8]) -> Option<io::Result<usize>> {
-        let _ = (io, buf);
-        None
-    }
 }
 
 /// Plain HTTP: no handshake.
@@ -426,21 +418,6 @@ impl Handshake for Plain {
         _: Duration,
     ) -> impl Future<Output = Option<TcpStream>> + Send {
         future::ready(Some(stream))
-    }
-
-    fn read_now(io: &TcpStream, buf: &mut [u8]) -> Option<io::Result<usize>> {
-        let read = (&*SockRef::from(io)).read(buf);
-        if matches!(read, Ok(count) if count < buf.len()) {
-            // The socket is drained. The runtime may have heard meanwhile
-            // that it was readable, and would then have hyper read it again
-            // for nothing; its own reads forget that in this case, and so
-            // does this. (The forgetting is undone by whatever the runtime
-            // hears after; no wake-up is lost.)
-            let _ = io.try_io(Interest::READABLE, || {
-                Err::<(), _>(io::ErrorKind::WouldBlock.into())
-            });
-        }
-        Some(read)
     }
 }
 
@@ -711,19 +688,7 @@ where
     let handshaken = async move { handshake.handshake(stream, peer, limit).await };
     handshaken.then(move |stream| match stream {
         Some(stream) => {
-            let mut io = TrackedIo::new(stream, Arc::clone(&activity));
-            // A client sends its request right after connecting, so it has
-            // usually arrived by now. Read at once, it spares the connection
-            // a turn of the runtime: a wait for the socket to be reported
-            // readable, and the timer that bounds the wait.
-            match io.read_ahead_now(H::read_now) {
-                None | Some(Ok(true)) => {}
-                Some(Ok(false)) => return future::Either::Right(future::ready(None)),
-                Some(Err(error)) => {
-                    report_end(&activity, peer, &error);
-                    return future::Either::Right(future::ready(None));
-                }
-            }
+            let io = TrackedIo::new(stream, Arc::clone(&activity));
             future::Either::Left(serve_http(
                 http,
                 io,
@@ -1307,56 +1272,5 @@ mod tests {
         for _ in 0..BURST {
             listener.accept().await.expect("each one is accepted");
         }
-    }
-
-    /// A client connected to a fresh listener, and the server's end of it.
-    async fn connected() -> (TcpStream, TrackedIo<TcpStream>) {
-        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind a loopback port");
-        let addr = listener.local_addr().expect("bound socket has an address");
-        let client = TcpStream::connect(addr).await.expect("connected");
-        let (server, _) = listener.accept().await.expect("accepted");
-        let activity = Activity::new(Slot::unlimited());
-        (client, TrackedIo::new(server, activity))
-    }
-
-    /// `read_ahead_now` until the bytes sent have arrived: loopback delivers
-    /// them within the client's `write`, as a rule, but need not.
-    async fn read_once_arrived(io: &mut TrackedIo<TcpStream>) -> io::Result<bool> {
-        for _ in 0..100 {
-            if let Some(read) = io.read_ahead_now(Plain::read_now) {
-                return read;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("nothing arrived within a second");
-    }
-
-    #[tokio::test]
-    async fn a_request_sent_with_the_connection_is_read_without_waiting() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        const HEAD: &[u8] = b"GET / HTTP/1.1\r\nhost: example\r\n\r\n";
-        let (mut client, mut io) = connected().await;
-        client.write_all(HEAD).await.expect("request sent");
-        assert!(read_once_arrived(&mut io).await.expect("read"));
-        assert_eq!(io.protocol(), Some(Protocol::Http1));
-        // Handed out first, to whoever reads next (hyper).
-        let mut head = vec![0; HEAD.len()];
-        io.read_exact(&mut head).await.expect("handed out");
-        assert_eq!(head, HEAD);
-        assert!(!io.has_unread());
-    }
-
-    #[tokio::test]
-    async fn a_connection_with_nothing_sent_yet_waits_as_usual() {
-        let (_client, mut io) = connected().await;
-        assert!(io.read_ahead_now(Plain::read_now).is_none());
-        assert_eq!(io.protocol(), None);
-    }
-
-    #[tokio::test]
-    async fn a_client_gone_before_sending_is_seen_at_once() {
-        let (client, mut io) = connected().await;
-        drop(client);
-        assert!(!read_once_arrived(&mut io).await.expect("an orderly close"));
     }
 }

@@ -35,7 +35,6 @@
 //! whether everything written has been flushed, and while a connection is
 //! being parked it keeps hyper's closing `shutdown` from the socket.
 
-use std::cell::RefCell;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -461,14 +460,6 @@ struct Sniffed {
 /// stack and kept on the heap only as long as the bytes read, until handed over.
 const SNIFF_READ: usize = 4096;
 
-thread_local! {
-    /// Where [`TrackedIo::read_ahead_now`] reads, one per thread: safe code
-    /// reads only into initialized bytes, and zeroing a buffer for every
-    /// connection would cost as much as the read. Only the bytes just read
-    /// are ever looked at.
-    static READ_NOW_SPACE: RefCell<[u8; SNIFF_READ]> = const { RefCell::new([0; SNIFF_READ]) };
-}
-
 impl<T> TrackedIo<T> {
     pub(crate) fn new(inner: T, activity: Arc<Activity>) -> Self {
         Self {
@@ -507,37 +498,17 @@ impl<T: AsyncRead + Unpin> TrackedIo<T> {
         let mut space = [MaybeUninit::<u8>::uninit(); SNIFF_READ];
         let mut buf = ReadBuf::uninit(&mut space);
         ready!(Pin::new(&mut self.inner).poll_read(cx, &mut buf))?;
-        Poll::Ready(self.keep_read_ahead(buf.filled()))
-    }
-
-    /// Reads ahead at once with `read_now`, a read that does not wait for the
-    /// runtime to say that the socket is readable (see
-    /// `Handshake::read_now`): `None` if nothing has come yet, or `read_now`
-    /// cannot tell, and the bytes are to be waited for as usual.
-    pub(crate) fn read_ahead_now(
-        &mut self,
-        read_now: impl FnOnce(&T, &mut [u8]) -> Option<io::Result<usize>>,
-    ) -> Option<io::Result<bool>> {
-        READ_NOW_SPACE.with_borrow_mut(|space| match read_now(&self.inner, space)? {
-            Ok(read) => Some(self.keep_read_ahead(&space[..read])),
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => None,
-            Err(error) => Some(Err(error)),
-        })
-    }
-
-    /// Keeps `bytes`, just read, to be handed out first; `false` if there are
-    /// none: the client closed the connection.
-    fn keep_read_ahead(&mut self, bytes: &[u8]) -> io::Result<bool> {
+        let bytes = buf.filled();
         if bytes.is_empty() {
-            return Ok(false);
+            return Poll::Ready(Ok(false));
         }
         self.sniffed.bytes.extend_from_slice(bytes);
         // The wire reads past the preface, into the first frames, if the
         // read went that far.
         if self.wire.read(bytes, &self.activity).is_err() {
-            return Err(self.flooded());
+            return Poll::Ready(Err(self.flooded()));
         }
-        Ok(true)
+        Poll::Ready(Ok(true))
     }
 
     /// Puts back `bytes` that were read but not used (what hyper had read of a
