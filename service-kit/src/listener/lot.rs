@@ -13,8 +13,8 @@ use futures::stream::FuturesUnordered;
 use tokio::io::AsyncRead;
 use tokio::time::{Instant, Sleep};
 
+use super::watch::{report_end, report_expired};
 use super::watchdog::{Expired, TrackedIo};
-use super::{report_end, report_expired};
 
 /// An idle HTTP/1.1 connection, taken from hyper between requests (see
 /// `Watch::serve_http1`): the socket and what was read ahead, nothing else.
