@@ -177,17 +177,16 @@ load() {
 # REQUESTS requests, start-up and shutdown included.
 instructions() {
   local pid stop
+  local cachegrind=(valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$WORK/cachegrind.out")
   if [[ -n $PEER ]]; then
-    valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$WORK/cachegrind.out" \
-      "${PEER_COMMAND[@]}" >"$WORK/peer.log" 2>&1 &
+    "${cachegrind[@]}" "${PEER_COMMAND[@]}" >"$WORK/peer.log" 2>&1 &
     pid=$!
     wait_ready "http://127.0.0.1:$LB_PORT/"
     # A graceful stop for each: nginx's QUIT, HAProxy's soft stop.
     stop=QUIT
     [[ $PEER == haproxy* ]] && stop=USR1
   else
-    CONFIG_PATH="$WORK/lb.json" valgrind --tool=cachegrind --cache-sim=no \
-      --cachegrind-out-file="$WORK/cachegrind.out" "$LB_BIN" >"$WORK/lb.log" 2>&1 &
+    CONFIG_PATH="$WORK/lb.json" "${cachegrind[@]}" "$LB_BIN" >"$WORK/lb.log" 2>&1 &
     pid=$!
     wait_ready "http://127.0.0.1:$LB_ADMIN/readyz"
     stop=TERM
