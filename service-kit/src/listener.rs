@@ -111,7 +111,7 @@ use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper::service::{HttpService, Service, service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, SockRef, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -460,6 +460,9 @@ pub async fn serve_connections<M, S, B, L, H>(
     L: Lifecycle,
     H: Handshake,
 {
+    if let Err(error) = skip_nagle_on_accepted(&listener) {
+        warn!(%error, "cannot set TCP_NODELAY; responses may wait for Nagle's algorithm");
+    }
     let http = Arc::new(Builders::new(&limits));
     // Parked sockets coming back from their connections' tasks.
     let (hand_back, mut handed_back) = mpsc::unbounded_channel();
@@ -619,6 +622,15 @@ impl Acceptor {
     }
 }
 
+/// Turns Nagle's algorithm off for every connection `listener` accepts from
+/// now on: responses are written in one go, and Nagle would hold back their
+/// last segment. Set once on the listening socket, whose TCP options an
+/// accepted socket inherits (Stevens, *UNIX Network Programming* 7.4), it
+/// saves each new connection a `setsockopt` call of its own.
+fn skip_nagle_on_accepted(listener: &TcpListener) -> io::Result<()> {
+    SockRef::from(listener).set_tcp_nodelay(true)
+}
+
 /// hyper's servers for the two protocols and the limits they are held to, set
 /// up once per listener and shared by its connections.
 struct Builders {
@@ -680,10 +692,6 @@ where
     G: GuardedService,
     L: Lifecycle,
 {
-    // Responses are written in one go; don't let Nagle delay the last segment.
-    if let Err(error) = stream.set_nodelay(true) {
-        debug!(%error, "cannot set TCP_NODELAY");
-    }
     let limit = http.limits.header_read_timeout;
     let handshaken = async move { handshake.handshake(stream, peer, limit).await };
     handshaken.then(move |stream| match stream {
@@ -893,5 +901,22 @@ mod tests {
         for _ in 0..BURST {
             listener.accept().await.expect("each one is accepted");
         }
+    }
+
+    /// What lets the accept loop skip a `setsockopt` per connection: a
+    /// socket accepted from a listener with `TCP_NODELAY` has it too, and one
+    /// accepted before has not.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("bound socket has an address");
+        let accept_one = async || {
+            let _client = TcpStream::connect(addr).await.expect("connected");
+            let (accepted, _) = listener.accept().await.expect("accepted");
+            accepted.nodelay().expect("read TCP_NODELAY")
+        };
+        assert!(!accept_one().await, "off by default");
+        skip_nagle_on_accepted(&listener).expect("set on the listener");
+        assert!(accept_one().await, "inherited from the listener");
     }
 }
