@@ -187,13 +187,13 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
 /// Connections as `listener` accepts them, with Nagle's algorithm off: gRPC
 /// messages are small and one waiting for a delayed ACK would cost 40 ms.
 fn incoming(listener: TcpListener) -> impl Stream<Item = io::Result<TcpStream>> {
+    // Only latency is at stake; the connections work either way.
+    if let Err(error) = service_kit::listener::skip_nagle_on_accepted(&listener) {
+        warn!(%error, "cannot set TCP_NODELAY on the gRPC listener");
+    }
     stream::unfold(listener, |listener| async move {
         let accepted = match listener.accept().await {
-            Ok((stream, _peer)) => {
-                // Only latency is at stake; the connection works either way.
-                let _ = stream.set_nodelay(true);
-                Ok(stream)
-            }
+            Ok((stream, _peer)) => Ok(stream),
             Err(error) => {
                 warn!(%error, retry_in_ms = ACCEPT_PAUSE.as_millis(), "gRPC accept failed");
                 tokio::time::sleep(ACCEPT_PAUSE).await;

@@ -627,7 +627,7 @@ impl Acceptor {
 /// last segment. Set once on the listening socket, whose TCP options an
 /// accepted socket inherits (Stevens, *UNIX Network Programming* 7.4), it
 /// saves each new connection a `setsockopt` call of its own.
-fn skip_nagle_on_accepted(listener: &TcpListener) -> io::Result<()> {
+pub fn skip_nagle_on_accepted(listener: &TcpListener) -> io::Result<()> {
     SockRef::from(listener).set_tcp_nodelay(true)
 }
 
