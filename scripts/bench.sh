@@ -13,9 +13,11 @@
 # them, with no header additions and upstream keep-alive as before:
 #   nginx-plain    bench/nginx-plain.conf
 #   haproxy-plain  bench/haproxy-plain.cfg
-# Targets run interleaved in rounds (direct ours nginx haproxy, direct ours ...)
-# so drift in the machine's load hits all of them alike. Prints one table per
-# scenario and writes the same to docs/bench-results.md.
+# Targets run interleaved in rounds (direct ours nginx haproxy, then ours nginx
+# haproxy direct, ...: each round starts one target further on) so drift in the
+# machine's load hits all of them alike, and no target always runs first or
+# after the same one. Prints one table per scenario and writes the same to
+# docs/bench-results.md.
 #
 # Scenarios (--scenario a,b,...; env SCENARIO; default throughput,slow,bigbody):
 #   throughput  GET /, small JSON answers: proxy overhead per request
@@ -137,7 +139,9 @@
 # churn print it twice: against the like-for-like peers (at or above) and the
 # plain ones (within 3 %: at or above 0.97×, at or below 1.03×). algorithms sets
 # least_request against round_robin; policy each policy of ours against ours-rr
-# (within 3 %, and no errors); soak checks errors and a flat RSS.
+# (within 3 %, and no errors); soak checks errors and a flat RSS. With more than
+# one round, each ratio is followed by its spread: the lowest and highest of the
+# same ratio within one round (ours and that peer a few seconds apart).
 # The load generator shares the machine's cores with everything else, equally in
 # every target. Our access log is at `info`, so logLevel `warn` switches it off,
 # like `access_log off` in nginx and no `log` line in HAProxy.
@@ -869,6 +873,23 @@ table() {
         policy_target("affinity", "ours-affinity", "ours-rr", tol),
         policy_target("rate limit", "ours-ratelimit", "ours-rr", tol), e, met(e == 0), 1 - tol, unit, 1 + tol
     }
+    # round_spread(MEASURE, A, B): ", rounds X–Y×", the lowest and highest
+    # ratio of A to B on MEASURE (rps, p99 or cpu) within one round, over the
+    # rounds both answered in; empty with fewer than two. A ratio over all
+    # rounds can sit on either side of a target only because the machine
+    # changed speed between rounds; the spread shows how far it moves.
+    function round_spread(measure, a, b,    r, n, x, lo, hi) {
+      n = 0
+      for (r = 1; r <= last_round; r++) {
+        if (!rreq[a, r] || !rreq[b, r]) continue
+        if (measure == "rps") x = ratio(rreq[a, r] / rus[a, r], rreq[b, r] / rus[b, r])
+        else if (measure == "p99") x = ratio(rp99[a, r], rp99[b, r])
+        else x = ratio(rcpu[a, r] / rreq[a, r], rcpu[b, r] / rreq[b, r])
+        if (!n++ || x < lo) lo = x
+        if (n == 1 || x > hi) hi = x
+      }
+      return n < 2 ? "" : sprintf(", rounds %.2f–%.2f×", lo, hi)
+    }
     # targets_line(LABEL, PEERS, TOLERANCE): one line setting `me` (ours; in
     # algorithms least_request) against the better of PEERS (the names of their
     # rows, space-separated) on each measure: the peer with more requests/s,
@@ -877,8 +898,9 @@ table() {
     # 1 - TOLERANCE times on requests/s, at or below 1 + TOLERANCE times on p99
     # and CPU; then our errors (met at zero), RSS against that of the leanest peer
     # (no target here; idle has one), and for h2 and grpc the spread.
-    function targets_line(label, list, tol,    n, a, i, k, t, fast, low, lean, thin, sep) {
+    function targets_line(label, list, tol,    n, a, i, k, t, fast, low, lean, thin, sep, rounds_note) {
       fast = low = lean = thin = ""
+      rounds_note = last_round > 1 ? "; rounds: the lowest and highest of the same ratio within one round" : ""
       n = split(list, a, " ")
       for (i = 1; i <= n; i++) {
         t = a[i]
@@ -891,10 +913,11 @@ table() {
       printf "\nTargets%s: ", label == "" ? "" : " against the " label " peers"
       if (!req[me]) { printf "not checked, %s was not measured or answered nothing%s.\n", me, h2 ? " (see below)" : ""; return }
       if (fast == "") { printf "not checked, none of %s answered%s.\n", list, h2 ? " (see below)" : ""; return }
-      printf "%ss/s %.2f× %s (%.0f), %s; p99 %.2f× %s (%.2f ms), %s; CPU per %s %.2f× %s (%.2f s / 100k), %s; errors %d, %s; RSS %.1f MiB, %.2f× %s (%.1f MiB)",
-        unit, ratio(rps[me], rps[fast]), fast, rps[fast], met(rps[me] >= (1 - tol) * rps[fast]),
-        ratio(median(p99[me]), median(p99[low])), low, median(p99[low]) / 1000, met(median(p99[me]) <= (1 + tol) * median(p99[low])),
-        unit, ratio(pcpu[me], pcpu[lean]), lean, pcpu[lean], met(pcpu[me] <= (1 + tol) * pcpu[lean]),
+      printf "%ss/s %.2f× %s (%.0f%s), %s; p99 %.2f× %s (%.2f ms%s), %s; CPU per %s %.2f× %s (%.2f s / 100k%s), %s; errors %d, %s; RSS %.1f MiB, %.2f× %s (%.1f MiB)",
+        unit, ratio(rps[me], rps[fast]), fast, rps[fast], round_spread("rps", me, fast), met(rps[me] >= (1 - tol) * rps[fast]),
+        ratio(median(p99[me]), median(p99[low])), low, median(p99[low]) / 1000, round_spread("p99", me, low),
+        met(median(p99[me]) <= (1 + tol) * median(p99[low])),
+        unit, ratio(pcpu[me], pcpu[lean]), lean, pcpu[lean], round_spread("cpu", me, lean), met(pcpu[me] <= (1 + tol) * pcpu[lean]),
         err[me], met(err[me] == 0), rss[me] / 1024, ratio(rss[me], rss[thin]), thin, rss[thin] / 1024
       if (h2) {
         printf "; spread over the backends:"
@@ -906,8 +929,8 @@ table() {
           sep = ", "
         }
       }
-      if (tol) printf ". (%s against the better of %s on each measure: within %d %%, at or above %.2f× on %ss/s, at or below %.2f× on p99 and CPU.)\n", me, list, tol * 100, 1 - tol, unit, 1 + tol
-      else printf ". (%s against the better of %s on each measure: at or above 1.00× on %ss/s, at or below on p99 and CPU%s.)\n", me, list, unit, h2 ? "; each backend within 5 % of a third, 31.7 to 35.0 %" : ""
+      if (tol) printf ". (%s against the better of %s on each measure: within %d %%, at or above %.2f× on %ss/s, at or below %.2f× on p99 and CPU%s.)\n", me, list, tol * 100, 1 - tol, unit, 1 + tol, rounds_note
+      else printf ". (%s against the better of %s on each measure: at or above 1.00× on %ss/s, at or below on p99 and CPU%s%s.)\n", me, list, unit, h2 ? "; each backend within 5 % of a third, 31.7 to 35.0 %" : "", rounds_note
     }
     function median(list,    n, a, i, j, t) {
       n = split(list, a, " ")
@@ -928,6 +951,10 @@ table() {
       # h2load counts as answered (HTTP 200).
       err[t] += v["grpc_failed"]
       rounds[t]++
+      # The figures of each round, for the spread of the ratios in the targets line.
+      r = v["round"]; if (r > last_round) last_round = r
+      rreq[t, r] = v["requests"] + v["messages"]; rus[t, r] = v["duration_us"] + v["seconds"] * 1e6
+      rcpu[t, r] = v["user_ticks"] + v["sys_ticks"]; rp99[t, r] = v["p99_us"]
       if ("served" in v) {
         split(v["served"], sv, ",")
         s1[t] += sv[1]; s2[t] += sv[2]; s3[t] += sv[3]; counted[t]++
@@ -1011,8 +1038,16 @@ run_scenario() {
     # Opens the upstream pools and faults in the code paths; not recorded.
     generate "$name" "$target" "$conns" 1 "$path" >/dev/null 2>&1 || true
   done
+  local targets=("$@") first
   for round in $(seq "$rounds"); do
-    for target in "$@"; do measure "$name" "$target" "$round" "$conns" "$DURATION" "$path"; done
+    # Each round starts one target further on, so that no target always runs
+    # first, or always right after the same one: a run leaves the machine
+    # changed for the next (warm caches, a backlog of TIME_WAIT sockets after
+    # churn), and a fixed order would hand one target the same turn each time.
+    first=$(((round - 1) % ${#targets[@]}))
+    for target in "${targets[@]:first}" "${targets[@]:0:first}"; do
+      measure "$name" "$target" "$round" "$conns" "$DURATION" "$path"
+    done
   done
   {
     echo "### $name: GET $path, $conns connections, $rounds × ${DURATION}s per target"
