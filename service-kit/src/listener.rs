@@ -808,7 +808,7 @@ where
         let request = activity.request_started();
         let lifecycle = lifecycle.clone();
         let http1 = req.version() < Version::HTTP_2;
-        let keep_alive = req.version() == Version::HTTP_11 && !asks_to_close(req.headers());
+        let keep_alive = asks_to_stay_open(&req);
         let upload = !req.body().is_end_stream();
         // Combinators, not an `async` block: a block would keep the inner
         // future twice, once as the value it captured and once as the future
@@ -858,9 +858,25 @@ where
     })
 }
 
+/// Whether an HTTP/1.x request leaves its connection open for the next one:
+/// in HTTP/1.1 unless it says `Connection: close`, in HTTP/1.0 only if it says
+/// `Connection: keep-alive` (RFC 9112 section 9.3), as hyper reads it too.
+fn asks_to_stay_open<B>(request: &Request<B>) -> bool {
+    match request.version() {
+        Version::HTTP_11 => !asks_to_close(request.headers()),
+        Version::HTTP_10 => names_option(request.headers(), b"keep-alive"),
+        _ => false,
+    }
+}
+
 /// Whether a message's `Connection` header closes the connection after it.
 fn asks_to_close(headers: &http::HeaderMap) -> bool {
-    list_items(headers, CONNECTION).any(|option| option.eq_ignore_ascii_case(b"close"))
+    names_option(headers, b"close")
+}
+
+/// Whether a message's `Connection` header names `option`.
+fn names_option(headers: &http::HeaderMap, option: &[u8]) -> bool {
+    list_items(headers, CONNECTION).any(|item| item.eq_ignore_ascii_case(option))
 }
 
 /// The 400 for refused framing. The body was not read, so the connection cannot

@@ -61,14 +61,15 @@ fn requests(addr: SocketAddr, requests: usize) -> TcpStream {
     client
 }
 
-/// Sends one `POST /` with a small body on a new connection and reads the
-/// whole answer.
-fn upload(addr: SocketAddr) -> TcpStream {
+/// A `POST /` with a small body.
+const UPLOAD: &[u8] = b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello";
+/// An HTTP/1.0 `GET /` that asks for the connection to stay open.
+const HTTP10_KEEP_ALIVE: &[u8] = b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
+
+/// Sends `request` on a new connection and reads the whole answer.
+fn exchanged(addr: SocketAddr, request: &[u8]) -> TcpStream {
     let mut client = TcpStream::connect(addr).expect("connected");
-    exchange(
-        &mut client,
-        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello",
-    );
+    exchange(&mut client, request);
     client
 }
 
@@ -76,8 +77,14 @@ fn one_request(client: &mut TcpStream) {
     exchange(client, b"GET / HTTP/1.1\r\nHost: test\r\n\r\n");
 }
 
-/// Sends `request` and reads the whole answer.
+/// Sends `request` and reads the whole answer, which must be a 200 in the
+/// request's HTTP version.
 fn exchange(client: &mut TcpStream, request: &[u8]) {
+    let version = if request == HTTP10_KEEP_ALIVE {
+        &b"HTTP/1.0 200"[..]
+    } else {
+        &b"HTTP/1.1 200"[..]
+    };
     client.write_all(request).expect("request sent");
     let mut answer = [0u8; 1024];
     let mut read = 0;
@@ -86,7 +93,7 @@ fn exchange(client: &mut TcpStream, request: &[u8]) {
         assert!(count > 0, "connection closed before the whole answer");
         read += count;
     }
-    assert!(answer.starts_with(b"HTTP/1.1 200"), "{:?}", &answer[..read]);
+    assert!(answer.starts_with(version), "{:?}", &answer[..read]);
 }
 
 /// Waits until the heap in use has stopped shrinking (the server's tasks have
@@ -153,11 +160,20 @@ fn an_idle_keep_alive_connection_holds_no_buffers() {
 
     // Clients that sent a body: parked after the same quiet spell.
     let before = after;
-    let uploads: Vec<TcpStream> = (0..CONNECTIONS).map(|_| upload(addr)).collect();
+    let uploads: Vec<TcpStream> = (0..CONNECTIONS).map(|_| exchanged(addr, UPLOAD)).collect();
     std::thread::sleep(Duration::from_millis(1500));
     let after = settled_live_bytes();
     assert_idle_connections_are_lean("after an upload", after - before);
-    drop((quiet, busy, uploads));
+
+    // HTTP/1.0 clients that asked to keep the connection: parked like the
+    // first ones.
+    let before = after;
+    let http10: Vec<TcpStream> = (0..CONNECTIONS)
+        .map(|_| exchanged(addr, HTTP10_KEEP_ALIVE))
+        .collect();
+    let after = settled_live_bytes();
+    assert_idle_connections_are_lean("HTTP/1.0 keep-alive", after - before);
+    drop((quiet, busy, uploads, http10));
 }
 
 fn assert_idle_connections_are_lean(clients: &str, heap: isize) {

@@ -352,6 +352,40 @@ async fn a_parked_connection_serves_pipelined_trickled_and_upload_requests_alike
     }
 }
 
+/// HTTP/1.0 closes after each exchange unless the client asks for
+/// `Connection: keep-alive`; a connection kept open that way is parked when
+/// idle like an HTTP/1.1 one (the allocator test in `service-kit` counts what
+/// it holds), and the next request is served on it. One that did not ask is
+/// closed after its answer.
+#[tokio::test]
+async fn an_http10_keep_alive_connection_is_served_again_after_a_quiet_spell() {
+    const KEEP_ALIVE: &[u8] = b"GET / HTTP/1.0\r\nHost: test\r\nConnection: keep-alive\r\n\r\n";
+    for target in Target::both(untimed()).await {
+        let name = target.name();
+        let mut conn = RawConn::connect(target.addr()).await;
+        for _ in 0..2 {
+            conn.send(KEEP_ALIVE).await;
+            let answer = conn.response().await.expect("answered");
+            assert_eq!(answer.status, 200, "{name}");
+            assert_eq!(answer.header("connection"), Some("keep-alive"), "{name}");
+            // Parked in the quiet spell; the next request wakes it.
+            tokio::time::sleep(QUIET_SPELL).await;
+        }
+
+        let mut conn = RawConn::connect(target.addr()).await;
+        conn.send(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n").await;
+        assert_eq!(
+            conn.response().await.expect("answered").status,
+            200,
+            "{name}"
+        );
+        assert!(
+            conn.closed().await.is_empty(),
+            "{name}: a plain HTTP/1.0 exchange closes its connection"
+        );
+    }
+}
+
 /// Parked connections are watched together: one whose client hangs up leaves
 /// the others' next requests served at once.
 #[tokio::test]
