@@ -7,10 +7,15 @@ them all open and quiet until killed. Prints one line once every connection has
 been answered: `IDLE opened=N failed=F`, failed counting connections that could
 not be opened or got no complete answer (those are closed).
 
-Usage: idle.py HOST PORT CONNECTIONS
+With `tls` after the count, each connection is HTTPS: a TLS handshake first
+(the certificate is not checked: the benchmark's is self-signed), then the
+same request over it.
+
+Usage: idle.py HOST PORT CONNECTIONS [tls]
 """
 
 import socket
+import ssl
 import sys
 import time
 
@@ -39,11 +44,18 @@ def answer(sock):
 
 def main():
     host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    tls = None
+    if sys.argv[4:] == ["tls"]:
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
     request = f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
     held, failed = [], 0
     for _ in range(count):
         try:
             sock = socket.create_connection((host, port), timeout=10)
+            if tls:
+                sock = tls.wrap_socket(sock, server_hostname=host)
             sock.sendall(request)
             if answer(sock):
                 held.append(sock)

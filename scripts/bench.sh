@@ -33,6 +33,9 @@
 #               difference per idle connection. Mind the open-file limit: the
 #               script raises it to 2 × IDLE_CONNECTIONS + 1024 (HAProxy takes
 #               two descriptors per connection)
+#   idle-tls    the same over HTTPS (the tls scenario's listeners and
+#               certificate): each connection a TLS handshake and one GET /,
+#               then quiet, so each proxy also holds the connection's TLS state
 #   algorithms  ours with round_robin against ours with least_request, over two
 #               backends and one that answers SLOW_BACKEND_MS (20) late: p99
 #   policy      the cost of traffic policy, GET / over CONNECTIONS keep-alive
@@ -194,7 +197,7 @@ done
 (( WS_BYTES <= 16777216 )) || die "WS_BYTES must be at most 16777216 (the backend's message limit)"
 IFS=, read -r -a SCENARIOS <<<"$SCENARIO"
 for s in "${SCENARIOS[@]}"; do
-  [[ "$s" =~ ^(throughput|churn|slow|bigbody|soak|algorithms|policy|websocket|tls|h2|grpc|idle|scale)$ ]] || die "unknown scenario '$s'"
+  [[ "$s" =~ ^(throughput|churn|slow|bigbody|soak|algorithms|policy|websocket|tls|h2|grpc|idle|idle-tls|scale)$ ]] || die "unknown scenario '$s'"
 done
 # Which load generators the chosen scenarios need: wsload for websocket, h2load
 # for h2 and grpc, wrk for every other; tls needs a certificate and HTTPS
@@ -212,10 +215,10 @@ for s in "${SCENARIOS[@]}"; do
     websocket) NEED_WSLOAD=1 ;;
     h2) NEED_H2LOAD=1; NEED_H2=1 ;;
     grpc) NEED_H2LOAD=1; NEED_GRPC=1 ;;
-    idle) NEED_IDLE=1 ;;
+    idle | idle-tls) NEED_IDLE=1 ;;
     *) NEED_WRK=1 ;;
   esac
-  [[ "$s" == tls ]] && NEED_TLS=1
+  [[ "$s" == tls || "$s" == idle-tls ]] && NEED_TLS=1
   # throughput and churn measure nginx and HAProxy in both configurations;
   # policy takes the plain one as their round-robin baseline.
   [[ "$s" == throughput || "$s" == churn || "$s" == policy ]] && NEED_PLAIN=1
@@ -1145,15 +1148,22 @@ run_soak() {
 # answer. The memory a proxy frees when they close may be kept by its allocator
 # and reused by the next run, so idle is best run first or alone.
 run_idle() {
-  local target pid before after line holder _
-  say "scenario idle: $IDLE_CONNECTIONS idle keep-alive connections to each of ours, nginx, haproxy"
-  : >"$WORK/idle.raw"
+  local name="$1" target pid before after line holder port _
+  local over="" tls=()
+  if [[ "$name" == idle-tls ]]; then
+    over=" HTTPS"
+    tls=(tls)
+  fi
+  say "scenario $name: $IDLE_CONNECTIONS idle keep-alive$over connections to each of ours, nginx, haproxy"
+  : >"$WORK/$name.raw"
   local targets=(ours nginx haproxy)
-  [[ -n "$BASELINE_BIN" ]] && targets=(baseline ours nginx haproxy)
+  # The baseline build has no HTTPS listener.
+  [[ -n "$BASELINE_BIN" && "$name" == idle ]] && targets=(baseline ours nginx haproxy)
   for target in "${targets[@]}"; do
     pid="${PID[$target]}"
+    if [[ "$name" == idle-tls ]]; then port="${TLS_URL[$target]##*:}"; else port="${URL[$target]##*:}"; fi
     before="$(rss_kib "$pid")"
-    python3 bench/idle.py 127.0.0.1 "${URL[$target]##*:}" "$IDLE_CONNECTIONS" >"$WORK/idle.out" 2>&1 &
+    python3 bench/idle.py 127.0.0.1 "$port" "$IDLE_CONNECTIONS" "${tls[@]}" >"$WORK/idle.out" 2>&1 &
     holder=$!
     for _ in $(seq 1200); do
       grep -q '^IDLE ' "$WORK/idle.out" && break
@@ -1166,13 +1176,17 @@ run_idle() {
     after="$(rss_kib "$pid")"
     kill "$holder" 2>/dev/null || true
     wait "$holder" 2>/dev/null || true
-    echo "$target before_kib=$before after_kib=$after ${line#IDLE }" >>"$WORK/idle.raw"
+    echo "$target before_kib=$before after_kib=$after ${line#IDLE }" >>"$WORK/$name.raw"
     say "    $target: ${line#IDLE }, VmRSS $before -> $after KiB"
     # Let the proxy close them before the next target opens its own.
     sleep 1
   done
   {
-    echo "### idle: $IDLE_CONNECTIONS keep-alive client connections per target, one GET / each, then quiet"
+    if [[ "$name" == idle-tls ]]; then
+      echo "### idle-tls: $IDLE_CONNECTIONS keep-alive HTTPS client connections per target, a TLS handshake and one GET / each, then quiet"
+    else
+      echo "### idle: $IDLE_CONNECTIONS keep-alive client connections per target, one GET / each, then quiet"
+    fi
     echo
     awk '{
         t = $1; order[++n] = t
@@ -1196,8 +1210,8 @@ run_idle() {
         else printf "\nTargets: RSS per idle connection %.2f× %s (%.2f KiB), %s; failed connections %d, %s. (At or below 1.00× the leaner of nginx and HAProxy; nginx counts every process, so its figure is an upper bound.)\n\n",
           per["ours"] / per[best], best, per[best], per["ours"] <= per[best] ? "met" : "not met",
           v["ours", "failed"], v["ours", "failed"] ? "not met" : "met"
-      }' "$WORK/idle.raw"
-  } >"$WORK/idle.md"
+      }' "$WORK/$name.raw"
+  } >"$WORK/$name.md"
 }
 
 # start_ours NAME BACKENDS [KEYS]: another instance of our load balancer as
@@ -1381,7 +1395,7 @@ for s in "${SCENARIOS[@]}"; do
       cat "$WORK/tls-handshake.md" >>"$WORK/tls.md"
       ;;
     soak) run_soak ;;
-    idle) run_idle ;;
+    idle | idle-tls) run_idle "$s" ;;
     algorithms) run_algorithms ;;
     policy) run_policy ;;
     h2) run_h2 h2 / ;;
@@ -1434,7 +1448,8 @@ if [[ "$NO_WRITE" != 1 ]]; then
   [[ "${SCENARIOS[*]}" == websocket ]] && block=websocket
   [[ "${SCENARIOS[*]}" == tls ]] && block=tls
   [[ "${SCENARIOS[*]}" == churn ]] && block=churn
-  [[ "${SCENARIOS[*]}" == idle ]] && block=idle
+  # idle and idle-tls, alone or together, keep a block of their own.
+  [[ " ${SCENARIOS[*]} " =~ ^(\ (idle|idle-tls))+\ $ ]] && block=idle
   [[ "${SCENARIOS[*]}" == policy ]] && block=policy
   # h2 and grpc, alone or together, keep a block of their own.
   [[ " ${SCENARIOS[*]} " =~ ^(\ (h2|grpc))+\ $ ]] && block=h2
