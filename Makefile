@@ -68,9 +68,10 @@ tls-cert: ## self-signed ECDSA P-256 certificate and key for localhost in tls/ (
 # `make bench`, `make bench SCENARIO=soak`, `make bench SCENARIO=websocket`,
 # `make bench SCENARIO=tls`, `make bench SCENARIO=h2,grpc` (h2load, HTTP/2 and gRPC),
 # `make bench SCENARIO=policy` (affinity and a rate limit against round robin),
+# `make bench SCENARIO=idle,idle-tls` (idle clients, plain and over HTTPS),
 # `make bench DURATION=10 ROUNDS=5`: make exports command-line variables, and
 # scripts/bench.sh reads them (see its header for the scenarios).
-bench: ## benchmark against nginx and HAProxy (about 2 minutes; SCENARIO=churn, idle, soak, algorithms, policy, websocket, tls, h2,grpc or scale for more); writes docs/bench-results.md
+bench: ## benchmark against nginx and HAProxy (about 2 minutes; SCENARIO=churn, idle, idle-tls, soak, algorithms, policy, websocket, tls, h2,grpc or scale for more); writes docs/bench-results.md
 	bash scripts/bench.sh
 
 # `make instructions LB_BIN=path/to/an/older/loadbalancer` counts another build,
