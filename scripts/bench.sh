@@ -1142,11 +1142,12 @@ run_soak() {
   } >"$WORK/soak.md"
 }
 
-# idle: IDLE_CONNECTIONS keep-alive clients on each of ours, nginx and HAProxy,
-# one request each, then held quiet by bench/idle.py; VmRSS (of all the
-# target's processes) before they open and a second after the last has its
-# answer. The memory a proxy frees when they close may be kept by its allocator
-# and reused by the next run, so idle is best run first or alone.
+# run_idle NAME (idle, or idle-tls over HTTPS): IDLE_CONNECTIONS keep-alive
+# clients on each of ours, nginx and HAProxy, one request each, then held quiet
+# by bench/idle.py; VmRSS (of all the target's processes) before they open and
+# a second after the last has its answer. The memory a proxy frees when they
+# close may be kept by its allocator and reused by the next run, so idle is
+# best run first or alone.
 run_idle() {
   local name="$1" target pid before after line holder port _
   local over="" tls=()
