@@ -888,7 +888,8 @@ table() {
         if (measure == "rps") x = ratio(rreq[a, r] / rus[a, r], rreq[b, r] / rus[b, r])
         else if (measure == "p99") x = ratio(rp99[a, r], rp99[b, r])
         else x = ratio(rcpu[a, r] / rreq[a, r], rcpu[b, r] / rreq[b, r])
-        if (!n++ || x < lo) lo = x
+        n++
+        if (n == 1 || x < lo) lo = x
         if (n == 1 || x > hi) hi = x
       }
       return n < 2 ? "" : sprintf(", rounds %.2f–%.2f×", lo, hi)
@@ -1149,12 +1150,17 @@ run_soak() {
 # close may be kept by its allocator and reused by the next run, so idle is
 # best run first or alone.
 run_idle() {
-  local name="$1" target pid before after line holder port _
-  local over="" tls=()
+  local name="$1" target pid before after line holder _
+  # What differs over HTTPS: each proxy's port, bench/idle.py's argument and
+  # the words of the heading.
+  local urls_of=URL tls=() over="" each="one GET / each"
   if [[ "$name" == idle-tls ]]; then
-    over=" HTTPS"
+    urls_of=TLS_URL
     tls=(tls)
+    over=" HTTPS"
+    each="a TLS handshake and one GET / each"
   fi
+  local -n urls="$urls_of"
   say "scenario $name: $IDLE_CONNECTIONS idle keep-alive$over connections to each of ours, nginx, haproxy"
   : >"$WORK/$name.raw"
   local targets=(ours nginx haproxy)
@@ -1162,9 +1168,8 @@ run_idle() {
   [[ -n "$BASELINE_BIN" && "$name" == idle ]] && targets=(baseline ours nginx haproxy)
   for target in "${targets[@]}"; do
     pid="${PID[$target]}"
-    if [[ "$name" == idle-tls ]]; then port="${TLS_URL[$target]##*:}"; else port="${URL[$target]##*:}"; fi
     before="$(rss_kib "$pid")"
-    python3 bench/idle.py 127.0.0.1 "$port" "$IDLE_CONNECTIONS" "${tls[@]}" >"$WORK/idle.out" 2>&1 &
+    python3 bench/idle.py 127.0.0.1 "${urls[$target]##*:}" "$IDLE_CONNECTIONS" "${tls[@]}" >"$WORK/idle.out" 2>&1 &
     holder=$!
     for _ in $(seq 1200); do
       grep -q '^IDLE ' "$WORK/idle.out" && break
@@ -1183,11 +1188,7 @@ run_idle() {
     sleep 1
   done
   {
-    if [[ "$name" == idle-tls ]]; then
-      echo "### idle-tls: $IDLE_CONNECTIONS keep-alive HTTPS client connections per target, a TLS handshake and one GET / each, then quiet"
-    else
-      echo "### idle: $IDLE_CONNECTIONS keep-alive client connections per target, one GET / each, then quiet"
-    fi
+    echo "### $name: $IDLE_CONNECTIONS keep-alive$over client connections per target, $each, then quiet"
     echo
     awk '{
         t = $1; order[++n] = t
